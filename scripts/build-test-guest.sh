@@ -1,0 +1,305 @@
+#!/usr/bin/env bash
+# Build a tiny test guest (kernel + busybox initramfs) from Debian packages only.
+#
+# Usage: scripts/build-test-guest.sh [OUTDIR]     (default: <repo>/build/guest)
+# Produces OUTDIR/bzImage and OUTDIR/rootfs.cpio.gz.
+#
+# The guest's /init plays the Cocos agent (see SPEC section 7): it loads the
+# virtio-net and qemu_fw_cfg modules, reads the manifest from fw_cfg
+# (opt/cocos/agent-config.json), prints "BOOTED <id>" on /dev/ttyS0, brings up
+# eth0 as 10.0.2.15/24 and then either powers off (manifest contains
+# "cocos-test:poweroff", after printing "POWEROFF <id>") or serves the manifest
+# bytes on TCP port 7002 to every connection (after printing "SERVING <id>").
+#
+# Needs root only when a package has to be installed. The kernel package is
+# downloaded (apt-get download) and unpacked, never installed on the host.
+set -euo pipefail
+
+SCRIPT_PATH="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"
+REPO_ROOT="$(cd "$(dirname "$SCRIPT_PATH")/.." && pwd)"
+OUTDIR="${1:-$REPO_ROOT/build/guest}"
+mkdir -p "$OUTDIR"
+OUTDIR="$(cd "$OUTDIR" && pwd)"
+WORK="$OUTDIR/work"
+STAMP="$OUTDIR/.build-test-guest.stamp"
+
+# Modules to load, in this order (dependencies are added before a module if missing).
+MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
+         failover net_failover virtio_net qemu_fw_cfg)
+REQUIRED_MODULES=(virtio_net qemu_fw_cfg)
+
+log() { echo "build-test-guest: $*"; }
+die() { echo "build-test-guest: ERROR: $*" >&2; exit 1; }
+
+# ---------------------------------------------------------------- cache check
+SCRIPT_SUM="$(sha256sum "$SCRIPT_PATH" | cut -d' ' -f1)"
+if [[ -f "$OUTDIR/bzImage" && -f "$OUTDIR/rootfs.cpio.gz" && -f "$STAMP" ]] \
+   && [[ "$(cat "$STAMP")" == "$SCRIPT_SUM" ]]; then
+    echo "test guest up to date: $OUTDIR"
+    exit 0
+fi
+
+# ---------------------------------------------------------------- apt helpers
+APT_UPDATED=0
+apt_update_once() {
+    if [[ $APT_UPDATED == 0 ]]; then
+        log "running apt-get update"
+        apt-get update -qq >/dev/null || die "apt-get update failed"
+        APT_UPDATED=1
+    fi
+}
+
+# ensure_cmd COMMAND PACKAGE: install PACKAGE if COMMAND is missing.
+ensure_cmd() {
+    local cmd=$1 pkg=$2
+    command -v "$cmd" >/dev/null 2>&1 && return 0
+    [[ $(id -u) == 0 ]] || die "'$cmd' is missing and installing package '$pkg' needs root"
+    log "installing $pkg (for $cmd)"
+    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$pkg" >/dev/null; then
+        apt_update_once
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$pkg" >/dev/null \
+            || die "cannot install package '$pkg' (needed for '$cmd')"
+    fi
+    command -v "$cmd" >/dev/null 2>&1 || die "package '$pkg' installed but '$cmd' still missing"
+}
+
+# download_deb PACKAGE: make sure $WORK/PACKAGE_*.deb exists (cached); prints its path.
+download_deb() {
+    local pkg=$1 deb
+    deb="$(ls -t "$WORK/${pkg}"_*.deb 2>/dev/null | head -n1 || true)"
+    if [[ -n $deb ]] && dpkg-deb -f "$deb" Package >/dev/null 2>&1; then
+        log "using cached $(basename "$deb")" >&2
+        echo "$deb"; return 0
+    fi
+    log "downloading $pkg" >&2
+    rm -f "$WORK/${pkg}"_*.deb
+    # apt-get download writes to the current directory; as root, chmod lets _apt write there too.
+    if ! (cd "$WORK" && apt-get download -qq "$pkg" >/dev/null 2>&1); then
+        apt_update_once >&2
+        (cd "$WORK" && apt-get download -qq "$pkg" >/dev/null) \
+            || die "cannot download package '$pkg' (apt-get download failed)"
+    fi
+    deb="$(ls -t "$WORK/${pkg}"_*.deb 2>/dev/null | head -n1 || true)"
+    [[ -n $deb ]] || die "apt-get download '$pkg' produced no .deb in $WORK"
+    echo "$deb"
+}
+
+# resolve_kernel_pkg: the concrete linux-image-<ver>-cloud-amd64 of the metapackage's candidate.
+resolve_kernel_pkg() {
+    apt-cache depends linux-image-cloud-amd64 2>/dev/null \
+        | sed -n 's/^ *Depends: *<\{0,1\}\(linux-image-[0-9][^ >]*-cloud-amd64\)>\{0,1\}.*/\1/p' \
+        | head -n1
+}
+
+# ---------------------------------------------------------------- tools
+command -v apt-get >/dev/null || die "apt-get not found: this script needs Debian (12)"
+command -v dpkg-deb >/dev/null || die "dpkg-deb not found: this script needs Debian (12)"
+log "checking tools"
+ensure_cmd cpio cpio
+ensure_cmd gzip gzip
+ensure_cmd sha256sum coreutils
+
+mkdir -p "$WORK"
+chmod 0755 "$WORK" 2>/dev/null || true
+
+# ---------------------------------------------------------------- busybox
+BUSYBOX=""
+if dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'install ok installed'; then
+    for p in /usr/bin/busybox /bin/busybox; do
+        if dpkg-query -S "$p" 2>/dev/null | grep -q '^busybox-static:'; then BUSYBOX=$p; break; fi
+    done
+fi
+if [[ -z $BUSYBOX ]]; then
+    # Not installed (or the dynamic 'busybox' package owns /bin/busybox): install it, unless
+    # that would fight the dynamic package, in which case just unpack the .deb.
+    if dpkg-query -W -f='${Status}' busybox 2>/dev/null | grep -q 'install ok installed'; then
+        log "package 'busybox' (dynamic) is installed; unpacking busybox-static instead of installing it"
+        deb="$(download_deb busybox-static)"
+        rm -rf "$WORK/busybox-static"
+        dpkg-deb -x "$deb" "$WORK/busybox-static"
+        for p in usr/bin/busybox bin/busybox; do
+            [[ -x "$WORK/busybox-static/$p" ]] && { BUSYBOX="$WORK/busybox-static/$p"; break; }
+        done
+    else
+        ensure_cmd busybox busybox-static
+        BUSYBOX="$(command -v busybox)"
+    fi
+fi
+[[ -n $BUSYBOX && -x $BUSYBOX ]] || die "no busybox-static binary found"
+"$BUSYBOX" --list | grep -qx nc || die "$BUSYBOX has no nc applet"
+log "busybox: $BUSYBOX"
+
+# ---------------------------------------------------------------- kernel
+log "resolving linux-image-cloud-amd64"
+KPKG="$(resolve_kernel_pkg)"
+if [[ -z $KPKG ]]; then
+    apt_update_once
+    KPKG="$(resolve_kernel_pkg)"
+fi
+[[ -n $KPKG ]] || die "cannot resolve the kernel package behind linux-image-cloud-amd64 (apt-cache depends found nothing)"
+log "kernel package: $KPKG"
+KDEB="$(download_deb "$KPKG")"
+KDIR="$WORK/kernel"
+KMARK="$KDIR/.extracted-from"
+if [[ -f $KMARK && "$(cat "$KMARK")" == "$(basename "$KDEB")" ]]; then
+    log "using extracted $(basename "$KDEB")"
+else
+    log "extracting $(basename "$KDEB")"
+    rm -rf "$KDIR"
+    mkdir -p "$KDIR"
+    dpkg-deb -x "$KDEB" "$KDIR"
+    basename "$KDEB" > "$KMARK"
+fi
+KVMLINUZ="$(ls "$KDIR"/boot/vmlinuz-* 2>/dev/null | head -n1 || true)"
+[[ -n $KVMLINUZ ]] || die "no boot/vmlinuz-* in $KDEB"
+KVER="${KVMLINUZ##*/vmlinuz-}"
+KMODDIR="$KDIR/lib/modules/$KVER"
+[[ -d $KMODDIR ]] || die "no lib/modules/$KVER in $KDEB"
+log "kernel version: $KVER"
+
+# ---------------------------------------------------------------- rootfs
+ROOT="$WORK/rootfs"
+log "assembling initramfs in $ROOT"
+rm -rf "$ROOT"
+mkdir -p "$ROOT"/{bin,dev,proc,sys,tmp,etc,root,lib/modules}
+ln -s bin "$ROOT/sbin"
+mkdir -p "$ROOT/usr"
+ln -s ../bin "$ROOT/usr/bin"
+ln -s ../bin "$ROOT/usr/sbin"
+cp "$BUSYBOX" "$ROOT/bin/busybox"
+chmod 0755 "$ROOT/bin/busybox"
+for applet in $("$BUSYBOX" --list); do
+    [[ $applet == busybox ]] && continue
+    ln -sf busybox "$ROOT/bin/$applet"
+done
+# The kernel opens /dev/console before running /init; devtmpfs is mounted later.
+if [[ $(id -u) == 0 ]]; then
+    mknod -m 600 "$ROOT/dev/console" c 5 1
+    mknod -m 666 "$ROOT/dev/null" c 1 3
+else
+    log "not root: no /dev/console node in the initramfs (init redirects after mounting devtmpfs)"
+fi
+
+# --- modules
+declare -A MOD_DONE=()
+MOD_ORDER=()
+is_builtin() { grep -Eq "/$1\.ko(\.[a-z]+)?$" "$KMODDIR/modules.builtin" 2>/dev/null; }
+find_module() {
+    # module names use '_', file names may use '-'
+    local alt="${1//_/-}"
+    find "$KMODDIR/kernel" \( -name "$1.ko" -o -name "$1.ko.*" -o -name "$alt.ko" -o -name "$alt.ko.*" \) \
+        -print -quit
+}
+copy_module() {
+    local src=$1 dst=$2
+    case "$src" in
+        *.ko) cp "$src" "$dst" ;;
+        *.ko.xz) ensure_cmd xz xz-utils; xz -dc "$src" > "$dst" ;;
+        *.ko.zst) ensure_cmd zstd zstd; zstd -qdc "$src" > "$dst" ;;
+        *.ko.gz) gzip -dc "$src" > "$dst" ;;
+        *) die "unknown module compression: $src" ;;
+    esac
+}
+add_module() {
+    local m=$1 f deps d
+    [[ -n ${MOD_DONE[$m]:-} ]] && return 0
+    MOD_DONE[$m]=1
+    f="$(find_module "$m")"
+    if [[ -z $f ]]; then
+        if is_builtin "$m"; then
+            log "module $m: built in"
+        else
+            log "module $m: neither module nor built in, skipped"
+        fi
+        return 0
+    fi
+    copy_module "$f" "$ROOT/lib/modules/$m.ko"
+    deps="$(tr '\0' '\n' < "$ROOT/lib/modules/$m.ko" | sed -n 's/^depends=//p' | head -n1 | tr ',' ' ')"
+    for d in $deps; do add_module "$d"; done
+    MOD_ORDER+=("$m")
+    log "module $m: $(basename "$f")${deps:+ (depends: $deps)}"
+}
+for m in "${MODULES[@]}"; do add_module "$m"; done
+for m in "${REQUIRED_MODULES[@]}"; do
+    [[ -f "$ROOT/lib/modules/$m.ko" ]] || is_builtin "$m" \
+        || die "$m is neither a module nor built into $KVER"
+done
+printf '%s\n' "${MOD_ORDER[@]}" > "$ROOT/lib/modules/load-order"
+
+# --- /init
+cat > "$ROOT/init" <<'INIT'
+#!/bin/busybox sh
+# Test guest init: plays the Cocos agent (see scripts/build-test-guest.sh).
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+# If the kernel could not open a console, give ourselves one.
+[ -e /proc/self/fd/1 ] || exec </dev/console >/dev/console 2>&1
+
+say() { echo "$*" > /dev/ttyS0; }
+
+for m in $(cat /lib/modules/load-order); do
+    out=$(insmod "/lib/modules/$m.ko" 2>&1) || case "$out" in
+        *"File exists"*|*"already"*) ;;
+        *) echo "init: insmod $m: $out" ;;
+    esac
+done
+
+F=/sys/firmware/qemu_fw_cfg/by_name/opt/cocos/agent-config.json/raw
+i=0
+while [ ! -e "$F" ] && [ $i -lt 50 ]; do
+    # The by_name tree is filled when qemu_fw_cfg probes (during insmod): once it exists
+    # and a short grace has passed, a missing entry is really missing.
+    if [ -d /sys/firmware/qemu_fw_cfg/by_name ] && [ $i -ge 5 ]; then break; fi
+    sleep 0.1
+    i=$((i+1))
+done
+if [ -e "$F" ]; then
+    cat "$F" > /manifest
+else
+    echo "init: no manifest in fw_cfg, using {}"
+    printf '{}' > /manifest
+fi
+id=$(tr ',{}' '\n\n\n' < /manifest \
+     | sed -n 's/^[[:space:]]*"id"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p' | head -n 1)
+
+say "BOOTED $id"
+
+ip link set lo up
+i=0
+while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
+ip addr add 10.0.2.15/24 dev eth0
+ip link set eth0 up
+
+if grep -q 'cocos-test:poweroff' /manifest; then
+    say "POWEROFF $id"
+    sync
+    poweroff -f
+fi
+
+# Serve the manifest, whole, to every connection, then close it (one forked cat per client).
+(while :; do nc -ll -p 7002 -e cat /manifest; sleep 1; done) &
+# Port 7002 = 0x1B5A; state 0A = LISTEN.
+i=0
+while ! grep -q ':1B5A [0-9A-F:]* 0A' /proc/net/tcp /proc/net/tcp6 2>/dev/null && [ $i -lt 100 ]; do
+    sleep 0.05
+    i=$((i+1))
+done
+say "SERVING $id"
+
+while :; do sleep 3600; done
+INIT
+chmod 0755 "$ROOT/init"
+
+# ---------------------------------------------------------------- outputs
+log "writing rootfs.cpio.gz"
+rm -f "$STAMP"
+(cd "$ROOT" && find . -mindepth 1 -print0 | LC_ALL=C sort -z \
+    | cpio --null -o -H newc --owner=0:0 --quiet) | gzip -9n > "$OUTDIR/rootfs.cpio.gz.tmp"
+mv -f "$OUTDIR/rootfs.cpio.gz.tmp" "$OUTDIR/rootfs.cpio.gz"
+log "writing bzImage ($(basename "$KVMLINUZ"))"
+cp "$KVMLINUZ" "$OUTDIR/bzImage.tmp"
+mv -f "$OUTDIR/bzImage.tmp" "$OUTDIR/bzImage"
+echo "$SCRIPT_SUM" > "$STAMP"
+log "done: $OUTDIR/bzImage $OUTDIR/rootfs.cpio.gz"

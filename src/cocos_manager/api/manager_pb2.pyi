@@ -1,0 +1,130 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ComputationRunReq(_message.Message):
+    __slots__ = ("id", "name", "description", "datasets", "algorithm", "result_consumers", "agent_config")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    DATASETS_FIELD_NUMBER: _ClassVar[int]
+    ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    RESULT_CONSUMERS_FIELD_NUMBER: _ClassVar[int]
+    AGENT_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    description: str
+    datasets: _containers.RepeatedCompositeFieldContainer[Dataset]
+    algorithm: Algorithm
+    result_consumers: _containers.RepeatedScalarFieldContainer[str]
+    agent_config: AgentConfig
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., datasets: _Optional[_Iterable[_Union[Dataset, _Mapping]]] = ..., algorithm: _Optional[_Union[Algorithm, _Mapping]] = ..., result_consumers: _Optional[_Iterable[str]] = ..., agent_config: _Optional[_Union[AgentConfig, _Mapping]] = ...) -> None: ...
+
+class Dataset(_message.Message):
+    __slots__ = ("provider", "id", "hash")
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    provider: str
+    id: str
+    hash: bytes
+    def __init__(self, provider: _Optional[str] = ..., id: _Optional[str] = ..., hash: _Optional[bytes] = ...) -> None: ...
+
+class Algorithm(_message.Message):
+    __slots__ = ("provider", "id", "hash")
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    provider: str
+    id: str
+    hash: bytes
+    def __init__(self, provider: _Optional[str] = ..., id: _Optional[str] = ..., hash: _Optional[bytes] = ...) -> None: ...
+
+class AgentConfig(_message.Message):
+    __slots__ = ("port", "host", "cert_file", "key_file", "client_ca_file", "server_ca_file", "log_level", "attested_tls")
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    CERT_FILE_FIELD_NUMBER: _ClassVar[int]
+    KEY_FILE_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_CA_FILE_FIELD_NUMBER: _ClassVar[int]
+    SERVER_CA_FILE_FIELD_NUMBER: _ClassVar[int]
+    LOG_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    ATTESTED_TLS_FIELD_NUMBER: _ClassVar[int]
+    port: str
+    host: str
+    cert_file: str
+    key_file: str
+    client_ca_file: str
+    server_ca_file: str
+    log_level: str
+    attested_tls: bool
+    def __init__(self, port: _Optional[str] = ..., host: _Optional[str] = ..., cert_file: _Optional[str] = ..., key_file: _Optional[str] = ..., client_ca_file: _Optional[str] = ..., server_ca_file: _Optional[str] = ..., log_level: _Optional[str] = ..., attested_tls: _Optional[bool] = ...) -> None: ...
+
+class RunResponse(_message.Message):
+    __slots__ = ("agent_port", "computation_id")
+    AGENT_PORT_FIELD_NUMBER: _ClassVar[int]
+    COMPUTATION_ID_FIELD_NUMBER: _ClassVar[int]
+    agent_port: str
+    computation_id: str
+    def __init__(self, agent_port: _Optional[str] = ..., computation_id: _Optional[str] = ...) -> None: ...
+
+class StopRequest(_message.Message):
+    __slots__ = ("computation_id",)
+    COMPUTATION_ID_FIELD_NUMBER: _ClassVar[int]
+    computation_id: str
+    def __init__(self, computation_id: _Optional[str] = ...) -> None: ...
+
+class StopResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class EventsRequest(_message.Message):
+    __slots__ = ("computation_id",)
+    COMPUTATION_ID_FIELD_NUMBER: _ClassVar[int]
+    computation_id: str
+    def __init__(self, computation_id: _Optional[str] = ...) -> None: ...
+
+class AgentEvent(_message.Message):
+    __slots__ = ("event_type", "timestamp", "computation_id", "details", "originator", "status")
+    EVENT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    COMPUTATION_ID_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    ORIGINATOR_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    event_type: str
+    timestamp: _timestamp_pb2.Timestamp
+    computation_id: str
+    details: bytes
+    originator: str
+    status: str
+    def __init__(self, event_type: _Optional[str] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., computation_id: _Optional[str] = ..., details: _Optional[bytes] = ..., originator: _Optional[str] = ..., status: _Optional[str] = ...) -> None: ...
+
+class AgentLog(_message.Message):
+    __slots__ = ("message", "computation_id", "level", "timestamp")
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    COMPUTATION_ID_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    message: str
+    computation_id: str
+    level: str
+    timestamp: _timestamp_pb2.Timestamp
+    def __init__(self, message: _Optional[str] = ..., computation_id: _Optional[str] = ..., level: _Optional[str] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ClientStreamMessage(_message.Message):
+    __slots__ = ("agent_log", "agent_event", "run_res")
+    AGENT_LOG_FIELD_NUMBER: _ClassVar[int]
+    AGENT_EVENT_FIELD_NUMBER: _ClassVar[int]
+    RUN_RES_FIELD_NUMBER: _ClassVar[int]
+    agent_log: AgentLog
+    agent_event: AgentEvent
+    run_res: RunResponse
+    def __init__(self, agent_log: _Optional[_Union[AgentLog, _Mapping]] = ..., agent_event: _Optional[_Union[AgentEvent, _Mapping]] = ..., run_res: _Optional[_Union[RunResponse, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,156 @@
+"""The QEMU command line, built by pure functions from settings.
+
+The base command line must equal the original's element for element: SEV launch
+measurements and operators' scripts depend on it. Per-VM values are applied by deriving
+a settings copy (as the original mutated a copy of its config) and running the same
+builder, so base and per-VM command lines can never drift apart.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cocos_manager.settings import QemuSettings
+
+FW_CFG_MANIFEST_NAME = "opt/cocos/agent-config.json"
+
+
+class QemuNotFoundError(Exception):
+    """BIN_PATH is not an executable on PATH: the daemon refuses to start."""
+
+
+def _on_off(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def qemu_args(q: QemuSettings, *, vsock_device: bool = True) -> list[str]:
+    """The original's argument list (without the executable), in the original's order."""
+    args: list[str] = []
+    if q.ENABLE_KVM:
+        args.append("-enable-kvm")
+    if q.MACHINE:
+        args += ["-machine", q.MACHINE]
+    if q.CPU:
+        args += ["-cpu", q.CPU]
+    args += ["-smp", f"{q.SMP_COUNT},maxcpus={q.SMP_MAXCPUS}"]
+    args += ["-m", f"{q.MEMORY_SIZE},slots={q.MEMORY_SLOTS},maxmem={q.MAX_MEMORY}"]
+    args += [
+        "-drive",
+        f"if={q.OVMF_CODE_IF},format={q.OVMF_CODE_FORMAT},unit={q.OVMF_CODE_UNIT},"
+        f"file={q.OVMF_CODE_FILE},readonly={q.OVMF_CODE_READONLY}",
+    ]
+    if not q.KERNEL_HASH:
+        args += [
+            "-drive",
+            f"if={q.OVMF_VARS_IF},format={q.OVMF_VARS_FORMAT},unit={q.OVMF_VARS_UNIT},"
+            f"file={q.OVMF_VARS_FILE}",
+        ]
+    args += [
+        "-netdev",
+        f"user,id={q.NETDEV_ID},hostfwd=tcp::{q.HOST_FWD_AGENT}-:{q.GUEST_FWD_AGENT}",
+    ]
+    args += [
+        "-device",
+        f"virtio-net-pci,disable-legacy={q.VIRTIO_NET_PCI_DISABLE_LEGACY},"
+        f"iommu_platform={_on_off(q.VIRTIO_NET_PCI_IOMMU_PLATFORM)},netdev={q.NETDEV_ID},"
+        f"addr={q.VIRTIO_NET_PCI_ADDR},romfile={q.VIRTIO_NET_PCI_ROMFILE}",
+    ]
+    if vsock_device:
+        args += ["-device", f"vhost-vsock-pci,id={q.VSOCK_ID},guest-cid={q.VSOCK_GUEST_CID}"]
+    args += ["-vnc", f":{q.VSOCK_VNC}"]
+    if q.ENABLE_SEV_SNP:
+        args += [
+            "-object",
+            f"memory-backend-memfd-private,id={q.MEM_ID},size={q.MEMORY_SIZE},share=true",
+        ]
+        args += ["-machine", f"memory-backend={q.MEM_ID},kvm-type=protected"]
+    args += ["-kernel", q.DISK_IMG_KERNEL_FILE]
+    args += ["-append", q.KERNEL_CMDLINE]
+    args += ["-initrd", q.DISK_IMG_ROOTFS_FILE]
+    if q.ENABLE_SEV or q.ENABLE_SEV_SNP:
+        kind = "sev-snp-guest" if q.ENABLE_SEV_SNP else "sev-guest"
+        hashes = ",discard=none,kernel-hashes=on" if q.KERNEL_HASH else ""
+        args += [
+            "-object",
+            f"{kind},id={q.SEV_ID},cbitpos={q.SEV_CBITPOS},"
+            f"reduced-phys-bits={q.SEV_REDUCED_PHYS_BITS}{hashes}",
+        ]
+        args += ["-machine", f"memory-encryption={q.SEV_ID}"]
+    if q.NO_GRAPHIC:
+        args.append("-nographic")
+    args += ["-monitor", q.MONITOR]
+    return args
+
+
+@dataclass(frozen=True, slots=True)
+class Executable:
+    """What to exec: QEMU itself, or sudo with the resolved QEMU path as its first argument."""
+
+    exe: str
+    prefix: tuple[str, ...]
+
+    def command(self, args: Sequence[str]) -> list[str]:
+        return [self.exe, *self.prefix, *args]
+
+
+def resolve_executable(
+    q: QemuSettings, which: Callable[[str], str | None] = shutil.which
+) -> Executable:
+    """Looks BIN_PATH up on PATH once, at start-up, like Go's exec.LookPath."""
+    qemu = which(q.BIN_PATH)
+    if qemu is None:
+        raise QemuNotFoundError(
+            f"MANAGER_QEMU_BIN_PATH: {q.BIN_PATH!r} is not an executable file on PATH"
+        )
+    if q.USE_SUDO:
+        # As the original: "sudo" by name, found on PATH when a VM starts.
+        return Executable(exe="sudo", prefix=(qemu,))
+    return Executable(exe=qemu, prefix=())
+
+
+def shell_line(argv: Sequence[str]) -> str:
+    """One line an operator can paste into a shell and get exactly this argv."""
+    return shlex.join(argv)
+
+
+@dataclass(frozen=True, slots=True)
+class VmResources:
+    """What one VM is given by the service: all the per-VM variation of the command line."""
+
+    uuid: str
+    host_port: int
+    guest_cid: int
+    vnc_display: int
+
+
+def vm_file_paths(q: QemuSettings, vm_uuid: str) -> dict[str, Path]:
+    """The original's per-VM file names under TMP_FILE_LOC."""
+    tmp = Path(q.TMP_FILE_LOC)
+    paths = {
+        "kernel": tmp / f"bzImage-{vm_uuid}",
+        "rootfs": tmp / f"rootfs.cpio-{vm_uuid}.gz",
+    }
+    if not q.KERNEL_HASH:
+        paths["ovmf_vars"] = tmp / f"OVMF_VARS-{vm_uuid}.fd"
+    return paths
+
+
+def derive_vm_settings(q: QemuSettings, vm: VmResources) -> QemuSettings:
+    """The base settings as the original rewrote them for one VM."""
+    paths = vm_file_paths(q, vm.uuid)
+    update: dict[str, object] = {
+        "NETDEV_ID": f"{q.NETDEV_ID}-{vm.uuid}",
+        "SEV_ID": f"{q.SEV_ID}-{vm.uuid}",
+        "DISK_IMG_KERNEL_FILE": str(paths["kernel"]),
+        "DISK_IMG_ROOTFS_FILE": str(paths["rootfs"]),
+        "HOST_FWD_AGENT": vm.host_port,
+        "VSOCK_GUEST_CID": vm.guest_cid,
+        "VSOCK_VNC": vm.vnc_display,
+    }
+    if "ovmf_vars" in paths:
+        update["OVMF_VARS_FILE"] = str(paths["ovmf_vars"])
+    return q.model_copy(update=update)

@@ -1,0 +1,282 @@
+"""Typed settings read from the environment, parsed exactly as the original Go daemon did.
+
+The original used caarlos0/env: booleans through strconv.ParseBool, integers through
+strconv.ParseInt(v, 10, 32), and a variable that is set but empty takes its default.
+Operators' existing environment files must keep meaning the same thing here.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import BeforeValidator, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
+_GO_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
+_INT_RE = re.compile(r"[+-]?[0-9]+")
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+
+
+def parse_go_bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        if value in _GO_TRUE:
+            return True
+        if value in _GO_FALSE:
+            return False
+    raise ValueError("expected a boolean (1, t, T, TRUE, true, True, 0, f, F, FALSE, false, False)")
+
+
+def parse_go_int(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and _INT_RE.fullmatch(value):
+        number = int(value, 10)
+    else:
+        raise ValueError("expected a base-10 integer")
+    if not _INT32_MIN <= number <= _INT32_MAX:
+        raise ValueError("integer out of range")
+    return number
+
+
+_DURATION_UNITS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "μs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+_DURATION_PART = re.compile(r"([0-9]*\.?[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
+
+
+def parse_go_duration(value: object) -> float:
+    """Seconds from a Go duration string ("30s", "1m30s", "250ms"), as time.ParseDuration reads."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, str):
+        raise ValueError("expected a duration such as 30s, 500ms or 1m30s")
+    text = value
+    sign = -1.0 if text.startswith("-") else 1.0
+    text = text.lstrip("+-")
+    if text == "0":
+        return 0.0
+    pos, total = 0, 0.0
+    while pos < len(text):
+        match = _DURATION_PART.match(text, pos)
+        if match is None:
+            raise ValueError("expected a duration such as 30s, 500ms or 1m30s")
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        pos = match.end()
+    if pos == 0:
+        raise ValueError("expected a duration such as 30s, 500ms or 1m30s")
+    return sign * total
+
+
+GoBool = Annotated[bool, BeforeValidator(parse_go_bool)]
+GoInt = Annotated[int, BeforeValidator(parse_go_int)]
+GoDuration = Annotated[float, BeforeValidator(parse_go_duration)]
+
+# The original's -append value: one argv element that includes the two double quotes.
+ORIGINAL_KERNEL_CMDLINE = '"earlyprintk=serial console=ttyS0"'
+
+
+class AgentChannel(StrEnum):
+    VSOCK = "vsock"
+    FW_CFG = "fw_cfg"
+
+
+class LogLevel(StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARN = "warn"
+    ERROR = "error"
+
+
+@dataclass(frozen=True, slots=True)
+class PortRange:
+    """An inclusive host port range such as "6100-6200" (MANAGER_QEMU_HOST_FWD_RANGE)."""
+
+    first: int
+    last: int
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.first, self.last + 1))
+
+    def __str__(self) -> str:
+        return f"{self.first}-{self.last}"
+
+
+def parse_port_range(value: object) -> PortRange | None:
+    if value is None or isinstance(value, PortRange):
+        return value
+    if isinstance(value, str):
+        if value == "":
+            return None
+        match = re.fullmatch(r"([0-9]{1,5})-([0-9]{1,5})", value)
+        if match:
+            first, last = int(match.group(1)), int(match.group(2))
+            if 1 <= first <= last <= 65535:
+                return PortRange(first, last)
+    raise ValueError("expected a port range FIRST-LAST within 1-65535, such as 6100-6200")
+
+
+_COMMON = SettingsConfigDict(
+    env_ignore_empty=True,  # set-but-empty takes the default, as in the original
+    extra="ignore",
+    frozen=True,
+    arbitrary_types_allowed=True,
+)
+
+
+class QemuSettings(BaseSettings):
+    """MANAGER_QEMU_*: the original's variables, then the port's own additions."""
+
+    model_config = SettingsConfigDict(env_prefix="MANAGER_QEMU_", **_COMMON)
+
+    BIN_PATH: str = "qemu-system-x86_64"
+    TMP_FILE_LOC: str = "tmp"
+    USE_SUDO: GoBool = False
+    ENABLE_SEV: GoBool = False
+    ENABLE_SEV_SNP: GoBool = True
+    ENABLE_KVM: GoBool = True
+    MACHINE: str = "q35"
+    CPU: str = "EPYC"
+    SMP_COUNT: GoInt = 4
+    SMP_MAXCPUS: GoInt = 64
+    MEM_ID: str = "ram1"
+    MEMORY_SIZE: str = "2048M"
+    MEMORY_SLOTS: GoInt = 5
+    MAX_MEMORY: str = "30G"
+    OVMF_CODE_IF: str = "pflash"
+    OVMF_CODE_FORMAT: str = "raw"
+    OVMF_CODE_UNIT: GoInt = 0
+    OVMF_CODE_FILE: str = "/usr/share/OVMF/OVMF_CODE.fd"
+    OVMF_CODE_READONLY: str = "on"
+    OVMF_VARS_IF: str = "pflash"
+    OVMF_VARS_FORMAT: str = "raw"
+    OVMF_VARS_UNIT: GoInt = 1
+    OVMF_VARS_FILE: str = "/usr/share/OVMF/OVMF_VARS.fd"
+    NETDEV_ID: str = "vmnic"
+    HOST_FWD_AGENT: GoInt = 7020
+    GUEST_FWD_AGENT: GoInt = 7002
+    VIRTIO_NET_PCI_DISABLE_LEGACY: str = "on"
+    VIRTIO_NET_PCI_IOMMU_PLATFORM: GoBool = True
+    VIRTIO_NET_PCI_ADDR: str = "0x2"
+    VIRTIO_NET_PCI_ROMFILE: str = ""
+    DISK_IMG_KERNEL_FILE: str = "img/bzImage"
+    DISK_IMG_ROOTFS_FILE: str = "img/rootfs.cpio.gz"
+    KERNEL_HASH: GoBool = False
+    NO_GRAPHIC: GoBool = True
+    MONITOR: str = "pty"
+    SEV_ID: str = "sev0"
+    SEV_CBITPOS: GoInt = 51
+    SEV_REDUCED_PHYS_BITS: GoInt = 1
+    VSOCK_ID: str = "vhost-vsock-pci0"
+    VSOCK_GUEST_CID: GoInt = 3
+    VSOCK_VNC: GoInt = 0
+
+    # Additions of the port (not in the original README's era).
+    KERNEL_CMDLINE: str = ORIGINAL_KERNEL_CMDLINE
+    AGENT_CHANNEL: AgentChannel = AgentChannel.VSOCK
+    HOST_FWD_RANGE: Annotated[PortRange | None, BeforeValidator(parse_port_range)] = None
+    STOP_TIMEOUT: GoDuration = 30.0
+    START_TIMEOUT: GoDuration = 60.0
+
+    @field_validator("STOP_TIMEOUT", "START_TIMEOUT")
+    @classmethod
+    def _non_negative(cls, value: float) -> float:
+        if value < 0:
+            raise ValueError("a duration must not be negative")
+        return value
+
+
+class ServiceSettings(BaseSettings):
+    """MANAGER_* service-wide variables (and the one COCOS_* variable the manager reads)."""
+
+    model_config = SettingsConfigDict(env_prefix="MANAGER_", **_COMMON)
+
+    LOG_LEVEL: LogLevel = LogLevel.INFO
+    GRPC_HOST: str = ""
+    GRPC_PORT: GoInt = 7001
+    GRPC_SERVER_CERT: str = ""
+    GRPC_SERVER_KEY: str = ""
+    GRPC_SERVER_CA_CERTS: str = ""
+    GRPC_CLIENT_CA_CERTS: str = ""
+    JAEGER_URL: str = Field(
+        default="http://localhost:14268/api/traces", validation_alias="COCOS_JAEGER_URL"
+    )
+    INSTANCE_ID: str = ""
+    METRICS_PORT: GoInt | None = None
+    MAX_VMS: GoInt = 0  # 0 = no limit
+    STATE_DIR: str = "state"
+    SHUTDOWN_STOPS_VMS: GoBool = True
+
+    @field_validator("GRPC_PORT")
+    @classmethod
+    def _port(cls, value: int) -> int:
+        if not 0 <= value <= 65535:
+            raise ValueError("a port must be within 0-65535")
+        return value
+
+    @field_validator("MAX_VMS")
+    @classmethod
+    def _max_vms(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError("must be 0 (no limit) or more")
+        return value
+
+
+class SettingsError(Exception):
+    """A variable that does not parse: start-up stops with this one line."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    service: ServiceSettings
+    qemu: QemuSettings
+    instance_id: str
+
+
+def _env_name(model: type[BaseSettings], field: str) -> str:
+    info = model.model_fields[field]
+    if isinstance(info.validation_alias, str):
+        return info.validation_alias
+    return f"{model.model_config.get('env_prefix', '')}{field}"
+
+
+def _describe(model: type[BaseSettings], error: ValidationError) -> str:
+    first = error.errors(include_url=False)[0]
+    field = str(first["loc"][0]) if first["loc"] else "?"
+    name = _env_name(model, field) if field in model.model_fields else field
+    message = first["msg"].removeprefix("Value error, ")
+    got = first.get("input")
+    return (
+        f"invalid value for {name}: {got!r} ({message})"
+        if isinstance(got, str)
+        else (f"invalid value for {name} ({message})")
+    )
+
+
+def load_settings() -> Settings:
+    """Reads and validates every variable; raises SettingsError naming the first bad one."""
+    models: list[BaseSettings] = []
+    for model in (ServiceSettings, QemuSettings):
+        try:
+            models.append(model())
+        except ValidationError as error:
+            raise SettingsError(_describe(model, error)) from None
+    service, qemu = models
+    assert isinstance(service, ServiceSettings) and isinstance(qemu, QemuSettings)
+    return Settings(
+        service=service, qemu=qemu, instance_id=service.INSTANCE_ID or str(uuid.uuid4())
+    )

@@ -1,0 +1,224 @@
+"""Every variable of SPEC section 2: name, default, and the original's parsing."""
+
+from __future__ import annotations
+
+import pytest
+
+from cocos_manager.settings import (
+    AgentChannel,
+    LogLevel,
+    PortRange,
+    QemuSettings,
+    ServiceSettings,
+    SettingsError,
+    load_settings,
+)
+
+QEMU_DEFAULTS: dict[str, object] = {
+    "BIN_PATH": "qemu-system-x86_64",
+    "TMP_FILE_LOC": "tmp",
+    "USE_SUDO": False,
+    "ENABLE_SEV": False,
+    "ENABLE_SEV_SNP": True,
+    "ENABLE_KVM": True,
+    "MACHINE": "q35",
+    "CPU": "EPYC",
+    "SMP_COUNT": 4,
+    "SMP_MAXCPUS": 64,
+    "MEM_ID": "ram1",
+    "MEMORY_SIZE": "2048M",
+    "MEMORY_SLOTS": 5,
+    "MAX_MEMORY": "30G",
+    "OVMF_CODE_IF": "pflash",
+    "OVMF_CODE_FORMAT": "raw",
+    "OVMF_CODE_UNIT": 0,
+    "OVMF_CODE_FILE": "/usr/share/OVMF/OVMF_CODE.fd",
+    "OVMF_CODE_READONLY": "on",
+    "OVMF_VARS_IF": "pflash",
+    "OVMF_VARS_FORMAT": "raw",
+    "OVMF_VARS_UNIT": 1,
+    "OVMF_VARS_FILE": "/usr/share/OVMF/OVMF_VARS.fd",
+    "NETDEV_ID": "vmnic",
+    "HOST_FWD_AGENT": 7020,
+    "GUEST_FWD_AGENT": 7002,
+    "VIRTIO_NET_PCI_DISABLE_LEGACY": "on",
+    "VIRTIO_NET_PCI_IOMMU_PLATFORM": True,
+    "VIRTIO_NET_PCI_ADDR": "0x2",
+    "VIRTIO_NET_PCI_ROMFILE": "",
+    "DISK_IMG_KERNEL_FILE": "img/bzImage",
+    "DISK_IMG_ROOTFS_FILE": "img/rootfs.cpio.gz",
+    "KERNEL_HASH": False,
+    "NO_GRAPHIC": True,
+    "MONITOR": "pty",
+    "SEV_ID": "sev0",
+    "SEV_CBITPOS": 51,
+    "SEV_REDUCED_PHYS_BITS": 1,
+    "VSOCK_ID": "vhost-vsock-pci0",
+    "VSOCK_GUEST_CID": 3,
+    "VSOCK_VNC": 0,
+}
+
+SERVICE_DEFAULTS: dict[str, object] = {
+    "LOG_LEVEL": LogLevel.INFO,
+    "GRPC_HOST": "",
+    "GRPC_PORT": 7001,
+    "GRPC_SERVER_CERT": "",
+    "GRPC_SERVER_KEY": "",
+    "GRPC_SERVER_CA_CERTS": "",
+    "GRPC_CLIENT_CA_CERTS": "",
+    "JAEGER_URL": "http://localhost:14268/api/traces",
+    "INSTANCE_ID": "",
+}
+
+BOOL_FIELDS = [k for k, v in QEMU_DEFAULTS.items() if isinstance(v, bool)]
+INT_FIELDS = [k for k, v in QEMU_DEFAULTS.items() if isinstance(v, int) and not isinstance(v, bool)]
+STR_FIELDS = [k for k, v in QEMU_DEFAULTS.items() if isinstance(v, str)]
+
+
+def test_qemu_defaults() -> None:
+    qemu = load_settings().qemu
+    for name, default in QEMU_DEFAULTS.items():
+        assert getattr(qemu, name) == default, name
+
+
+def test_service_defaults() -> None:
+    settings = load_settings()
+    for name, default in SERVICE_DEFAULTS.items():
+        assert getattr(settings.service, name) == default, name
+
+
+def test_every_original_variable_is_a_field() -> None:
+    assert set(QEMU_DEFAULTS) <= set(QemuSettings.model_fields)
+    assert set(SERVICE_DEFAULTS) <= set(ServiceSettings.model_fields)
+
+
+@pytest.mark.parametrize("name", STR_FIELDS)
+def test_string_variables_are_honoured(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    monkeypatch.setenv(f"MANAGER_QEMU_{name}", "custom-value")
+    assert getattr(load_settings().qemu, name) == "custom-value"
+
+
+@pytest.mark.parametrize("name", INT_FIELDS)
+def test_integer_variables_are_honoured(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    monkeypatch.setenv(f"MANAGER_QEMU_{name}", "42")
+    assert getattr(load_settings().qemu, name) == 42
+
+
+@pytest.mark.parametrize("name", BOOL_FIELDS)
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [(t, True) for t in ("1", "t", "T", "TRUE", "true", "True")]
+    + [(f, False) for f in ("0", "f", "F", "FALSE", "false", "False")],
+)
+def test_boolean_spellings(
+    monkeypatch: pytest.MonkeyPatch, name: str, text: str, value: bool
+) -> None:
+    monkeypatch.setenv(f"MANAGER_QEMU_{name}", text)
+    assert getattr(load_settings().qemu, name) is value
+
+
+@pytest.mark.parametrize("text", ["yes", "no", "on", "off", "tRUE", " true", "2", "y"])
+def test_booleans_the_original_refuses(monkeypatch: pytest.MonkeyPatch, text: str) -> None:
+    monkeypatch.setenv("MANAGER_QEMU_ENABLE_KVM", text)
+    with pytest.raises(SettingsError, match="MANAGER_QEMU_ENABLE_KVM") as info:
+        load_settings()
+    assert repr(text) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [("+7", 7), ("-3", -3), ("007", 7), ("2147483647", 2**31 - 1)]
+)
+def test_integers_parse_base_10(monkeypatch: pytest.MonkeyPatch, text: str, value: int) -> None:
+    monkeypatch.setenv("MANAGER_QEMU_SMP_COUNT", text)
+    assert load_settings().qemu.SMP_COUNT == value
+
+
+@pytest.mark.parametrize("text", ["4x", "0x10", "1_000", "1.5", " 4", "2147483648", "four"])
+def test_integers_the_original_refuses(monkeypatch: pytest.MonkeyPatch, text: str) -> None:
+    monkeypatch.setenv("MANAGER_QEMU_SMP_COUNT", text)
+    with pytest.raises(SettingsError, match="MANAGER_QEMU_SMP_COUNT"):
+        load_settings()
+
+
+def test_set_but_empty_takes_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MANAGER_QEMU_CPU", "")
+    monkeypatch.setenv("MANAGER_QEMU_SMP_COUNT", "")
+    monkeypatch.setenv("MANAGER_QEMU_ENABLE_KVM", "")
+    qemu = load_settings().qemu
+    assert (qemu.CPU, qemu.SMP_COUNT, qemu.ENABLE_KVM) == ("EPYC", 4, True)
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "attr", "value"),
+    [
+        ("MANAGER_LOG_LEVEL", "debug", "LOG_LEVEL", LogLevel.DEBUG),
+        ("MANAGER_LOG_LEVEL", "warn", "LOG_LEVEL", LogLevel.WARN),
+        ("MANAGER_GRPC_HOST", "127.0.0.1", "GRPC_HOST", "127.0.0.1"),
+        ("MANAGER_GRPC_PORT", "7100", "GRPC_PORT", 7100),
+        ("MANAGER_GRPC_SERVER_CERT", "c.pem", "GRPC_SERVER_CERT", "c.pem"),
+        ("MANAGER_GRPC_SERVER_KEY", "k.pem", "GRPC_SERVER_KEY", "k.pem"),
+        ("MANAGER_GRPC_SERVER_CA_CERTS", "ca.pem", "GRPC_SERVER_CA_CERTS", "ca.pem"),
+        ("MANAGER_GRPC_CLIENT_CA_CERTS", "cca.pem", "GRPC_CLIENT_CA_CERTS", "cca.pem"),
+        (
+            "COCOS_JAEGER_URL",
+            "http://127.0.0.1:4318/v1/traces",
+            "JAEGER_URL",
+            "http://127.0.0.1:4318/v1/traces",
+        ),
+        ("MANAGER_INSTANCE_ID", "host-7", "INSTANCE_ID", "host-7"),
+    ],
+)
+def test_service_variables_are_honoured(
+    monkeypatch: pytest.MonkeyPatch, name: str, text: str, attr: str, value: object
+) -> None:
+    monkeypatch.setenv(name, text)
+    assert getattr(load_settings().service, attr) == value
+
+
+@pytest.mark.parametrize("text", ["trace", "INFO", "warning", "fatal"])
+def test_log_level_refuses_other_names(monkeypatch: pytest.MonkeyPatch, text: str) -> None:
+    monkeypatch.setenv("MANAGER_LOG_LEVEL", text)
+    with pytest.raises(SettingsError, match="MANAGER_LOG_LEVEL"):
+        load_settings()
+
+
+def test_instance_id_is_generated_when_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    first, second = load_settings().instance_id, load_settings().instance_id
+    assert first and second and first != second
+    monkeypatch.setenv("MANAGER_INSTANCE_ID", "fixed")
+    assert load_settings().instance_id == "fixed"
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("30s", 30.0), ("1m30s", 90.0), ("250ms", 0.25), ("1.5h", 5400.0), ("0", 0.0)],
+)
+def test_stop_timeout_is_a_go_duration(
+    monkeypatch: pytest.MonkeyPatch, text: str, seconds: float
+) -> None:
+    monkeypatch.setenv("MANAGER_QEMU_STOP_TIMEOUT", text)
+    assert load_settings().qemu.STOP_TIMEOUT == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["30", "s", "1x", "-1s", "1m 30s"])
+def test_bad_durations_are_refused(monkeypatch: pytest.MonkeyPatch, text: str) -> None:
+    monkeypatch.setenv("MANAGER_QEMU_STOP_TIMEOUT", text)
+    with pytest.raises(SettingsError, match="MANAGER_QEMU_STOP_TIMEOUT"):
+        load_settings()
+
+
+def test_port_additions(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings().qemu.HOST_FWD_RANGE is None
+    assert load_settings().qemu.AGENT_CHANNEL is AgentChannel.VSOCK
+    monkeypatch.setenv("MANAGER_QEMU_HOST_FWD_RANGE", "6100-6200")
+    monkeypatch.setenv("MANAGER_QEMU_AGENT_CHANNEL", "fw_cfg")
+    qemu = load_settings().qemu
+    assert qemu.HOST_FWD_RANGE == PortRange(6100, 6200)
+    assert qemu.AGENT_CHANNEL is AgentChannel.FW_CFG
+
+
+@pytest.mark.parametrize("text", ["6200-6100", "0-10", "6100", "a-b", "6100-70000"])
+def test_bad_port_ranges(monkeypatch: pytest.MonkeyPatch, text: str) -> None:
+    monkeypatch.setenv("MANAGER_QEMU_HOST_FWD_RANGE", text)
+    with pytest.raises(SettingsError, match="MANAGER_QEMU_HOST_FWD_RANGE"):
+        load_settings()
