@@ -49,17 +49,26 @@ apt_update_once() {
     fi
 }
 
+pkg_installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
+
+# ensure_pkg PACKAGE: apt-get install PACKAGE unless it is installed; dies if it cannot be had.
+ensure_pkg() {
+    local pkg=$1
+    pkg_installed "$pkg" && return 0
+    [[ $(id -u) == 0 ]] || die "package '$pkg' is missing and installing it needs root"
+    log "installing $pkg"
+    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$pkg" >/dev/null; then
+        apt_update_once
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$pkg" >/dev/null \
+            || die "cannot install package '$pkg'"
+    fi
+}
+
 # ensure_cmd COMMAND PACKAGE: install PACKAGE if COMMAND is missing.
 ensure_cmd() {
     local cmd=$1 pkg=$2
     command -v "$cmd" >/dev/null 2>&1 && return 0
-    [[ $(id -u) == 0 ]] || die "'$cmd' is missing and installing package '$pkg' needs root"
-    log "installing $pkg (for $cmd)"
-    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$pkg" >/dev/null; then
-        apt_update_once
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$pkg" >/dev/null \
-            || die "cannot install package '$pkg' (needed for '$cmd')"
-    fi
+    ensure_pkg "$pkg"
     command -v "$cmd" >/dev/null 2>&1 || die "package '$pkg' installed but '$cmd' still missing"
 }
 
@@ -88,7 +97,7 @@ download_deb() {
 resolve_kernel_pkg() {
     apt-cache depends linux-image-cloud-amd64 2>/dev/null \
         | sed -n 's/^ *Depends: *<\{0,1\}\(linux-image-[0-9][^ >]*-cloud-amd64\)>\{0,1\}.*/\1/p' \
-        | head -n1
+        | head -n1 || true
 }
 
 # ---------------------------------------------------------------- tools
@@ -104,29 +113,23 @@ chmod 0755 "$WORK" 2>/dev/null || true
 
 # ---------------------------------------------------------------- busybox
 BUSYBOX=""
-if dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'install ok installed'; then
-    for p in /usr/bin/busybox /bin/busybox; do
-        if dpkg-query -S "$p" 2>/dev/null | grep -q '^busybox-static:'; then BUSYBOX=$p; break; fi
+if ! pkg_installed busybox-static && pkg_installed busybox; then
+    # busybox-static conflicts with the (dynamic) busybox package: don't replace the host's,
+    # just unpack busybox-static's .deb.
+    log "package busybox is installed; unpacking busybox-static instead of installing it"
+    deb="$(download_deb busybox-static)"
+    rm -rf "$WORK/busybox-static"
+    dpkg-deb -x "$deb" "$WORK/busybox-static"
+    for p in usr/bin/busybox bin/busybox; do
+        if [[ -x "$WORK/busybox-static/$p" ]]; then BUSYBOX="$WORK/busybox-static/$p"; break; fi
     done
-fi
-if [[ -z $BUSYBOX ]]; then
-    # Not installed (or the dynamic 'busybox' package owns /bin/busybox): install it, unless
-    # that would fight the dynamic package, in which case just unpack the .deb.
-    if dpkg-query -W -f='${Status}' busybox 2>/dev/null | grep -q 'install ok installed'; then
-        log "package 'busybox' (dynamic) is installed; unpacking busybox-static instead of installing it"
-        deb="$(download_deb busybox-static)"
-        rm -rf "$WORK/busybox-static"
-        dpkg-deb -x "$deb" "$WORK/busybox-static"
-        for p in usr/bin/busybox bin/busybox; do
-            [[ -x "$WORK/busybox-static/$p" ]] && { BUSYBOX="$WORK/busybox-static/$p"; break; }
-        done
-    else
-        ensure_cmd busybox busybox-static
-        BUSYBOX="$(command -v busybox)"
-    fi
+else
+    ensure_pkg busybox-static
+    BUSYBOX="$(dpkg -L busybox-static | grep -E '/bin/busybox$' | head -n1 || true)"
 fi
 [[ -n $BUSYBOX && -x $BUSYBOX ]] || die "no busybox-static binary found"
-"$BUSYBOX" --list | grep -qx nc || die "$BUSYBOX has no nc applet"
+APPLETS="$("$BUSYBOX" --list)" || die "$BUSYBOX --list failed"
+grep -qx nc <<<"$APPLETS" || die "$BUSYBOX has no nc applet"
 log "busybox: $BUSYBOX"
 
 # ---------------------------------------------------------------- kernel
@@ -168,7 +171,7 @@ ln -s ../bin "$ROOT/usr/bin"
 ln -s ../bin "$ROOT/usr/sbin"
 cp "$BUSYBOX" "$ROOT/bin/busybox"
 chmod 0755 "$ROOT/bin/busybox"
-for applet in $("$BUSYBOX" --list); do
+for applet in $APPLETS; do
     [[ $applet == busybox ]] && continue
     ln -sf busybox "$ROOT/bin/$applet"
 done

@@ -49,9 +49,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings()
         if options.command == "print-qemu-cmd":
             return _print_qemu_cmd(settings, options.json)
-        from cocos_manager.daemon import run_daemon
+        from cocos_manager.daemon import StartupError, run_daemon
 
-        return asyncio.run(run_daemon(settings))
+        try:
+            return asyncio.run(run_daemon(settings))
+        except StartupError as error:
+            return _fail(str(error))
     except (SettingsError, QemuNotFoundError) as error:
         return _fail(str(error))
     except KeyboardInterrupt:

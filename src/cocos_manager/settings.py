@@ -15,7 +15,7 @@ from enum import StrEnum
 from typing import Annotated
 
 from pydantic import BeforeValidator, Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
 _GO_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
@@ -80,6 +80,10 @@ def parse_go_duration(value: object) -> float:
     if pos == 0:
         raise ValueError("expected a duration such as 30s, 500ms or 1m30s")
     return sign * total
+
+
+def parse_optional_go_int(value: object) -> int | None:
+    return None if value is None else parse_go_int(value)
 
 
 GoBool = Annotated[bool, BeforeValidator(parse_go_bool)]
@@ -188,7 +192,7 @@ class QemuSettings(BaseSettings):
     # Additions of the port (not in the original README's era).
     KERNEL_CMDLINE: str = ORIGINAL_KERNEL_CMDLINE
     AGENT_CHANNEL: AgentChannel = AgentChannel.VSOCK
-    HOST_FWD_RANGE: Annotated[PortRange | None, BeforeValidator(parse_port_range)] = None
+    HOST_FWD_RANGE: Annotated[PortRange | None, NoDecode, BeforeValidator(parse_port_range)] = None
     STOP_TIMEOUT: GoDuration = 30.0
     START_TIMEOUT: GoDuration = 60.0
 
@@ -216,7 +220,7 @@ class ServiceSettings(BaseSettings):
         default="http://localhost:14268/api/traces", validation_alias="COCOS_JAEGER_URL"
     )
     INSTANCE_ID: str = ""
-    METRICS_PORT: GoInt | None = None
+    METRICS_PORT: Annotated[int | None, NoDecode, BeforeValidator(parse_optional_go_int)] = None
     MAX_VMS: GoInt = 0  # 0 = no limit
     STATE_DIR: str = "state"
     SHUTDOWN_STOPS_VMS: GoBool = True

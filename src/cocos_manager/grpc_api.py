@@ -1,0 +1,55 @@
+"""The gRPC face of the service: maps requests to the service and errors to status codes.
+
+This is the one place where exception types become gRPC statuses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from cocos_manager.api import manager_pb2 as pb
+from cocos_manager.api import manager_pb2_grpc as pb_grpc
+from cocos_manager.errors import ManagerError
+from cocos_manager.logging import get_logger
+from cocos_manager.service import ManagerService
+
+_log = get_logger()
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: Exception, method: str) -> None:
+    if isinstance(error, ManagerError):
+        await context.abort(error.code, str(error))
+    _log.error("unexpected error", method=method, error=repr(error))
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {error}")
+
+
+class ManagerServicer(pb_grpc.ManagerServiceServicer):
+    def __init__(self, service: ManagerService) -> None:
+        self._service = service
+
+    async def Run(
+        self, request: pb.ComputationRunReq, context: grpc.aio.ServicerContext
+    ) -> pb.RunResponse:
+        try:
+            return await self._service.run(request)
+        except Exception as error:
+            await _abort(context, error, "Run")
+            raise
+
+    async def Stop(
+        self, request: pb.StopRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StopResponse:
+        try:
+            await self._service.stop(request.computation_id)
+        except Exception as error:
+            await _abort(context, error, "Stop")
+            raise
+        return pb.StopResponse()
+
+    async def Events(
+        self, request: pb.EventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ClientStreamMessage]:
+        async for message in self._service.subscribe(request.computation_id):
+            yield message

@@ -1,0 +1,283 @@
+"""One QEMU process: started as a child, or adopted after a daemon restart, and supervised.
+
+Its exit is noticed at once through a pidfd on the event loop (no polling, no thread per
+VM), a child is reaped right then (the original left zombies: SPEC defect 1), and signals
+go through the pidfd so a recycled PID can never be hit. Readiness is QEMU's own: the QMP
+monitor on a socket the daemon created and handed over, answering `query-status`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPClient
+
+from cocos_manager.errors import VmStartError
+from cocos_manager.vm_files import unix_socket_path
+
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+
+LineCallback = Callable[[str, str], None]
+_ANSI = re.compile(r"\x1b(\[[0-9;?]*[ -/]*[@-~]|[@-Z\\-_])")
+_MAX_LINE = 64 * 1024
+TAIL_LINES = 20
+
+
+@dataclass(frozen=True, slots=True)
+class ExitInfo:
+    """How QEMU ended; returncode is None for an adopted process (not our child)."""
+
+    returncode: int | None
+
+    @property
+    def signal(self) -> int | None:
+        if self.returncode is not None and self.returncode < 0:
+            return -self.returncode
+        return None
+
+    def describe(self) -> str:
+        if self.returncode is None:
+            return "exited (status unknown: not a child of this daemon)"
+        if self.returncode < 0:
+            try:
+                name = signal.Signals(-self.returncode).name
+            except ValueError:
+                name = str(-self.returncode)
+            return f"killed by signal {name}"
+        return f"exit status {self.returncode}"
+
+
+class _LineReader(asyncio.Protocol):
+    """Splits a pipe into lines for logs and Events; bounded memory per line."""
+
+    def __init__(self, stream: str, sink: Callable[[str, str], None]) -> None:
+        self._stream = stream
+        self._sink = sink
+        self._partial = b""
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        if len(self._partial) > _MAX_LINE:
+            lines.append(self._partial)
+            self._partial = b""
+        for raw in lines:
+            self._emit(raw)
+
+    def _emit(self, raw: bytes) -> None:
+        text = _ANSI.sub("", raw.decode("utf-8", "replace")).replace("\r", "").rstrip()
+        if text:
+            self._sink(self._stream, text)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._partial:
+            self._emit(self._partial)
+            self._partial = b""
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+class QemuProcess:
+    def __init__(
+        self,
+        pid: int,
+        argv: Sequence[str],
+        *,
+        popen: subprocess.Popen[bytes] | None,
+        on_line: LineCallback | None = None,
+    ) -> None:
+        self.pid = pid
+        self.argv = list(argv)
+        self._popen = popen
+        self._on_line = on_line
+        self._tail: deque[tuple[str, str]] = deque(maxlen=TAIL_LINES)
+        self._pipes: list[asyncio.Future[None]] = []
+        self._loop = asyncio.get_running_loop()
+        self.exited: asyncio.Future[ExitInfo] = self._loop.create_future()
+        self._pidfd: int | None = os.pidfd_open(pid)
+        self._loop.add_reader(self._pidfd, self._on_pidfd)
+
+    # -- starting ------------------------------------------------------------------------
+
+    @classmethod
+    async def spawn(
+        cls,
+        argv: Sequence[str],
+        *,
+        qmp_listener: socket.socket,
+        on_line: LineCallback | None = None,
+    ) -> QemuProcess:
+        # Popen (vfork+exec, about a millisecond) rather than asyncio's subprocess: exits are
+        # watched through a pidfd for children and adopted processes alike.
+        popen = subprocess.Popen(  # noqa: ASYNC220
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            pass_fds=(qmp_listener.fileno(),),
+            start_new_session=True,  # a Ctrl-C or a daemon crash does not take the VMs along
+        )
+        process = cls(popen.pid, argv, popen=popen, on_line=on_line)
+        loop = asyncio.get_running_loop()
+        for stream, pipe in (("stdout", popen.stdout), ("stderr", popen.stderr)):
+            reader = _LineReader(stream, process._line)
+            await loop.connect_read_pipe(lambda r=reader: r, pipe)  # type: ignore[misc]
+            process._pipes.append(reader.closed)
+        return process
+
+    @classmethod
+    def adopt(cls, pid: int, argv: Sequence[str]) -> QemuProcess:
+        """Supervise a QEMU started by an earlier run of the daemon (not our child)."""
+        return cls(pid, argv, popen=None)
+
+    def _line(self, stream: str, text: str) -> None:
+        self._tail.append((stream, text))
+        if self._on_line is not None:
+            self._on_line(stream, text)
+
+    def tail(self, stream: str | None = None) -> list[str]:
+        return [text for s, text in self._tail if stream is None or s == stream]
+
+    # -- exit ----------------------------------------------------------------------------
+
+    def _on_pidfd(self) -> None:
+        self._close_pidfd()
+        returncode = self._popen.poll() if self._popen is not None else None
+        if not self.exited.done():
+            self.exited.set_result(ExitInfo(returncode))
+
+    def _close_pidfd(self) -> None:
+        if self._pidfd is not None:
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    async def wait_output(self, timeout: float = 1.0) -> None:
+        """After exit, the last lines may still be in the pipes: let them arrive."""
+        if self._pipes:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*self._pipes), timeout)
+
+    def failure_text(self) -> str:
+        """QEMU's own words, for a status message: its stderr, else whatever it printed."""
+        lines = self.tail("stderr") or self.tail()
+        return "; ".join(lines[-5:]) if lines else "(QEMU printed nothing)"
+
+    # -- readiness -----------------------------------------------------------------------
+
+    async def wait_ready(self, qmp_path: Path, timeout: float) -> None:
+        """Returns once QMP says the VM runs; raises VmStartError with QEMU's message if not."""
+        probe = asyncio.ensure_future(_query_status(qmp_path))
+        contenders: set[asyncio.Future[Any]] = {probe, self.exited}
+        try:
+            done, _ = await asyncio.wait(
+                contenders, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            if not probe.done():
+                probe.cancel()
+                with contextlib.suppress(BaseException):
+                    await probe
+        if self.exited in done:
+            await self.wait_output()
+            raise VmStartError(
+                f"QEMU exited during start-up ({self.exited.result().describe()}): "
+                f"{self.failure_text()}"
+            )
+        if probe not in done:
+            raise VmStartError(f"QEMU did not become ready within {timeout:g}s")
+        try:
+            status = probe.result()
+        except Exception as error:
+            if self.exited.done():
+                await self.wait_output()
+                raise VmStartError(
+                    f"QEMU exited during start-up ({self.exited.result().describe()}): "
+                    f"{self.failure_text()}"
+                ) from None
+            raise VmStartError(f"QEMU's QMP monitor failed: {error}") from None
+        if status != "running":
+            raise VmStartError(f"QEMU reports VM status {status!r} instead of 'running'")
+
+    # -- stopping ------------------------------------------------------------------------
+
+    def send_signal(self, sig: int) -> None:
+        if self._pidfd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, sig)
+
+    async def terminate(self, timeout: float) -> ExitInfo:
+        """SIGTERM, then SIGKILL after `timeout` seconds; returns once reaped."""
+        if not self.exited.done():
+            self.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(asyncio.shield(self.exited), timeout)
+            except TimeoutError:
+                self.send_signal(signal.SIGKILL)
+        result = await asyncio.shield(self.exited)
+        await self.wait_output(0.5)
+        return result
+
+    def kill_now(self) -> None:
+        """Last resort during clean-up of a failed start."""
+        self.send_signal(signal.SIGKILL)
+
+
+async def _query_status(qmp_path: Path) -> str:
+    client = QMPClient(f"cocos-manager:{qmp_path.name}")
+    try:
+        with unix_socket_path(qmp_path) as address:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(address)  # a listening UNIX socket accepts into its backlog at once
+            except BaseException:
+                sock.close()
+                raise
+        await client.connect(sock)
+        reply = await client.execute("query-status")
+    finally:
+        with contextlib.suppress(Exception):
+            await client.disconnect()
+    assert isinstance(reply, dict)
+    return str(reply.get("status", ""))
+
+
+def qmp_listener(path: Path) -> socket.socket:
+    """The QMP socket, created by us and handed to QEMU as a listening fd (no connect race)."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with unix_socket_path(path) as address:
+            listener.bind(address)
+        os.chmod(path, 0o600)
+        listener.listen(4)
+    except BaseException:
+        listener.close()
+        raise
+    return listener
+
+
+def qmp_args(listener: socket.socket) -> list[str]:
+    return [
+        "-chardev",
+        f"socket,id=cocos-qmp,fd={listener.fileno()},server=on,wait=off",
+        "-mon",
+        "chardev=cocos-qmp,mode=control",
+    ]

@@ -1,0 +1,169 @@
+"""Per-VM files under MANAGER_QEMU_TMP_FILE_LOC: kernel, rootfs, OVMF vars, manifest, QMP socket.
+
+Kernel and rootfs are only read by QEMU, so each VM gets a hard link (or a reflink, or as a
+last resort a copy): preparing a VM costs the same for a 1 MB and a 512 MB image. The OVMF
+vars file is written by the guest, so it is always a private copy (reflink where possible).
+Whatever fails half-way removes what it made: a failed Run leaves no file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cocos_manager.errors import FailedPreconditionError, ManagerError, ResourceExhaustedError
+from cocos_manager.qemu_argv import vm_file_paths
+from cocos_manager.settings import QemuSettings
+
+_FICLONE = 0x40049409  # linux/fs.h
+_SUN_PATH_MAX = 107
+
+
+def required_images(q: QemuSettings) -> dict[str, str]:
+    """The host files a VM needs, by the variable that names them."""
+    images = {
+        "MANAGER_QEMU_DISK_IMG_KERNEL_FILE": q.DISK_IMG_KERNEL_FILE,
+        "MANAGER_QEMU_DISK_IMG_ROOTFS_FILE": q.DISK_IMG_ROOTFS_FILE,
+        "MANAGER_QEMU_OVMF_CODE_FILE": q.OVMF_CODE_FILE,
+    }
+    if not q.KERNEL_HASH:
+        images["MANAGER_QEMU_OVMF_VARS_FILE"] = q.OVMF_VARS_FILE
+    return images
+
+
+def check_images(q: QemuSettings) -> None:
+    for variable, path in required_images(q).items():
+        if not os.path.isfile(path):
+            raise FailedPreconditionError(f"{variable}: {path!r} does not exist or is not a file")
+        if not os.access(path, os.R_OK):
+            raise FailedPreconditionError(f"{variable}: {path!r} is not readable")
+
+
+def _reflink(src: str, dst: str) -> None:
+    with open(src, "rb") as source, open(dst, "wb") as target:
+        try:
+            fcntl.ioctl(target.fileno(), _FICLONE, source.fileno())
+        except OSError:
+            target.close()
+            os.unlink(dst)
+            raise
+
+
+def _private_copy(src: str, dst: str) -> str:
+    try:
+        _reflink(src, dst)
+        return "reflink"
+    except OSError:
+        shutil.copyfile(src, dst)
+        return "copy"
+
+
+def _shared_copy(src: str, dst: str) -> str:
+    try:
+        os.link(src, dst)
+        return "hardlink"
+    except OSError:
+        return _private_copy(src, dst)
+
+
+def _storage_error(variable: str, path: Path, error: OSError) -> ManagerError:
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ResourceExhaustedError(
+            f"{variable}: no space left for per-VM files in {str(path)!r}"
+        )
+    return FailedPreconditionError(
+        f"{variable}: cannot write per-VM files in {str(path)!r}: {error.strerror}"
+    )
+
+
+@dataclass
+class VmFiles:
+    """What one VM owns on disk. remove() is idempotent."""
+
+    directory: Path
+    paths: dict[str, Path] = field(default_factory=dict)
+    methods: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.paths["qmp"]
+
+    @property
+    def manifest(self) -> Path | None:
+        return self.paths.get("manifest")
+
+    def remove(self) -> None:
+        for path in self.paths.values():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+def vm_paths(q: QemuSettings, vm_uuid: str, *, with_manifest: bool) -> dict[str, Path]:
+    tmp = Path(q.TMP_FILE_LOC)
+    paths = vm_file_paths(q, vm_uuid)
+    paths["qmp"] = tmp / f"qmp-{vm_uuid}.sock"
+    if with_manifest:
+        paths["manifest"] = tmp / f"agent-config-{vm_uuid}.json"
+    return paths
+
+
+def check_tmp_dir(q: QemuSettings) -> Path:
+    """Creates TMP_FILE_LOC if missing."""
+    tmp = Path(q.TMP_FILE_LOC)
+    try:
+        tmp.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as error:
+        raise _storage_error("MANAGER_QEMU_TMP_FILE_LOC", tmp, error) from None
+    return tmp
+
+
+@contextlib.contextmanager
+def unix_socket_path(path: Path) -> Iterator[str]:
+    """A path bind()/connect() accept even when `path` is longer than sun_path allows.
+
+    Deep TMP_FILE_LOC folders are common (systemd state dirs, test folders); the directory is
+    reached through /proc/self/fd instead, which keeps the address short.
+    """
+    if len(str(path).encode()) <= _SUN_PATH_MAX:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
+
+
+def prepare_vm_files(q: QemuSettings, vm_uuid: str, manifest: bytes | None) -> VmFiles:
+    """Blocking (may copy a large image): run it in a worker thread."""
+    tmp = check_tmp_dir(q)
+    files = VmFiles(directory=tmp)
+    planned = vm_paths(q, vm_uuid, with_manifest=manifest is not None)
+    try:
+        for name, src, how in (
+            ("kernel", q.DISK_IMG_KERNEL_FILE, _shared_copy),
+            ("rootfs", q.DISK_IMG_ROOTFS_FILE, _shared_copy),
+            ("ovmf_vars", q.OVMF_VARS_FILE, _private_copy),
+        ):
+            if name in planned:
+                files.paths[name] = planned[name]
+                files.methods[name] = how(src, str(planned[name]))
+        if manifest is not None:
+            files.paths["manifest"] = planned["manifest"]
+            fd = os.open(planned["manifest"], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                out.write(manifest)
+        files.paths["qmp"] = planned["qmp"]
+    except OSError as error:
+        files.remove()
+        raise _storage_error("MANAGER_QEMU_TMP_FILE_LOC", tmp, error) from None
+    except BaseException:
+        files.remove()
+        raise
+    return files

@@ -1,0 +1,156 @@
+#!/usr/bin/env -S python3 -u
+"""A stand-in for qemu-system-x86_64 where tests need many VMs or exact failures.
+
+It takes the manager's real command line and does what QEMU does with the parts the manager
+relies on: binds the hostfwd port (and serves the fw_cfg manifest there, as the test guest's
+agent does), binds the VNC port, speaks QMP on the inherited monitor fd, prints BOOTED to
+stdout, exits on SIGTERM. FAKE_QEMU_MODE changes its behaviour:
+  fail            print a QEMU-style error on stderr and exit 1 at once
+  no-qmp          never answer on the monitor
+  ignore-term     ignore SIGTERM (the manager must SIGKILL it)
+  exit-after:S:RC exit with status RC after S seconds
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+
+NAME = "qemu-system-x86_64"
+
+
+def option(args: list[str], flag: str) -> list[str]:
+    return [args[i + 1] for i, a in enumerate(args[:-1]) if a == flag]
+
+
+def die(message: str, code: int = 1) -> None:
+    sys.stderr.write(f"{NAME}: {message}\n")
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def serve_qmp(listener: socket.socket) -> None:
+    while True:
+        conn, _ = listener.accept()
+        threading.Thread(target=qmp_session, args=(conn,), daemon=True).start()
+
+
+def qmp_session(conn: socket.socket) -> None:
+    greeting = {
+        "QMP": {
+            "version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""},
+            "capabilities": [],
+        }
+    }
+    conn.sendall(json.dumps(greeting).encode() + b"\r\n")
+    for request in json_stream(conn):
+        command, ident = request.get("execute"), request.get("id")
+        if command == "query-status":
+            result: object = {"status": "running", "singlestep": False, "running": True}
+        else:
+            result = {}
+        reply = {"return": result}
+        if ident is not None:
+            reply["id"] = ident
+        conn.sendall(json.dumps(reply).encode() + b"\r\n")
+
+
+def json_stream(conn: socket.socket):  # type: ignore[no-untyped-def]
+    """QMP clients send JSON objects back to back, not necessarily newline-terminated."""
+    decoder = json.JSONDecoder()
+    buffer = ""
+    while chunk := conn.recv(65536):
+        buffer += chunk.decode()
+        while buffer.strip():
+            try:
+                obj, end = decoder.raw_decode(buffer.lstrip())
+            except ValueError:
+                break
+            buffer = buffer.lstrip()[end:]
+            yield obj
+
+
+def serve_agent(listener: socket.socket, manifest: bytes) -> None:
+    while True:
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(manifest)
+
+
+def bind(port: int, what: str) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("", port))
+    except OSError:
+        die(what)
+    sock.listen(16)
+    return sock
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    mode = os.environ.get("FAKE_QEMU_MODE", "")
+    if mode == "fail":
+        die("-kernel bad: fake failure: could not load kernel")
+    for kernel in option(args, "-kernel"):
+        if not os.path.exists(kernel):
+            die(f"could not load kernel '{kernel}': No such file or directory")
+        with open(kernel, "rb") as image:
+            head = image.read(16)
+        if head.startswith(b"NOT A KERNEL"):
+            die("linux kernel too old to load a ram disk")
+    hostfwd = re.search(r"hostfwd=tcp::(\d+)-:(\d+)", " ".join(option(args, "-netdev")))
+    manifest = b"{}"
+    for spec in option(args, "-fw_cfg"):
+        path = spec.split(",file=", 1)[1].replace(",,", ",")
+        with open(path, "rb") as file:
+            manifest = file.read()
+    agent = None
+    if hostfwd:
+        port = int(hostfwd.group(1))
+        agent = bind(
+            port,
+            f"-netdev user: Could not set up host forwarding rule 'tcp::{port}-:{hostfwd.group(2)}'",
+        )
+    for display in option(args, "-vnc"):
+        bind(
+            5900 + int(display.lstrip(":")),
+            "-vnc "
+            + display
+            + ": Failed to start VNC server: Failed to find an available port: Address already in use",
+        )
+    qmp = None
+    for spec in option(args, "-chardev"):
+        match = re.search(r"fd=(\d+)", spec)
+        if match:
+            qmp = socket.socket(fileno=int(match.group(1)))
+    if mode == "ignore-term":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    else:
+        signal.signal(signal.SIGTERM, lambda *_: die("terminating on signal 15", 0))
+    if qmp is not None and mode != "no-qmp":
+        threading.Thread(target=serve_qmp, args=(qmp,), daemon=True).start()
+    if agent is not None:
+        threading.Thread(target=serve_agent, args=(agent, manifest), daemon=True).start()
+    identity = json.loads(manifest).get("id", "")
+    sys.stdout.write(f"\x1b[2J\x1b[01;01HBOOTED {identity}\r\n")
+    sys.stdout.flush()
+    if mode.startswith("exit-after:"):
+        _, seconds, code = mode.split(":")
+        time.sleep(float(seconds))
+        sys.stdout.write("reboot: Power down\r\n")
+        sys.stdout.flush()
+        os._exit(int(code))
+    while True:
+        time.sleep(3600)
+
+
+if __name__ == "__main__":
+    main()

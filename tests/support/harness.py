@@ -1,0 +1,112 @@
+"""A real manager in the test's event loop: settings from the environment, a grpc.aio server
+on loopback, and a real client stub. QEMU is the stand-in unless a test says otherwise."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cocos_manager.api import manager_pb2 as pb
+from cocos_manager.api import manager_pb2_grpc as pb_grpc
+from cocos_manager.events import EventBus
+from cocos_manager.qemu_argv import resolve_executable
+from cocos_manager.server import Server, build_server
+from cocos_manager.service import ManagerService
+from cocos_manager.settings import Settings, load_settings
+
+FAKE_QEMU = Path(__file__).with_name("fake_qemu.py")
+
+
+@dataclass
+class Manager:
+    settings: Settings
+    service: ManagerService
+    server: Server
+    channel: grpc.aio.Channel
+    stub: pb_grpc.ManagerServiceStub
+    tmp: Path
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+
+def fake_images(root: Path) -> dict[str, str]:
+    """Small files standing in for kernel, rootfs and OVMF (the stand-in only checks they exist)."""
+    root.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for var, name, size in (
+        ("MANAGER_QEMU_DISK_IMG_KERNEL_FILE", "bzImage", 4096),
+        ("MANAGER_QEMU_DISK_IMG_ROOTFS_FILE", "rootfs.cpio.gz", 4096),
+        ("MANAGER_QEMU_OVMF_CODE_FILE", "OVMF_CODE.fd", 1024),
+        ("MANAGER_QEMU_OVMF_VARS_FILE", "OVMF_VARS.fd", 1024),
+    ):
+        path = root / name
+        path.write_bytes(os.urandom(size))
+        files[var] = str(path)
+    return files
+
+
+def base_env(tmp: Path) -> dict[str, str]:
+    return {
+        "MANAGER_QEMU_BIN_PATH": str(FAKE_QEMU),
+        "MANAGER_QEMU_TMP_FILE_LOC": str(tmp / "vms"),
+        "MANAGER_QEMU_ENABLE_KVM": "false",
+        "MANAGER_QEMU_ENABLE_SEV_SNP": "false",
+        "MANAGER_QEMU_AGENT_CHANNEL": "fw_cfg",
+        "MANAGER_QEMU_STOP_TIMEOUT": "5s",
+        "MANAGER_QEMU_START_TIMEOUT": "20s",
+        "MANAGER_QEMU_VSOCK_VNC": "40",
+        "MANAGER_STATE_DIR": str(tmp / "state"),
+        "MANAGER_GRPC_HOST": "127.0.0.1",
+        "MANAGER_GRPC_PORT": "0",
+        **fake_images(tmp / "img"),
+    }
+
+
+@asynccontextmanager
+async def running_manager(
+    tmp: Path, monkeypatch: pytest.MonkeyPatch, **env: str
+) -> AsyncIterator[Manager]:
+    for name, value in {**base_env(tmp), **env}.items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings()
+    service = ManagerService(settings, resolve_executable(settings.qemu), EventBus())
+    server = await build_server(service, "127.0.0.1", 0)
+    await server.grpc.start()
+    await server.set_serving(True)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        yield Manager(settings, service, server, channel, pb_grpc.ManagerServiceStub(channel), tmp)
+    finally:
+        await channel.close()
+        service.begin_shutdown()
+        service.bus.close()
+        await server.grpc.stop(1)
+        await service.shutdown()
+
+
+def run_request(
+    computation_id: str, *, datasets: int = 1, description: str = ""
+) -> pb.ComputationRunReq:
+    return pb.ComputationRunReq(
+        id=computation_id,
+        name=f"name of {computation_id}",
+        description=description,
+        datasets=[
+            pb.Dataset(provider="p", id=f"d{i}", hash=hashlib.sha3_256(b"d%d" % i).digest())
+            for i in range(datasets)
+        ],
+        algorithm=pb.Algorithm(provider="alg-p", id="alg", hash=hashlib.sha3_256(b"alg").digest()),
+        result_consumers=["consumer-1"],
+        agent_config=pb.AgentConfig(
+            port="7002", host="0.0.0.0", log_level="info", attested_tls=True
+        ),
+    )

@@ -1,0 +1,280 @@
+"""Run, Stop and Events through a real grpc.aio server, with the stand-in QEMU."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cocos_manager.api import manager_pb2 as pb
+from tests.support.harness import Manager, run_request, running_manager
+
+
+@pytest.fixture
+async def manager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    async with running_manager(tmp_path, monkeypatch) as m:
+        yield m
+
+
+def read_agent(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        chunks = []
+        while chunk := conn.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def vm_files(m: Manager) -> list[str]:
+    root = m.tmp / "vms"
+    return sorted(os.listdir(root)) if root.exists() else []
+
+
+def children() -> list[int]:
+    """Processes whose parent is this test process (live or zombie)."""
+    me = os.getpid()
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == me:
+                found.append(int(entry))
+    return found
+
+
+async def test_run_answers_with_the_forwarded_port_and_stop_cleans_up(manager: Manager) -> None:
+    response = await manager.stub.Run(run_request("c1"))
+    assert response.computation_id == "c1"
+    port = int(response.agent_port)
+    manifest = json.loads(await asyncio.to_thread(read_agent, port))
+    assert manifest["id"] == "c1"
+    assert manifest["agent_config"]["attested_tls"] is True
+    assert len(manifest["algorithms"]["hash"]) == 32
+    assert len(vm_files(manager)) == 5  # kernel, rootfs, vars, manifest, qmp socket
+    process = manager.service.computations()["c1"].process
+    assert process is not None
+    await manager.stub.Stop(pb.StopRequest(computation_id="c1"))
+    assert process.exited.done()
+    assert vm_files(manager) == []
+    assert children() == []
+    assert manager.service.computations() == {}
+
+
+async def test_same_id_can_run_again_after_stop(manager: Manager) -> None:
+    for _ in range(3):
+        await manager.stub.Run(run_request("again"))
+        await manager.stub.Stop(pb.StopRequest(computation_id="again"))
+    assert vm_files(manager) == []
+
+
+async def test_duplicate_run_is_already_exists(manager: Manager) -> None:
+    await manager.stub.Run(run_request("dup"))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await manager.stub.Run(run_request("dup"))
+    assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert "dup" in (info.value.details() or "")
+    assert len(manager.service.computations()) == 1
+    await manager.stub.Stop(pb.StopRequest(computation_id="dup"))
+
+
+async def test_unknown_stop_is_not_found(manager: Manager) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await manager.stub.Stop(pb.StopRequest(computation_id="nobody"))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "nobody" in (info.value.details() or "")
+
+
+def _malformed() -> list[tuple[str, pb.ComputationRunReq, str]]:
+    cases = []
+    r = run_request("m1")
+    r.id = ""
+    cases.append(("empty id", r, "id"))
+    r = run_request("m2")
+    r.ClearField("algorithm")
+    cases.append(("no algorithm", r, "algorithm"))
+    r = run_request("m3")
+    r.ClearField("agent_config")
+    cases.append(("no agent_config", r, "agent_config"))
+    r = run_request("m4")
+    r.algorithm.hash = b"short"
+    cases.append(("short algorithm hash", r, "algorithm.hash"))
+    r = run_request("m5", datasets=3)
+    r.datasets[2].hash = b"x" * 33
+    cases.append(("long dataset hash", r, "datasets[2].hash"))
+    return cases
+
+
+@pytest.mark.parametrize(
+    ("label", "request_", "field"), _malformed(), ids=[c[0] for c in _malformed()]
+)
+async def test_malformed_requests_are_invalid_argument(
+    manager: Manager, label: str, request_: pb.ComputationRunReq, field: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await manager.stub.Run(request_)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (info.value.details() or "").startswith(field)
+    assert manager.service.computations() == {}
+    assert vm_files(manager) == []
+    assert children() == []
+
+
+async def test_missing_image_is_failed_precondition(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with running_manager(tmp_path, monkeypatch,
+                               MANAGER_QEMU_DISK_IMG_KERNEL_FILE=str(tmp_path / "nope")) as m:  # fmt: skip
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await m.stub.Run(run_request("k"))
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "MANAGER_QEMU_DISK_IMG_KERNEL_FILE" in (info.value.details() or "")
+        assert str(tmp_path / "nope") in (info.value.details() or "")
+        assert m.service.computations() == {} and children() == []
+
+
+async def test_qemu_failing_at_start_fails_run_with_its_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with running_manager(tmp_path, monkeypatch) as m:
+        monkeypatch.setenv("FAKE_QEMU_MODE", "fail")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await m.stub.Run(run_request("bad"))
+        assert info.value.code() == grpc.StatusCode.INTERNAL
+        assert "fake failure: could not load kernel" in (info.value.details() or "")
+        assert "exit status 1" in (info.value.details() or "")
+        assert m.service.computations() == {}
+        assert vm_files(m) == [] and children() == []
+
+
+async def test_two_vms_get_distinct_ports_displays_and_files(manager: Manager) -> None:
+    a, b = await asyncio.gather(
+        manager.stub.Run(run_request("a")), manager.stub.Run(run_request("b"))
+    )
+    assert a.agent_port != b.agent_port
+    comps = manager.service.computations()
+    ra, rb = comps["a"].resources, comps["b"].resources
+    assert ra.vnc_display != rb.vnc_display and ra.guest_cid != rb.guest_cid
+    assert {ra.vnc_display, rb.vnc_display} == {40, 41}
+    assert json.loads(await asyncio.to_thread(read_agent, int(a.agent_port)))["id"] == "a"
+    assert json.loads(await asyncio.to_thread(read_agent, int(b.agent_port)))["id"] == "b"
+    assert len(vm_files(manager)) == 10
+
+
+async def test_events_carry_provision_and_serial_output(manager: Manager) -> None:
+    events = manager.stub.Events(pb.EventsRequest(computation_id="ev"))
+    other = manager.stub.Events(pb.EventsRequest(computation_id="someone-else"))
+    seen: list[pb.ClientStreamMessage] = []
+
+    async def collect() -> None:
+        async for message in events:
+            seen.append(message)
+            if message.HasField("agent_log") and "BOOTED ev" in message.agent_log.message:
+                return
+
+    collector = asyncio.ensure_future(collect())
+    await asyncio.sleep(0.1)  # let the subscription register before the Run
+    await manager.stub.Run(run_request("ev"))
+    await asyncio.wait_for(collector, 10)
+    statuses = [
+        (m.agent_event.event_type, m.agent_event.status) for m in seen if m.HasField("agent_event")
+    ]
+    assert ("vm-provision", "starting") in statuses
+    assert ("vm-provision", "in-progress") in statuses
+    assert all(m.agent_event.originator == "manager" for m in seen if m.HasField("agent_event"))
+    assert all((m.agent_event.computation_id or m.agent_log.computation_id) == "ev" for m in seen)
+    events.cancel()
+    other.cancel()
+
+
+async def test_unexpected_exit_is_noticed_and_released(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with running_manager(tmp_path, monkeypatch) as m:
+        events = m.stub.Events(pb.EventsRequest())
+        monkeypatch.setenv("FAKE_QEMU_MODE", "exit-after:0.5:3")
+        await m.stub.Run(run_request("dies"))
+        async for message in events:
+            if message.HasField("agent_event") and message.agent_event.event_type == "vm-exit":
+                break
+        details = json.loads(message.agent_event.details)
+        assert message.agent_event.status == "failed"
+        assert details["returncode"] == 3
+        assert any("Power down" in line for line in details["last_lines"])
+        assert m.service.computations() == {}
+        assert vm_files(m) == [] and children() == []
+        monkeypatch.delenv("FAKE_QEMU_MODE")
+        await m.stub.Run(run_request("dies"))  # the id can run again
+        events.cancel()
+
+
+async def test_stop_kills_a_qemu_that_ignores_sigterm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with running_manager(tmp_path, monkeypatch, MANAGER_QEMU_STOP_TIMEOUT="300ms") as m:
+        monkeypatch.setenv("FAKE_QEMU_MODE", "ignore-term")
+        await m.stub.Run(run_request("stubborn"))
+        process = m.service.computations()["stubborn"].process
+        assert process is not None
+        await m.stub.Stop(pb.StopRequest(computation_id="stubborn"))
+        assert process.exited.result().signal == 9
+        assert children() == []
+
+
+async def test_client_cancel_during_run_cleans_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with running_manager(tmp_path, monkeypatch) as m:
+        monkeypatch.setenv("FAKE_QEMU_MODE", "no-qmp")
+        call = m.stub.Run(run_request("cancelled"))
+        for _ in range(100):
+            if children():
+                break
+            await asyncio.sleep(0.02)
+        assert children(), "QEMU never started"
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        for _ in range(100):
+            if not m.service.computations():
+                break
+            await asyncio.sleep(0.02)
+        assert m.service.computations() == {}
+        assert vm_files(m) == [] and children() == []
+
+
+async def test_stop_during_start_aborts_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with running_manager(tmp_path, monkeypatch) as m:
+        monkeypatch.setenv("FAKE_QEMU_MODE", "no-qmp")
+        call = asyncio.ensure_future(m.stub.Run(run_request("overtaken")))
+        while "overtaken" not in m.service.computations():
+            await asyncio.sleep(0.01)
+        await m.stub.Stop(pb.StopRequest(computation_id="overtaken"))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call
+        assert info.value.code() == grpc.StatusCode.ABORTED
+        assert m.service.computations() == {} and vm_files(m) == [] and children() == []
+
+
+async def test_deadline_during_run_cleans_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with running_manager(tmp_path, monkeypatch) as m:
+        monkeypatch.setenv("FAKE_QEMU_MODE", "no-qmp")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await m.stub.Run(run_request("late"), timeout=0.5)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        for _ in range(100):
+            if not m.service.computations() and not children():
+                break
+            await asyncio.sleep(0.02)
+        assert m.service.computations() == {} and vm_files(m) == [] and children() == []

@@ -1,0 +1,436 @@
+"""TLS and mutual TLS of the gRPC server, with certificates made here and a real grpc.aio server."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+
+from cocos_manager.settings import ServiceSettings
+from cocos_manager.tls import (
+    TlsConfigError,
+    TlsMode,
+    channel_credentials,
+    describe_mode,
+    load_pem,
+    server_credentials,
+)
+
+# --- certificates -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Issued:
+    key: ec.EllipticCurvePrivateKey
+    cert: x509.Certificate
+
+    @property
+    def cert_pem(self) -> str:
+        return self.cert.public_bytes(serialization.Encoding.PEM).decode()
+
+    @property
+    def key_pem(self) -> str:
+        # Traditional "EC PRIVATE KEY" encoding, as `openssl ecparam -genkey` writes.
+        return self.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        ).decode()
+
+
+def _issue(
+    name: str,
+    issuer: Issued | None,
+    *,
+    ca: bool = False,
+    usage: x509.ObjectIdentifier | None = None,
+    san: list[x509.GeneralName] | None = None,
+) -> Issued:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer.cert.subject if issuer else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    )
+    if issuer is not None:
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()),
+            critical=False,
+        )
+    if ca:
+        builder = builder.add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+    if usage is not None:
+        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    if san:
+        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+    cert = builder.sign((issuer or Issued(key, None)).key, hashes.SHA256())  # type: ignore[arg-type]
+    return Issued(key, cert)
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: Issued
+    intermediate: Issued
+    server: Issued  # signed by the root CA
+    server_via_intermediate: Issued
+    client: Issued
+    stranger_ca: Issued
+    stranger_client: Issued
+    dir: Path
+
+    def write(self, name: str, text: str) -> str:
+        path = self.dir / name
+        path.write_text(text)
+        return str(path)
+
+
+_SERVER_SAN: list[x509.GeneralName] = [
+    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+    x509.DNSName("localhost"),
+]
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    ca = _issue("Cocos test CA", None, ca=True)
+    intermediate = _issue("Cocos test intermediate", ca, ca=True)
+    stranger_ca = _issue("Stranger CA", None, ca=True)
+    server_usage = ExtendedKeyUsageOID.SERVER_AUTH
+    client_usage = ExtendedKeyUsageOID.CLIENT_AUTH
+    return Pki(
+        ca=ca,
+        intermediate=intermediate,
+        server=_issue("manager", ca, usage=server_usage, san=_SERVER_SAN),
+        server_via_intermediate=_issue(
+            "manager", intermediate, usage=server_usage, san=_SERVER_SAN
+        ),
+        client=_issue("control plane", ca, usage=client_usage),
+        stranger_ca=stranger_ca,
+        stranger_client=_issue("stranger", stranger_ca, usage=client_usage),
+        dir=tmp_path_factory.mktemp("pki"),
+    )
+
+
+# --- a real server ------------------------------------------------------------------------
+
+
+@dataclass
+class Served:
+    mode: TlsMode
+    port: int
+
+
+Serve = Callable[[ServiceSettings], Awaitable[Served]]
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Serve]:
+    servers: list[grpc.aio.Server] = []
+
+    async def start(service: ServiceSettings) -> Served:
+        mode, credentials = server_credentials(service)
+        server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(), server)
+        if credentials is None:
+            port = server.add_insecure_port("127.0.0.1:0")
+        else:
+            port = server.add_secure_port("127.0.0.1:0", credentials)
+        await server.start()
+        servers.append(server)
+        return Served(mode, port)
+
+    yield start
+    for server in servers:
+        await server.stop(None)
+
+
+async def _check(port: int, credentials: grpc.ChannelCredentials | None) -> grpc.StatusCode:
+    target = f"127.0.0.1:{port}"
+    channel = (
+        grpc.aio.insecure_channel(target)
+        if credentials is None
+        else grpc.aio.secure_channel(target, credentials)
+    )
+    async with channel:
+        try:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=10
+            )
+        except grpc.aio.AioRpcError as error:
+            return error.code()
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    return grpc.StatusCode.OK
+
+
+def _settings(monkeypatch: pytest.MonkeyPatch, **variables: str) -> ServiceSettings:
+    for name, value in variables.items():
+        monkeypatch.setenv(f"MANAGER_GRPC_{name}", value)
+    return ServiceSettings()
+
+
+def _mtls_settings(monkeypatch: pytest.MonkeyPatch, pki: Pki) -> ServiceSettings:
+    return _settings(
+        monkeypatch,
+        SERVER_CERT=pki.write("server.pem", pki.server.cert_pem),
+        SERVER_KEY=pki.write("server.key", pki.server.key_pem),
+        CLIENT_CA_CERTS=pki.write("ca.pem", pki.ca.cert_pem),
+    )
+
+
+# --- modes --------------------------------------------------------------------------------
+
+
+async def test_plaintext_when_nothing_is_configured(serve: Serve) -> None:
+    served = await serve(ServiceSettings())
+    assert served.mode is TlsMode.PLAINTEXT
+    assert describe_mode(served.mode, ServiceSettings()) == "without TLS"
+    assert await _check(served.port, None) is grpc.StatusCode.OK
+
+
+async def test_tls_serves_a_client_that_trusts_the_ca(
+    serve: Serve, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = _settings(
+        monkeypatch,
+        SERVER_CERT=pki.write("server.pem", pki.server.cert_pem),
+        SERVER_KEY=pki.write("server.key", pki.server.key_pem),
+    )
+    served = await serve(service)
+    assert served.mode is TlsMode.TLS
+    trusting = channel_credentials(pki.write("ca.pem", pki.ca.cert_pem), None, None)
+    assert await _check(served.port, trusting) is grpc.StatusCode.OK
+    # A client trusting another CA, or speaking plaintext, gets nowhere.
+    distrusting = channel_credentials(pki.stranger_ca.cert_pem, None, None)
+    assert await _check(served.port, distrusting) is grpc.StatusCode.UNAVAILABLE
+    assert await _check(served.port, None) is grpc.StatusCode.UNAVAILABLE
+
+
+async def test_server_ca_certs_are_sent_as_the_chain(
+    serve: Serve, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client trusts only the root; the intermediate must come from the server."""
+    leaf = pki.server_via_intermediate
+    root_only = channel_credentials(pki.ca.cert_pem, None, None)
+    without = _settings(monkeypatch, SERVER_CERT=leaf.cert_pem, SERVER_KEY=leaf.key_pem)
+    served = await serve(without)
+    assert await _check(served.port, root_only) is grpc.StatusCode.UNAVAILABLE
+
+    with_chain = _settings(monkeypatch, SERVER_CA_CERTS=pki.intermediate.cert_pem)
+    served = await serve(with_chain)
+    assert served.mode is TlsMode.TLS
+    assert await _check(served.port, root_only) is grpc.StatusCode.OK
+
+
+async def test_mtls_serves_only_clients_certified_by_the_client_ca(
+    serve: Serve, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = _mtls_settings(monkeypatch, pki)
+    served = await serve(service)
+    assert served.mode is TlsMode.MTLS
+    assert "client CA" in describe_mode(served.mode, service)
+    ca = pki.write("ca.pem", pki.ca.cert_pem)
+
+    certified = channel_credentials(
+        ca,
+        pki.write("client.pem", pki.client.cert_pem),
+        pki.write("client.key", pki.client.key_pem),
+    )
+    assert await _check(served.port, certified) is grpc.StatusCode.OK
+
+    no_certificate = channel_credentials(ca, None, None)
+    assert await _check(served.port, no_certificate) is grpc.StatusCode.UNAVAILABLE
+
+    stranger = channel_credentials(ca, pki.stranger_client.cert_pem, pki.stranger_client.key_pem)
+    assert await _check(served.port, stranger) is grpc.StatusCode.UNAVAILABLE
+
+    assert await _check(served.port, None) is grpc.StatusCode.UNAVAILABLE
+
+
+async def test_pem_text_in_the_variables_works_like_paths(
+    serve: Serve, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = _settings(
+        monkeypatch,
+        SERVER_CERT=pki.server.cert_pem,
+        SERVER_KEY=pki.server.key_pem,
+        CLIENT_CA_CERTS=pki.ca.cert_pem,
+    )
+    served = await serve(service)
+    assert served.mode is TlsMode.MTLS
+    assert "(PEM text)" in describe_mode(served.mode, service)
+    certified = channel_credentials(pki.ca.cert_pem, pki.client.cert_pem, pki.client.key_pem)
+    assert await _check(served.port, certified) is grpc.StatusCode.OK
+    stranger = channel_credentials(
+        pki.ca.cert_pem, pki.stranger_client.cert_pem, pki.stranger_client.key_pem
+    )
+    assert await _check(served.port, stranger) is grpc.StatusCode.UNAVAILABLE
+
+
+async def test_one_line_pem_with_escaped_newlines_and_a_combined_file(
+    serve: Serve, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Environment files often hold PEM as one line with \\n; a file may hold cert and key."""
+    combined = pki.write("combined.pem", pki.server.cert_pem + pki.server.key_pem)
+    service = _settings(
+        monkeypatch,
+        SERVER_CERT=combined,
+        SERVER_KEY=combined,
+        CLIENT_CA_CERTS=pki.ca.cert_pem.replace("\n", "\\n"),
+    )
+    served = await serve(service)
+    certified = channel_credentials(pki.ca.cert_pem, pki.client.cert_pem, pki.client.key_pem)
+    assert await _check(served.port, certified) is grpc.StatusCode.OK
+
+
+# --- refusals -----------------------------------------------------------------------------
+
+
+def _refusal(monkeypatch: pytest.MonkeyPatch, **variables: str) -> str:
+    with pytest.raises(TlsConfigError) as raised:
+        server_credentials(_settings(monkeypatch, **variables))
+    return str(raised.value)
+
+
+def test_certificate_without_key_names_the_key(pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
+    message = _refusal(monkeypatch, SERVER_CERT=pki.server.cert_pem)
+    assert message.startswith("MANAGER_GRPC_SERVER_KEY: ")
+
+
+def test_key_without_certificate_names_the_certificate(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    message = _refusal(monkeypatch, SERVER_KEY=pki.server.key_pem)
+    assert message.startswith("MANAGER_GRPC_SERVER_CERT: ")
+
+
+@pytest.mark.parametrize("name", ["SERVER_CA_CERTS", "CLIENT_CA_CERTS"])
+def test_ca_without_certificate_and_key_names_the_ca(
+    name: str, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    message = _refusal(monkeypatch, **{name: pki.ca.cert_pem})
+    assert message.startswith(f"MANAGER_GRPC_{name}: ")
+
+
+@pytest.mark.parametrize(
+    "name", ["SERVER_CERT", "SERVER_KEY", "SERVER_CA_CERTS", "CLIENT_CA_CERTS"]
+)
+def test_unreadable_file_names_the_variable(
+    name: str, pki: Pki, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    variables = {
+        "SERVER_CERT": pki.server.cert_pem,
+        "SERVER_KEY": pki.server.key_pem,
+        name: str(tmp_path / "missing.pem"),
+    }
+    message = _refusal(monkeypatch, **variables)
+    assert message.startswith(f"MANAGER_GRPC_{name}: cannot read ")
+    assert "missing.pem" in message
+
+
+@pytest.mark.parametrize(
+    "name", ["SERVER_CERT", "SERVER_KEY", "SERVER_CA_CERTS", "CLIENT_CA_CERTS"]
+)
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n",
+        "-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n",
+        "-----BEGIN CERTIFICATE-----\ntruncated",
+    ],
+    ids=["bad-certificate", "bad-key", "truncated"],
+)
+def test_pem_that_does_not_parse_names_the_variable(
+    name: str, garbage: str, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    variables = {
+        "SERVER_CERT": pki.server.cert_pem,
+        "SERVER_KEY": pki.server.key_pem,
+        name: garbage,
+    }
+    message = _refusal(monkeypatch, **variables)
+    assert message.startswith(f"MANAGER_GRPC_{name}: ")
+
+
+def test_a_file_without_pem_names_the_variable(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    junk = tmp_path / "junk.pem"
+    junk.write_bytes(b"\x00\x01 not pem at all")
+    message = _refusal(monkeypatch, SERVER_CERT=str(junk), SERVER_KEY=pki.server.key_pem)
+    assert message.startswith("MANAGER_GRPC_SERVER_CERT: ")
+    assert "no PEM" in message
+
+
+def test_key_that_does_not_match_the_certificate(pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
+    message = _refusal(monkeypatch, SERVER_CERT=pki.server.cert_pem, SERVER_KEY=pki.client.key_pem)
+    assert message.startswith("MANAGER_GRPC_SERVER_KEY: ")
+    assert "does not match" in message
+
+
+def test_encrypted_key_is_refused_with_a_reason(pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
+    encrypted = pki.server.key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret"),
+    ).decode()
+    message = _refusal(monkeypatch, SERVER_CERT=pki.server.cert_pem, SERVER_KEY=encrypted)
+    assert message.startswith("MANAGER_GRPC_SERVER_KEY: ")
+    assert "encrypted" in message
+
+
+def test_load_pem(pki: Pki, tmp_path: Path) -> None:
+    assert load_pem("X", "") is None
+    from_text = load_pem("X", pki.ca.cert_pem)
+    path = tmp_path / "ca.pem"
+    path.write_text(pki.ca.cert_pem)
+    assert from_text is not None and from_text == load_pem("X", str(path))
+    assert x509.load_pem_x509_certificate(from_text) == pki.ca.cert
+    # openssl's EC PARAMETERS block is dropped; the key is re-encoded as PKCS#8.
+    params = "-----BEGIN EC PARAMETERS-----\nBggqhkjOPQMBBw==\n-----END EC PARAMETERS-----\n"
+    key = load_pem("K", params + pki.client.key_pem)
+    assert key is not None and key.startswith(b"-----BEGIN PRIVATE KEY-----")
+    with pytest.raises(TlsConfigError, match=r"^X: "):
+        load_pem("X", "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----")
+
+
+def test_client_options_are_checked_too(pki: Pki) -> None:
+    with pytest.raises(TlsConfigError, match=r"^--key: not set"):
+        channel_credentials(None, pki.client.cert_pem, None)
+    with pytest.raises(TlsConfigError, match=r"^--cert: not set"):
+        channel_credentials(None, None, pki.client.key_pem)
+    with pytest.raises(TlsConfigError, match=r"^--ca: cannot read"):
+        channel_credentials("/nonexistent/ca.pem", None, None)
+    with pytest.raises(TlsConfigError, match=r"^--key: the private key does not match"):
+        channel_credentials(None, pki.client.cert_pem, pki.server.key_pem)
