@@ -46,9 +46,12 @@ async def run_daemon(settings: Settings) -> int:
     host, port = settings.service.GRPC_HOST, settings.service.GRPC_PORT
     try:
         server = await build_server(
-            service, host, port, credentials=credentials,
+            service,
+            host,
+            port,
+            credentials=credentials,
             interceptors=[TelemetryInterceptor(provider)],
-        )  # fmt: skip
+        )
     except RuntimeError as error:
         raise StartupError(
             f"MANAGER_GRPC_HOST/MANAGER_GRPC_PORT: cannot listen on {listen_address(host, port)}: {error}"

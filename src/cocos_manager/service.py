@@ -209,14 +209,21 @@ class ManagerService:
                 except VmStartError as error:
                     if attempt == START_ATTEMPTS or not self._reallocate_after(computation, error):
                         raise
-                    _log.warning("VM start hit a taken resource; retrying", computation_id=computation.id,
-                                 attempt=attempt, error=str(error))  # fmt: skip
+                    _log.warning(
+                        "VM start hit a taken resource; retrying",
+                        computation_id=computation.id,
+                        attempt=attempt,
+                        error=str(error),
+                    )
             computation.state = State.RUNNING
             self._publish_event(
                 computation.id, PROVISION, "complete", self._vm_details(computation)
             )
-            _log.info("computation running", computation_id=computation.id,
-                      **self._vm_details(computation))  # fmt: skip
+            _log.info(
+                "computation running",
+                computation_id=computation.id,
+                **self._vm_details(computation),
+            )
         except BaseException as error:
             await asyncio.shield(self._discard(computation))
             METRICS.run_failures.labels(reason=failure_reason(error)).inc()
@@ -224,14 +231,18 @@ class ManagerService:
                 self._publish_event(computation.id, PROVISION, "failed", {"error": "cancelled"})
             else:
                 self._publish_event(computation.id, PROVISION, "failed", {"error": str(error)})
-                _log.warning("computation failed to start", computation_id=computation.id,
-                             error=str(error))  # fmt: skip
+                _log.warning(
+                    "computation failed to start", computation_id=computation.id, error=str(error)
+                )
             raise
 
     def _vm_details(self, computation: Computation) -> dict[str, Any]:
         r = computation.resources
-        details: dict[str, Any] = {"agent_port": r.host_port, "guest_cid": r.guest_cid,
-                                   "vnc_display": r.vnc_display}  # fmt: skip
+        details: dict[str, Any] = {
+            "agent_port": r.host_port,
+            "guest_cid": r.guest_cid,
+            "vnc_display": r.vnc_display,
+        }
         if computation.process is not None:
             details["pid"] = computation.process.pid
         return details
@@ -242,13 +253,15 @@ class ManagerService:
         old = computation.resources
         if "host forwarding" in text:
             self._ports.release(old.host_port)
-            computation.resources = VmResources(old.uuid, self._ports.take(avoid={old.host_port}),
-                                                old.guest_cid, old.vnc_display)  # fmt: skip
+            computation.resources = VmResources(
+                old.uuid, self._ports.take(avoid={old.host_port}), old.guest_cid, old.vnc_display
+            )
             return True
         if "VNC" in text or "vnc" in text:
             self._displays.release(old.vnc_display)
-            computation.resources = VmResources(old.uuid, old.host_port, old.guest_cid,
-                                                self._displays.take(avoid={old.vnc_display}))  # fmt: skip
+            computation.resources = VmResources(
+                old.uuid, old.host_port, old.guest_cid, self._displays.take(avoid={old.vnc_display})
+            )
             return True
         return False
 
@@ -347,8 +360,12 @@ class ManagerService:
             "complete" if info.returncode == 0 else "failed",
             {"exit": info.describe(), "returncode": info.returncode, "last_lines": process.tail()},
         )
-        _log.warning("VM exited on its own", computation_id=computation.id, exit=info.describe(),
-                     last_lines=process.tail()[-5:])  # fmt: skip
+        _log.warning(
+            "VM exited on its own",
+            computation_id=computation.id,
+            exit=info.describe(),
+            last_lines=process.tail()[-5:],
+        )
 
     async def _discard(self, computation: Computation) -> None:
         """The one release path: process reaped, files removed, numbers and id freed."""
@@ -407,8 +424,11 @@ class ManagerService:
             await asyncio.shield(self._discard(computation))
         details = {"exit": info.describe()} if info else None
         self._publish_event(computation.id, STOP, "complete", details)
-        _log.info("computation stopped", computation_id=computation.id,
-                  exit=info.describe() if info else None)  # fmt: skip
+        _log.info(
+            "computation stopped",
+            computation_id=computation.id,
+            exit=info.describe() if info else None,
+        )
         return info
 
     # -- shutdown --------------------------------------------------------------------------
@@ -428,9 +448,12 @@ class ManagerService:
     # -- events ----------------------------------------------------------------------------
 
     def _publish_event(
-        self, computation_id: str, event_type: str, status: str,
+        self,
+        computation_id: str,
+        event_type: str,
+        status: str,
         details: dict[str, Any] | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.bus.publish(manager_event(computation_id, event_type, status, details))
 
 

@@ -1,0 +1,222 @@
+"""`cocos-manager-cli`: a control plane's view of the Manager, for operators and demos.
+
+`run` takes a manifest JSON file (the shape of ComputationRunReq, hashes as hex, base64 or
+lists of numbers), or dataset and algorithm files that it hashes with SHA3-256 as the
+original's test server did. `stop` stops a computation; `events` follows the stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import hashlib
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+
+from cocos_manager.api import manager_pb2 as pb
+from cocos_manager.api import manager_pb2_grpc as pb_grpc
+from cocos_manager.tls import TlsConfigError, channel_credentials
+
+
+class CliError(Exception):
+    pass
+
+
+def sha3_file(path: str) -> bytes:
+    digest = hashlib.sha3_256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.digest()
+
+
+def _hash_field(value: Any, where: str) -> str:
+    """Accepts hex, base64 or a list of byte values; protobuf JSON wants base64."""
+    if isinstance(value, list):
+        raw = bytes(value)
+    elif isinstance(value, str):
+        try:
+            raw = (
+                bytes.fromhex(value) if len(value) == 64 else base64.b64decode(value, validate=True)
+            )
+        except (ValueError, binascii.Error):
+            raise CliError(f"{where}: not hex, base64 or a list of numbers") from None
+    else:
+        raise CliError(f"{where}: not hex, base64 or a list of numbers")
+    return base64.b64encode(raw).decode()
+
+
+def request_from_manifest(path: str) -> pb.ComputationRunReq:
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise CliError(f"{path}: {error}") from None
+    if "algorithms" in doc and "algorithm" not in doc:  # the agent manifest's spelling
+        doc["algorithm"] = doc.pop("algorithms")
+    if isinstance(doc.get("algorithm"), dict) and "hash" in doc["algorithm"]:
+        doc["algorithm"]["hash"] = _hash_field(doc["algorithm"]["hash"], "algorithm.hash")
+    for i, dataset in enumerate(doc.get("datasets", [])):
+        if "hash" in dataset:
+            dataset["hash"] = _hash_field(dataset["hash"], f"datasets[{i}].hash")
+    config = doc.get("agent_config")
+    if isinstance(config, dict) and "server_key" in config and "key_file" not in config:
+        config["key_file"] = config.pop("server_key")
+    try:
+        return json_format.ParseDict(doc, pb.ComputationRunReq())
+    except json_format.ParseError as error:
+        raise CliError(f"{path}: {error}") from None
+
+
+def request_from_files(options: argparse.Namespace) -> pb.ComputationRunReq:
+    return pb.ComputationRunReq(
+        id=options.id,
+        name=options.name or options.id,
+        description=options.description or "",
+        datasets=[
+            pb.Dataset(provider="cli", id=Path(p).name, hash=sha3_file(p)) for p in options.dataset
+        ],
+        algorithm=pb.Algorithm(
+            provider="cli", id=Path(options.algorithm).name, hash=sha3_file(options.algorithm)
+        ),
+        result_consumers=options.result_consumer or [],
+        agent_config=pb.AgentConfig(
+            port=options.agent_port,
+            log_level=options.agent_log_level,
+            attested_tls=options.attested_tls,
+        ),
+    )
+
+
+def _channel(options: argparse.Namespace) -> grpc.aio.Channel:
+    if options.ca or options.cert or options.key:
+        try:
+            credentials = channel_credentials(options.ca, options.cert, options.key)
+        except TlsConfigError as error:
+            raise CliError(str(error)) from None
+        return grpc.aio.secure_channel(options.address, credentials)
+    return grpc.aio.insecure_channel(options.address)
+
+
+def _print(message: Any, as_json: bool) -> None:
+    if as_json:
+        print(json_format.MessageToJson(message, indent=None), flush=True)
+    else:
+        print(_describe(message), flush=True)
+
+
+def _describe(message: Any) -> str:
+    if isinstance(message, pb.ClientStreamMessage):
+        kind = message.WhichOneof("message")
+        if kind == "agent_event":
+            e = message.agent_event
+            details = f" {e.details.decode(errors='replace')}" if e.details else ""
+            return f"[{e.computation_id}] event {e.originator}/{e.event_type}: {e.status}{details}"
+        if kind == "agent_log":
+            log = message.agent_log
+            return f"[{log.computation_id}] log {log.level}: {log.message}"
+        return json_format.MessageToJson(message, indent=None)
+    if isinstance(message, pb.RunResponse):
+        return f"computation {message.computation_id} runs; agent port {message.agent_port}"
+    return str(message)
+
+
+async def _run(options: argparse.Namespace) -> int:
+    if options.manifest:
+        request = request_from_manifest(options.manifest)
+    elif options.algorithm and options.id:
+        request = request_from_files(options)
+    else:
+        raise CliError("run: give --manifest FILE, or --id with --algorithm (and --dataset)")
+    async with _channel(options) as channel:
+        response = await pb_grpc.ManagerServiceStub(channel).Run(request, timeout=options.timeout)
+    _print(response, options.json)
+    return 0
+
+
+async def _stop(options: argparse.Namespace) -> int:
+    async with _channel(options) as channel:
+        await pb_grpc.ManagerServiceStub(channel).Stop(
+            pb.StopRequest(computation_id=options.computation_id), timeout=options.timeout
+        )
+    if not options.json:
+        print(f"computation {options.computation_id} stopped")
+    return 0
+
+
+async def _events(options: argparse.Namespace) -> int:
+    async with _channel(options) as channel:
+        stream = pb_grpc.ManagerServiceStub(channel).Events(
+            pb.EventsRequest(computation_id=options.computation_id or "")
+        )
+        count = 0
+        async for message in stream:
+            _print(message, options.json)
+            count += 1
+            if options.count and count >= options.count:
+                stream.cancel()
+                break
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--address", "-a", default="localhost:7001", help="manager host:port")
+    common.add_argument(
+        "--ca", help="CA certificate (path or PEM) to verify the server; enables TLS"
+    )
+    common.add_argument("--cert", help="client certificate (path or PEM) for mutual TLS")
+    common.add_argument("--key", help="client private key (path or PEM) for mutual TLS")
+    common.add_argument("--timeout", type=float, default=300.0, help="seconds (run, stop)")
+    common.add_argument("--json", action="store_true", help="print messages as JSON lines")
+
+    parser = argparse.ArgumentParser(prog="cocos-manager-cli", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", parents=[common], help="run a computation")
+    run.add_argument("--manifest", "-m", help="ComputationRunReq as JSON")
+    run.add_argument("--id", help="computation id (with --algorithm)")
+    run.add_argument("--name")
+    run.add_argument("--description")
+    run.add_argument("--algorithm", help="algorithm file, hashed with SHA3-256")
+    run.add_argument("--dataset", action="append", default=[], help="dataset file (repeatable)")
+    run.add_argument("--result-consumer", action="append")
+    run.add_argument("--agent-port", default="7002")
+    run.add_argument("--agent-log-level", default="info")
+    run.add_argument("--attested-tls", action="store_true")
+    stop = sub.add_parser("stop", parents=[common], help="stop a computation")
+    stop.add_argument("computation_id")
+    events = sub.add_parser("events", parents=[common], help="follow events until Ctrl-C")
+    events.add_argument("computation_id", nargs="?", help="only this computation")
+    events.add_argument("--count", type=int, default=0, help="stop after this many messages")
+    return parser
+
+
+COMMANDS = {"run": _run, "stop": _stop, "events": _events}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options = _parser().parse_args(argv)
+    try:
+        return asyncio.run(COMMANDS[options.command](options))
+    except CliError as error:
+        print(f"cocos-manager-cli: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"cocos-manager-cli: {error}", file=sys.stderr)
+        return 2
+    except grpc.aio.AioRpcError as error:
+        print(f"cocos-manager-cli: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
