@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import signal
 
+from cocos_manager.errors import ManagerError
 from cocos_manager.events import EventBus
 from cocos_manager.interceptors import TelemetryInterceptor
 from cocos_manager.logging import configure_logging, get_logger
@@ -43,6 +44,10 @@ async def run_daemon(settings: Settings) -> int:
     provider = setup_tracing(settings.service, settings.instance_id)
     bus = EventBus(on_drop=METRICS.events_dropped.inc)
     service = ManagerService(settings, executable, bus)
+    try:
+        await service.recover()
+    except ManagerError as error:
+        raise StartupError(str(error)) from None
     host, port = settings.service.GRPC_HOST, settings.service.GRPC_PORT
     try:
         server = await build_server(

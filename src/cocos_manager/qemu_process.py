@@ -25,6 +25,7 @@ from typing import Any
 from qemu.qmp import QMPClient
 
 from cocos_manager.errors import VmStartError
+from cocos_manager.state_store import process_identity
 from cocos_manager.vm_files import unix_socket_path
 
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
@@ -111,6 +112,7 @@ class QemuProcess:
         self._loop = asyncio.get_running_loop()
         self.exited: asyncio.Future[ExitInfo] = self._loop.create_future()
         self._pidfd: int | None = os.pidfd_open(pid)
+        self.start_time, self.cmdline = process_identity(pid) or (0, [])
         self._loop.add_reader(self._pidfd, self._on_pidfd)
 
     # -- starting ------------------------------------------------------------------------
@@ -142,9 +144,24 @@ class QemuProcess:
         return process
 
     @classmethod
-    def adopt(cls, pid: int, argv: Sequence[str]) -> QemuProcess:
-        """Supervise a QEMU started by an earlier run of the daemon (not our child)."""
-        return cls(pid, argv, popen=None)
+    def adopt(
+        cls, pid: int, argv: Sequence[str], start_time: int, cmdline: Sequence[str]
+    ) -> QemuProcess:
+        """Supervises a QEMU started by an earlier run of the daemon (not our child).
+
+        The pidfd is opened first and the identity checked after, so the process checked is
+        the one held: raises ProcessLookupError unless PID, start time and command line match.
+        """
+        process = cls(pid, argv, popen=None)
+        if process_identity(pid) != (start_time, list(cmdline)) or process.exited.done():
+            process._close_pidfd()
+            raise ProcessLookupError(pid)
+        return process
+
+    async def check_qmp(self, qmp_path: Path, timeout: float) -> None:
+        status = await asyncio.wait_for(_query_status(qmp_path), timeout)
+        if status != "running":
+            raise VmStartError(f"VM status is {status!r}")
 
     def _line(self, stream: str, text: str) -> None:
         self._tail.append((stream, text))
@@ -205,6 +222,10 @@ class QemuProcess:
         try:
             status = probe.result()
         except Exception as error:
+            # A QEMU that dies at start resets the monitor connection, often just before its
+            # pidfd reports the exit: give the exit a moment to show, so the error is QEMU's.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.exited), 1.0)
             if self.exited.done():
                 await self.wait_output()
                 raise VmStartError(
@@ -214,6 +235,8 @@ class QemuProcess:
             raise VmStartError(f"QEMU's QMP monitor failed: {error}") from None
         if status != "running":
             raise VmStartError(f"QEMU reports VM status {status!r} instead of 'running'")
+        # QMP answered from the final image (after any sudo/env exec): its identity is final.
+        self.start_time, self.cmdline = process_identity(self.pid) or (self.start_time, [])
 
     # -- stopping ------------------------------------------------------------------------
 

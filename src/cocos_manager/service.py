@@ -15,6 +15,7 @@ import enum
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from opentelemetry import trace
@@ -44,8 +45,9 @@ from cocos_manager.qemu_argv import (
 )
 from cocos_manager.qemu_process import ExitInfo, QemuProcess, qmp_args, qmp_listener
 from cocos_manager.resources import guest_cid_pool, host_port_pool, vnc_display_pool
-from cocos_manager.settings import AgentChannel, Settings
-from cocos_manager.vm_files import VmFiles, check_images, prepare_vm_files
+from cocos_manager.settings import AgentChannel, QemuSettings, Settings
+from cocos_manager.state_store import StateStore, VmRecord
+from cocos_manager.vm_files import VmFiles, check_images, prepare_vm_files, vm_paths
 
 _tracer = trace.get_tracer("cocos_manager.service")
 _log = get_logger()
@@ -97,6 +99,25 @@ def _escape_opt(value: str) -> str:
     return value.replace(",", ",,")
 
 
+def _remove_prepared(preparing: asyncio.Future[VmFiles]) -> None:
+    if not preparing.cancelled() and preparing.exception() is None:
+        preparing.result().remove()
+
+
+async def _prepare_files(q: QemuSettings, vm_uuid: str, manifest: bytes | None) -> VmFiles:
+    """prepare_vm_files in a worker thread, which a cancelled Run cannot interrupt: on
+    cancellation the copies it still makes are removed once it ends, or they would leak into
+    TMP_FILE_LOC with no computation left to own them."""
+    preparing = asyncio.ensure_future(asyncio.to_thread(prepare_vm_files, q, vm_uuid, manifest))
+    try:
+        return await asyncio.shield(preparing)
+    except asyncio.CancelledError:
+        preparing.add_done_callback(_remove_prepared)
+        with contextlib.suppress(BaseException):  # normally the release waits for the removal
+            await asyncio.shield(preparing)
+        raise
+
+
 class ManagerService:
     def __init__(self, settings: Settings, executable: Executable, bus: EventBus) -> None:
         self.settings = settings
@@ -111,6 +132,7 @@ class ManagerService:
         self._closing = False
         self._release_hooks: list[Callable[[int], object]] = []
         self._background: set[asyncio.Future[None]] = set()
+        self._store = StateStore(Path(settings.service.STATE_DIR))
 
     def on_release(self, hook: Callable[[int], object]) -> None:
         """Called with the guest CID whenever a VM's resources are released."""
@@ -158,6 +180,11 @@ class ManagerService:
                 with contextlib.suppress(BaseException):
                     await launch
                 raise
+            if self._closing:
+                raise UnavailableError(
+                    f"the manager is shutting down: the VM of computation {request.id!r} "
+                    "was stopped while starting"
+                ) from None
             raise AbortedError(
                 f"computation {request.id!r} was stopped while its VM was starting"
             ) from None
@@ -194,6 +221,16 @@ class ManagerService:
             uuid=vm_uuid,
             resources=VmResources(uuid=vm_uuid, host_port=port, guest_cid=cid, vnc_display=display),
         )
+        try:
+            self._store.save(self._record(computation))
+        except OSError as error:
+            self._ports.release(port)
+            self._cids.release(cid)
+            self._displays.release(display)
+            raise FailedPreconditionError(
+                f"MANAGER_STATE_DIR: cannot write the VM record in {str(self._store.directory)!r}: "
+                f"{error.strerror}"
+            ) from None
         self._computations[computation_id] = computation
         self._by_cid[cid] = computation_id
         METRICS.vms_running.set(len(self._computations))
@@ -216,6 +253,7 @@ class ManagerService:
                         error=str(error),
                     )
             computation.state = State.RUNNING
+            self._store.save(self._record(computation))
             self._publish_event(
                 computation.id, PROVISION, "complete", self._vm_details(computation)
             )
@@ -269,8 +307,8 @@ class ManagerService:
         fw_cfg = self.qemu.AGENT_CHANNEL is AgentChannel.FW_CFG
         if computation.files is None:
             with _tracer.start_as_current_span("prepare-files"):
-                computation.files = await asyncio.to_thread(
-                    prepare_vm_files, self.qemu, computation.uuid, manifest if fw_cfg else None
+                computation.files = await _prepare_files(
+                    self.qemu, computation.uuid, manifest if fw_cfg else None
                 )
         files = computation.files
         vm = derive_vm_settings(self.qemu, computation.resources)
@@ -290,6 +328,7 @@ class ManagerService:
             finally:
                 listener.close()
             computation.process = process
+            self._store.save(self._record(computation))
             span.set_attribute("qemu.pid", process.pid)
             self._publish_event(computation.id, PROVISION, "in-progress", {"pid": process.pid})
             try:
@@ -377,6 +416,7 @@ class ManagerService:
             await computation.process.terminate(0)
         if computation.files is not None:
             computation.files.remove()
+        self._store.remove(computation.uuid)
         r = computation.resources
         self._ports.release(r.host_port)
         self._cids.release(r.guest_cid)
@@ -390,6 +430,100 @@ class ManagerService:
             hook(r.guest_cid)
         if not computation.stopped.done():
             computation.stopped.set_result(None)
+
+    # -- records and restart ---------------------------------------------------------------
+
+    def _record(self, computation: Computation) -> VmRecord:
+        r = computation.resources
+        if computation.files is not None:
+            files = computation.files.paths
+        else:  # not prepared yet: name everything that may be made
+            files = vm_paths(self.qemu, computation.uuid, with_manifest=True)
+        record = VmRecord(
+            computation_id=computation.id,
+            uuid=computation.uuid,
+            state="running" if computation.state is State.RUNNING else "starting",
+            host_port=r.host_port,
+            guest_cid=r.guest_cid,
+            vnc_display=r.vnc_display,
+            files={name: str(path) for name, path in files.items()},
+        )
+        process = computation.process
+        if process is not None:
+            record.pid, record.start_time = process.pid, process.start_time
+            record.argv, record.cmdline = process.argv, process.cmdline
+        return record
+
+    async def recover(self) -> None:
+        """Re-adopts the VMs an earlier run of the daemon left running; cleans up the rest.
+
+        Only a VM whose Run had answered and whose process is provably the one recorded (PID,
+        start time and command line) and still answers QMP is kept. On any doubt the VM is
+        killed and its files removed, as libvirt does, rather than risk a VM nobody tracks.
+        """
+        try:
+            self._store.open()
+        except OSError as error:
+            raise FailedPreconditionError(
+                f"MANAGER_STATE_DIR: cannot create {str(self._store.directory)!r}: {error.strerror}"
+            ) from None
+        for record in self._store.load_all():
+            await self._recover_one(record)
+
+    async def _recover_one(self, record: VmRecord) -> None:
+        log = _log.bind(computation_id=record.computation_id, pid=record.pid)
+        process: QemuProcess | None = None
+        if record.pid:
+            try:
+                process = QemuProcess.adopt(
+                    record.pid, record.argv, record.start_time, record.cmdline
+                )
+            except ProcessLookupError:
+                process = None
+        files = VmFiles(
+            directory=Path(self.qemu.TMP_FILE_LOC),
+            paths={name: Path(path) for name, path in record.files.items()},
+        )
+        reason = ""
+        if process is None:
+            reason = "its QEMU is gone"
+        elif record.state != "running":
+            reason = "it was still starting when the daemon stopped"
+        elif record.computation_id in self._computations:
+            reason = "another VM holds its computation id"
+        else:
+            try:
+                await process.check_qmp(files.qmp_socket, timeout=5.0)
+            except Exception as error:
+                reason = f"its QMP monitor does not answer ({error!r})"
+        if reason:
+            if process is not None:
+                process.kill_now()
+                await process.terminate(0)
+            files.remove()
+            self._store.remove(record.uuid)
+            log.warning(f"VM record cleaned up: {reason}")
+            return
+        assert process is not None
+        resources = VmResources(record.uuid, record.host_port, record.guest_cid, record.vnc_display)
+        computation = Computation(
+            id=record.computation_id,
+            uuid=record.uuid,
+            resources=resources,
+            state=State.RUNNING,
+            files=files,
+            process=process,
+        )
+        self._ports.hold(record.host_port)
+        self._cids.hold(record.guest_cid)
+        self._displays.hold(record.vnc_display)
+        self._computations[computation.id] = computation
+        self._by_cid[record.guest_cid] = computation.id
+        METRICS.vms_running.set(len(self._computations))
+        process.exited.add_done_callback(lambda _: self._on_exit(computation, process))
+        log.info("VM re-adopted after restart", agent_port=record.host_port)
+        details = {**self._vm_details(computation), "readopted": True}
+        self._publish_event(computation.id, PROVISION, "complete", details)
 
     # -- Stop ------------------------------------------------------------------------------
 
@@ -434,8 +568,13 @@ class ManagerService:
     # -- shutdown --------------------------------------------------------------------------
 
     def begin_shutdown(self) -> None:
-        """New Runs are refused from now on."""
+        """New Runs are refused from now on, and Runs still waiting for their VM end now (their
+        VMs are discarded): no client could use a VM that becomes ready while the daemon stops,
+        and the in-flight grace would otherwise be spent waiting for it."""
         self._closing = True
+        for computation in self._computations.values():
+            if computation.state is State.STARTING and computation.launch is not None:
+                computation.launch.cancel()
 
     async def shutdown(self, stop_vms: bool = True) -> None:
         self._closing = True

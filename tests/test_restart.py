@@ -1,0 +1,196 @@
+"""Restart survival: the daemon dies (SIGKILL, or SIGTERM that leaves VMs for an upgrade),
+starts again, re-adopts every QEMU that is provably its own, and cleans up the rest."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cocos_manager.api import manager_pb2 as pb
+from cocos_manager.state_store import VmRecord, process_identity
+from tests.support.daemon_process import Daemon
+from tests.support.harness import base_env, run_request
+
+
+@pytest.fixture
+async def daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
+    d = Daemon(env=base_env(tmp_path), log=tmp_path / "daemon.log")
+    await d.start()
+    yield d
+    if d.process is not None and d.process.poll() is None:
+        await d.terminate()
+
+
+def records(tmp_path: Path) -> list[dict[str, object]]:
+    return [json.loads(p.read_text()) for p in sorted((tmp_path / "state").glob("vm-*.json"))]
+
+
+def pid_of(tmp_path: Path, computation_id: str) -> int:
+    for record in records(tmp_path):
+        if record["computation_id"] == computation_id:
+            return int(str(record["pid"]))
+    raise KeyError(computation_id)
+
+
+def alive(pid: int) -> bool:
+    return process_identity(pid) is not None
+
+
+async def wait_until_gone(pid: int, timeout: float = 10.0) -> None:
+    for _ in range(int(timeout / 0.02)):
+        if not alive(pid):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"process {pid} still alive")
+
+
+def vm_files(tmp_path: Path) -> list[str]:
+    return sorted(os.listdir(tmp_path / "vms"))
+
+
+async def test_sigkill_then_restart_readopts_and_stops(daemon: Daemon, tmp_path: Path) -> None:
+    first = await daemon.stub.Run(run_request("keep"))
+    await daemon.stub.Run(run_request("lost"))
+    keep, lost = pid_of(tmp_path, "keep"), pid_of(tmp_path, "lost")
+    assert {r["state"] for r in records(tmp_path)} == {"running"}
+
+    await daemon.kill()
+    assert alive(keep) and alive(lost), "VMs must outlive the daemon"
+    os.kill(lost, signal.SIGKILL)  # one VM dies while no daemon watches
+    await wait_until_gone(lost)
+
+    await daemon.start()
+    assert [r["computation_id"] for r in records(tmp_path)] == ["keep"]
+    assert len(vm_files(tmp_path)) == 5  # only the survivor's files remain
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await daemon.stub.Run(run_request("keep"))
+    assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    second = await daemon.stub.Run(run_request("lost"))  # the dead VM's id is free again
+    assert second.agent_port != first.agent_port  # the survivor's port is still held
+
+    await daemon.stub.Stop(pb.StopRequest(computation_id="keep"))
+    await wait_until_gone(keep)
+    await daemon.stub.Stop(pb.StopRequest(computation_id="lost"))
+    assert records(tmp_path) == [] and vm_files(tmp_path) == []
+
+
+async def test_adopted_vm_exit_is_noticed_at_once(daemon: Daemon, tmp_path: Path) -> None:
+    await daemon.stub.Run(run_request("watched"))
+    pid = pid_of(tmp_path, "watched")
+    await daemon.kill()
+    await daemon.start()
+    events = daemon.stub.Events(pb.EventsRequest(computation_id="watched"))
+    await asyncio.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+    async for message in events:
+        if message.agent_event.event_type == "vm-exit":
+            break
+    assert message.agent_event.status == "failed"
+    assert records(tmp_path) == [] and vm_files(tmp_path) == []
+    await daemon.stub.Run(run_request("watched"))
+
+
+async def test_a_reused_pid_is_never_adopted_nor_killed(daemon: Daemon, tmp_path: Path) -> None:
+    await daemon.stub.Run(run_request("victim"))
+    pid = pid_of(tmp_path, "victim")
+    await daemon.kill()
+    os.kill(pid, signal.SIGKILL)
+    await wait_until_gone(pid)
+    stranger = subprocess.Popen(["sleep", "60"])  # noqa: ASYNC220
+    try:
+        path = next((tmp_path / "state").glob("vm-*.json"))
+        doc = json.loads(path.read_text())
+        doc["pid"] = stranger.pid  # as if the PID had been recycled by an unrelated process
+        path.write_text(json.dumps(doc))
+        await daemon.start()
+        assert records(tmp_path) == []
+        assert stranger.poll() is None, "an unrelated process was killed"
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await daemon.stub.Stop(pb.StopRequest(computation_id="victim"))
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+async def test_vm_still_starting_at_crash_is_killed(tmp_path: Path) -> None:
+    env = {**base_env(tmp_path), "FAKE_QEMU_MODE": "no-qmp", "MANAGER_QEMU_START_TIMEOUT": "60s"}
+    d = Daemon(env=env, log=tmp_path / "daemon.log")
+    await d.start()
+    call = asyncio.ensure_future(d.stub.Run(run_request("half")))
+    for _ in range(500):
+        recs = records(tmp_path)
+        if recs and recs[0]["pid"]:
+            break
+        await asyncio.sleep(0.02)
+    pid = int(str(records(tmp_path)[0]["pid"]))
+    await d.kill()
+    with pytest.raises((grpc.aio.AioRpcError, asyncio.CancelledError)):
+        await call
+    assert alive(pid)
+    d.env.pop("FAKE_QEMU_MODE")
+    await d.start()
+    await wait_until_gone(pid)
+    assert records(tmp_path) == [] and vm_files(tmp_path) == []
+    await d.terminate()
+
+
+async def test_sigterm_can_leave_vms_for_the_next_start(tmp_path: Path) -> None:
+    env = {**base_env(tmp_path), "MANAGER_SHUTDOWN_STOPS_VMS": "false"}
+    d = Daemon(env=env, log=tmp_path / "daemon.log")
+    await d.start()
+    response = await d.stub.Run(run_request("upgrade"))
+    pid = pid_of(tmp_path, "upgrade")
+    assert await d.terminate() == 0
+    assert alive(pid)
+    await d.start()
+    events = d.stub.Events(pb.EventsRequest(computation_id="upgrade"))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await d.stub.Run(run_request("upgrade"))
+    assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    await d.stub.Stop(pb.StopRequest(computation_id="upgrade"))
+    await wait_until_gone(pid)
+    statuses = []
+    async for message in events:
+        statuses.append((message.agent_event.event_type, message.agent_event.status))
+        if statuses[-1] == ("vm-stop", "complete"):
+            break
+    assert ("vm-stop", "starting") in statuses
+    assert records(tmp_path) == [] and vm_files(tmp_path) == []
+    assert int(response.agent_port) > 0
+    d.env["MANAGER_SHUTDOWN_STOPS_VMS"] = "true"
+    await d.terminate()
+
+
+async def test_default_sigterm_stops_every_vm(daemon: Daemon, tmp_path: Path) -> None:
+    await daemon.stub.Run(run_request("x1"))
+    await daemon.stub.Run(run_request("x2"))
+    pids = [pid_of(tmp_path, "x1"), pid_of(tmp_path, "x2")]
+    assert await daemon.terminate() == 0
+    for pid in pids:
+        assert not alive(pid)
+    assert records(tmp_path) == [] and vm_files(tmp_path) == []
+
+
+def test_record_round_trip(tmp_path: Path) -> None:
+    from cocos_manager.state_store import StateStore
+
+    store = StateStore(tmp_path / "s")
+    store.open()
+    record = VmRecord(
+        "c", "u", "running", 1, 2, 3, pid=4, start_time=5, argv=["q"], files={"k": "/f"}
+    )
+    store.save(record)
+    (tmp_path / "s" / "vm-broken.json").write_text("{not json")
+    assert store.load_all() == [record]
+    assert (tmp_path / "s" / "vm-broken.bad").exists()
+    store.remove("u")
+    assert store.load_all() == []
