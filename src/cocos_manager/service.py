@@ -48,6 +48,7 @@ from cocos_manager.resources import guest_cid_pool, host_port_pool, vnc_display_
 from cocos_manager.settings import AgentChannel, QemuSettings, Settings
 from cocos_manager.state_store import StateStore, VmRecord
 from cocos_manager.vm_files import VmFiles, check_images, prepare_vm_files, vm_paths
+from cocos_manager.vsock import Connect, HandoverAborted, send_manifest, vsock_connector
 
 _tracer = trace.get_tracer("cocos_manager.service")
 _log = get_logger()
@@ -119,7 +120,16 @@ async def _prepare_files(q: QemuSettings, vm_uuid: str, manifest: bytes | None) 
 
 
 class ManagerService:
-    def __init__(self, settings: Settings, executable: Executable, bus: EventBus) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        executable: Executable,
+        bus: EventBus,
+        agent_connector: Callable[[int], Connect] = vsock_connector,
+    ) -> None:
+        """`agent_connector` maps a guest CID to a way of reaching its agent (AF_VSOCK here;
+        tests give a UNIX socket where no vhost-vsock exists)."""
+        self._agent_connector = agent_connector
         self.settings = settings
         self.qemu = settings.qemu
         self.executable = executable
@@ -342,17 +352,13 @@ class ManagerService:
                 await self._handover_vsock(computation, manifest)
 
     async def _handover_vsock(self, computation: Computation, manifest: bytes) -> None:
-        from cocos_manager.vsock import HandoverAborted, send_manifest, vsock_connector
-
         process = computation.process
         assert process is not None
-        exited = asyncio.Event()
-        process.exited.add_done_callback(lambda _: exited.set())
         try:
             await send_manifest(
-                vsock_connector(computation.resources.guest_cid),
+                self._agent_connector(computation.resources.guest_cid),
                 manifest,
-                abort=exited,
+                abort=process.exited,
                 timeout=self.qemu.START_TIMEOUT,
             )
         except HandoverAborted:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +20,7 @@ from cocos_manager.qemu_argv import resolve_executable
 from cocos_manager.server import Server, build_server
 from cocos_manager.service import ManagerService
 from cocos_manager.settings import Settings, load_settings
+from cocos_manager.vsock import Connect
 
 FAKE_QEMU = Path(__file__).with_name("fake_qemu.py")
 
@@ -73,12 +74,17 @@ def base_env(tmp: Path) -> dict[str, str]:
 
 @asynccontextmanager
 async def running_manager(
-    tmp: Path, monkeypatch: pytest.MonkeyPatch, **env: str
+    tmp: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    agent_connector: Callable[[int], Connect] | None = None,
+    **env: str,
 ) -> AsyncIterator[Manager]:
     for name, value in {**base_env(tmp), **env}.items():
         monkeypatch.setenv(name, value)
     settings = load_settings()
-    service = ManagerService(settings, resolve_executable(settings.qemu), EventBus())
+    extra = {"agent_connector": agent_connector} if agent_connector else {}
+    service = ManagerService(settings, resolve_executable(settings.qemu), EventBus(), **extra)
+    await service.recover()
     server = await build_server(service, "127.0.0.1", 0)
     await server.grpc.start()
     await server.set_serving(True)
