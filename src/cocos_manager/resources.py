@@ -32,43 +32,10 @@ def tcp_port_is_free(port: int) -> bool:
     return True
 
 
-class NumberPool:
-    """The lowest free number of first..last not held here and not refused by `probe`."""
+class Pool:
+    """Numbers held by live VMs; subclasses decide which free number to hand out next."""
 
-    def __init__(
-        self, name: str, first: int, last: int, probe: Callable[[int], bool] | None = None
-    ) -> None:
-        self.name = name
-        self.first, self.last = first, last
-        self._probe = probe
-        self._held: set[int] = set()
-
-    @property
-    def held(self) -> frozenset[int]:
-        return frozenset(self._held)
-
-    def take(self, avoid: Iterable[int] = ()) -> int:
-        skip = self._held | set(avoid)
-        for number in range(self.first, self.last + 1):
-            if number in skip:
-                continue
-            if self._probe is None or self._probe(number):
-                self._held.add(number)
-                return number
-        raise ResourceExhaustedError(f"no free {self.name} in {self.first}-{self.last}")
-
-    def hold(self, number: int) -> None:
-        self._held.add(number)
-
-    def release(self, number: int) -> None:
-        self._held.discard(number)
-
-
-class EphemeralPortPool:
-    """Any free port the kernel picks, never one already held by a live VM."""
-
-    name = "host port"
-    _ATTEMPTS = 64
+    name = "number"
 
     def __init__(self) -> None:
         self._held: set[int] = set()
@@ -78,24 +45,53 @@ class EphemeralPortPool:
         return frozenset(self._held)
 
     def take(self, avoid: Iterable[int] = ()) -> int:
-        skip = self._held | set(avoid)
-        for _ in range(self._ATTEMPTS):
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-                probe.bind(("", 0))
-                port = int(probe.getsockname()[1])
-            if port not in skip:
-                self._held.add(port)
-                return port
-        raise ResourceExhaustedError("no free host port found")
+        number = self._pick(self._held | set(avoid))
+        self._held.add(number)
+        return number
+
+    def _pick(self, skip: set[int]) -> int:
+        raise NotImplementedError
 
     def hold(self, number: int) -> None:
+        """Marks a number taken outside take(): a VM re-adopted after a restart."""
         self._held.add(number)
 
     def release(self, number: int) -> None:
         self._held.discard(number)
 
 
-Pool = NumberPool | EphemeralPortPool
+class NumberPool(Pool):
+    """The lowest free number of first..last not held here and not refused by `probe`."""
+
+    def __init__(
+        self, name: str, first: int, last: int, probe: Callable[[int], bool] | None = None
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.first, self.last = first, last
+        self._probe = probe
+
+    def _pick(self, skip: set[int]) -> int:
+        for number in range(self.first, self.last + 1):
+            if number not in skip and (self._probe is None or self._probe(number)):
+                return number
+        raise ResourceExhaustedError(f"no free {self.name} in {self.first}-{self.last}")
+
+
+class EphemeralPortPool(Pool):
+    """Any free port the kernel picks, never one already held by a live VM."""
+
+    name = "host port"
+    _ATTEMPTS = 64
+
+    def _pick(self, skip: set[int]) -> int:
+        for _ in range(self._ATTEMPTS):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                probe.bind(("", 0))
+                port = int(probe.getsockname()[1])
+            if port not in skip:
+                return port
+        raise ResourceExhaustedError("no free host port found")
 
 
 def host_port_pool(port_range: PortRange | None) -> Pool:
