@@ -20,6 +20,7 @@ from cocos_manager.qemu_argv import resolve_executable
 from cocos_manager.server import Server, build_server
 from cocos_manager.service import ManagerService
 from cocos_manager.settings import Settings, load_settings
+from cocos_manager.tls import server_credentials
 from cocos_manager.vsock import Connect
 
 FAKE_QEMU = Path(__file__).with_name("fake_qemu.py")
@@ -77,6 +78,7 @@ async def running_manager(
     tmp: Path,
     monkeypatch: pytest.MonkeyPatch,
     agent_connector: Callable[[int], Connect] | None = None,
+    client_credentials: grpc.ChannelCredentials | None = None,
     **env: str,
 ) -> AsyncIterator[Manager]:
     for name, value in {**base_env(tmp), **env}.items():
@@ -85,10 +87,15 @@ async def running_manager(
     extra = {"agent_connector": agent_connector} if agent_connector else {}
     service = ManagerService(settings, resolve_executable(settings.qemu), EventBus(), **extra)
     await service.recover()
-    server = await build_server(service, "127.0.0.1", 0)
+    _, credentials = server_credentials(settings.service)
+    server = await build_server(service, "127.0.0.1", 0, credentials=credentials)
     await server.grpc.start()
     await server.set_serving(True)
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    channel = (
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+        if client_credentials is None
+        else grpc.aio.secure_channel(f"localhost:{server.port}", client_credentials)
+    )
     try:
         yield Manager(settings, service, server, channel, pb_grpc.ManagerServiceStub(channel), tmp)
     finally:
