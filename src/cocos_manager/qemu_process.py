@@ -31,7 +31,9 @@ from cocos_manager.vm_files import unix_socket_path
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 LineCallback = Callable[[str, str], None]
-_ANSI = re.compile(r"\x1b(\[[0-9;?]*[ -/]*[@-~]|[@-Z\\-_])")
+# CSI with any parameter bytes (OVMF sends "ESC [ = 3 h"), charset selection ("ESC ( B"), and
+# the other two-byte escapes.
+_ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|[ -/]+[0-~]|[@-Z\\-_])")
 _MAX_LINE = 64 * 1024
 TAIL_LINES = 20
 
@@ -72,9 +74,9 @@ class _LineReader(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         lines = (self._partial + data).split(b"\n")
         self._partial = lines.pop()
-        if len(self._partial) > _MAX_LINE:
-            lines.append(self._partial)
-            self._partial = b""
+        while len(self._partial) > _MAX_LINE:  # output without newlines: cut, keep memory flat
+            lines.append(self._partial[:_MAX_LINE])
+            self._partial = self._partial[_MAX_LINE:]
         for raw in lines:
             self._emit(raw)
 
