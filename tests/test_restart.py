@@ -87,6 +87,7 @@ async def test_adopted_vm_exit_is_noticed_at_once(daemon: Daemon, tmp_path: Path
     pid = pid_of(tmp_path, "watched")
     await daemon.kill()
     await daemon.start()
+    assert [r["computation_id"] for r in records(tmp_path)] == ["watched"], "not re-adopted"
     events = daemon.stub.Events(pb.EventsRequest(computation_id="watched"))
     await asyncio.sleep(0.2)
     os.kill(pid, signal.SIGKILL)

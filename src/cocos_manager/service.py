@@ -473,8 +473,18 @@ class ManagerService:
             raise FailedPreconditionError(
                 f"MANAGER_STATE_DIR: cannot create {str(self._store.directory)!r}: {error.strerror}"
             ) from None
-        for record in self._store.load_all():
-            await self._recover_one(record)
+        records = self._store.load_all()
+        # Two records may claim one computation id (never written so, but files can be
+        # edited): the first one adopted wins, so adopt one id at a time.
+        by_id: dict[str, list[VmRecord]] = {}
+        for record in records:
+            by_id.setdefault(record.computation_id, []).append(record)
+
+        async def recover_id(group: list[VmRecord]) -> None:
+            for record in group:
+                await self._recover_one(record)
+
+        await asyncio.gather(*(recover_id(group) for group in by_id.values()))
 
     async def _recover_one(self, record: VmRecord) -> None:
         log = _log.bind(computation_id=record.computation_id, pid=record.pid)
@@ -499,7 +509,8 @@ class ManagerService:
             reason = "another VM holds its computation id"
         else:
             try:
-                await process.check_qmp(files.qmp_socket, timeout=5.0)
+                # A busy host may answer slowly; that is no doubt about the VM's identity.
+                await process.check_qmp(files.qmp_socket, timeout=self.qemu.START_TIMEOUT)
             except Exception as error:
                 reason = f"its QMP monitor does not answer ({error!r})"
         if reason:
