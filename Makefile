@@ -20,17 +20,31 @@ lint: install
 	$(VENV)/bin/ruff format --check src tests scripts
 	$(VENV)/bin/mypy
 
+# The test guest (Debian cloud kernel + busybox initramfs playing the agent); cached.
 guest: install
-	@scripts/build-test-guest.sh $(GUEST_DIR)
+	@bash scripts/build-test-guest.sh $(GUEST_DIR)
 
-test: install lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+# tests/e2e boots the test guest under QEMU: it is built (or found up to date) first.
+test: install lint guest
+	TEST_GUEST_DIR=$(GUEST_DIR) $(PY) -m pytest $(PYTEST_ARGS)
 
 demo: install guest
-	@scripts/demo.sh
+	@VENV=$(VENV) GUEST_DIR=$(GUEST_DIR) bash scripts/demo.sh
 
 bench: install guest
 	$(PY) -m scripts.bench
 
 clean:
 	rm -rf build tmp state .pytest_cache .mypy_cache .ruff_cache
+
+# Long runs of issue 7: `make soak` (1,000 Run/Stop cycles against the real daemon, leak report)
+# and `make fuzz` (100k+ inputs per property: agent frames, settings, manifest).
+SOAK_CYCLES ?= 1000
+FUZZ_EXAMPLES ?= 100000
+.PHONY: soak fuzz
+
+soak: install
+	$(PY) scripts/soak.py --cycles $(SOAK_CYCLES)
+
+fuzz: install
+	$(PY) scripts/fuzz.py --examples $(FUZZ_EXAMPLES)
