@@ -492,7 +492,10 @@ class ManagerService:
         if record.pid:
             try:
                 process = QemuProcess.adopt(
-                    record.pid, record.argv, record.start_time, record.cmdline
+                    record.pid,
+                    record.argv,
+                    record.start_time,
+                    record.cmdline if record.state == "running" else None,
                 )
             except ProcessLookupError:
                 process = None
