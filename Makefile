@@ -31,8 +31,11 @@ test: install lint guest
 demo: install guest
 	@VENV=$(VENV) GUEST_DIR=$(GUEST_DIR) bash scripts/demo.sh
 
+# Real daemon, real QEMU (TCG) beside baselines from the same run: a table on stdout, then one
+# JSON document, also in build/bench/latest.json. BENCH_ARGS=--quick for one short repetition.
+BENCH_ARGS ?=
 bench: install guest
-	$(PY) -m scripts.bench
+	$(PY) -m scripts.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf build tmp state .pytest_cache .mypy_cache .ruff_cache

@@ -1,6 +1,6 @@
 """Long fuzz runs of the manager's input parsers: what agents and operators can feed it.
 
-    python scripts/fuzz.py [--examples N] [--target agent-frames|settings|all]
+    python scripts/fuzz.py [--examples N] [--target agent-frames|settings|manifest|all]
 
 The test suite runs the same properties with a few hundred examples; this runs them with
 100k+ so rare paths get hit before an agent or an environment file hits them. Each target is
@@ -173,9 +173,23 @@ def fuzz_settings(examples: int) -> str:
     return f"{len(VARIABLES)} variables, {calls} environments"
 
 
+# -- manifest ---------------------------------------------------------------------------------
+
+
+def fuzz_manifest(examples: int) -> str:
+    """Run request validation and manifest JSON: the properties of tests/test_fuzz_manifest.py."""
+    from tests.test_fuzz_manifest import PROPERTIES
+
+    calls = 0
+    for check, strategies in PROPERTIES.values():
+        calls += _run(check, strategies, examples)
+    return f"{len(PROPERTIES)} properties, {calls} requests"
+
+
 TARGETS: dict[str, Callable[[int], str]] = {
     "agent-frames": fuzz_agent_frames,
     "settings": fuzz_settings,
+    "manifest": fuzz_manifest,
 }
 
 

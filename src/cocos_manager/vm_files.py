@@ -18,10 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cocos_manager.errors import FailedPreconditionError, ManagerError, ResourceExhaustedError
+from cocos_manager.logging import get_logger
 from cocos_manager.qemu_argv import vm_file_paths
 from cocos_manager.settings import QemuSettings
 
 _FICLONE = 0x40049409  # linux/fs.h
+_log = get_logger()
 _SUN_PATH_MAX = 107
 
 
@@ -99,9 +101,19 @@ class VmFiles:
         return self.paths.get("manifest")
 
     def remove(self) -> None:
+        """Best effort, never raises: it runs on every release path, where an error would hide
+        the real one or keep the VM's numbers held. A read-only TMP_FILE_LOC answers EROFS even
+        for a file that was never made, so only a file still there is worth a warning."""
         for path in self.paths.values():
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as error:
+                if os.path.lexists(path):
+                    _log.warning(
+                        "cannot remove a per-VM file", path=str(path), error=error.strerror
+                    )
 
 
 def vm_paths(q: QemuSettings, vm_uuid: str, *, with_manifest: bool) -> dict[str, Path]:

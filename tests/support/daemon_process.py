@@ -70,11 +70,13 @@ class Daemon:
             self.channel = None
 
     async def kill(self) -> None:
-        """SIGKILL: the daemon dies without any clean-up, as in a crash."""
-        await self.close_channel()
+        """SIGKILL: the daemon dies without any clean-up, as in a crash. Killed before the
+        channel closes: closing it cancels calls in flight, and the daemon would clean up
+        after a cancelled Run (killing its QEMU) if it got the chance."""
         assert self.process is not None
         self.process.kill()
         self.process.wait()
+        await self.close_channel()
 
     async def terminate(self, timeout: float = 30.0) -> int:
         await self.close_channel()

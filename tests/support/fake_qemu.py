@@ -9,18 +9,29 @@ stdout, exits on SIGTERM. FAKE_QEMU_MODE changes its behaviour:
   no-qmp          never answer on the monitor
   ignore-term     ignore SIGTERM (the manager must SIGKILL it)
   exit-after:S:RC exit with status RC after S seconds
+Two more knobs for fault tests:
+  FAKE_QEMU_START_LOG=FILE      append one JSON line per start (pid, hostfwd port, VNC display),
+                                so a test can tell whether QEMU was started at all, and how often
+  FAKE_QEMU_SQUAT=WHAT:MARKER   WHAT is hostfwd or vnc. If MARKER does not exist yet, start a
+                                separate process that binds that port (its pid goes into MARKER)
+                                before this one binds it: the port is taken by another process
+                                between the manager's probe and QEMU's bind, and the bind fails
+                                for real, with QEMU's message
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
+from typing import TextIO
 
 NAME = "qemu-system-x86_64"
 
@@ -29,9 +40,16 @@ def option(args: list[str], flag: str) -> list[str]:
     return [args[i + 1] for i, a in enumerate(args[:-1]) if a == flag]
 
 
+def say(stream: TextIO, text: str) -> None:
+    """As QEMU, which ignores SIGPIPE: output nobody reads any more (the manager died) is
+    dropped, and the VM lives on to be re-adopted."""
+    with contextlib.suppress(BrokenPipeError):
+        stream.write(text)
+        stream.flush()
+
+
 def die(message: str, code: int = 1) -> None:
-    sys.stderr.write(f"{NAME}: {message}\n")
-    sys.stderr.flush()
+    say(sys.stderr, f"{NAME}: {message}\n")
     os._exit(code)
 
 
@@ -83,6 +101,57 @@ def serve_agent(listener: socket.socket, manifest: bytes) -> None:
             conn.sendall(manifest)
 
 
+SQUATTER = """
+import os, socket, sys
+port, marker = int(sys.argv[1]), sys.argv[2]
+sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+sock.bind(("", port))
+sock.listen(16)
+with open(marker + ".tmp", "w") as out:
+    out.write(str(os.getpid()))
+os.rename(marker + ".tmp", marker)
+sys.stdout.write("ready\\n")
+sys.stdout.close()
+while True:
+    conn, _ = sock.accept()
+    with conn:
+        conn.sendall(b"squatter")
+"""
+
+
+def squat_once(what: str, port: int) -> None:
+    """FAKE_QEMU_SQUAT: another process takes `port` now, unless it already did once."""
+    spec = os.environ.get("FAKE_QEMU_SQUAT", "")
+    if not spec.startswith(what + ":"):
+        return
+    marker = spec.split(":", 1)[1]
+    if os.path.exists(marker):
+        return
+    squatter = subprocess.Popen(
+        [sys.executable, "-c", SQUATTER, str(port), marker],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # outlives this stand-in; the test kills it by its pid
+    )
+    assert squatter.stdout is not None
+    squatter.stdout.readline()  # bound and listening
+
+
+def log_start(args: list[str]) -> None:
+    path = os.environ.get("FAKE_QEMU_START_LOG")
+    if path:
+        hostfwd = re.search(r"hostfwd=tcp::(\d+)-", " ".join(option(args, "-netdev")))
+        entry = {
+            "pid": os.getpid(),
+            "hostfwd": int(hostfwd.group(1)) if hostfwd else None,
+            "vnc": option(args, "-vnc"),
+        }
+        with open(path, "a") as out:
+            out.write(json.dumps(entry) + "\n")
+
+
 def bind(port: int, what: str) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -97,6 +166,7 @@ def bind(port: int, what: str) -> socket.socket:
 def main() -> None:
     args = sys.argv[1:]
     mode = os.environ.get("FAKE_QEMU_MODE", "")
+    log_start(args)
     if mode == "fail":
         die("-kernel bad: fake failure: could not load kernel")
     for kernel in option(args, "-kernel"):
@@ -115,11 +185,13 @@ def main() -> None:
     agent = None
     if hostfwd:
         port = int(hostfwd.group(1))
+        squat_once("hostfwd", port)
         agent = bind(
             port,
             f"-netdev user: Could not set up host forwarding rule 'tcp::{port}-:{hostfwd.group(2)}'",
         )
     for display in option(args, "-vnc"):
+        squat_once("vnc", 5900 + int(display.lstrip(":")))
         bind(
             5900 + int(display.lstrip(":")),
             "-vnc "
@@ -140,13 +212,11 @@ def main() -> None:
     if agent is not None:
         threading.Thread(target=serve_agent, args=(agent, manifest), daemon=True).start()
     identity = json.loads(manifest).get("id", "")
-    sys.stdout.write(f"\x1b[2J\x1b[01;01HBOOTED {identity}\r\n")
-    sys.stdout.flush()
+    say(sys.stdout, f"\x1b[2J\x1b[01;01HBOOTED {identity}\r\n")
     if mode.startswith("exit-after:"):
         _, seconds, code = mode.split(":")
         time.sleep(float(seconds))
-        sys.stdout.write("reboot: Power down\r\n")
-        sys.stdout.flush()
+        say(sys.stdout, "reboot: Power down\r\n")
         os._exit(int(code))
     while True:
         time.sleep(3600)
