@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Protocol
 
 from google.protobuf.message import DecodeError
@@ -83,23 +83,58 @@ def _refusal(kind: str) -> str:
     return f"message carries {kind}; an agent may send only agent_log or agent_event"
 
 
+class _Acks:
+    """Acks of accepted frames, written together when the event loop comes round: one write
+    for all the frames of a read instead of a system call per frame. Flushed at the end."""
+
+    def __init__(self, writer: AckWriter) -> None:
+        self._writer = writer
+        self._pending = bytearray()
+        self._scheduled = False
+
+    def add(self, message_id: int) -> None:
+        self._pending += _ACK.pack(message_id)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if self._pending:
+            pending, self._pending = bytes(self._pending), bytearray()
+            self._writer.write(pending)
+
+
 async def _read_framed(
     reader: asyncio.StreamReader, writer: AckWriter, first: bytes
 ) -> AsyncGenerator[ClientStreamMessage, None]:
-    while True:
-        if not first:
-            first = await reader.read(1)
-            if not first:
-                return
-        header = first + await _read_exactly(reader, _HEADER.size - 1, "a frame header")
-        first = b""
-        message_id, length = _HEADER.unpack(header)
-        if length > MAX_FRAME:
-            raise AgentProtocolError(f"frame {message_id} claims {length} bytes (max {MAX_FRAME})")
-        message = _parse(await _read_exactly(reader, length, f"frame {message_id}"))
-        writer.write(_ACK.pack(message_id))
-        await writer.drain()
-        yield message
+    acks = _Acks(writer)
+    try:
+        while True:
+            if first:
+                header = first + await _read_exactly(reader, _HEADER.size - 1, "a frame header")
+                first = b""
+            else:
+                try:
+                    header = await reader.readexactly(_HEADER.size)
+                except asyncio.IncompleteReadError as error:
+                    if not error.partial:
+                        return  # EOF at a frame boundary
+                    raise AgentProtocolError(
+                        f"stream ended inside a frame header ({len(error.partial)} of "
+                        f"{_HEADER.size} bytes)"
+                    ) from None
+            message_id, length = _HEADER.unpack(header)
+            if length > MAX_FRAME:
+                raise AgentProtocolError(
+                    f"frame {message_id} claims {length} bytes (max {MAX_FRAME})"
+                )
+            message = _parse(await _read_exactly(reader, length, f"frame {message_id}"))
+            acks.add(message_id)
+            await writer.drain()
+            yield message
+    finally:
+        acks.flush()
 
 
 async def _read_varint(reader: asyncio.StreamReader) -> tuple[int, bytes]:
@@ -197,11 +232,14 @@ async def serve_agent_connection(
     writer: asyncio.StreamWriter,
     computation_id: str,
     publish: Callable[[ClientStreamMessage], None],
+    pace: Callable[[str], Awaitable[None]] | None = None,
 ) -> int:
     """Publishes one agent connection's messages; returns how many were published.
 
     A misbehaving agent costs only its own connection: every failure is logged once and the
-    connection closed, so nothing but cancellation escapes to the listener.
+    connection closed, so nothing but cancellation escapes to the listener. `pace` (e.g.
+    EventBus.wait_for_room) is awaited after each message: while it waits, nothing more is
+    read, so a fast agent is slowed down through its socket instead of losing messages.
     """
     log = get_logger(computation_id=computation_id)
     published = 0
@@ -210,6 +248,8 @@ async def serve_agent_connection(
             async for message in messages:
                 publish(stamp(message, computation_id))
                 published += 1
+                if pace is not None:
+                    await pace(computation_id)
     except AgentProtocolError as error:
         log.warning("agent broke the event protocol; connection closed", reason=str(error))
     except OSError as error:

@@ -68,7 +68,9 @@ async def run_daemon(settings: Settings) -> int:
 
     agents: AgentEventListener | None = None
     if settings.qemu.AGENT_CHANNEL is AgentChannel.VSOCK:
-        agents = AgentEventListener(service.computation_for_cid, service.publish_agent_message)
+        agents = AgentEventListener(
+            service.computation_for_cid, service.publish_agent_message, pace=bus.wait_for_room
+        )
         await agents.start()
         service.on_release(lambda cid: agents.disconnect(cid) if agents else 0)
 

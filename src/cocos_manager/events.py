@@ -4,12 +4,18 @@ Publishing never waits: each subscriber has a bounded queue, and a subscriber th
 behind loses messages (counted, and logged once per burst) instead of slowing Run, Stop,
 QEMU supervision or the other subscribers. The original used an unbuffered channel, so a
 Run with nobody reading blocked forever (SPEC defect 8).
+
+Agent connections are the one producer that can wait: `wait_for_room` holds an agent back
+while a subscriber that is still reading has a backlog, so a burst from an agent reaches the
+subscribers at the pace they take it instead of overflowing their queues. A subscriber that
+has stopped reading does not hold anyone back; it loses messages as before.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -20,6 +26,12 @@ from cocos_manager.logging import get_logger
 
 DEFAULT_QUEUE_SIZE = 4096
 MANAGER_ORIGINATOR = "manager"
+STALLED_AFTER = 1.0
+"""Seconds with messages waiting and none taken, after which a subscriber is taken to have
+stopped reading and no longer holds agents back."""
+_ROOM_POLL = 0.001
+# Queue fill that holds an agent back, and that lets it go: the gap spares it a wait per message.
+_HOLD_ABOVE, _RELEASE_ABOVE = 0.5, 0.25
 
 _log = get_logger()
 
@@ -68,18 +80,30 @@ def computation_of(message: pb.ClientStreamMessage) -> str:
 class Subscription:
     """One Events stream: a bounded queue and what it has lost."""
 
-    __slots__ = ("_bus", "computation_id", "dropped", "queue")
+    __slots__ = ("_bus", "computation_id", "dropped", "keeping_up_at", "queue")
 
     def __init__(self, bus: EventBus, computation_id: str, size: int) -> None:
         self._bus = bus
         self.computation_id = computation_id
         self.queue: asyncio.Queue[pb.ClientStreamMessage | None] = asyncio.Queue(size)
         self.dropped = 0
+        # When it was last seen keeping up: it took a message, or had none waiting.
+        self.keeping_up_at = time.monotonic()
+
+    def holds_back(self, computation_id: str, now: float, fill: float) -> bool:
+        """Fuller than `fill`, still reading, and interested in this computation's messages."""
+        return (
+            self.queue.qsize() > self.queue.maxsize * fill
+            and now - self.keeping_up_at < STALLED_AFTER
+            and self.wants(computation_id)
+        )
 
     def wants(self, computation_id: str) -> bool:
         return not self.computation_id or self.computation_id == computation_id
 
     def offer(self, message: pb.ClientStreamMessage) -> bool:
+        if self.queue.empty():
+            self.keeping_up_at = time.monotonic()
         try:
             self.queue.put_nowait(message)
         except asyncio.QueueFull:
@@ -98,6 +122,7 @@ class Subscription:
     async def __aiter__(self) -> AsyncIterator[pb.ClientStreamMessage]:
         try:
             while (message := await self.queue.get()) is not None:
+                self.keeping_up_at = time.monotonic()
                 yield message
         finally:
             self._bus.unsubscribe(self)
@@ -148,6 +173,22 @@ class EventBus:
             self.dropped += lost
             if self._on_drop is not None:
                 self._on_drop(lost)
+
+    async def wait_for_room(self, computation_id: str) -> None:
+        """For producers that can wait (agent connections): returns at once unless a subscriber
+        that is still reading has a backlog of this computation's messages (over half its
+        queue), then once it has worked most of it off (down to a quarter) or stopped reading.
+        Polls only while held back; costs nothing otherwise."""
+        if not self._held_back(computation_id, _HOLD_ABOVE):
+            return
+        # A poll rather than an Event: a subscriber also stops holding back by going quiet,
+        # which nothing signals. It only runs while held back, a millisecond at a time.
+        while self._held_back(computation_id, _RELEASE_ABOVE):  # noqa: ASYNC110
+            await asyncio.sleep(_ROOM_POLL)
+
+    def _held_back(self, computation_id: str, fill: float) -> bool:
+        now = time.monotonic()
+        return any(s.holds_back(computation_id, now, fill) for s in self._subscribers)
 
     def close(self) -> None:
         for subscription in list(self._subscribers):

@@ -13,14 +13,17 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 import grpc
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from cocos_manager.settings import ServiceSettings
+
+# cryptography is imported where a certificate or key is parsed: a plaintext daemon (and every
+# start-up before TLS is looked at) does not pay for loading it.
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 SERVER_CERT = "MANAGER_GRPC_SERVER_CERT"
 SERVER_KEY = "MANAGER_GRPC_SERVER_KEY"
@@ -73,6 +76,8 @@ def _blocks(variable_name: str, value: str) -> list[_PemBlock]:
 
 
 def _certificate(variable_name: str, block: _PemBlock, index: int) -> x509.Certificate:
+    from cryptography import x509
+
     try:
         return x509.load_pem_x509_certificate(block.data)
     except ValueError as error:
@@ -82,6 +87,9 @@ def _certificate(variable_name: str, block: _PemBlock, index: int) -> x509.Certi
 
 
 def _private_key(variable_name: str, block: _PemBlock) -> PrivateKeyTypes:
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
     try:
         return serialization.load_pem_private_key(block.data, password=None)
     except TypeError:
@@ -115,10 +123,14 @@ def load_private_key(variable_name: str, value: str) -> PrivateKeyTypes:
 
 
 def _certificates_pem(certificates: Sequence[x509.Certificate]) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return b"".join(cert.public_bytes(serialization.Encoding.PEM) for cert in certificates)
 
 
 def _key_pem(key: PrivateKeyTypes) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     # Re-encoded as PKCS#8 so that gRPC gets one spelling whatever openssl wrote.
     return key.private_bytes(
         serialization.Encoding.PEM,
@@ -151,6 +163,8 @@ def load_pem(variable_name: str, value: str) -> bytes | None:
 def _check_key_matches(
     cert_name: str, key_name: str, cert: x509.Certificate, key: PrivateKeyTypes
 ) -> None:
+    from cryptography.hazmat.primitives import serialization
+
     public = serialization.PublicFormat.SubjectPublicKeyInfo
     encoding = serialization.Encoding.DER
     if cert.public_key().public_bytes(encoding, public) != key.public_key().public_bytes(

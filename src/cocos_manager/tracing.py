@@ -31,7 +31,6 @@ from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from opentelemetry import trace
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
@@ -341,6 +340,9 @@ def make_exporter(
     parts = urlsplit(bare_url)
     if parts.path in ("", "/"):
         bare_url = urlunsplit(parts._replace(path=OTLP_DEFAULT_PATH))
+    # Imported here: it pulls in requests and urllib3, which the default Jaeger URL never uses.
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
     logging.getLogger(_OTLP_LOGGER).addFilter(_OTLP_MESSAGES)  # idempotent
     otlp = OTLPSpanExporter(endpoint=bare_url, timeout=timeout, headers=headers)
     return OutageGuard(otlp, bare_url, _OTLP_MESSAGES.take, probe_interval)

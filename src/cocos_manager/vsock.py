@@ -171,9 +171,11 @@ class AgentEventListener:
         resolve_cid: Callable[[int], str | None],
         publish: Publish,
         port: int = AGENT_EVENTS_PORT,
+        pace: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self._resolve_cid = resolve_cid
         self._publish = publish
+        self._pace = pace
         self._port = port
         self._server: asyncio.Server | None = None
         self._connections: dict[asyncio.Task[object], int] = {}
@@ -240,7 +242,9 @@ class AgentEventListener:
                 self._log.warning("agent connection from an unknown CID; closed", cid=cid)
                 await close_writer(writer)
                 return 0
-            return await serve_agent_connection(reader, writer, computation_id, self._publish)
+            return await serve_agent_connection(
+                reader, writer, computation_id, self._publish, self._pace
+            )
         finally:
             if task is not None:
                 self._connections.pop(task, None)
