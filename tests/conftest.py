@@ -9,7 +9,12 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
+import hypothesis  # noqa: F401  (see below)
 import pytest
+
+# Imported here, not first in hypothesis' pytest plugin at the end of a session that ran no
+# property test: that late import trips CPython 3.11.7's "AST constructor recursion depth
+# mismatch" SystemError under pytest's assertion rewriting and fails the whole run.
 
 
 @pytest.fixture(autouse=True)

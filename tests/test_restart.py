@@ -195,3 +195,20 @@ def test_record_round_trip(tmp_path: Path) -> None:
     assert (tmp_path / "s" / "vm-broken.bad").exists()
     store.remove("u")
     assert store.load_all() == []
+
+
+def test_newest_readable_version_wins_after_a_crash(tmp_path: Path) -> None:
+    from cocos_manager.state_store import StateStore
+
+    store = StateStore(tmp_path / "s")
+    store.open()
+    record = VmRecord("c", "u", "starting", 1, 2, 3)
+    store.save(record)
+    record.state = "running"
+    store.save(record)
+    assert [p.name for p in (tmp_path / "s").iterdir()] == ["vm-u.2.json"]
+    (tmp_path / "s" / "vm-u.3.json").write_text('{"half')  # a crash while writing version 3
+    fresh = StateStore(tmp_path / "s")
+    assert fresh.load_all() == [record]
+    fresh.remove("u")
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["vm-u.3.bad"]

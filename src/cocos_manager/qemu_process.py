@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cocos_manager.errors import VmStartError
-from cocos_manager.state_store import process_identity
+from cocos_manager.state_store import process_identity, process_start_time
 from cocos_manager.vm_files import unix_socket_path
 
 LineCallback = Callable[[str, str], None]
@@ -110,7 +110,8 @@ class QemuProcess:
         self._loop = asyncio.get_running_loop()
         self.exited: asyncio.Future[ExitInfo] = self._loop.create_future()
         self._pidfd: int | None = os.pidfd_open(pid)
-        self.start_time, self.cmdline = process_identity(pid) or (0, [])
+        # The command line is read once QEMU answers (reading it mid-exec stalls the loop).
+        self.start_time, self.cmdline = process_start_time(pid), list[str]()
         self._loop.add_reader(self._pidfd, self._on_pidfd)
 
     # -- starting ------------------------------------------------------------------------
@@ -214,8 +215,8 @@ class QemuProcess:
         finally:
             if not probe.done():
                 probe.cancel()
-                with contextlib.suppress(BaseException):
-                    await probe
+            with contextlib.suppress(BaseException):
+                await probe  # also retrieves an error nobody will look at (QEMU died first)
         if self.exited in done:
             await self.wait_output()
             raise VmStartError(
