@@ -12,6 +12,8 @@ from pathlib import Path
 import hypothesis  # noqa: F401  (see below)
 import pytest
 
+from tests.support.processes import processes_mentioning
+
 # Imported here, not first in hypothesis' pytest plugin at the end of a session that ran no
 # property test: that late import trips CPython 3.11.7's "AST constructor recursion depth
 # mismatch" SystemError under pytest's assertion rewriting and fails the whole run.
@@ -23,26 +25,6 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         if name.startswith(("MANAGER_", "COCOS_")):
             monkeypatch.delenv(name)
     yield
-
-
-def processes_mentioning(text: str) -> list[int]:
-    """Live processes (not zombies) whose command line names `text`."""
-    found = []
-    needle = text.encode()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
-                if needle not in cmdline.read():
-                    continue
-            with open(f"/proc/{entry}/stat", "rb") as stat:
-                if stat.read().rsplit(b")", 1)[1].split()[0] == b"Z":
-                    continue
-        except OSError:
-            continue
-        found.append(int(entry))
-    return found
 
 
 @pytest.fixture(autouse=True)

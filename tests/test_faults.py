@@ -36,6 +36,7 @@ from cocos_manager.api import manager_pb2_grpc as pb_grpc
 from cocos_manager.resources import VNC_BASE_PORT, tcp_port_is_free
 from cocos_manager.vsock import AgentEventListener
 from tests.support.harness import Manager, base_env, run_request, running_manager
+from tests.support.processes import children
 
 DAEMON = Path(sys.executable).with_name("cocos-manager")
 GUARD = 10.0
@@ -43,21 +44,6 @@ Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
 # -- what "nothing left behind" means -----------------------------------------------------------
-
-
-def children() -> list[int]:
-    """Processes whose parent is this test process, live or zombie."""
-    me, found = os.getpid(), []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == me:
-                found.append(int(entry))
-    return found
 
 
 def listing(directory: Path) -> list[str]:

@@ -13,6 +13,7 @@ import pytest
 
 from cocos_manager.api import manager_pb2 as pb
 from tests.support.harness import Manager, run_request, running_manager
+from tests.support.processes import children
 
 
 @pytest.fixture
@@ -32,22 +33,6 @@ def read_agent(port: int) -> bytes:
 def vm_files(m: Manager) -> list[str]:
     root = m.tmp / "vms"
     return sorted(os.listdir(root)) if root.exists() else []
-
-
-def children() -> list[int]:
-    """Processes whose parent is this test process (live or zombie)."""
-    me = os.getpid()
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == me:
-                found.append(int(entry))
-    return found
 
 
 async def test_run_answers_with_the_forwarded_port_and_stop_cleans_up(manager: Manager) -> None:

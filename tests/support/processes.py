@@ -1,0 +1,40 @@
+"""What "no process left behind" means, read from /proc."""
+
+from __future__ import annotations
+
+import os
+
+
+def _stat_fields(pid: str) -> list[bytes] | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def children() -> list[int]:
+    """Processes whose parent is this test process, live or zombie."""
+    me, found = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (fields := _stat_fields(entry)) and int(fields[1]) == me:
+            found.append(int(entry))
+    return found
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Live processes (not zombies) other than this one whose command line names `text`."""
+    found, needle = [], text.encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                if needle not in cmdline.read():
+                    continue
+        except OSError:
+            continue
+        fields = _stat_fields(entry)
+        if fields and fields[0] != b"Z":
+            found.append(int(entry))
+    return found
