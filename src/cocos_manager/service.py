@@ -615,5 +615,3 @@ class ManagerService:
     ) -> None:
         self.bus.publish(manager_event(computation_id, event_type, status, details))
 
-
-__all__ = ["ManagerError", "ManagerService"]
