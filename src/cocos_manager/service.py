@@ -614,4 +614,3 @@ class ManagerService:
         details: dict[str, Any] | None = None,
     ) -> None:
         self.bus.publish(manager_event(computation_id, event_type, status, details))
-
