@@ -36,21 +36,9 @@ from cocos_manager.vsock import (
     send_manifest,
     vsock_connector,
 )
+from tests.support.streams import AckSink
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
-
-
-class AckSink:
-    """Where acks go when the stream comes from feed_data rather than a socket."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-
-    def write(self, data: bytes) -> None:
-        self.data += data
-
-    async def drain(self) -> None:
-        return None
 
 
 GUARD = 10.0  # turns a hang into a failure; never reached by a passing test

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 
 from tests.support.harness import Manager, running_manager
+from tests.support.streams import read_agent
 
 CLI = str(Path(sys.executable).with_name("cocos-manager-cli"))
 
@@ -33,11 +33,7 @@ async def cli(m: Manager, *args: str) -> tuple[int, str, str]:
 
 
 def agent_manifest(port: int) -> dict[str, object]:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
-        data = b""
-        while chunk := conn.recv(65536):
-            data += chunk
-    result: dict[str, object] = json.loads(data)
+    result: dict[str, object] = json.loads(read_agent(port))
     return result
 
 

@@ -37,6 +37,7 @@ from cocos_manager.resources import VNC_BASE_PORT, tcp_port_is_free
 from cocos_manager.vsock import AgentEventListener
 from tests.support.harness import Manager, base_env, run_request, running_manager
 from tests.support.processes import children
+from tests.support.streams import read_agent
 
 DAEMON = Path(sys.executable).with_name("cocos-manager")
 GUARD = 10.0
@@ -126,14 +127,6 @@ def big_file(path: Path, size: int) -> str:
             out.write(block)
         out.write(os.urandom(size & ((1 << 20) - 1)))
     return str(path)
-
-
-def read_agent(port: int) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
-        chunks = []
-        while chunk := conn.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks)
 
 
 async def wait_for(condition: Callable[[], object], what: str, within: float = GUARD) -> None:

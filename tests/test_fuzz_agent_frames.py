@@ -27,22 +27,10 @@ from cocos_manager.agent_protocol import (
     read_agent_messages,
 )
 from cocos_manager.api.manager_pb2 import AgentEvent, AgentLog, ClientStreamMessage
+from tests.support.streams import AckSink
 
 HANG_GUARD = 5.0
 TEST_SETTINGS = settings(max_examples=150, deadline=None)
-
-
-class AckSink:
-    """Where acks go when the stream is fed by hand rather than read from a socket."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-
-    def write(self, data: bytes) -> None:
-        self.data += data
-
-    async def drain(self) -> None:
-        return None
 
 
 T = TypeVar("T")

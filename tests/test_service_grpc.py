@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 from pathlib import Path
 
 import grpc
@@ -14,20 +13,13 @@ import pytest
 from cocos_manager.api import manager_pb2 as pb
 from tests.support.harness import Manager, run_request, running_manager
 from tests.support.processes import children
+from tests.support.streams import read_agent
 
 
 @pytest.fixture
 async def manager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     async with running_manager(tmp_path, monkeypatch) as m:
         yield m
-
-
-def read_agent(port: int) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
-        chunks = []
-        while chunk := conn.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def vm_files(m: Manager) -> list[str]:

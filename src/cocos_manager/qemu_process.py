@@ -204,6 +204,13 @@ class QemuProcess:
 
     # -- readiness -----------------------------------------------------------------------
 
+    async def _exited_at_start(self) -> VmStartError:
+        await self.wait_output()
+        return VmStartError(
+            f"QEMU exited during start-up ({self.exited.result().describe()}): "
+            f"{self.failure_text()}"
+        )
+
     async def wait_ready(self, qmp_path: Path, timeout: float) -> None:
         """Returns once QMP says the VM runs; raises VmStartError with QEMU's message if not."""
         probe = asyncio.ensure_future(_query_status(qmp_path))
@@ -218,11 +225,7 @@ class QemuProcess:
             with contextlib.suppress(BaseException):
                 await probe  # also retrieves an error nobody will look at (QEMU died first)
         if self.exited in done:
-            await self.wait_output()
-            raise VmStartError(
-                f"QEMU exited during start-up ({self.exited.result().describe()}): "
-                f"{self.failure_text()}"
-            )
+            raise await self._exited_at_start()
         if probe not in done:
             raise VmStartError(f"QEMU did not become ready within {timeout:g}s")
         try:
@@ -233,11 +236,7 @@ class QemuProcess:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self.exited), 1.0)
             if self.exited.done():
-                await self.wait_output()
-                raise VmStartError(
-                    f"QEMU exited during start-up ({self.exited.result().describe()}): "
-                    f"{self.failure_text()}"
-                ) from None
+                raise await self._exited_at_start() from None
             raise VmStartError(f"QEMU's QMP monitor failed: {error}") from None
         if status != "running":
             raise VmStartError(f"QEMU reports VM status {status!r} instead of 'running'")
