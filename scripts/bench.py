@@ -810,7 +810,7 @@ async def fig_burst(daemon: Daemon, reps: int, count: int, figures: list[Figure]
             with contextlib.suppress(TimeoutError):
                 _, message = await asyncio.wait_for(completes[cid], 5)
                 detail = json.loads(message.agent_event.details)
-                cids.append(detail["guest_cid"])
+                cids.append(detail.get("guest_cid", cid))  # fw_cfg VMs have no CID
                 displays.append(detail["vnc_display"])
         argv_ports, argv_displays = set(), set()
         argvs = []

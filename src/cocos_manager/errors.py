@@ -1,6 +1,12 @@
-"""The manager's error types; the gRPC layer maps each to its status code in one place."""
+"""The manager's error types; the gRPC layer maps each to its status code in one place.
+
+Each type also names its `reason`, the label of `manager_run_failures_total`, so the failure
+metric never has to guess from a message (see docs/decisions.md, "Typed start errors").
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import grpc
 
@@ -9,41 +15,82 @@ class ManagerError(Exception):
     """Base of errors a client is told about. The message names what was wrong."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    reason: str = "internal"
 
 
 class InvalidArgumentError(ManagerError):
     code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "invalid_argument"
 
 
 class AlreadyExistsError(ManagerError):
     code = grpc.StatusCode.ALREADY_EXISTS
+    reason = "invalid_argument"
 
 
 class NotFoundError(ManagerError):
     code = grpc.StatusCode.NOT_FOUND
+    reason = "invalid_argument"
 
 
 class FailedPreconditionError(ManagerError):
+    """A host file or tool is missing or unusable; the message names the setting."""
+
     code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "files"
 
 
 class ResourceExhaustedError(ManagerError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "resource_exhausted"
 
 
 class AbortedError(ManagerError):
     """The operation was overtaken, e.g. a Stop arrived while the VM was starting."""
 
     code = grpc.StatusCode.ABORTED
+    reason = "cancelled"
 
 
 class UnavailableError(ManagerError):
     """The daemon is shutting down."""
 
     code = grpc.StatusCode.UNAVAILABLE
+    reason = "resource_exhausted"
 
 
 class VmStartError(ManagerError):
-    """QEMU exited or never became ready; the message carries QEMU's own words."""
+    """A VM did not start; subclasses say how. The message carries QEMU's own words."""
 
     code = grpc.StatusCode.INTERNAL
+    reason = "internal"
+
+
+class QemuExitedError(VmStartError):
+    """QEMU exited during start-up; `conflict` names a taken host number if its stderr says so."""
+
+    reason = "qemu_exited"
+
+    def __init__(self, message: str, *, exit: str, stderr: Sequence[str], conflict: str | None):
+        super().__init__(message)
+        self.exit = exit
+        self.stderr = list(stderr)
+        self.conflict = conflict
+
+
+class ReadinessTimeoutError(VmStartError):
+    """QEMU lived but its monitor never said `running` within MANAGER_QEMU_START_TIMEOUT."""
+
+    reason = "start_timeout"
+
+
+class HandoverTimeoutError(VmStartError):
+    """The agent never took the manifest within MANAGER_QEMU_START_TIMEOUT."""
+
+    reason = "start_timeout"
+
+
+class HandoverFailedError(VmStartError):
+    """The manifest could not be handed over and retrying cannot help (e.g. no AF_VSOCK)."""
+
+    reason = "handover_failed"

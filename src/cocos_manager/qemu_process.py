@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cocos_manager.errors import VmStartError
+from cocos_manager.errors import QemuExitedError, ReadinessTimeoutError, VmStartError
+from cocos_manager.qemu_failures import classify_start_failure
 from cocos_manager.state_store import process_identity, process_start_time
 from cocos_manager.vm_files import unix_socket_path
 
@@ -107,6 +108,7 @@ class QemuProcess:
         self._on_line = on_line
         self._tail: deque[tuple[str, str]] = deque(maxlen=TAIL_LINES)
         self._pipes: list[asyncio.Future[None]] = []
+        self._attached: set[str] = set()
         self._loop = asyncio.get_running_loop()
         self.exited: asyncio.Future[ExitInfo] = self._loop.create_future()
         self._pidfd: int | None = os.pidfd_open(pid)
@@ -117,30 +119,58 @@ class QemuProcess:
     # -- starting ------------------------------------------------------------------------
 
     @classmethod
-    async def spawn(
+    def start(
         cls,
         argv: Sequence[str],
         *,
         qmp_listener: socket.socket,
         on_line: LineCallback | None = None,
+        env: dict[str, str] | None = None,
     ) -> QemuProcess:
+        """Starts QEMU and returns its owner without awaiting anything, so a caller that is
+        cancelled at its next await still holds the process and can reap it. Its output is
+        connected by `attach_output()`."""
         # Popen (vfork+exec, about a millisecond) rather than asyncio's subprocess: exits are
         # watched through a pidfd for children and adopted processes alike.
-        popen = subprocess.Popen(  # noqa: ASYNC220
+        popen = subprocess.Popen(
             list(argv),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             pass_fds=(qmp_listener.fileno(),),
             start_new_session=True,  # a Ctrl-C or a daemon crash does not take the VMs along
+            env=env,
         )
-        process = cls(popen.pid, argv, popen=popen, on_line=on_line)
+        try:
+            return cls(popen.pid, argv, popen=popen, on_line=on_line)
+        except BaseException:
+            popen.kill()
+            popen.wait()
+            raise
+
+    async def attach_output(self) -> None:
+        """Connects QEMU's stdout and stderr to the line callback."""
+        assert self._popen is not None
         loop = asyncio.get_running_loop()
-        for stream, pipe in (("stdout", popen.stdout), ("stderr", popen.stderr)):
-            reader = _LineReader(stream, process._line)
-            await loop.connect_read_pipe(lambda r=reader: r, pipe)  # type: ignore[misc]
-            process._pipes.append(reader.closed)
-        return process
+        for stream, pipe in (("stdout", self._popen.stdout), ("stderr", self._popen.stderr)):
+            if pipe is None or pipe.closed:
+                continue
+            reader = _LineReader(stream, self._line)
+            self._pipes.append(reader.closed)
+            try:
+                await loop.connect_read_pipe(lambda r=reader: r, pipe)  # type: ignore[misc]
+            except BaseException:
+                pipe.close()
+                reader.connection_lost(None)
+                raise
+            self._attached.add(stream)
+
+    def close_pipes(self) -> None:
+        """Pipes never attached (a start cancelled in attach_output) are closed here."""
+        if self._popen is not None:
+            for stream, pipe in (("stdout", self._popen.stdout), ("stderr", self._popen.stderr)):
+                if pipe is not None and stream not in self._attached:
+                    pipe.close()
 
     @classmethod
     def adopt(
@@ -204,11 +234,16 @@ class QemuProcess:
 
     # -- readiness -----------------------------------------------------------------------
 
-    async def _exited_at_start(self) -> VmStartError:
+    async def exited_at_start(self, during: str = "during start-up") -> QemuExitedError:
+        """The typed error for a QEMU that exited before its VM was handed to the client."""
         await self.wait_output()
-        return VmStartError(
-            f"QEMU exited during start-up ({self.exited.result().describe()}): "
-            f"{self.failure_text()}"
+        exit_text = self.exited.result().describe()
+        stderr = self.tail("stderr")
+        return QemuExitedError(
+            f"QEMU exited {during} ({exit_text}): {self.failure_text()}",
+            exit=exit_text,
+            stderr=stderr,
+            conflict=(c.value if (c := classify_start_failure(stderr)) else None),
         )
 
     async def wait_ready(self, qmp_path: Path, timeout: float) -> None:
@@ -225,9 +260,9 @@ class QemuProcess:
             with contextlib.suppress(BaseException):
                 await probe  # also retrieves an error nobody will look at (QEMU died first)
         if self.exited in done:
-            raise await self._exited_at_start()
+            raise await self.exited_at_start()
         if probe not in done:
-            raise VmStartError(f"QEMU did not become ready within {timeout:g}s")
+            raise ReadinessTimeoutError(f"QEMU did not become ready within {timeout:g}s")
         try:
             status = probe.result()
         except Exception as error:
@@ -236,7 +271,7 @@ class QemuProcess:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self.exited), 1.0)
             if self.exited.done():
-                raise await self._exited_at_start() from None
+                raise await self.exited_at_start() from None
             raise VmStartError(f"QEMU's QMP monitor failed: {error}") from None
         if status != "running":
             raise VmStartError(f"QEMU reports VM status {status!r} instead of 'running'")

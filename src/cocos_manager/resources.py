@@ -12,9 +12,12 @@ from __future__ import annotations
 import errno
 import socket
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 from cocos_manager.errors import ResourceExhaustedError
-from cocos_manager.settings import PortRange
+from cocos_manager.qemu_argv import VmResources
+from cocos_manager.qemu_failures import Conflict
+from cocos_manager.settings import PortRange, QemuSettings
 
 VNC_BASE_PORT = 5900
 
@@ -39,15 +42,21 @@ class Pool:
 
     def __init__(self) -> None:
         self._held: set[int] = set()
+        self._shunned: set[int] = set()
 
     @property
     def held(self) -> frozenset[int]:
         return frozenset(self._held)
 
     def take(self, avoid: Iterable[int] = ()) -> int:
-        number = self._pick(self._held | set(avoid))
+        number = self._pick(self._held | self._shunned | set(avoid))
         self._held.add(number)
         return number
+
+    def shun(self, number: int) -> None:
+        """Never hand this number out again: something outside the daemon holds it and no
+        probe can see it (a guest CID of another VMM)."""
+        self._shunned.add(number)
 
     def _pick(self, skip: set[int]) -> int:
         raise NotImplementedError
@@ -116,3 +125,87 @@ def vnc_display_pool(first: int) -> NumberPool:
         65535 - VNC_BASE_PORT,
         lambda display: tcp_port_is_free(VNC_BASE_PORT + display),
     )
+
+
+@dataclass
+class Pools:
+    """The host-wide numbers of every VM, and which computation speaks from which CID."""
+
+    ports: Pool
+    cids: Pool
+    displays: Pool
+    cid_owner: dict[int, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_settings(cls, q: QemuSettings) -> Pools:
+        return cls(
+            host_port_pool(q.HOST_FWD_RANGE),
+            guest_cid_pool(q.VSOCK_GUEST_CID),
+            vnc_display_pool(q.VSOCK_VNC),
+        )
+
+    def lease(self, computation_id: str, vm_uuid: str) -> Lease:
+        """Port, CID and display in one synchronous step: all of them or none."""
+        port = self.ports.take()
+        try:
+            cid = self.cids.take()
+            try:
+                display = self.displays.take()
+            except BaseException:
+                self.cids.release(cid)
+                raise
+        except BaseException:
+            self.ports.release(port)
+            raise
+        return Lease(self, computation_id, VmResources(vm_uuid, port, cid, display))
+
+    def hold(self, computation_id: str, resources: VmResources) -> Lease:
+        """The numbers of a VM re-adopted after a restart."""
+        self.ports.hold(resources.host_port)
+        self.cids.hold(resources.guest_cid)
+        self.displays.hold(resources.vnc_display)
+        return Lease(self, computation_id, resources)
+
+
+class Lease:
+    """What one VM holds; released once, whichever way the VM ends."""
+
+    def __init__(self, pools: Pools, computation_id: str, resources: VmResources) -> None:
+        self._pools = pools
+        self.computation_id = computation_id
+        self.resources = resources
+        self.released = False
+        pools.cid_owner[resources.guest_cid] = computation_id
+
+    def swap(self, conflict: Conflict) -> None:
+        """Another process took one of our numbers before QEMU bound it: take the next one."""
+        r, pools = self.resources, self._pools
+        if conflict is Conflict.HOST_PORT:
+            pools.ports.release(r.host_port)
+            port = pools.ports.take(avoid={r.host_port})
+            self.resources = VmResources(r.uuid, port, r.guest_cid, r.vnc_display)
+        elif conflict is Conflict.VNC_DISPLAY:
+            pools.displays.release(r.vnc_display)
+            display = pools.displays.take(avoid={r.vnc_display})
+            self.resources = VmResources(r.uuid, r.host_port, r.guest_cid, display)
+        else:
+            pools.cids.shun(r.guest_cid)
+            pools.cids.release(r.guest_cid)
+            self._forget_cid()
+            cid = pools.cids.take()
+            self.resources = VmResources(r.uuid, r.host_port, cid, r.vnc_display)
+            pools.cid_owner[cid] = self.computation_id
+
+    def _forget_cid(self) -> None:
+        if self._pools.cid_owner.get(self.resources.guest_cid) == self.computation_id:
+            del self._pools.cid_owner[self.resources.guest_cid]
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        r = self.resources
+        self._pools.ports.release(r.host_port)
+        self._pools.cids.release(r.guest_cid)
+        self._pools.displays.release(r.vnc_display)
+        self._forget_cid()

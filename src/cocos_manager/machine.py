@@ -1,0 +1,471 @@
+"""One VM: its lease, files, process, record and logger, and the one place its state changes.
+
+    ADMITTED ──> STARTING ──> RUNNING ──> STOPPING ──> RELEASED
+        │           │  ↺ retry   │                       ↑
+        └───────────┴────────────┴───────────────────────┘  (failed start, exit)
+
+`_set_state` is the only writer of `state`: it checks the transition, logs it, saves the
+record (or removes it on RELEASED) and publishes the event. Teardown has one path,
+`_release`, which runs once in a task of its own whatever ended the VM (a failed or cancelled
+start, Stop, shutdown, TTL, QEMU's own exit), so a cancelled caller never leaves half a VM.
+See docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import errno
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry import trace
+
+from cocos_manager.errors import (
+    FailedPreconditionError,
+    HandoverFailedError,
+    HandoverTimeoutError,
+    QemuExitedError,
+    ResourceExhaustedError,
+)
+from cocos_manager.events import EventBus, log_message, manager_event
+from cocos_manager.logging import get_logger
+from cocos_manager.qemu_argv import (
+    FW_CFG_MANIFEST_NAME,
+    Executable,
+    VmResources,
+    derive_vm_settings,
+    qemu_args,
+)
+from cocos_manager.qemu_failures import Conflict
+from cocos_manager.qemu_process import ExitInfo, QemuProcess, qmp_args, qmp_listener
+from cocos_manager.resources import Lease, Pools
+from cocos_manager.settings import AgentChannel, Settings
+from cocos_manager.state_store import StateStore, VmRecord
+from cocos_manager.tasks import TaskSet
+from cocos_manager.vm_files import VmFiles, prepare_vm_files, vm_paths
+from cocos_manager.vsock import Connect, HandoverAborted, HandoverTimeout, send_manifest
+
+_tracer = trace.get_tracer("cocos_manager.machine")
+_log = get_logger()
+
+PROVISION = "vm-provision"
+STOP = "vm-stop"
+EXIT = "vm-exit"
+START_ATTEMPTS = 3
+
+
+class VmState(enum.Enum):
+    ADMITTED = "admitted"  # id, numbers and record held; files being prepared
+    STARTING = "starting"  # a QEMU of this VM runs; not yet handed to the client
+    RUNNING = "running"  # the Run answered (or the VM was re-adopted)
+    STOPPING = "stopping"  # Stop, shutdown or TTL is taking it down
+    RELEASED = "released"  # nothing of it is left: process, files, numbers, record
+
+
+_ALLOWED: dict[VmState | None, frozenset[VmState]] = {
+    None: frozenset({VmState.ADMITTED, VmState.RUNNING}),  # admitted, or re-adopted
+    VmState.ADMITTED: frozenset({VmState.STARTING, VmState.STOPPING, VmState.RELEASED}),
+    # STARTING -> STARTING: the next attempt, after a number was taken from under QEMU.
+    VmState.STARTING: frozenset(
+        {VmState.STARTING, VmState.RUNNING, VmState.STOPPING, VmState.RELEASED}
+    ),
+    VmState.RUNNING: frozenset({VmState.STOPPING, VmState.RELEASED}),
+    VmState.STOPPING: frozenset({VmState.RELEASED}),
+    VmState.RELEASED: frozenset(),
+}
+
+
+class StopReason(enum.Enum):
+    CLIENT = "client"  # the Run's caller went away (cancel, deadline)
+    STOP = "stop"  # a Stop request
+    SHUTDOWN = "shutdown"  # the daemon is stopping
+    EXIT = "exit"  # QEMU exited on its own
+    TTL = "ttl"  # the computation's time to live ran out
+    FAILED = "failed"  # the start failed
+
+
+class StateError(Exception):
+    """A transition the lifecycle does not have: a bug, never a client's fault."""
+
+
+@dataclass
+class MachineContext:
+    """What all Machines of one service share."""
+
+    settings: Settings
+    executable: Executable
+    bus: EventBus
+    store: StateStore
+    pools: Pools
+    tasks: TaskSet
+    agent_connector: Callable[[int], Connect]
+    on_released: Callable[[Machine], None]
+
+
+def _escape_opt(value: str) -> str:
+    """QEMU option values double their commas."""
+    return value.replace(",", ",,")
+
+
+class Machine:
+    def __init__(
+        self,
+        ctx: MachineContext,
+        computation_id: str,
+        lease: Lease,
+        *,
+        files: VmFiles | None = None,
+        process: QemuProcess | None = None,
+        adopted: bool = False,
+    ) -> None:
+        self.ctx = ctx
+        self.id = computation_id
+        self.lease = lease
+        self.files = files
+        self.process = process
+        self.adopted = adopted
+        self.state: VmState | None = None
+        self.stop_reason: StopReason | None = None
+        self.error: BaseException | None = None
+        self.started_at = time.time()
+        self.start_task: asyncio.Task[None] | None = None
+        self.released: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._releasing: asyncio.Task[None] | None = None
+        self._failing = False
+        self.log = _log.bind(computation_id=computation_id)
+
+    # -- identity --------------------------------------------------------------------------
+
+    @property
+    def uuid(self) -> str:
+        return self.lease.resources.uuid
+
+    @property
+    def resources(self) -> VmResources:
+        return self.lease.resources
+
+    @property
+    def fw_cfg(self) -> bool:
+        return self.ctx.settings.qemu.AGENT_CHANNEL is AgentChannel.FW_CFG
+
+    def details(self) -> dict[str, Any]:
+        r = self.resources
+        details: dict[str, Any] = {"agent_port": r.host_port, "vnc_display": r.vnc_display}
+        if not self.fw_cfg:
+            details["guest_cid"] = r.guest_cid
+        if self.process is not None:
+            details["pid"] = self.process.pid
+        return details
+
+    def record(self) -> VmRecord:
+        r = self.resources
+        q = self.ctx.settings.qemu
+        files = (
+            self.files.paths
+            if self.files is not None
+            else vm_paths(q, self.uuid, with_manifest=True)
+        )
+        record = VmRecord(
+            computation_id=self.id,
+            uuid=self.uuid,
+            state=self.state.value if self.state else VmState.ADMITTED.value,
+            host_port=r.host_port,
+            guest_cid=r.guest_cid,
+            vnc_display=r.vnc_display,
+            files={name: str(path) for name, path in files.items()},
+        )
+        if self.process is not None:
+            record.pid, record.start_time = self.process.pid, self.process.start_time
+            record.argv, record.cmdline = self.process.argv, self.process.cmdline
+        return record
+
+    # -- the one place the state changes -----------------------------------------------------
+
+    def _set_state(self, new: VmState, event: tuple[str, str], details: dict[str, Any]) -> None:
+        old = self.state
+        if new not in _ALLOWED[old]:
+            previous = old.value if old else "nothing"
+            raise StateError(
+                f"computation {self.id!r}: no transition from {previous} to {new.value}"
+            )
+        self.state = new
+        self.log.info(f"VM {new.value}", previous=old.value if old else None, **details)
+        try:
+            if new is VmState.RELEASED:
+                self.ctx.store.remove(self.uuid)
+            else:
+                self.ctx.store.save(self.record())
+        except OSError as error:
+            if old is None:
+                raise
+            self.log.error("cannot write the VM record", error=error.strerror)
+        event_type, status = event
+        self.ctx.bus.publish(manager_event(self.id, event_type, status, details or None))
+
+    # -- admission ---------------------------------------------------------------------------
+
+    @classmethod
+    def admit(cls, ctx: MachineContext, computation_id: str, vm_uuid: str) -> Machine:
+        """Numbers and a record, synchronously; nothing is left behind if either fails."""
+        lease = ctx.pools.lease(computation_id, vm_uuid)
+        machine = cls(ctx, computation_id, lease)
+        try:
+            machine._set_state(VmState.ADMITTED, (PROVISION, "starting"), {})
+        except OSError as error:
+            lease.release()
+            directory = str(ctx.store.directory)
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ResourceExhaustedError(
+                    f"MANAGER_STATE_DIR: no space left for the VM record in {directory!r}"
+                ) from None
+            raise FailedPreconditionError(
+                f"MANAGER_STATE_DIR: cannot write the VM record in {directory!r}: {error.strerror}"
+            ) from None
+        return machine
+
+    # -- start -------------------------------------------------------------------------------
+
+    async def start(self, manifest: bytes) -> None:
+        """From ADMITTED to RUNNING; on any failure or cancellation the VM is released and the
+        error re-raised untouched (CancelledError included)."""
+        try:
+            await self._prepare_files(manifest)
+            for attempt in range(1, START_ATTEMPTS + 1):
+                try:
+                    await self._attempt(manifest)
+                    break
+                except QemuExitedError as error:
+                    if error.conflict is None or attempt == START_ATTEMPTS or self.stop_reason:
+                        raise
+                    self._failing = False
+                    self.log.warning(
+                        "VM start hit a taken resource; retrying",
+                        attempt=attempt,
+                        conflict=error.conflict,
+                        error=str(error),
+                    )
+                    self.lease.swap(Conflict(error.conflict))
+            self._not_stopping()
+            self._set_state(VmState.RUNNING, (PROVISION, "complete"), self.details())
+        except BaseException as error:
+            self._failing = True
+            cancelled = isinstance(error, asyncio.CancelledError)
+            if not cancelled:
+                self.error = error
+                self.log.warning("computation failed to start", error=str(error))
+            if self.stop_reason is None:
+                self.stop_reason = StopReason.CLIENT if cancelled else StopReason.FAILED
+            await asyncio.shield(self._release(self.stop_reason))
+            raise
+
+    def _not_stopping(self) -> None:
+        """A Stop that came while this start was between two awaits wins over the start."""
+        if self.state is VmState.STOPPING:
+            raise asyncio.CancelledError
+
+    async def _prepare_files(self, manifest: bytes) -> None:
+        """In a worker thread, which a cancelled Run cannot interrupt: on cancellation the
+        files it still makes are removed once it ends."""
+        q = self.ctx.settings.qemu
+        with _tracer.start_as_current_span("prepare-files"):
+            preparing = asyncio.ensure_future(
+                asyncio.to_thread(prepare_vm_files, q, self.uuid, manifest if self.fw_cfg else None)
+            )
+            try:
+                self.files = await asyncio.shield(preparing)
+            except asyncio.CancelledError:
+                with contextlib.suppress(BaseException):
+                    self.files = await preparing
+                raise
+
+    def _argv(self, listener_args: list[str]) -> list[str]:
+        vm = derive_vm_settings(self.ctx.settings.qemu, self.resources)
+        args = qemu_args(vm, vsock_device=not self.fw_cfg)
+        assert self.files is not None
+        if self.fw_cfg and self.files.manifest is not None:
+            manifest = _escape_opt(str(self.files.manifest))
+            args += ["-fw_cfg", f"name={FW_CFG_MANIFEST_NAME},file={manifest}"]
+        return self.ctx.executable.command([*args, *listener_args])
+
+    async def _attempt(self, manifest: bytes) -> None:
+        """One QEMU: spawned, owned before any await, and reaped if this attempt fails."""
+        assert self.files is not None
+        qmp_path = self.files.qmp_socket
+        timeout = self.ctx.settings.qemu.START_TIMEOUT
+        with _tracer.start_as_current_span("start-qemu") as span:
+            listener = qmp_listener(qmp_path)
+            try:
+                process = QemuProcess.start(
+                    self._argv(qmp_args(listener)), qmp_listener=listener, on_line=self._on_line
+                )
+            finally:
+                listener.close()
+            self.process = process
+            span.set_attribute("qemu.pid", process.pid)
+            try:
+                self._not_stopping()
+                self._set_state(VmState.STARTING, (PROVISION, "in-progress"), {"pid": process.pid})
+                process.exited.add_done_callback(lambda _: self._on_exit(process))
+                await process.attach_output()
+                await process.wait_ready(qmp_path, timeout)
+            except BaseException:
+                self._failing = True
+                await self._reap(process)
+                raise
+        try:
+            if not self.fw_cfg:
+                with _tracer.start_as_current_span("handover"):
+                    await self._handover(process, manifest)
+            if process.exited.done():  # between the agent's answer and now: not a running VM
+                raise await process.exited_at_start("right after start-up")
+        except BaseException:
+            self._failing = True
+            await self._reap(process)
+            raise
+
+    async def _handover(self, process: QemuProcess, manifest: bytes) -> None:
+        timeout = self.ctx.settings.qemu.START_TIMEOUT
+        try:
+            await send_manifest(
+                self.ctx.agent_connector(self.resources.guest_cid),
+                manifest,
+                abort=process.exited,
+                timeout=timeout,
+            )
+        except HandoverAborted:
+            raise await process.exited_at_start("before the agent took the manifest") from None
+        except HandoverTimeout as error:
+            raise HandoverTimeoutError(str(error)) from None
+        except Exception as error:
+            raise HandoverFailedError(f"manifest hand-over to the agent failed: {error}") from None
+
+    async def _reap(self, process: QemuProcess) -> None:
+        """The per-attempt guard: this attempt's QEMU is gone before anything is reused. Shielded,
+        so a second cancellation cannot leave it running; the release reaps it again if so."""
+        process.close_pipes()
+        process.kill_now()
+        await asyncio.shield(process.terminate(0))
+        if self.process is process:
+            self.process = None
+
+    def _on_line(self, stream: str, text: str) -> None:
+        level = "info" if stream == "stdout" else "warn"
+        if level == "info":
+            self.log.info(text, source="qemu-stdout")
+        else:
+            self.log.warning(text, source="qemu-stderr")
+        self.ctx.bus.publish(log_message(self.id, level, text))
+
+    # -- exit --------------------------------------------------------------------------------
+
+    def _on_exit(self, process: QemuProcess) -> None:
+        """QEMU ended. While starting, the start path sees it; once running, it is released."""
+        if self.process is process and self.state is VmState.RUNNING:
+            self.stop_reason = StopReason.EXIT
+            self._release(StopReason.EXIT)
+
+    # -- stop --------------------------------------------------------------------------------
+
+    async def stop(self, reason: StopReason) -> None:
+        """Returns once everything of the VM is released, whatever state it was in."""
+        if self.state in (VmState.ADMITTED, VmState.STARTING) and self._failing:
+            # The start is already failing on its own: its error stands; no retry after this.
+            self.stop_reason = self.stop_reason or reason
+        elif self.state in (VmState.ADMITTED, VmState.STARTING):
+            self.stop_reason = reason
+            self._set_state(VmState.STOPPING, (STOP, "starting"), {"reason": reason.value})
+            if self.start_task is not None and not self.start_task.done():
+                self.start_task.cancel()
+            else:
+                self._release(reason)
+        elif self.state is VmState.RUNNING:
+            self.stop_reason = reason
+            self._set_state(VmState.STOPPING, (STOP, "starting"), {"reason": reason.value})
+            self._release(reason)
+        await asyncio.shield(self.released)
+
+    # -- release: the one teardown path -------------------------------------------------------
+
+    def _release(self, reason: StopReason) -> asyncio.Task[None]:
+        """Starts the teardown once; callers await it shielded, so their cancellation never
+        interrupts it."""
+        if self._releasing is None:
+            self._releasing = self.ctx.tasks.spawn(
+                self._teardown(reason), name=f"release:{self.id}"
+            )
+        return self._releasing
+
+    async def _teardown(self, reason: StopReason) -> None:
+        details: dict[str, Any] = {"reason": reason.value}
+        if self.error is not None:
+            details["error"] = str(self.error)
+        elif reason is StopReason.CLIENT:
+            details["error"] = "cancelled"
+        process = self.process
+        try:
+            if process is not None:
+                details.update(await self._end_process(process, reason))
+        finally:
+            if self.files is not None:
+                self.files.remove()
+            self.lease.release()
+            self._set_state(VmState.RELEASED, self._final_event(reason), details)
+            self.ctx.on_released(self)
+            if not self.released.done():
+                self.released.set_result(None)
+
+    async def _end_process(self, process: QemuProcess, reason: StopReason) -> dict[str, Any]:
+        if reason is StopReason.EXIT:
+            await process.wait_output(0.2)
+            info = process.exited.result()
+            tail = process.tail()
+            self.log.warning("VM exited on its own", exit=info.describe(), last_lines=tail[-5:])
+            return {"exit": info.describe(), "returncode": info.returncode, "last_lines": tail}
+        if reason in (StopReason.STOP, StopReason.SHUTDOWN, StopReason.TTL) and self._ran:
+            with _tracer.start_as_current_span("stop"):
+                info = await self._terminate(process)
+            return {"exit": info.describe()}
+        process.close_pipes()
+        process.kill_now()
+        await process.terminate(0)
+        return {}
+
+    @property
+    def _ran(self) -> bool:
+        """Whether the VM reached RUNNING (a stop of a starting VM kills it at once)."""
+        return self.start_task is None or (self.start_task.done() and not self._failing)
+
+    async def _terminate(self, process: QemuProcess) -> ExitInfo:
+        return await process.terminate(self.ctx.settings.qemu.STOP_TIMEOUT)
+
+    def _final_event(self, reason: StopReason) -> tuple[str, str]:
+        if reason is StopReason.EXIT:
+            exited = self.process is not None and self.process.exited.done()
+            ok = (
+                exited and self.process is not None and self.process.exited.result().returncode == 0
+            )
+            return (EXIT, "complete" if ok else "failed")
+        if self.error is not None or reason in (StopReason.FAILED, StopReason.CLIENT):
+            return (PROVISION, "failed")
+        return (STOP, "complete")
+
+    # -- adoption ----------------------------------------------------------------------------
+
+    @classmethod
+    def adopt(
+        cls, ctx: MachineContext, record: VmRecord, process: QemuProcess, files: VmFiles
+    ) -> Machine:
+        """A VM an earlier run of the daemon started, proven to be the recorded one."""
+        resources = VmResources(record.uuid, record.host_port, record.guest_cid, record.vnc_display)
+        lease = ctx.pools.hold(record.computation_id, resources)
+        machine = cls(ctx, record.computation_id, lease, files=files, process=process, adopted=True)
+        process.exited.add_done_callback(lambda _: machine._on_exit(process))
+        details = {**machine.details(), "readopted": True}
+        machine._set_state(VmState.RUNNING, (PROVISION, "complete"), details)
+        if process.exited.done():  # died between the identity check and now
+            machine._on_exit(process)
+        return machine

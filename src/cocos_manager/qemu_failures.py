@@ -1,0 +1,40 @@
+"""What QEMU's own words at a failed start mean: the one classifier of its stderr.
+
+Beside the argv builder because the options it reads back are the ones that builder wrote:
+`-netdev user,hostfwd=...` (host port), `-vnc` (display) and `-device vhost-vsock-pci`
+(guest CID). Each of these numbers is probed and held by the daemon, but a process outside it
+can still take one between the probe and QEMU's bind; the start is then retried with another.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Iterable
+
+
+class Conflict(enum.Enum):
+    """A host-wide number another process holds."""
+
+    HOST_PORT = "host_port"
+    VNC_DISPLAY = "vnc_display"
+    GUEST_CID = "guest_cid"
+
+
+_PATTERNS: tuple[tuple[Conflict, re.Pattern[str]], ...] = (
+    # -netdev user: Could not set up host forwarding rule 'tcp::7020-:7002'
+    (Conflict.HOST_PORT, re.compile(r"could not set up host forwarding rule", re.I)),
+    # Failed to start VNC server: Failed to find an available port: Address already in use
+    (Conflict.VNC_DISPLAY, re.compile(r"VNC server.*(address already in use|bind)", re.I)),
+    # vhost-vsock: unable to set guest cid: Address already in use
+    (Conflict.GUEST_CID, re.compile(r"unable to set guest cid", re.I)),
+)
+
+
+def classify_start_failure(stderr: Iterable[str]) -> Conflict | None:
+    """The taken number QEMU complains about, or None when it failed for another reason."""
+    for line in stderr:
+        for conflict, pattern in _PATTERNS:
+            if pattern.search(line):
+                return conflict
+    return None
