@@ -17,10 +17,11 @@ import asyncio
 import contextlib
 import enum
 import errno
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from opentelemetry import trace
 
@@ -41,7 +42,13 @@ from cocos_manager.qemu_argv import (
     qemu_args,
 )
 from cocos_manager.qemu_failures import Conflict
-from cocos_manager.qemu_process import ExitInfo, QemuProcess, qmp_args, qmp_listener
+from cocos_manager.qemu_process import (
+    ExitInfo,
+    LineCallback,
+    QemuProcess,
+    qmp_args,
+    qmp_listener,
+)
 from cocos_manager.resources import Lease, Pools
 from cocos_manager.settings import AgentChannel, Settings
 from cocos_manager.state_store import StateStore, VmRecord
@@ -92,6 +99,14 @@ class StateError(Exception):
     """A transition the lifecycle does not have: a bug, never a client's fault."""
 
 
+class Launcher(Protocol):
+    """Starts one QEMU: `QemuProcess.start`, or a stand-in in the Machine's unit tests."""
+
+    def __call__(
+        self, argv: Sequence[str], *, qmp_listener: socket.socket, on_line: LineCallback
+    ) -> QemuProcess: ...
+
+
 @dataclass
 class MachineContext:
     """What all Machines of one service share."""
@@ -104,6 +119,7 @@ class MachineContext:
     tasks: TaskSet
     agent_connector: Callable[[int], Connect]
     on_released: Callable[[Machine], None]
+    launch: Launcher = QemuProcess.start
 
 
 def _escape_opt(value: str) -> str:
@@ -129,6 +145,7 @@ class Machine:
         self.process = process
         self.adopted = adopted
         self.state: VmState | None = None
+        self.history: list[VmState] = []  # every state it went through, for List and tests
         self.stop_reason: StopReason | None = None
         self.error: BaseException | None = None
         self.started_at = time.time()
@@ -193,6 +210,7 @@ class Machine:
                 f"computation {self.id!r}: no transition from {previous} to {new.value}"
             )
         self.state = new
+        self.history.append(new)
         self.log.info(f"VM {new.value}", previous=old.value if old else None, **details)
         try:
             if new is VmState.RELEASED:
@@ -299,7 +317,7 @@ class Machine:
         with _tracer.start_as_current_span("start-qemu") as span:
             listener = qmp_listener(qmp_path)
             try:
-                process = QemuProcess.start(
+                process = self.ctx.launch(
                     self._argv(qmp_args(listener)), qmp_listener=listener, on_line=self._on_line
                 )
             finally:

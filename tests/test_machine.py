@@ -1,0 +1,217 @@
+"""The Machine's lifecycle with a stand-in process (tests/support/machine_fakes.py): every
+await of a start is a gate, so each test walks a VM to an exact point, acts there (cancel,
+Stop, exit) and checks the exact state sequence and that nothing is left. Milliseconds each."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from cocos_manager.errors import QemuExitedError
+from cocos_manager.events import EventBus
+from cocos_manager.machine import Machine, MachineContext, StopReason, VmState
+from cocos_manager.qemu_argv import Executable
+from cocos_manager.resources import Pools
+from cocos_manager.settings import load_settings
+from cocos_manager.state_store import StateStore
+from cocos_manager.tasks import TaskSet
+from tests.support.harness import base_env
+from tests.support.machine_fakes import FakeLauncher
+
+A, S, R, X, D = (
+    VmState.ADMITTED,
+    VmState.STARTING,
+    VmState.RUNNING,
+    VmState.STOPPING,
+    VmState.RELEASED,
+)
+
+
+@dataclass
+class Rig:
+    ctx: MachineContext
+    launcher: FakeLauncher
+    released: list[Machine]
+    tmp: Path
+
+    def admit(self, computation_id: str = "c1") -> Machine:
+        return Machine.admit(self.ctx, computation_id, f"uuid-{computation_id}")
+
+    def start(self, machine: Machine) -> asyncio.Task[None]:
+        machine.start_task = asyncio.get_running_loop().create_task(machine.start(b"{}"))
+        return machine.start_task
+
+    def left_behind(self) -> dict[str, object]:
+        pools = self.ctx.pools
+        return {
+            "files": sorted(p.name for p in (self.tmp / "vms").glob("*")),
+            "records": sorted(p.name for p in (self.tmp / "state").glob("*.json")),
+            "numbers": (pools.ports.held, pools.cids.held, pools.displays.held),
+            "cid map": dict(pools.cid_owner),
+        }
+
+
+NOTHING = {"files": [], "records": [], "numbers": (frozenset(),) * 3, "cid map": {}}
+
+
+@pytest.fixture
+async def rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Rig]:
+    for name, value in base_env(tmp_path).items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings()
+    launcher = FakeLauncher()
+    released: list[Machine] = []
+    store = StateStore(tmp_path / "state")
+    store.open()
+    ctx = MachineContext(
+        settings=settings,
+        executable=Executable("qemu", ()),
+        bus=EventBus(),
+        store=store,
+        pools=Pools.from_settings(settings.qemu),
+        tasks=TaskSet(),
+        agent_connector=lambda cid: None,  # type: ignore[arg-type,return-value]
+        on_released=released.append,
+        launch=launcher,
+    )
+    yield Rig(ctx, launcher, released, tmp_path)
+    await ctx.tasks.join(5)
+
+
+async def test_a_start_goes_admitted_starting_running(rig: Rig) -> None:
+    machine = rig.admit()
+    await rig.start(machine)
+    assert machine.history == [A, S, R]
+    assert [r.name for r in (rig.tmp / "state").glob("*.json")], "record kept while running"
+
+
+@pytest.mark.parametrize("point", ["attach_output", "wait_ready"])
+async def test_a_start_cancelled_at_each_await_reaps_its_qemu_and_leaves_nothing(
+    rig: Rig, point: str
+) -> None:
+    gate = rig.launcher.close(point)
+    machine = rig.admit()
+    task = rig.start(machine)
+    await gate.entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.wait_for(asyncio.shield(machine.released), 1)
+    assert machine.history == [A, S, D]
+    assert machine.stop_reason is StopReason.CLIENT
+    assert "SIGKILL" in rig.launcher.processes[0].signals
+    assert rig.left_behind() == NOTHING
+    assert rig.released == [machine]
+
+
+async def test_a_start_cancelled_while_preparing_files_leaves_nothing(rig: Rig) -> None:
+    machine = rig.admit()
+    task = rig.start(machine)
+    await asyncio.sleep(0)  # inside prepare-files (a worker thread)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.wait_for(asyncio.shield(machine.released), 1)
+    assert machine.history == [A, D]
+    assert rig.launcher.processes == []
+    assert rig.left_behind() == NOTHING
+
+
+async def test_stop_while_a_failing_start_tears_down_waits_for_the_release_and_keeps_the_error(
+    rig: Rig,
+) -> None:
+    """Stop must not answer while the failed attempt's QEMU is still being reaped, and the
+    Run keeps its own error rather than becoming 'aborted'."""
+    rig.launcher.gates["wait_ready"].error = QemuExitedError(
+        "QEMU exited during start-up: boom", exit="exit status 1", stderr=["boom"], conflict=None
+    )
+    reaping = rig.launcher.close("terminate")
+    machine = rig.admit()
+    task = rig.start(machine)
+    await reaping.entered.wait()
+    stop = asyncio.ensure_future(machine.stop(StopReason.STOP))
+    await asyncio.sleep(0.01)
+    assert not stop.done(), "Stop answered while the failed start still held everything"
+    assert rig.left_behind() != NOTHING
+    reaping.opened.set()
+    await asyncio.wait_for(stop, 1)
+    assert rig.left_behind() == NOTHING
+    with pytest.raises(QemuExitedError, match="boom"):
+        await task
+    assert machine.history == [A, S, D]
+
+
+async def test_stop_while_starting_cancels_the_start_and_waits_for_the_release(rig: Rig) -> None:
+    gate = rig.launcher.close("wait_ready")
+    machine = rig.admit()
+    task = rig.start(machine)
+    await gate.entered.wait()
+    await asyncio.wait_for(machine.stop(StopReason.STOP), 1)
+    assert task.cancelled()
+    assert machine.history == [A, S, X, D]
+    assert rig.left_behind() == NOTHING
+
+
+async def test_a_qemu_that_exits_before_running_fails_the_start_not_a_ghost(rig: Rig) -> None:
+    """QEMU gone between the last await of the start (readiness, hand-over) and RUNNING."""
+    gate = rig.launcher.close("wait_ready")
+    machine = rig.admit()
+    task = rig.start(machine)
+    await gate.entered.wait()
+    rig.launcher.processes[0].exit(0)  # its exit is seen by the start path, not as vm-exit
+    gate.opened.set()
+    with pytest.raises(QemuExitedError, match="right after start-up"):
+        await task
+    assert machine.history == [A, S, D]
+    assert rig.left_behind() == NOTHING
+
+
+async def test_a_running_vm_whose_qemu_exits_is_released_with_reason_exit(rig: Rig) -> None:
+    machine = rig.admit()
+    await rig.start(machine)
+    rig.launcher.processes[0].exit(0)
+    await asyncio.wait_for(asyncio.shield(machine.released), 1)
+    assert machine.history == [A, S, R, D]
+    assert machine.stop_reason is StopReason.EXIT
+    assert rig.left_behind() == NOTHING
+
+
+async def test_stop_of_a_running_vm_terminates_with_the_stop_timeout(rig: Rig) -> None:
+    machine = rig.admit()
+    await rig.start(machine)
+    await machine.stop(StopReason.TTL)
+    assert machine.history == [A, S, R, X, D]
+    assert rig.launcher.processes[0].signals == [
+        f"terminate({rig.ctx.settings.qemu.STOP_TIMEOUT:g})"
+    ]
+    assert rig.left_behind() == NOTHING
+
+
+async def test_a_second_stop_waits_for_the_same_release(rig: Rig) -> None:
+    gate = rig.launcher.close("terminate")
+    machine = rig.admit()
+    await rig.start(machine)
+    first = asyncio.ensure_future(machine.stop(StopReason.STOP))
+    await gate.entered.wait()
+    second = asyncio.ensure_future(machine.stop(StopReason.STOP))
+    await asyncio.sleep(0.01)
+    assert not first.done() and not second.done()
+    gate.opened.set()
+    await asyncio.wait_for(asyncio.gather(first, second), 1)
+    assert machine.history == [A, S, R, X, D]
+
+
+async def test_a_cancelled_stop_caller_does_not_interrupt_the_release(rig: Rig) -> None:
+    gate = rig.launcher.close("terminate")
+    machine = rig.admit()
+    await rig.start(machine)
+    stop = asyncio.ensure_future(machine.stop(StopReason.STOP))
+    await gate.entered.wait()
+    stop.cancel()
+    gate.opened.set()
+    await asyncio.wait_for(asyncio.shield(machine.released), 1)
+    assert rig.left_behind() == NOTHING
