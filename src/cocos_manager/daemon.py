@@ -1,28 +1,33 @@
-"""The daemon's life: configure, serve until SIGTERM/SIGINT, then shut down cleanly.
+"""The daemon's life: `DaemonRunner.setup()` / `start()` / `cleanup()`, then `run_daemon` serves
+until SIGTERM/SIGINT. The same runner serves `main`, the in-process test harness and the
+benchmarks, so tests run the production wiring (interceptors, agent listener, metrics).
 
 Shutdown order: tell systemd, refuse new Runs, end Events streams, let in-flight calls finish
 (bounded), stop every VM as Stop does (unless told to leave them for the next start), flush
-traces, exit 0.
+traces.
 """
 
 from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Callable
+
+from opentelemetry.sdk.trace import TracerProvider
 
 from cocos_manager.errors import ManagerError
 from cocos_manager.events import EventBus
 from cocos_manager.interceptors import TelemetryInterceptor
 from cocos_manager.logging import configure_logging, get_logger
-from cocos_manager.metrics import METRICS, MetricsServerError, start_metrics_server
+from cocos_manager.metrics import METRICS, MetricsServer, MetricsServerError, start_metrics_server
 from cocos_manager.qemu_argv import qemu_args, resolve_executable, shell_line
 from cocos_manager.sdnotify import READY, STOPPING, notify
-from cocos_manager.server import build_server, listen_address
+from cocos_manager.server import Server, build_server, listen_address
 from cocos_manager.service import ManagerService
 from cocos_manager.settings import AgentChannel, Settings
-from cocos_manager.tls import TlsConfigError, describe_mode, server_credentials
+from cocos_manager.tls import TlsConfigError, TlsMode, describe_mode, server_credentials
 from cocos_manager.tracing import setup_tracing, shutdown_tracing
-from cocos_manager.vsock import AgentEventListener
+from cocos_manager.vsock import AgentEventListener, Connect, vsock_connector
 
 SHUTDOWN_GRACE = 10.0
 
@@ -31,75 +36,131 @@ class StartupError(Exception):
     """Start-up cannot go on; the message is the one line the operator sees."""
 
 
+class DaemonRunner:
+    """Builds the daemon from settings, serves it, and takes it down again.
+
+    `cleanup()` undoes whatever `setup()` got to, so a start-up that fails half-way leaves
+    nothing running either.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        agent_connector: Callable[[int], Connect] = vsock_connector,
+        shutdown_grace: float = SHUTDOWN_GRACE,
+        tracer_provider: TracerProvider | None = None,
+    ) -> None:
+        """`tracer_provider`: one the caller owns (tests keep one for the whole session, since
+        OpenTelemetry's global provider can be set only once); otherwise the runner makes one
+        from COCOS_JAEGER_URL and shuts it down in cleanup()."""
+        self.settings = settings
+        self._agent_connector = agent_connector
+        self._grace = shutdown_grace
+        self.log = get_logger()
+        self.provider = tracer_provider
+        self._owns_provider = tracer_provider is None
+        self.bus = EventBus(on_drop=METRICS.events_dropped.inc)
+        self.service: ManagerService | None = None
+        self.server: Server | None = None
+        self.metrics: MetricsServer | None = None
+        self.agents: AgentEventListener | None = None
+        self._mode = TlsMode.PLAINTEXT
+
+    async def setup(self) -> None:
+        settings = self.settings
+        executable = resolve_executable(settings.qemu)
+        self.log.info(shell_line(executable.command(qemu_args(settings.qemu))))
+        try:
+            self._mode, credentials = server_credentials(settings.service)
+        except TlsConfigError as error:
+            raise StartupError(str(error)) from None
+        if self.provider is None:
+            self.provider = setup_tracing(settings.service, settings.instance_id)
+        service = ManagerService(settings, executable, self.bus, self._agent_connector)
+        self.service = service
+        try:
+            await service.recover()
+        except ManagerError as error:
+            raise StartupError(str(error)) from None
+        host, port = settings.service.GRPC_HOST, settings.service.GRPC_PORT
+        try:
+            self.server = await build_server(
+                service,
+                host,
+                port,
+                credentials=credentials,
+                interceptors=[TelemetryInterceptor(self.provider)],
+            )
+        except RuntimeError as error:
+            raise StartupError(
+                f"MANAGER_GRPC_HOST/MANAGER_GRPC_PORT: cannot listen on "
+                f"{listen_address(host, port)}: {error}"
+            ) from None
+        try:
+            self.metrics = await start_metrics_server(settings.service.METRICS_PORT, host)
+        except MetricsServerError as error:
+            raise StartupError(str(error)) from None
+        if settings.qemu.AGENT_CHANNEL is AgentChannel.VSOCK:
+            agents = AgentEventListener(
+                service.computation_for_cid,
+                service.publish_agent_message,
+                pace=self.bus.wait_for_room,
+            )
+            self.agents = agents
+            await agents.start()
+            service.on_release(agents.disconnect)
+
+    @property
+    def address(self) -> str:
+        assert self.server is not None
+        return listen_address(self.settings.service.GRPC_HOST, self.server.port)
+
+    async def start(self) -> None:
+        assert self.server is not None
+        await self.server.grpc.start()
+        await self.server.set_serving(True)
+        self.log.info(
+            f"manager service gRPC server listening at {self.address} "
+            f"{describe_mode(self._mode, self.settings.service)}",
+            instance_id=self.settings.instance_id,
+        )
+        notify(READY)
+
+    async def cleanup(self) -> None:
+        notify(STOPPING)
+        self.log.info("manager shutting down")
+        if self.service is not None:
+            self.service.begin_shutdown()
+        if self.server is not None:
+            await self.server.set_serving(False)
+        self.bus.close()
+        if self.server is not None:
+            await self.server.grpc.stop(self._grace)
+        if self.service is not None:
+            await self.service.shutdown(stop_vms=self.settings.service.SHUTDOWN_STOPS_VMS)
+        if self.agents is not None:
+            await self.agents.close()
+        if self.metrics is not None:
+            await self.metrics.close()
+        if self.provider is not None and self._owns_provider:
+            await asyncio.to_thread(shutdown_tracing, self.provider)
+        self.log.info("manager stopped")
+
+
 async def run_daemon(settings: Settings) -> int:
     configure_logging(settings.service.LOG_LEVEL)
-    log = get_logger()
-    executable = resolve_executable(settings.qemu)
-    log.info(shell_line(executable.command(qemu_args(settings.qemu))))
-    try:
-        mode, credentials = server_credentials(settings.service)
-    except TlsConfigError as error:
-        raise StartupError(str(error)) from None
-
-    provider = setup_tracing(settings.service, settings.instance_id)
-    bus = EventBus(on_drop=METRICS.events_dropped.inc)
-    service = ManagerService(settings, executable, bus)
-    try:
-        await service.recover()
-    except ManagerError as error:
-        raise StartupError(str(error)) from None
-    host, port = settings.service.GRPC_HOST, settings.service.GRPC_PORT
-    try:
-        server = await build_server(
-            service,
-            host,
-            port,
-            credentials=credentials,
-            interceptors=[TelemetryInterceptor(provider)],
-        )
-    except RuntimeError as error:
-        raise StartupError(
-            f"MANAGER_GRPC_HOST/MANAGER_GRPC_PORT: cannot listen on {listen_address(host, port)}: {error}"
-        ) from None
-    try:
-        metrics_server = await start_metrics_server(settings.service.METRICS_PORT, host)
-    except MetricsServerError as error:
-        raise StartupError(str(error)) from None
-
-    agents: AgentEventListener | None = None
-    if settings.qemu.AGENT_CHANNEL is AgentChannel.VSOCK:
-        agents = AgentEventListener(
-            service.computation_for_cid, service.publish_agent_message, pace=bus.wait_for_room
-        )
-        await agents.start()
-        service.on_release(lambda cid: agents.disconnect(cid) if agents else 0)
-
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # First of all, so a SIGTERM during a long recovery still shuts down cleanly.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-
-    await server.grpc.start()
-    await server.set_serving(True)
-    log.info(
-        f"manager service gRPC server listening at {listen_address(host, server.port)} "
-        f"{describe_mode(mode, settings.service)}",
-        instance_id=settings.instance_id,
-    )
-    notify(READY)
-    await stop.wait()
-
-    notify(STOPPING)
-    log.info("manager shutting down")
-    service.begin_shutdown()
-    await server.set_serving(False)
-    bus.close()
-    await server.grpc.stop(SHUTDOWN_GRACE)
-    await service.shutdown(stop_vms=settings.service.SHUTDOWN_STOPS_VMS)
-    if agents is not None:
-        await agents.close()
-    if metrics_server is not None:
-        await metrics_server.close()
-    await asyncio.to_thread(shutdown_tracing, provider)
-    log.info("manager stopped")
+    runner = DaemonRunner(settings)
+    try:
+        await runner.setup()
+        if not stop.is_set():
+            await runner.start()
+            await stop.wait()
+    finally:
+        await runner.cleanup()
     return 0

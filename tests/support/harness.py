@@ -12,15 +12,18 @@ from pathlib import Path
 
 import grpc
 import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from cocos_manager.api import manager_pb2 as pb
 from cocos_manager.api import manager_pb2_grpc as pb_grpc
-from cocos_manager.events import EventBus
-from cocos_manager.qemu_argv import resolve_executable
-from cocos_manager.server import Server, build_server
+from cocos_manager.daemon import DaemonRunner
+from cocos_manager.server import Server
 from cocos_manager.service import ManagerService
 from cocos_manager.settings import Settings, load_settings
-from cocos_manager.tls import server_credentials
 from cocos_manager.vsock import Connect
 
 FAKE_QEMU = Path(__file__).with_name("fake_qemu.py")
@@ -34,6 +37,7 @@ class Manager:
     channel: grpc.aio.Channel
     stub: pb_grpc.ManagerServiceStub
     tmp: Path
+    runner: DaemonRunner
 
     @property
     def address(self) -> str:
@@ -73,6 +77,21 @@ def base_env(tmp: Path) -> dict[str, str]:
     }
 
 
+_TRACES = InMemorySpanExporter()
+_PROVIDER: TracerProvider | None = None
+
+
+def test_tracer_provider() -> tuple[TracerProvider, InMemorySpanExporter]:
+    """One provider for the whole session, recording spans in memory: OpenTelemetry's global
+    provider can be set only once per process."""
+    global _PROVIDER
+    if _PROVIDER is None:
+        _PROVIDER = TracerProvider(resource=Resource.create({"service.name": "manager"}))
+        _PROVIDER.add_span_processor(SimpleSpanProcessor(_TRACES))
+        trace.set_tracer_provider(_PROVIDER)
+    return _PROVIDER, _TRACES
+
+
 @asynccontextmanager
 async def running_manager(
     tmp: Path,
@@ -81,29 +100,38 @@ async def running_manager(
     client_credentials: grpc.ChannelCredentials | None = None,
     **env: str,
 ) -> AsyncIterator[Manager]:
+    """The daemon's own runner (daemon.DaemonRunner) in the test's loop: the production
+    wiring, interceptors, agent listener and metrics included."""
     for name, value in {**base_env(tmp), **env}.items():
         monkeypatch.setenv(name, value)
     settings = load_settings()
     extra = {"agent_connector": agent_connector} if agent_connector else {}
-    service = ManagerService(settings, resolve_executable(settings.qemu), EventBus(), **extra)
-    await service.recover()
-    _, credentials = server_credentials(settings.service)
-    server = await build_server(service, "127.0.0.1", 0, credentials=credentials)
-    await server.grpc.start()
-    await server.set_serving(True)
-    channel = (
-        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
-        if client_credentials is None
-        else grpc.aio.secure_channel(f"localhost:{server.port}", client_credentials)
-    )
+    provider, _ = test_tracer_provider()
+    runner = DaemonRunner(settings, shutdown_grace=1, tracer_provider=provider, **extra)
     try:
-        yield Manager(settings, service, server, channel, pb_grpc.ManagerServiceStub(channel), tmp)
+        await runner.setup()
+        await runner.start()
+        assert runner.service is not None and runner.server is not None
+        port = runner.server.port
+        channel = (
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+            if client_credentials is None
+            else grpc.aio.secure_channel(f"localhost:{port}", client_credentials)
+        )
+        try:
+            yield Manager(
+                settings,
+                runner.service,
+                runner.server,
+                channel,
+                pb_grpc.ManagerServiceStub(channel),
+                tmp,
+                runner,
+            )
+        finally:
+            await channel.close()
     finally:
-        await channel.close()
-        service.begin_shutdown()
-        service.bus.close()
-        await server.grpc.stop(1)
-        await service.shutdown()
+        await runner.cleanup()
 
 
 def run_request(
