@@ -262,8 +262,13 @@ def squatter_reaped(marker: Path) -> Iterator[None]:
         yield
     finally:
         if marker.exists():
+            pid = int(marker.read_text())
             with contextlib.suppress(ProcessLookupError):
-                os.kill(int(marker.read_text()), signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
+            # Not our child: gone once init has reaped it, which takes a moment after SIGKILL.
+            deadline = time.monotonic() + 5
+            while pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.01)
 
 
 async def test_host_port_taken_before_qemu_binds_is_retried_on_another(

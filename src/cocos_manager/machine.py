@@ -49,8 +49,9 @@ from cocos_manager.qemu_process import (
     qmp_args,
     qmp_listener,
 )
+from cocos_manager.qmp import QmpClosed, QmpError
 from cocos_manager.resources import Lease, Pools
-from cocos_manager.settings import AgentChannel, Settings
+from cocos_manager.settings import AgentChannel, GuestHaltAction, Settings
 from cocos_manager.state_store import StateStore, VmRecord
 from cocos_manager.tasks import TaskSet
 from cocos_manager.vm_files import VmFiles, prepare_vm_files, vm_paths
@@ -62,6 +63,10 @@ _log = get_logger()
 PROVISION = "vm-provision"
 STOP = "vm-stop"
 EXIT = "vm-exit"
+PAUSED = "vm-paused"
+RESUMED = "vm-resumed"
+# QEMU run states in which the guest cannot go on by itself (QMP query-status after STOP).
+HALT_STATES = frozenset({"internal-error", "guest-panicked", "io-error", "shutdown"})
 START_ATTEMPTS = 3
 
 
@@ -69,6 +74,7 @@ class VmState(enum.Enum):
     ADMITTED = "admitted"  # id, numbers and record held; files being prepared
     STARTING = "starting"  # a QEMU of this VM runs; not yet handed to the client
     RUNNING = "running"  # the Run answered (or the VM was re-adopted)
+    PAUSED = "paused"  # QEMU halted the guest; kept for inspection (ON_GUEST_HALT=keep)
     STOPPING = "stopping"  # Stop, shutdown or TTL is taking it down
     RELEASED = "released"  # nothing of it is left: process, files, numbers, record
 
@@ -80,7 +86,8 @@ _ALLOWED: dict[VmState | None, frozenset[VmState]] = {
     VmState.STARTING: frozenset(
         {VmState.STARTING, VmState.RUNNING, VmState.STOPPING, VmState.RELEASED}
     ),
-    VmState.RUNNING: frozenset({VmState.STOPPING, VmState.RELEASED}),
+    VmState.RUNNING: frozenset({VmState.PAUSED, VmState.STOPPING, VmState.RELEASED}),
+    VmState.PAUSED: frozenset({VmState.RUNNING, VmState.STOPPING, VmState.RELEASED}),
     VmState.STOPPING: frozenset({VmState.RELEASED}),
     VmState.RELEASED: frozenset(),
 }
@@ -93,6 +100,7 @@ class StopReason(enum.Enum):
     EXIT = "exit"  # QEMU exited on its own
     TTL = "ttl"  # the computation's time to live ran out
     FAILED = "failed"  # the start failed
+    HALTED = "halted"  # QEMU reported the guest halted (internal error, panic, I/O error)
 
 
 class StateError(Exception):
@@ -153,6 +161,7 @@ class Machine:
         self.released: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._releasing: asyncio.Task[None] | None = None
         self._failing = False
+        self.halt: dict[str, Any] | None = None  # QEMU's words when it halted the guest
         self.log = _log.bind(computation_id=computation_id)
 
     # -- identity --------------------------------------------------------------------------
@@ -330,6 +339,7 @@ class Machine:
                 process.exited.add_done_callback(lambda _: self._on_exit(process))
                 await process.attach_output()
                 await process.wait_ready(qmp_path, timeout)
+                self._watch(process)
             except BaseException:
                 self._failing = True
                 await self._reap(process)
@@ -382,9 +392,46 @@ class Machine:
 
     def _on_exit(self, process: QemuProcess) -> None:
         """QEMU ended. While starting, the start path sees it; once running, it is released."""
-        if self.process is process and self.state is VmState.RUNNING:
+        if self.process is process and self.state in (VmState.RUNNING, VmState.PAUSED):
             self.stop_reason = StopReason.EXIT
             self._release(StopReason.EXIT)
+
+    # -- QEMU's own events -------------------------------------------------------------------
+
+    def _watch(self, process: QemuProcess) -> None:
+        if process.monitor is not None:
+            process.monitor.on_event = lambda event: self._on_qmp_event(process, event)
+
+    def _on_qmp_event(self, process: QemuProcess, event: dict[str, Any]) -> None:
+        """As libvirt does: a guest QEMU stopped is not a running VM."""
+        name, data = event.get("event"), event.get("data") or {}
+        if self.process is not process:
+            return
+        self.log.info("QEMU event", qmp_event=name, data=data)
+        if name == "GUEST_PANICKED":
+            self._halted({"qemu_status": "guest-panicked", "qemu_event": name, "info": data})
+        elif name == "STOP":
+            self.ctx.tasks.spawn(self._check_halt(process), name=f"qmp-status:{self.id}")
+        elif name == "RESUME" and self.state is VmState.PAUSED:
+            self._set_state(VmState.RUNNING, (RESUMED, "complete"), self.details())
+
+    async def _check_halt(self, process: QemuProcess) -> None:
+        if process.monitor is None:
+            return
+        with contextlib.suppress(Exception):  # QEMU gone meanwhile: its exit tells the rest
+            status = await process.monitor.query_status()
+            if status in HALT_STATES and self.process is process:
+                self._halted({"qemu_status": status, "qemu_event": "STOP"})
+
+    def _halted(self, details: dict[str, Any]) -> None:
+        if self.state is not VmState.RUNNING:
+            return  # starting: the start path fails on its own; stopping: already going
+        self.halt = details
+        self.log.warning("QEMU halted the guest", **details)
+        if self.ctx.settings.qemu.ON_GUEST_HALT is GuestHaltAction.KEEP:
+            self._set_state(VmState.PAUSED, (PAUSED, "failed"), {**self.details(), **details})
+        else:
+            self.ctx.tasks.spawn(self.stop(StopReason.HALTED), name=f"halted:{self.id}")
 
     # -- stop --------------------------------------------------------------------------------
 
@@ -400,7 +447,7 @@ class Machine:
                 self.start_task.cancel()
             else:
                 self._release(reason)
-        elif self.state is VmState.RUNNING:
+        elif self.state in (VmState.RUNNING, VmState.PAUSED):
             self.stop_reason = reason
             self._set_state(VmState.STOPPING, (STOP, "starting"), {"reason": reason.value})
             self._release(reason)
@@ -443,10 +490,10 @@ class Machine:
             tail = process.tail()
             self.log.warning("VM exited on its own", exit=info.describe(), last_lines=tail[-5:])
             return {"exit": info.describe(), "returncode": info.returncode, "last_lines": tail}
-        if reason in (StopReason.STOP, StopReason.SHUTDOWN, StopReason.TTL) and self._ran:
+        if self._ran:
             with _tracer.start_as_current_span("stop"):
                 info = await self._terminate(process)
-            return {"exit": info.describe()}
+            return {"exit": info.describe(), **(self.halt or {})}
         process.close_pipes()
         process.kill_now()
         await process.terminate(0)
@@ -458,9 +505,23 @@ class Machine:
         return self.start_task is None or (self.start_task.done() and not self._failing)
 
     async def _terminate(self, process: QemuProcess) -> ExitInfo:
-        return await process.terminate(self.ctx.settings.qemu.STOP_TIMEOUT)
+        """ACPI power-down first when a grace is set (the guest shuts down cleanly), then
+        SIGTERM, then SIGKILL after STOP_TIMEOUT."""
+        q = self.ctx.settings.qemu
+        if q.POWERDOWN_GRACE > 0 and process.monitor is not None and self.halt is None:
+            try:
+                await asyncio.wait_for(process.monitor.execute("system_powerdown"), 2.0)
+                await asyncio.wait_for(asyncio.shield(process.exited), q.POWERDOWN_GRACE)
+            except (TimeoutError, QmpClosed, QmpError) as error:
+                if not process.exited.done():
+                    self.log.info("guest did not power down in time", error=repr(error))
+            else:
+                self.log.info("guest powered down", grace=q.POWERDOWN_GRACE)
+        return await process.terminate(q.STOP_TIMEOUT)
 
     def _final_event(self, reason: StopReason) -> tuple[str, str]:
+        if reason is StopReason.HALTED:
+            return (EXIT, "failed")
         if reason is StopReason.EXIT:
             exited = self.process is not None and self.process.exited.done()
             ok = (
@@ -482,6 +543,7 @@ class Machine:
         lease = ctx.pools.hold(record.computation_id, resources)
         machine = cls(ctx, record.computation_id, lease, files=files, process=process, adopted=True)
         process.exited.add_done_callback(lambda _: machine._on_exit(process))
+        machine._watch(process)
         details = {**machine.details(), "readopted": True}
         machine._set_state(VmState.RUNNING, (PROVISION, "complete"), details)
         if process.exited.done():  # died between the identity check and now

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import re
 import signal
@@ -24,6 +23,7 @@ from typing import Any
 
 from cocos_manager.errors import QemuExitedError, ReadinessTimeoutError, VmStartError
 from cocos_manager.qemu_failures import classify_start_failure
+from cocos_manager.qmp import QmpError, QmpMonitor, open_running_monitor
 from cocos_manager.state_store import process_identity, process_start_time
 from cocos_manager.vm_files import unix_socket_path
 
@@ -111,6 +111,7 @@ class QemuProcess:
         self._attached: set[str] = set()
         self._loop = asyncio.get_running_loop()
         self.exited: asyncio.Future[ExitInfo] = self._loop.create_future()
+        self.monitor: QmpMonitor | None = None  # QEMU's QMP session, once it answered
         self._pidfd: int | None = os.pidfd_open(pid)
         # The command line is read once QEMU answers (reading it mid-exec stalls the loop).
         self.start_time, self.cmdline = process_start_time(pid), list[str]()
@@ -195,9 +196,8 @@ class QemuProcess:
         return process
 
     async def check_qmp(self, qmp_path: Path, timeout: float) -> None:
-        status = await asyncio.wait_for(_query_status(qmp_path), timeout)
-        if status != "running":
-            raise VmStartError(f"VM status is {status!r}")
+        """For an adopted VM: its monitor answers and says `running`; the session is kept."""
+        self.monitor = await asyncio.wait_for(open_running_monitor(qmp_path), timeout)
 
     def _line(self, stream: str, text: str) -> None:
         self._tail.append((stream, text))
@@ -248,7 +248,7 @@ class QemuProcess:
 
     async def wait_ready(self, qmp_path: Path, timeout: float) -> None:
         """Returns once QMP says the VM runs; raises VmStartError with QEMU's message if not."""
-        probe = asyncio.ensure_future(_query_status(qmp_path))
+        probe = asyncio.ensure_future(open_running_monitor(qmp_path))
         contenders: set[asyncio.Future[Any]] = {probe, self.exited}
         try:
             done, _ = await asyncio.wait(
@@ -259,12 +259,17 @@ class QemuProcess:
                 probe.cancel()
             with contextlib.suppress(BaseException):
                 await probe  # also retrieves an error nobody will look at (QEMU died first)
+            ready = probe.done() and not probe.cancelled() and probe.exception() is None
+            if ready and self.exited.done():  # dead anyway: not a monitor to keep
+                await probe.result().close()
         if self.exited in done:
             raise await self.exited_at_start()
         if probe not in done:
             raise ReadinessTimeoutError(f"QEMU did not become ready within {timeout:g}s")
         try:
-            status = probe.result()
+            self.monitor = probe.result()
+        except QmpError as error:
+            raise VmStartError(str(error)) from None
         except Exception as error:
             # A QEMU that dies at start resets the monitor connection, often just before its
             # pidfd reports the exit: give the exit a moment to show, so the error is QEMU's.
@@ -273,8 +278,6 @@ class QemuProcess:
             if self.exited.done():
                 raise await self.exited_at_start() from None
             raise VmStartError(f"QEMU's QMP monitor failed: {error}") from None
-        if status != "running":
-            raise VmStartError(f"QEMU reports VM status {status!r} instead of 'running'")
         # QMP answered from the final image (after any sudo/env exec): its identity is final.
         self.start_time, self.cmdline = process_identity(self.pid) or (self.start_time, [])
 
@@ -300,57 +303,6 @@ class QemuProcess:
     def kill_now(self) -> None:
         """Last resort during clean-up of a failed start."""
         self.send_signal(signal.SIGKILL)
-
-
-class QmpError(Exception):
-    """QEMU's monitor answered with an error, or not in QMP."""
-
-
-_QMP_LINE_LIMIT = 1 << 20
-
-
-async def _qmp_reply(reader: asyncio.StreamReader) -> dict[str, Any]:
-    """The next greeting or command reply; asynchronous events in between are skipped."""
-    while True:
-        line = await reader.readline()
-        if not line.endswith(b"\n"):
-            raise ConnectionResetError("QEMU closed its QMP monitor")
-        try:
-            message = json.loads(line)
-        except ValueError:
-            raise QmpError(f"not QMP: {line[:200]!r}") from None
-        if not isinstance(message, dict):
-            raise QmpError(f"not QMP: {line[:200]!r}")
-        if "event" in message:
-            continue
-        if "error" in message:
-            error = message["error"]
-            raise QmpError(error.get("desc", str(error)) if isinstance(error, dict) else error)
-        return message
-
-
-async def _query_status(qmp_path: Path) -> str:
-    """Greeting, qmp_capabilities, query-status: the three steps of libvirt's and Kata's
-    readiness check, spoken directly. A QMP client library (qemu.qmp) cost each Run about
-    5 ms more, mostly in its reader/writer tasks and their teardown (make bench). Both
-    commands are sent at once: QEMU runs them in order as soon as its main loop starts, so
-    readiness costs no round trip of ours after that."""
-    with unix_socket_path(qmp_path) as address:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.connect(address)  # a listening UNIX socket accepts into its backlog at once
-            reader, writer = await asyncio.open_connection(sock=sock, limit=_QMP_LINE_LIMIT)
-        except BaseException:
-            sock.close()
-            raise
-    try:
-        writer.write(b'{"execute":"qmp_capabilities"}\n{"execute":"query-status"}\n')
-        await _qmp_reply(reader)  # the greeting
-        await _qmp_reply(reader)  # capabilities accepted
-        reply = (await _qmp_reply(reader)).get("return")
-    finally:
-        writer.close()
-    return str(reply.get("status", "")) if isinstance(reply, dict) else ""
 
 
 def qmp_listener(path: Path) -> socket.socket:

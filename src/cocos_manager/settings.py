@@ -99,6 +99,13 @@ class AgentChannel(StrEnum):
     FW_CFG = "fw_cfg"
 
 
+class GuestHaltAction(StrEnum):
+    """What to do when QEMU reports the guest halted (internal error, panic, I/O error)."""
+
+    STOP = "stop"  # stop the VM and release everything (vm-exit failed, QEMU's reason)
+    KEEP = "keep"  # keep QEMU for inspection (state paused, vm-paused event)
+
+
 class LogLevel(StrEnum):
     DEBUG = "debug"
     INFO = "info"
@@ -195,8 +202,12 @@ class QemuSettings(BaseSettings):
     HOST_FWD_RANGE: Annotated[PortRange | None, NoDecode, BeforeValidator(parse_port_range)] = None
     STOP_TIMEOUT: GoDuration = 30.0
     START_TIMEOUT: GoDuration = 60.0
+    # Stop asks the guest first (ACPI power button, QMP system_powerdown) for this long, then
+    # SIGTERM, then SIGKILL after STOP_TIMEOUT; 0 keeps the original's SIGTERM.
+    POWERDOWN_GRACE: GoDuration = 0.0
+    ON_GUEST_HALT: GuestHaltAction = GuestHaltAction.STOP
 
-    @field_validator("STOP_TIMEOUT", "START_TIMEOUT")
+    @field_validator("STOP_TIMEOUT", "START_TIMEOUT", "POWERDOWN_GRACE")
     @classmethod
     def _non_negative(cls, value: float) -> float:
         if value < 0:

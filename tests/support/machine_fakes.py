@@ -40,6 +40,7 @@ class FakeProcess:
         self.exited: asyncio.Future[ExitInfo] = asyncio.get_running_loop().create_future()
         self.gates = gates
         self.signals: list[str] = []
+        self.monitor = None
 
     async def attach_output(self) -> None:
         await self.gates["attach_output"].pass_()
