@@ -360,6 +360,29 @@ async def test_serve_publishes_in_order_with_the_assigned_id(
     assert await agent[0].read() == ack(*range(1, 51))
 
 
+async def test_an_agent_cannot_forge_the_managers_events(pair: tuple[Streams, Streams]) -> None:
+    """originator "manager" (any case, padded) from a guest becomes "agent": the event is
+    kept, the claim is not, and the connection logs it once however often it is tried."""
+    manager, agent = pair
+    sent = []
+    for i, claim in enumerate(["manager", "Manager", " MANAGER ", "agent", "manager"]):
+        message = event_message(f"s{i}")
+        message.agent_event.event_type = "vm-exit"
+        message.agent_event.originator = claim
+        sent.append(message)
+    published: list[ClientStreamMessage] = []
+    await send(agent, *(frame(i, m) for i, m in enumerate(sent, start=1)))
+    with capture_logs() as logs:
+        count = await asyncio.wait_for(
+            serve_agent_connection(*manager, "comp-1", published.append), GUARD
+        )
+    assert count == 5
+    assert [m.agent_event.originator for m in published] == ["agent"] * 5
+    assert [m.agent_event.status for m in published] == [f"s{i}" for i in range(5)]
+    forged = [entry for entry in logs if "originator" in entry["event"]]
+    assert len(forged) == 1 and forged[0]["computation_id"] == "comp-1"
+
+
 async def test_serve_never_raises_logs_once_and_closes(pair: tuple[Streams, Streams]) -> None:
     manager, agent = pair
     published: list[ClientStreamMessage] = []
