@@ -13,6 +13,7 @@ import base64
 import binascii
 import hashlib
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -112,16 +113,36 @@ def _print(message: Any, as_json: bool) -> None:
         print(_describe(message), flush=True)
 
 
+# Terminal escape sequences: CSI (ESC [ ... final, or the C1 byte 0x9b), OSC/DCS/APC/PM/SOS
+# strings up to BEL or ST, and the two-byte ESC forms (charset selection, keypad modes...).
+_ESCAPES = re.compile(
+    r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]"
+    r"|(?:\x1b[\]P_^X]|[\x90\x98\x9d\x9e\x9f]).*?(?:\x07|\x1b\\|\x9c|$)"
+    r"|\x1b[ -/]*[0-~]?",
+    re.DOTALL,
+)
+_CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """Guest-controlled text made safe for a terminal: escape sequences removed (a guest must
+    not retitle, recolour or clear the operator's terminal, nor hide lines), other control
+    characters shown as \\xNN so one message stays on one line and nothing is invisible."""
+    return _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", _ESCAPES.sub("", text))
+
+
 def _describe(message: Any) -> str:
     if isinstance(message, pb.ClientStreamMessage):
         kind = message.WhichOneof("message")
         if kind == "agent_event":
             e = message.agent_event
             details = f" {e.details.decode(errors='replace')}" if e.details else ""
-            return f"[{e.computation_id}] event {e.originator}/{e.event_type}: {e.status}{details}"
+            return printable(
+                f"[{e.computation_id}] event {e.originator}/{e.event_type}: {e.status}{details}"
+            )
         if kind == "agent_log":
             log = message.agent_log
-            return f"[{log.computation_id}] log {log.level}: {log.message}"
+            return printable(f"[{log.computation_id}] log {log.level}: {log.message}")
         return json_format.MessageToJson(message, indent=None)
     if isinstance(message, pb.RunResponse):
         return f"computation {message.computation_id} runs; agent port {message.agent_port}"
