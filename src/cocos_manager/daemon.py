@@ -20,6 +20,7 @@ from cocos_manager.sdnotify import READY, STOPPING, notify
 from cocos_manager.server import build_server, listen_address
 from cocos_manager.service import ManagerService
 from cocos_manager.settings import AgentChannel, Settings
+from cocos_manager.state_lock import StateDirLockedError, hold_state_lock
 from cocos_manager.tls import TlsConfigError, describe_mode, server_credentials
 from cocos_manager.tracing import setup_tracing, shutdown_tracing
 from cocos_manager.vsock import AgentEventListener
@@ -34,6 +35,12 @@ class StartupError(Exception):
 async def run_daemon(settings: Settings) -> int:
     configure_logging(settings.service.LOG_LEVEL)
     log = get_logger()
+    # -- one daemon per state directory (state_lock.py), before recovery or anything else ---
+    try:
+        hold_state_lock(settings)  # held until this process exits
+    except StateDirLockedError as error:
+        raise StartupError(str(error)) from None
+    # -----------------------------------------------------------------------------------------
     executable = resolve_executable(settings.qemu)
     log.info(shell_line(executable.command(qemu_args(settings.qemu))))
     try:
