@@ -97,14 +97,14 @@ def test_events_output_is_printable() -> None:
     log = pb.ClientStreamMessage(
         agent_log=pb.AgentLog(computation_id="c\x1b[8m", level="info", message="\x1b[2Jhi\r")
     )
-    assert _describe(log) == "[c] log info: hi\\x0d"
+    assert _describe(log) == "#0 [c] log info: hi\\x0d"
     event = pb.ClientStreamMessage(
         agent_event=pb.AgentEvent(
             computation_id="c", originator="agent", event_type="x\x1b]0;t\x07", status="ok",
             details=b'{"a":"\x1b[31m"}',
         )
     )  # fmt: skip
-    assert _describe(event) == 'event agent/x: ok {"a":""}'.join(["[c] ", ""])
+    assert _describe(event) == '#0 [c] event agent/x: ok {"a":""}'
 
 
 # -- listen addresses -------------------------------------------------------------------------

@@ -133,20 +133,24 @@ def printable(text: str) -> str:
 
 def _describe(message: Any) -> str:
     if isinstance(message, pb.ClientStreamMessage):
-        kind = message.WhichOneof("message")
-        if kind == "agent_event":
-            e = message.agent_event
-            details = f" {e.details.decode(errors='replace')}" if e.details else ""
-            return printable(
-                f"[{e.computation_id}] event {e.originator}/{e.event_type}: {e.status}{details}"
-            )
-        if kind == "agent_log":
-            log = message.agent_log
-            return printable(f"[{log.computation_id}] log {log.level}: {log.message}")
-        return json_format.MessageToJson(message, indent=None)
+        return f"#{message.seq} {_describe_stream_message(message)}"
     if isinstance(message, pb.RunResponse):
         return f"computation {message.computation_id} runs; agent port {message.agent_port}"
     return str(message)
+
+
+def _describe_stream_message(message: pb.ClientStreamMessage) -> str:
+    kind = message.WhichOneof("message")
+    if kind == "agent_event":
+        e = message.agent_event
+        details = f" {e.details.decode(errors='replace')}" if e.details else ""
+        return printable(
+            f"[{e.computation_id}] event {e.originator}/{e.event_type}: {e.status}{details}"
+        )
+    if kind == "agent_log":
+        log = message.agent_log
+        return printable(f"[{log.computation_id}] log {log.level}: {log.message}")
+    return json_format.MessageToJson(message, indent=None)
 
 
 async def _run(options: argparse.Namespace) -> int:
@@ -174,9 +178,10 @@ async def _stop(options: argparse.Namespace) -> int:
 
 async def _events(options: argparse.Namespace) -> int:
     async with _channel(options) as channel:
-        stream = pb_grpc.ManagerServiceStub(channel).Events(
-            pb.EventsRequest(computation_id=options.computation_id or "")
-        )
+        request = pb.EventsRequest(computation_id=options.computation_id or "")
+        if options.since is not None:
+            request.since = options.since
+        stream = pb_grpc.ManagerServiceStub(channel).Events(request)
         count = 0
         async for message in stream:
             _print(message, options.json)
@@ -216,6 +221,13 @@ def _parser() -> argparse.ArgumentParser:
     events = sub.add_parser("events", parents=[common], help="follow events until Ctrl-C")
     events.add_argument("computation_id", nargs="?", help="only this computation")
     events.add_argument("--count", type=int, default=0, help="stop after this many messages")
+    events.add_argument(
+        "--since",
+        type=int,
+        metavar="SEQ",
+        help="first replay the retained messages numbered after SEQ (0: all retained); "
+        "text lines start with #SEQ",
+    )
     return parser
 
 

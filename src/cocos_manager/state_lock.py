@@ -54,8 +54,7 @@ class StateLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as error:
             raise StateDirLockedError(
-                f"MANAGER_STATE_DIR: cannot lock {str(self.directory)!r}: "
-                f"{error.strerror or error}"
+                f"MANAGER_STATE_DIR: cannot lock {str(self.directory)!r}: {error.strerror or error}"
             ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
