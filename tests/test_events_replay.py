@@ -219,3 +219,21 @@ def test_retention_is_bounded_in_count_and_bytes() -> None:
     for _ in range(20):
         bus.publish(log_message("c", "info", "z" * 1000))
     assert len([m for m in bus.subscribe(since=0)._replay if m.seq]) == 2
+
+
+def test_a_filtered_replay_is_told_only_of_its_own_losses() -> None:
+    """Evictions of other computations' messages are no loss for a stream of one."""
+    bus = EventBus(retain=3)
+    bus.publish(log_message("quiet", "info", "kept?"))  # seq 1
+    for i in range(5):
+        bus.publish(log_message("chatty", "info", str(i)))  # seq 2-6; 1-3 evicted
+    quiet = list(bus.subscribe("quiet", since=1)._replay)
+    assert quiet == []  # its one message (seq 1) was seen: nothing of it lost
+    lost = bus.subscribe("quiet", since=0)._replay
+    assert [m.agent_event.event_type for m in lost] == ["events-lost"]
+    chatty = list(bus.subscribe("chatty", since=1)._replay)
+    assert chatty[0].agent_event.event_type == "events-lost"
+    assert [m.agent_log.message for m in chatty[1:]] == ["2", "3", "4"]
+    assert not bus.subscribe("other", since=0)._replay  # never had a message
+    everything = bus.subscribe(since=1)._replay
+    assert json.loads(everything[0].agent_event.details) == {"lost": 2, "since": 1}

@@ -48,6 +48,9 @@ EVENTS_LOST = "events-lost"
 # Backlog of one computation (as a share of the queue, in messages or bytes) that holds its
 # agent back, and that lets it go: the gap spares the agent a wait per message.
 _HOLD_ABOVE, _RELEASE_AT = 0.5, 0.25
+_REMEMBERED_EVICTIONS = 10_000
+"""Computations whose last evicted message is remembered, to tell a replay filtered on one
+computation whether it lost anything."""
 
 _log = get_logger()
 
@@ -266,6 +269,9 @@ class EventBus:
         self._on_drop = on_drop
         self._history: deque[_Published] = deque()
         self._history_bytes = 0
+        # computation id -> seq of its last evicted message, least recently evicted first
+        self._last_evicted: dict[str, int] = {}
+        self._forgot_evictions = False
         self._seq = 0
         self._room: dict[str, asyncio.Future[None]] = {}
         self._closed = False
@@ -327,7 +333,7 @@ class EventBus:
                 )
             )
             since = 0
-        elif since + 1 < oldest:
+        elif since + 1 < oldest and self._lost_after(computation_id, since):
             lost = oldest - since - 1
             out.append(
                 manager_event(computation_id, EVENTS_LOST, "replay", {"lost": lost, "since": since})
@@ -341,6 +347,18 @@ class EventBus:
         else:
             out += (item.message for item in self._history if item.seq > since)
         return out
+
+    def _lost_after(self, computation_id: str, since: int) -> bool:
+        """Whether a message of this stream's filter numbered after `since` was evicted. For
+        one computation, known exactly from the last eviction of each computation (unless
+        more computations were evicted than are remembered): a control plane that follows
+        its own computation is not told of losses that were all other computations'."""
+        if not computation_id:
+            return True
+        last = self._last_evicted.get(computation_id)
+        if last is None:
+            return self._forgot_evictions
+        return last > since
 
     def unsubscribe(self, subscription: Subscription) -> None:
         self._subscribers.discard(subscription)
@@ -380,7 +398,14 @@ class EventBus:
         self._history.append(item)
         self._history_bytes += item.size
         while len(self._history) > self._retain or self._history_bytes > self._retain_bytes:
-            self._history_bytes -= self._history.popleft().size
+            evicted = self._history.popleft()
+            self._history_bytes -= evicted.size
+            last = self._last_evicted
+            last.pop(evicted.computation_id, None)  # re-inserted last: oldest first
+            last[evicted.computation_id] = evicted.seq
+            if len(last) > _REMEMBERED_EVICTIONS:
+                del last[next(iter(last))]
+                self._forgot_evictions = True
 
     # -- pacing -----------------------------------------------------------------------------
 
