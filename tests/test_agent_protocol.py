@@ -360,6 +360,29 @@ async def test_serve_publishes_in_order_with_the_assigned_id(
     assert await agent[0].read() == ack(*range(1, 51))
 
 
+async def test_an_agent_cannot_forge_the_managers_events(pair: tuple[Streams, Streams]) -> None:
+    """originator "manager" (any case, padded) from a guest becomes "agent": the event is
+    kept, the claim is not, and the connection logs it once however often it is tried."""
+    manager, agent = pair
+    sent = []
+    for i, claim in enumerate(["manager", "Manager", " MANAGER ", "agent", "manager"]):
+        message = event_message(f"s{i}")
+        message.agent_event.event_type = "vm-exit"
+        message.agent_event.originator = claim
+        sent.append(message)
+    published: list[ClientStreamMessage] = []
+    await send(agent, *(frame(i, m) for i, m in enumerate(sent, start=1)))
+    with capture_logs() as logs:
+        count = await asyncio.wait_for(
+            serve_agent_connection(*manager, "comp-1", published.append), GUARD
+        )
+    assert count == 5
+    assert [m.agent_event.originator for m in published] == ["agent"] * 5
+    assert [m.agent_event.status for m in published] == [f"s{i}" for i in range(5)]
+    forged = [entry for entry in logs if "originator" in entry["event"]]
+    assert len(forged) == 1 and forged[0]["computation_id"] == "comp-1"
+
+
 async def test_serve_never_raises_logs_once_and_closes(pair: tuple[Streams, Streams]) -> None:
     manager, agent = pair
     published: list[ClientStreamMessage] = []
@@ -427,6 +450,51 @@ async def test_listener_serves_a_known_cid(pair: tuple[Streams, Streams]) -> Non
     assert await asyncio.wait_for(listener.serve(*manager, 5), GUARD) == 1
     assert published == [log_message("hello", "comp-5")]
     assert listener.connections == 0
+
+
+async def test_listener_caps_the_connections_of_one_cid() -> None:
+    """A guest opening connection after connection gets at most max_per_cid served at once;
+    the rest are closed (logged once), other CIDs are unaffected, and a freed place is
+    taken again."""
+    published: list[ClientStreamMessage] = []
+    listener = AgentEventListener({5: "comp-5", 6: "comp-6"}.get, published.append, max_per_cid=2)
+    opened: list[tuple[Streams, Streams]] = []
+
+    async def connect(cid: int) -> tuple[asyncio.Task[int], Streams]:
+        a, b = socket.socketpair()
+        manager = await asyncio.open_connection(sock=a)
+        agent = await asyncio.open_connection(sock=b)
+        opened.append((manager, agent))
+        return asyncio.ensure_future(listener.serve(*manager, cid)), agent
+
+    try:
+        held = [await connect(5) for _ in range(2)]
+        while listener.connections_of(5) < 2:
+            await asyncio.sleep(0)
+        with capture_logs() as logs:
+            refused = [await connect(5) for _ in range(3)]
+            for task, agent in refused:
+                assert await asyncio.wait_for(task, GUARD) == 0
+                assert await asyncio.wait_for(agent[0].read(), GUARD) == b""  # closed at once
+        assert [entry["event"] for entry in logs] == [
+            "agent connection over the limit for its CID; closed"
+        ]
+        other, other_agent = await connect(6)  # another guest is not affected
+        await send(other_agent, frame(1, log_message("from 6")))
+        assert await asyncio.wait_for(other, GUARD) == 1
+
+        first, first_agent = held[0]
+        await send(first_agent, frame(1, log_message("from 5")))
+        assert await asyncio.wait_for(first, GUARD) == 1
+        again, again_agent = await connect(5)  # a place is free again
+        await send(again_agent, frame(1, log_message("again")))
+        assert await asyncio.wait_for(again, GUARD) == 1
+        assert [m.agent_log.message for m in published] == ["from 6", "from 5", "again"]
+    finally:
+        await listener.close()
+        for manager, agent in opened:
+            manager[1].close()
+            agent[1].close()
 
 
 async def test_listener_closes_an_unknown_cid(pair: tuple[Streams, Streams]) -> None:

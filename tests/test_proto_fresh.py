@@ -42,6 +42,11 @@ def test_wire_field_numbers() -> None:
         "originator": 5, "status": 6,
     }  # fmt: skip
     assert numbers(pb.AgentLog) == {"message": 1, "computation_id": 2, "level": 3, "timestamp": 4}
-    assert numbers(pb.ClientStreamMessage) == {"agent_log": 1, "agent_event": 2, "run_res": 3}
+    # The port's additions (seq, since) take new numbers and stay outside the seed's oneof.
+    assert numbers(pb.ClientStreamMessage) == {
+        "agent_log": 1, "agent_event": 2, "run_res": 3, "seq": 4,
+    }  # fmt: skip
+    oneof = pb.ClientStreamMessage.DESCRIPTOR.oneofs_by_name["message"]
+    assert [f.name for f in oneof.fields] == ["agent_log", "agent_event", "run_res"]
     assert numbers(pb.StopRequest) == {"computation_id": 1}
-    assert numbers(pb.EventsRequest) == {"computation_id": 1}
+    assert numbers(pb.EventsRequest) == {"computation_id": 1, "since": 2}

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from cocos_manager.settings import (
@@ -75,10 +78,18 @@ INT_FIELDS = [k for k, v in QEMU_DEFAULTS.items() if isinstance(v, int) and not 
 STR_FIELDS = [k for k, v in QEMU_DEFAULTS.items() if isinstance(v, str)]
 
 
+RESOLVED_PATHS = {"TMP_FILE_LOC", "STATE_DIR"}
+"""Relative paths the daemon resolves once at start (absolute from then on)."""
+
+
+def _as_loaded(name: str, value: object) -> object:
+    return os.path.abspath(str(value)) if name in RESOLVED_PATHS else value
+
+
 def test_qemu_defaults() -> None:
     qemu = load_settings().qemu
     for name, default in QEMU_DEFAULTS.items():
-        assert getattr(qemu, name) == default, name
+        assert getattr(qemu, name) == _as_loaded(name, default), name
 
 
 def test_service_defaults() -> None:
@@ -95,7 +106,7 @@ def test_every_original_variable_is_a_field() -> None:
 @pytest.mark.parametrize("name", STR_FIELDS)
 def test_string_variables_are_honoured(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     monkeypatch.setenv(f"MANAGER_QEMU_{name}", "custom-value")
-    assert getattr(load_settings().qemu, name) == "custom-value"
+    assert getattr(load_settings().qemu, name) == _as_loaded(name, "custom-value")
 
 
 @pytest.mark.parametrize("name", INT_FIELDS)
@@ -222,3 +233,70 @@ def test_bad_port_ranges(monkeypatch: pytest.MonkeyPatch, text: str) -> None:
     monkeypatch.setenv("MANAGER_QEMU_HOST_FWD_RANGE", text)
     with pytest.raises(SettingsError, match="MANAGER_QEMU_HOST_FWD_RANGE"):
         load_settings()
+
+
+# -- hardening: paths resolved once, out-of-range numbers refused ---------------------------
+
+
+def test_relative_paths_are_resolved_once_at_load(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A restart from another working directory finds the same state and per-VM files."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    monkeypatch.setenv("MANAGER_STATE_DIR", "state")
+    monkeypatch.setenv("MANAGER_QEMU_TMP_FILE_LOC", "../vms")
+    monkeypatch.chdir(first)
+    settings = load_settings()
+    assert settings.service.STATE_DIR == str(first / "state")
+    assert settings.qemu.TMP_FILE_LOC == str(tmp_path / "vms")
+    monkeypatch.chdir(second)
+    assert settings.service.STATE_DIR == str(first / "state")  # a loaded value stays put
+    assert load_settings().service.STATE_DIR == str(second / "state")
+    monkeypatch.setenv("MANAGER_STATE_DIR", str(first / "state"))
+    assert load_settings().service.STATE_DIR == str(first / "state")
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("MANAGER_METRICS_PORT", "65536"),
+        ("MANAGER_METRICS_PORT", "-1"),
+        ("MANAGER_QEMU_VSOCK_GUEST_CID", "-3"),
+        ("MANAGER_QEMU_VSOCK_GUEST_CID", "2"),
+        ("MANAGER_QEMU_VSOCK_VNC", "-1"),
+        ("MANAGER_QEMU_VSOCK_VNC", "59636"),
+        ("MANAGER_GRPC_MAX_MESSAGE_SIZE", "0"),
+        ("MANAGER_EVENTS_MAX_SUBSCRIBERS", "-1"),
+        ("MANAGER_EVENTS_QUEUE_BYTES", "0"),
+        ("MANAGER_EVENTS_HOLD_TIMEOUT", "-1s"),
+        ("MANAGER_AGENT_MAX_CONNECTIONS_PER_CID", "-1"),
+        ("MANAGER_QEMU_PASS_ENV", "GOOD,not-a-name"),
+    ],
+)
+def test_out_of_range_values_stop_start_up_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, name: str, text: str
+) -> None:
+    monkeypatch.setenv(name, text)
+    with pytest.raises(SettingsError, match=f"^invalid value for {name}: "):
+        load_settings()
+
+
+def test_edge_values_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MANAGER_METRICS_PORT", "65535")
+    monkeypatch.setenv("MANAGER_QEMU_VSOCK_GUEST_CID", "3")
+    monkeypatch.setenv("MANAGER_QEMU_VSOCK_VNC", "59635")
+    settings = load_settings()
+    assert settings.service.METRICS_PORT == 65535
+    assert (settings.qemu.VSOCK_GUEST_CID, settings.qemu.VSOCK_VNC) == (3, 59635)
+
+
+def test_hardening_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = load_settings()
+    service, qemu = settings.service, settings.qemu
+    assert service.GRPC_MAX_MESSAGE_SIZE == 8 * 1024 * 1024
+    assert service.METRICS_HOST == ""
+    assert (qemu.HOST_FWD_ADDR, qemu.VNC_ADDR, qemu.PASS_ENV) == ("", "", ())
+    monkeypatch.setenv("MANAGER_QEMU_PASS_ENV", " LD_LIBRARY_PATH, ,QEMU_AUDIO_DRV")
+    assert load_settings().qemu.PASS_ENV == ("LD_LIBRARY_PATH", "QEMU_AUDIO_DRV")

@@ -30,6 +30,7 @@ from typing import Protocol
 from google.protobuf.message import DecodeError
 
 from cocos_manager.api.manager_pb2 import AgentEvent, AgentLog, ClientStreamMessage
+from cocos_manager.events import MANAGER_ORIGINATOR
 from cocos_manager.logging import get_logger
 
 MAX_FRAME = 1 << 20
@@ -204,6 +205,9 @@ async def read_agent_messages(
             yield message
 
 
+AGENT_ORIGINATOR = "agent"
+
+
 def stamp(message: ClientStreamMessage, computation_id: str) -> ClientStreamMessage:
     """Overwrites computation_id in place (and returns the message): the peer's CID, not the
     agent's own claim, says which computation a message belongs to."""
@@ -213,6 +217,23 @@ def stamp(message: ClientStreamMessage, computation_id: str) -> ClientStreamMess
     elif kind == "agent_event":
         message.agent_event.computation_id = computation_id
     return message
+
+
+def disown_manager(message: ClientStreamMessage) -> bool:
+    """Rewrites an agent event that claims the Manager as its originator to "agent" (in place);
+    True if it did.
+
+    Clients trust originator "manager" (vm-provision, vm-exit...): a guest must not be able to
+    forge those. The event itself is kept, not dropped: what the agent says may still matter
+    to its owner, only the claim is false. Any spelling that a client might read as the
+    Manager ("Manager", " manager ") counts.
+    """
+    if message.WhichOneof("message") != "agent_event":
+        return False
+    if message.agent_event.originator.strip().lower() != MANAGER_ORIGINATOR:
+        return False
+    message.agent_event.originator = AGENT_ORIGINATOR
+    return True
 
 
 async def close_writer(writer: asyncio.StreamWriter, grace: float = _CLOSE_TIMEOUT) -> None:
@@ -242,10 +263,17 @@ async def serve_agent_connection(
     read, so a fast agent is slowed down through its socket instead of losing messages.
     """
     log = get_logger(computation_id=computation_id)
-    published = 0
+    published = forged = 0
     try:
         async with contextlib.aclosing(read_agent_messages(reader, writer)) as messages:
             async for message in messages:
+                if disown_manager(message):
+                    forged += 1
+                    if forged == 1:  # once per connection: a guest cannot flood the log
+                        log.warning(
+                            "agent event claimed originator 'manager'; rewritten to 'agent'",
+                            event_type=message.agent_event.event_type,
+                        )
                 publish(stamp(message, computation_id))
                 published += 1
                 if pace is not None:

@@ -13,6 +13,7 @@ import base64
 import binascii
 import hashlib
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -112,20 +113,44 @@ def _print(message: Any, as_json: bool) -> None:
         print(_describe(message), flush=True)
 
 
+# Terminal escape sequences: CSI (ESC [ ... final, or the C1 byte 0x9b), OSC/DCS/APC/PM/SOS
+# strings up to BEL or ST, and the two-byte ESC forms (charset selection, keypad modes...).
+_ESCAPES = re.compile(
+    r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]"
+    r"|(?:\x1b[\]P_^X]|[\x90\x98\x9d\x9e\x9f]).*?(?:\x07|\x1b\\|\x9c|$)"
+    r"|\x1b[ -/]*[0-~]?",
+    re.DOTALL,
+)
+_CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """Guest-controlled text made safe for a terminal: escape sequences removed (a guest must
+    not retitle, recolour or clear the operator's terminal, nor hide lines), other control
+    characters shown as \\xNN so one message stays on one line and nothing is invisible."""
+    return _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", _ESCAPES.sub("", text))
+
+
 def _describe(message: Any) -> str:
     if isinstance(message, pb.ClientStreamMessage):
-        kind = message.WhichOneof("message")
-        if kind == "agent_event":
-            e = message.agent_event
-            details = f" {e.details.decode(errors='replace')}" if e.details else ""
-            return f"[{e.computation_id}] event {e.originator}/{e.event_type}: {e.status}{details}"
-        if kind == "agent_log":
-            log = message.agent_log
-            return f"[{log.computation_id}] log {log.level}: {log.message}"
-        return json_format.MessageToJson(message, indent=None)
+        return f"#{message.seq} {_describe_stream_message(message)}"
     if isinstance(message, pb.RunResponse):
         return f"computation {message.computation_id} runs; agent port {message.agent_port}"
     return str(message)
+
+
+def _describe_stream_message(message: pb.ClientStreamMessage) -> str:
+    kind = message.WhichOneof("message")
+    if kind == "agent_event":
+        e = message.agent_event
+        details = f" {e.details.decode(errors='replace')}" if e.details else ""
+        return printable(
+            f"[{e.computation_id}] event {e.originator}/{e.event_type}: {e.status}{details}"
+        )
+    if kind == "agent_log":
+        log = message.agent_log
+        return printable(f"[{log.computation_id}] log {log.level}: {log.message}")
+    return json_format.MessageToJson(message, indent=None)
 
 
 async def _run(options: argparse.Namespace) -> int:
@@ -153,9 +178,10 @@ async def _stop(options: argparse.Namespace) -> int:
 
 async def _events(options: argparse.Namespace) -> int:
     async with _channel(options) as channel:
-        stream = pb_grpc.ManagerServiceStub(channel).Events(
-            pb.EventsRequest(computation_id=options.computation_id or "")
-        )
+        request = pb.EventsRequest(computation_id=options.computation_id or "")
+        if options.since is not None:
+            request.since = options.since
+        stream = pb_grpc.ManagerServiceStub(channel).Events(request)
         count = 0
         async for message in stream:
             _print(message, options.json)
@@ -195,6 +221,13 @@ def _parser() -> argparse.ArgumentParser:
     events = sub.add_parser("events", parents=[common], help="follow events until Ctrl-C")
     events.add_argument("computation_id", nargs="?", help="only this computation")
     events.add_argument("--count", type=int, default=0, help="stop after this many messages")
+    events.add_argument(
+        "--since",
+        type=int,
+        metavar="SEQ",
+        help="first replay the retained messages numbered after SEQ (0: all retained); "
+        "text lines start with #SEQ",
+    )
     return parser
 
 

@@ -19,12 +19,19 @@ from cocos_manager.errors import ManagerError
 from cocos_manager.events import EventBus
 from cocos_manager.interceptors import TelemetryInterceptor
 from cocos_manager.logging import configure_logging, get_logger
-from cocos_manager.metrics import METRICS, MetricsServer, MetricsServerError, start_metrics_server
+from cocos_manager.metrics import (
+    METRICS,
+    MetricsServer,
+    MetricsServerError,
+    metrics_host,
+    start_metrics_server,
+)
 from cocos_manager.qemu_argv import qemu_args, resolve_executable, shell_line
 from cocos_manager.sdnotify import READY, STOPPING, notify
 from cocos_manager.server import Server, build_server, listen_address
 from cocos_manager.service import ManagerService
 from cocos_manager.settings import AgentChannel, Settings
+from cocos_manager.state_lock import StateDirLockedError, hold_state_lock
 from cocos_manager.tls import TlsConfigError, TlsMode, describe_mode, server_credentials
 from cocos_manager.tracing import setup_tracing, shutdown_tracing
 from cocos_manager.vsock import AgentEventListener, Connect, vsock_connector
@@ -60,7 +67,7 @@ class DaemonRunner:
         self.log = get_logger()
         self.provider = tracer_provider
         self._owns_provider = tracer_provider is None
-        self.bus = EventBus(on_drop=METRICS.events_dropped.inc)
+        self.bus = EventBus.from_settings(settings.service, on_drop=METRICS.events_dropped.inc)
         self.service: ManagerService | None = None
         self.server: Server | None = None
         self.metrics: MetricsServer | None = None
@@ -98,7 +105,9 @@ class DaemonRunner:
                 f"{listen_address(host, port)}: {error}"
             ) from None
         try:
-            self.metrics = await start_metrics_server(settings.service.METRICS_PORT, host)
+            self.metrics = await start_metrics_server(
+                settings.service.METRICS_PORT, metrics_host(settings.service)
+            )
         except MetricsServerError as error:
             raise StartupError(str(error)) from None
         if settings.qemu.AGENT_CHANNEL is AgentChannel.VSOCK:
@@ -106,6 +115,7 @@ class DaemonRunner:
                 service.computation_for_cid,
                 service.publish_agent_message,
                 pace=self.bus.wait_for_room,
+                max_per_cid=settings.service.AGENT_MAX_CONNECTIONS_PER_CID,
             )
             self.agents = agents
             await agents.start()
@@ -150,6 +160,11 @@ class DaemonRunner:
 
 async def run_daemon(settings: Settings) -> int:
     configure_logging(settings.service.LOG_LEVEL)
+    # One daemon per state directory (state_lock.py), before recovery or anything else.
+    try:
+        hold_state_lock(settings)  # held until this process exits
+    except StateDirLockedError as error:
+        raise StartupError(str(error)) from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     # First of all, so a SIGTERM during a long recovery still shuts down cleanly.

@@ -1,37 +1,56 @@
 """Fan-out of manager events and agent messages to any number of Events subscribers.
 
-Publishing never waits: each subscriber has a bounded queue, and a subscriber that falls
-behind loses messages (counted, and logged once per burst) instead of slowing Run, Stop,
-QEMU supervision or the other subscribers. The original used an unbuffered channel, so a
-Run with nobody reading blocked forever (SPEC defect 8).
+Publishing never waits: each subscriber has a queue bounded in messages and in bytes, and a
+subscriber that falls behind loses messages (counted, logged once per burst, and told with an
+"events-lost" event when it catches up) instead of slowing Run, Stop, QEMU supervision or the
+other subscribers. The original used an unbuffered channel, so a Run with nobody reading
+blocked forever.
 
-Agent connections are the one producer that can wait: `wait_for_room` holds an agent back
-while a subscriber that is still reading has a backlog, so a burst from an agent reaches the
-subscribers at the pace they take it instead of overflowing their queues. A subscriber that
-has stopped reading does not hold anyone back; it loses messages as before.
+Sequence numbers and replay: every published message gets `seq`, one more than the last, and
+the bus retains the latest ones (bounded in count and bytes). A subscriber that gives `since`
+first gets the retained messages after it, then live ones; both are decided in one step on
+the event loop, so there is no gap and no duplicate between them. When messages after `since`
+are no longer retained, the stream starts with an "events-lost" event saying how many.
+
+Pacing: agent connections are the one producer that can wait. `wait_for_room` holds an agent
+back while a subscriber has a backlog of *that agent's computation's* messages (a subscriber
+busy with other computations holds it back not at all), for at most `hold_timeout`, and is
+woken when that backlog drains: no polling. A subscriber that keeps an agent waiting past
+`hold_timeout` stops pacing anyone until it has emptied its queue; meanwhile it loses
+messages and the agents go on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from cocos_manager.api import manager_pb2 as pb
+from cocos_manager.errors import ResourceExhaustedError
 from cocos_manager.logging import get_logger
 
+if TYPE_CHECKING:
+    from cocos_manager.settings import ServiceSettings
+
 DEFAULT_QUEUE_SIZE = 4096
+DEFAULT_QUEUE_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_SUBSCRIBERS = 64
+DEFAULT_RETAIN = 10_000
+DEFAULT_RETAIN_BYTES = 16 * 1024 * 1024
+DEFAULT_HOLD_TIMEOUT = 1.0
 MANAGER_ORIGINATOR = "manager"
-STALLED_AFTER = 1.0
-"""Seconds with messages waiting and none taken, after which a subscriber is taken to have
-stopped reading and no longer holds agents back."""
-_ROOM_POLL = 0.001
-# Queue fill that holds an agent back, and that lets it go: the gap spares it a wait per message.
-_HOLD_ABOVE, _RELEASE_ABOVE = 0.5, 0.25
+EVENTS_LOST = "events-lost"
+# Backlog of one computation (as a share of the queue, in messages or bytes) that holds its
+# agent back, and that lets it go: the gap spares the agent a wait per message.
+_HOLD_ABOVE, _RELEASE_AT = 0.5, 0.25
+_REMEMBERED_EVICTIONS = 10_000
+"""Computations whose last evicted message is remembered, to tell a replay filtered on one
+computation whether it lost anything."""
 
 _log = get_logger()
 
@@ -77,64 +96,155 @@ def computation_of(message: pb.ClientStreamMessage) -> str:
     return ""
 
 
+class _Published:
+    """A published message with what the bus needs to know about it, computed once."""
+
+    __slots__ = ("computation_id", "message", "seq", "size")
+
+    def __init__(self, message: pb.ClientStreamMessage, computation_id: str, size: int) -> None:
+        self.message = message
+        self.computation_id = computation_id
+        self.size = size
+        self.seq = message.seq
+
+
 class Subscription:
-    """One Events stream: a bounded queue and what it has lost."""
+    """One Events stream: what it replays first, a queue bounded in messages and bytes, its
+    backlog per computation (what pacing looks at), and what it has lost."""
 
-    __slots__ = ("_bus", "computation_id", "dropped", "keeping_up_at", "queue")
+    __slots__ = (
+        "_backlog",
+        "_bus",
+        "_bytes",
+        "_closed",
+        "_items",
+        "_max_bytes",
+        "_max_messages",
+        "_ready",
+        "_replay",
+        "computation_id",
+        "dropped",
+        "lost_total",
+        "paces",
+    )
 
-    def __init__(self, bus: EventBus, computation_id: str, size: int) -> None:
+    def __init__(
+        self,
+        bus: EventBus,
+        computation_id: str,
+        max_messages: int,
+        max_bytes: int,
+        replay: list[pb.ClientStreamMessage] | None = None,
+    ) -> None:
         self._bus = bus
         self.computation_id = computation_id
-        self.queue: asyncio.Queue[pb.ClientStreamMessage | None] = asyncio.Queue(size)
-        self.dropped = 0
-        # When it was last seen keeping up: it took a message, or had none waiting.
-        self.keeping_up_at = time.monotonic()
+        self._max_messages = max_messages
+        self._max_bytes = max_bytes
+        self._items: deque[_Published] = deque()
+        self._bytes = 0
+        # computation id -> [queued messages, queued bytes]
+        self._backlog: dict[str, list[int]] = {}
+        self._ready = asyncio.Event()
+        self._closed = False
+        self._replay: deque[pb.ClientStreamMessage] = deque(replay or ())
+        self.dropped = 0  # lost in the current burst; reported when it catches up
+        self.lost_total = 0
+        self.paces = True  # False after it kept an agent waiting too long; True once drained
 
-    def holds_back(self, computation_id: str, now: float, fill: float) -> bool:
-        """Fuller than `fill`, still reading, and interested in this computation's messages."""
-        return (
-            self.queue.qsize() > self.queue.maxsize * fill
-            and now - self.keeping_up_at < STALLED_AFTER
-            and self.wants(computation_id)
-        )
+    # -- queue ------------------------------------------------------------------------------
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._bytes
 
     def wants(self, computation_id: str) -> bool:
         return not self.computation_id or self.computation_id == computation_id
 
-    def offer(self, message: pb.ClientStreamMessage) -> bool:
-        if self.queue.empty():
-            self.keeping_up_at = time.monotonic()
-        try:
-            self.queue.put_nowait(message)
-        except asyncio.QueueFull:
+    def offer(self, item: _Published) -> bool:
+        if self._closed:
+            return True
+        if self._items and (
+            len(self._items) >= self._max_messages or self._bytes + item.size > self._max_bytes
+        ):
             if self.dropped == 0:
                 _log.warning(
                     "events subscriber is too slow: dropping messages",
                     subscriber_filter=self.computation_id or "*",
                 )
             self.dropped += 1
+            self.lost_total += 1
             return False
         if self.dropped:
             _log.warning("events subscriber caught up", dropped=self.dropped)
+            self._push(self._lost_notice(self.dropped, "dropped"))
             self.dropped = 0
+        self._push(item)
         return True
+
+    def _lost_notice(self, lost: int, status: str) -> _Published:
+        notice = manager_event(self.computation_id, EVENTS_LOST, status, {"lost": lost})
+        return _Published(notice, self.computation_id, 0)
+
+    def _push(self, item: _Published) -> None:
+        self._items.append(item)
+        self._bytes += item.size
+        backlog = self._backlog.get(item.computation_id)
+        if backlog is None:
+            self._backlog[item.computation_id] = [1, item.size]
+        else:
+            backlog[0] += 1
+            backlog[1] += item.size
+        self._ready.set()
+
+    def _take(self) -> pb.ClientStreamMessage:
+        item = self._items.popleft()
+        self._bytes -= item.size
+        backlog = self._backlog[item.computation_id]
+        backlog[0] -= 1
+        backlog[1] -= item.size
+        if not backlog[0]:
+            del self._backlog[item.computation_id]
+        if not self._items:
+            self.paces = True  # it has caught up: it may pace agents again
+        if item.computation_id in self._bus._room and self.fill(item.computation_id) <= _RELEASE_AT:
+            self._bus._wake(item.computation_id)
+        return item.message
+
+    def fill(self, computation_id: str) -> float:
+        """How much of the queue this computation's messages take (messages or bytes, the
+        larger share)."""
+        backlog = self._backlog.get(computation_id)
+        if backlog is None:
+            return 0.0
+        return max(backlog[0] / self._max_messages, backlog[1] / self._max_bytes)
+
+    def holds_back(self, computation_id: str, fill: float) -> bool:
+        return self.paces and not self._closed and self.fill(computation_id) > fill
+
+    # -- stream -----------------------------------------------------------------------------
 
     async def __aiter__(self) -> AsyncIterator[pb.ClientStreamMessage]:
         try:
-            while (message := await self.queue.get()) is not None:
-                self.keeping_up_at = time.monotonic()
-                yield message
+            while self._replay:
+                yield self._replay.popleft()
+            while True:
+                if not self._items:
+                    if self._closed:
+                        return
+                    self._ready.clear()
+                    await self._ready.wait()
+                    continue
+                yield self._take()
         finally:
             self._bus.unsubscribe(self)
 
     def close(self) -> None:
-        """Ends the stream after what is queued; makes room for the end marker if needed."""
-        while True:
-            try:
-                self.queue.put_nowait(None)
-                return
-            except asyncio.QueueFull:
-                self.queue.get_nowait()
+        """Ends the stream after what is queued."""
+        self._closed = True
+        self._ready.set()
 
 
 class EventBus:
@@ -142,54 +252,216 @@ class EventBus:
         self,
         queue_size: int = DEFAULT_QUEUE_SIZE,
         on_drop: Callable[[int], None] | None = None,
+        *,
+        queue_bytes: int = DEFAULT_QUEUE_BYTES,
+        max_subscribers: int = DEFAULT_MAX_SUBSCRIBERS,
+        retain: int = DEFAULT_RETAIN,
+        retain_bytes: int = DEFAULT_RETAIN_BYTES,
+        hold_timeout: float = DEFAULT_HOLD_TIMEOUT,
     ) -> None:
         self._queue_size = queue_size
+        self._queue_bytes = queue_bytes
+        self._max_subscribers = max_subscribers
+        self._retain = retain
+        self._retain_bytes = retain_bytes
+        self._hold_timeout = hold_timeout
         self._subscribers: set[Subscription] = set()
         self._on_drop = on_drop
+        self._history: deque[_Published] = deque()
+        self._history_bytes = 0
+        # computation id -> seq of its last evicted message, least recently evicted first
+        self._last_evicted: dict[str, int] = {}
+        self._forgot_evictions = False
+        self._seq = 0
+        self._room: dict[str, asyncio.Future[None]] = {}
+        self._closed = False
         self.published = 0
         self.dropped = 0
+        self.hold_wakeups = 0
+        """How often a held agent was woken to look again: once per drain, not per tick."""
+        self.hold_timeouts = 0
 
-    def subscribe(self, computation_id: str = "") -> Subscription:
-        subscription = Subscription(self, computation_id, self._queue_size)
-        self._subscribers.add(subscription)
+    @classmethod
+    def from_settings(
+        cls, service: ServiceSettings, on_drop: Callable[[int], None] | None = None
+    ) -> EventBus:
+        """The bus the MANAGER_EVENTS_* settings describe."""
+        return cls(
+            on_drop=on_drop,
+            queue_bytes=service.EVENTS_QUEUE_BYTES,
+            max_subscribers=service.EVENTS_MAX_SUBSCRIBERS,
+            retain=service.EVENTS_RETAIN,
+            retain_bytes=service.EVENTS_RETAIN_BYTES,
+            hold_timeout=service.EVENTS_HOLD_TIMEOUT,
+        )
+
+    # -- subscribers ------------------------------------------------------------------------
+
+    def subscribe(self, computation_id: str = "", since: int | None = None) -> Subscription:
+        """A new stream; with `since`, the retained messages after it come first.
+
+        Synchronous on the loop: nothing can be published between the snapshot of the history
+        and the registration, so replay and live messages meet without a gap or a duplicate.
+        Raises ResourceExhaustedError beyond MANAGER_EVENTS_MAX_SUBSCRIBERS.
+        """
+        if self._max_subscribers and len(self._subscribers) >= self._max_subscribers:
+            raise ResourceExhaustedError(
+                f"Events: {len(self._subscribers)} subscribers already "
+                f"(MANAGER_EVENTS_MAX_SUBSCRIBERS={self._max_subscribers})"
+            )
+        replay = None if since is None else self._replay(computation_id, since)
+        subscription = Subscription(
+            self, computation_id, self._queue_size, self._queue_bytes, replay
+        )
+        if self._closed:
+            subscription.close()
+        else:
+            self._subscribers.add(subscription)
         return subscription
+
+    def _replay(self, computation_id: str, since: int) -> list[pb.ClientStreamMessage]:
+        out: list[pb.ClientStreamMessage] = []
+        oldest = self._history[0].seq if self._history else self._seq + 1
+        if since > self._seq:
+            # Numbers from an earlier run of the daemon: they start at 1 with each start.
+            out.append(
+                manager_event(
+                    computation_id,
+                    EVENTS_LOST,
+                    "restarted",
+                    {"since": since, "last": self._seq},
+                )
+            )
+            since = 0
+        elif since + 1 < oldest and self._lost_after(computation_id, since):
+            lost = oldest - since - 1
+            out.append(
+                manager_event(computation_id, EVENTS_LOST, "replay", {"lost": lost, "since": since})
+            )
+        if computation_id:
+            out += (
+                item.message
+                for item in self._history
+                if item.seq > since and item.computation_id == computation_id
+            )
+        else:
+            out += (item.message for item in self._history if item.seq > since)
+        return out
+
+    def _lost_after(self, computation_id: str, since: int) -> bool:
+        """Whether a message of this stream's filter numbered after `since` was evicted. For
+        one computation, known exactly from the last eviction of each computation (unless
+        more computations were evicted than are remembered): a control plane that follows
+        its own computation is not told of losses that were all other computations'."""
+        if not computation_id:
+            return True
+        last = self._last_evicted.get(computation_id)
+        if last is None:
+            return self._forgot_evictions
+        return last > since
 
     def unsubscribe(self, subscription: Subscription) -> None:
         self._subscribers.discard(subscription)
+        for computation_id in list(self._room):
+            self._wake(computation_id)
 
     @property
     def subscriber_count(self) -> int:
         return len(self._subscribers)
 
+    @property
+    def last_seq(self) -> int:
+        return self._seq
+
+    # -- publishing -------------------------------------------------------------------------
+
     def publish(self, message: pb.ClientStreamMessage) -> None:
-        """Never blocks and never raises: callers are Run, Stop and QEMU supervision."""
+        """Never blocks and never raises: callers are Run, Stop and QEMU supervision.
+        Sets `message.seq`; the message must not be changed afterwards."""
+        self._seq += 1
+        message.seq = self._seq
         self.published += 1
-        computation_id = computation_of(message)
+        item = _Published(message, computation_of(message), message.ByteSize())
+        self._retain_item(item)
         lost = 0
         for subscription in self._subscribers:
-            if subscription.wants(computation_id) and not subscription.offer(message):
+            if subscription.wants(item.computation_id) and not subscription.offer(item):
                 lost += 1
         if lost:
             self.dropped += lost
             if self._on_drop is not None:
                 self._on_drop(lost)
 
-    async def wait_for_room(self, computation_id: str) -> None:
-        """For producers that can wait (agent connections): returns at once unless a subscriber
-        that is still reading has a backlog of this computation's messages (over half its
-        queue), then once it has worked most of it off (down to a quarter) or stopped reading.
-        Polls only while held back; costs nothing otherwise."""
-        if not self._held_back(computation_id, _HOLD_ABOVE):
+    def _retain_item(self, item: _Published) -> None:
+        if not self._retain:
             return
-        # A poll rather than an Event: a subscriber also stops holding back by going quiet,
-        # which nothing signals. It only runs while held back, a millisecond at a time.
-        while self._held_back(computation_id, _RELEASE_ABOVE):  # noqa: ASYNC110
-            await asyncio.sleep(_ROOM_POLL)
+        self._history.append(item)
+        self._history_bytes += item.size
+        while len(self._history) > self._retain or self._history_bytes > self._retain_bytes:
+            evicted = self._history.popleft()
+            self._history_bytes -= evicted.size
+            last = self._last_evicted
+            last.pop(evicted.computation_id, None)  # re-inserted last: oldest first
+            last[evicted.computation_id] = evicted.seq
+            if len(last) > _REMEMBERED_EVICTIONS:
+                del last[next(iter(last))]
+                self._forgot_evictions = True
 
-    def _held_back(self, computation_id: str, fill: float) -> bool:
-        now = time.monotonic()
-        return any(s.holds_back(computation_id, now, fill) for s in self._subscribers)
+    # -- pacing -----------------------------------------------------------------------------
+
+    async def wait_for_room(self, computation_id: str) -> None:
+        """For producers that can wait (agent connections): returns at once unless a
+        subscriber has a backlog of this computation's messages over half its queue; then
+        once the backlog is down to a quarter (woken by the subscriber that drained it), or
+        after `hold_timeout`, when the subscribers still holding it back stop pacing (and
+        will lose messages) until they have emptied their queues."""
+        holders = [s for s in self._subscribers if s.holds_back(computation_id, _HOLD_ABOVE)]
+        if not holders:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._hold_timeout
+        while True:
+            holders = [
+                s
+                for s in holders
+                if s in self._subscribers and s.holds_back(computation_id, _RELEASE_AT)
+            ]
+            if not holders:
+                return
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                self._give_up_on(holders, computation_id)
+                return
+            room = self._room.get(computation_id)
+            if room is None or room.done():
+                room = self._room[computation_id] = loop.create_future()
+            try:
+                async with asyncio.timeout(remaining):
+                    await asyncio.shield(room)
+            except TimeoutError:
+                continue
+            self.hold_wakeups += 1
+
+    def _wake(self, computation_id: str) -> None:
+        room = self._room.pop(computation_id, None)
+        if room is not None and not room.done():
+            room.set_result(None)
+
+    def _give_up_on(self, holders: list[Subscription], computation_id: str) -> None:
+        self.hold_timeouts += 1
+        for subscription in holders:
+            subscription.paces = False
+            _log.warning(
+                "events subscriber held an agent back too long; it no longer paces agents "
+                "and will lose messages until it catches up",
+                subscriber_filter=subscription.computation_id or "*",
+                computation_id=computation_id,
+                backlog=subscription.qsize(),
+            )
 
     def close(self) -> None:
+        self._closed = True
         for subscription in list(self._subscribers):
             subscription.close()
+        for computation_id in list(self._room):
+            self._wake(computation_id)

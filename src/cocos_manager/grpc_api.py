@@ -51,5 +51,11 @@ class ManagerServicer(pb_grpc.ManagerServiceServicer):
     async def Events(
         self, request: pb.EventsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ClientStreamMessage]:
-        async for message in self._service.subscribe(request.computation_id):
+        since = request.since if request.HasField("since") else None
+        try:
+            subscription = self._service.bus.subscribe(request.computation_id, since=since)
+        except Exception as error:
+            await _abort(context, error, "Events")
+            raise
+        async for message in subscription:
             yield message

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from opentelemetry import trace
 
+from cocos_manager.console_limit import ConsoleLogLimiter
 from cocos_manager.errors import (
     FailedPreconditionError,
     HandoverFailedError,
@@ -41,6 +42,7 @@ from cocos_manager.qemu_argv import (
     derive_vm_settings,
     qemu_args,
 )
+from cocos_manager.qemu_env import qemu_environment
 from cocos_manager.qemu_failures import Conflict
 from cocos_manager.qemu_process import (
     ExitInfo,
@@ -111,7 +113,12 @@ class Launcher(Protocol):
     """Starts one QEMU: `QemuProcess.start`, or a stand-in in the Machine's unit tests."""
 
     def __call__(
-        self, argv: Sequence[str], *, qmp_listener: socket.socket, on_line: LineCallback
+        self,
+        argv: Sequence[str],
+        *,
+        qmp_listener: socket.socket,
+        on_line: LineCallback,
+        env: dict[str, str] | None,
     ) -> QemuProcess: ...
 
 
@@ -162,6 +169,7 @@ class Machine:
         self._releasing: asyncio.Task[None] | None = None
         self._failing = False
         self.halt: dict[str, Any] | None = None  # QEMU's words when it halted the guest
+        self._console_limit = ConsoleLogLimiter.from_settings(ctx.settings.service)
         self.log = _log.bind(computation_id=computation_id)
 
     # -- identity --------------------------------------------------------------------------
@@ -327,7 +335,10 @@ class Machine:
             listener = qmp_listener(qmp_path)
             try:
                 process = self.ctx.launch(
-                    self._argv(qmp_args(listener)), qmp_listener=listener, on_line=self._on_line
+                    self._argv(qmp_args(listener)),
+                    qmp_listener=listener,
+                    on_line=self._on_line,
+                    env=qemu_environment(self.ctx.settings.qemu),
                 )
             finally:
                 listener.close()
@@ -381,11 +392,16 @@ class Machine:
             self.process = None
 
     def _on_line(self, stream: str, text: str) -> None:
+        """Every line reaches Events; the daemon's own log takes them at a bounded rate, so a
+        chatty guest cannot trip journald's limit and hide the daemon's errors."""
         level = "info" if stream == "stdout" else "warn"
-        if level == "info":
-            self.log.info(text, source="qemu-stdout")
-        else:
-            self.log.warning(text, source="qemu-stderr")
+        if self._console_limit.allow():
+            if note := self._console_limit.suppressed_note():
+                self.log.warning(note)
+            if level == "info":
+                self.log.info(text, source="qemu-stdout")
+            else:
+                self.log.warning(text, source="qemu-stderr")
         self.ctx.bus.publish(log_message(self.id, level, text))
 
     # -- exit --------------------------------------------------------------------------------
@@ -475,6 +491,8 @@ class Machine:
             if process is not None:
                 details.update(await self._end_process(process, reason))
         finally:
+            if note := self._console_limit.suppressed_note():
+                self.log.warning(note)
             if self.files is not None:
                 self.files.remove()
             self.lease.release()

@@ -29,6 +29,8 @@ from prometheus_client import (
     start_http_server,
 )
 
+from cocos_manager.settings import ServiceSettings
+
 # Without this every counter and histogram also exports a *_created gauge per label set,
 # doubling the series for a timestamp nobody graphs. The switch is process-wide.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -115,6 +117,13 @@ class MetricsServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
+
+
+def metrics_host(service: ServiceSettings) -> str:
+    """Where /metrics listens: MANAGER_METRICS_HOST, else MANAGER_GRPC_HOST's address (the
+    behaviour before the setting existed). Metrics need not share the API's exposure: e.g.
+    gRPC on every interface behind TLS, metrics on 127.0.0.1 for a local scraper."""
+    return service.METRICS_HOST or service.GRPC_HOST
 
 
 async def start_metrics_server(

@@ -27,6 +27,11 @@ def _on_off(value: bool) -> str:
     return "true" if value else "false"
 
 
+def _vnc_host(address: str) -> str:
+    """-vnc takes an IPv6 address in brackets; "" keeps the original's every-interface ":N"."""
+    return f"[{address}]" if ":" in address and not address.startswith("[") else address
+
+
 def qemu_args(q: QemuSettings, *, vsock_device: bool = True) -> list[str]:
     """The original's argument list (without the executable), in the original's order."""
     args: list[str] = []
@@ -51,7 +56,7 @@ def qemu_args(q: QemuSettings, *, vsock_device: bool = True) -> list[str]:
         ]
     args += [
         "-netdev",
-        f"user,id={q.NETDEV_ID},hostfwd=tcp::{q.HOST_FWD_AGENT}-:{q.GUEST_FWD_AGENT}",
+        f"user,id={q.NETDEV_ID},hostfwd=tcp:{q.HOST_FWD_ADDR}:{q.HOST_FWD_AGENT}-:{q.GUEST_FWD_AGENT}",
     ]
     args += [
         "-device",
@@ -61,7 +66,7 @@ def qemu_args(q: QemuSettings, *, vsock_device: bool = True) -> list[str]:
     ]
     if vsock_device:
         args += ["-device", f"vhost-vsock-pci,id={q.VSOCK_ID},guest-cid={q.VSOCK_GUEST_CID}"]
-    args += ["-vnc", f":{q.VSOCK_VNC}"]
+    args += ["-vnc", f"{_vnc_host(q.VNC_ADDR)}:{q.VSOCK_VNC}"]
     if q.ENABLE_SEV_SNP:
         args += [
             "-object",

@@ -9,14 +9,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from cocos_manager.agent_protocol import MAX_FRAME
 from cocos_manager.api import manager_pb2 as pb
 from cocos_manager.api import manager_pb2_grpc as pb_grpc
 from cocos_manager.grpc_api import ManagerServicer
 from cocos_manager.service import ManagerService
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ManagerService"].full_name
-# Manifests with many datasets and result consumers; the original raised gRPC's 4 MB default.
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 @dataclass
@@ -50,11 +49,17 @@ async def build_server(
     credentials: grpc.ServerCredentials | None = None,
     interceptors: list[Any] | None = None,
 ) -> Server:
+    # MANAGER_GRPC_MAX_MESSAGE_SIZE (8 MiB by default): room for manifests with tens of
+    # thousands of datasets (60,000 take about 3 MiB), while one request cannot make the daemon
+    # allocate 64 MiB as before. gRPC itself answers a larger one with RESOURCE_EXHAUSTED
+    # before any of it reaches the service.
+    max_message = service.settings.service.GRPC_MAX_MESSAGE_SIZE
     server = grpc.aio.server(
         interceptors=interceptors or None,
         options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", max_message),
+            # What the server sends is its own making; an agent's largest frame must pass.
+            ("grpc.max_send_message_length", max(max_message, MAX_FRAME + 1024)),
             ("grpc.so_reuseport", 0),
         ],
     )

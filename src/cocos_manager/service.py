@@ -27,7 +27,7 @@ from cocos_manager.errors import (
 from cocos_manager.events import EventBus, Subscription
 from cocos_manager.logging import get_logger
 from cocos_manager.machine import Machine, MachineContext, StopReason, VmState
-from cocos_manager.manifest import manifest_json, validate_run_request
+from cocos_manager.manifest import validated_manifest
 from cocos_manager.metrics import METRICS
 from cocos_manager.qemu_argv import Executable
 from cocos_manager.recovery import recover
@@ -125,8 +125,7 @@ class ManagerService:
     async def run(self, request: pb.ComputationRunReq) -> pb.RunResponse:
         try:
             with _tracer.start_as_current_span("validate"):
-                validate_run_request(request)
-                manifest = manifest_json(request)
+                manifest = await validated_manifest(request)
                 self._admit_check(request.id)
                 check_images(self.qemu)
             machine = self._admit(request.id)

@@ -7,6 +7,7 @@ Operators' existing environment files must keep meaning the same thing here.
 
 from __future__ import annotations
 
+import os
 import re
 import uuid
 from collections.abc import Iterator
@@ -84,6 +85,28 @@ def parse_go_duration(value: object) -> float:
 
 def parse_optional_go_int(value: object) -> int | None:
     return None if value is None else parse_go_int(value)
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def parse_name_list(value: object) -> tuple[str, ...]:
+    """Comma-separated environment variable names ("A,B, C"); empty items are ignored."""
+    if isinstance(value, tuple | list):
+        items = [str(item) for item in value]
+    elif isinstance(value, str):
+        items = [item.strip() for item in value.split(",")]
+    else:
+        raise ValueError("expected comma-separated variable names")
+    names = tuple(item for item in items if item)
+    for name in names:
+        if not _ENV_NAME.fullmatch(name):
+            raise ValueError(f"{name!r} is not an environment variable name")
+    return names
+
+
+FIRST_GUEST_CID = 3
+MAX_VNC_DISPLAY = 65535 - 5900
 
 
 GoBool = Annotated[bool, BeforeValidator(parse_go_bool)]
@@ -207,11 +230,30 @@ class QemuSettings(BaseSettings):
     POWERDOWN_GRACE: GoDuration = 0.0
     ON_GUEST_HALT: GuestHaltAction = GuestHaltAction.STOP
 
+    # Hardening for real hosts (exposure and QEMU's environment); see docs/decisions.md.
+    HOST_FWD_ADDR: str = ""  # host address of hostfwd ("" = every interface, as the original)
+    VNC_ADDR: str = ""  # host address of -vnc ("" = every interface, as the original)
+    PASS_ENV: Annotated[tuple[str, ...], NoDecode, BeforeValidator(parse_name_list)] = ()
+
     @field_validator("STOP_TIMEOUT", "START_TIMEOUT", "POWERDOWN_GRACE")
     @classmethod
     def _non_negative(cls, value: float) -> float:
         if value < 0:
             raise ValueError("a duration must not be negative")
+        return value
+
+    @field_validator("VSOCK_GUEST_CID")
+    @classmethod
+    def _guest_cid(cls, value: int) -> int:
+        if value < FIRST_GUEST_CID:
+            raise ValueError(f"guest CIDs start at {FIRST_GUEST_CID} (0-2 are reserved by vsock)")
+        return value
+
+    @field_validator("VSOCK_VNC")
+    @classmethod
+    def _vnc_display(cls, value: int) -> int:
+        if not 0 <= value <= MAX_VNC_DISPLAY:
+            raise ValueError(f"a VNC display must be within 0-{MAX_VNC_DISPLAY} (port 5900+N)")
         return value
 
 
@@ -236,11 +278,57 @@ class ServiceSettings(BaseSettings):
     STATE_DIR: str = "state"
     SHUTDOWN_STOPS_VMS: GoBool = True
 
+    # Hardening for real hosts: bounds against clients and guests; see docs/decisions.md.
+    METRICS_HOST: str = ""  # "" = the address of MANAGER_GRPC_HOST
+    GRPC_MAX_MESSAGE_SIZE: GoInt = 8 * 1024 * 1024
+    EVENTS_MAX_SUBSCRIBERS: GoInt = 64  # 0 = no limit
+    EVENTS_QUEUE_BYTES: GoInt = 16 * 1024 * 1024
+    EVENTS_RETAIN: GoInt = 10_000
+    EVENTS_RETAIN_BYTES: GoInt = 16 * 1024 * 1024
+    EVENTS_HOLD_TIMEOUT: GoDuration = 1.0
+    AGENT_MAX_CONNECTIONS_PER_CID: GoInt = 4  # 0 = no limit
+    CONSOLE_LINES_PER_SECOND: GoInt = 50  # 0 = no limit
+    CONSOLE_LINES_BURST: GoInt = 200
+
     @field_validator("GRPC_PORT")
     @classmethod
     def _port(cls, value: int) -> int:
         if not 0 <= value <= 65535:
             raise ValueError("a port must be within 0-65535")
+        return value
+
+    @field_validator("METRICS_PORT")
+    @classmethod
+    def _metrics_port(cls, value: int | None) -> int | None:
+        if value is not None and not 0 <= value <= 65535:
+            raise ValueError("a port must be within 0-65535")
+        return value
+
+    @field_validator("GRPC_MAX_MESSAGE_SIZE", "EVENTS_QUEUE_BYTES", "CONSOLE_LINES_BURST")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be 1 or more")
+        return value
+
+    @field_validator(
+        "EVENTS_MAX_SUBSCRIBERS",
+        "EVENTS_RETAIN",
+        "EVENTS_RETAIN_BYTES",
+        "AGENT_MAX_CONNECTIONS_PER_CID",
+        "CONSOLE_LINES_PER_SECOND",
+    )
+    @classmethod
+    def _zero_or_more(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError("must be 0 or more")
+        return value
+
+    @field_validator("EVENTS_HOLD_TIMEOUT")
+    @classmethod
+    def _hold(cls, value: float) -> float:
+        if value < 0:
+            raise ValueError("a duration must not be negative")
         return value
 
     @field_validator("MAX_VMS")
@@ -292,6 +380,10 @@ def load_settings() -> Settings:
             raise SettingsError(_describe(model, error)) from None
     service, qemu = models
     assert isinstance(service, ServiceSettings) and isinstance(qemu, QemuSettings)
+    # Resolved once, here: a daemon restarted from another working directory must find the
+    # same records and per-VM files (and the lock), and the log shows where they are.
+    service = service.model_copy(update={"STATE_DIR": os.path.abspath(service.STATE_DIR)})
+    qemu = qemu.model_copy(update={"TMP_FILE_LOC": os.path.abspath(qemu.TMP_FILE_LOC)})
     return Settings(
         service=service, qemu=qemu, instance_id=service.INSTANCE_ID or str(uuid.uuid4())
     )

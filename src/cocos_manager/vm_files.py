@@ -47,8 +47,25 @@ def check_images(q: QemuSettings) -> None:
             raise FailedPreconditionError(f"{variable}: {path!r} is not readable")
 
 
+PRIVATE_MODE = 0o600
+"""Mode of every file the manager writes for a VM, whatever the daemon's umask: OVMF vars
+hold the guest's UEFI variables and the manifest names its keys and peers."""
+
+
+def _create_private(path: str) -> int:
+    """A new file, 0600 even under a umask such as 0 or 0277 (the mode is set, not masked)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, PRIVATE_MODE)
+    try:
+        os.fchmod(fd, PRIVATE_MODE)
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    return fd
+
+
 def _reflink(src: str, dst: str) -> None:
-    with open(src, "rb") as source, open(dst, "wb") as target:
+    with open(src, "rb") as source, os.fdopen(_create_private(dst), "wb") as target:
         try:
             fcntl.ioctl(target.fileno(), _FICLONE, source.fileno())
         except OSError:
@@ -57,12 +74,23 @@ def _reflink(src: str, dst: str) -> None:
             raise
 
 
+def _copy(src: str, dst: str) -> None:
+    # Made private first; copyfile then writes into that inode (keeping its mode) with the
+    # kernel's fast copy.
+    os.close(_create_private(dst))
+    try:
+        shutil.copyfile(src, dst)
+    except BaseException:
+        os.unlink(dst)
+        raise
+
+
 def _private_copy(src: str, dst: str) -> str:
     try:
         _reflink(src, dst)
         return "reflink"
     except OSError:
-        shutil.copyfile(src, dst)
+        _copy(src, dst)
         return "copy"
 
 
@@ -168,8 +196,7 @@ def prepare_vm_files(q: QemuSettings, vm_uuid: str, manifest: bytes | None) -> V
                 files.methods[name] = how(src, str(planned[name]))
         if manifest is not None:
             files.paths["manifest"] = planned["manifest"]
-            fd = os.open(planned["manifest"], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as out:
+            with os.fdopen(_create_private(str(planned["manifest"])), "wb") as out:
                 out.write(manifest)
         files.paths["qmp"] = planned["qmp"]
     except OSError as error:

@@ -20,6 +20,7 @@ from cocos_manager.logging import get_logger
 
 AGENT_MANIFEST_PORT = 9999
 AGENT_EVENTS_PORT = 9997
+DEFAULT_MAX_CONNECTIONS_PER_CID = 4
 
 Connect = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 Publish = Callable[[ClientStreamMessage], None]
@@ -172,10 +173,16 @@ class AgentEventListener:
         publish: Publish,
         port: int = AGENT_EVENTS_PORT,
         pace: Callable[[str], Awaitable[None]] | None = None,
+        max_per_cid: int = DEFAULT_MAX_CONNECTIONS_PER_CID,
     ) -> None:
+        """`max_per_cid` (MANAGER_AGENT_MAX_CONNECTIONS_PER_CID, 0 = no limit) bounds the
+        connections one guest may hold open: each costs a task, buffers and a descriptor, and
+        an agent needs one (a second while it reconnects)."""
         self._resolve_cid = resolve_cid
         self._publish = publish
         self._pace = pace
+        self._max_per_cid = max_per_cid
+        self._refused: dict[int, int] = {}
         self._port = port
         self._server: asyncio.Server | None = None
         self._connections: dict[asyncio.Task[object], int] = {}
@@ -233,6 +240,18 @@ class AgentEventListener:
 
         Used for every accepted vsock connection; tests call it with a socketpair.
         """
+        if self._max_per_cid and self.connections_of(cid) >= self._max_per_cid:
+            refused = self._refused[cid] = self._refused.get(cid, 0) + 1
+            if refused == 1:  # once per burst: a guest cannot flood the log either
+                self._log.warning(
+                    "agent connection over the limit for its CID; closed",
+                    cid=cid,
+                    limit=self._max_per_cid,
+                )
+            await close_writer(writer)
+            return 0
+        if self._refused.pop(cid, 0) > 1:
+            self._log.warning("agent connections were refused", cid=cid)
         task = asyncio.current_task()
         if task is not None:
             self._connections[task] = cid
@@ -248,6 +267,9 @@ class AgentEventListener:
         finally:
             if task is not None:
                 self._connections.pop(task, None)
+
+    def connections_of(self, cid: int) -> int:
+        return sum(1 for owner in self._connections.values() if owner == cid)
 
     def disconnect(self, cid: int) -> int:
         """Drops the connections of ``cid`` (its VM stopped), so a later VM given the same CID

@@ -86,10 +86,12 @@ class StopResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class EventsRequest(_message.Message):
-    __slots__ = ("computation_id",)
+    __slots__ = ("computation_id", "since")
     COMPUTATION_ID_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
     computation_id: str
-    def __init__(self, computation_id: _Optional[str] = ...) -> None: ...
+    since: int
+    def __init__(self, computation_id: _Optional[str] = ..., since: _Optional[int] = ...) -> None: ...
 
 class AgentEvent(_message.Message):
     __slots__ = ("event_type", "timestamp", "computation_id", "details", "originator", "status")
@@ -120,11 +122,13 @@ class AgentLog(_message.Message):
     def __init__(self, message: _Optional[str] = ..., computation_id: _Optional[str] = ..., level: _Optional[str] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ClientStreamMessage(_message.Message):
-    __slots__ = ("agent_log", "agent_event", "run_res")
+    __slots__ = ("agent_log", "agent_event", "run_res", "seq")
     AGENT_LOG_FIELD_NUMBER: _ClassVar[int]
     AGENT_EVENT_FIELD_NUMBER: _ClassVar[int]
     RUN_RES_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     agent_log: AgentLog
     agent_event: AgentEvent
     run_res: RunResponse
-    def __init__(self, agent_log: _Optional[_Union[AgentLog, _Mapping]] = ..., agent_event: _Optional[_Union[AgentEvent, _Mapping]] = ..., run_res: _Optional[_Union[RunResponse, _Mapping]] = ...) -> None: ...
+    seq: int
+    def __init__(self, agent_log: _Optional[_Union[AgentLog, _Mapping]] = ..., agent_event: _Optional[_Union[AgentEvent, _Mapping]] = ..., run_res: _Optional[_Union[RunResponse, _Mapping]] = ..., seq: _Optional[int] = ...) -> None: ...
