@@ -4,6 +4,7 @@ starts again, re-adopts every QEMU that is provably its own, and cleans up the r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ from cocos_manager.api import manager_pb2 as pb
 from cocos_manager.state_store import VmRecord, process_identity
 from tests.support.daemon_process import Daemon
 from tests.support.harness import base_env, run_request
+from tests.support.waiting import subscribed, wait_for
 
 
 @pytest.fixture
@@ -33,6 +35,16 @@ def records(tmp_path: Path) -> list[dict[str, object]]:
     return [json.loads(p.read_text()) for p in sorted((tmp_path / "state").glob("vm-*.json"))]
 
 
+def recorded_pids(tmp_path: Path) -> list[int]:
+    """PIDs the records name so far (a record names its QEMU from STARTING on); a record
+    being written right now is read on the next poll."""
+    pids = []
+    for path in (tmp_path / "state").glob("vm-*.json"):
+        with contextlib.suppress(OSError, ValueError):
+            pids.append(int(json.loads(path.read_text())["pid"]))
+    return [pid for pid in pids if pid]
+
+
 def pid_of(tmp_path: Path, computation_id: str) -> int:
     for record in records(tmp_path):
         if record["computation_id"] == computation_id:
@@ -45,11 +57,7 @@ def alive(pid: int) -> bool:
 
 
 async def wait_until_gone(pid: int, timeout: float = 10.0) -> None:
-    for _ in range(int(timeout / 0.02)):
-        if not alive(pid):
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"process {pid} still alive")
+    await wait_for(lambda: not alive(pid), f"process {pid} to end", timeout)
 
 
 def vm_files(tmp_path: Path) -> list[str]:
@@ -89,7 +97,7 @@ async def test_adopted_vm_exit_is_noticed_at_once(daemon: Daemon, tmp_path: Path
     await daemon.start()
     assert [r["computation_id"] for r in records(tmp_path)] == ["watched"], "not re-adopted"
     events = daemon.stub.Events(pb.EventsRequest(computation_id="watched"))
-    await asyncio.sleep(0.2)
+    await subscribed(events)
     os.kill(pid, signal.SIGKILL)
     async for message in events:
         if message.agent_event.event_type == "vm-exit":
@@ -127,12 +135,8 @@ async def test_vm_still_starting_at_crash_is_killed(tmp_path: Path) -> None:
     d = Daemon(env=env, log=tmp_path / "daemon.log")
     await d.start()
     call = asyncio.ensure_future(d.stub.Run(run_request("half")))
-    for _ in range(500):
-        recs = records(tmp_path)
-        if recs and recs[0]["pid"]:
-            break
-        await asyncio.sleep(0.02)
-    pid = int(str(records(tmp_path)[0]["pid"]))
+    await wait_for(lambda: recorded_pids(tmp_path), "QEMU to start")
+    (pid,) = recorded_pids(tmp_path)
     await d.kill()
     with pytest.raises((grpc.aio.AioRpcError, asyncio.CancelledError)):
         await call

@@ -51,5 +51,13 @@ class ManagerServicer(pb_grpc.ManagerServiceServicer):
     async def Events(
         self, request: pb.EventsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ClientStreamMessage]:
-        async for message in self._service.subscribe(request.computation_id):
+        subscription = self._service.subscribe(request.computation_id)
+        try:
+            # Headers right after subscribing: a client awaiting them (initial_metadata())
+            # knows that nothing published from then on can be missed.
+            await context.send_initial_metadata(())
+        except BaseException:
+            self._service.bus.unsubscribe(subscription)
+            raise
+        async for message in subscription:
             yield message
