@@ -248,11 +248,15 @@ async def test_deadline_while_qemu_starts_kills_it(
     log = tmp_path / "starts"
     async with running_manager(tmp_path, monkeypatch, FAKE_QEMU_START_LOG=str(log)) as m:
         monkeypatch.setenv("FAKE_QEMU_MODE", "no-qmp")
-        error = await run_error(m.stub.Run(run_request("late"), timeout=1.0))
+        call = m.stub.Run(run_request("late"), timeout=2.0)
+        # The deadline must fall while QEMU runs: its record names it from STARTING on.
+        await wait_for(lambda: pids_recorded(tmp_path / "state"), "QEMU to be spawned", 2.0)
+        (pid,) = pids_recorded(tmp_path / "state")
+        error = await run_error(call)
         assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         await assert_nothing_left(m)
-        (started,) = starts(log)
-        assert not pid_alive(int(started["pid"]))  # type: ignore[call-overload]
+        assert not pid_alive(pid)
+        assert [entry["pid"] for entry in starts(log)] in ([pid], [])  # [] if killed that early
 
 
 # -- a port or display taken between the probe and QEMU's bind ----------------------------------

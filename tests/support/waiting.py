@@ -7,7 +7,7 @@ import asyncio
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import pytest
@@ -34,7 +34,7 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-def unavailable(reason: str) -> None:
+def unavailable(reason: str) -> NoReturn:
     """A test whose prerequisite (root, tmpfs, a tool the install script installs) is missing:
     skipped on a developer's machine, failed under CI=true, where a skip would hide that the
     contract went untested."""
