@@ -322,6 +322,8 @@ async def test_events_filter_by_computation_with_two_running_at_once(
         await wait_for(lambda: a_done in streams[""].seen, "everything, unfiltered")
         for name in ("a", "b"):
             assert streams[name].computations() == {name}
+            # Subscribed (headers received) before the Run: its very first event is there.
+            assert streams[name].seen[0] == (name, "vm-provision", "starting")
             assert (name, "vm-provision", "complete") in streams[name].seen
             assert ("log", "") in {(kind, status) for _, kind, status in streams[name].seen}
         assert streams[""].computations() == {"a", "b"}
