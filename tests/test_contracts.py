@@ -332,6 +332,8 @@ async def test_events_filter_by_computation_with_two_running_at_once(
         assert sorted(streams[""].seen) == sorted(streams["a"].seen + streams["b"].seen)
         for stream in streams.values():
             stream.close()
+        # A cancelled Events call leaves no subscription behind.
+        await wait_for(lambda: m.service.bus.subscriber_count == 0, "the unsubscriptions")
 
 
 # -- the vsock channel through the daemon -------------------------------------------------------

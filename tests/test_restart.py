@@ -308,6 +308,7 @@ async def test_readopted_vm_is_announced_keeps_its_cid_and_hears_its_agent(
         assert details["readopted"] is True and details["pid"] == pid
         assert details["guest_cid"] == cid and adopted.computation_id == "kept"
         assert service.computation_for_cid(cid) == "kept" and cid in service._cids.held
+        assert METRICS.registry.get_sample_value("manager_vms_running") == 1
 
         before = METRICS.registry.get_sample_value("manager_agent_messages_total") or 0.0
         ours, theirs = socket.socketpair()
@@ -330,6 +331,7 @@ async def test_readopted_vm_is_announced_keeps_its_cid_and_hears_its_agent(
         await asyncio.wait([connection], timeout=GUARD)
         assert connection.cancelled() and await asyncio.wait_for(reader.read(), GUARD) == b""
         assert service.computation_for_cid(cid) is None
+        assert METRICS.registry.get_sample_value("manager_vms_running") == 0
         writer.close()
     finally:
         await runner.cleanup()
