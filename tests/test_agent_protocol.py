@@ -37,6 +37,7 @@ from cocos_manager.vsock import (
     vsock_connector,
 )
 from tests.support.streams import AckSink
+from tests.support.waiting import wait_for
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
@@ -526,8 +527,7 @@ async def test_listener_close_and_disconnect_end_open_connections() -> None:
         manager = await asyncio.open_connection(sock=a)
         agents.append(await asyncio.open_connection(sock=b))
         tasks.append(asyncio.ensure_future(listener.serve(*manager, cid)))
-    await asyncio.sleep(0.01)
-    assert listener.connections == 3
+    await wait_for(lambda: listener.connections == 3, "the three connections to be served")
     assert listener.disconnect(3) == 2
     await asyncio.wait(tasks[:2])
     assert listener.connections == 1 and not tasks[2].done()

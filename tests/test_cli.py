@@ -12,6 +12,7 @@ import pytest
 
 from tests.support.harness import Manager, running_manager
 from tests.support.streams import read_agent
+from tests.support.waiting import wait_for
 
 CLI = str(Path(sys.executable).with_name("cocos-manager-cli"))
 
@@ -69,8 +70,9 @@ async def test_run_from_manifest_file(manager: Manager, tmp_path: Path) -> None:
 
 
 async def test_events_follow_the_stream(manager: Manager, tmp_path: Path) -> None:
+    before = manager.service.bus.subscriber_count
     events = asyncio.ensure_future(cli(manager, "events", "ev", "--count", "3", "--json"))
-    await asyncio.sleep(0.5)
+    await wait_for(lambda: manager.service.bus.subscriber_count > before, "the CLI's subscription")
     algorithm = tmp_path / "algo"
     algorithm.write_bytes(b"x")
     assert (await cli(manager, "run", "--id", "ev", "--algorithm", str(algorithm)))[0] == 0

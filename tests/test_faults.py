@@ -16,6 +16,7 @@ import json
 import os
 import random
 import re
+import select
 import signal
 import socket
 import struct
@@ -38,6 +39,7 @@ from cocos_manager.vsock import AgentEventListener
 from tests.support.harness import Manager, base_env, run_request, running_manager
 from tests.support.processes import children
 from tests.support.streams import read_agent
+from tests.support.waiting import unavailable, wait_for
 
 DAEMON = Path(sys.executable).with_name("cocos-manager")
 GUARD = 10.0
@@ -81,6 +83,15 @@ def starts(log: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in log.read_text().splitlines()]
 
 
+def pids_recorded(state: Path) -> list[int]:
+    """PIDs in the daemon's VM records: a record names its QEMU once it is STARTING."""
+    pids = []
+    for path in state.glob("vm-*.json"):
+        with contextlib.suppress(OSError, ValueError):  # being written or replaced right now
+            pids.append(int(json.loads(path.read_text())["pid"]))
+    return [pid for pid in pids if pid]
+
+
 def pid_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -104,7 +115,7 @@ def tmpfs(path: Path, size: str, *, read_only: bool = False) -> Iterator[Path]:
         check=False,
     )
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (root needed): {mounted.stderr.strip()}")
+        unavailable(f"cannot mount a tmpfs here (root needed): {mounted.stderr.strip()}")
     try:
         yield path
     finally:
@@ -127,14 +138,6 @@ def big_file(path: Path, size: int) -> str:
             out.write(block)
         out.write(os.urandom(size & ((1 << 20) - 1)))
     return str(path)
-
-
-async def wait_for(condition: Callable[[], object], what: str, within: float = GUARD) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 async def run_error(call: object) -> grpc.aio.AioRpcError:
@@ -245,11 +248,15 @@ async def test_deadline_while_qemu_starts_kills_it(
     log = tmp_path / "starts"
     async with running_manager(tmp_path, monkeypatch, FAKE_QEMU_START_LOG=str(log)) as m:
         monkeypatch.setenv("FAKE_QEMU_MODE", "no-qmp")
-        error = await run_error(m.stub.Run(run_request("late"), timeout=1.0))
+        call = m.stub.Run(run_request("late"), timeout=2.0)
+        # The deadline must fall while QEMU runs: its record names it from STARTING on.
+        await wait_for(lambda: pids_recorded(tmp_path / "state"), "QEMU to be spawned", 2.0)
+        (pid,) = pids_recorded(tmp_path / "state")
+        error = await run_error(call)
         assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         await assert_nothing_left(m)
-        (started,) = starts(log)
-        assert not pid_alive(int(started["pid"]))  # type: ignore[call-overload]
+        assert not pid_alive(pid)
+        assert [entry["pid"] for entry in starts(log)] in ([pid], [])  # [] if killed that early
 
 
 # -- a port or display taken between the probe and QEMU's bind ----------------------------------
@@ -262,13 +269,23 @@ def squatter_reaped(marker: Path) -> Iterator[None]:
         yield
     finally:
         if marker.exists():
-            pid = int(marker.read_text())
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            # Not our child: gone once init has reaped it, which takes a moment after SIGKILL.
-            deadline = time.monotonic() + 5
-            while pid_alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.01)
+            kill_and_wait(int(marker.read_text()))
+
+
+def kill_and_wait(pid: int) -> None:
+    """SIGKILL through a pidfd, then wait for the process to be gone (its pidfd becomes
+    readable): the leftover check runs right after, and a kill is not instant."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        select.select([pidfd], [], [], GUARD)
+    except ProcessLookupError:
+        pass
+    finally:
+        os.close(pidfd)
 
 
 async def test_host_port_taken_before_qemu_binds_is_retried_on_another(
@@ -490,7 +507,7 @@ async def test_sigterm_during_a_run_ends_it_and_exits_cleanly(
         stub = pb_grpc.ManagerServiceStub(channel)
         run = asyncio.ensure_future(stub.Run(run_request("interrupted")))
         await wait_for(lambda: starts(log), "QEMU to start")
-        await asyncio.sleep(0.3)  # well into the wait for readiness
+        await wait_for(lambda: pids_recorded(tmp_path / "state"), "QEMU's record (STARTING)")
         signalled = time.monotonic()
         daemon.process.send_signal(signal.SIGTERM)
         error = await run_error(run)
@@ -768,8 +785,13 @@ async def test_a_cid_speaks_only_for_its_own_computation(
         await wait_for(lambda: of_carol.seen, "carol's message")
         assert of_carol.texts() == [("I am alice", "carol")]
 
-        await asyncio.sleep(0.1)  # any misrouted message would have arrived by now
-        assert of_bob.seen == []
+        # Positive control: bob's own agent is heard by bob's watcher, and only that arrives.
+        task, agent = await agents.connect(cids["bob"])
+        agent[1].write(log_frame(1, "I am bob"))
+        agent[1].write_eof()
+        assert await asyncio.wait_for(task, GUARD) == 1
+        await wait_for(lambda: of_bob.seen, "bob's message")
+        assert of_bob.texts() == [("I am bob", "bob")]
         assert len(of_alice.seen) == 3
         for watcher in (of_alice, of_bob, of_carol):
             watcher.close()

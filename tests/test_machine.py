@@ -5,7 +5,10 @@ Stop, exit) and checks the exact state sequence and that nothing is left. Millis
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+import re
+import socket
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +22,9 @@ from cocos_manager.resources import Pools
 from cocos_manager.settings import load_settings
 from cocos_manager.state_store import StateStore
 from cocos_manager.tasks import TaskSet
+from cocos_manager.vsock import Connect
 from tests.support.harness import base_env
-from tests.support.machine_fakes import FakeLauncher
+from tests.support.machine_fakes import FakeLauncher, Gate
 
 A, S, R, X, D = (
     VmState.ADMITTED,
@@ -60,7 +64,18 @@ NOTHING = {"files": [], "records": [], "numbers": (frozenset(),) * 3, "cid map":
 
 @pytest.fixture
 async def rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Rig]:
-    for name, value in base_env(tmp_path).items():
+    async with make_rig(tmp_path, monkeypatch) as made:
+        yield made
+
+
+@contextlib.asynccontextmanager
+async def make_rig(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    agent_connector: Callable[[int], Connect] | None = None,
+    **env: str,
+) -> AsyncIterator[Rig]:
+    for name, value in {**base_env(tmp_path), **env}.items():
         monkeypatch.setenv(name, value)
     settings = load_settings()
     launcher = FakeLauncher()
@@ -74,7 +89,7 @@ async def rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[
         store=store,
         pools=Pools.from_settings(settings.qemu),
         tasks=TaskSet(),
-        agent_connector=lambda cid: None,  # type: ignore[arg-type,return-value]
+        agent_connector=agent_connector or (lambda cid: None),  # type: ignore[arg-type,return-value]
         on_released=released.append,
         launch=launcher,
     )
@@ -214,4 +229,130 @@ async def test_a_cancelled_stop_caller_does_not_interrupt_the_release(rig: Rig) 
     stop.cancel()
     gate.opened.set()
     await asyncio.wait_for(asyncio.shield(machine.released), 1)
+    assert rig.left_behind() == NOTHING
+
+
+# -- the vsock hand-over and the retry after a taken number -------------------------------------
+
+
+class GatedAgent:
+    """The agent behind the guest's vsock port: each connection attempt waits at `gate`, then
+    gets one end of a socketpair whose other end keeps what the manager wrote."""
+
+    def __init__(self) -> None:
+        self.gate = Gate()
+        self.cids: list[int] = []
+        self.received = bytearray()
+        self._keep: list[socket.socket] = []
+
+    def connector(self, cid: int) -> Connect:
+        async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            self.cids.append(cid)
+            await self.gate.pass_()
+            ours, theirs = socket.socketpair()
+            self._keep.append(theirs)
+            return await asyncio.open_connection(sock=ours)
+
+        return connect
+
+    def drain(self) -> bytes:
+        for sock in self._keep:
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                while chunk := sock.recv(65536):
+                    self.received += chunk
+            sock.close()
+        self._keep.clear()
+        return bytes(self.received)
+
+
+@pytest.fixture
+async def vsock_rig(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[Rig, GatedAgent]]:
+    agent = GatedAgent()
+    async with make_rig(
+        tmp_path, monkeypatch, agent.connector, MANAGER_QEMU_AGENT_CHANNEL="vsock"
+    ) as made:
+        yield made, agent
+    agent.drain()
+
+
+async def test_a_vsock_start_hands_the_manifest_over_before_running(
+    vsock_rig: tuple[Rig, GatedAgent],
+) -> None:
+    rig, agent = vsock_rig
+    agent.gate.opened.set()
+    machine = rig.admit()
+    await rig.start(machine)
+    assert machine.history == [A, S, R]
+    assert agent.cids == [machine.resources.guest_cid]
+    assert agent.drain() == b"{}"
+
+
+@pytest.mark.parametrize("how", ["cancel", "stop"])
+async def test_a_start_ended_during_the_handover_reaps_its_qemu_and_leaves_nothing(
+    vsock_rig: tuple[Rig, GatedAgent], how: str
+) -> None:
+    rig, agent = vsock_rig
+    machine = rig.admit()
+    task = rig.start(machine)
+    await agent.gate.entered.wait()
+    assert machine.state is S
+    if how == "cancel":
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.wait_for(asyncio.shield(machine.released), 1)
+        assert machine.history == [A, S, D]
+    else:
+        await asyncio.wait_for(machine.stop(StopReason.STOP), 1)
+        assert task.cancelled()
+        assert machine.history == [A, S, X, D]
+    assert "SIGKILL" in rig.launcher.processes[0].signals
+    assert rig.left_behind() == NOTHING
+    assert agent.drain() == b""  # the manifest never went out
+
+
+def number_in(argv: list[str], conflict: str) -> int:
+    text = " ".join(argv)
+    pattern = {
+        "host_port": r"hostfwd=tcp::(\d+)-",
+        "vnc_display": r"-vnc :(\d+)",
+        "guest_cid": r"guest-cid=(\d+)",
+    }[conflict]
+    found = re.search(pattern, text)
+    assert found is not None, (conflict, text)
+    return int(found.group(1))
+
+
+@pytest.mark.parametrize("conflict", ["host_port", "vnc_display", "guest_cid"])
+async def test_a_taken_number_is_swapped_and_the_start_retried_once(
+    vsock_rig: tuple[Rig, GatedAgent], conflict: str
+) -> None:
+    rig, agent = vsock_rig
+    agent.gate.opened.set()
+    gate = rig.launcher.close("wait_ready")
+    machine = rig.admit()
+    task = rig.start(machine)
+    await gate.entered.wait()
+    taken = number_in(rig.launcher.processes[0].argv, conflict)
+    gate.error = QemuExitedError(
+        "QEMU exited during start-up: taken", exit="exit status 1", stderr=[], conflict=conflict
+    )
+    rig.launcher.gates["wait_ready"] = Gate()  # the next attempt passes
+    rig.launcher.gates["wait_ready"].opened.set()
+    gate.opened.set()
+    await asyncio.wait_for(task, 1)
+    assert machine.history == [A, S, S, R]
+    first, second = rig.launcher.processes
+    assert "SIGKILL" in first.signals and second.signals == []
+    now = number_in(second.argv, conflict)
+    assert now != taken and now == getattr(machine.resources, conflict)
+    pools = rig.ctx.pools
+    held = {"host_port": pools.ports, "vnc_display": pools.displays, "guest_cid": pools.cids}
+    assert held[conflict].held == {now}
+    assert pools.cid_owner == {machine.resources.guest_cid: machine.id}
+    assert agent.cids == [machine.resources.guest_cid]  # the hand-over went to the new CID
+    await machine.stop(StopReason.STOP)
     assert rig.left_behind() == NOTHING

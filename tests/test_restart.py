@@ -4,9 +4,12 @@ starts again, re-adopts every QEMU that is provably its own, and cleans up the r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
+import socket
+import struct
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,9 +18,15 @@ import grpc
 import pytest
 
 from cocos_manager.api import manager_pb2 as pb
+from cocos_manager.daemon import DaemonRunner
+from cocos_manager.events import Subscription
+from cocos_manager.metrics import METRICS
+from cocos_manager.settings import load_settings
 from cocos_manager.state_store import VmRecord, process_identity
 from tests.support.daemon_process import Daemon
 from tests.support.harness import base_env, run_request
+from tests.support.harness import test_tracer_provider as tracer_provider
+from tests.support.waiting import GUARD, subscribed, wait_for
 
 
 @pytest.fixture
@@ -33,6 +42,16 @@ def records(tmp_path: Path) -> list[dict[str, object]]:
     return [json.loads(p.read_text()) for p in sorted((tmp_path / "state").glob("vm-*.json"))]
 
 
+def recorded_pids(tmp_path: Path) -> list[int]:
+    """PIDs the records name so far (a record names its QEMU from STARTING on); a record
+    being written right now is read on the next poll."""
+    pids = []
+    for path in (tmp_path / "state").glob("vm-*.json"):
+        with contextlib.suppress(OSError, ValueError):
+            pids.append(int(json.loads(path.read_text())["pid"]))
+    return [pid for pid in pids if pid]
+
+
 def pid_of(tmp_path: Path, computation_id: str) -> int:
     for record in records(tmp_path):
         if record["computation_id"] == computation_id:
@@ -45,11 +64,7 @@ def alive(pid: int) -> bool:
 
 
 async def wait_until_gone(pid: int, timeout: float = 10.0) -> None:
-    for _ in range(int(timeout / 0.02)):
-        if not alive(pid):
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"process {pid} still alive")
+    await wait_for(lambda: not alive(pid), f"process {pid} to end", timeout)
 
 
 def vm_files(tmp_path: Path) -> list[str]:
@@ -89,7 +104,7 @@ async def test_adopted_vm_exit_is_noticed_at_once(daemon: Daemon, tmp_path: Path
     await daemon.start()
     assert [r["computation_id"] for r in records(tmp_path)] == ["watched"], "not re-adopted"
     events = daemon.stub.Events(pb.EventsRequest(computation_id="watched"))
-    await asyncio.sleep(0.2)
+    await subscribed(events)
     os.kill(pid, signal.SIGKILL)
     async for message in events:
         if message.agent_event.event_type == "vm-exit":
@@ -127,12 +142,8 @@ async def test_vm_still_starting_at_crash_is_killed(tmp_path: Path) -> None:
     d = Daemon(env=env, log=tmp_path / "daemon.log")
     await d.start()
     call = asyncio.ensure_future(d.stub.Run(run_request("half")))
-    for _ in range(500):
-        recs = records(tmp_path)
-        if recs and recs[0]["pid"]:
-            break
-        await asyncio.sleep(0.02)
-    pid = int(str(records(tmp_path)[0]["pid"]))
+    await wait_for(lambda: recorded_pids(tmp_path), "QEMU to start")
+    (pid,) = recorded_pids(tmp_path)
     await d.kill()
     with pytest.raises((grpc.aio.AioRpcError, asyncio.CancelledError)):
         await call
@@ -212,3 +223,126 @@ def test_newest_readable_version_wins_after_a_crash(tmp_path: Path) -> None:
     assert fresh.load_all() == [record]
     fresh.remove("u")
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["vm-u.3.bad"]
+
+
+# -- the branches of adoption -------------------------------------------------------------------
+
+
+async def test_a_live_qemu_whose_qmp_does_not_answer_is_killed_and_cleaned(
+    tmp_path: Path,
+) -> None:
+    """A wedged QEMU (alive, its monitor never answers again) is not adopted: the probe gives
+    up after ADOPT_PROBE_TIMEOUT and the VM is killed rather than left untracked."""
+    env = {**base_env(tmp_path), "FAKE_QEMU_MODE": "qmp-once"}
+    d = Daemon(env=env, log=tmp_path / "daemon.log")
+    await d.start()
+    await d.stub.Run(run_request("wedged"))  # readiness was its one QMP session
+    pid = pid_of(tmp_path, "wedged")
+    await d.kill()
+    assert alive(pid)
+    await d.start()  # SERVING only after recovery
+    await wait_until_gone(pid)
+    assert records(tmp_path) == [] and vm_files(tmp_path) == []
+    assert "its QMP monitor does not answer" in d.log.read_text()
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await d.stub.Stop(pb.StopRequest(computation_id="wedged"))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    await d.stub.Run(run_request("wedged"))  # its id, port and CID are free again
+    await d.terminate()
+
+
+async def test_same_start_time_but_another_command_line_is_never_signalled(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    """PID and start time match, the command line does not: not provably ours, so it is
+    neither adopted nor signalled (as a recycled PID); its record and files are dropped."""
+    await daemon.stub.Run(run_request("edited"))
+    pid = pid_of(tmp_path, "edited")
+    await daemon.kill()
+    path = next((tmp_path / "state").glob("vm-*.json"))
+    doc = json.loads(path.read_text())
+    identity = process_identity(pid)
+    assert identity is not None and doc["start_time"] == identity[0]  # the same process ...
+    doc["cmdline"] = [*doc["cmdline"], "-name", "someone-else"]  # ... another command line
+    path.write_text(json.dumps(doc))
+    try:
+        await daemon.start()
+        assert records(tmp_path) == [] and vm_files(tmp_path) == []
+        assert process_identity(pid) == identity, "a process not proven ours was signalled"
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await daemon.stub.Stop(pb.StopRequest(computation_id="edited"))
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        await wait_until_gone(pid)
+
+
+async def test_readopted_vm_is_announced_keeps_its_cid_and_hears_its_agent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon dies; the next one (here in-process, with its production wiring) adopts the
+    VM: a `readopted` provision event, the CID map restored (an agent on the VM's CID speaks
+    for it again), and Stop drops the agent's connection."""
+    first = Daemon(env=base_env(tmp_path), log=tmp_path / "daemon.log")
+    await first.start()
+    await first.stub.Run(run_request("kept"))
+    pid = pid_of(tmp_path, "kept")
+    (record,) = records(tmp_path)
+    cid = int(str(record["guest_cid"]))
+    await first.kill()
+
+    for name, value in {**base_env(tmp_path), "MANAGER_QEMU_AGENT_CHANNEL": "vsock"}.items():
+        monkeypatch.setenv(name, value)
+    provider, _ = tracer_provider()
+    runner = DaemonRunner(load_settings(), shutdown_grace=1, tracer_provider=provider)
+    watch = runner.bus.subscribe()  # before recovery: the adoption is published during it
+    try:
+        await runner.setup()
+        await runner.start()
+        service, agents = runner.service, runner.agents
+        assert service is not None and agents is not None
+        adopted = await next_event(watch)
+        assert (adopted.event_type, adopted.status) == ("vm-provision", "complete")
+        details = json.loads(adopted.details)
+        assert details["readopted"] is True and details["pid"] == pid
+        assert details["guest_cid"] == cid and adopted.computation_id == "kept"
+        assert service.computation_for_cid(cid) == "kept" and cid in service._cids.held
+        assert METRICS.registry.get_sample_value("manager_vms_running") == 1
+
+        before = METRICS.registry.get_sample_value("manager_agent_messages_total") or 0.0
+        ours, theirs = socket.socketpair()
+        connection = asyncio.ensure_future(
+            agents.serve(*await asyncio.open_connection(sock=ours), cid)
+        )
+        reader, writer = await asyncio.open_connection(sock=theirs)
+        body = pb.ClientStreamMessage(
+            agent_log=pb.AgentLog(message="after the restart", computation_id="forged")
+        ).SerializeToString()
+        writer.write(struct.pack("<II", 1, len(body)) + body)
+        assert await asyncio.wait_for(reader.readexactly(4), GUARD) == struct.pack("<I", 1)
+        heard = await asyncio.wait_for(anext(aiter(watch)), GUARD)
+        assert heard.agent_log.message == "after the restart"
+        assert heard.agent_log.computation_id == "kept"
+        after = METRICS.registry.get_sample_value("manager_agent_messages_total") or 0.0
+        assert after - before == 1
+
+        await service.stop("kept")
+        await asyncio.wait([connection], timeout=GUARD)
+        assert connection.cancelled() and await asyncio.wait_for(reader.read(), GUARD) == b""
+        assert service.computation_for_cid(cid) is None
+        assert METRICS.registry.get_sample_value("manager_vms_running") == 0
+        writer.close()
+    finally:
+        await runner.cleanup()
+    await wait_until_gone(pid)
+    assert records(tmp_path) == [] and vm_files(tmp_path) == []
+
+
+async def next_event(subscription: Subscription) -> pb.AgentEvent:
+    """The next manager event a subscription holds (console lines skipped)."""
+    while True:
+        message = await asyncio.wait_for(subscription.queue.get(), GUARD)
+        assert message is not None, "the stream ended"
+        if message.HasField("agent_event"):
+            return message.agent_event

@@ -14,6 +14,7 @@ from cocos_manager.api import manager_pb2 as pb
 from tests.support.harness import Manager, run_request, running_manager
 from tests.support.processes import children
 from tests.support.streams import read_agent
+from tests.support.waiting import subscribed, wait_for
 
 
 @pytest.fixture
@@ -157,7 +158,7 @@ async def test_events_carry_provision_and_serial_output(manager: Manager) -> Non
                 return
 
     collector = asyncio.ensure_future(collect())
-    await asyncio.sleep(0.1)  # let the subscription register before the Run
+    await subscribed(events)
     await manager.stub.Run(run_request("ev"))
     await asyncio.wait_for(collector, 10)
     statuses = [
@@ -211,19 +212,11 @@ async def test_client_cancel_during_run_cleans_up(
     async with running_manager(tmp_path, monkeypatch) as m:
         monkeypatch.setenv("FAKE_QEMU_MODE", "no-qmp")
         call = m.stub.Run(run_request("cancelled"))
-        for _ in range(100):
-            if children():
-                break
-            await asyncio.sleep(0.02)
-        assert children(), "QEMU never started"
+        await wait_for(children, "QEMU to start")
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call
-        for _ in range(100):
-            if not m.service.computations():
-                break
-            await asyncio.sleep(0.02)
-        assert m.service.computations() == {}
+        await wait_for(lambda: not m.service.computations(), "the release")
         assert vm_files(m) == [] and children() == []
 
 
@@ -233,8 +226,7 @@ async def test_stop_during_start_aborts_the_run(
     async with running_manager(tmp_path, monkeypatch) as m:
         monkeypatch.setenv("FAKE_QEMU_MODE", "no-qmp")
         call = asyncio.ensure_future(m.stub.Run(run_request("overtaken")))
-        while "overtaken" not in m.service.computations():
-            await asyncio.sleep(0.01)
+        await wait_for(lambda: "overtaken" in m.service.computations(), "admission")
         await m.stub.Stop(pb.StopRequest(computation_id="overtaken"))
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await call
@@ -250,8 +242,5 @@ async def test_deadline_during_run_cleans_up(
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await m.stub.Run(run_request("late"), timeout=0.5)
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        for _ in range(100):
-            if not m.service.computations() and not children():
-                break
-            await asyncio.sleep(0.02)
+        await wait_for(lambda: not m.service.computations() and not children(), "the release")
         assert m.service.computations() == {} and vm_files(m) == [] and children() == []

@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings
 
 from cocos_manager.sdnotify import READY, STOPPING, notify
 from cocos_manager.settings import QemuSettings, ServiceSettings
+from tests.support.waiting import unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "init" / "systemd" / "cocos-manager.service"
@@ -65,7 +66,7 @@ def _verify(unit_text: str, directory: Path) -> subprocess.CompletedProcess[str]
     """
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
-        pytest.skip("systemd-analyze is not installed")
+        unavailable("systemd-analyze is not installed (make install installs systemd)")
     script = Path(sys.executable).parent / "cocos-manager"
     assert script.exists(), "install the package (pip install -e .) first"
     text = re.sub(r"(?m)^ExecStart=.*$", f"ExecStart={script}", unit_text)

@@ -30,6 +30,7 @@ from cocos_manager.logging import configure_logging
 from cocos_manager.metrics import Metrics
 from cocos_manager.settings import LogLevel, ServiceSettings
 from cocos_manager.tracing import jaeger_thrift, setup_tracing, shutdown_tracing
+from tests.support.waiting import wait_for
 
 SERVICE = "manager.ManagerService"
 TRACE_ID = 0xFEDCBA9876543210F123456789ABCDEF  # both halves have the top bit set
@@ -369,10 +370,10 @@ async def test_a_stream_the_client_cancels_ends_its_span_as_cancelled(
         assert await call.read() == b"first"
         call.cancel()
     cancelled = {"method": f"{SERVICE}/Forever", "code": "CANCELLED"}
-    for _ in range(100):  # the server learns of the cancellation asynchronously
-        if metrics.registry.get_sample_value("manager_requests_total", cancelled):
-            break
-        await asyncio.sleep(0.02)
+    await wait_for(  # the server learns of the cancellation asynchronously
+        lambda: metrics.registry.get_sample_value("manager_requests_total", cancelled),
+        "the cancelled call to be counted",
+    )
     assert metrics.registry.get_sample_value("manager_requests_total", cancelled) == 1
     await _flush(provider)
     _, spans = _jaeger_spans(collector)

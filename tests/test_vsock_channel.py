@@ -15,11 +15,17 @@ import pytest
 from cocos_manager.manifest import manifest_json
 from cocos_manager.vsock import Connect
 from tests.support.harness import run_request, running_manager
+from tests.support.waiting import wait_for
 
 
-def unix_connector(root: Path) -> Callable[[int], Connect]:
+def unix_connector(root: Path, attempts: list[int] | None = None) -> Callable[[int], Connect]:
+    """The agent of guest CID n listens on root/agent-n.sock; each attempt's CID goes into
+    `attempts` so a test can wait for the manager to be retrying."""
+
     def for_cid(cid: int) -> Connect:
         async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            if attempts is not None:
+                attempts.append(cid)
             return await asyncio.open_unix_connection(str(root / f"agent-{cid}.sock"))
 
         return connect
@@ -36,11 +42,14 @@ async def test_manifest_reaches_the_agent_after_it_starts_listening(
         received.set_result(await reader.read())
         writer.close()
 
-    async with running_manager(tmp_path, monkeypatch, agent_connector=unix_connector(tmp_path),
+    attempts: list[int] = []
+    async with running_manager(tmp_path, monkeypatch,
+                               agent_connector=unix_connector(tmp_path, attempts),
                                MANAGER_QEMU_AGENT_CHANNEL="vsock") as m:  # fmt: skip
         request = run_request("vs")
         run = asyncio.ensure_future(m.stub.Run(request))
-        await asyncio.sleep(0.5)  # the guest "boots": the manager retries meanwhile
+        # The guest "boots": the manager is refused, and retries.
+        await wait_for(lambda: len(attempts) >= 3, "the hand-over to be retried")
         assert not run.done()
         server = await asyncio.start_unix_server(agent, str(tmp_path / "agent-3.sock"))
         async with server:

@@ -57,5 +57,12 @@ class ManagerServicer(pb_grpc.ManagerServiceServicer):
         except Exception as error:
             await _abort(context, error, "Events")
             raise
+        try:
+            # Headers right after subscribing: a client awaiting them (initial_metadata())
+            # knows that nothing published from then on can be missed.
+            await context.send_initial_metadata(())
+        except BaseException:
+            self._service.bus.unsubscribe(subscription)
+            raise
         async for message in subscription:
             yield message

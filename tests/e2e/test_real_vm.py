@@ -43,6 +43,7 @@ from cocos_manager.api import manager_pb2_grpc as pb_grpc
 from cocos_manager.events import computation_of
 from cocos_manager.manifest import manifest_json
 from tests.support.harness import run_request
+from tests.support.waiting import subscribed
 
 REPO = Path(__file__).resolve().parents[2]
 MANAGER_SERVICE = pb.DESCRIPTOR.services_by_name["ManagerService"].full_name
@@ -377,13 +378,12 @@ async def watch_events(
 ) -> AsyncIterator[EventWatch]:
     """Subscribes before the Run it watches.
 
-    The server registers a subscription when the call reaches it and sends nothing back until
-    the first message, so there is no acknowledgement to wait for: a short pause covers it,
-    and tests assert that `vm-provision starting` (published inside Run) was seen, which
-    proves the subscription was in place in time.
+    The server sends its initial metadata right after registering the subscription, so
+    awaiting it is the acknowledgement; tests also assert that `vm-provision starting`
+    (published inside Run) was seen.
     """
     watch = EventWatch(stub, computation_id)
-    await asyncio.sleep(0.3)
+    await subscribed(watch.call)
     try:
         yield watch
     finally:

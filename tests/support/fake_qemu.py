@@ -3,10 +3,13 @@
 
 It takes the manager's real command line and does what QEMU does with the parts the manager
 relies on: binds the hostfwd port (and serves the fw_cfg manifest there, as the test guest's
-agent does), binds the VNC port, speaks QMP on the inherited monitor fd, prints BOOTED to
+agent does), binds the VNC port, speaks QMP on the inherited monitor fd as QEMU 7.2 does
+(commands refused until `qmp_capabilities`; one monitor client at a time), prints BOOTED to
 stdout, exits on SIGTERM. FAKE_QEMU_MODE changes its behaviour:
   fail            print a QEMU-style error on stderr and exit 1 at once
   no-qmp          never answer on the monitor
+  qmp-once        answer the first monitor session (the manager's readiness check), then
+                  never again: a live QEMU whose monitor is wedged
   ignore-term     ignore SIGTERM (the manager must SIGKILL it)
   exit-after:S:RC exit with status RC after S seconds
 Two more knobs for fault tests:
@@ -53,30 +56,55 @@ def die(message: str, code: int = 1) -> None:
     os._exit(code)
 
 
-def serve_qmp(listener: socket.socket) -> None:
-    while True:
+def serve_qmp(listener: socket.socket, sessions: int | None) -> None:
+    """One monitor client at a time, as QEMU's chardev socket: a second client waits (in the
+    listen backlog) until the first one closes. After `sessions` sessions it stops accepting,
+    as a QEMU whose main loop is wedged: clients connect, and nobody ever answers."""
+    served = 0
+    while sessions is None or served < sessions:
         conn, _ = listener.accept()
-        threading.Thread(target=qmp_session, args=(conn,), daemon=True).start()
+        with conn:
+            qmp_session(conn)
+        served += 1
+    threading.Event().wait()
+
+
+def qmp_error(desc: str) -> dict[str, object]:
+    return {"error": {"class": "CommandNotFound", "desc": desc}}
 
 
 def qmp_session(conn: socket.socket) -> None:
+    """QEMU's QMP: a greeting, then only qmp_capabilities until capabilities are negotiated."""
     greeting = {
         "QMP": {
             "version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""},
-            "capabilities": [],
+            "capabilities": ["oob"],
         }
     }
-    conn.sendall(json.dumps(greeting).encode() + b"\r\n")
-    for request in json_stream(conn):
-        command, ident = request.get("execute"), request.get("id")
-        if command == "query-status":
-            result: object = {"status": "running", "singlestep": False, "running": True}
-        else:
-            result = {}
-        reply = {"return": result}
-        if ident is not None:
-            reply["id"] = ident
-        conn.sendall(json.dumps(reply).encode() + b"\r\n")
+    negotiated = False
+    try:
+        conn.sendall(json.dumps(greeting).encode() + b"\r\n")
+        for request in json_stream(conn):
+            command, ident = request.get("execute"), request.get("id")
+            reply: dict[str, object]
+            if command == "qmp_capabilities":
+                if negotiated:
+                    reply = qmp_error(
+                        "Capabilities negotiation is already complete, command ignored"
+                    )
+                else:
+                    negotiated, reply = True, {"return": {}}
+            elif not negotiated:
+                reply = qmp_error("Expecting capabilities negotiation with 'qmp_capabilities'")
+            elif command == "query-status":
+                reply = {"return": {"status": "running", "singlestep": False, "running": True}}
+            else:
+                reply = qmp_error(f"The command {command} has not been found")
+            if ident is not None:
+                reply["id"] = ident
+            conn.sendall(json.dumps(reply).encode() + b"\r\n")
+    except OSError:  # the client went away mid-session: the next one may connect
+        return
 
 
 def json_stream(conn: socket.socket):  # type: ignore[no-untyped-def]
@@ -208,7 +236,8 @@ def main() -> None:
     else:
         signal.signal(signal.SIGTERM, lambda *_: die("terminating on signal 15", 0))
     if qmp is not None and mode != "no-qmp":
-        threading.Thread(target=serve_qmp, args=(qmp,), daemon=True).start()
+        sessions = 1 if mode == "qmp-once" else None
+        threading.Thread(target=serve_qmp, args=(qmp, sessions), daemon=True).start()
     if agent is not None:
         threading.Thread(target=serve_agent, args=(agent, manifest), daemon=True).start()
     identity = json.loads(manifest).get("id", "")
