@@ -56,7 +56,7 @@ class UnavailableError(ManagerError):
     """The daemon is shutting down."""
 
     code = grpc.StatusCode.UNAVAILABLE
-    reason = "resource_exhausted"
+    reason = "unavailable"
 
 
 class VmStartError(ManagerError):

@@ -39,9 +39,16 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 RUN_FAILURE_REASONS = (
-    "invalid_argument",  # the request did not validate
-    "resource_exhausted",  # MANAGER_MAX_VMS reached, no free port or CID
-    "files",  # preparing the VM's files failed (copy, missing image)
+    "invalid_argument",  # the request did not validate, or named a computation it could not
+    "resource_exhausted",  # MANAGER_MAX_VMS reached, no free port/CID/display, disk full
+    "unavailable",  # the daemon is shutting down
+    "files",  # a host file or tool is missing or unusable (image, TMP_FILE_LOC, sudo)
+    "qemu_exited",  # QEMU exited before the VM was handed to the client
+    "start_timeout",  # QEMU or the agent did not become ready in time
+    "handover_failed",  # the manifest could not be handed to the agent, and retrying cannot help
+    "cancelled",  # the client went away or a Stop overtook the Run
+    "internal",  # anything else
+)
     "qemu_exited",  # QEMU exited before the agent was reachable
     "start_timeout",  # the agent never became reachable in time
     "cancelled",  # the client went away or a Stop overtook the Run

@@ -15,7 +15,7 @@ from cocos_manager.errors import FailedPreconditionError
 from cocos_manager.logging import get_logger
 from cocos_manager.machine import Machine, MachineContext, VmState
 from cocos_manager.qemu_process import QemuProcess
-from cocos_manager.state_store import VmRecord
+from cocos_manager.state_store import VmRecord, process_identity
 from cocos_manager.vm_files import VmFiles
 
 _log = get_logger()
@@ -63,7 +63,12 @@ async def _recover_one(ctx: MachineContext, record: VmRecord, *, taken: bool) ->
         paths={name: Path(path) for name, path in record.files.items()},
     )
     reason = ""
-    if process is None:
+    if process is None and record.pid and process_identity(record.pid) is not None:
+        reason = (
+            f"pid {record.pid} is alive but is not the recorded QEMU (start time or command "
+            "line differ): left alone"
+        )
+    elif process is None:
         reason = "its QEMU is gone"
     elif not running:
         reason = f"it was {record.state} when the daemon stopped"
