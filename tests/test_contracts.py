@@ -374,23 +374,24 @@ async def test_agent_messages_reach_events_stamped_counted_and_acked(
 async def test_agent_is_paced_by_a_subscriber_that_reads_and_nothing_is_dropped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(events_module, "STALLED_AFTER", 60.0)  # our reader pauses on purpose
-    async with vsock_manager(tmp_path, monkeypatch) as (m, agents, listener):
+    # Our reader pauses on purpose: it must not be taken for one that stopped reading.
+    env = {"MANAGER_EVENTS_HOLD_TIMEOUT": "60s"}
+    async with vsock_manager(tmp_path, monkeypatch, **env) as (m, agents, listener):
         await agents.listen(3)
         await m.stub.Run(run_request("burst"))
         subscription = m.service.subscribe("burst")
-        size = subscription.queue.maxsize
+        size = events_module.DEFAULT_QUEUE_SIZE
         count = size  # twice what holds an agent back (half the queue)
         dropped_before = sample("manager_events_dropped_total")
 
         task, (reader, writer) = await agents.connect_back(listener, 3)
         writer.write(b"".join(frame(i + 1, f"m{i}") for i in range(count)))
         writer.write_eof()
-        await wait_for(lambda: subscription.queue.qsize() > size // 2, "the backlog")
+        await wait_for(lambda: subscription.qsize() > size // 2, "the backlog")
         for _ in range(20):  # the agent is held: its connection makes no progress
             await asyncio.sleep(0)
         assert not task.done()
-        assert subscription.queue.qsize() <= size // 2 + 1
+        assert subscription.qsize() <= size // 2 + 1
         received = []
         async for message in subscription:
             if message.HasField("agent_log"):
@@ -407,19 +408,19 @@ async def test_agent_is_paced_by_a_subscriber_that_reads_and_nothing_is_dropped(
 async def test_a_subscriber_that_stopped_reading_loses_messages_and_they_are_counted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(events_module, "STALLED_AFTER", 0.05)
-    async with vsock_manager(tmp_path, monkeypatch) as (m, agents, listener):
+    env = {"MANAGER_EVENTS_HOLD_TIMEOUT": "50ms"}
+    async with vsock_manager(tmp_path, monkeypatch, **env) as (m, agents, listener):
         await agents.listen(3)
         await m.stub.Run(run_request("flood"))
         stalled = m.service.subscribe("flood")  # never read
-        size = stalled.queue.maxsize
+        size = events_module.DEFAULT_QUEUE_SIZE
         dropped_before = sample("manager_events_dropped_total"), m.service.bus.dropped
         extra = 25
         task, (_, writer) = await agents.connect_back(listener, 3)
         writer.write(b"".join(frame(i + 1, f"m{i}") for i in range(size + extra)))
         writer.write_eof()
         assert await asyncio.wait_for(task, GUARD) == size + extra  # not held back forever
-        assert stalled.queue.qsize() == size
+        assert stalled.qsize() == size
         counted = sample("manager_events_dropped_total") - dropped_before[0]
         # Every message it lost, the agent's and any console line of QEMU's meanwhile.
         assert counted == m.service.bus.dropped - dropped_before[1] >= extra

@@ -339,10 +339,13 @@ async def test_readopted_vm_is_announced_keeps_its_cid_and_hears_its_agent(
     assert records(tmp_path) == [] and vm_files(tmp_path) == []
 
 
+_STREAMS: dict[int, AsyncIterator[pb.ClientStreamMessage]] = {}
+
+
 async def next_event(subscription: Subscription) -> pb.AgentEvent:
     """The next manager event a subscription holds (console lines skipped)."""
+    stream = _STREAMS.setdefault(id(subscription), aiter(subscription))
     while True:
-        message = await asyncio.wait_for(subscription.queue.get(), GUARD)
-        assert message is not None, "the stream ended"
+        message = await asyncio.wait_for(anext(stream), GUARD)
         if message.HasField("agent_event"):
             return message.agent_event

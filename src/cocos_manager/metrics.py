@@ -49,11 +49,6 @@ RUN_FAILURE_REASONS = (
     "cancelled",  # the client went away or a Stop overtook the Run
     "internal",  # anything else
 )
-    "qemu_exited",  # QEMU exited before the agent was reachable
-    "start_timeout",  # the agent never became reachable in time
-    "cancelled",  # the client went away or a Stop overtook the Run
-    "internal",  # anything else
-)
 
 
 class MetricsServerError(Exception):
