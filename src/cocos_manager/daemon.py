@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import signal
 
+from cocos_manager.dialout import DialOut, DialOutConfigError
 from cocos_manager.errors import ManagerError
 from cocos_manager.events import EventBus
 from cocos_manager.interceptors import TelemetryInterceptor
@@ -44,6 +45,12 @@ async def run_daemon(settings: Settings) -> int:
     provider = setup_tracing(settings.service, settings.instance_id)
     bus = EventBus(on_drop=METRICS.events_dropped.inc)
     service = ManagerService(settings, executable, bus)
+    # -- dial-out (MANAGER_GRPC_URL, dialout.py): made before recover() so that re-adoptions
+    # are forwarded; started once serving; closed after the VMs stopped, to forward that too.
+    try:
+        dialout = DialOut.configure(settings.service, service)
+    except DialOutConfigError as error:
+        raise StartupError(str(error)) from None
     try:
         await service.recover()
     except ManagerError as error:
@@ -86,6 +93,8 @@ async def run_daemon(settings: Settings) -> int:
         f"{describe_mode(mode, settings.service)}",
         instance_id=settings.instance_id,
     )
+    if dialout is not None:  # dial-out
+        dialout.start(server.health)
     notify(READY)
     await stop.wait()
 
@@ -96,6 +105,8 @@ async def run_daemon(settings: Settings) -> int:
     bus.close()
     await server.grpc.stop(SHUTDOWN_GRACE)
     await service.shutdown(stop_vms=settings.service.SHUTDOWN_STOPS_VMS)
+    if dialout is not None:  # dial-out
+        await dialout.close()
     if agents is not None:
         await agents.close()
     if metrics_server is not None:

@@ -148,6 +148,17 @@ class EventBus:
         self._on_drop = on_drop
         self.published = 0
         self.dropped = 0
+        self._taps: list[Callable[[pb.ClientStreamMessage], None]] = []
+
+    def tap(self, listener: Callable[[pb.ClientStreamMessage], None]) -> Callable[[], None]:
+        """Calls `listener` with every message published from now on; returns the undo.
+
+        For a consumer with a bounded buffer of its own (the dial-out stream): it must not
+        block nor raise. Unlike a subscription it is not ended by `close`, so that what the
+        shutdown itself publishes (VMs stopping) can still be forwarded.
+        """
+        self._taps.append(listener)
+        return lambda: self._taps.remove(listener) if listener in self._taps else None
 
     def subscribe(self, computation_id: str = "") -> Subscription:
         subscription = Subscription(self, computation_id, self._queue_size)
@@ -164,6 +175,8 @@ class EventBus:
     def publish(self, message: pb.ClientStreamMessage) -> None:
         """Never blocks and never raises: callers are Run, Stop and QEMU supervision."""
         self.published += 1
+        for listener in self._taps:
+            listener(message)
         computation_id = computation_of(message)
         lost = 0
         for subscription in self._subscribers:
