@@ -212,12 +212,18 @@ class DialOut:
     async def close(self) -> None:
         """Waits for requests in flight, sends what is buffered (while connected, for at most
         SHUTDOWN_FLUSH), half-closes the stream and closes the channel."""
-        if self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        if self._tasks:  # normally ended already: the service refuses and ends Runs at shutdown
+            _, late = await asyncio.wait(list(self._tasks), timeout=SHUTDOWN_FLUSH)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
         if self.connected and self._buffer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._drained(), SHUTDOWN_FLUSH)
         self._closing.set()
+        if self.connected and self._call is not None:  # the server sees the stream end cleanly
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._call.done_writing(), 1)
         self._untap()
         if self._runner is not None:
             self._runner.cancel()
@@ -367,11 +373,6 @@ class DialOut:
                     task.cancel()
                 await asyncio.gather(reader, writer, return_exceptions=True)
                 call.cancel()
-        except asyncio.CancelledError:
-            if self.connected and self._call is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self._call.done_writing(), 1)
-            raise
         finally:
             self._call = None
             await channel.close(grace=None)
@@ -402,8 +403,8 @@ class DialOut:
                 return f"the server took no message for MANAGER_GRPC_TIMEOUT ({timeout:g}s)"
             except grpc.aio.AioRpcError as error:
                 return _describe(error)
-            except asyncio.InvalidStateError:
-                return "the stream ended"
+            except Exception as error:  # e.g. a write on a call that has just ended
+                return f"write failed: {error!r}"
             if self._buffer and self._buffer[0] is entry:
                 self._buffer.popleft()
                 self._sent(bounded)
