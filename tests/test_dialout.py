@@ -266,6 +266,35 @@ async def test_the_buffer_is_bounded_and_what_overflows_is_counted_and_logged_on
             await restarted.stop()
 
 
+async def test_a_server_that_stops_reading_slows_no_run_and_is_dialled_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with (
+        computations_server(tmp_path) as server,
+        dialing_manager(tmp_path, monkeypatch, server.url, MANAGER_GRPC_TIMEOUT="2s") as (
+            manager,
+            dialout,
+            metrics,
+        ),
+    ):
+        await server.push(as_json(run_request("first")))
+        await server.wait_for(run_res_for("first"), WAIT, "run_res first")
+        await server.stall(True)
+        filler = "x" * 6000
+        for i in range(1500):  # 9 MB: about twice what HTTP/2 flow control lets through unread
+            manager.service.bus.publish(log_message("flood", "info", f"{filler} {i}"))
+        await until(lambda: metrics.dialout_buffered._value.get() > 300, "a backlog")
+        response = await manager.stub.Run(run_request("meanwhile"), timeout=WAIT)
+        assert response.computation_id == "meanwhile"
+        assert metrics.dialout_buffered._value.get() > 300, "Run waited for the stream"
+        # MANAGER_GRPC_TIMEOUT: a server that takes no message for that long is dialled again.
+        await until(lambda: "took no message" in dialout.last_error, "the write timeout")
+        await server.stall(False)
+        await server.wait_for(log_for("flood", f"{filler} 1499"), WAIT, "the last line")
+        await server.wait_for(event_for("meanwhile", "vm-provision", "complete"), WAIT, "complete")
+        assert dialout.dropped_total == 0
+
+
 # -- TLS --------------------------------------------------------------------------------------
 
 

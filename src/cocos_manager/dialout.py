@@ -397,10 +397,15 @@ class DialOut:
                 continue
             entry = self._buffer[0]
             message, bounded = entry
-            try:
-                await asyncio.wait_for(call.write(message), timeout)
-            except TimeoutError:
+            # Not wait_for: a write held by flow control does not end when cancelled, and
+            # wait_for would wait for it. The session's end cancels the call, which ends it.
+            write = asyncio.ensure_future(call.write(message))
+            done, _ = await asyncio.wait({write}, timeout=timeout)
+            if not done:
+                write.add_done_callback(_retrieve)
                 return f"the server took no message for MANAGER_GRPC_TIMEOUT ({timeout:g}s)"
+            try:
+                write.result()
             except grpc.aio.AioRpcError as error:
                 return _describe(error)
             except Exception as error:  # e.g. a write on a call that has just ended
@@ -432,6 +437,12 @@ class DialOut:
         task = asyncio.ensure_future(self._health.set(HEALTH_SERVICE, status))
         self._health_updates.add(task)
         task.add_done_callback(self._health_updates.discard)
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    """Marks an abandoned write's outcome as seen: it ended with its stream."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _describe(error: grpc.aio.AioRpcError) -> str:

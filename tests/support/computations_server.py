@@ -14,7 +14,9 @@ Stdout carries one JSON document per line: {"listening": port} once serving, the
 {"connected": peer}, {"received": message, "peer": peer} (message as protobuf's JSON mapping
 with the proto's field names), {"sent": request_id, "peer": peer}, {"ended": peer, "why": ...}.
 Stdin takes JSON lines {"push": ComputationRunReq as JSON}: the request goes to the Manager
-connected last, or to the next one to connect. End of stdin stops the server.
+connected last, or to the next one to connect; {"stall": true} stops reading what Managers
+send (flow control then holds them back), {"stall": false} resumes. End of stdin stops the
+server.
 
 `--seed-request` pushes the seed's own test server's request on every connection (id "1", one
 dataset and the algorithm hashed with SHA3-256, agent port 7002, log level debug), as
@@ -112,6 +114,8 @@ async def serve(options: argparse.Namespace) -> None:
     pb, pb_grpc = load_seed_stubs()
     pending: list[Any] = []
     sessions: list[asyncio.Queue[Any]] = []
+    reading = asyncio.Event()  # cleared by {"stall": true}: a server that stops reading
+    reading.set()
 
     def dispatch() -> None:
         while pending and sessions:
@@ -134,6 +138,7 @@ async def serve(options: argparse.Namespace) -> None:
                 why = "the Manager half-closed the stream"
                 try:
                     async for message in request_iterator:
+                        await reading.wait()
                         as_json = json_format.MessageToDict(
                             message, preserving_proto_field_name=True
                         )
@@ -185,6 +190,8 @@ async def serve(options: argparse.Namespace) -> None:
             if "push" in command:
                 pending.append(json_format.ParseDict(command["push"], pb.ComputationRunReq()))
                 dispatch()
+            if "stall" in command:
+                (reading.clear if command["stall"] else reading.set)()
         stop.set()
 
     controller = asyncio.ensure_future(control())
@@ -284,8 +291,14 @@ class ComputationsServer:
         self._changed.set()
 
     async def push(self, request: Message) -> None:
+        await self._command({"push": request})
+
+    async def stall(self, stalled: bool) -> None:
+        await self._command({"stall": stalled})
+
+    async def _command(self, command: Message) -> None:
         assert self.process is not None and self.process.stdin is not None
-        self.process.stdin.write(json.dumps({"push": request}).encode() + b"\n")
+        self.process.stdin.write(json.dumps(command).encode() + b"\n")
         await self.process.stdin.drain()
 
     async def wait_line(
