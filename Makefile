@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 GUEST_DIR ?= build/guest
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint proto guest demo bench clean
+.PHONY: install run test lint proto guest demo demo-dialout bench clean
 
 install:
 	@scripts/setup.sh
@@ -30,6 +30,11 @@ test: install lint guest
 
 demo: install guest
 	@VENV=$(VENV) GUEST_DIR=$(GUEST_DIR) bash scripts/demo.sh
+
+# The seed README's "Verifying VM launch": a computations server of the seed's era pushes a
+# request, the daemon dials it (MANAGER_GRPC_URL) and answers with the port, events and logs.
+demo-dialout: install guest
+	@GUEST_DIR=$(GUEST_DIR) $(PY) scripts/demo_dialout.py
 
 # Real daemon, real QEMU (TCG) beside baselines from the same run: a table on stdout, then one
 # JSON document, also in build/bench/latest.json. BENCH_ARGS=--quick for one short repetition.

@@ -143,6 +143,11 @@ async def test_the_global_metrics_have_every_series_and_nothing_else() -> None:
         "manager_run_failures",
         "manager_events_dropped",
         "manager_agent_messages",
+        # dial-out (MANAGER_GRPC_URL)
+        "manager_dialout_connected",
+        "manager_dialout_buffered",
+        "manager_dialout_dropped",
+        "manager_dialout_requests",
     }
     assert isinstance(METRICS, Metrics)
 

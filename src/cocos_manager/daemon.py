@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from opentelemetry.sdk.trace import TracerProvider
 
+from cocos_manager.dialout import DialOut, DialOutConfigError
 from cocos_manager.errors import ManagerError
 from cocos_manager.events import EventBus
 from cocos_manager.interceptors import TelemetryInterceptor
@@ -57,10 +58,13 @@ class DaemonRunner:
         agent_connector: Callable[[int], Connect] = vsock_connector,
         shutdown_grace: float = SHUTDOWN_GRACE,
         tracer_provider: TracerProvider | None = None,
+        dial_out: bool = True,
     ) -> None:
         """`tracer_provider`: one the caller owns (tests keep one for the whole session, since
         OpenTelemetry's global provider can be set only once); otherwise the runner makes one
-        from COCOS_JAEGER_URL and shuts it down in cleanup()."""
+        from COCOS_JAEGER_URL and shuts it down in cleanup(). `dial_out=False`: no dial-out even
+        with MANAGER_GRPC_URL set (tests that make their own, with metrics of their own)."""
+        self._dial_out = dial_out
         self.settings = settings
         self._agent_connector = agent_connector
         self._grace = shutdown_grace
@@ -72,6 +76,7 @@ class DaemonRunner:
         self.server: Server | None = None
         self.metrics: MetricsServer | None = None
         self.agents: AgentEventListener | None = None
+        self.dialout: DialOut | None = None
         self._mode = TlsMode.PLAINTEXT
 
     async def setup(self) -> None:
@@ -86,6 +91,12 @@ class DaemonRunner:
             self.provider = setup_tracing(settings.service, settings.instance_id)
         service = ManagerService(settings, executable, self.bus, self._agent_connector)
         self.service = service
+        # Made before recovery so re-adoptions are forwarded too (MANAGER_GRPC_URL).
+        try:
+            if self._dial_out:
+                self.dialout = DialOut.configure(settings.service, service)
+        except DialOutConfigError as error:
+            raise StartupError(str(error)) from None
         try:
             await service.recover()
         except ManagerError as error:
@@ -135,6 +146,8 @@ class DaemonRunner:
             f"{describe_mode(self._mode, self.settings.service)}",
             instance_id=self.settings.instance_id,
         )
+        if self.dialout is not None:
+            self.dialout.start(self.server.health)
         notify(READY)
 
     async def cleanup(self) -> None:
@@ -149,6 +162,8 @@ class DaemonRunner:
             await self.server.grpc.stop(self._grace)
         if self.service is not None:
             await self.service.shutdown(stop_vms=self.settings.service.SHUTDOWN_STOPS_VMS)
+        if self.dialout is not None:  # after the VMs stopped, so that goes up the stream too
+            await self.dialout.close()
         if self.agents is not None:
             await self.agents.close()
         if self.metrics is not None:

@@ -280,6 +280,17 @@ class EventBus:
         self.hold_wakeups = 0
         """How often a held agent was woken to look again: once per drain, not per tick."""
         self.hold_timeouts = 0
+        self._taps: list[Callable[[pb.ClientStreamMessage], None]] = []
+
+    def tap(self, listener: Callable[[pb.ClientStreamMessage], None]) -> Callable[[], None]:
+        """Calls `listener` with every message published from now on; returns the undo.
+
+        For a consumer with a bounded buffer of its own (the dial-out stream): it must not
+        block nor raise. Unlike a subscription it is not ended by `close`, so that what the
+        shutdown itself publishes (VMs stopping) can still be forwarded.
+        """
+        self._taps.append(listener)
+        return lambda: self._taps.remove(listener) if listener in self._taps else None
 
     @classmethod
     def from_settings(
@@ -381,6 +392,8 @@ class EventBus:
         self._seq += 1
         message.seq = self._seq
         self.published += 1
+        for listener in self._taps:
+            listener(message)
         item = _Published(message, computation_of(message), message.ByteSize())
         self._retain_item(item)
         lost = 0

@@ -92,6 +92,28 @@ class Metrics:
             "Messages (events and logs) received from agents.",
             registry=self.registry,
         )
+        # -- dial-out to a computations server (dialout.py) --
+        self.dialout_connected = Gauge(
+            "manager_dialout_connected",
+            "1 while the Process stream to MANAGER_GRPC_URL is up, 0 while it is retried.",
+            registry=self.registry,
+        )
+        self.dialout_buffered = Gauge(
+            "manager_dialout_buffered",
+            "Messages waiting to be sent up the Process stream.",
+            registry=self.registry,
+        )
+        self.dialout_dropped = Counter(
+            "manager_dialout_dropped",
+            "Messages for the Process stream lost because its buffer was full.",
+            registry=self.registry,
+        )
+        self.dialout_requests = Counter(
+            "manager_dialout_requests",
+            "Run requests received on the Process stream, by outcome (ok, failed).",
+            ("outcome",),
+            registry=self.registry,
+        )
 
     def observe_request(self, method: str, code: str, seconds: float) -> None:
         """One finished RPC; called by the telemetry interceptor."""

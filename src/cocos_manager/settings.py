@@ -290,6 +290,24 @@ class ServiceSettings(BaseSettings):
     CONSOLE_LINES_PER_SECOND: GoInt = 50  # 0 = no limit
     CONSOLE_LINES_BURST: GoInt = 200
 
+    # Dial-out to a computations server (dialout.py): the original's gRPC client settings.
+    # Empty URL = no dial-out (the original defaulted to localhost:7001, which is this
+    # daemon's own listen address here).
+    GRPC_URL: str = ""
+    GRPC_TIMEOUT: GoDuration = 60.0
+    GRPC_CLIENT_CERT: str = ""
+    GRPC_CLIENT_KEY: str = ""
+    GRPC_URL_CA_CERTS: str = ""  # the port's own: the dial-out trust root, apart from the chain
+    GRPC_ATTESTED_TLS: GoBool = False
+    GRPC_MANIFEST: str = ""
+
+    @field_validator("GRPC_TIMEOUT")
+    @classmethod
+    def _positive_timeout(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("a timeout must be positive")
+        return value
+
     @field_validator("GRPC_PORT")
     @classmethod
     def _port(cls, value: int) -> int:

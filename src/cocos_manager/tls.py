@@ -200,7 +200,8 @@ def server_credentials(service: ServiceSettings) -> tuple[TlsMode, grpc.ServerCr
     cert, key = service.GRPC_SERVER_CERT, service.GRPC_SERVER_KEY
     if not cert and not key:
         for name, value in (
-            (SERVER_CA_CERTS, service.GRPC_SERVER_CA_CERTS),
+            # With MANAGER_GRPC_URL set, SERVER_CA_CERTS is the dial-out's trust root too.
+            (SERVER_CA_CERTS, "" if service.GRPC_URL else service.GRPC_SERVER_CA_CERTS),
             (CLIENT_CA_CERTS, service.GRPC_CLIENT_CA_CERTS),
         ):
             if value:
@@ -263,3 +264,71 @@ def channel_credentials(
     return grpc.ssl_channel_credentials(
         root_certificates=root, private_key=key_pem, certificate_chain=chain_pem
     )
+
+
+# -- dial-out to a computations server (dialout.py) -------------------------------------------
+
+URL = "MANAGER_GRPC_URL"
+CLIENT_CERT = "MANAGER_GRPC_CLIENT_CERT"
+CLIENT_KEY = "MANAGER_GRPC_CLIENT_KEY"
+URL_CA_CERTS = "MANAGER_GRPC_URL_CA_CERTS"
+
+
+def dialout_trust_root(service: ServiceSettings) -> tuple[str, str]:
+    """(variable, value) of the CA the computations server's certificate must chain to.
+
+    The original's client read MANAGER_GRPC_SERVER_CA_CERTS for this, while its server (and
+    ours) sends that variable as the chain of its own certificate. MANAGER_GRPC_URL_CA_CERTS,
+    when set, takes the client role alone so that the two can differ.
+    """
+    if service.GRPC_URL_CA_CERTS:
+        return URL_CA_CERTS, service.GRPC_URL_CA_CERTS
+    return SERVER_CA_CERTS, service.GRPC_SERVER_CA_CERTS
+
+
+def dialout_credentials(
+    service: ServiceSettings,
+) -> tuple[TlsMode, grpc.ChannelCredentials | None]:
+    """The dial-out channel's credentials, or None for plaintext; checked before start-up.
+
+    As the original: a CA makes it TLS, a client certificate and key on top make it mutual
+    TLS. Unlike the original, a client certificate without a CA is not silently dropped (it
+    would have connected in plaintext): it is TLS against the system's trust store.
+    """
+    if not service.GRPC_URL:
+        for name, value in (
+            (CLIENT_CERT, service.GRPC_CLIENT_CERT),
+            (CLIENT_KEY, service.GRPC_CLIENT_KEY),
+            (URL_CA_CERTS, service.GRPC_URL_CA_CERTS),
+        ):
+            if value:
+                raise TlsConfigError(f"{name}: set, but {URL} is not")
+        return TlsMode.PLAINTEXT, None
+    ca_name, ca_value = dialout_trust_root(service)
+    cert, key = service.GRPC_CLIENT_CERT, service.GRPC_CLIENT_KEY
+    if not ca_value and not cert and not key:
+        return TlsMode.PLAINTEXT, None
+    root = _certificates_pem(load_certificates(ca_name, ca_value)) if ca_value else None
+    if not cert and not key:
+        return TlsMode.TLS, grpc.ssl_channel_credentials(root_certificates=root)
+    key_pem, chain_pem = _key_and_chain(CLIENT_CERT, cert, CLIENT_KEY, key, [])
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=root, private_key=key_pem, certificate_chain=chain_pem
+    )
+    return TlsMode.MTLS, credentials
+
+
+def describe_dialout_mode(mode: TlsMode, service: ServiceSettings) -> str:
+    """How the dial-out channel is secured, for its start-up log line."""
+    if mode is TlsMode.PLAINTEXT:
+        return "without TLS"
+    ca_name, ca_value = dialout_trust_root(service)
+    text = f"with {mode}, server CA " + (
+        f"{_describe_source(ca_value)} ({ca_name})" if ca_value else "from the system trust store"
+    )
+    if mode is TlsMode.MTLS:
+        text += (
+            f", client cert {_describe_source(service.GRPC_CLIENT_CERT)}"
+            f" and key {_describe_source(service.GRPC_CLIENT_KEY)}"
+        )
+    return text

@@ -100,6 +100,7 @@ async def running_manager(
     monkeypatch: pytest.MonkeyPatch,
     agent_connector: Callable[[int], Connect] | None = None,
     client_credentials: grpc.ChannelCredentials | None = None,
+    dial_out: bool = True,
     **env: str,
 ) -> AsyncIterator[Manager]:
     """The daemon's own runner (daemon.DaemonRunner) in the test's loop: the production
@@ -109,7 +110,9 @@ async def running_manager(
     settings = load_settings()
     extra = {"agent_connector": agent_connector} if agent_connector else {}
     provider, _ = test_tracer_provider()
-    runner = DaemonRunner(settings, shutdown_grace=1, tracer_provider=provider, **extra)
+    runner = DaemonRunner(
+        settings, shutdown_grace=1, tracer_provider=provider, dial_out=dial_out, **extra
+    )
     try:
         await runner.setup()
         await runner.start()
