@@ -16,6 +16,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import importlib.metadata
+import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +26,16 @@ from sevsnpmeasure import guest as snp_guest
 from sevsnpmeasure import vcpu_types
 from sevsnpmeasure.sev_mode import SevMode
 
-from cocos_manager.confidential import LaunchMode, firmware_file, launch_mode
+from cocos_manager.confidential import (
+    LaunchMode,
+    firmware_file,
+    launch_mode,
+    launched_binding,
+    qemu_binary,
+    qemu_version,
+)
 from cocos_manager.errors import FailedPreconditionError
+from cocos_manager.qemu_argv import VmResources, derive_vm_settings
 from cocos_manager.settings import QemuSettings
 
 DOCUMENT_VERSION = 1
@@ -191,3 +201,19 @@ def attestation_policy_document(
 
 def _hex(value: str | None) -> str | None:
     return None if value is None else base64.b64decode(value).hex()
+
+
+def computation_policy_json(
+    q: QemuSettings, resources: VmResources, argv: Sequence[str], computation_id: str
+) -> bytes:
+    """The AttestationPolicy answer for a running VM: its own settings (base settings and the
+    resources it was given), what its QEMU got on its command line, and which QEMU that is.
+    Blocking (hashes the firmware, kernel and initrd): run it in a worker thread."""
+    binary = qemu_binary(q)
+    document = attestation_policy_document(
+        derive_vm_settings(q, resources),
+        computation_id=computation_id,
+        binding=launched_binding(argv),
+        qemu_version=qemu_version(binary) if binary else "",
+    )
+    return json.dumps(document, indent=2).encode() + b"\n"

@@ -45,7 +45,8 @@ class ConfidentialConfigError(Exception):
 
 class LaunchMode(StrEnum):
     NONE = "none"
-    SEV = "sev"  # plain SEV, as the seed spells it (upstream still accepts it)
+    SEV = "sev"  # plain SEV, as the seed spells it
+    SEV_UPSTREAM = "sev-upstream"  # plain SEV, upstream spelling (no `discard`)
     SNP_SEED = "sev-snp-seed"
     SNP_UPSTREAM = "sev-snp"
     TDX = "tdx"
@@ -103,14 +104,15 @@ def launch_mode(q: QemuSettings) -> LaunchMode:
     """Which technology and syntax these settings launch with (AUTO probes QEMU once)."""
     if q.ENABLE_TDX:
         return LaunchMode.TDX
+    if not (q.ENABLE_SEV_SNP or q.ENABLE_SEV):
+        return LaunchMode.NONE
+    syntax = q.SEV_SNP_SYNTAX
+    if syntax is SnpSyntax.AUTO:
+        syntax = SnpSyntax.UPSTREAM if _upstream_qemu(q) else SnpSyntax.SEED
+    upstream = syntax is SnpSyntax.UPSTREAM
     if q.ENABLE_SEV_SNP:
-        syntax = q.SEV_SNP_SYNTAX
-        if syntax is SnpSyntax.AUTO:
-            syntax = SnpSyntax.UPSTREAM if _upstream_qemu(q) else SnpSyntax.SEED
-        return LaunchMode.SNP_UPSTREAM if syntax is SnpSyntax.UPSTREAM else LaunchMode.SNP_SEED
-    if q.ENABLE_SEV:
-        return LaunchMode.SEV
-    return LaunchMode.NONE
+        return LaunchMode.SNP_UPSTREAM if upstream else LaunchMode.SNP_SEED
+    return LaunchMode.SEV_UPSTREAM if upstream else LaunchMode.SEV
 
 
 def uses_bios(q: QemuSettings) -> bool:
@@ -142,7 +144,9 @@ def read_launch_blob(path: str, size: int, variable: str) -> str:
     try:
         data = Path(path).read_bytes()
     except OSError as error:
-        raise ConfidentialConfigError(f"{variable}: cannot read {path!r}: {error.strerror}") from None
+        raise ConfidentialConfigError(
+            f"{variable}: cannot read {path!r}: {error.strerror}"
+        ) from None
     if len(data) == size:
         return base64.b64encode(data).decode()
     try:
@@ -217,8 +221,25 @@ def _tdx_object(q: QemuSettings, manifest: bytes | None) -> str:
     return json.dumps(obj, separators=(",", ":"))
 
 
+def pflash_drives(q: QemuSettings) -> list[str]:
+    """The seed's firmware: OVMF code, and unless KERNEL_HASH the VM's own vars copy."""
+    drives = [
+        "-drive",
+        f"if={q.OVMF_CODE_IF},format={q.OVMF_CODE_FORMAT},unit={q.OVMF_CODE_UNIT},"
+        f"file={q.OVMF_CODE_FILE},readonly={q.OVMF_CODE_READONLY}",
+    ]
+    if not q.KERNEL_HASH:
+        drives += [
+            "-drive",
+            f"if={q.OVMF_VARS_IF},format={q.OVMF_VARS_FORMAT},unit={q.OVMF_VARS_UNIT},"
+            f"file={q.OVMF_VARS_FILE}",
+        ]
+    return drives
+
+
 def confidential_args(q: QemuSettings, manifest: bytes | None = None) -> ConfidentialArgs | None:
-    """The upstream pieces, or None where the seed's own options apply unchanged.
+    """The upstream pieces (each replacing the seed's in place, firmware drives included), or
+    None where the seed's own options apply unchanged.
 
     `manifest` is the VM's manifest (None for the base command line): with BIND_MANIFEST its
     digest becomes host-data / mrconfigid.
@@ -237,6 +258,20 @@ def confidential_args(q: QemuSettings, manifest: bytes | None = None) -> Confide
             guest=[
                 "-object",
                 _snp_object(q, manifest),
+                "-machine",
+                f"confidential-guest-support={q.SEV_ID}",
+            ],
+        )
+    if mode is LaunchMode.SEV_UPSTREAM:
+        # Plain SEV keeps the pflash firmware and needs no private memory backend.
+        hashes = ",kernel-hashes=on" if q.KERNEL_HASH else ""
+        return ConfidentialArgs(
+            mode=mode,
+            firmware=pflash_drives(q),
+            guest=[
+                "-object",
+                f"sev-guest,id={q.SEV_ID},cbitpos={q.SEV_CBITPOS},"
+                f"reduced-phys-bits={q.SEV_REDUCED_PHYS_BITS}{hashes}",
                 "-machine",
                 f"confidential-guest-support={q.SEV_ID}",
             ],
@@ -311,10 +346,12 @@ def check_settings(q: QemuSettings) -> None:
 
 _OBJECT_FOR_MODE = {
     LaunchMode.SNP_UPSTREAM: ("sev-snp-guest", "memory-backend-memfd"),
+    LaunchMode.SEV_UPSTREAM: ("sev-guest",),
     LaunchMode.TDX: ("tdx-guest",),
 }
 _SETTING_FOR_MODE = {
     LaunchMode.SNP_UPSTREAM: "MANAGER_QEMU_SEV_SNP_SYNTAX=upstream",
+    LaunchMode.SEV_UPSTREAM: "MANAGER_QEMU_SEV_SNP_SYNTAX=upstream",
     LaunchMode.TDX: "MANAGER_QEMU_ENABLE_TDX=true",
 }
 
@@ -371,14 +408,16 @@ def confidential_host_checks(
     operator also learns what the host could do."""
     mode = launch_mode(q)
     wants_snp = mode in (LaunchMode.SNP_SEED, LaunchMode.SNP_UPSTREAM)
-    wants_sev = mode is LaunchMode.SEV
+    wants_sev = mode in (LaunchMode.SEV, LaunchMode.SEV_UPSTREAM)
     wants_tdx = mode is LaunchMode.TDX
     amd = sys_root / "sys/module/kvm_amd/parameters"
     intel = sys_root / "sys/module/kvm_intel/parameters"
     results: list[CheckResult] = []
 
     def add(name: str, ok: bool, wanted: bool, good: str, bad: str) -> None:
-        results.append((name, "pass" if ok else ("fail" if wanted else "warn"), good if ok else bad))
+        results.append(
+            (name, "pass" if ok else ("fail" if wanted else "warn"), good if ok else bad)
+        )
 
     sev = _read_param(amd / "sev")
     add(

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cocos_manager.confidential import confidential_args, uses_bios
+from cocos_manager.confidential import confidential_args, pflash_drives, uses_bios
 from cocos_manager.settings import QemuSettings
 
 FW_CFG_MANIFEST_NAME = "opt/cocos/agent-config.json"
@@ -47,20 +47,7 @@ def qemu_args(
         args += ["-cpu", q.CPU]
     args += ["-smp", f"{q.SMP_COUNT},maxcpus={q.SMP_MAXCPUS}"]
     args += ["-m", f"{q.MEMORY_SIZE},slots={q.MEMORY_SLOTS},maxmem={q.MAX_MEMORY}"]
-    if cc is not None:
-        args += cc.firmware
-    else:
-        args += [
-            "-drive",
-            f"if={q.OVMF_CODE_IF},format={q.OVMF_CODE_FORMAT},unit={q.OVMF_CODE_UNIT},"
-            f"file={q.OVMF_CODE_FILE},readonly={q.OVMF_CODE_READONLY}",
-        ]
-    if cc is None and not q.KERNEL_HASH:
-        args += [
-            "-drive",
-            f"if={q.OVMF_VARS_IF},format={q.OVMF_VARS_FORMAT},unit={q.OVMF_VARS_UNIT},"
-            f"file={q.OVMF_VARS_FILE}",
-        ]
+    args += cc.firmware if cc is not None else pflash_drives(q)
     args += [
         "-netdev",
         f"user,id={q.NETDEV_ID},hostfwd=tcp::{q.HOST_FWD_AGENT}-:{q.GUEST_FWD_AGENT}",

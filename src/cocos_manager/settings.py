@@ -246,9 +246,7 @@ class QemuSettings(BaseSettings):
     @field_validator("TDX_QUOTE_GENERATION_SOCKET")
     @classmethod
     def _qgs(cls, value: str) -> str:
-        if value and not (
-            value.startswith("/") or re.fullmatch(r"vsock:[0-9]+:[0-9]+", value)
-        ):
+        if value and not (value.startswith("/") or re.fullmatch(r"vsock:[0-9]+:[0-9]+", value)):
             raise ValueError("expected a UNIX socket path (/...) or vsock:CID:PORT")
         return value
 
