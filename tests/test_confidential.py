@@ -308,7 +308,8 @@ def test_start_accepted_when_qemu_has_it(tmp_path: Path) -> None:
     ("objects", "mode"),
     [
         ("memory-backend-memfd,sev-snp-guest", LaunchMode.SNP_UPSTREAM),
-        ("memory-backend-memfd-private,sev-snp-guest", LaunchMode.SNP_SEED),
+        ("memory-backend-memfd,memory-backend-memfd-private,sev-snp-guest", LaunchMode.SNP_SEED),
+        ("memory-backend-memfd,sev-guest", LaunchMode.SNP_UPSTREAM),  # Debian's 7.2: refused
     ],
 )
 def test_auto_probes_the_binary_once(tmp_path: Path, objects: str, mode: LaunchMode) -> None:

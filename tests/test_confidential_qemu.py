@@ -258,3 +258,18 @@ def test_start_up_check_against_upstream_qemu(upstream_qemu: str) -> None:
     assert str(caught.value).startswith("MANAGER_QEMU_ENABLE_TDX=true: QEMU")
     assert "QEMU emulator version 10.0" in str(caught.value)
     assert "needs QEMU 10.1" in str(caught.value)
+
+
+def test_start_up_refuses_upstream_syntax_on_debians_qemu(tmp_path: Path) -> None:
+    """Debian bookworm's own QEMU 7.2 has no sev-snp-guest: `auto` picks upstream there (it is
+    not AMD's fork) and start-up says what is missing, in one line."""
+    bios = tmp_path / "OVMF.fd"
+    bios.write_bytes(b"fw")
+    q = QemuSettings(SEV_SNP_SYNTAX="auto", BIOS_FILE=str(bios))  # type: ignore[arg-type]
+    with pytest.raises(ConfidentialConfigError) as caught:
+        check_confidential_launch(q)
+    message = str(caught.value)
+    assert message.startswith(
+        "MANAGER_QEMU_SEV_SNP_SYNTAX=auto: QEMU 'qemu-system-x86_64' (QEMU emulator version 7.2"
+    )
+    assert message.endswith("has no sev-snp-guest object")

@@ -95,9 +95,10 @@ def qemu_binary(q: QemuSettings, which: Callable[[str], str | None] = shutil.whi
     return which(q.BIN_PATH)
 
 
-def _upstream_qemu(q: QemuSettings) -> bool:
+def _fork_qemu(q: QemuSettings) -> bool:
+    """AMD's fork is the one QEMU with memory-backend-memfd-private."""
     binary = qemu_binary(q)
-    return binary is not None and "memory-backend-memfd" in qemu_object_types(binary)
+    return binary is not None and "memory-backend-memfd-private" in qemu_object_types(binary)
 
 
 def launch_mode(q: QemuSettings) -> LaunchMode:
@@ -108,7 +109,7 @@ def launch_mode(q: QemuSettings) -> LaunchMode:
         return LaunchMode.NONE
     syntax = q.SEV_SNP_SYNTAX
     if syntax is SnpSyntax.AUTO:
-        syntax = SnpSyntax.UPSTREAM if _upstream_qemu(q) else SnpSyntax.SEED
+        syntax = SnpSyntax.SEED if _fork_qemu(q) else SnpSyntax.UPSTREAM
     upstream = syntax is SnpSyntax.UPSTREAM
     if q.ENABLE_SEV_SNP:
         return LaunchMode.SNP_UPSTREAM if upstream else LaunchMode.SNP_SEED
@@ -349,11 +350,6 @@ _OBJECT_FOR_MODE = {
     LaunchMode.SEV_UPSTREAM: ("sev-guest",),
     LaunchMode.TDX: ("tdx-guest",),
 }
-_SETTING_FOR_MODE = {
-    LaunchMode.SNP_UPSTREAM: "MANAGER_QEMU_SEV_SNP_SYNTAX=upstream",
-    LaunchMode.SEV_UPSTREAM: "MANAGER_QEMU_SEV_SNP_SYNTAX=upstream",
-    LaunchMode.TDX: "MANAGER_QEMU_ENABLE_TDX=true",
-}
 
 
 def check_confidential_launch(
@@ -373,8 +369,13 @@ def check_confidential_launch(
     missing = [name for name in needed if name not in known]
     if missing:
         version = qemu_version(binary) if binary else ""
+        setting = (
+            "MANAGER_QEMU_ENABLE_TDX=true"
+            if mode is LaunchMode.TDX
+            else f"MANAGER_QEMU_SEV_SNP_SYNTAX={q.SEV_SNP_SYNTAX.value}"
+        )
         raise ConfidentialConfigError(
-            f"{_SETTING_FOR_MODE[mode]}: QEMU {q.BIN_PATH!r} ({version or 'did not answer'}) "
+            f"{setting}: QEMU {q.BIN_PATH!r} ({version or 'did not answer'}) "
             f"has no {', '.join(missing)} object"
             + (" (TDX needs QEMU 10.1 or later)" if mode is LaunchMode.TDX else "")
         )

@@ -104,7 +104,7 @@ class SnpSyntax(StrEnum):
 
     SEED = "seed"  # AMD's old fork, as the original wrote it
     UPSTREAM = "upstream"  # QEMU 9.1 and later
-    AUTO = "auto"  # upstream if the QEMU binary knows memory-backend-memfd, else seed
+    AUTO = "auto"  # seed if QEMU knows the fork's memory-backend-memfd-private, else upstream
 
 
 def parse_uint64(value: object) -> int:
