@@ -234,16 +234,26 @@ async def test_attestation_policy_rpc_and_cli(
 
 @pytest.mark.xfail(
     strict=True,
-    reason="service.py passes the manifest to qemu_args(manifest=...) once the lead wires it; "
-    "then this passes and the marker goes",
+    reason="machine.py passes the manifest to qemu_args(manifest=...) and the binding into "
+    "details() once the lead wires it; then this passes and the marker goes",
 )
 async def test_run_binds_the_manifest_into_host_data(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with running_manager(tmp_path, monkeypatch, **snp_env(tmp_path)) as manager:
         request = run_request("c2")
-        await manager.stub.Run(request, timeout=30)
+        expected = host_data(manifest_json(request))
+        subscription = manager.service.subscribe("c2")
+        try:
+            await manager.stub.Run(request, timeout=30)
+            async for message in subscription:
+                event = message.agent_event
+                if (event.event_type, event.status) == ("vm-provision", "complete"):
+                    break
+        finally:
+            subscription.close()
+        assert json.loads(event.details)["host_data"] == expected
         answer = await manager.stub.AttestationPolicy(
             pb.AttestationPolicyRequest(computation_id="c2"), timeout=30
         )
-        assert json.loads(answer.info)["policy"]["host_data"] == host_data(manifest_json(request))
+        assert json.loads(answer.info)["policy"]["host_data"] == expected
