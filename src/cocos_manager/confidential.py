@@ -10,8 +10,8 @@ A verifier can only trust a VM whose launch data it can check: with MANAGER_QEMU
 the SHA-256 of the exact manifest bytes the agent receives becomes SNP `host-data` (TDX:
 SHA-384 as `mrconfigid`), which the hardware copies into every attestation report.
 
-Everything here that reads the host (QEMU's object list, /sys, /dev) is probed once and cached:
-the answers do not change while the daemon runs.
+QEMU's object list and version are asked once per binary and cached: they do not change while
+the daemon runs, and `auto` must not run QEMU for every VM.
 """
 
 from __future__ import annotations
@@ -33,8 +33,6 @@ from cocos_manager.settings import QemuSettings, SnpSyntax
 
 ID_BLOCK_SIZE = 96  # struct sev_snp_id_block
 ID_AUTH_SIZE = 4096  # struct sev_snp_id_authentication
-HOST_DATA_SIZE = 32
-MRCONFIGID_SIZE = 48
 PROBE_TIMEOUT = 10.0
 
 
@@ -55,30 +53,11 @@ class LaunchMode(StrEnum):
 # -- probing QEMU (once per binary) -------------------------------------------------------
 
 
-@functools.cache
-def qemu_object_types(binary: str) -> frozenset[str]:
-    """`qemu -object help`: the object types this QEMU can create (empty if it cannot run)."""
+def _qemu_stdout(binary: str, *args: str) -> str:
+    """What QEMU prints for a query option ("" if it cannot run)."""
     try:
         done = subprocess.run(
-            [binary, "-object", "help"],
-            capture_output=True,
-            text=True,
-            timeout=PROBE_TIMEOUT,
-            check=False,
-            stdin=subprocess.DEVNULL,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return frozenset()
-    return frozenset(line.strip() for line in done.stdout.splitlines()[1:] if line.strip())
-
-
-@functools.cache
-def qemu_version(binary: str) -> str:
-    """QEMU's first `-version` line ("" if it cannot run): verifiers want to know which
-    QEMU built the guest's initial state."""
-    try:
-        done = subprocess.run(
-            [binary, "-version"],
+            [binary, *args],
             capture_output=True,
             text=True,
             timeout=PROBE_TIMEOUT,
@@ -87,7 +66,21 @@ def qemu_version(binary: str) -> str:
         )
     except (OSError, subprocess.TimeoutExpired):
         return ""
-    lines = done.stdout.splitlines()
+    return done.stdout
+
+
+@functools.cache
+def qemu_object_types(binary: str) -> frozenset[str]:
+    """`qemu -object help`: the object types this QEMU can create (empty if it cannot run)."""
+    lines = _qemu_stdout(binary, "-object", "help").splitlines()[1:]  # after the title line
+    return frozenset(line.strip() for line in lines if line.strip())
+
+
+@functools.cache
+def qemu_version(binary: str) -> str:
+    """QEMU's first `-version` line ("" if it cannot run): verifiers want to know which
+    QEMU built the guest's initial state."""
+    lines = _qemu_stdout(binary, "-version").splitlines()
     return lines[0].strip() if lines else ""
 
 
