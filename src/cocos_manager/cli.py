@@ -2,7 +2,8 @@
 
 `run` takes a manifest JSON file (the shape of ComputationRunReq, hashes as hex, base64 or
 lists of numbers), or dataset and algorithm files that it hashes with SHA3-256 as the
-original's test server did. `stop` stops a computation; `events` follows the stream.
+original's test server did. `stop` stops a computation; `events` follows the stream;
+`attestation-policy` prints the expected launch measurement document of a confidential VM.
 """
 
 from __future__ import annotations
@@ -192,6 +193,16 @@ async def _events(options: argparse.Namespace) -> int:
     return 0
 
 
+async def _attestation_policy(options: argparse.Namespace) -> int:
+    async with _channel(options) as channel:
+        response = await pb_grpc.ManagerServiceStub(channel).AttestationPolicy(
+            pb.AttestationPolicyRequest(computation_id=options.computation_id),
+            timeout=options.timeout,
+        )
+    sys.stdout.write(response.info.decode())
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--address", "-a", default="localhost:7001", help="manager host:port")
@@ -228,10 +239,21 @@ def _parser() -> argparse.ArgumentParser:
         help="first replay the retained messages numbered after SEQ (0: all retained); "
         "text lines start with #SEQ",
     )
+    policy = sub.add_parser(
+        "attestation-policy",
+        parents=[common],
+        help="print the JSON a verifier checks the computation's attestation report with",
+    )
+    policy.add_argument("computation_id")
     return parser
 
 
-COMMANDS = {"run": _run, "stop": _stop, "events": _events}
+COMMANDS = {
+    "run": _run,
+    "stop": _stop,
+    "events": _events,
+    "attestation-policy": _attestation_policy,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -66,3 +66,13 @@ class ManagerServicer(pb_grpc.ManagerServiceServicer):
             raise
         async for message in subscription:
             yield message
+
+    async def AttestationPolicy(
+        self, request: pb.AttestationPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AttestationPolicyResponse:
+        try:
+            info = await self._service.attestation_policy(request.computation_id)
+        except Exception as error:
+            await _abort(context, error, "AttestationPolicy")
+            raise
+        return pb.AttestationPolicyResponse(info=info, computation_id=request.computation_id)

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from opentelemetry import trace
 
+from cocos_manager.confidential import launched_binding
 from cocos_manager.console_limit import ConsoleLogLimiter
 from cocos_manager.errors import (
     FailedPreconditionError,
@@ -193,6 +194,7 @@ class Machine:
             details["guest_cid"] = r.guest_cid
         if self.process is not None:
             details["pid"] = self.process.pid
+            details.update(launched_binding(self.process.argv))  # host_data / mrconfigid
         return details
 
     def record(self) -> VmRecord:
@@ -317,9 +319,10 @@ class Machine:
                     self.files = await preparing
                 raise
 
-    def _argv(self, listener_args: list[str]) -> list[str]:
+    def _argv(self, listener_args: list[str], payload: bytes) -> list[str]:
+        """`payload`: the manifest, bound into attestation with MANAGER_QEMU_BIND_MANIFEST."""
         vm = derive_vm_settings(self.ctx.settings.qemu, self.resources)
-        args = qemu_args(vm, vsock_device=not self.fw_cfg)
+        args = qemu_args(vm, vsock_device=not self.fw_cfg, manifest=payload)
         assert self.files is not None
         if self.fw_cfg and self.files.manifest is not None:
             manifest = _escape_opt(str(self.files.manifest))
@@ -335,7 +338,7 @@ class Machine:
             listener = qmp_listener(qmp_path)
             try:
                 process = self.ctx.launch(
-                    self._argv(qmp_args(listener)),
+                    self._argv(qmp_args(listener), manifest),
                     qmp_listener=listener,
                     on_line=self._on_line,
                     env=qemu_environment(self.ctx.settings.qemu),

@@ -12,6 +12,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from cocos_manager.confidential import ConfidentialConfigError, check_confidential_launch
 from cocos_manager.qemu_argv import QemuNotFoundError, qemu_args, resolve_executable, shell_line
 from cocos_manager.settings import Settings, SettingsError, load_settings
 
@@ -47,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = _parser().parse_args(argv)
     try:
         settings = load_settings()
+        check_confidential_launch(settings.qemu)  # SNP/TDX asked for and QEMU lacks it: refuse
         if options.command == "print-qemu-cmd":
             return _print_qemu_cmd(settings, options.json)
         from cocos_manager.daemon import StartupError, run_daemon
@@ -55,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(run_daemon(settings))
         except StartupError as error:
             return _fail(str(error))
-    except (SettingsError, QemuNotFoundError) as error:
+    except (SettingsError, QemuNotFoundError, ConfidentialConfigError) as error:
         return _fail(str(error))
     except KeyboardInterrupt:
         return 130

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from cocos_manager.confidential import confidential_args, pflash_drives, uses_bios
 from cocos_manager.settings import QemuSettings
 
 FW_CFG_MANIFEST_NAME = "opt/cocos/agent-config.json"
@@ -32,8 +33,16 @@ def _vnc_host(address: str) -> str:
     return f"[{address}]" if ":" in address and not address.startswith("[") else address
 
 
-def qemu_args(q: QemuSettings, *, vsock_device: bool = True) -> list[str]:
-    """The original's argument list (without the executable), in the original's order."""
+def qemu_args(
+    q: QemuSettings, *, vsock_device: bool = True, manifest: bytes | None = None
+) -> list[str]:
+    """The original's argument list (without the executable), in the original's order.
+
+    A confidential launch in upstream syntax (SEV-SNP on QEMU 9.1+, TDX) puts its pieces
+    where the seed had its own (firmware, memory backend, guest object); `manifest` is the
+    VM's manifest, bound into attestation with MANAGER_QEMU_BIND_MANIFEST.
+    """
+    cc = confidential_args(q, manifest)
     args: list[str] = []
     if q.ENABLE_KVM:
         args.append("-enable-kvm")
@@ -43,17 +52,7 @@ def qemu_args(q: QemuSettings, *, vsock_device: bool = True) -> list[str]:
         args += ["-cpu", q.CPU]
     args += ["-smp", f"{q.SMP_COUNT},maxcpus={q.SMP_MAXCPUS}"]
     args += ["-m", f"{q.MEMORY_SIZE},slots={q.MEMORY_SLOTS},maxmem={q.MAX_MEMORY}"]
-    args += [
-        "-drive",
-        f"if={q.OVMF_CODE_IF},format={q.OVMF_CODE_FORMAT},unit={q.OVMF_CODE_UNIT},"
-        f"file={q.OVMF_CODE_FILE},readonly={q.OVMF_CODE_READONLY}",
-    ]
-    if not q.KERNEL_HASH:
-        args += [
-            "-drive",
-            f"if={q.OVMF_VARS_IF},format={q.OVMF_VARS_FORMAT},unit={q.OVMF_VARS_UNIT},"
-            f"file={q.OVMF_VARS_FILE}",
-        ]
+    args += cc.firmware if cc is not None else pflash_drives(q)
     args += [
         "-netdev",
         f"user,id={q.NETDEV_ID},hostfwd=tcp:{q.HOST_FWD_ADDR}:{q.HOST_FWD_AGENT}-:{q.GUEST_FWD_AGENT}",
@@ -67,7 +66,9 @@ def qemu_args(q: QemuSettings, *, vsock_device: bool = True) -> list[str]:
     if vsock_device:
         args += ["-device", f"vhost-vsock-pci,id={q.VSOCK_ID},guest-cid={q.VSOCK_GUEST_CID}"]
     args += ["-vnc", f"{_vnc_host(q.VNC_ADDR)}:{q.VSOCK_VNC}"]
-    if q.ENABLE_SEV_SNP:
+    if cc is not None:
+        args += cc.memory
+    elif q.ENABLE_SEV_SNP:
         args += [
             "-object",
             f"memory-backend-memfd-private,id={q.MEM_ID},size={q.MEMORY_SIZE},share=true",
@@ -76,7 +77,9 @@ def qemu_args(q: QemuSettings, *, vsock_device: bool = True) -> list[str]:
     args += ["-kernel", q.DISK_IMG_KERNEL_FILE]
     args += ["-append", q.KERNEL_CMDLINE]
     args += ["-initrd", q.DISK_IMG_ROOTFS_FILE]
-    if q.ENABLE_SEV or q.ENABLE_SEV_SNP:
+    if cc is not None:
+        args += cc.guest
+    elif q.ENABLE_SEV or q.ENABLE_SEV_SNP:
         kind = "sev-snp-guest" if q.ENABLE_SEV_SNP else "sev-guest"
         hashes = ",discard=none,kernel-hashes=on" if q.KERNEL_HASH else ""
         args += [
@@ -139,7 +142,7 @@ def vm_file_paths(q: QemuSettings, vm_uuid: str) -> dict[str, Path]:
         "kernel": tmp / f"bzImage-{vm_uuid}",
         "rootfs": tmp / f"rootfs.cpio-{vm_uuid}.gz",
     }
-    if not q.KERNEL_HASH:
+    if not q.KERNEL_HASH and not uses_bios(q):
         paths["ovmf_vars"] = tmp / f"OVMF_VARS-{vm_uuid}.fd"
     return paths
 
@@ -150,6 +153,7 @@ def derive_vm_settings(q: QemuSettings, vm: VmResources) -> QemuSettings:
     update: dict[str, object] = {
         "NETDEV_ID": f"{q.NETDEV_ID}-{vm.uuid}",
         "SEV_ID": f"{q.SEV_ID}-{vm.uuid}",
+        "TDX_ID": f"{q.TDX_ID}-{vm.uuid}",
         "DISK_IMG_KERNEL_FILE": str(paths["kernel"]),
         "DISK_IMG_ROOTFS_FILE": str(paths["rootfs"]),
         "HOST_FWD_AGENT": vm.host_port,

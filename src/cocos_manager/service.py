@@ -226,3 +226,20 @@ class ManagerService:
                         **machine.details(),
                     )
         await self.tasks.join(timeout=self.qemu.STOP_TIMEOUT + 5)
+
+    # -- attestation policy (confidential launch: attestation.py) ---------------------------
+
+    async def attestation_policy(self, computation_id: str) -> bytes:
+        """The JSON document a verifier checks this computation's attestation report with."""
+        from cocos_manager.attestation import computation_policy_json
+
+        machine = self._machines.get(computation_id)
+        if machine is None or machine.process is None:
+            raise NotFoundError(f"computation {computation_id!r} is not running")
+        return await asyncio.to_thread(
+            computation_policy_json,
+            self.qemu,
+            machine.resources,
+            machine.process.argv,
+            computation_id,
+        )

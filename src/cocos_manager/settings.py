@@ -129,6 +129,33 @@ class GuestHaltAction(StrEnum):
     KEEP = "keep"  # keep QEMU for inspection (state paused, vm-paused event)
 
 
+class SnpSyntax(StrEnum):
+    """How SEV-SNP is spelled on QEMU's command line (MANAGER_QEMU_SEV_SNP_SYNTAX)."""
+
+    SEED = "seed"  # AMD's old fork, as the original wrote it
+    UPSTREAM = "upstream"  # QEMU 9.1 and later
+    AUTO = "auto"  # seed if QEMU knows the fork's memory-backend-memfd-private, else upstream
+
+
+def parse_uint64(value: object) -> int:
+    """A 64-bit unsigned number, decimal or 0x-hex: SNP policies are written in hex."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and re.fullmatch(r"(0[xX][0-9a-fA-F]+|[0-9]+)", value):
+        number = int(value, 0)
+    else:
+        raise ValueError("expected a decimal or 0x-hexadecimal number")
+    if not 0 <= number < 2**64:
+        raise ValueError("out of range for 64 bits")
+    return number
+
+
+UInt64 = Annotated[int, BeforeValidator(parse_uint64)]
+
+# SEV-SNP guest policy bit 17 is reserved and must be 1; 0x30000 also allows SMT (bit 16).
+SNP_POLICY_RESERVED_ONE = 1 << 17
+
+
 class LogLevel(StrEnum):
     DEBUG = "debug"
     INFO = "info"
@@ -234,6 +261,33 @@ class QemuSettings(BaseSettings):
     HOST_FWD_ADDR: str = ""  # host address of hostfwd ("" = every interface, as the original)
     VNC_ADDR: str = ""  # host address of -vnc ("" = every interface, as the original)
     PASS_ENV: Annotated[tuple[str, ...], NoDecode, BeforeValidator(parse_name_list)] = ()
+
+    # -- confidential launch (confidential.py, attestation.py) --------------------------------
+    SEV_SNP_SYNTAX: SnpSyntax = SnpSyntax.SEED
+    SEV_SNP_POLICY: UInt64 = 0x30000
+    SEV_SNP_GUEST_FEATURES: UInt64 = 0x1
+    SEV_SNP_ID_BLOCK_FILE: str = ""
+    SEV_SNP_ID_AUTH_FILE: str = ""
+    SEV_SNP_AUTHOR_KEY_ENABLED: GoBool = False
+    BIND_MANIFEST: GoBool = False
+    BIOS_FILE: str = "/usr/share/ovmf/OVMF.fd"
+    ENABLE_TDX: GoBool = False
+    TDX_ID: str = "tdx0"
+    TDX_QUOTE_GENERATION_SOCKET: str = ""
+
+    @field_validator("SEV_SNP_POLICY")
+    @classmethod
+    def _snp_policy(cls, value: int) -> int:
+        if not value & SNP_POLICY_RESERVED_ONE:
+            raise ValueError("bit 17 of an SEV-SNP policy is reserved and must be 1 (e.g. 0x30000)")
+        return value
+
+    @field_validator("TDX_QUOTE_GENERATION_SOCKET")
+    @classmethod
+    def _qgs(cls, value: str) -> str:
+        if value and not (value.startswith("/") or re.fullmatch(r"vsock:[0-9]+:[0-9]+", value)):
+            raise ValueError("expected a UNIX socket path (/...) or vsock:CID:PORT")
+        return value
 
     @field_validator("STOP_TIMEOUT", "START_TIMEOUT", "POWERDOWN_GRACE")
     @classmethod

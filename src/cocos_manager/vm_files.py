@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cocos_manager.confidential import uses_bios
 from cocos_manager.errors import FailedPreconditionError, ManagerError, ResourceExhaustedError
 from cocos_manager.logging import get_logger
 from cocos_manager.qemu_argv import vm_file_paths
@@ -32,8 +33,11 @@ def required_images(q: QemuSettings) -> dict[str, str]:
     images = {
         "MANAGER_QEMU_DISK_IMG_KERNEL_FILE": q.DISK_IMG_KERNEL_FILE,
         "MANAGER_QEMU_DISK_IMG_ROOTFS_FILE": q.DISK_IMG_ROOTFS_FILE,
-        "MANAGER_QEMU_OVMF_CODE_FILE": q.OVMF_CODE_FILE,
     }
+    if uses_bios(q):  # upstream SEV-SNP and TDX: one firmware image, no pflash drives
+        images["MANAGER_QEMU_BIOS_FILE"] = q.BIOS_FILE
+        return images
+    images["MANAGER_QEMU_OVMF_CODE_FILE"] = q.OVMF_CODE_FILE
     if not q.KERNEL_HASH:
         images["MANAGER_QEMU_OVMF_VARS_FILE"] = q.OVMF_VARS_FILE
     return images

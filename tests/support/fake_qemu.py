@@ -12,6 +12,8 @@ stdout, exits on SIGTERM. FAKE_QEMU_MODE changes its behaviour:
                   never again: a live QEMU whose monitor is wedged
   ignore-term     ignore SIGTERM (the manager must SIGKILL it)
   exit-after:S:RC exit with status RC after S seconds
+`-version` and `-object help` answer like QEMU 10 (the objects: FAKE_QEMU_OBJECTS, comma
+separated, default an upstream QEMU's confidential-computing ones), for the start-up probes.
 Two more knobs for fault tests:
   FAKE_QEMU_START_LOG=FILE      append one JSON line per start (pid, hostfwd port, VNC display),
                                 so a test can tell whether QEMU was started at all, and how often
@@ -191,8 +193,28 @@ def bind(port: int, what: str) -> socket.socket:
     return sock
 
 
+UPSTREAM_OBJECTS = (
+    "memory-backend-file,memory-backend-memfd,memory-backend-ram,sev-guest,sev-snp-guest"
+)
+
+
+def answer_probe(args: list[str]) -> bool:
+    if args == ["-version"]:
+        say(sys.stdout, "QEMU emulator version 10.0.2 (fake)\n")
+        return True
+    if args == ["-object", "help"]:
+        objects = os.environ.get("FAKE_QEMU_OBJECTS", UPSTREAM_OBJECTS)
+        say(sys.stdout, "List of user creatable objects:\n")
+        for name in filter(None, objects.split(",")):
+            say(sys.stdout, f"  {name}\n")
+        return True
+    return False
+
+
 def main() -> None:
     args = sys.argv[1:]
+    if answer_probe(args):
+        return
     mode = os.environ.get("FAKE_QEMU_MODE", "")
     log_start(args)
     if mode == "fail":

@@ -132,3 +132,17 @@ class ClientStreamMessage(_message.Message):
     run_res: RunResponse
     seq: int
     def __init__(self, agent_log: _Optional[_Union[AgentLog, _Mapping]] = ..., agent_event: _Optional[_Union[AgentEvent, _Mapping]] = ..., run_res: _Optional[_Union[RunResponse, _Mapping]] = ..., seq: _Optional[int] = ...) -> None: ...
+
+class AttestationPolicyRequest(_message.Message):
+    __slots__ = ("computation_id",)
+    COMPUTATION_ID_FIELD_NUMBER: _ClassVar[int]
+    computation_id: str
+    def __init__(self, computation_id: _Optional[str] = ...) -> None: ...
+
+class AttestationPolicyResponse(_message.Message):
+    __slots__ = ("info", "computation_id")
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    COMPUTATION_ID_FIELD_NUMBER: _ClassVar[int]
+    info: bytes
+    computation_id: str
+    def __init__(self, info: _Optional[bytes] = ..., computation_id: _Optional[str] = ...) -> None: ...

@@ -49,6 +49,11 @@ class ManagerServiceStub:
                 request_serializer=manager__pb2.EventsRequest.SerializeToString,
                 response_deserializer=manager__pb2.ClientStreamMessage.FromString,
                 _registered_method=True)
+        self.AttestationPolicy = channel.unary_unary(
+                '/manager.ManagerService/AttestationPolicy',
+                request_serializer=manager__pb2.AttestationPolicyRequest.SerializeToString,
+                response_deserializer=manager__pb2.AttestationPolicyResponse.FromString,
+                _registered_method=True)
 
 
 class ManagerServiceServicer:
@@ -75,6 +80,14 @@ class ManagerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AttestationPolicy(self, request, context):
+        """What a verifier checks a running computation's attestation report against: the expected
+        SEV-SNP launch measurement, policy and host-data (TDX: mrconfigid), as one JSON document.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ManagerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +105,11 @@ def add_ManagerServiceServicer_to_server(servicer, server):
                     servicer.Events,
                     request_deserializer=manager__pb2.EventsRequest.FromString,
                     response_serializer=manager__pb2.ClientStreamMessage.SerializeToString,
+            ),
+            'AttestationPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.AttestationPolicy,
+                    request_deserializer=manager__pb2.AttestationPolicyRequest.FromString,
+                    response_serializer=manager__pb2.AttestationPolicyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +193,33 @@ class ManagerService:
             '/manager.ManagerService/Events',
             manager__pb2.EventsRequest.SerializeToString,
             manager__pb2.ClientStreamMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AttestationPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/manager.ManagerService/AttestationPolicy',
+            manager__pb2.AttestationPolicyRequest.SerializeToString,
+            manager__pb2.AttestationPolicyResponse.FromString,
             options,
             channel_credentials,
             insecure,
