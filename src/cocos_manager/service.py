@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +23,7 @@ from typing import Any
 from opentelemetry import trace
 
 from cocos_manager.api import manager_pb2 as pb
+from cocos_manager.console_log import ConsoleArchive, ConsoleLog
 from cocos_manager.errors import (
     AbortedError,
     AlreadyExistsError,
@@ -33,6 +36,7 @@ from cocos_manager.errors import (
     VmStartError,
 )
 from cocos_manager.events import EventBus, Subscription, log_message, manager_event
+from cocos_manager.listing import computation_info, started_at_from_ticks
 from cocos_manager.logging import get_logger
 from cocos_manager.manifest import manifest_json, validate_run_request
 from cocos_manager.metrics import METRICS
@@ -93,6 +97,10 @@ class Computation:
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
     released: bool = False
+    # operator queries (stub until Machine): wall-clock seconds; expires_at None = no TTL
+    started_at: float | None = field(default_factory=time.time)
+    expires_at: float | None = None
+    adopted: bool = False
 
 
 def _escape_opt(value: str) -> str:
@@ -151,6 +159,7 @@ class ManagerService:
     def publish_agent_message(self, message: pb.ClientStreamMessage) -> None:
         """Agent events and logs, already stamped with the computation id of their CID."""
         METRICS.agent_messages.inc()
+        self._console_agent_log(message)  # operator queries (stub until Machine)
         self.bus.publish(message)
 
     # -- queries ---------------------------------------------------------------------------
@@ -379,7 +388,10 @@ class ManagerService:
             computation.process = None
 
     def _line_sink(self, computation_id: str) -> Any:
+        console = self._console_of(computation_id)  # operator queries (stub until Machine)
+
         def sink(stream: str, text: str) -> None:
+            console.append("info" if stream == "stdout" else "warn", text)  # (stub until Machine)
             _log.info(text, computation_id=computation_id, source=f"qemu-{stream}")
             self.bus.publish(
                 log_message(computation_id, "info" if stream == "stdout" else "warn", text)
@@ -533,6 +545,8 @@ class ManagerService:
             state=State.RUNNING,
             files=files,
             process=process,
+            adopted=True,  # operator queries (stub until Machine)
+            started_at=started_at_from_ticks(record.start_time),
         )
         self._ports.hold(record.host_port)
         self._cids.hold(record.guest_cid)
@@ -614,3 +628,69 @@ class ManagerService:
         details: dict[str, Any] | None = None,
     ) -> None:
         self.bus.publish(manager_event(computation_id, event_type, status, details))
+
+    # -- operator queries (stub until Machine) ---------------------------------------------
+    # List, Logs and per-VM metrics on today's computation table (issue 13). The Machine
+    # rewrite replaces this block and the lines marked "stub until Machine" above; the
+    # interface it keeps is in docs/contracts.md, "Operator queries".
+
+    @functools.cached_property
+    def consoles(self) -> ConsoleArchive:
+        """Live and recently ended VMs' consoles; a VM's console ends when it is released."""
+        archive = ConsoleArchive.from_settings(self.settings.service)
+        self.on_release(lambda _cid: self._close_released_consoles())
+        return archive
+
+    def _close_released_consoles(self) -> None:
+        for log in self.consoles.live_logs():
+            if log.computation_id not in self._computations:
+                self.consoles.close(log)
+
+    def _console_of(self, computation_id: str) -> ConsoleLog:
+        """The live console of a computation: opened at its first start attempt, kept across
+        retries."""
+        log = self.consoles.live(computation_id)
+        return log if log is not None else self.consoles.open(computation_id)
+
+    def _console_agent_log(self, message: pb.ClientStreamMessage) -> None:
+        if message.WhichOneof("message") != "agent_log":
+            return
+        log = message.agent_log
+        if log.computation_id in self._computations:
+            stamp = log.timestamp.ToNanoseconds() if log.HasField("timestamp") else None
+            self._console_of(log.computation_id).append(log.level, log.message, stamp)
+
+    def console(self, computation_id: str) -> ConsoleLog:
+        """The console Logs reads: the live computation's, else a retained ended one."""
+        log = self.consoles.get(computation_id)
+        if log is None and computation_id in self._computations:
+            log = self._console_of(computation_id)  # adopted: QEMU's output is not reattached
+        if log is None:
+            raise NotFoundError(
+                f"computation {computation_id!r} is not running and no console of it is kept"
+            )
+        return log
+
+    def list_computations(self) -> list[pb.ComputationInfo]:
+        return [
+            computation_info(
+                c.id,
+                state=c.state.value,
+                host_port=c.resources.host_port,
+                guest_cid=c.resources.guest_cid,
+                vnc_display=c.resources.vnc_display,
+                pid=c.process.pid if c.process is not None else None,
+                started_at=c.started_at,
+                expires_at=c.expires_at,
+                adopted=c.adopted,
+            )
+            for c in sorted(self._computations.values(), key=lambda c: c.id)
+        ]
+
+    def vm_pids(self) -> list[tuple[str, int]]:
+        """For the per-VM metrics collector, called from the scrape thread: one snapshot."""
+        return [
+            (c.id, c.process.pid)
+            for c in tuple(self._computations.values())
+            if c.process is not None
+        ]

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rmanager.proto\x12\x07manager\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd3\x01\n\x11\x43omputationRunReq\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\"\n\x08\x64\x61tasets\x18\x04 \x03(\x0b\x32\x10.manager.Dataset\x12%\n\talgorithm\x18\x05 \x01(\x0b\x32\x12.manager.Algorithm\x12\x18\n\x10result_consumers\x18\x06 \x03(\t\x12*\n\x0c\x61gent_config\x18\x07 \x01(\x0b\x32\x14.manager.AgentConfig\"5\n\x07\x44\x61taset\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04hash\x18\x03 \x01(\x0c\"7\n\tAlgorithm\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04hash\x18\x03 \x01(\x0c\"\xa7\x01\n\x0b\x41gentConfig\x12\x0c\n\x04port\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x11\n\tcert_file\x18\x03 \x01(\t\x12\x10\n\x08key_file\x18\x04 \x01(\t\x12\x16\n\x0e\x63lient_ca_file\x18\x05 \x01(\t\x12\x16\n\x0eserver_ca_file\x18\x06 \x01(\t\x12\x11\n\tlog_level\x18\x07 \x01(\t\x12\x14\n\x0c\x61ttested_tls\x18\x08 \x01(\x08\"9\n\x0bRunResponse\x12\x12\n\nagent_port\x18\x01 \x01(\t\x12\x16\n\x0e\x63omputation_id\x18\x02 \x01(\t\"%\n\x0bStopRequest\x12\x16\n\x0e\x63omputation_id\x18\x01 \x01(\t\"\x0e\n\x0cStopResponse\"\'\n\rEventsRequest\x12\x16\n\x0e\x63omputation_id\x18\x01 \x01(\t\"\x9c\x01\n\nAgentEvent\x12\x12\n\nevent_type\x18\x01 \x01(\t\x12-\n\ttimestamp\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x63omputation_id\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x65tails\x18\x04 \x01(\x0c\x12\x12\n\noriginator\x18\x05 \x01(\t\x12\x0e\n\x06status\x18\x06 \x01(\t\"q\n\x08\x41gentLog\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x16\n\x0e\x63omputation_id\x18\x02 \x01(\t\x12\r\n\x05level\x18\x03 \x01(\t\x12-\n\ttimestamp\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x9d\x01\n\x13\x43lientStreamMessage\x12&\n\tagent_log\x18\x01 \x01(\x0b\x32\x11.manager.AgentLogH\x00\x12*\n\x0b\x61gent_event\x18\x02 \x01(\x0b\x32\x13.manager.AgentEventH\x00\x12\'\n\x07run_res\x18\x03 \x01(\x0b\x32\x14.manager.RunResponseH\x00\x42\t\n\x07message2\xc0\x01\n\x0eManagerService\x12\x37\n\x03Run\x12\x1a.manager.ComputationRunReq\x1a\x14.manager.RunResponse\x12\x33\n\x04Stop\x12\x14.manager.StopRequest\x1a\x15.manager.StopResponse\x12@\n\x06\x45vents\x12\x16.manager.EventsRequest\x1a\x1c.manager.ClientStreamMessage0\x01\x42\x0bZ\t./managerb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rmanager.proto\x12\x07manager\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe0\x01\n\x11\x43omputationRunReq\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\"\n\x08\x64\x61tasets\x18\x04 \x03(\x0b\x32\x10.manager.Dataset\x12%\n\talgorithm\x18\x05 \x01(\x0b\x32\x12.manager.Algorithm\x12\x18\n\x10result_consumers\x18\x06 \x03(\t\x12*\n\x0c\x61gent_config\x18\x07 \x01(\x0b\x32\x14.manager.AgentConfig\x12\x0b\n\x03ttl\x18\x08 \x01(\t\"5\n\x07\x44\x61taset\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04hash\x18\x03 \x01(\x0c\"7\n\tAlgorithm\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04hash\x18\x03 \x01(\x0c\"\xa7\x01\n\x0b\x41gentConfig\x12\x0c\n\x04port\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x11\n\tcert_file\x18\x03 \x01(\t\x12\x10\n\x08key_file\x18\x04 \x01(\t\x12\x16\n\x0e\x63lient_ca_file\x18\x05 \x01(\t\x12\x16\n\x0eserver_ca_file\x18\x06 \x01(\t\x12\x11\n\tlog_level\x18\x07 \x01(\t\x12\x14\n\x0c\x61ttested_tls\x18\x08 \x01(\x08\"9\n\x0bRunResponse\x12\x12\n\nagent_port\x18\x01 \x01(\t\x12\x16\n\x0e\x63omputation_id\x18\x02 \x01(\t\"%\n\x0bStopRequest\x12\x16\n\x0e\x63omputation_id\x18\x01 \x01(\t\"\x0e\n\x0cStopResponse\"\'\n\rEventsRequest\x12\x16\n\x0e\x63omputation_id\x18\x01 \x01(\t\"\x9c\x01\n\nAgentEvent\x12\x12\n\nevent_type\x18\x01 \x01(\t\x12-\n\ttimestamp\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x63omputation_id\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x65tails\x18\x04 \x01(\x0c\x12\x12\n\noriginator\x18\x05 \x01(\t\x12\x0e\n\x06status\x18\x06 \x01(\t\"q\n\x08\x41gentLog\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x16\n\x0e\x63omputation_id\x18\x02 \x01(\t\x12\r\n\x05level\x18\x03 \x01(\t\x12-\n\ttimestamp\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x9d\x01\n\x13\x43lientStreamMessage\x12&\n\tagent_log\x18\x01 \x01(\x0b\x32\x11.manager.AgentLogH\x00\x12*\n\x0b\x61gent_event\x18\x02 \x01(\x0b\x32\x13.manager.AgentEventH\x00\x12\'\n\x07run_res\x18\x03 \x01(\x0b\x32\x14.manager.RunResponseH\x00\x42\t\n\x07message\"\r\n\x0bListRequest\">\n\x0cListResponse\x12.\n\x0c\x63omputations\x18\x01 \x03(\x0b\x32\x18.manager.ComputationInfo\"\xf2\x01\n\x0f\x43omputationInfo\x12\x16\n\x0e\x63omputation_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x12\n\nagent_port\x18\x03 \x01(\t\x12\x11\n\tguest_cid\x18\x04 \x01(\r\x12\x13\n\x0bvnc_display\x18\x05 \x01(\r\x12\x0b\n\x03pid\x18\x06 \x01(\r\x12.\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61\x64opted\x18\t \x01(\x08\"C\n\x0bLogsRequest\x12\x16\n\x0e\x63omputation_id\x18\x01 \x01(\t\x12\x0c\n\x04tail\x18\x02 \x01(\r\x12\x0e\n\x06\x66ollow\x18\x03 \x01(\x08\x32\xa8\x02\n\x0eManagerService\x12\x37\n\x03Run\x12\x1a.manager.ComputationRunReq\x1a\x14.manager.RunResponse\x12\x33\n\x04Stop\x12\x14.manager.StopRequest\x1a\x15.manager.StopResponse\x12@\n\x06\x45vents\x12\x16.manager.EventsRequest\x1a\x1c.manager.ClientStreamMessage0\x01\x12\x33\n\x04List\x12\x14.manager.ListRequest\x1a\x15.manager.ListResponse\x12\x31\n\x04Logs\x12\x14.manager.LogsRequest\x1a\x11.manager.AgentLog0\x01\x42\x0bZ\t./managerb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,27 +34,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z\t./manager'
   _globals['_COMPUTATIONRUNREQ']._serialized_start=60
-  _globals['_COMPUTATIONRUNREQ']._serialized_end=271
-  _globals['_DATASET']._serialized_start=273
-  _globals['_DATASET']._serialized_end=326
-  _globals['_ALGORITHM']._serialized_start=328
-  _globals['_ALGORITHM']._serialized_end=383
-  _globals['_AGENTCONFIG']._serialized_start=386
-  _globals['_AGENTCONFIG']._serialized_end=553
-  _globals['_RUNRESPONSE']._serialized_start=555
-  _globals['_RUNRESPONSE']._serialized_end=612
-  _globals['_STOPREQUEST']._serialized_start=614
-  _globals['_STOPREQUEST']._serialized_end=651
-  _globals['_STOPRESPONSE']._serialized_start=653
-  _globals['_STOPRESPONSE']._serialized_end=667
-  _globals['_EVENTSREQUEST']._serialized_start=669
-  _globals['_EVENTSREQUEST']._serialized_end=708
-  _globals['_AGENTEVENT']._serialized_start=711
-  _globals['_AGENTEVENT']._serialized_end=867
-  _globals['_AGENTLOG']._serialized_start=869
-  _globals['_AGENTLOG']._serialized_end=982
-  _globals['_CLIENTSTREAMMESSAGE']._serialized_start=985
-  _globals['_CLIENTSTREAMMESSAGE']._serialized_end=1142
-  _globals['_MANAGERSERVICE']._serialized_start=1145
-  _globals['_MANAGERSERVICE']._serialized_end=1337
+  _globals['_COMPUTATIONRUNREQ']._serialized_end=284
+  _globals['_DATASET']._serialized_start=286
+  _globals['_DATASET']._serialized_end=339
+  _globals['_ALGORITHM']._serialized_start=341
+  _globals['_ALGORITHM']._serialized_end=396
+  _globals['_AGENTCONFIG']._serialized_start=399
+  _globals['_AGENTCONFIG']._serialized_end=566
+  _globals['_RUNRESPONSE']._serialized_start=568
+  _globals['_RUNRESPONSE']._serialized_end=625
+  _globals['_STOPREQUEST']._serialized_start=627
+  _globals['_STOPREQUEST']._serialized_end=664
+  _globals['_STOPRESPONSE']._serialized_start=666
+  _globals['_STOPRESPONSE']._serialized_end=680
+  _globals['_EVENTSREQUEST']._serialized_start=682
+  _globals['_EVENTSREQUEST']._serialized_end=721
+  _globals['_AGENTEVENT']._serialized_start=724
+  _globals['_AGENTEVENT']._serialized_end=880
+  _globals['_AGENTLOG']._serialized_start=882
+  _globals['_AGENTLOG']._serialized_end=995
+  _globals['_CLIENTSTREAMMESSAGE']._serialized_start=998
+  _globals['_CLIENTSTREAMMESSAGE']._serialized_end=1155
+  _globals['_LISTREQUEST']._serialized_start=1157
+  _globals['_LISTREQUEST']._serialized_end=1170
+  _globals['_LISTRESPONSE']._serialized_start=1172
+  _globals['_LISTRESPONSE']._serialized_end=1234
+  _globals['_COMPUTATIONINFO']._serialized_start=1237
+  _globals['_COMPUTATIONINFO']._serialized_end=1479
+  _globals['_LOGSREQUEST']._serialized_start=1481
+  _globals['_LOGSREQUEST']._serialized_end=1548
+  _globals['_MANAGERSERVICE']._serialized_start=1551
+  _globals['_MANAGERSERVICE']._serialized_end=1847
 # @@protoc_insertion_point(module_scope)
