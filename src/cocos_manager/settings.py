@@ -203,8 +203,10 @@ class QemuSettings(BaseSettings):
     HOST_FWD_RANGE: Annotated[PortRange | None, NoDecode, BeforeValidator(parse_port_range)] = None
     STOP_TIMEOUT: GoDuration = 30.0
     START_TIMEOUT: GoDuration = 60.0
+    # Graceful stop (issue 13): ACPI power button first, SIGTERM after this long; 0 = off.
+    POWERDOWN_GRACE: GoDuration = 0.0
 
-    @field_validator("STOP_TIMEOUT", "START_TIMEOUT")
+    @field_validator("STOP_TIMEOUT", "START_TIMEOUT", "POWERDOWN_GRACE")
     @classmethod
     def _non_negative(cls, value: float) -> float:
         if value < 0:

@@ -3,21 +3,22 @@
 Why this exists (issue 13, graceful stop): a Stop that first asks the guest to power down
 (QMP `system_powerdown`) can only be shown working with a guest that reacts to the power
 button. This drives the guest itself, with no daemon: real QEMU under TCG with OVMF and the
-e2e tests' settings, a QMP socket of its own, `system_powerdown` once the guest serves, and
-then the guest's own marker line and QEMU's exit status 0 within a few seconds.
+e2e tests' settings, a QMP socket of its own, `system_powerdown` (graceful_stop.power_down,
+what a graceful Stop does) once the guest serves, and then the guest's own marker line and
+QEMU's exit status 0 within a few seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import shutil
 import time
 from pathlib import Path
 
 import pytest
 
+from cocos_manager.graceful_stop import power_down
 from cocos_manager.qemu_argv import qemu_args
 from cocos_manager.settings import QemuSettings
 from tests.e2e.test_real_vm import BOOT_TIMEOUT, free_port, guest_images
@@ -70,22 +71,6 @@ async def read_until(stream: asyncio.StreamReader, text: str, seen: list[str]) -
             return
 
 
-async def qmp_command(qmp: Path, command: str) -> dict[str, object]:
-    reader, writer = await asyncio.open_unix_connection(str(qmp))
-    try:
-        json.loads(await reader.readline())  # greeting
-        writer.write(b'{"execute":"qmp_capabilities"}\n')
-        writer.write(json.dumps({"execute": command}).encode() + b"\n")
-        replies: list[dict[str, object]] = []
-        while len(replies) < 2:
-            message = json.loads(await reader.readline())
-            if "event" not in message:
-                replies.append(message)
-        return replies[1]
-    finally:
-        writer.close()
-
-
 async def test_system_powerdown_makes_the_guest_power_off_cleanly(tmp_path: Path) -> None:
     qmp = tmp_path / "qmp.sock"
     process = await asyncio.create_subprocess_exec(
@@ -95,6 +80,7 @@ async def test_system_powerdown_makes_the_guest_power_off_cleanly(tmp_path: Path
         stderr=asyncio.subprocess.STDOUT,
     )
     assert process.stdout is not None
+    exited = asyncio.ensure_future(process.wait())
     seen: list[str] = []
     try:
         # No manifest in fw_cfg: the guest's id is empty, so it prints "SERVING " when ready.
@@ -103,17 +89,15 @@ async def test_system_powerdown_makes_the_guest_power_off_cleanly(tmp_path: Path
         assert process.returncode is None
 
         pressed = time.monotonic()
-        assert await qmp_command(qmp, "system_powerdown") == {"return": {}}
-        await asyncio.wait_for(
-            read_until(process.stdout, POWER_BUTTON_MARKER, seen), POWERDOWN_GRACE
-        )
-        returncode = await asyncio.wait_for(process.wait(), POWERDOWN_GRACE)
+        assert await power_down(qmp, exited, POWERDOWN_GRACE) is True
         took = time.monotonic() - pressed
+        # QEMU exited: the rest of its output is in the pipe.
+        await asyncio.wait_for(read_until(process.stdout, POWER_BUTTON_MARKER, seen), 5)
     finally:
         if process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
-            await process.wait()
-    assert returncode == 0, seen[-20:]
+        await exited
+    assert exited.result() == 0, seen[-20:]
     assert took < POWERDOWN_GRACE
     print(f"power button to QEMU exit: {took:.2f} s")

@@ -9,6 +9,8 @@ stdout, exits on SIGTERM. FAKE_QEMU_MODE changes its behaviour:
   no-qmp          never answer on the monitor
   ignore-term     ignore SIGTERM (the manager must SIGKILL it)
   exit-after:S:RC exit with status RC after S seconds
+  ignore-powerdown  ignore QMP system_powerdown (otherwise: "reboot: Power down", exit 0,
+                  as a guest that handles the ACPI power button)
 Two more knobs for fault tests:
   FAKE_QEMU_START_LOG=FILE      append one JSON line per start (pid, hostfwd port, VNC display),
                                 so a test can tell whether QEMU was started at all, and how often
@@ -71,6 +73,12 @@ def qmp_session(conn: socket.socket) -> None:
         command, ident = request.get("execute"), request.get("id")
         if command == "query-status":
             result: object = {"status": "running", "singlestep": False, "running": True}
+        elif (
+            command == "system_powerdown" and os.environ.get("FAKE_QEMU_MODE") != "ignore-powerdown"
+        ):
+            conn.sendall(b'{"return": {}}\r\n')
+            say(sys.stdout, "reboot: Power down\r\n")
+            os._exit(0)
         else:
             result = {}
         reply = {"return": result}
