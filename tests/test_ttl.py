@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 
+from cocos_manager import ttl
 from cocos_manager.errors import InvalidArgumentError
 from cocos_manager.manifest import effective_ttl, parse_ttl, validate_run_request
 from cocos_manager.settings import SettingsError, load_settings
@@ -92,3 +96,26 @@ def test_log_history_defaults() -> None:
     assert service.LOG_RETENTION == 3600.0
     assert service.LOG_RETAINED_VMS == 50
     assert service.DEFAULT_TTL is None
+
+
+async def test_an_armed_ttl_fires_at_its_deadline_and_a_past_one_at_once() -> None:
+    assert ttl.expires_at(None) is None
+    assert ttl.expires_at(20.0, now=1000.0) == 1020.0
+    fired: list[str] = []
+    done = asyncio.Event()
+
+    def fire(name: str) -> None:
+        fired.append(name)
+        if len(fired) == 2:
+            done.set()
+
+    deadline = ttl.expires_at(0.2)
+    assert deadline is not None
+    ttl.arm(deadline, lambda: fire("soon"))
+    ttl.arm(time.time() - 3600, lambda: fire("past"))  # e.g. expired while the daemon was down
+    cancelled = ttl.arm(time.time() + 0.1, lambda: fire("cancelled"))
+    cancelled.cancel()
+    await asyncio.wait_for(done.wait(), 5)
+    assert fired == ["past", "soon"]
+    assert time.time() >= deadline
+    assert ttl.stop_details(1020.5) == {"reason": "ttl", "expires_at": 1020.5}
