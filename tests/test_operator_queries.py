@@ -13,7 +13,8 @@ import pytest
 
 from cocos_manager.api import manager_pb2 as pb
 from cocos_manager.events import log_message
-from tests.support.harness import Manager, run_request, running_manager
+from tests.support.daemon_process import Daemon
+from tests.support.harness import Manager, base_env, run_request, running_manager
 from tests.support.processes import processes_mentioning
 from tests.test_grpcurl import grpcurl
 
@@ -213,3 +214,30 @@ async def test_list_and_logs_through_grpcurl(manager: Manager) -> None:
     )  # fmt: skip
     assert code == 0, err
     assert json.loads(out)["message"] == "BOOTED curl-1"
+
+
+async def test_a_vm_adopted_after_a_daemon_restart_is_listed_as_adopted(tmp_path: Path) -> None:
+    daemon = Daemon(env=base_env(tmp_path), log=tmp_path / "daemon.log")
+    await daemon.start()
+    try:
+        before = time.time()
+        await daemon.stub.Run(run_request("kept"), timeout=WAIT)
+        (first,) = (await daemon.stub.List(pb.ListRequest(), timeout=5)).computations
+        assert first.adopted is False
+        await daemon.kill()  # SIGKILL: the VM outlives the daemon
+        await daemon.start()
+        (info,) = (await daemon.stub.List(pb.ListRequest(), timeout=5)).computations
+        assert info.computation_id == "kept" and info.state == "running"
+        assert info.adopted is True
+        assert info.pid == first.pid
+        assert (info.agent_port, info.guest_cid) == (first.agent_port, first.guest_cid)
+        # When its QEMU started (btime is whole seconds), not when it was adopted.
+        started = info.started_at.ToMilliseconds() / 1000
+        assert before - 1.5 <= started <= first.started_at.ToMilliseconds() / 1000 + 1.5
+        # Its console is there (QEMU's output is not reattached: nothing of it yet).
+        stream = daemon.stub.Logs(pb.LogsRequest(computation_id="kept"), timeout=5)
+        assert [line async for line in stream] == []
+        await daemon.stub.Stop(pb.StopRequest(computation_id="kept"), timeout=WAIT)
+    finally:
+        if daemon.process is not None and daemon.process.poll() is None:
+            await daemon.terminate()
