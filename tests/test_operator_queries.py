@@ -5,14 +5,18 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from cocos_manager.api import manager_pb2 as pb
 from cocos_manager.events import log_message
+from cocos_manager.metrics import Metrics, start_metrics_server
+from cocos_manager.vm_metrics import register_vm_metrics, unregister_vm_metrics
 from tests.support.daemon_process import Daemon
 from tests.support.harness import Manager, base_env, run_request, running_manager
 from tests.support.processes import processes_mentioning
@@ -146,8 +150,11 @@ async def test_a_computation_run_again_shows_the_live_console(manager: Manager) 
     await manager.stub.Run(run_request("again"), timeout=WAIT)
     stream = manager.stub.Logs(pb.LogsRequest(computation_id="again", follow=True))
     lines = await asyncio.wait_for(follow_until(stream, "BOOTED again"), WAIT)
-    stream.cancel()
+    console = manager.service.console("again")
+    assert console.follower_count == 1
+    stream.cancel()  # the client goes away: its follower goes too
     assert [line.message for line in lines] == ["BOOTED again"]
+    await until(lambda: console.follower_count == 0, "the follower to be dropped")
 
 
 async def test_logs_errors(manager: Manager) -> None:
@@ -241,3 +248,33 @@ async def test_a_vm_adopted_after_a_daemon_restart_is_listed_as_adopted(tmp_path
     finally:
         if daemon.process is not None and daemon.process.poll() is None:
             await daemon.terminate()
+
+
+async def test_per_vm_metrics_of_the_running_vms(manager: Manager) -> None:
+    metrics = Metrics()
+    collector = register_vm_metrics(manager.service.vm_pids, metrics.registry)
+    server = await start_metrics_server(0, "127.0.0.1", metrics)
+    assert server is not None
+
+    def scrape() -> set[tuple[str, str]]:
+        url = f"http://127.0.0.1:{server.port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+        return {
+            (sample.name, sample.labels["computation_id"])
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if family.name.startswith("manager_vm_")
+        }
+
+    try:
+        await manager.stub.Run(run_request("measured"), timeout=WAIT)
+        assert await asyncio.to_thread(scrape) == {
+            ("manager_vm_cpu_seconds_total", "measured"),
+            ("manager_vm_resident_memory_bytes", "measured"),
+        }
+        await manager.stub.Stop(pb.StopRequest(computation_id="measured"), timeout=WAIT)
+        assert await asyncio.to_thread(scrape) == set()  # gone with the VM
+    finally:
+        await server.close()
+        unregister_vm_metrics(collector, metrics.registry)
