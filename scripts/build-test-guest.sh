@@ -10,6 +10,9 @@
 # eth0 as 10.0.2.15/24 and then either powers off (manifest contains
 # "cocos-test:poweroff", after printing "POWEROFF <id>") or serves the manifest
 # bytes on TCP port 7002 to every connection (after printing "SERVING <id>").
+# It also handles the ACPI power button (QMP system_powerdown) as a guest OS
+# should: the button and evdev modules and busybox acpid make it print
+# "cocos-test: power button, shutting down" and power off at once.
 #
 # Needs root only when a package has to be installed. The kernel package is
 # downloaded (apt-get download) and unpacked, never installed on the host.
@@ -25,8 +28,8 @@ STAMP="$OUTDIR/.build-test-guest.stamp"
 
 # Modules to load, in this order (dependencies are added before a module if missing).
 MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
-         failover net_failover virtio_net qemu_fw_cfg)
-REQUIRED_MODULES=(virtio_net qemu_fw_cfg)
+         failover net_failover virtio_net qemu_fw_cfg evdev button)
+REQUIRED_MODULES=(virtio_net qemu_fw_cfg evdev button)
 
 log() { echo "build-test-guest: $*"; }
 die() { echo "build-test-guest: ERROR: $*" >&2; exit 1; }
@@ -164,7 +167,7 @@ log "kernel version: $KVER"
 ROOT="$WORK/rootfs"
 log "assembling initramfs in $ROOT"
 rm -rf "$ROOT"
-mkdir -p "$ROOT"/{bin,dev,proc,sys,tmp,etc,root,lib/modules}
+mkdir -p "$ROOT"/{bin,dev,proc,sys,tmp,etc,root,lib/modules,etc/acpi/PWRF}
 ln -s bin "$ROOT/sbin"
 mkdir -p "$ROOT/usr"
 ln -s ../bin "$ROOT/usr/bin"
@@ -229,6 +232,16 @@ for m in "${REQUIRED_MODULES[@]}"; do
 done
 printf '%s\n' "${MOD_ORDER[@]}" > "$ROOT/lib/modules/load-order"
 
+# --- the power button: busybox acpid maps the evdev KEY_POWER press to the action PWRF and
+# runs /etc/acpi/PWRF/00000080 (a file: run with the event as argument).
+cat > "$ROOT/etc/acpi/PWRF/00000080" <<'POWER'
+#!/bin/busybox sh
+echo "cocos-test: power button, shutting down" > /dev/ttyS0
+sync
+poweroff -f
+POWER
+chmod 0755 "$ROOT/etc/acpi/PWRF/00000080"
+
 # --- /init
 cat > "$ROOT/init" <<'INIT'
 #!/bin/busybox sh
@@ -248,6 +261,12 @@ for m in $(cat /lib/modules/load-order); do
         *) echo "init: insmod $m: $out" ;;
     esac
 done
+
+# The ACPI power button (button.ko) is an input device; acpid opens /dev/input/event* at
+# start, so it starts once the modules are in and devtmpfs has the nodes.
+i=0
+while ! ls /dev/input/event* >/dev/null 2>&1 && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
+acpid -f -c /etc/acpi -l /tmp/acpid.log &
 
 F=/sys/firmware/qemu_fw_cfg/by_name/opt/cocos/agent-config.json/raw
 i=0

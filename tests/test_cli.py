@@ -100,3 +100,76 @@ async def test_errors_are_one_line_with_the_status(manager: Manager, tmp_path: P
     short.write_text(json.dumps({"id": "x", "algorithm": {"hash": "abcd"}, "agent_config": {}}))
     code, _, err = await cli(manager, "run", "--manifest", str(short))
     assert code == 1 and "INVALID_ARGUMENT" in err and "algorithm.hash" in err
+
+
+# -- operator queries: list, logs, run --ttl -------------------------------------------------
+
+
+async def test_list_as_a_table_and_as_json(manager: Manager, tmp_path: Path) -> None:
+    code, out, _ = await cli(manager, "list")
+    assert (code, out) == (0, "no computations\n")
+    algorithm = tmp_path / "algo"
+    algorithm.write_bytes(b"x")
+    for name in ("beta", "alpha"):
+        assert (await cli(manager, "run", "--id", name, "--algorithm", str(algorithm)))[0] == 0
+    code, out, err = await cli(manager, "list")
+    assert code == 0, err
+    header, *rows = out.splitlines()
+    assert header.split() == [
+        "ID", "STATE", "PID", "AGENT", "PORT", "CID", "VNC", "STARTED", "EXPIRES", "ADOPTED",
+    ]  # fmt: skip
+    assert [row.split()[:2] for row in rows] == [["alpha", "running"], ["beta", "running"]]
+    alpha = manager.service.computations()["alpha"]
+    assert alpha.process is not None
+    cells = rows[0].split()
+    assert cells[2:6] == [
+        str(alpha.process.pid),
+        str(alpha.resources.host_port),
+        str(alpha.resources.guest_cid),
+        f":{alpha.resources.vnc_display}",
+    ]
+    assert cells[6].endswith("Z") and cells[7:] == ["-", "no"]
+    assert header.index("STATE") == rows[0].index("running")  # aligned columns
+
+    code, out, _ = await cli(manager, "list", "--json")
+    assert code == 0
+    doc = json.loads(out)
+    assert [c["computationId"] for c in doc["computations"]] == ["alpha", "beta"]
+    assert doc["computations"][0]["agentPort"] == str(alpha.resources.host_port)
+
+
+async def test_logs_tail_follow_and_json(manager: Manager, tmp_path: Path) -> None:
+    algorithm = tmp_path / "algo"
+    algorithm.write_bytes(b"x")
+    assert (await cli(manager, "run", "--id", "talk", "--algorithm", str(algorithm)))[0] == 0
+    follower = asyncio.ensure_future(cli(manager, "logs", "talk", "-f"))
+    # The stand-in prints its BOOTED line at once; the follower sees it, then the end.
+    code, out, err = await cli(manager, "logs", "talk", "-n", "1", "--json")
+    while code == 0 and not out:  # BOOTED may not have been read yet
+        code, out, err = await cli(manager, "logs", "talk", "-n", "1", "--json")
+    assert code == 0, err
+    line = json.loads(out)
+    assert line["message"] == "BOOTED talk" and line["level"] == "info"
+    assert (await cli(manager, "stop", "talk"))[0] == 0
+    code, out, err = await follower  # ends by itself when the VM ends
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].endswith(" info  BOOTED talk")
+    assert lines[0][:24].endswith("Z") and lines[0][10] == "T"
+    assert any("terminating on signal 15" in text and " warn " in text for text in lines)
+    code, out, _ = await cli(manager, "logs", "talk", "-n", "1")  # after the end, still there
+    assert code == 0 and len(out.splitlines()) == 1
+    code, _, err = await cli(manager, "logs", "nobody")
+    assert code == 1 and "NOT_FOUND" in err
+
+
+async def test_run_with_a_ttl(manager: Manager, tmp_path: Path) -> None:
+    algorithm = tmp_path / "algo"
+    algorithm.write_bytes(b"x")
+    code, _, err = await cli(manager, "run", "--id", "t", "--algorithm", str(algorithm),
+                             "--ttl", "twenty seconds")  # fmt: skip
+    assert code == 1 and "INVALID_ARGUMENT" in err and "ttl" in err
+    assert manager.service.computations() == {}
+    code, _, err = await cli(manager, "run", "--id", "t", "--algorithm", str(algorithm),
+                             "--ttl", "20s")  # fmt: skip
+    assert code == 0, err

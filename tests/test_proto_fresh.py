@@ -29,7 +29,7 @@ def test_wire_field_numbers() -> None:
 
     assert numbers(pb.ComputationRunReq) == {
         "id": 1, "name": 2, "description": 3, "datasets": 4, "algorithm": 5,
-        "result_consumers": 6, "agent_config": 7,
+        "result_consumers": 6, "agent_config": 7, "ttl": 8,
     }  # fmt: skip
     assert numbers(pb.Dataset) == numbers(pb.Algorithm) == {"provider": 1, "id": 2, "hash": 3}
     assert numbers(pb.AgentConfig) == {
@@ -50,3 +50,10 @@ def test_wire_field_numbers() -> None:
     assert [f.name for f in oneof.fields] == ["agent_log", "agent_event", "run_res"]
     assert numbers(pb.StopRequest) == {"computation_id": 1}
     assert numbers(pb.EventsRequest) == {"computation_id": 1, "since": 2}
+    # Operator queries (issue 13).
+    assert numbers(pb.ListResponse) == {"computations": 1}
+    assert numbers(pb.ComputationInfo) == {
+        "computation_id": 1, "state": 2, "agent_port": 3, "guest_cid": 4, "vnc_display": 5,
+        "pid": 6, "started_at": 7, "expires_at": 8, "adopted": 9,
+    }  # fmt: skip
+    assert numbers(pb.LogsRequest) == {"computation_id": 1, "tail": 2, "follow": 3}

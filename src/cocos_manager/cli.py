@@ -4,6 +4,7 @@
 lists of numbers), or dataset and algorithm files that it hashes with SHA3-256 as the
 original's test server did. `stop` stops a computation; `events` follows the stream;
 `attestation-policy` prints the expected launch measurement document of a confidential VM.
+`list` shows the computations the manager holds; `logs` a computation's console.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import json
 import re
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from cocos_manager.api import manager_pb2 as pb
 from cocos_manager.api import manager_pb2_grpc as pb_grpc
@@ -161,6 +164,8 @@ async def _run(options: argparse.Namespace) -> int:
         request = request_from_files(options)
     else:
         raise CliError("run: give --manifest FILE, or --id with --algorithm (and --dataset)")
+    if options.ttl is not None:
+        request.ttl = options.ttl
     async with _channel(options) as channel:
         response = await pb_grpc.ManagerServiceStub(channel).Run(request, timeout=options.timeout)
     _print(response, options.json)
@@ -203,6 +208,84 @@ async def _attestation_policy(options: argparse.Namespace) -> int:
     return 0
 
 
+# -- operator queries: list, logs ---------------------------------------------------------
+
+
+def _time(stamp: Timestamp, timespec: str = "seconds") -> str:
+    """UTC, ISO 8601 with a Z: unambiguous whichever host the operator reads it on."""
+    moment = datetime.fromtimestamp(stamp.ToNanoseconds() / 1e9, UTC)
+    return moment.isoformat(timespec=timespec).replace("+00:00", "Z")
+
+
+def computation_table(computations: Sequence[pb.ComputationInfo]) -> str:
+    """Aligned columns, one computation per line; times in UTC."""
+    header = ("ID", "STATE", "PID", "AGENT PORT", "CID", "VNC", "STARTED", "EXPIRES", "ADOPTED")
+    rows = [header]
+    for c in computations:
+        rows.append(
+            (
+                c.computation_id,
+                c.state,
+                str(c.pid) if c.pid else "-",
+                c.agent_port,
+                str(c.guest_cid),
+                f":{c.vnc_display}",
+                _time(c.started_at) if c.HasField("started_at") else "-",
+                _time(c.expires_at) if c.HasField("expires_at") else "-",
+                "yes" if c.adopted else "no",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+async def _list(options: argparse.Namespace) -> int:
+    async with _channel(options) as channel:
+        response = await pb_grpc.ManagerServiceStub(channel).List(
+            pb.ListRequest(), timeout=options.timeout
+        )
+    if options.json:
+        print(json_format.MessageToJson(response, indent=None))
+    elif response.computations:
+        print(computation_table(response.computations))
+    else:
+        print("no computations")
+    return 0
+
+
+def console_line(log: pb.AgentLog) -> str:
+    return f"{_time(log.timestamp, 'milliseconds')} {log.level:<5} {log.message}"
+
+
+async def _logs(options: argparse.Namespace) -> int:
+    request = pb.LogsRequest(
+        computation_id=options.computation_id, tail=options.lines, follow=options.follow
+    )
+    async with _channel(options) as channel:
+        stream = pb_grpc.ManagerServiceStub(channel).Logs(
+            request, timeout=None if options.follow else options.timeout
+        )
+        async for log in stream:
+            if options.json:
+                print(json_format.MessageToJson(log, indent=None), flush=True)
+            else:
+                print(console_line(log), flush=True)
+    return 0
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 0 or value >= 2**32:
+        raise argparse.ArgumentTypeError(f"must be 0 (all) or more: {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--address", "-a", default="localhost:7001", help="manager host:port")
@@ -227,6 +310,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--agent-port", default="7002")
     run.add_argument("--agent-log-level", default="info")
     run.add_argument("--attested-tls", action="store_true")
+    run.add_argument(
+        "--ttl", help="stop the VM this long after it runs (Go duration: 20s, 90m, 1h30m)"
+    )
     stop = sub.add_parser("stop", parents=[common], help="stop a computation")
     stop.add_argument("computation_id")
     events = sub.add_parser("events", parents=[common], help="follow events until Ctrl-C")
@@ -254,6 +340,19 @@ COMMANDS = {
     "events": _events,
     "attestation-policy": _attestation_policy,
 }
+    sub.add_parser("list", parents=[common], help="the computations the manager holds")
+    logs = sub.add_parser("logs", parents=[common], help="a computation's console (QEMU, agent)")
+    logs.add_argument("computation_id")
+    logs.add_argument(
+        "--lines", "-n", type=_non_negative, default=0, help="the last N lines (0 = all kept)"
+    )
+    logs.add_argument(
+        "--follow", "-f", action="store_true", help="then new lines until the VM ends or Ctrl-C"
+    )
+    return parser
+
+
+COMMANDS = {"run": _run, "stop": _stop, "events": _events, "list": _list, "logs": _logs}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,7 +11,7 @@ import grpc
 
 from cocos_manager.api import manager_pb2 as pb
 from cocos_manager.api import manager_pb2_grpc as pb_grpc
-from cocos_manager.errors import ManagerError
+from cocos_manager.errors import InvalidArgumentError, ManagerError
 from cocos_manager.logging import get_logger
 from cocos_manager.service import ManagerService
 
@@ -76,3 +76,30 @@ class ManagerServicer(pb_grpc.ManagerServiceServicer):
             await _abort(context, error, "AttestationPolicy")
             raise
         return pb.AttestationPolicyResponse(info=info, computation_id=request.computation_id)
+    async def List(
+        self, request: pb.ListRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListResponse:
+        try:
+            return pb.ListResponse(computations=self._service.list_computations())
+        except Exception as error:
+            await _abort(context, error, "List")
+            raise
+
+    async def Logs(
+        self, request: pb.LogsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.AgentLog]:
+        """The kept tail, then (with follow) new lines until the VM ends or the client goes."""
+        try:
+            if not request.computation_id:
+                raise InvalidArgumentError("computation_id: required")
+            console = self._service.console(request.computation_id)
+        except Exception as error:
+            await _abort(context, error, "Logs")
+            raise
+        computation_id = request.computation_id
+        if not request.follow:
+            for line in console.tail(request.tail):
+                yield line.to_pb(computation_id)
+            return
+        async for line in console.follow(request.tail):
+            yield line.to_pb(computation_id)

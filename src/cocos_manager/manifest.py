@@ -13,9 +13,12 @@ from typing import Any
 
 from cocos_manager.api import manager_pb2 as pb
 from cocos_manager.errors import InvalidArgumentError
+from cocos_manager.settings import Settings, parse_go_duration
 
 HASH_SIZE = 32  # SHA3-256
 MAX_ID_LENGTH = 256
+# Go's time.Duration is an int64 of nanoseconds: ParseDuration refuses anything longer.
+MAX_TTL_SECONDS = (2**63 - 1) / 1e9
 
 
 def _check_hash(field: str, value: bytes) -> None:
@@ -40,6 +43,32 @@ def validate_run_request(request: pb.ComputationRunReq) -> None:
     _check_hash("algorithm.hash", request.algorithm.hash)
     for index, dataset in enumerate(request.datasets):
         _check_hash(f"datasets[{index}].hash", dataset.hash)
+    if request.ttl:
+        parse_ttl(request.ttl)
+
+
+def parse_ttl(text: str) -> float:
+    """Seconds of a Run's `ttl` (a Go duration). Checked with the rest of the request, before
+    anything is reserved or started: upstream started the VM first and leaked it on a bad TTL."""
+    try:
+        seconds = parse_go_duration(text)
+    except ValueError:
+        raise InvalidArgumentError(
+            f"ttl: {text[:64]!r} is not a duration (Go syntax, such as 20s, 90m or 1h30m)"
+        ) from None
+    if seconds <= 0:
+        raise InvalidArgumentError(f"ttl: {text[:64]!r} must be positive (empty = no TTL)")
+    if seconds > MAX_TTL_SECONDS:
+        raise InvalidArgumentError(f"ttl: {text[:64]!r} is out of range (at most 2562047h)")
+    return seconds
+
+
+def effective_ttl(request: pb.ComputationRunReq, settings: Settings) -> float | None:
+    """The TTL a Run gets in seconds: its own `ttl`, else MANAGER_DEFAULT_TTL; None = no TTL.
+    The request must have passed validate_run_request."""
+    if request.ttl:
+        return parse_ttl(request.ttl)
+    return settings.service.DEFAULT_TTL
 
 
 def _resource(item: pb.Dataset | pb.Algorithm) -> dict[str, Any]:

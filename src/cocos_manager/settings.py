@@ -109,6 +109,14 @@ FIRST_GUEST_CID = 3
 MAX_VNC_DISPLAY = 65535 - 5900
 
 
+def parse_optional_go_duration(value: object) -> float | None:
+    """Unset or "0" = None (off), as MAX_VMS=0 means no limit; otherwise a Go duration."""
+    if value is None:
+        return None
+    seconds = parse_go_duration(value)
+    return None if seconds == 0 else seconds
+
+
 GoBool = Annotated[bool, BeforeValidator(parse_go_bool)]
 GoInt = Annotated[int, BeforeValidator(parse_go_int)]
 GoDuration = Annotated[float, BeforeValidator(parse_go_duration)]
@@ -360,6 +368,43 @@ class ServiceSettings(BaseSettings):
     def _positive_timeout(cls, value: float) -> float:
         if value <= 0:
             raise ValueError("a timeout must be positive")
+
+
+    # Operator queries (issue 13): TTL and console history.
+    DEFAULT_TTL: Annotated[float | None, NoDecode, BeforeValidator(parse_optional_go_duration)] = (
+        None  # unset or 0 = no TTL unless a Run gives one
+    )
+    LOG_HISTORY_LINES: GoInt = 1000  # per VM
+    LOG_HISTORY_BYTES: GoInt = 256 * 1024  # per VM
+    LOG_RETENTION: GoDuration = 3600.0  # how long an ended VM's console stays readable
+    LOG_RETAINED_VMS: GoInt = 50  # ended VMs whose console is kept, newest first
+
+    @field_validator("DEFAULT_TTL")
+    @classmethod
+    def _ttl(cls, value: float | None) -> float | None:
+        if value is not None and value < 0:
+            raise ValueError("a duration must not be negative")
+        return value
+
+    @field_validator("LOG_HISTORY_LINES", "LOG_HISTORY_BYTES")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be 1 or more")
+        return value
+
+    @field_validator("LOG_RETENTION")
+    @classmethod
+    def _retention(cls, value: float) -> float:
+        if value < 0:
+            raise ValueError("a duration must not be negative")
+        return value
+
+    @field_validator("LOG_RETAINED_VMS")
+    @classmethod
+    def _retained(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError("must be 0 (keep none) or more")
         return value
 
     @field_validator("GRPC_PORT")

@@ -14,6 +14,8 @@ stdout, exits on SIGTERM. FAKE_QEMU_MODE changes its behaviour:
   exit-after:S:RC exit with status RC after S seconds
 `-version` and `-object help` answer like QEMU 10 (the objects: FAKE_QEMU_OBJECTS, comma
 separated, default an upstream QEMU's confidential-computing ones), for the start-up probes.
+  ignore-powerdown  ignore QMP system_powerdown (otherwise: "reboot: Power down", exit 0,
+                  as a guest that handles the ACPI power button)
 Two more knobs for fault tests:
   FAKE_QEMU_START_LOG=FILE      append one JSON line per start (pid, hostfwd port, VNC display),
                                 so a test can tell whether QEMU was started at all, and how often
@@ -100,6 +102,12 @@ def qmp_session(conn: socket.socket) -> None:
                 reply = qmp_error("Expecting capabilities negotiation with 'qmp_capabilities'")
             elif command == "query-status":
                 reply = {"return": {"status": "running", "singlestep": False, "running": True}}
+            elif command == "system_powerdown":
+                if os.environ.get("FAKE_QEMU_MODE") != "ignore-powerdown":
+                    conn.sendall(b'{"return": {}}\r\n')
+                    say(sys.stdout, "reboot: Power down\r\n")
+                    os._exit(0)
+                reply = {"return": {}}
             else:
                 reply = qmp_error(f"The command {command} has not been found")
             if ident is not None:

@@ -10,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ComputationRunReq(_message.Message):
-    __slots__ = ("id", "name", "description", "datasets", "algorithm", "result_consumers", "agent_config")
+    __slots__ = ("id", "name", "description", "datasets", "algorithm", "result_consumers", "agent_config", "ttl")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,7 @@ class ComputationRunReq(_message.Message):
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     RESULT_CONSUMERS_FIELD_NUMBER: _ClassVar[int]
     AGENT_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    TTL_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     description: str
@@ -25,7 +26,8 @@ class ComputationRunReq(_message.Message):
     algorithm: Algorithm
     result_consumers: _containers.RepeatedScalarFieldContainer[str]
     agent_config: AgentConfig
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., datasets: _Optional[_Iterable[_Union[Dataset, _Mapping]]] = ..., algorithm: _Optional[_Union[Algorithm, _Mapping]] = ..., result_consumers: _Optional[_Iterable[str]] = ..., agent_config: _Optional[_Union[AgentConfig, _Mapping]] = ...) -> None: ...
+    ttl: str
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., datasets: _Optional[_Iterable[_Union[Dataset, _Mapping]]] = ..., algorithm: _Optional[_Union[Algorithm, _Mapping]] = ..., result_consumers: _Optional[_Iterable[str]] = ..., agent_config: _Optional[_Union[AgentConfig, _Mapping]] = ..., ttl: _Optional[str] = ...) -> None: ...
 
 class Dataset(_message.Message):
     __slots__ = ("provider", "id", "hash")
@@ -146,3 +148,45 @@ class AttestationPolicyResponse(_message.Message):
     info: bytes
     computation_id: str
     def __init__(self, info: _Optional[bytes] = ..., computation_id: _Optional[str] = ...) -> None: ...
+
+class ListRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListResponse(_message.Message):
+    __slots__ = ("computations",)
+    COMPUTATIONS_FIELD_NUMBER: _ClassVar[int]
+    computations: _containers.RepeatedCompositeFieldContainer[ComputationInfo]
+    def __init__(self, computations: _Optional[_Iterable[_Union[ComputationInfo, _Mapping]]] = ...) -> None: ...
+
+class ComputationInfo(_message.Message):
+    __slots__ = ("computation_id", "state", "agent_port", "guest_cid", "vnc_display", "pid", "started_at", "expires_at", "adopted")
+    COMPUTATION_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    AGENT_PORT_FIELD_NUMBER: _ClassVar[int]
+    GUEST_CID_FIELD_NUMBER: _ClassVar[int]
+    VNC_DISPLAY_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    ADOPTED_FIELD_NUMBER: _ClassVar[int]
+    computation_id: str
+    state: str
+    agent_port: str
+    guest_cid: int
+    vnc_display: int
+    pid: int
+    started_at: _timestamp_pb2.Timestamp
+    expires_at: _timestamp_pb2.Timestamp
+    adopted: bool
+    def __init__(self, computation_id: _Optional[str] = ..., state: _Optional[str] = ..., agent_port: _Optional[str] = ..., guest_cid: _Optional[int] = ..., vnc_display: _Optional[int] = ..., pid: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., adopted: _Optional[bool] = ...) -> None: ...
+
+class LogsRequest(_message.Message):
+    __slots__ = ("computation_id", "tail", "follow")
+    COMPUTATION_ID_FIELD_NUMBER: _ClassVar[int]
+    TAIL_FIELD_NUMBER: _ClassVar[int]
+    FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    computation_id: str
+    tail: int
+    follow: bool
+    def __init__(self, computation_id: _Optional[str] = ..., tail: _Optional[int] = ..., follow: _Optional[bool] = ...) -> None: ...

@@ -54,6 +54,16 @@ class ManagerServiceStub:
                 request_serializer=manager__pb2.AttestationPolicyRequest.SerializeToString,
                 response_deserializer=manager__pb2.AttestationPolicyResponse.FromString,
                 _registered_method=True)
+        self.List = channel.unary_unary(
+                '/manager.ManagerService/List',
+                request_serializer=manager__pb2.ListRequest.SerializeToString,
+                response_deserializer=manager__pb2.ListResponse.FromString,
+                _registered_method=True)
+        self.Logs = channel.unary_stream(
+                '/manager.ManagerService/Logs',
+                request_serializer=manager__pb2.LogsRequest.SerializeToString,
+                response_deserializer=manager__pb2.AgentLog.FromString,
+                _registered_method=True)
 
 
 class ManagerServiceServicer:
@@ -88,6 +98,21 @@ class ManagerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def List(self, request, context):
+        """The computations this manager holds now (starting, running or stopping), by id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Logs(self, request, context):
+        """A computation's console: QEMU's output and the agent's logs, the last `tail` lines kept,
+        then new ones while `follow`. Also answers for a while after the VM ended (post-mortem).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ManagerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +135,16 @@ def add_ManagerServiceServicer_to_server(servicer, server):
                     servicer.AttestationPolicy,
                     request_deserializer=manager__pb2.AttestationPolicyRequest.FromString,
                     response_serializer=manager__pb2.AttestationPolicyResponse.SerializeToString,
+            ),
+            'List': grpc.unary_unary_rpc_method_handler(
+                    servicer.List,
+                    request_deserializer=manager__pb2.ListRequest.FromString,
+                    response_serializer=manager__pb2.ListResponse.SerializeToString,
+            ),
+            'Logs': grpc.unary_stream_rpc_method_handler(
+                    servicer.Logs,
+                    request_deserializer=manager__pb2.LogsRequest.FromString,
+                    response_serializer=manager__pb2.AgentLog.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +255,60 @@ class ManagerService:
             '/manager.ManagerService/AttestationPolicy',
             manager__pb2.AttestationPolicyRequest.SerializeToString,
             manager__pb2.AttestationPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def List(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/manager.ManagerService/List',
+            manager__pb2.ListRequest.SerializeToString,
+            manager__pb2.ListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Logs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/manager.ManagerService/Logs',
+            manager__pb2.LogsRequest.SerializeToString,
+            manager__pb2.AgentLog.FromString,
             options,
             channel_credentials,
             insecure,
