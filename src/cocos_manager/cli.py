@@ -331,15 +331,6 @@ def _parser() -> argparse.ArgumentParser:
         help="print the JSON a verifier checks the computation's attestation report with",
     )
     policy.add_argument("computation_id")
-    return parser
-
-
-COMMANDS = {
-    "run": _run,
-    "stop": _stop,
-    "events": _events,
-    "attestation-policy": _attestation_policy,
-}
     sub.add_parser("list", parents=[common], help="the computations the manager holds")
     logs = sub.add_parser("logs", parents=[common], help="a computation's console (QEMU, agent)")
     logs.add_argument("computation_id")
@@ -352,7 +343,14 @@ COMMANDS = {
     return parser
 
 
-COMMANDS = {"run": _run, "stop": _stop, "events": _events, "list": _list, "logs": _logs}
+COMMANDS = {
+    "run": _run,
+    "stop": _stop,
+    "events": _events,
+    "attestation-policy": _attestation_policy,
+    "list": _list,
+    "logs": _logs,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

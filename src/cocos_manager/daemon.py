@@ -35,6 +35,7 @@ from cocos_manager.settings import AgentChannel, Settings
 from cocos_manager.state_lock import StateDirLockedError, hold_state_lock
 from cocos_manager.tls import TlsConfigError, TlsMode, describe_mode, server_credentials
 from cocos_manager.tracing import setup_tracing, shutdown_tracing
+from cocos_manager.vm_metrics import VmCollector, register_vm_metrics, unregister_vm_metrics
 from cocos_manager.vsock import AgentEventListener, Connect, vsock_connector
 
 SHUTDOWN_GRACE = 10.0
@@ -75,6 +76,7 @@ class DaemonRunner:
         self.service: ManagerService | None = None
         self.server: Server | None = None
         self.metrics: MetricsServer | None = None
+        self.vm_collector: VmCollector | None = None
         self.agents: AgentEventListener | None = None
         self.dialout: DialOut | None = None
         self._mode = TlsMode.PLAINTEXT
@@ -91,6 +93,7 @@ class DaemonRunner:
             self.provider = setup_tracing(settings.service, settings.instance_id)
         service = ManagerService(settings, executable, self.bus, self._agent_connector)
         self.service = service
+        self.vm_collector = register_vm_metrics(service.vm_pids)
         # Made before recovery so re-adoptions are forwarded too (MANAGER_GRPC_URL).
         try:
             if self._dial_out:
@@ -168,6 +171,9 @@ class DaemonRunner:
             await self.agents.close()
         if self.metrics is not None:
             await self.metrics.close()
+        if self.vm_collector is not None:
+            unregister_vm_metrics(self.vm_collector)
+            self.vm_collector = None
         if self.provider is not None and self._owns_provider:
             await asyncio.to_thread(shutdown_tracing, self.provider)
         self.log.info("manager stopped")

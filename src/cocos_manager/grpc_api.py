@@ -76,6 +76,7 @@ class ManagerServicer(pb_grpc.ManagerServiceServicer):
             await _abort(context, error, "AttestationPolicy")
             raise
         return pb.AttestationPolicyResponse(info=info, computation_id=request.computation_id)
+
     async def List(
         self, request: pb.ListRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListResponse:

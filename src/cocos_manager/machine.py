@@ -20,13 +20,15 @@ import errno
 import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from opentelemetry import trace
 
+from cocos_manager import ttl
 from cocos_manager.confidential import launched_binding
 from cocos_manager.console_limit import ConsoleLogLimiter
+from cocos_manager.console_log import ConsoleArchive
 from cocos_manager.errors import (
     FailedPreconditionError,
     HandoverFailedError,
@@ -35,6 +37,7 @@ from cocos_manager.errors import (
     ResourceExhaustedError,
 )
 from cocos_manager.events import EventBus, log_message, manager_event
+from cocos_manager.listing import started_at_from_ticks
 from cocos_manager.logging import get_logger
 from cocos_manager.qemu_argv import (
     FW_CFG_MANIFEST_NAME,
@@ -135,6 +138,7 @@ class MachineContext:
     tasks: TaskSet
     agent_connector: Callable[[int], Connect]
     on_released: Callable[[Machine], None]
+    consoles: ConsoleArchive = field(default_factory=ConsoleArchive)
     launch: Launcher = QemuProcess.start
 
 
@@ -165,6 +169,10 @@ class Machine:
         self.stop_reason: StopReason | None = None
         self.error: BaseException | None = None
         self.started_at = time.time()
+        self.console = ctx.consoles.open(computation_id)
+        self.ttl: float | None = None
+        self.expires_at: float | None = None
+        self.ttl_timer: asyncio.TimerHandle | None = None
         self.start_task: asyncio.Task[None] | None = None
         self.released: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._releasing: asyncio.Task[None] | None = None
@@ -213,6 +221,7 @@ class Machine:
             guest_cid=r.guest_cid,
             vnc_display=r.vnc_display,
             files={name: str(path) for name, path in files.items()},
+            expires_at=self.expires_at,
         )
         if self.process is not None:
             record.pid, record.start_time = self.process.pid, self.process.start_time
@@ -287,7 +296,9 @@ class Machine:
                     )
                     self.lease.swap(Conflict(error.conflict))
             self._not_stopping()
+            self.expires_at = ttl.expires_at(self.ttl)
             self._set_state(VmState.RUNNING, (PROVISION, "complete"), self.details())
+            self.arm_ttl()
         except BaseException as error:
             self._failing = True
             cancelled = isinstance(error, asyncio.CancelledError)
@@ -298,6 +309,13 @@ class Machine:
                 self.stop_reason = StopReason.CLIENT if cancelled else StopReason.FAILED
             await asyncio.shield(self._release(self.stop_reason))
             raise
+
+    def arm_ttl(self) -> None:
+        if self.expires_at is not None:
+            self.ttl_timer = ttl.arm(self.expires_at, self._ttl_expired)
+
+    def _ttl_expired(self) -> None:
+        self.ctx.tasks.spawn(self.stop(StopReason.TTL), name=f"ttl:{self.id}")
 
     def _not_stopping(self) -> None:
         """A Stop that came while this start was between two awaits wins over the start."""
@@ -398,6 +416,7 @@ class Machine:
         """Every line reaches Events; the daemon's own log takes them at a bounded rate, so a
         chatty guest cannot trip journald's limit and hide the daemon's errors."""
         level = "info" if stream == "stdout" else "warn"
+        self.console.append(level, text)
         if self._console_limit.allow():
             if note := self._console_limit.suppressed_note():
                 self.log.warning(note)
@@ -499,6 +518,9 @@ class Machine:
             if self.files is not None:
                 self.files.remove()
             self.lease.release()
+            if self.ttl_timer is not None:
+                self.ttl_timer.cancel()
+            self.ctx.consoles.close(self.console)
             self._set_state(VmState.RELEASED, self._final_event(reason), details)
             self.ctx.on_released(self)
             if not self.released.done():
@@ -563,10 +585,14 @@ class Machine:
         resources = VmResources(record.uuid, record.host_port, record.guest_cid, record.vnc_display)
         lease = ctx.pools.hold(record.computation_id, resources)
         machine = cls(ctx, record.computation_id, lease, files=files, process=process, adopted=True)
+        machine.started_at = started_at_from_ticks(record.start_time) or machine.started_at
+        machine.expires_at = record.expires_at
         process.exited.add_done_callback(lambda _: machine._on_exit(process))
         machine._watch(process)
         details = {**machine.details(), "readopted": True}
         machine._set_state(VmState.RUNNING, (PROVISION, "complete"), details)
         if process.exited.done():  # died between the identity check and now
             machine._on_exit(process)
+        else:
+            machine.arm_ttl()
         return machine

@@ -16,6 +16,7 @@ from pathlib import Path
 from opentelemetry import trace
 
 from cocos_manager.api import manager_pb2 as pb
+from cocos_manager.console_log import ConsoleArchive, ConsoleLog
 from cocos_manager.errors import (
     AbortedError,
     AlreadyExistsError,
@@ -25,9 +26,10 @@ from cocos_manager.errors import (
     UnavailableError,
 )
 from cocos_manager.events import EventBus, Subscription
+from cocos_manager.listing import computation_info
 from cocos_manager.logging import get_logger
 from cocos_manager.machine import Machine, MachineContext, StopReason, VmState
-from cocos_manager.manifest import validated_manifest
+from cocos_manager.manifest import effective_ttl, validated_manifest
 from cocos_manager.metrics import METRICS
 from cocos_manager.qemu_argv import Executable
 from cocos_manager.recovery import recover
@@ -80,6 +82,7 @@ class ManagerService:
             tasks=self.tasks,
             agent_connector=agent_connector,
             on_released=self._released,
+            consoles=ConsoleArchive.from_settings(settings.service),
         )
 
     def on_release(self, hook: Callable[[int], object]) -> None:
@@ -89,6 +92,12 @@ class ManagerService:
     def publish_agent_message(self, message: pb.ClientStreamMessage) -> None:
         """Agent events and logs, already stamped with the computation id of their CID."""
         METRICS.agent_messages.inc()
+        if message.WhichOneof("message") == "agent_log":
+            log = message.agent_log
+            machine = self._machines.get(log.computation_id)
+            if machine is not None:
+                stamp = log.timestamp.ToNanoseconds() if log.HasField("timestamp") else None
+                machine.console.append(log.level, log.message, stamp)
         self.bus.publish(message)
 
     # -- queries ---------------------------------------------------------------------------
@@ -129,6 +138,7 @@ class ManagerService:
                 self._admit_check(request.id)
                 check_images(self.qemu)
             machine = self._admit(request.id)
+            machine.ttl = effective_ttl(request, self.settings)
         except ManagerError as error:
             METRICS.run_failures.labels(reason=error.reason).inc()
             raise
@@ -243,3 +253,39 @@ class ManagerService:
             machine.process.argv,
             computation_id,
         )
+
+    # -- operator queries: List, Logs, per-VM metrics --------------------------------------
+
+    def list_computations(self) -> list[pb.ComputationInfo]:
+        infos = []
+        for m in sorted(self._machines.values(), key=lambda m: m.id):
+            if m.state is None or m.state is VmState.RELEASED:
+                continue
+            state = "starting" if m.state in (VmState.ADMITTED, VmState.STARTING) else m.state.value
+            infos.append(
+                computation_info(
+                    m.id,
+                    state=state,
+                    host_port=m.resources.host_port,
+                    guest_cid=m.resources.guest_cid,
+                    vnc_display=m.resources.vnc_display,
+                    pid=m.process.pid if m.process is not None else None,
+                    started_at=m.started_at,
+                    expires_at=m.expires_at,
+                    adopted=m.adopted,
+                )
+            )
+        return infos
+
+    def console(self, computation_id: str) -> ConsoleLog:
+        log = self.ctx.consoles.get(computation_id)
+        if log is None:
+            raise NotFoundError(
+                f"computation {computation_id!r} is not running and no console of it is kept"
+            )
+        return log
+
+    def vm_pids(self) -> list[tuple[str, int]]:
+        return [
+            (m.id, m.process.pid) for m in tuple(self._machines.values()) if m.process is not None
+        ]

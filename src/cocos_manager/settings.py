@@ -368,7 +368,7 @@ class ServiceSettings(BaseSettings):
     def _positive_timeout(cls, value: float) -> float:
         if value <= 0:
             raise ValueError("a timeout must be positive")
-
+        return value
 
     # Operator queries (issue 13): TTL and console history.
     DEFAULT_TTL: Annotated[float | None, NoDecode, BeforeValidator(parse_optional_go_duration)] = (
@@ -384,13 +384,6 @@ class ServiceSettings(BaseSettings):
     def _ttl(cls, value: float | None) -> float | None:
         if value is not None and value < 0:
             raise ValueError("a duration must not be negative")
-        return value
-
-    @field_validator("LOG_HISTORY_LINES", "LOG_HISTORY_BYTES")
-    @classmethod
-    def _positive(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError("must be 1 or more")
         return value
 
     @field_validator("LOG_RETENTION")
@@ -421,7 +414,13 @@ class ServiceSettings(BaseSettings):
             raise ValueError("a port must be within 0-65535")
         return value
 
-    @field_validator("GRPC_MAX_MESSAGE_SIZE", "EVENTS_QUEUE_BYTES", "CONSOLE_LINES_BURST")
+    @field_validator(
+        "GRPC_MAX_MESSAGE_SIZE",
+        "EVENTS_QUEUE_BYTES",
+        "CONSOLE_LINES_BURST",
+        "LOG_HISTORY_LINES",
+        "LOG_HISTORY_BYTES",
+    )
     @classmethod
     def _positive(cls, value: int) -> int:
         if value < 1:

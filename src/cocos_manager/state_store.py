@@ -34,6 +34,7 @@ class VmRecord:
     argv: list[str] = field(default_factory=list)
     cmdline: list[str] = field(default_factory=list)  # as /proc shows it once QEMU is ready
     files: dict[str, str] = field(default_factory=dict)
+    expires_at: float | None = None  # TTL deadline, seconds since the epoch
     version: int = RECORD_VERSION
 
 
