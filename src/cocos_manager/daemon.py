@@ -15,13 +15,14 @@ from cocos_manager.events import EventBus
 from cocos_manager.interceptors import TelemetryInterceptor
 from cocos_manager.logging import configure_logging, get_logger
 from cocos_manager.metrics import METRICS, MetricsServerError, start_metrics_server
-from cocos_manager.qemu_argv import qemu_args, resolve_executable, shell_line
+from cocos_manager.host_check import log_startup_warnings
+from cocos_manager.qemu_argv import effective_base_args, resolve_executable, shell_line
 from cocos_manager.sdnotify import READY, STOPPING, notify
 from cocos_manager.server import build_server, listen_address
 from cocos_manager.service import ManagerService
 from cocos_manager.settings import AgentChannel, Settings
 from cocos_manager.tls import TlsConfigError, describe_mode, server_credentials
-from cocos_manager.tracing import setup_tracing, shutdown_tracing
+from cocos_manager.tracing import describe_tracing, setup_tracing, shutdown_tracing
 from cocos_manager.vsock import AgentEventListener
 
 SHUTDOWN_GRACE = 10.0
@@ -35,7 +36,10 @@ async def run_daemon(settings: Settings) -> int:
     configure_logging(settings.service.LOG_LEVEL)
     log = get_logger()
     executable = resolve_executable(settings.qemu)
-    log.info(shell_line(executable.command(qemu_args(settings.qemu))))
+    log.info(shell_line(executable.command(effective_base_args(settings.qemu))))
+    # -- start-up warnings (host_check.py): each finding once, naming the setting and the fix.
+    log_startup_warnings(settings, log)
+    # --
     try:
         mode, credentials = server_credentials(settings.service)
     except TlsConfigError as error:
@@ -81,10 +85,20 @@ async def run_daemon(settings: Settings) -> int:
 
     await server.grpc.start()
     await server.set_serving(True)
+    grpc_address = listen_address(host, server.port)
+    metrics_url = (
+        f"http://{listen_address(metrics_server.host, metrics_server.port)}/metrics"
+        if metrics_server is not None
+        else "off"
+    )
+    traces = describe_tracing(settings.service.JAEGER_URL)
     log.info(
-        f"manager service gRPC server listening at {listen_address(host, server.port)} "
-        f"{describe_mode(mode, settings.service)}",
+        f"manager service gRPC server listening at {grpc_address} "
+        f"{describe_mode(mode, settings.service)}; metrics {metrics_url}; traces {traces}",
         instance_id=settings.instance_id,
+        grpc=grpc_address,
+        metrics=metrics_url,
+        traces=traces,
     )
     notify(READY)
     await stop.wait()
