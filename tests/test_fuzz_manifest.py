@@ -49,6 +49,10 @@ def violations(request: pb.ComputationRunReq) -> set[str]:
         bad.add("algorithm.hash")
     if not request.HasField("agent_config"):
         bad.add("agent_config")
+    elif (port := request.agent_config.port) and not (
+        port.isascii() and port.isdigit() and 1 <= int(port) <= 65535
+    ):
+        bad.add("agent_config.port")
     for index, dataset in enumerate(request.datasets):
         if len(dataset.hash) != HASH_SIZE:
             bad.add(f"datasets[{index}].hash")
@@ -304,6 +308,7 @@ SPOILERS: dict[str, Callable[[pb.ComputationRunReq], object]] = {
     "id": lambda r: setattr(r, "id", "bad\nid"),
     "algorithm": lambda r: r.ClearField("algorithm"),
     "agent_config": lambda r: r.ClearField("agent_config"),
+    "agent_config.port": lambda r: setattr(r.agent_config, "port", "70000"),
     "algorithm.hash": lambda r: setattr(r.algorithm, "hash", b"x" * 31),
     "datasets[1].hash": lambda r: setattr(r.datasets[1], "hash", b"x" * 33),
 }

@@ -12,10 +12,10 @@ import signal
 
 from cocos_manager.errors import ManagerError
 from cocos_manager.events import EventBus
+from cocos_manager.host_check import log_startup_warnings
 from cocos_manager.interceptors import TelemetryInterceptor
 from cocos_manager.logging import configure_logging, get_logger
 from cocos_manager.metrics import METRICS, MetricsServerError, start_metrics_server
-from cocos_manager.host_check import log_startup_warnings
 from cocos_manager.qemu_argv import effective_base_args, resolve_executable, shell_line
 from cocos_manager.sdnotify import READY, STOPPING, notify
 from cocos_manager.server import build_server, listen_address

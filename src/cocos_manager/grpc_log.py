@@ -33,7 +33,9 @@ HEADER = re.compile(r"^([IWEF])\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ ([\w./+-]+:\d+)\]
 # Lines gRPC core puts inside one record (absl status payloads).
 CONTINUATION = re.compile(r"^(=== .* ===|[\w./-]+\.(?:cc|h|c):\d+| shutdown=.*)$")
 PEER = re.compile(r"grpc\.internal\.endpoint_peer_address=([^,}\s]+)")
-HANDSHAKE_ERROR = re.compile(r"CallNextHandshakerLocked: error=(.*?)(?:\n=== |\n shutdown=| shutdown=)", re.S)
+HANDSHAKE_ERROR = re.compile(
+    r"CallNextHandshakerLocked: error=(.*?)(?:\n=== |\n shutdown=| shutdown=)", re.S
+)
 SSL_REASON = re.compile(r"OPENSSL_internal:([A-Z0-9_]+)")
 FLUSH_AFTER = 0.1  # seconds without a new line: the record in progress is complete
 

@@ -96,7 +96,11 @@ def check_kvm(settings: Settings, host: Host) -> Check:
         return Check("kvm", "pass", f"MANAGER_QEMU_ENABLE_KVM=false: QEMU runs TCG{note}")
     opened = _open_device(kvm)
     if isinstance(opened, OSError):
-        why = "is missing" if opened.errno == errno.ENOENT else f"cannot be opened ({opened.strerror})"
+        why = (
+            "is missing"
+            if opened.errno == errno.ENOENT
+            else f"cannot be opened ({opened.strerror})"
+        )
         return Check(
             "kvm",
             "fail",
@@ -155,7 +159,11 @@ def check_agent_channel(settings: Settings, host: Host) -> Check:
     device = host.dev / "vhost-vsock"
     opened = _open_device(device)
     if isinstance(opened, OSError):
-        why = "is missing" if opened.errno == errno.ENOENT else f"cannot be opened ({opened.strerror})"
+        why = (
+            "is missing"
+            if opened.errno == errno.ENOENT
+            else f"cannot be opened ({opened.strerror})"
+        )
         return Check(
             "agent-channel",
             "fail",
@@ -243,7 +251,9 @@ def check_listen(settings: Settings) -> Check:
             "MANAGER_GRPC_SERVER_CERT/_KEY (and MANAGER_GRPC_CLIENT_CA_CERTS for mutual TLS)",
         )
     where = s.GRPC_HOST or "all interfaces"
-    return Check("grpc-listen", "pass", f"gRPC on {where}:{s.GRPC_PORT}, {'TLS' if tls else 'plaintext'}")
+    return Check(
+        "grpc-listen", "pass", f"gRPC on {where}:{s.GRPC_PORT}, {'TLS' if tls else 'plaintext'}"
+    )
 
 
 def check_unknown_variables(environ: Mapping[str, str]) -> list[Check]:

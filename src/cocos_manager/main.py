@@ -64,8 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     qemu.add_argument(
         "--original",
         action="store_true",
-        help="the original's base line, element for element (always with vhost-vsock, "
-        "no -fw_cfg)",
+        help="the original's base line, element for element (always with vhost-vsock, no -fw_cfg)",
     )
     check = sub.add_parser(
         "check",
