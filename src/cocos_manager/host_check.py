@@ -22,7 +22,7 @@ import shutil
 import socket
 import subprocess
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -65,6 +65,7 @@ class Host:
     sys_module: Path = Path("/sys/module")
     cpuinfo: Path = Path("/proc/cpuinfo")
     environ: Mapping[str, str] | None = None
+    kvm_probe: Callable[[Path], str | None] = field(default=lambda path: kvm_creates_vm(path))
 
     def env(self) -> Mapping[str, str]:
         return os.environ if self.environ is None else self.environ
@@ -89,38 +90,38 @@ def _parameter(host: Host, module: str, name: str) -> bool | None:
     return text in ("Y", "y", "1")
 
 
+def kvm_creates_vm(kvm: Path) -> str | None:
+    """None when the device makes a VM; otherwise why not."""
+    opened = _open_device(kvm)
+    if isinstance(opened, OSError):
+        if opened.errno == errno.ENOENT:
+            return "is missing"
+        return f"cannot be opened ({opened.strerror})"
+    try:
+        version = fcntl.ioctl(opened, KVM_GET_API_VERSION, 0)
+        if version != KVM_API_VERSION:
+            return f"speaks KVM API {version}, not {KVM_API_VERSION}"
+        os.close(fcntl.ioctl(opened, KVM_CREATE_VM, 0))
+    except OSError as error:
+        return f"cannot create a VM ({error.strerror})"
+    finally:
+        os.close(opened)
+    return None
+
+
 def check_kvm(settings: Settings, host: Host) -> Check:
     kvm = host.dev / "kvm"
     if not settings.qemu.ENABLE_KVM:
         note = " (this host has /dev/kvm)" if kvm.exists() else ""
         return Check("kvm", "pass", f"MANAGER_QEMU_ENABLE_KVM=false: QEMU runs TCG{note}")
-    opened = _open_device(kvm)
-    if isinstance(opened, OSError):
-        why = (
-            "is missing"
-            if opened.errno == errno.ENOENT
-            else f"cannot be opened ({opened.strerror})"
-        )
+    why = host.kvm_probe(kvm)
+    if why is not None:
         return Check(
             "kvm",
             "fail",
             f"MANAGER_QEMU_ENABLE_KVM=true but {kvm} {why}: load kvm_amd or kvm_intel (and give "
-            f"the daemon access), or set MANAGER_QEMU_ENABLE_KVM=false to run under TCG",
+            "the daemon access), or set MANAGER_QEMU_ENABLE_KVM=false to run under TCG",
         )
-    try:
-        version = fcntl.ioctl(opened, KVM_GET_API_VERSION, 0)
-        if version != KVM_API_VERSION:
-            return Check("kvm", "fail", f"{kvm}: KVM API version {version}, expected 12")
-        vm = fcntl.ioctl(opened, KVM_CREATE_VM, 0)
-        os.close(vm)
-    except OSError as error:
-        return Check(
-            "kvm",
-            "fail",
-            f"{kvm} cannot create a VM ({error.strerror}): set MANAGER_QEMU_ENABLE_KVM=false",
-        )
-    finally:
-        os.close(opened)
     hardware = [m for m in ("kvm_amd", "kvm_intel") if (host.sys_module / m).exists()]
     if not hardware:
         return Check(
@@ -459,10 +460,10 @@ def check_sudo(settings: Settings, run: Runner = _run) -> Check | None:
     if not q.USE_SUDO:
         return None
     qemu = shutil.which(q.BIN_PATH) or q.BIN_PATH
-    if shutil.which("sudo") is None:
-        return Check("sudo", "fail", "MANAGER_QEMU_USE_SUDO=true but sudo is not installed")
     try:
         out = run(["sudo", "-n", "-l", qemu])
+    except FileNotFoundError:
+        return Check("sudo", "fail", "MANAGER_QEMU_USE_SUDO=true but sudo is not installed")
     except (OSError, subprocess.SubprocessError) as error:
         return Check("sudo", "fail", f"sudo -n -l {qemu}: {error}")
     if qemu in out:

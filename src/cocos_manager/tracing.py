@@ -304,9 +304,9 @@ class OutageGuard(SpanExporter):
             if not self._down and not self._shut_down:  # after shutdown nobody is listening
                 self._down = True
                 self._log.warning(
-                    f"trace collector at {self._url} does not take spans; they are dropped"
-                    " until it answers (logged once per outage; COCOS_JAEGER_URL=off turns"
-                    " tracing off)",
+                    f"trace export failed: the collector at {self._url} does not take spans;"
+                    " they are dropped until it answers (logged once per outage;"
+                    " COCOS_JAEGER_URL=off turns tracing off)",
                     url=self._url,
                     error=error or "the collector did not accept the spans",
                 )
