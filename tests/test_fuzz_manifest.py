@@ -146,7 +146,7 @@ datasets = st.builds(pb.Dataset, provider=texts, id=texts, hash=hashes)
 algorithms = st.builds(pb.Algorithm, provider=texts, id=texts, hash=hashes)
 agent_configs = st.builds(
     pb.AgentConfig,
-    port=texts,
+    port=st.one_of(texts, st.integers(-1, 70000).map(str)),
     host=texts,
     cert_file=texts,
     key_file=texts,
@@ -189,6 +189,8 @@ def valid_run_requests(draw: st.DrawFn) -> pb.ComputationRunReq:
         result_consumers=draw(st.lists(texts, max_size=4)),
         agent_config=draw(agent_configs),
     )  # fmt: skip
+    # agent_config.port is empty (the agent's default) or a port number.
+    request.agent_config.port = draw(st.one_of(st.just(""), st.integers(1, 65535).map(str)))
     return request
 
 
