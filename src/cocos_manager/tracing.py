@@ -1,4 +1,4 @@
-"""Spans of the manager, delivered in the protocol that COCOS_JAEGER_URL speaks (SPEC section 6).
+"""Spans of the manager, delivered in the protocol that COCOS_JAEGER_URL speaks.
 
 A URL whose path ends in /api/traces is Jaeger's collector endpoint for jaeger.thrift over
 HTTP (the original's default, http://localhost:14268/api/traces); any other URL is taken to be
