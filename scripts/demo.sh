@@ -5,7 +5,8 @@
 # machine, as the README's TCG block in "Run your own daemon"), runs one computation with
 # cocos-manager-cli, shows the agent in the guest answering on the forwarded host port and
 # the events that came in, then stops the computation and the daemon. Needs `make install`
-# and `make guest` first (`make demo` does both). Everything it writes goes to build/demo/; it can be run again at once.
+# and `make guest` first (`make demo` does both). Everything it writes goes to build/demo/;
+# it can be run again at once.
 set -Eeuo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
