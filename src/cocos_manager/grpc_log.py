@@ -105,6 +105,10 @@ class Pump:
     def log(self) -> Any:
         return self._log if self._log is not None else get_logger()
 
+    @property
+    def pending(self) -> bool:
+        return self._record is not None
+
     def line(self, line: str) -> None:
         header = HEADER.match(line)
         if header is not None:
@@ -140,7 +144,8 @@ def _pump_fd(read_fd: int, pump: Pump) -> None:
     buffer = b""
     with contextlib.suppress(OSError):
         while True:
-            ready, _, _ = select.select([read_fd], [], [], FLUSH_AFTER)
+            # Blocks while idle; a record in progress is complete after FLUSH_AFTER of quiet.
+            ready, _, _ = select.select([read_fd], [], [], FLUSH_AFTER if pump.pending else None)
             if not ready:
                 pump.flush()
                 continue
