@@ -7,7 +7,6 @@ Operators' existing environment files must keep meaning the same thing here.
 
 from __future__ import annotations
 
-import difflib
 import re
 import uuid
 from collections.abc import Iterator, Mapping
@@ -342,6 +341,12 @@ class UnknownVariable:
     closest: str | None
 
 
+def _close_matches(name: str, known: frozenset[str]) -> list[str]:
+    import difflib  # only when there is a name to match: not on every start-up
+
+    return difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+
+
 def unknown_variables(environ: Mapping[str, str]) -> list[UnknownVariable]:
     """MANAGER_* variables nothing reads (a typo is otherwise silently ignored), each with
     the closest known name when one is close enough to be the likely intent."""
@@ -352,6 +357,6 @@ def unknown_variables(environ: Mapping[str, str]) -> list[UnknownVariable]:
             continue
         # A name cut short (MANAGER_QEMU_MEMORY) most likely meant the shortest longer one.
         longer = sorted((k for k in known if k.startswith(name + "_")), key=len)
-        close = longer or difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+        close = longer or _close_matches(name, known)
         out.append(UnknownVariable(name, close[0] if close else None))
     return out
