@@ -368,5 +368,17 @@ def test_run_checks_covers_every_area(monkeypatch: pytest.MonkeyPatch, tmp_path:
     names = [c.name for c in run_checks(s, fake_host(tmp_path), run=lambda argv: "")]
     for name in ("kvm", "agent-channel", "sev-snp", "grpc-listen", "qemu", "ovmf-code",
                  "ovmf-vars", "kernel", "rootfs", "tmp-file-loc", "state-dir", "host-ports",
-                 "sudo", "tracing"):  # fmt: skip
+                 "sudo", "tls", "tracing"):  # fmt: skip
         assert name in names, name
+
+
+def test_tls_settings_are_checked_as_the_daemon_does(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from cocos_manager.host_check import check_tls
+
+    assert check_tls(settings(monkeypatch)) == Check("tls", "pass", "gRPC without TLS")
+    s = settings(monkeypatch, MANAGER_GRPC_SERVER_CERT=str(tmp_path / "missing.pem"))
+    check = check_tls(s)
+    assert check.status == "fail"
+    assert check.detail.startswith("MANAGER_GRPC_SERVER_KEY: not set")

@@ -271,6 +271,17 @@ def check_unknown_variables(environ: Mapping[str, str]) -> list[Check]:
     return checks
 
 
+def check_tls(settings: Settings) -> Check:
+    """The certificates and keys parse and match, as the daemon checks them at start."""
+    from cocos_manager.tls import TlsConfigError, describe_mode, server_credentials
+
+    try:
+        mode, _ = server_credentials(settings.service)
+    except TlsConfigError as error:
+        return Check("tls", "fail", f"{error}: the daemon refuses to start")
+    return Check("tls", "pass", f"gRPC {describe_mode(mode, settings.service)}")
+
+
 def check_tracing(settings: Settings) -> Check:
     url = settings.service.JAEGER_URL
     if tracing_off(url):
@@ -500,6 +511,7 @@ def run_checks(settings: Settings, host: Host | None = None, run: Runner = _run)
     sudo = check_sudo(settings, run)
     if sudo is not None:
         checks.append(sudo)
+    checks.append(check_tls(settings))
     checks.append(check_tracing(settings))
     return checks
 
