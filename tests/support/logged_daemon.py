@@ -69,7 +69,7 @@ def logged_daemon(tmp: Path, env: dict[str, str]) -> Iterator[LoggedDaemon]:
         process = subprocess.Popen([EXE], env=daemon_env(env), cwd=tmp, stdout=out, stderr=err)
     daemon = LoggedDaemon(process, stdout, stderr)
     try:
-        daemon.wait_for(START_LINE)
+        daemon.wait_for(START_LINE, timeout=60)  # a loaded 2-CPU host starts slowly
         yield daemon
     finally:
         if process.poll() is None:
