@@ -2,10 +2,11 @@
 # `make demo`: the Manager doing its job on a real VM, one step at a time.
 #
 # Starts the daemon (QEMU under TCG, no SEV, the fw_cfg channel: what runs on any Debian
-# machine, see SPEC section 7), runs one computation with cocos-manager-cli, shows the agent
-# in the guest answering on the forwarded host port and the events that came in, then stops
-# the computation and the daemon. Needs `make install` and `make guest` first (`make demo`
-# does both). Everything it writes goes to build/demo/; it can be run again at once.
+# machine, as the README's TCG block in "Run your own daemon"), runs one computation with
+# cocos-manager-cli, shows the agent in the guest answering on the forwarded host port and
+# the events that came in, then stops the computation and the daemon. Needs `make install`
+# and `make guest` first (`make demo` does both). Everything it writes goes to build/demo/;
+# it can be run again at once.
 set -Eeuo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
 
 from tests.support.harness import Manager, running_manager
@@ -96,6 +97,7 @@ async def test_errors_are_one_line_with_the_status(manager: Manager, tmp_path: P
     bad.write_text(json.dumps({"id": "x", "algorithm": {"hash": "zz"}, "agent_config": {}}))
     code, _, err = await cli(manager, "run", "--manifest", str(bad))
     assert code == 2 and "algorithm.hash" in err
+    # A hash that decodes but is short is reported with its decoded length, before any call.
     short = tmp_path / "short.json"
     short.write_text(json.dumps({"id": "x", "algorithm": {"hash": "abcd"}, "agent_config": {}}))
     code, _, err = await cli(manager, "run", "--manifest", str(short))
@@ -173,3 +175,75 @@ async def test_run_with_a_ttl(manager: Manager, tmp_path: Path) -> None:
     code, _, err = await cli(manager, "run", "--id", "t", "--algorithm", str(algorithm),
                              "--ttl", "20s")  # fmt: skip
     assert code == 0, err
+
+    assert code == 2 and "algorithm.hash: 2 bytes (read as hex)" in err
+    assert manager.service.computations() == {}
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("abc123", "algorithm.hash: 3 bytes (read as hex); a SHA3-256 hash is 32 bytes"),
+        ("q80=", "algorithm.hash: 2 bytes (read as base64)"),
+        ([1, 2, 3], "algorithm.hash: 3 bytes (read as a list)"),
+        ("not a hash!", "algorithm.hash: 'not a hash!' is not hex, base64 or a list of numbers"),
+        ([1, 300], "algorithm.hash: a list must hold numbers 0-255"),
+    ],
+)
+async def test_hashes_are_decoded_then_measured(
+    manager: Manager, tmp_path: Path, value: object, message: str
+) -> None:
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({"id": "h", "algorithm": {"hash": value}, "agent_config": {}}))
+    code, _, err = await cli(manager, "run", "--manifest", str(path))
+    assert code == 2 and message in err, err
+
+
+async def test_agent_port_must_be_a_port_number(manager: Manager, tmp_path: Path) -> None:
+    from cocos_manager.api import manager_pb2 as pb
+    from tests.support.harness import run_request
+
+    for bad in ("70000", "0", "http", "-1", "7002 "):
+        request = run_request(f"port-{bad.strip()}")
+        request.agent_config.port = bad
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await manager.stub.Run(request, timeout=10)
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert (info.value.details() or "").startswith("agent_config.port: ")
+    assert manager.service.computations() == {}
+    algorithm = tmp_path / "algo"
+    algorithm.write_bytes(b"x")
+    code, _, err = await cli(manager, "run", "--id", "p", "--algorithm", str(algorithm),
+                             "--agent-port", "99999")  # fmt: skip
+    assert code == 1 and "INVALID_ARGUMENT: agent_config.port: '99999' is not a port" in err
+    ok = run_request("port-ok")
+    ok.agent_config.port = "7002"
+    assert (await manager.stub.Run(ok, timeout=10)).computation_id == "port-ok"
+    await manager.stub.Stop(pb.StopRequest(computation_id="port-ok"), timeout=10)
+
+
+async def test_event_details_are_printed_decoded(manager: Manager, tmp_path: Path) -> None:
+    algorithm = tmp_path / "algo"
+    algorithm.write_bytes(b"x")
+    as_json = asyncio.ensure_future(cli(manager, "events", "d", "--count", "2", "--json"))
+    as_text = asyncio.ensure_future(cli(manager, "events", "d", "--count", "2"))
+    await asyncio.sleep(0.5)
+    assert (await cli(manager, "run", "--id", "d", "--algorithm", str(algorithm)))[0] == 0
+    (code, out, _), (text_code, text, _) = await as_json, await as_text
+    assert code == 0 and text_code == 0
+    # vm-provision starting, then in-progress with {"pid": N} as details.
+    event = json.loads(out.splitlines()[1])["agentEvent"]
+    assert (event["eventType"], event["status"]) == ("vm-provision", "in-progress")
+    assert isinstance(event["details"]["pid"], int)  # JSON, not base64
+    line = text.splitlines()[1]
+    assert line.startswith("[d] event manager/vm-provision: in-progress {")
+    assert json.loads(line.split(": in-progress ", 1)[1]) == event["details"]
+
+
+def test_help_shows_defaults() -> None:
+    import subprocess
+
+    done = subprocess.run([CLI, "run", "--help"], capture_output=True, text=True, timeout=60)
+    assert "(default: localhost:7001)" in done.stdout
+    assert "(default: 7002)" in done.stdout and "(default: 300.0)" in done.stdout
+    assert "(default: None)" not in done.stdout

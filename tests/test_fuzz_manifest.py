@@ -49,6 +49,10 @@ def violations(request: pb.ComputationRunReq) -> set[str]:
         bad.add("algorithm.hash")
     if not request.HasField("agent_config"):
         bad.add("agent_config")
+    elif (port := request.agent_config.port) and not (
+        port.isascii() and port.isdigit() and 1 <= int(port) <= 65535
+    ):
+        bad.add("agent_config.port")
     for index, dataset in enumerate(request.datasets):
         if len(dataset.hash) != HASH_SIZE:
             bad.add(f"datasets[{index}].hash")
@@ -142,7 +146,7 @@ datasets = st.builds(pb.Dataset, provider=texts, id=texts, hash=hashes)
 algorithms = st.builds(pb.Algorithm, provider=texts, id=texts, hash=hashes)
 agent_configs = st.builds(
     pb.AgentConfig,
-    port=texts,
+    port=st.one_of(texts, st.integers(-1, 70000).map(str)),
     host=texts,
     cert_file=texts,
     key_file=texts,
@@ -185,6 +189,8 @@ def valid_run_requests(draw: st.DrawFn) -> pb.ComputationRunReq:
         result_consumers=draw(st.lists(texts, max_size=4)),
         agent_config=draw(agent_configs),
     )  # fmt: skip
+    # agent_config.port is empty (the agent's default) or a port number.
+    request.agent_config.port = draw(st.one_of(st.just(""), st.integers(1, 65535).map(str)))
     return request
 
 
@@ -304,6 +310,7 @@ SPOILERS: dict[str, Callable[[pb.ComputationRunReq], object]] = {
     "id": lambda r: setattr(r, "id", "bad\nid"),
     "algorithm": lambda r: r.ClearField("algorithm"),
     "agent_config": lambda r: r.ClearField("agent_config"),
+    "agent_config.port": lambda r: setattr(r.agent_config, "port", "70000"),
     "algorithm.hash": lambda r: setattr(r.algorithm, "hash", b"x" * 31),
     "datasets[1].hash": lambda r: setattr(r.datasets[1], "hash", b"x" * 33),
 }

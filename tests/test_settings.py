@@ -300,3 +300,52 @@ def test_hardening_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (qemu.HOST_FWD_ADDR, qemu.VNC_ADDR, qemu.PASS_ENV) == ("", "", ())
     monkeypatch.setenv("MANAGER_QEMU_PASS_ENV", " LD_LIBRARY_PATH, ,QEMU_AUDIO_DRV")
     assert load_settings().qemu.PASS_ENV == ("LD_LIBRARY_PATH", "QEMU_AUDIO_DRV")
+
+
+# --- COCOS_JAEGER_URL and unknown variables (issue 15) --------------------------------------
+
+
+@pytest.mark.parametrize("text", ["off", "OFF", "none", "disabled", "false"])
+def test_tracing_can_be_turned_off(monkeypatch: pytest.MonkeyPatch, text: str) -> None:
+    monkeypatch.setenv("COCOS_JAEGER_URL", text)
+    assert load_settings().service.JAEGER_URL == "off"
+
+
+def test_empty_jaeger_url_keeps_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COCOS_JAEGER_URL", "")
+    assert load_settings().service.JAEGER_URL == "http://localhost:14268/api/traces"
+
+
+@pytest.mark.parametrize(
+    "text", ["localhost:14268/api/traces", "ftp://collector/api/traces", "http://", "jaeger"]
+)
+def test_a_jaeger_url_that_is_not_http_is_refused(
+    monkeypatch: pytest.MonkeyPatch, text: str
+) -> None:
+    monkeypatch.setenv("COCOS_JAEGER_URL", text)
+    with pytest.raises(SettingsError, match=r"^invalid value for COCOS_JAEGER_URL: ") as info:
+        load_settings()
+    assert "'off'" in str(info.value)
+
+
+def test_unknown_variables_get_the_closest_known_name() -> None:
+    from cocos_manager.settings import known_variables, unknown_variables
+
+    env = {
+        "MANAGER_QEMU_MEMORY": "1G",
+        "MANAGER_QEMU_AGENT_CHANEL": "fw_cfg",
+        "MANAGER_QEMU_ENABLE_SEVSNP": "false",
+        "MANAGER_WHATEVER": "1",
+        "MANAGER_QEMU_CPU": "max",  # known
+        "MANAGER_GRPC_URL": "localhost:7011",  # the dial-out client's, known
+        "MANAGER_GRPC_CLIENT_CERT": "c.pem",
+        "PATH": "/bin",
+    }
+    found = {u.name: u.closest for u in unknown_variables(env)}
+    assert found == {
+        "MANAGER_QEMU_MEMORY": "MANAGER_QEMU_MEMORY_SIZE",
+        "MANAGER_QEMU_AGENT_CHANEL": "MANAGER_QEMU_AGENT_CHANNEL",
+        "MANAGER_QEMU_ENABLE_SEVSNP": "MANAGER_QEMU_ENABLE_SEV_SNP",
+        "MANAGER_WHATEVER": None,
+    }
+    assert {"COCOS_JAEGER_URL", "MANAGER_QEMU_VSOCK_VNC", "MANAGER_STATE_DIR"} <= known_variables()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -434,3 +435,110 @@ def test_client_options_are_checked_too(pki: Pki) -> None:
         channel_credentials("/nonexistent/ca.pem", None, None)
     with pytest.raises(TlsConfigError, match=r"^--key: the private key does not match"):
         channel_credentials(None, pki.client.cert_pem, pki.server.key_pem)
+
+
+# --- failures explained: the real daemon and the real CLI (issue 15 item 6) ----------------
+
+
+@dataclass
+class CliRun:
+    code: int
+    err: str
+
+
+def _cli(address: str, *options: str) -> CliRun:
+    import subprocess
+    import sys
+
+    cli = str(Path(sys.executable).with_name("cocos-manager-cli"))
+    done = subprocess.run(
+        [cli, "stop", "nobody", "--address", address, "--timeout", "10", *options],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return CliRun(done.returncode, done.stderr)
+
+
+def test_tls_failures_are_explained_by_the_cli_and_logged_as_json_by_the_daemon(
+    pki: Pki, tmp_path: Path
+) -> None:
+    from tests.support.logged_daemon import logged_daemon
+
+    ca = pki.write("ca.pem", pki.ca.cert_pem)
+    env = {
+        "MANAGER_GRPC_HOST": "127.0.0.1",
+        "MANAGER_GRPC_PORT": "0",
+        "MANAGER_STATE_DIR": str(tmp_path / "state"),
+        "MANAGER_QEMU_TMP_FILE_LOC": str(tmp_path / "vms"),
+        "COCOS_JAEGER_URL": "off",
+        "MANAGER_GRPC_SERVER_CERT": pki.write("server.pem", pki.server.cert_pem),
+        "MANAGER_GRPC_SERVER_KEY": pki.write("server.key", pki.server.key_pem),
+        "MANAGER_GRPC_CLIENT_CA_CERTS": ca,
+    }
+    with logged_daemon(tmp_path / "daemon", env) as daemon:
+        address = f"127.0.0.1:{daemon.port()}"
+        plaintext = _cli(address)
+        no_certificate = _cli(address, "--ca", ca)
+        stranger = _cli(
+            address,
+            "--ca", ca,
+            "--cert", pki.write("stranger.pem", pki.stranger_client.cert_pem),
+            "--key", pki.write("stranger.key", pki.stranger_client.key_pem),
+        )  # fmt: skip
+        wrong_ca = _cli(address, "--ca", pki.write("stranger-ca.pem", pki.stranger_ca.cert_pem))
+        certified = _cli(
+            address,
+            "--ca", ca,
+            "--cert", pki.write("client.pem", pki.client.cert_pem),
+            "--key", pki.write("client.key", pki.client.key_pem),
+        )  # fmt: skip
+        failures = [
+            daemon.wait_for('"reason":"WRONG_VERSION_NUMBER"'),
+            daemon.wait_for('"reason":"PEER_DID_NOT_RETURN_A_CERTIFICATE"'),
+            daemon.wait_for('"reason":"CERTIFICATE_VERIFY_FAILED"'),
+        ]
+
+    # The CLI: which of the three it likely is, and what to pass.
+    assert plaintext.code == 1 and "it likely speaks TLS; pass --ca" in plaintext.err
+    assert no_certificate.code == 1
+    assert "requires a client certificate (mutual TLS); pass --cert and --key" in (
+        no_certificate.err
+    )
+    assert stranger.code == 1 and "does not accept your certificate" in stranger.err
+    assert "MANAGER_GRPC_CLIENT_CA_CERTS" in stranger.err
+    assert wrong_ca.code == 1 and "not signed by the CA you trust" in wrong_ca.err
+    # A certified client gets through TLS to the service (which knows no such computation).
+    assert certified.code == 1 and "NOT_FOUND" in certified.err, certified.err
+
+    # The daemon: JSON lines with the peer address and what each likely means.
+    for record in failures:
+        assert record["message"] == "TLS handshake failed"
+        assert record["level"] == "warn"
+        assert record["side"] == "server"
+        assert record["peer"].startswith("ipv4:127.0.0.1:")
+    assert failures[0]["likely"] == "the client speaks plaintext to this TLS port"
+    assert "sent no certificate" in failures[1]["likely"]
+    assert "MANAGER_GRPC_CLIENT_CA_CERTS" in failures[2]["likely"]
+    # gRPC core's own lines are kept out: every stdout line is JSON, stderr holds nothing.
+    for line in daemon.lines():
+        json.loads(line)
+    assert daemon.stderr.read_text() == ""
+
+
+def test_tls_client_against_a_plaintext_daemon_is_told_to_drop_tls(
+    pki: Pki, tmp_path: Path
+) -> None:
+    from tests.support.logged_daemon import logged_daemon
+
+    env = {
+        "MANAGER_GRPC_HOST": "127.0.0.1",
+        "MANAGER_GRPC_PORT": "0",
+        "MANAGER_STATE_DIR": str(tmp_path / "state"),
+        "MANAGER_QEMU_TMP_FILE_LOC": str(tmp_path / "vms"),
+        "COCOS_JAEGER_URL": "off",
+    }
+    with logged_daemon(tmp_path / "daemon", env) as daemon:
+        run = _cli(f"127.0.0.1:{daemon.port()}", "--ca", pki.write("ca.pem", pki.ca.cert_pem))
+    assert run.code == 1
+    assert "the server speaks plaintext, not TLS: leave out --ca, --cert and --key" in run.err

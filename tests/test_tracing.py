@@ -477,6 +477,8 @@ async def test_outage_is_logged_once_and_never_slows_calls(
     assert failures[0]["level"] == "warn"
     assert failures[0]["url"] == url
     assert failures[0]["error"]
+    # One clear line: where, what happens to spans, and how to turn tracing off.
+    assert url in failures[0]["message"] and "COCOS_JAEGER_URL=off" in failures[0]["message"]
 
     # The collector comes up: the recovery is logged once, spans arrive again.
     collector = Collector(port=port, status=200)
@@ -542,3 +544,31 @@ async def test_shutdown_exports_what_is_queued(
     assert await asyncio.to_thread(shutdown_tracing, provider)
     _, spans = _jaeger_spans(collector)
     assert [span.operationName for span in spans] == ["last words"]
+
+
+# --- tracing off (issue 15) -----------------------------------------------------------------
+
+
+async def test_tracing_off_exports_nothing_and_says_so(
+    monkeypatch: pytest.MonkeyPatch, server_for: Any, collector: Collector, log_lines: io.StringIO
+) -> None:
+    from cocos_manager.tracing import describe_tracing
+
+    provider = _tracing(monkeypatch, "off", schedule_delay_millis=20)
+    assert ServiceSettings().JAEGER_URL == "off"
+    assert describe_tracing("off") == "off"
+    grpc_port = await server_for(provider)
+    assert await _call(grpc_port, "Run") == b"ok:req"
+    await _flush(provider)
+    assert collector.received == []
+    assert log_lines.getvalue() == ""  # no exporter, so no outage to report either
+    assert await asyncio.to_thread(shutdown_tracing, provider, 5.0)
+
+
+def test_describe_tracing_hides_credentials() -> None:
+    from cocos_manager.tracing import describe_tracing
+
+    assert describe_tracing("http://u:secret@collector:14268/api/traces") == (
+        "http://collector:14268/api/traces (jaeger.thrift)"
+    )
+    assert describe_tracing("http://collector:4318/v1/traces").endswith("(OTLP/HTTP)")

@@ -43,19 +43,37 @@ def sha3_file(path: str) -> bytes:
     return digest.digest()
 
 
+_HEX = frozenset("0123456789abcdefABCDEF")
+HASH_SIZE = 32
+
+
 def _hash_field(value: Any, where: str) -> str:
-    """Accepts hex, base64 or a list of byte values; protobuf JSON wants base64."""
+    """Hex, base64 or a list of byte values, decoded first and then measured: a hash that
+    decodes but has the wrong length is reported with its length. Protobuf JSON wants base64."""
     if isinstance(value, list):
-        raw = bytes(value)
-    elif isinstance(value, str):
         try:
-            raw = (
-                bytes.fromhex(value) if len(value) == 64 else base64.b64decode(value, validate=True)
-            )
+            raw = bytes(value)
+        except (TypeError, ValueError):
+            raise CliError(f"{where}: a list must hold numbers 0-255") from None
+        kind = "a list"
+    elif isinstance(value, str):
+        text = value.strip()
+        try:
+            if text and len(text) % 2 == 0 and set(text) <= _HEX:
+                raw, kind = bytes.fromhex(text), "hex"
+            else:
+                raw, kind = base64.b64decode(text, validate=True), "base64"
         except (ValueError, binascii.Error):
-            raise CliError(f"{where}: not hex, base64 or a list of numbers") from None
+            raise CliError(
+                f"{where}: {value[:80]!r} is not hex, base64 or a list of numbers"
+            ) from None
     else:
         raise CliError(f"{where}: not hex, base64 or a list of numbers")
+    if len(raw) != HASH_SIZE:
+        raise CliError(
+            f"{where}: {len(raw)} bytes (read as {kind}); a SHA3-256 hash is {HASH_SIZE} bytes "
+            f"({HASH_SIZE * 2} hex digits)"
+        )
     return base64.b64encode(raw).decode()
 
 
@@ -110,9 +128,21 @@ def _channel(options: argparse.Namespace) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(options.address)
 
 
+def _decoded_details(details: bytes) -> Any:
+    """An event's details are JSON bytes (base64 in protobuf JSON): shown as what they say."""
+    text = details.decode(errors="replace")
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
 def _print(message: Any, as_json: bool) -> None:
     if as_json:
-        print(json_format.MessageToJson(message, indent=None), flush=True)
+        doc = json_format.MessageToDict(message)
+        if isinstance(message, pb.ClientStreamMessage) and message.agent_event.details:
+            doc["agentEvent"]["details"] = _decoded_details(message.agent_event.details)
+        print(json.dumps(doc, separators=(",", ":")), flush=True)
     else:
         print(_describe(message), flush=True)
 
@@ -147,7 +177,11 @@ def _describe_stream_message(message: pb.ClientStreamMessage) -> str:
     kind = message.WhichOneof("message")
     if kind == "agent_event":
         e = message.agent_event
-        details = f" {e.details.decode(errors='replace')}" if e.details else ""
+        details = (
+            f" {json.dumps(_decoded_details(e.details), separators=(',', ':'))}"
+            if e.details
+            else ""
+        )
         return printable(
             f"[{e.computation_id}] event {e.originator}/{e.event_type}: {e.status}{details}"
         )
@@ -286,8 +320,18 @@ def _non_negative(text: str) -> int:
     return value
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, where there is one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, [], argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    formatter = DefaultsHelpFormatter
+    common = argparse.ArgumentParser(add_help=False, formatter_class=formatter)
     common.add_argument("--address", "-a", default="localhost:7001", help="manager host:port")
     common.add_argument(
         "--ca", help="CA certificate (path or PEM) to verify the server; enables TLS"
@@ -297,25 +341,38 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--timeout", type=float, default=300.0, help="seconds (run, stop)")
     common.add_argument("--json", action="store_true", help="print messages as JSON lines")
 
-    parser = argparse.ArgumentParser(prog="cocos-manager-cli", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="cocos-manager-cli", description=__doc__, formatter_class=formatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", parents=[common], help="run a computation")
+    run = sub.add_parser(
+        "run", parents=[common], help="run a computation", formatter_class=formatter
+    )
     run.add_argument("--manifest", "-m", help="ComputationRunReq as JSON")
     run.add_argument("--id", help="computation id (with --algorithm)")
-    run.add_argument("--name")
-    run.add_argument("--description")
+    run.add_argument("--name", help="computation name (default: the id)")
+    run.add_argument("--description", help="computation description")
     run.add_argument("--algorithm", help="algorithm file, hashed with SHA3-256")
     run.add_argument("--dataset", action="append", default=[], help="dataset file (repeatable)")
-    run.add_argument("--result-consumer", action="append")
-    run.add_argument("--agent-port", default="7002")
-    run.add_argument("--agent-log-level", default="info")
-    run.add_argument("--attested-tls", action="store_true")
+    run.add_argument("--result-consumer", action="append", help="result consumer (repeatable)")
+    run.add_argument(
+        "--agent-port",
+        default="7002",
+        help="agent_config.port: where the agent listens in the guest (the host forward "
+        "always targets the daemon's MANAGER_QEMU_GUEST_FWD_AGENT)",
+    )
+    run.add_argument("--agent-log-level", default="info", help="agent_config.log_level")
+    run.add_argument("--attested-tls", action="store_true", help="agent_config.attested_tls")
     run.add_argument(
         "--ttl", help="stop the VM this long after it runs (Go duration: 20s, 90m, 1h30m)"
     )
-    stop = sub.add_parser("stop", parents=[common], help="stop a computation")
-    stop.add_argument("computation_id")
-    events = sub.add_parser("events", parents=[common], help="follow events until Ctrl-C")
+    stop = sub.add_parser(
+        "stop", parents=[common], help="stop a computation", formatter_class=formatter
+    )
+    stop.add_argument("computation_id", help="the id given to run")
+    events = sub.add_parser(
+        "events", parents=[common], help="follow events until Ctrl-C", formatter_class=formatter
+    )
     events.add_argument("computation_id", nargs="?", help="only this computation")
     events.add_argument("--count", type=int, default=0, help="stop after this many messages")
     events.add_argument(
@@ -353,6 +410,42 @@ COMMANDS = {
 }
 
 
+def explain_connection_failure(error: grpc.aio.AioRpcError, options: argparse.Namespace) -> str:
+    """What a failed connection likely means, and what to pass; "" when it is not one.
+
+    gRPC reports three different TLS mistakes the same way ("Socket closed": the server hung
+    up during the handshake), so what the client sent tells them apart.
+    """
+    if error.code() is not grpc.StatusCode.UNAVAILABLE:
+        return ""
+    details = error.details() or ""
+    tls = bool(options.ca or options.cert or options.key)
+    if "WRONG_VERSION_NUMBER" in details or "HTTP_REQUEST" in details:
+        return "the server speaks plaintext, not TLS: leave out --ca, --cert and --key"
+    if "CERTIFICATE_VERIFY_FAILED" in details:
+        return (
+            "the server's certificate is not signed by the CA you trust: pass the CA that "
+            "signed it with --ca (without --ca the system's trust store is used)"
+        )
+    if "Socket closed" not in details and "Connection reset" not in details:
+        return ""
+    if not tls:
+        return (
+            "the server closed the connection during set-up: it likely speaks TLS; pass "
+            "--ca CA.pem (and --cert/--key if it requires client certificates)"
+        )
+    if not options.cert:
+        return (
+            "the server closed the connection during the TLS handshake: it likely requires a "
+            "client certificate (mutual TLS); pass --cert and --key"
+        )
+    return (
+        "the server closed the connection during the TLS handshake: it likely does not accept "
+        "your certificate (--cert must be signed by the CA in the server's "
+        "MANAGER_GRPC_CLIENT_CA_CERTS)"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     options = _parser().parse_args(argv)
     try:
@@ -365,6 +458,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except grpc.aio.AioRpcError as error:
         print(f"cocos-manager-cli: {error.code().name}: {error.details()}", file=sys.stderr)
+        if hint := explain_connection_failure(error, options):
+            print(f"cocos-manager-cli: {hint}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

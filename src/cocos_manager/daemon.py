@@ -18,6 +18,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from cocos_manager.dialout import DialOut, DialOutConfigError
 from cocos_manager.errors import ManagerError
 from cocos_manager.events import EventBus
+from cocos_manager.host_check import log_startup_warnings
 from cocos_manager.interceptors import TelemetryInterceptor
 from cocos_manager.logging import configure_logging, get_logger
 from cocos_manager.metrics import (
@@ -27,14 +28,14 @@ from cocos_manager.metrics import (
     metrics_host,
     start_metrics_server,
 )
-from cocos_manager.qemu_argv import qemu_args, resolve_executable, shell_line
+from cocos_manager.qemu_argv import effective_base_args, resolve_executable, shell_line
 from cocos_manager.sdnotify import READY, STOPPING, notify
 from cocos_manager.server import Server, build_server, listen_address
 from cocos_manager.service import ManagerService
 from cocos_manager.settings import AgentChannel, Settings
 from cocos_manager.state_lock import StateDirLockedError, hold_state_lock
 from cocos_manager.tls import TlsConfigError, TlsMode, describe_mode, server_credentials
-from cocos_manager.tracing import setup_tracing, shutdown_tracing
+from cocos_manager.tracing import describe_tracing, setup_tracing, shutdown_tracing
 from cocos_manager.vm_metrics import VmCollector, register_vm_metrics, unregister_vm_metrics
 from cocos_manager.vsock import AgentEventListener, Connect, vsock_connector
 
@@ -84,7 +85,9 @@ class DaemonRunner:
     async def setup(self) -> None:
         settings = self.settings
         executable = resolve_executable(settings.qemu)
-        self.log.info(shell_line(executable.command(qemu_args(settings.qemu))))
+        self.log.info(shell_line(executable.command(effective_base_args(settings.qemu))))
+        # Each finding once, naming the setting and the fix (host_check.py).
+        log_startup_warnings(settings, self.log)
         try:
             self._mode, credentials = server_credentials(settings.service)
         except TlsConfigError as error:
@@ -144,10 +147,20 @@ class DaemonRunner:
         assert self.server is not None
         await self.server.grpc.start()
         await self.server.set_serving(True)
+        metrics_url = (
+            f"http://{listen_address(self.metrics.host, self.metrics.port)}/metrics"
+            if self.metrics is not None
+            else "off"
+        )
+        traces = describe_tracing(self.settings.service.JAEGER_URL)
         self.log.info(
             f"manager service gRPC server listening at {self.address} "
-            f"{describe_mode(self._mode, self.settings.service)}",
+            f"{describe_mode(self._mode, self.settings.service)}; metrics {metrics_url}; "
+            f"traces {traces}",
             instance_id=self.settings.instance_id,
+            grpc=self.address,
+            metrics=metrics_url,
+            traces=traces,
         )
         if self.dialout is not None:
             self.dialout.start(self.server.health)

@@ -1,7 +1,8 @@
 """Entry point of the `cocos-manager` console script.
 
-With no arguments it runs the daemon; `print-qemu-cmd` prints the base QEMU command line.
-Bad settings end the process with one line on stderr naming the variable, never a traceback.
+With no arguments it runs the daemon; `print-qemu-cmd` prints the base QEMU command line;
+`check` tells whether a Run can work on this host with these settings. Bad settings end the
+process with one line on stderr naming the variable, never a traceback.
 """
 
 from __future__ import annotations
@@ -13,7 +14,13 @@ import sys
 from collections.abc import Sequence
 
 from cocos_manager.confidential import ConfidentialConfigError, check_confidential_launch
-from cocos_manager.qemu_argv import QemuNotFoundError, qemu_args, resolve_executable, shell_line
+from cocos_manager.qemu_argv import (
+    QemuNotFoundError,
+    effective_base_args,
+    qemu_args,
+    resolve_executable,
+    shell_line,
+)
 from cocos_manager.settings import Settings, SettingsError, load_settings
 
 
@@ -22,14 +29,23 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _print_qemu_cmd(settings: Settings, as_json: bool) -> int:
+def _print_qemu_cmd(settings: Settings, as_json: bool, original: bool) -> int:
     executable = resolve_executable(settings.qemu)
-    args = [*executable.prefix, *qemu_args(settings.qemu)]
+    base = qemu_args(settings.qemu) if original else effective_base_args(settings.qemu)
+    args = [*executable.prefix, *base]
     if as_json:
         print(json.dumps({"exe": executable.exe, "args": args}))
     else:
         print(shell_line([executable.exe, *args]))
     return 0
+
+
+def _check(settings: Settings, as_json: bool) -> int:
+    from cocos_manager.host_check import exit_code, render, run_checks
+
+    checks = run_checks(settings)
+    print(render(checks, as_json))
+    return exit_code(checks)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,8 +55,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("run", help="run the daemon (the default)")
-    qemu = sub.add_parser("print-qemu-cmd", help="print the base QEMU command line and exit")
+    qemu = sub.add_parser(
+        "print-qemu-cmd",
+        help="print the base QEMU command line a VM gets and exit",
+        description="The base QEMU command line as a VM gets it (per VM: uuid names, a free "
+        "host port, guest CID and VNC display, and the manager's QMP monitor are added).",
+    )
     qemu.add_argument("--json", action="store_true", help='print {"exe": ..., "args": [...]}')
+    qemu.add_argument(
+        "--original",
+        action="store_true",
+        help="the original's base line, element for element (always with vhost-vsock, no -fw_cfg)",
+    )
+    check = sub.add_parser(
+        "check",
+        help="check this host against the settings; exit 1 when a Run cannot work",
+        description="One line per probe: pass, warn or fail, with what to do.",
+    )
+    check.add_argument(
+        "--json", action="store_true", help="print a JSON list of {name, status, detail}"
+    )
     return parser
 
 
@@ -50,7 +84,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings()
         check_confidential_launch(settings.qemu)  # SNP/TDX asked for and QEMU lacks it: refuse
         if options.command == "print-qemu-cmd":
-            return _print_qemu_cmd(settings, options.json)
+            return _print_qemu_cmd(settings, options.json, options.original)
+        if options.command == "check":
+            return _check(settings, options.json)
+        from cocos_manager.grpc_log import capture_grpc_core_log
+
+        capture_grpc_core_log()
         from cocos_manager.daemon import StartupError, run_daemon
 
         try:

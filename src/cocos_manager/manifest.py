@@ -28,6 +28,15 @@ def _check_hash(field: str, value: bytes) -> None:
         )
 
 
+def _check_agent_port(port: str) -> None:
+    """Empty = the agent's own default. The host forward always targets
+    MANAGER_QEMU_GUEST_FWD_AGENT, whatever port the agent is told to listen on."""
+    if port and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise InvalidArgumentError(
+            f"agent_config.port: {port[:20]!r} is not a port number (1-65535)"
+        )
+
+
 def validate_run_request(request: pb.ComputationRunReq) -> None:
     """Refuses what the original crashed on or silently passed to the agent (SPEC defect 4)."""
     if not request.id:
@@ -40,6 +49,7 @@ def validate_run_request(request: pb.ComputationRunReq) -> None:
         raise InvalidArgumentError("algorithm: required")
     if not request.HasField("agent_config"):
         raise InvalidArgumentError("agent_config: required")
+    _check_agent_port(request.agent_config.port)
     _check_hash("algorithm.hash", request.algorithm.hash)
     for index, dataset in enumerate(request.datasets):
         _check_hash(f"datasets[{index}].hash", dataset.hash)

@@ -94,6 +94,20 @@ def qemu_args(
     return args
 
 
+def effective_base_args(q: QemuSettings) -> list[str]:
+    """The base line as a VM gets it: on the fw_cfg channel no vhost-vsock device, and the
+    manifest's -fw_cfg option (its per-VM file shown as agent-config-UUID.json).
+
+    qemu_args(q) stays the original's line, element for element (`print-qemu-cmd --original`).
+    """
+    fw_cfg = q.AGENT_CHANNEL == "fw_cfg"
+    args = qemu_args(q, vsock_device=not fw_cfg)
+    if fw_cfg:
+        manifest = str(Path(q.TMP_FILE_LOC) / "agent-config-UUID.json").replace(",", ",,")
+        args += ["-fw_cfg", f"name={FW_CFG_MANIFEST_NAME},file={manifest}"]
+    return args
+
+
 @dataclass(frozen=True, slots=True)
 class Executable:
     """What to exec: QEMU itself, or sudo with the resolved QEMU path as its first argument."""

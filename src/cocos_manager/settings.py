@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated
+from urllib.parse import urlsplit
 
 from pydantic import BeforeValidator, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -123,6 +124,15 @@ GoDuration = Annotated[float, BeforeValidator(parse_go_duration)]
 
 # The original's -append value: one argv element that includes the two double quotes.
 ORIGINAL_KERNEL_CMDLINE = '"earlyprintk=serial console=ttyS0"'
+
+
+# COCOS_JAEGER_URL=off (or none, false, disabled) turns tracing off; empty keeps the default.
+TRACING_OFF = "off"
+_TRACING_OFF_SPELLINGS = frozenset({"off", "none", "false", "disabled", "0"})
+
+
+def tracing_off(url: str) -> bool:
+    return url.strip().lower() in _TRACING_OFF_SPELLINGS
 
 
 class AgentChannel(StrEnum):
@@ -400,6 +410,19 @@ class ServiceSettings(BaseSettings):
             raise ValueError("must be 0 (keep none) or more")
         return value
 
+    @field_validator("JAEGER_URL")
+    @classmethod
+    def _jaeger_url(cls, value: str) -> str:
+        if tracing_off(value):
+            return TRACING_OFF
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                "expected an http(s) URL such as http://localhost:14268/api/traces, "
+                f"or {TRACING_OFF!r} to turn tracing off"
+            )
+        return value
+
     @field_validator("GRPC_PORT")
     @classmethod
     def _port(cls, value: int) -> int:
@@ -503,3 +526,56 @@ def load_settings() -> Settings:
     return Settings(
         service=service, qemu=qemu, instance_id=service.INSTANCE_ID or str(uuid.uuid4())
     )
+
+
+# -- unknown variables ------------------------------------------------------------------------
+
+# Read elsewhere, not by these models: the dial-out client (MANAGER_GRPC_URL and its
+# companions) and the variables the unit file or the CLI set.
+EXTRA_KNOWN_VARIABLES = frozenset(
+    {
+        "MANAGER_GRPC_URL",
+        "MANAGER_GRPC_TIMEOUT",
+        "MANAGER_GRPC_CLIENT_CERT",
+        "MANAGER_GRPC_CLIENT_KEY",
+        "MANAGER_GRPC_ATTESTED_TLS",
+        "MANAGER_GRPC_MANIFEST",
+    }
+)
+
+
+def known_variables() -> frozenset[str]:
+    """Every MANAGER_* (and COCOS_*) variable something in the manager reads."""
+    names = {
+        _env_name(model, field)
+        for model in (ServiceSettings, QemuSettings)
+        for field in model.model_fields
+    }
+    return frozenset(names | EXTRA_KNOWN_VARIABLES)
+
+
+@dataclass(frozen=True, slots=True)
+class UnknownVariable:
+    name: str
+    closest: str | None
+
+
+def _close_matches(name: str, known: frozenset[str]) -> list[str]:
+    import difflib  # only when there is a name to match: not on every start-up
+
+    return difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[UnknownVariable]:
+    """MANAGER_* variables nothing reads (a typo is otherwise silently ignored), each with
+    the closest known name when one is close enough to be the likely intent."""
+    known = known_variables()
+    out = []
+    for name in sorted(environ):
+        if not name.startswith("MANAGER_") or name in known:
+            continue
+        # A name cut short (MANAGER_QEMU_MEMORY) most likely meant the shortest longer one.
+        longer = sorted((k for k in known if k.startswith(name + "_")), key=len)
+        close = longer or _close_matches(name, known)
+        out.append(UnknownVariable(name, close[0] if close else None))
+    return out

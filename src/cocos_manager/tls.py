@@ -1,4 +1,4 @@
-"""Transport security of the gRPC server (SPEC section 2) and of the CLI's channel.
+"""Transport security of the gRPC server and of the CLI's channel.
 
 Every certificate and key variable takes a file path or the PEM text itself, so that secrets
 can come from a file on disk or straight from an orchestrator's environment. Everything is

@@ -1,4 +1,4 @@
-"""Spans of the manager, delivered in the protocol that COCOS_JAEGER_URL speaks (SPEC section 6).
+"""Spans of the manager, delivered in the protocol that COCOS_JAEGER_URL speaks.
 
 A URL whose path ends in /api/traces is Jaeger's collector endpoint for jaeger.thrift over
 HTTP (the original's default, http://localhost:14268/api/traces); any other URL is taken to be
@@ -39,7 +39,7 @@ from thriftpy2 import load_fp
 from thriftpy2.utils import serialize
 
 from cocos_manager.logging import get_logger
-from cocos_manager.settings import ServiceSettings
+from cocos_manager.settings import ServiceSettings, tracing_off
 
 SERVICE_NAME = "manager"
 EXPORT_TIMEOUT = 5.0
@@ -304,8 +304,9 @@ class OutageGuard(SpanExporter):
             if not self._down and not self._shut_down:  # after shutdown nobody is listening
                 self._down = True
                 self._log.warning(
-                    "trace export failed; spans are dropped until the collector answers"
-                    " (not logged again until then)",
+                    f"trace export failed: the collector at {self._url} does not take spans;"
+                    " they are dropped until it answers (logged once per outage;"
+                    " COCOS_JAEGER_URL=off turns tracing off)",
                     url=self._url,
                     error=error or "the collector did not accept the spans",
                 )
@@ -319,6 +320,15 @@ class OutageGuard(SpanExporter):
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return self._inner.force_flush(timeout_millis)
+
+
+def describe_tracing(url: str) -> str:
+    """Where spans go, for the start-up line: never the credentials of the URL."""
+    if tracing_off(url):
+        return "off"
+    bare, _ = _split_credentials(url)
+    kind = "jaeger.thrift" if is_jaeger_url(bare) else "OTLP/HTTP"
+    return f"{bare} ({kind})"
 
 
 def is_jaeger_url(url: str) -> bool:
@@ -369,6 +379,11 @@ def setup_tracing(
     """
     resource = Resource.create({"service.name": SERVICE_NAME, "host.id": instance_id})
     provider = TracerProvider(resource=resource, shutdown_on_exit=False)
+    if tracing_off(service.JAEGER_URL):
+        # Spans are still made (trace context flows on to callers) but go nowhere.
+        if set_global:
+            trace.set_tracer_provider(provider)
+        return provider
     exporter = make_exporter(service.JAEGER_URL, export_timeout, probe_interval)
     provider.add_span_processor(
         BatchSpanProcessor(exporter, schedule_delay_millis=schedule_delay_millis)
