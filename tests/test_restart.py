@@ -232,8 +232,8 @@ async def test_a_live_qemu_whose_qmp_does_not_answer_is_killed_and_cleaned(
     tmp_path: Path,
 ) -> None:
     """A wedged QEMU (alive, its monitor never answers again) is not adopted: the probe gives
-    up after ADOPT_PROBE_TIMEOUT and the VM is killed rather than left untracked."""
-    env = {**base_env(tmp_path), "FAKE_QEMU_MODE": "qmp-once"}
+    up after MANAGER_QEMU_ADOPT_TIMEOUT and the VM is killed rather than left untracked."""
+    env = {**base_env(tmp_path), "FAKE_QEMU_MODE": "qmp-once", "MANAGER_QEMU_ADOPT_TIMEOUT": "2s"}
     d = Daemon(env=env, log=tmp_path / "daemon.log")
     await d.start()
     await d.stub.Run(run_request("wedged"))  # readiness was its one QMP session

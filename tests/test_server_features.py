@@ -55,6 +55,13 @@ async def test_reflection_describes_the_api(manager: Manager) -> None:
         "Run": (".manager.ComputationRunReq", ".manager.RunResponse", False),
         "Stop": (".manager.StopRequest", ".manager.StopResponse", False),
         "Events": (".manager.EventsRequest", ".manager.ClientStreamMessage", True),
+        "List": (".manager.ListRequest", ".manager.ListResponse", False),
+        "Logs": (".manager.LogsRequest", ".manager.AgentLog", True),
+        "AttestationPolicy": (
+            ".manager.AttestationPolicyRequest",
+            ".manager.AttestationPolicyResponse",
+            False,
+        ),
     }
 
 

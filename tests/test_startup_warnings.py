@@ -11,6 +11,7 @@ import subprocess
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -86,7 +87,7 @@ def test_each_warning_once_naming_the_setting_and_the_fix(
             for message, check in by_check.items()
         )
     # The QEMU line: the default vsock channel gives the device.
-    assert "-device vhost-vsock-pci," in records[0]["message"]
+    assert "-device vhost-vsock-pci," in qemu_line_of(records)
 
 
 def test_the_start_line_names_grpc_metrics_and_traces_and_fw_cfg_has_no_vsock(
@@ -102,7 +103,7 @@ def test_the_start_line_names_grpc_metrics_and_traces_and_fw_cfg_has_no_vsock(
     }
     with logged_daemon(tmp_path / "d", env) as daemon:
         start = daemon.start_record()
-        qemu_line = daemon.records()[0]["message"]
+        qemu_line = qemu_line_of(daemon.records())
     assert start["grpc"] == f"127.0.0.1:{daemon.port()}"
     assert start["metrics"].startswith("http://127.0.0.1:") and start["metrics"].endswith(
         "/metrics"
@@ -167,3 +168,8 @@ def test_json_only_on_stdout_and_nothing_raw_on_stderr(tmp_path: Path) -> None:
         json.loads(line)
     assert daemon.stderr.read_text() == ""
     assert os.path.getsize(daemon.stdout) > 0
+
+
+def qemu_line_of(records: list[dict[str, Any]]) -> str:
+    """The daemon's QEMU command line: its first log line after the state directory's lock."""
+    return next(r["message"] for r in records if " -machine " in r["message"])

@@ -177,10 +177,13 @@ def _describe_stream_message(message: pb.ClientStreamMessage) -> str:
     kind = message.WhichOneof("message")
     if kind == "agent_event":
         e = message.agent_event
+        decoded = _decoded_details(e.details)
         details = (
-            f" {json.dumps(_decoded_details(e.details), separators=(',', ':'))}"
-            if e.details
-            else ""
+            ""
+            if not e.details
+            else f" {decoded}"
+            if isinstance(decoded, str)  # not JSON: shown as the text it is
+            else f" {json.dumps(decoded, separators=(',', ':'))}"
         )
         return printable(
             f"[{e.computation_id}] event {e.originator}/{e.event_type}: {e.status}{details}"

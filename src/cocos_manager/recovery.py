@@ -19,9 +19,6 @@ from cocos_manager.state_store import VmRecord, process_identity
 from cocos_manager.vm_files import VmFiles
 
 _log = get_logger()
-ADOPT_PROBE_TIMEOUT = 3.0
-"""How long an adopted VM's QMP monitor may take to answer. Bounded so one wedged QEMU
-cannot hold start-up past systemd's TimeoutStartSec; the probes of all VMs run at once."""
 
 
 async def recover(ctx: MachineContext, machines: dict[str, Machine]) -> None:
@@ -76,7 +73,10 @@ async def _recover_one(ctx: MachineContext, record: VmRecord, *, taken: bool) ->
         reason = "another VM holds its computation id"
     else:
         try:
-            await process.check_qmp(files.qmp_socket, timeout=ADOPT_PROBE_TIMEOUT)
+            # MANAGER_QEMU_ADOPT_TIMEOUT: bounded, so one wedged QEMU cannot hold start-up past
+            # systemd's TimeoutStartSec; the probes of all VMs run at once.
+            timeout = ctx.settings.qemu.ADOPT_TIMEOUT
+            await process.check_qmp(files.qmp_socket, timeout=timeout)
         except Exception as error:
             reason = f"its QMP monitor does not answer ({error!r})"
     if reason:

@@ -274,6 +274,9 @@ class QemuSettings(BaseSettings):
     # SIGTERM, then SIGKILL after STOP_TIMEOUT; 0 keeps the original's SIGTERM.
     POWERDOWN_GRACE: GoDuration = 0.0
     ON_GUEST_HALT: GuestHaltAction = GuestHaltAction.STOP
+    # After a restart, how long a re-adopted VM's QMP monitor may take to answer (all VMs are
+    # probed at once); one that does not is killed. Bounded: start-up must not wait on a wedge.
+    ADOPT_TIMEOUT: GoDuration = 10.0
 
     # Hardening for real hosts (exposure and QEMU's environment); see docs/decisions.md.
     HOST_FWD_ADDR: str = ""  # host address of hostfwd ("" = every interface, as the original)
@@ -307,7 +310,7 @@ class QemuSettings(BaseSettings):
             raise ValueError("expected a UNIX socket path (/...) or vsock:CID:PORT")
         return value
 
-    @field_validator("STOP_TIMEOUT", "START_TIMEOUT", "POWERDOWN_GRACE")
+    @field_validator("STOP_TIMEOUT", "START_TIMEOUT", "POWERDOWN_GRACE", "ADOPT_TIMEOUT")
     @classmethod
     def _non_negative(cls, value: float) -> float:
         if value < 0:
