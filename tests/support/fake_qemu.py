@@ -12,6 +12,10 @@ stdout, exits on SIGTERM. FAKE_QEMU_MODE changes its behaviour:
                   never again: a live QEMU whose monitor is wedged
   ignore-term     ignore SIGTERM (the manager must SIGKILL it)
   exit-after:S:RC exit with status RC after S seconds
+  halt-after:S:STATUS  S seconds after the first QMP session negotiated, QEMU stops the guest
+                  as KVM's emulation failure or a panic does: a STOP event (and GUEST_PANICKED
+                  for STATUS guest-panicked) on that session; query-status says STATUS from
+                  then on, and `cont` resumes it (RESUME event). The process stays alive.
 `-version` and `-object help` answer like QEMU 10 (the objects: FAKE_QEMU_OBJECTS, comma
 separated, default an upstream QEMU's confidential-computing ones), for the start-up probes.
   ignore-powerdown  ignore QMP system_powerdown (otherwise: "reboot: Power down", exit 0,
@@ -73,6 +77,31 @@ def serve_qmp(listener: socket.socket, sessions: int | None) -> None:
     threading.Event().wait()
 
 
+RUN_STATE = {"status": "running"}
+
+
+def event(name: str, data: dict[str, object] | None = None) -> bytes:
+    now = time.time()
+    stamp = {"seconds": int(now), "microseconds": int(now % 1 * 1e6)}
+    body: dict[str, object] = {"event": name, "timestamp": stamp}
+    if data is not None:
+        body["data"] = data
+    return json.dumps(body).encode() + b"\r\n"
+
+
+def halt_later(conn: socket.socket, seconds: float, status: str) -> None:
+    """FAKE_QEMU_MODE=halt-after:S:STATUS, on the session open at that moment."""
+
+    def halt() -> None:
+        RUN_STATE["status"] = status
+        with contextlib.suppress(OSError):
+            if status == "guest-panicked":
+                conn.sendall(event("GUEST_PANICKED", {"action": "pause"}))
+            conn.sendall(event("STOP"))
+
+    threading.Timer(seconds, halt).start()
+
+
 def qmp_error(desc: str) -> dict[str, object]:
     return {"error": {"class": "CommandNotFound", "desc": desc}}
 
@@ -98,10 +127,26 @@ def qmp_session(conn: socket.socket) -> None:
                     )
                 else:
                     negotiated, reply = True, {"return": {}}
+                    mode = os.environ.get("FAKE_QEMU_MODE", "")
+                    if mode.startswith("halt-after:") and not RUN_STATE.get("scheduled"):
+                        RUN_STATE["scheduled"] = "yes"
+                        _, seconds, status = mode.split(":")
+                        halt_later(conn, float(seconds), status)
             elif not negotiated:
                 reply = qmp_error("Expecting capabilities negotiation with 'qmp_capabilities'")
             elif command == "query-status":
-                reply = {"return": {"status": "running", "singlestep": False, "running": True}}
+                status = RUN_STATE["status"]
+                reply = {
+                    "return": {
+                        "status": status,
+                        "singlestep": False,
+                        "running": status == "running",
+                    }
+                }
+            elif command == "cont":
+                RUN_STATE["status"] = "running"
+                conn.sendall(event("RESUME"))
+                reply = {"return": {}}
             elif command == "system_powerdown":
                 if os.environ.get("FAKE_QEMU_MODE") != "ignore-powerdown":
                     conn.sendall(b'{"return": {}}\r\n')
