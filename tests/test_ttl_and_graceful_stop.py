@@ -1,9 +1,6 @@
-"""Acceptance tests for the TTL and graceful-stop wiring (issue 13), ready for when the VM
-lifecycle (machine.py) calls ttl.arm and graceful_stop.power_down (docs/contracts.md,
-"Wiring into the Machine"). Not collected yet (pytest collects test_*.py): they fail on the
-service of today, which validates `ttl` but does not enforce it. Rename to
-tests/test_ttl_and_graceful_stop.py with the wiring.
-"""
+"""TTL and graceful stop through the real daemon and the stand-in QEMU: a TTL is enforced
+(also across a SIGKILL of the daemon, from the record), and a Stop with
+MANAGER_QEMU_POWERDOWN_GRACE asks the guest first over the VM's QMP session."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Why this exists (issue 13, graceful stop): a Stop that first asks the guest to power down
 (QMP `system_powerdown`) can only be shown working with a guest that reacts to the power
 button. This drives the guest itself, with no daemon: real QEMU under TCG with OVMF and the
-e2e tests' settings, a QMP socket of its own, `system_powerdown` (graceful_stop.power_down,
+e2e tests' settings, a QMP socket of its own, `system_powerdown` (qmp.QmpMonitor,
 what a graceful Stop does) once the guest serves, and then the guest's own marker line and
 QEMU's exit status 0 within a few seconds.
 """
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from cocos_manager.graceful_stop import power_down
 from cocos_manager.qemu_argv import qemu_args
+from cocos_manager.qmp import QmpMonitor
 from cocos_manager.settings import QemuSettings
 from tests.e2e.test_real_vm import BOOT_TIMEOUT, free_port, guest_images
 
@@ -89,7 +89,12 @@ async def test_system_powerdown_makes_the_guest_power_off_cleanly(tmp_path: Path
         assert process.returncode is None
 
         pressed = time.monotonic()
-        assert await power_down(qmp, exited, POWERDOWN_GRACE) is True
+        monitor = await QmpMonitor.connect(qmp)  # the daemon's own QMP client (qmp.py)
+        try:
+            await monitor.execute("system_powerdown")
+            await asyncio.wait_for(asyncio.shield(exited), POWERDOWN_GRACE)
+        finally:
+            await monitor.close()
         took = time.monotonic() - pressed
         # QEMU exited: the rest of its output is in the pipe.
         await asyncio.wait_for(read_until(process.stdout, POWER_BUTTON_MARKER, seen), 5)
