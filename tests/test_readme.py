@@ -1,4 +1,4 @@
-"""What the README and docs/ tell an operator to do works as written (issue 15 item 8)."""
+"""What the README and docs/ tell an operator to do works as written."""
 
 from __future__ import annotations
 

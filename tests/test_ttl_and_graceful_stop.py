@@ -1,9 +1,6 @@
-"""Acceptance tests for the TTL and graceful-stop wiring (issue 13), ready for when the VM
-lifecycle (machine.py) calls ttl.arm and graceful_stop.power_down (docs/contracts.md,
-"Wiring into the Machine"). Not collected yet (pytest collects test_*.py): they fail on the
-service of today, which validates `ttl` but does not enforce it. Rename to
-tests/test_ttl_and_graceful_stop.py with the wiring.
-"""
+"""Acceptance tests of the TTL and the graceful stop through the daemon: the Machine arms the
+TTL (ttl.arm) and powers the guest down through its QMP session before SIGTERM
+(docs/architecture.md, "How a VM ends")."""
 
 from __future__ import annotations
 

@@ -4,12 +4,11 @@ The original stopped a VM with SIGTERM, which QEMU takes as pulling the plug: th
 no chance to flush its disks or tell anyone. With MANAGER_QEMU_POWERDOWN_GRACE set, a Stop
 first sends QMP `system_powerdown` (what `virsh shutdown` does) and waits that long for QEMU
 to exit by itself; only then does it fall back to SIGTERM, then SIGKILL after STOP_TIMEOUT.
-Unset or 0 keeps the original's SIGTERM. The stop path uses it as:
+Unset or 0 keeps the original's SIGTERM.
 
-    if grace and await power_down(qmp_socket, process.exited, grace):
-        info = process.exited.result()          # the guest powered itself off in time
-    else:
-        info = await process.terminate(STOP_TIMEOUT)
+The daemon's own stop path (`Machine._terminate`) does this through the QMP session it keeps
+for each VM, since QEMU's monitor serves one client at a time. This module opens a connection
+of its own: for a QEMU nobody holds a session to (the test guest's power-button test).
 """
 
 from __future__ import annotations

@@ -1,14 +1,14 @@
 """One VM: its lease, files, process, record and logger, and the one place its state changes.
 
-    ADMITTED ──> STARTING ──> RUNNING ──> STOPPING ──> RELEASED
-        │           │  ↺ retry   │                       ↑
-        └───────────┴────────────┴───────────────────────┘  (failed start, exit)
+    ADMITTED ──> STARTING ──> RUNNING ⇄ PAUSED ──> STOPPING ──> RELEASED
+        │           │  ↺ retry   │          │                    ↑
+        └───────────┴────────────┴──────────┴────────────────────┘  (failed start, exit)
 
 `_set_state` is the only writer of `state`: it checks the transition, logs it, saves the
 record (or removes it on RELEASED) and publishes the event. Teardown has one path,
 `_release`, which runs once in a task of its own whatever ended the VM (a failed or cancelled
 start, Stop, shutdown, TTL, QEMU's own exit), so a cancelled caller never leaves half a VM.
-See docs/architecture.md.
+The states, their events and the teardown: docs/architecture.md.
 """
 
 from __future__ import annotations

@@ -383,7 +383,7 @@ class ServiceSettings(BaseSettings):
             raise ValueError("a timeout must be positive")
         return value
 
-    # Operator queries (issue 13): TTL and console history.
+    # Operator queries: TTL and console history (docs/contracts.md, "List, Logs, TTL").
     DEFAULT_TTL: Annotated[float | None, NoDecode, BeforeValidator(parse_optional_go_duration)] = (
         None  # unset or 0 = no TTL unless a Run gives one
     )

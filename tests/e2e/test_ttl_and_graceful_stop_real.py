@@ -1,6 +1,5 @@
-"""End to end, for the TTL and graceful-stop wiring (issue 13): the real daemon, real QEMU
-(TCG) and the real test guest. Not collected yet (pytest collects test_*.py); rename to
-tests/e2e/test_ttl_and_graceful_stop_real.py with the wiring (docs/contracts.md).
+"""End to end, for the TTL and the graceful stop: the real daemon, real QEMU (TCG) and the real
+test guest (docs/architecture.md, "How a VM ends").
 
 - A 20-second TTL survives a SIGKILL of the daemon: the restarted daemon adopts the VM with
   its deadline and stops it then, as Stop does.
