@@ -45,7 +45,7 @@ bench: install guest
 clean:
 	rm -rf build tmp state .pytest_cache .mypy_cache .ruff_cache
 
-# Long runs of issue 7: `make soak` (1,000 Run/Stop cycles against the real daemon, leak report)
+# Long runs: `make soak` (1,000 Run/Stop cycles against the real daemon, leak report)
 # and `make fuzz` (100k+ inputs per property: agent frames, settings, manifest).
 SOAK_CYCLES ?= 1000
 FUZZ_EXAMPLES ?= 100000

@@ -4,7 +4,7 @@
 # Usage: scripts/build-test-guest.sh [OUTDIR]     (default: <repo>/build/guest)
 # Produces OUTDIR/bzImage and OUTDIR/rootfs.cpio.gz.
 #
-# The guest's /init plays the Cocos agent (see SPEC section 7): it loads the
+# The guest's /init plays the Cocos agent (docs/contracts.md, "The manifest"): it loads the
 # virtio-net and qemu_fw_cfg modules, reads the manifest from fw_cfg
 # (opt/cocos/agent-config.json), prints "BOOTED <id>" on /dev/ttyS0, brings up
 # eth0 as 10.0.2.15/24 and then either powers off (manifest contains

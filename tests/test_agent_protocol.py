@@ -1,4 +1,4 @@
-"""The agent event/log stream and the vsock transport, over real sockets (SPEC section 4)."""
+"""The agent event/log stream and the vsock transport, over real sockets (docs/contracts.md, "Agent channel")."""
 
 from __future__ import annotations
 
@@ -257,7 +257,7 @@ async def test_legacy_one_message_per_write_gets_no_acks(pair: tuple[Streams, St
 async def test_legacy_writes_that_coalesce_are_still_separate_messages(
     pair: tuple[Streams, Streams],
 ) -> None:
-    """The original parsed each read as one message (SPEC defect 7) and lost these."""
+    """The original parsed each read as one message and lost these."""
     manager, agent = pair
     sent = [log_message(f"line {i}") for i in range(10)] + [event_message("x" * 5000)]
     await send(agent, b"".join(m.SerializeToString() for m in sent))

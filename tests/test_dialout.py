@@ -1,4 +1,4 @@
-"""The dial-out (issue 12): the daemon as a client of a computations server of the seed's era.
+"""The dial-out (docs/contracts.md, "The dial-out stream"): the daemon as a client of a computations server of the seed's era.
 
 The server is `tests/support/computations_server.py`, a process of its own generated from the
 seed's proto text alone. The manager is real (service, gRPC server, health) with the stand-in

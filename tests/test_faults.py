@@ -1,4 +1,4 @@
-"""The fault list of issue 7, each against real parts: a real grpc.aio server (in-process, or the
+"""Faults of the host, the client and QEMU, each against real parts: a real grpc.aio server (in-process, or the
 real daemon as a subprocess), the stand-in QEMU as a real process, real tmpfs mounts, real
 competing processes on ports, real sockets for agents.
 

@@ -92,7 +92,7 @@ def _parse_or_none(payload: bytes) -> ClientStreamMessage | None:
 
 
 def reference(data: bytes) -> tuple[list[ClientStreamMessage], list[int], bool]:
-    """(messages, acked ids, ended in error) as SPEC section 4 describes the stream."""
+    """(messages, acked ids, ended in error) as docs/contracts.md describes the stream."""
     messages: list[ClientStreamMessage] = []
     acks: list[int] = []
     if not data:

@@ -1,6 +1,6 @@
 """Property tests of Run request validation and manifest building: whatever a client sends, the
 manager either refuses it with an InvalidArgumentError naming a field that is really wrong, or
-builds the manifest JSON the agent reads exactly as SPEC section 4 lays it out, byte for byte
+builds the manifest JSON the agent reads exactly as docs/contracts.md ("The manifest") lays it out, byte for byte
 what the Go original's encoding/json wrote.
 
 The properties are plain functions with their strategies in PROPERTIES, so scripts/fuzz.py
@@ -31,7 +31,7 @@ from cocos_manager.manifest import (
 
 TEST_SETTINGS = settings(max_examples=250, deadline=None)
 
-# -- an independent reading of SPEC section 4 ---------------------------------------------------
+# -- an independent reading of the manifest contract --------------------------------------------
 
 
 def violations(request: pb.ComputationRunReq) -> set[str]:
@@ -99,7 +99,7 @@ def _resource(item: pb.Dataset | pb.Algorithm) -> dict[str, Any]:
 
 
 def spec_manifest(request: pb.ComputationRunReq) -> dict[str, Any]:
-    """The manifest as SPEC section 4 describes it, keys in the original's struct order."""
+    """The manifest as docs/contracts.md describes it, keys in the original's struct order."""
     doc: dict[str, Any] = {}
     for key in ("id", "name", "description"):  # each left out when empty
         if getattr(request, key):
@@ -198,7 +198,7 @@ def valid_run_requests(draw: st.DrawFn) -> pb.ComputationRunReq:
 
 
 def check_manifest(request: pb.ComputationRunReq) -> None:
-    """A request that passed validation: its manifest is SPEC's, byte for byte Go's."""
+    """A request that passed validation: its manifest is the contract's, byte for byte Go's."""
     raw = manifest_json(request)
     doc = json.loads(raw)
     assert doc == build_manifest(request)

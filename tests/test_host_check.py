@@ -1,4 +1,4 @@
-"""`cocos-manager check` and the probes behind it (issue 13 item 6, issue 15 item 2).
+"""`cocos-manager check` and the probes behind it (docs/decisions.md, "Host checks").
 
 Device and sysfs probes run against a fake /dev and /sys/module made in the test, so each
 finding is shown whatever this host has; the QEMU probes run the real qemu-system-x86_64;

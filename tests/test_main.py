@@ -1,4 +1,4 @@
-"""`cocos-manager print-qemu-cmd` shows what a VM gets (issue 15 item 5)."""
+"""`cocos-manager print-qemu-cmd` shows what a VM gets."""
 
 from __future__ import annotations
 

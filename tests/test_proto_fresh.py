@@ -50,7 +50,7 @@ def test_wire_field_numbers() -> None:
     assert [f.name for f in oneof.fields] == ["agent_log", "agent_event", "run_res"]
     assert numbers(pb.StopRequest) == {"computation_id": 1}
     assert numbers(pb.EventsRequest) == {"computation_id": 1, "since": 2}
-    # Operator queries (issue 13).
+    # Operator queries.
     assert numbers(pb.ListResponse) == {"computations": 1}
     assert numbers(pb.ComputationInfo) == {
         "computation_id": 1, "state": 2, "agent_port": 3, "guest_cid": 4, "vnc_display": 5,

@@ -1,4 +1,4 @@
-"""SPEC section 3, option by option: the base command line and the per-VM derivation."""
+"""The original's command line, option by option: the base command line and the per-VM derivation."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""What the README and docs/ tell an operator to do works as written (issue 15 item 8)."""
+"""What the README and docs/ tell an operator to do works as written."""
 
 from __future__ import annotations
 
@@ -108,10 +108,33 @@ def test_env_blocks_name_only_known_variables() -> None:
 
 def test_nothing_points_outside_the_repository() -> None:
     for path in (README, REPO / "init" / "systemd" / "manager.env.example",
-                 REPO / "init" / "systemd" / "cocos-manager.service"):  # fmt: skip
+                 REPO / "init" / "systemd" / "cocos-manager.service",
+                 *sorted((REPO / "docs").glob("*.md"))):  # fmt: skip
         text = path.read_text()
         assert "SPEC" not in text and "the spec" not in text, path
         assert "Documentation=http" not in text, path
     example = (REPO / "init" / "systemd" / "manager.env.example").read_text()
     assert "qmp-UUID.sock" in example  # where per-VM sockets really go
     assert "cocos-manager-cli /usr/local/bin/cocos-manager-cli" in README.read_text()
+
+
+_POINTER = re.compile(r'docs/([a-z]+\.md)(?:,\s*|\s*\()"([^"]+)"')
+
+
+def test_pointers_into_docs_name_sections_that_exist() -> None:
+    """Comments say where the contract or decision is written (`docs/decisions.md, "QMP"`):
+    each such pointer names a file of docs/ and a `## ` heading of it that starts so."""
+    pointers = []
+    for root in ("src", "tests", "scripts"):
+        for path in sorted((REPO / root).rglob("*")):
+            if path.suffix in {".py", ".sh"} and path.is_file():
+                text = " ".join(path.read_text().split())  # a pointer may span two lines
+                pointers += [(path, *m.groups()) for m in _POINTER.finditer(text)]
+    assert len(pointers) >= 5, pointers
+    for path, doc, section in pointers:
+        headings = [
+            line.removeprefix("## ")
+            for line in (REPO / "docs" / doc).read_text().splitlines()
+            if line.startswith("## ")
+        ]
+        assert any(h.startswith(section) for h in headings), (path, doc, section)

@@ -1,4 +1,4 @@
-"""Every variable of SPEC section 2: name, default, and the original's parsing."""
+"""Every variable of the original (docs/contracts.md, "Settings parsing"): name, default, and the original's parsing."""
 
 from __future__ import annotations
 
@@ -302,7 +302,7 @@ def test_hardening_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert load_settings().qemu.PASS_ENV == ("LD_LIBRARY_PATH", "QEMU_AUDIO_DRV")
 
 
-# --- COCOS_JAEGER_URL and unknown variables (issue 15) --------------------------------------
+# --- COCOS_JAEGER_URL and unknown variables -------------------------------------------------
 
 
 @pytest.mark.parametrize("text", ["off", "OFF", "none", "disabled", "false"])

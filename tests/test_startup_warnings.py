@@ -1,5 +1,5 @@
 """The daemon's start-up warnings and start-up line, shown by the real `cocos-manager`
-(issue 15 items 2, 4 and 5): each finding once, as JSON, naming the setting and the fix."""
+(docs/decisions.md, "Host checks"): each finding once, as JSON, naming the setting and the fix."""
 
 from __future__ import annotations
 

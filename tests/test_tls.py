@@ -437,7 +437,7 @@ def test_client_options_are_checked_too(pki: Pki) -> None:
         channel_credentials(None, pki.client.cert_pem, pki.server.key_pem)
 
 
-# --- failures explained: the real daemon and the real CLI (issue 15 item 6) ----------------
+# --- failures explained: the real daemon and the real CLI ---------------------------------
 
 
 @dataclass

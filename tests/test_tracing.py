@@ -546,7 +546,7 @@ async def test_shutdown_exports_what_is_queued(
     assert [span.operationName for span in spans] == ["last words"]
 
 
-# --- tracing off (issue 15) -----------------------------------------------------------------
+# --- tracing off ----------------------------------------------------------------------------
 
 
 async def test_tracing_off_exports_nothing_and_says_so(

@@ -1,6 +1,6 @@
-"""TTL and graceful stop through the real daemon and the stand-in QEMU: a TTL is enforced
-(also across a SIGKILL of the daemon, from the record), and a Stop with
-MANAGER_QEMU_POWERDOWN_GRACE asks the guest first over the VM's QMP session."""
+"""Acceptance tests of the TTL and the graceful stop through the daemon: the Machine arms the
+TTL (ttl.arm) and powers the guest down through its QMP session before SIGTERM
+(docs/architecture.md, "How a VM ends")."""
 
 from __future__ import annotations
 
@@ -51,6 +51,7 @@ async def test_a_ttl_stops_the_vm_as_stop_does(
         assert abs(deadline - (answered + 1)) < 0.5
         details = await asyncio.wait_for(manager_event(events, "vm-stop", "starting"), WAIT)
         assert details["reason"] == "ttl"
+        assert abs(details["expires_at"] - deadline) < 0.01  # the deadline that ran out
         await asyncio.wait_for(manager_event(events, "vm-stop", "complete"), WAIT)
         events.cancel()
         assert time.time() >= deadline - 0.01  # not before its deadline (ms precision)

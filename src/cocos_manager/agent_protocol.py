@@ -1,4 +1,6 @@
-"""The stream of events and logs an agent sends to the manager (SPEC section 4).
+"""The stream of events and logs an agent sends to the manager.
+
+The wire format is docs/contracts.md, "Agent channel".
 
 Kept apart from the transport so the same code reads vsock in production and socketpairs or
 TCP in tests. Two framings exist and both are read here:
@@ -7,8 +9,8 @@ TCP in tests. Two framings exist and both are read here:
   each accepted message by writing its 4-byte id back, so the agent knows what to resend after a
   reconnect.
 * legacy (agents of the original README's era): bare ``ClientStreamMessage`` bytes, one message
-  per write. The original read 1024 bytes at a time and parsed each read as one message
-  (SPEC defect 7), which drops or corrupts messages as soon as two writes coalesce or one write
+  per write. The original read 1024 bytes at a time and parsed each read as one message,
+  which drops or corrupts messages as soon as two writes coalesce or one write
   is split by the stream. A legacy agent marshals a ``ClientStreamMessage`` whose only content is
   its oneof, i.e. exactly one length-delimited field (tag 0x0a, 0x12 or 0x1a, varint length,
   body). That makes the stream self-delimiting, so it is split at field boundaries instead of

@@ -1,5 +1,5 @@
-"""What the List RPC says about one computation, built from plain values so that whichever
-object holds a VM's state (the service's table today, a Machine tomorrow) can answer it."""
+"""What the List RPC says about one computation, built from plain values (the service reads
+them off each Machine; the wire format is docs/contracts.md, "List, Logs, TTL")."""
 
 from __future__ import annotations
 

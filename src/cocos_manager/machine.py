@@ -1,14 +1,14 @@
 """One VM: its lease, files, process, record and logger, and the one place its state changes.
 
-    ADMITTED ──> STARTING ──> RUNNING ──> STOPPING ──> RELEASED
-        │           │  ↺ retry   │                       ↑
-        └───────────┴────────────┴───────────────────────┘  (failed start, exit)
+    ADMITTED ──> STARTING ──> RUNNING ⇄ PAUSED ──> STOPPING ──> RELEASED
+        │           │  ↺ retry   │          │                    ↑
+        └───────────┴────────────┴──────────┴────────────────────┘  (failed start, exit)
 
 `_set_state` is the only writer of `state`: it checks the transition, logs it, saves the
 record (or removes it on RELEASED) and publishes the event. Teardown has one path,
 `_release`, which runs once in a task of its own whatever ended the VM (a failed or cancelled
 start, Stop, shutdown, TTL, QEMU's own exit), so a cancelled caller never leaves half a VM.
-See docs/architecture.md.
+The states, their events and the teardown: docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -451,6 +451,7 @@ class Machine:
         elif name == "STOP":
             self.ctx.tasks.spawn(self._check_halt(process), name=f"qmp-status:{self.id}")
         elif name == "RESUME" and self.state is VmState.PAUSED:
+            self.halt = None  # running again: a later Stop powers it down as any other
             self._set_state(VmState.RUNNING, (RESUMED, "complete"), self.details())
 
     async def _check_halt(self, process: QemuProcess) -> None:
@@ -480,16 +481,21 @@ class Machine:
             self.stop_reason = self.stop_reason or reason
         elif self.state in (VmState.ADMITTED, VmState.STARTING):
             self.stop_reason = reason
-            self._set_state(VmState.STOPPING, (STOP, "starting"), {"reason": reason.value})
+            self._set_state(VmState.STOPPING, (STOP, "starting"), self._stop_details(reason))
             if self.start_task is not None and not self.start_task.done():
                 self.start_task.cancel()
             else:
                 self._release(reason)
         elif self.state in (VmState.RUNNING, VmState.PAUSED):
             self.stop_reason = reason
-            self._set_state(VmState.STOPPING, (STOP, "starting"), {"reason": reason.value})
+            self._set_state(VmState.STOPPING, (STOP, "starting"), self._stop_details(reason))
             self._release(reason)
         await asyncio.shield(self.released)
+
+    def _stop_details(self, reason: StopReason) -> dict[str, Any]:
+        if reason is StopReason.TTL and self.expires_at is not None:
+            return ttl.stop_details(self.expires_at)  # the deadline that ran out
+        return {"reason": reason.value}
 
     # -- release: the one teardown path -------------------------------------------------------
 

@@ -1,4 +1,6 @@
-"""Checking a Run request and building the manifest JSON the agent reads (SPEC section 4).
+"""Checking a Run request and building the manifest JSON the agent reads.
+
+The byte-exact format is docs/contracts.md, "The manifest".
 
 The JSON is byte-compatible with what the Go original's encoding/json produced: same key
 order, the same keys left out when empty, hashes as arrays of 32 numbers, compact, and
@@ -38,7 +40,7 @@ def _check_agent_port(port: str) -> None:
 
 
 def validate_run_request(request: pb.ComputationRunReq) -> None:
-    """Refuses what the original crashed on or silently passed to the agent (SPEC defect 4)."""
+    """Refuses what the original crashed on or silently passed to the agent."""
     if not request.id:
         raise InvalidArgumentError("id: a computation id is required")
     if len(request.id) > MAX_ID_LENGTH:
@@ -109,7 +111,7 @@ def build_manifest(request: pb.ComputationRunReq) -> dict[str, Any]:
         "server_key": config.key_file,
         "server_ca_file": config.server_ca_file,
         "client_ca_file": config.client_ca_file,
-        "attested_tls": config.attested_tls,  # the original dropped it (SPEC defect 5)
+        "attested_tls": config.attested_tls,  # the original dropped it
     }
     return manifest
 

@@ -1,7 +1,7 @@
 """One QEMU process: started as a child, or adopted after a daemon restart, and supervised.
 
 Its exit is noticed at once through a pidfd on the event loop (no polling, no thread per
-VM), a child is reaped right then (the original left zombies: SPEC defect 1), and signals
+VM), a child is reaped right then (the original left zombies), and signals
 go through the pidfd so a recycled PID can never be hit. Readiness is QEMU's own: the QMP
 monitor on a socket the daemon created and handed over, answering `query-status`.
 """

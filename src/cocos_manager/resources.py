@@ -1,8 +1,8 @@
 """Per-VM numbers that must never be shared by two live VMs: host port, guest CID, VNC display.
 
 Allocation is synchronous, so on the event loop a take() can never interleave with another
-(the original bound port 0 and closed it, and two concurrent Runs could get the same port:
-SPEC defect 3). A number is probed (can it be bound now?) before it is handed out, and held
+(the original bound port 0 and closed it, and two concurrent Runs could get the same
+port). A number is probed (can it be bound now?) before it is handed out, and held
 until released; a process outside the daemon can still win a port in the gap before QEMU
 binds it, which the launcher detects and retries.
 """

@@ -278,7 +278,8 @@ class QemuSettings(BaseSettings):
     # probed at once); one that does not is killed. Bounded: start-up must not wait on a wedge.
     ADOPT_TIMEOUT: GoDuration = 10.0
 
-    # Hardening for real hosts (exposure and QEMU's environment); see docs/decisions.md.
+    # Hardening for real hosts (exposure and QEMU's environment): docs/decisions.md,
+    # "Hardening: exposure" and "Hardening: QEMU's environment".
     HOST_FWD_ADDR: str = ""  # host address of hostfwd ("" = every interface, as the original)
     VNC_ADDR: str = ""  # host address of -vnc ("" = every interface, as the original)
     PASS_ENV: Annotated[tuple[str, ...], NoDecode, BeforeValidator(parse_name_list)] = ()
@@ -353,7 +354,7 @@ class ServiceSettings(BaseSettings):
     STATE_DIR: str = "state"
     SHUTDOWN_STOPS_VMS: GoBool = True
 
-    # Hardening for real hosts: bounds against clients and guests; see docs/decisions.md.
+    # Hardening for real hosts: docs/decisions.md, "Hardening: bounds against clients and guests".
     METRICS_HOST: str = ""  # "" = the address of MANAGER_GRPC_HOST
     GRPC_MAX_MESSAGE_SIZE: GoInt = 8 * 1024 * 1024
     EVENTS_MAX_SUBSCRIBERS: GoInt = 64  # 0 = no limit
@@ -383,7 +384,7 @@ class ServiceSettings(BaseSettings):
             raise ValueError("a timeout must be positive")
         return value
 
-    # Operator queries (issue 13): TTL and console history.
+    # Operator queries: TTL and console history (docs/contracts.md, "List, Logs, TTL").
     DEFAULT_TTL: Annotated[float | None, NoDecode, BeforeValidator(parse_optional_go_duration)] = (
         None  # unset or 0 = no TTL unless a Run gives one
     )

@@ -1,4 +1,6 @@
-"""AF_VSOCK transport between the manager and the agents in its guests (SPEC section 4).
+"""AF_VSOCK transport between the manager and the agents in its guests.
+
+Ports and framing: docs/contracts.md, "Agent channel".
 
 Two directions: the manager connects to the agent to hand over the manifest (port 9999), and
 agents connect to the manager to stream events and logs (port 9997). Both are written against
@@ -110,7 +112,7 @@ async def send_manifest(
 
     The agent listens only after its guest has booted, so refused/reset/no-device connections
     are retried with exponential back-off. ``abort`` fires when QEMU exits: the hand-over then
-    stops at once with HandoverAborted instead of retrying until ``timeout`` (SPEC defect 6).
+    stops at once with HandoverAborted instead of retrying until ``timeout``.
     It may be the supervisor's exit Future (done with a result or an exception, either counts;
     only watched, never cancelled) or an Event that is set on exit.
     """
@@ -163,7 +165,7 @@ class AgentEventListener:
 
     The peer's CID names the computation, resolved through ``resolve_cid`` when the connection
     is accepted. Everything runs on the event loop thread, so the CID map behind
-    ``resolve_cid`` needs no lock as long as it is only changed on that loop (SPEC defect 9);
+    ``resolve_cid`` needs no lock as long as it is only changed on that loop;
     a VM's CID must be registered before QEMU starts or its agent's first connection is refused.
     """
 

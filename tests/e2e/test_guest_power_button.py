@@ -1,6 +1,6 @@
 """The test guest handles the ACPI power button, as a guest OS the graceful stop relies on does.
 
-Why this exists (issue 13, graceful stop): a Stop that first asks the guest to power down
+Why this exists (graceful stop): a Stop that first asks the guest to power down
 (QMP `system_powerdown`) can only be shown working with a guest that reacts to the power
 button. This drives the guest itself, with no daemon: real QEMU under TCG with OVMF and the
 e2e tests' settings, a QMP socket of its own, `system_powerdown` (qmp.QmpMonitor,

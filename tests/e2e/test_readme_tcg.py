@@ -1,4 +1,4 @@
-"""The README's TCG block, exactly as written, runs a real VM (issue 15: a new operator on a
+"""The README's TCG block, exactly as written, runs a real VM (a new operator on a
 host without SEV, KVM or vhost-vsock gets their own daemon to run a VM from the README alone).
 
 The block is read from README.md (the `<!-- readme-env: tcg -->` marker); the test changes only

@@ -1,15 +1,15 @@
 """End to end: the real `cocos-manager` daemon, real QEMU under TCG and the real test guest.
 
-Why this exists (issue 5): every other test drives a stand-in QEMU, so only a real guest proves
+Why this exists: every other test drives a stand-in QEMU, so only a real guest proves
 that the command line boots, that the manifest reaches the agent (fw_cfg), that `hostfwd`
 reaches the agent's port, that the guest's serial lines reach Events, and that Stop, a guest's
 own power-off and a failed start each release everything. Nothing here is skipped: a missing
 guest is a failure that says how to build it (`make test` builds it first).
 
-Settings follow SPEC section 7: TCG (KVM guests crash on these machines), no SEV, a CPU model
+Settings are the README's TCG host: TCG (KVM guests crash on these machines), no SEV, a CPU model
 TCG has, the fw_cfg channel (no vhost-vsock here), Debian's OVMF, 512M and one vCPU so that
 two guests fit on a 2-core machine. The kernel command line is left at its faithful default
-('"earlyprintk=serial console=ttyS0"', quotes included; SPEC 5 item 12): the guest writes to
+('"earlyprintk=serial console=ttyS0"', quotes included): the guest writes to
 /dev/ttyS0 itself, so its lines must arrive whatever the kernel's console ends up being.
 
 One daemon serves the tests that need a working guest (starting one costs about a second and
@@ -47,7 +47,7 @@ from tests.support.waiting import subscribed
 
 REPO = Path(__file__).resolve().parents[2]
 MANAGER_SERVICE = pb.DESCRIPTOR.services_by_name["ManagerService"].full_name
-# SPEC section 3 item 12: one argv element, both double quotes included.
+# The original's -append value: one argv element, both double quotes included.
 DEFAULT_KERNEL_CMDLINE = '"earlyprintk=serial console=ttyS0"'
 # One TCG boot takes ~8 s alone; two at once on 2 cores, on a busy CI machine, take longer.
 BOOT_TIMEOUT = 120.0
@@ -114,7 +114,7 @@ def daemon_env(root: Path, grpc_port: int, overrides: dict[str, str]) -> dict[st
             "MANAGER_QEMU_TMP_FILE_LOC": str(root / "vms"),
             # Away from :0, which a developer's own VM may hold.
             "MANAGER_QEMU_VSOCK_VNC": "60",
-            # Nobody listens there: a collector that is down must not matter (SPEC 6).
+            # Nobody listens there: a collector that is down must not matter.
             "COCOS_JAEGER_URL": f"http://127.0.0.1:{free_port()}/api/traces",
         }
     )
@@ -468,7 +468,7 @@ async def test_run_serves_the_manifest_streams_serial_and_stop_releases_all(
         assert response.computation_id == cid
         port = int(response.agent_port)
         vm = daemon.vm(port)
-        # The faithful default command line (SPEC 5 item 12): the guest must still be heard.
+        # The faithful default command line (its -append value): the guest must still be heard.
         assert vm.option("-append") == [DEFAULT_KERNEL_CMDLINE]
         complete = await events.wait_for(
             "vm-provision complete", manager_event("vm-provision", "complete"), 5
@@ -476,7 +476,7 @@ async def test_run_serves_the_manifest_streams_serial_and_stop_releases_all(
         details = json.loads(complete.agent_event.details)
         assert details["pid"] == vm.process.pid
         assert details["agent_port"] == port
-        # The per-VM copies of SPEC section 3, and the manifest handed over through fw_cfg.
+        # The per-VM copies of the original's derivation, and the manifest handed over through fw_cfg.
         files = daemon.files_of(vm)
         assert vm.option("-kernel") == [str(daemon.vm_dir / f"bzImage-{vm.uuid}")]
         assert vm.option("-initrd") == [str(daemon.vm_dir / f"rootfs.cpio-{vm.uuid}.gz")]

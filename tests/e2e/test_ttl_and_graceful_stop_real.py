@@ -1,4 +1,5 @@
-"""End to end, TTL and graceful stop: the real daemon, real QEMU (TCG) and the real guest.
+"""End to end, for the TTL and the graceful stop: the real daemon, real QEMU (TCG) and the real
+test guest (docs/architecture.md, "How a VM ends").
 
 - A 20-second TTL survives a SIGKILL of the daemon: the restarted daemon adopts the VM with
   its deadline and stops it then, as Stop does.
