@@ -73,7 +73,7 @@ async def test_a_ttl_survives_a_sigkill_of_the_daemon(tmp_path: Path) -> None:
     await daemon.start()
     try:
         request = run_request("survivor")
-        request.ttl = "4s"
+        request.ttl = "10s"  # long enough for a restart on a loaded host
         await daemon.stub.Run(request, timeout=WAIT)
         before = (await listed(daemon.stub))["survivor"]
         await daemon.kill()
@@ -81,7 +81,7 @@ async def test_a_ttl_survives_a_sigkill_of_the_daemon(tmp_path: Path) -> None:
         after = (await listed(daemon.stub))["survivor"]
         assert after.adopted and after.pid == before.pid
         assert after.expires_at == before.expires_at  # the deadline came back from the record
-        events = daemon.stub.Events(pb.EventsRequest(computation_id="survivor"))
+        events = daemon.stub.Events(pb.EventsRequest(computation_id="survivor", since=0))
         details = await asyncio.wait_for(manager_event(events, "vm-stop", "starting"), WAIT)
         assert details["reason"] == "ttl"
         await asyncio.wait_for(manager_event(events, "vm-stop", "complete"), WAIT)
