@@ -28,7 +28,10 @@ if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.
   # The mirror bookworm itself comes from (deb822 `URIs:` or one-line `deb` entries).
   mirror=$(grep -rhsE '^[[:space:]]*(URIs:|deb )' /etc/apt/sources.list /etc/apt/sources.list.d/ |
     grep -oE 'https?://[^ ]+/debian/?( |$)' | grep -v security | head -n1 | tr -d ' ' || true)
-  mirror=${mirror:-http://deb.debian.org/debian}
+  if [ -z "$mirror" ]; then
+    say "no Debian mirror in apt's sources: add bookworm-backports to apt by hand"
+    exit 1
+  fi
   say "adding bookworm-backports ($mirror) to apt's sources"
   printf 'deb %s bookworm-backports main\n' "${mirror%/}" |
     "${sudo[@]}" tee /etc/apt/sources.list.d/cocos-bookworm-backports.list >/dev/null
