@@ -291,6 +291,8 @@ class Machine:
                     # -- records: each attempt's taken number, named when all attempts fail.
                     taken.append((Conflict(error.conflict), self._number(Conflict(error.conflict))))
                     if attempt == START_ATTEMPTS:
+                        if error.conflict == Conflict.GUEST_CID.value:  # as swap() would
+                            self.ctx.pools.cids.shun(self.resources.guest_cid)
                         raise conflicts_exhausted(taken, START_ATTEMPTS) from error
                     self._failing = False
                     self.log.warning(
