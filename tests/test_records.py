@@ -50,7 +50,11 @@ def write_record(state: Path, doc: object, name: str | None = None) -> Path:
 @contextlib.contextmanager
 def stranger() -> Any:
     """An unrelated live process whose PID and start time a record may name."""
-    process = subprocess.Popen(["sleep", "300"])
+    code = "import sys, time; print('ready', flush=True); sys.stdout.close(); time.sleep(300)"
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    assert process.stdout is not None
+    process.stdout.readline()  # exec'd: its command line is final
+    process.stdout.close()
     try:
         yield process
     finally:
