@@ -192,19 +192,22 @@ async def test_default_sigterm_stops_every_vm(daemon: Daemon, tmp_path: Path) ->
     assert records(tmp_path) == [] and vm_files(tmp_path) == []
 
 
+U = "0b7b3f0e-2f4c-4c1e-9b64-1f0a3c2d4e5f"
+
+
 def test_record_round_trip(tmp_path: Path) -> None:
     from cocos_manager.state_store import StateStore
 
     store = StateStore(tmp_path / "s")
     store.open()
     record = VmRecord(
-        "c", "u", "running", 1, 2, 3, pid=4, start_time=5, argv=["q"], files={"k": "/f"}
+        "c", U, "running", 1, 3, 3, pid=4, start_time=5, argv=["q"], files={"k": "/f"}
     )
     store.save(record)
     (tmp_path / "s" / "vm-broken.json").write_text("{not json")
     assert store.load_all() == [record]
     assert (tmp_path / "s" / "vm-broken.bad").exists()
-    store.remove("u")
+    store.remove(U)
     assert store.load_all() == []
 
 
@@ -213,16 +216,16 @@ def test_newest_readable_version_wins_after_a_crash(tmp_path: Path) -> None:
 
     store = StateStore(tmp_path / "s")
     store.open()
-    record = VmRecord("c", "u", "starting", 1, 2, 3)
+    record = VmRecord("c", U, "starting", 1, 3, 3)
     store.save(record)
     record.state = "running"
     store.save(record)
-    assert [p.name for p in (tmp_path / "s").iterdir()] == ["vm-u.2.json"]
-    (tmp_path / "s" / "vm-u.3.json").write_text('{"half')  # a crash while writing version 3
+    assert [p.name for p in (tmp_path / "s").iterdir()] == [f"vm-{U}.2.json"]
+    (tmp_path / "s" / f"vm-{U}.3.json").write_text('{"half')  # a crash writing version 3
     fresh = StateStore(tmp_path / "s")
     assert fresh.load_all() == [record]
-    fresh.remove("u")
-    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["vm-u.3.bad"]
+    fresh.remove(U)
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [f"vm-{U}.3.bad"]
 
 
 # -- the branches of adoption -------------------------------------------------------------------

@@ -47,7 +47,7 @@ from cocos_manager.qemu_argv import (
     qemu_args,
 )
 from cocos_manager.qemu_env import qemu_environment
-from cocos_manager.qemu_failures import Conflict
+from cocos_manager.qemu_failures import Conflict, conflicts_exhausted
 from cocos_manager.qemu_process import (
     ExitInfo,
     LineCallback,
@@ -280,13 +280,20 @@ class Machine:
         error re-raised untouched (CancelledError included)."""
         try:
             await self._prepare_files(manifest)
+            taken: list[tuple[Conflict, int]] = []
             for attempt in range(1, START_ATTEMPTS + 1):
                 try:
                     await self._attempt(manifest)
                     break
                 except QemuExitedError as error:
-                    if error.conflict is None or attempt == START_ATTEMPTS or self.stop_reason:
+                    if error.conflict is None or self.stop_reason:
                         raise
+                    # -- records: each attempt's taken number, named when all attempts fail.
+                    taken.append((Conflict(error.conflict), self._number(Conflict(error.conflict))))
+                    if attempt == START_ATTEMPTS:
+                        if error.conflict == Conflict.GUEST_CID.value:  # as swap() would
+                            self.ctx.pools.cids.shun(self.resources.guest_cid)
+                        raise conflicts_exhausted(taken, START_ATTEMPTS) from error
                     self._failing = False
                     self.log.warning(
                         "VM start hit a taken resource; retrying",
@@ -309,6 +316,12 @@ class Machine:
                 self.stop_reason = StopReason.CLIENT if cancelled else StopReason.FAILED
             await asyncio.shield(self._release(self.stop_reason))
             raise
+
+    def _number(self, conflict: Conflict) -> int:
+        r = self.resources
+        if conflict is Conflict.HOST_PORT:
+            return r.host_port
+        return r.vnc_display if conflict is Conflict.VNC_DISPLAY else r.guest_cid
 
     def arm_ttl(self) -> None:
         if self.expires_at is not None:

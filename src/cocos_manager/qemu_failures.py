@@ -9,8 +9,11 @@ can still take one between the probe and QEMU's bind; the start is then retried 
 from __future__ import annotations
 
 import enum
+import errno
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+
+from cocos_manager.errors import FailedPreconditionError, ManagerError, ResourceExhaustedError
 
 
 class Conflict(enum.Enum):
@@ -38,3 +41,38 @@ def classify_start_failure(stderr: Iterable[str]) -> Conflict | None:
             if pattern.search(line):
                 return conflict
     return None
+
+
+_WHAT = {
+    Conflict.HOST_PORT: ("host port", "MANAGER_QEMU_HOST_FWD_RANGE"),
+    Conflict.VNC_DISPLAY: ("VNC display", "MANAGER_QEMU_VSOCK_VNC"),
+    Conflict.GUEST_CID: ("guest CID", "MANAGER_QEMU_VSOCK_GUEST_CID"),
+}
+
+
+def conflicts_exhausted(
+    taken: Sequence[tuple[Conflict, int]], attempts: int
+) -> ResourceExhaustedError:
+    """Every attempt of a start hit a number another process holds: the host is short of
+    them, not broken, so RESOURCE_EXHAUSTED naming the numbers and the setting to move."""
+    parts = []
+    for conflict in Conflict:
+        numbers = [str(number) for c, number in taken if c is conflict]
+        if numbers:
+            what, variable = _WHAT[conflict]
+            parts.append(f"{what}s {', '.join(numbers)} are held by another process ({variable})")
+    return ResourceExhaustedError(
+        f"QEMU could not start in {attempts} attempts: " + "; ".join(parts)
+    )
+
+
+def launch_failure(argv: Sequence[str], error: OSError) -> ManagerError:
+    """The exec of QEMU (or sudo) itself failed: the binary was removed, lost its exec bit
+    or is not a program since start-up checked it. The host's fault, named by its setting;
+    a host out of processes or memory is RESOURCE_EXHAUSTED."""
+    program = argv[0] if argv else "?"
+    variable = "MANAGER_QEMU_USE_SUDO (sudo)" if program == "sudo" else "MANAGER_QEMU_BIN_PATH"
+    reason = error.strerror or str(error)
+    if error.errno in (errno.EAGAIN, errno.ENOMEM):
+        return ResourceExhaustedError(f"cannot start {program!r}: {reason}")
+    return FailedPreconditionError(f"{variable}: cannot execute {program!r}: {reason}")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cocos_manager.errors import QemuExitedError, ReadinessTimeoutError, VmStartError
-from cocos_manager.qemu_failures import classify_start_failure
+from cocos_manager.qemu_failures import classify_start_failure, launch_failure
 from cocos_manager.qmp import QmpError, QmpMonitor, open_running_monitor
 from cocos_manager.state_store import process_identity, process_start_time
 from cocos_manager.vm_files import unix_socket_path
@@ -133,15 +133,18 @@ class QemuProcess:
         connected by `attach_output()`."""
         # Popen (vfork+exec, about a millisecond) rather than asyncio's subprocess: exits are
         # watched through a pidfd for children and adopted processes alike.
-        popen = subprocess.Popen(
-            list(argv),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            pass_fds=(qmp_listener.fileno(),),
-            start_new_session=True,  # a Ctrl-C or a daemon crash does not take the VMs along
-            env=env,
-        )
+        try:
+            popen = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                pass_fds=(qmp_listener.fileno(),),
+                start_new_session=True,  # a Ctrl-C or a daemon crash does not take the VMs along
+                env=env,
+            )
+        except OSError as error:  # QEMU or sudo gone or not executable since start-up
+            raise launch_failure(argv, error) from None
         try:
             return cls(popen.pid, argv, popen=popen, on_line=on_line)
         except BaseException:

@@ -4,19 +4,26 @@ As libvirt does on reconnect, and stricter: a VM is kept only if its Run had ans
 process is provably the recorded one (PID, start time and command line — a PID alone can be
 reused) and its QMP monitor still answers. On any doubt the VM is killed and its files and
 record removed rather than risk a VM nobody tracks. See docs/decisions.md, "Restarts".
+
+Nothing is signalled on a record's word alone: a record of another boot (its PID and start
+time belong to a process table that no longer exists) is cleaned without signalling, and a
+process is signalled only when its start time matches and its command line is the one the
+daemon exec'd (for a "starting" record: the same QEMU arguments, a wrapper may have exec'd).
+Paths come from the validated UUID and the settings, never from the record.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from pathlib import Path
 
 from cocos_manager.errors import FailedPreconditionError
 from cocos_manager.logging import get_logger
 from cocos_manager.machine import Machine, MachineContext, VmState
 from cocos_manager.qemu_process import QemuProcess
-from cocos_manager.state_store import VmRecord, process_identity
-from cocos_manager.vm_files import VmFiles
+from cocos_manager.state_store import VmRecord, current_boot_id, process_identity
+from cocos_manager.vm_files import VmFiles, vm_paths
 
 _log = get_logger()
 
@@ -37,28 +44,94 @@ async def recover(ctx: MachineContext, machines: dict[str, Machine]) -> None:
 
     async def recover_id(group: list[VmRecord]) -> None:
         for record in group:
-            machine = await _recover_one(ctx, record, taken=record.computation_id in machines)
+            try:
+                machine = await _recover_one(ctx, record, taken=record.computation_id in machines)
+            except Exception as error:  # never a traceback nor a restart loop over one record
+                _log.error(
+                    "VM record could not be recovered; dropped without signalling",
+                    computation_id=record.computation_id,
+                    pid=record.pid,
+                    error=repr(error),
+                )
+                _files(ctx, record).remove()
+                ctx.store.remove(record.uuid)
+                continue
             if machine is not None:
                 machines[machine.id] = machine
 
     await asyncio.gather(*(recover_id(group) for group in by_id.values()))
 
 
+def _files(ctx: MachineContext, record: VmRecord) -> VmFiles:
+    """The VM's files by the settings' rules for its (validated) UUID; `record.files` is for
+    humans only, so an edited record cannot point the clean-up at another file."""
+    q = ctx.settings.qemu
+    return VmFiles(
+        directory=Path(q.TMP_FILE_LOC), paths=vm_paths(q, record.uuid, with_manifest=True)
+    )
+
+
+def started_as_recorded(record: VmRecord, cmdline: Sequence[str]) -> bool:
+    """Whether a live command line is the one the daemon exec'd for a VM still starting.
+
+    Its exact command line is recorded only once QEMU answers; before that the process may
+    be the argv exec'd (sudo keeps it), an interpreter running it (a script: the argv is a
+    suffix), or what a wrapper exec'd (env, `exec qemu "$@"`: its arguments are a suffix of
+    the argv). Either way the common part must name the VM's UUID, which every QEMU command
+    line of the daemon does, so an unrelated process never matches.
+    """
+    argv, live = list(record.argv), list(cmdline)
+    if not argv or not live:
+        return False
+    if live[-len(argv) :] == argv and len(live) >= len(argv):
+        common = argv
+    elif len(live) > 1 and argv[-(len(live) - 1) :] == live[1:] and len(argv) >= len(live) - 1:
+        common = live[1:]
+    else:
+        return False
+    return any(record.uuid in part for part in common)
+
+
+def _identity_doubt(record: VmRecord) -> str:
+    """Why the recorded process must not be signalled, or "" when it may be."""
+    if record.boot_id != current_boot_id():
+        return (
+            f"it was written in another boot ({record.boot_id or 'unknown'}): its pid "
+            f"{record.pid} is not its QEMU any more; nothing signalled"
+        )
+    if not record.pid or record.state == VmState.RUNNING.value:
+        return ""  # running: QemuProcess.adopt compares the exact command line
+    identity = process_identity(record.pid)
+    if identity is None or identity[0] != record.start_time:
+        return ""  # gone, or another start time: adopt() refuses it, the usual way
+    if not started_as_recorded(record, identity[1]):
+        return (
+            f"pid {record.pid} has its start time but not the command line the daemon "
+            "exec'd: left alone"
+        )
+    return ""
+
+
 async def _recover_one(ctx: MachineContext, record: VmRecord, *, taken: bool) -> Machine | None:
     log = _log.bind(computation_id=record.computation_id, pid=record.pid)
     running = record.state == VmState.RUNNING.value
     process: QemuProcess | None = None
+    files = _files(ctx, record)
+    if doubt := _identity_doubt(record):
+        files.remove()
+        ctx.store.remove(record.uuid)
+        log.warning(f"VM record cleaned up: {doubt}")
+        return None
     if record.pid:
+        # A starting record: the live command line was just checked against the argv; adopt()
+        # re-checks it, and the start time, with the pidfd held.
+        live = None if running else (process_identity(record.pid) or (0, None))[1]
         try:
             process = QemuProcess.adopt(
-                record.pid, record.argv, record.start_time, record.cmdline if running else None
+                record.pid, record.argv, record.start_time, record.cmdline if running else live
             )
         except ProcessLookupError:
             process = None
-    files = VmFiles(
-        directory=Path(ctx.settings.qemu.TMP_FILE_LOC),
-        paths={name: Path(path) for name, path in record.files.items()},
-    )
     reason = ""
     if process is None and record.pid and process_identity(record.pid) is not None:
         reason = (

@@ -23,6 +23,9 @@ separated, default an upstream QEMU's confidential-computing ones), for the star
 Two more knobs for fault tests:
   FAKE_QEMU_START_LOG=FILE      append one JSON line per start (pid, hostfwd port, VNC display),
                                 so a test can tell whether QEMU was started at all, and how often
+  FAKE_QEMU_TAKEN_CIDS=3,4      guest CIDs another VMM holds: given `-device vhost-vsock-pci` with
+                                one of them, fail as QEMU 7.2's vhost_vsock_device_realize does
+                                (error_setg_errno EADDRINUSE) and exit 1
   FAKE_QEMU_SQUAT=WHAT:MARKER   WHAT is hostfwd or vnc. If MARKER does not exist yet, start a
                                 separate process that binds that port (its pid goes into MARKER)
                                 before this one binds it: the port is taken by another process
@@ -230,9 +233,27 @@ def log_start(args: list[str]) -> None:
             "pid": os.getpid(),
             "hostfwd": int(hostfwd.group(1)) if hostfwd else None,
             "vnc": option(args, "-vnc"),
+            "cid": guest_cid(args)[1],
         }
         with open(path, "a") as out:
             out.write(json.dumps(entry) + "\n")
+
+
+def guest_cid(args: list[str]) -> tuple[str, int | None]:
+    """The `-device vhost-vsock-pci,...` option and the guest CID it names."""
+    for spec in option(args, "-device"):
+        match = re.search(r"guest-cid=(\d+)", spec)
+        if spec.startswith("vhost-vsock") and match:
+            return spec, int(match.group(1))
+    return "", None
+
+
+def refuse_taken_cid(args: list[str]) -> None:
+    """FAKE_QEMU_TAKEN_CIDS: QEMU's own words when another VMM holds the CID."""
+    taken = {int(c) for c in os.environ.get("FAKE_QEMU_TAKEN_CIDS", "").split(",") if c}
+    spec, cid = guest_cid(args)
+    if cid in taken:
+        die(f"-device {spec}: vhost-vsock: unable to set guest cid: Address already in use")
 
 
 def bind(port: int, what: str) -> socket.socket:
@@ -272,6 +293,7 @@ def main() -> None:
     log_start(args)
     if mode == "fail":
         die("-kernel bad: fake failure: could not load kernel")
+    refuse_taken_cid(args)
     for kernel in option(args, "-kernel"):
         if not os.path.exists(kernel):
             die(f"could not load kernel '{kernel}': No such file or directory")
