@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from opentelemetry import trace
 
+from cocos_manager import workers
 from cocos_manager.errors import (
     FailedPreconditionError,
     HandoverFailedError,
@@ -102,7 +103,7 @@ class StateError(Exception):
 class Launcher(Protocol):
     """Starts one QEMU: `QemuProcess.start`, or a stand-in in the Machine's unit tests."""
 
-    def __call__(
+    async def __call__(
         self, argv: Sequence[str], *, qmp_listener: socket.socket, on_line: LineCallback
     ) -> QemuProcess: ...
 
@@ -290,8 +291,8 @@ class Machine:
         files it still makes are removed once it ends."""
         q = self.ctx.settings.qemu
         with _tracer.start_as_current_span("prepare-files"):
-            preparing = asyncio.ensure_future(
-                asyncio.to_thread(prepare_vm_files, q, self.uuid, manifest if self.fw_cfg else None)
+            preparing = asyncio.get_running_loop().run_in_executor(
+                workers.pool, prepare_vm_files, q, self.uuid, manifest if self.fw_cfg else None
             )
             try:
                 self.files = await asyncio.shield(preparing)
@@ -317,7 +318,7 @@ class Machine:
         with _tracer.start_as_current_span("start-qemu") as span:
             listener = qmp_listener(qmp_path)
             try:
-                process = self.ctx.launch(
+                process = await self.ctx.launch(
                     self._argv(qmp_args(listener)), qmp_listener=listener, on_line=self._on_line
                 )
             finally:
