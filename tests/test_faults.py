@@ -15,16 +15,13 @@ import contextlib
 import json
 import os
 import random
-import re
 import select
 import signal
 import socket
 import struct
 import subprocess
-import sys
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -36,12 +33,12 @@ from cocos_manager.api import manager_pb2 as pb
 from cocos_manager.api import manager_pb2_grpc as pb_grpc
 from cocos_manager.resources import VNC_BASE_PORT, tcp_port_is_free
 from cocos_manager.vsock import AgentEventListener
+from tests.support.daemon_process import Daemon
 from tests.support.harness import Manager, base_env, run_request, running_manager
 from tests.support.processes import children
 from tests.support.streams import read_agent
 from tests.support.waiting import unavailable, wait_for
 
-DAEMON = Path(sys.executable).with_name("cocos-manager")
 GUARD = 10.0
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
@@ -441,69 +438,32 @@ async def test_missing_image_is_failed_precondition_before_qemu_starts(
 # -- SIGTERM to the real daemon during a Run ----------------------------------------------------
 
 
-class Daemon:
-    """`cocos-manager` as a subprocess, its log lines collected by a thread."""
-
-    def __init__(self, tmp: Path, **env: str) -> None:
-        base = {k: v for k, v in os.environ.items() if not k.startswith(("MANAGER_", "COCOS_"))}
-        self.env = {**base, **base_env(tmp), **env}
-        self.lines: list[str] = []
-        self.process = subprocess.Popen(
-            [str(DAEMON)],
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self._listening = threading.Event()
-        self.port = 0
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line)
-            found = re.search(r"listening at 127\.0\.0\.1:(\d+)", line)
-            if found:
-                self.port = int(found.group(1))
-                self._listening.set()
-
-    async def address(self) -> str:
-        if not await asyncio.to_thread(self._listening.wait, GUARD):
-            raise AssertionError(f"daemon did not start: {''.join(self.lines)}")
-        return f"127.0.0.1:{self.port}"
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
-        self._reader.join(GUARD)
-
-
 @pytest.fixture
-def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+async def daemon_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Daemon]]]:
+    """The real daemon (tests/support/daemon_process.py), SERVING when the factory returns."""
     started: list[Daemon] = []
 
-    def start(**env: str) -> Daemon:
-        started.append(Daemon(tmp_path, **env))
-        return started[-1]
+    async def start(**env: str) -> Daemon:
+        daemon = Daemon(env={**base_env(tmp_path), **env}, log=tmp_path / "daemon.log")
+        started.append(daemon)
+        await daemon.start(timeout=GUARD)
+        return daemon
 
     yield start
     for daemon in started:
-        daemon.kill()
+        if daemon.process is not None and daemon.process.poll() is None:
+            await daemon.kill()
 
 
 async def test_sigterm_during_a_run_ends_it_and_exits_cleanly(
-    tmp_path: Path, daemon_factory: Callable[..., Daemon]
+    tmp_path: Path, daemon_factory: Callable[..., Awaitable[Daemon]]
 ) -> None:
     """The Run waits for a QEMU that never answers QMP; SIGTERM must not wait for it."""
     log = tmp_path / "starts"
-    daemon = daemon_factory(
+    daemon = await daemon_factory(
         FAKE_QEMU_MODE="no-qmp", MANAGER_QEMU_START_TIMEOUT="60s", FAKE_QEMU_START_LOG=str(log)
     )
-    async with grpc.aio.insecure_channel(await daemon.address()) as channel:
+    async with grpc.aio.insecure_channel(daemon.address) as channel:
         stub = pb_grpc.ManagerServiceStub(channel)
         run = asyncio.ensure_future(stub.Run(run_request("interrupted")))
         await wait_for(lambda: starts(log), "QEMU to start")
@@ -513,7 +473,7 @@ async def test_sigterm_during_a_run_ends_it_and_exits_cleanly(
         error = await run_error(run)
         returncode = await asyncio.to_thread(daemon.process.wait, 30)
         took = time.monotonic() - signalled
-    assert returncode == 0, "".join(daemon.lines)
+    assert returncode == 0, daemon.log_tail()
     assert took < 5.0, f"shutdown took {took:.1f} s"
     assert error.code() == grpc.StatusCode.UNAVAILABLE, error
     assert "shutting down" in (error.details() or "")
@@ -521,15 +481,15 @@ async def test_sigterm_during_a_run_ends_it_and_exits_cleanly(
     assert not pid_alive(int(started["pid"]))  # type: ignore[call-overload]
     assert listing(tmp_path / "vms") == []
     assert children() == []
-    assert any('"manager stopped"' in line for line in daemon.lines)
+    assert '"manager stopped"' in daemon.log.read_text()
 
 
 async def test_sigterm_with_a_running_vm_stops_it(
-    tmp_path: Path, daemon_factory: Callable[..., Daemon]
+    tmp_path: Path, daemon_factory: Callable[..., Awaitable[Daemon]]
 ) -> None:
     log = tmp_path / "starts"
-    daemon = daemon_factory(FAKE_QEMU_START_LOG=str(log))
-    async with grpc.aio.insecure_channel(await daemon.address()) as channel:
+    daemon = await daemon_factory(FAKE_QEMU_START_LOG=str(log))
+    async with grpc.aio.insecure_channel(daemon.address) as channel:
         stub = pb_grpc.ManagerServiceStub(channel)
         events = stub.Events(pb.EventsRequest())
         await stub.Run(run_request("running"))

@@ -6,14 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import re
 import socket
+import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from cocos_manager import machine as machine_module
+from cocos_manager import vm_files
 from cocos_manager.errors import QemuExitedError
 from cocos_manager.events import EventBus
 from cocos_manager.machine import Machine, MachineContext, StopReason, VmState
@@ -123,7 +128,20 @@ async def test_a_start_cancelled_at_each_await_reaps_its_qemu_and_leaves_nothing
     assert rig.released == [machine]
 
 
-async def test_a_start_cancelled_while_preparing_files_leaves_nothing(rig: Rig) -> None:
+def links_fail(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kernel and rootfs cannot be hard-linked (another filesystem): they are copied, and
+    that happens in a worker thread."""
+
+    def no_link(src: object, dst: object) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(vm_files.os, "link", no_link)
+
+
+async def test_a_start_cancelled_while_preparing_files_leaves_nothing(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    links_fail(monkeypatch)
     machine = rig.admit()
     task = rig.start(machine)
     await asyncio.sleep(0)  # inside prepare-files (a worker thread)
@@ -133,6 +151,33 @@ async def test_a_start_cancelled_while_preparing_files_leaves_nothing(rig: Rig) 
     await asyncio.wait_for(asyncio.shield(machine.released), 1)
     assert machine.history == [A, D]
     assert rig.launcher.processes == []
+    assert rig.left_behind() == NOTHING
+
+
+async def test_files_are_linked_on_the_loop_and_copied_in_a_thread(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Links take a few system calls: no thread hop for them (in a burst of 32 Runs the hops
+    were the cost). A copy can take seconds: never on the loop."""
+    loop_thread = threading.get_ident()
+    where: list[bool] = []
+    original = vm_files.prepare_vm_files
+
+    def recording(*args: Any, **kwargs: Any) -> vm_files.VmFiles:
+        where.append(threading.get_ident() == loop_thread)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(machine_module, "prepare_vm_files", recording)
+    linked = rig.admit("linked")
+    await rig.start(linked)
+    assert linked.files is not None and linked.files.methods["kernel"] == "hardlink"
+    assert where == [True]
+    links_fail(monkeypatch)
+    copied = rig.admit("copied")
+    await rig.start(copied)
+    assert copied.files is not None and copied.files.methods["kernel"] in ("reflink", "copy")
+    assert where == [True, True, False]  # tried on the loop, then copied in a thread
+    await asyncio.gather(linked.stop(StopReason.STOP), copied.stop(StopReason.STOP))
     assert rig.left_behind() == NOTHING
 
 

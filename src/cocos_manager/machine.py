@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from opentelemetry import trace
 
-from cocos_manager import ttl
+from cocos_manager import ttl, workers
 from cocos_manager.confidential import launched_binding
 from cocos_manager.console_limit import ConsoleLogLimiter
 from cocos_manager.console_log import ConsoleArchive
@@ -60,7 +60,7 @@ from cocos_manager.resources import Lease, Pools
 from cocos_manager.settings import AgentChannel, GuestHaltAction, Settings
 from cocos_manager.state_store import StateStore, VmRecord
 from cocos_manager.tasks import TaskSet
-from cocos_manager.vm_files import VmFiles, prepare_vm_files, vm_paths
+from cocos_manager.vm_files import VmFiles, WouldCopy, prepare_vm_files, vm_paths
 from cocos_manager.vsock import Connect, HandoverAborted, HandoverTimeout, send_manifest
 
 _tracer = trace.get_tracer("cocos_manager.machine")
@@ -116,7 +116,7 @@ class StateError(Exception):
 class Launcher(Protocol):
     """Starts one QEMU: `QemuProcess.start`, or a stand-in in the Machine's unit tests."""
 
-    def __call__(
+    async def __call__(
         self,
         argv: Sequence[str],
         *,
@@ -336,12 +336,20 @@ class Machine:
             raise asyncio.CancelledError
 
     async def _prepare_files(self, manifest: bytes) -> None:
-        """In a worker thread, which a cancelled Run cannot interrupt: on cancellation the
-        files it still makes are removed once it ends."""
+        """On the loop when kernel and rootfs can be hard-linked (the usual case: a few system
+        calls, and no thread hop, which in a burst of 32 Runs was the costlier part); else in
+        a worker thread, which a cancelled Run cannot interrupt: on cancellation the files it
+        still makes are removed once it ends."""
         q = self.ctx.settings.qemu
+        vm_manifest = manifest if self.fw_cfg else None
         with _tracer.start_as_current_span("prepare-files"):
-            preparing = asyncio.ensure_future(
-                asyncio.to_thread(prepare_vm_files, q, self.uuid, manifest if self.fw_cfg else None)
+            try:
+                self.files = prepare_vm_files(q, self.uuid, vm_manifest, copy_shared=False)
+                return
+            except WouldCopy:
+                pass
+            preparing = asyncio.get_running_loop().run_in_executor(
+                workers.pool, prepare_vm_files, q, self.uuid, vm_manifest
             )
             try:
                 self.files = await asyncio.shield(preparing)
@@ -368,7 +376,7 @@ class Machine:
         with _tracer.start_as_current_span("start-qemu") as span:
             listener = qmp_listener(qmp_path)
             try:
-                process = self.ctx.launch(
+                process = await self.ctx.launch(
                     self._argv(qmp_args(listener), manifest),
                     qmp_listener=listener,
                     on_line=self._on_line,

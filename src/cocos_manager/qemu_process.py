@@ -26,6 +26,7 @@ from cocos_manager.qemu_failures import classify_start_failure, launch_failure
 from cocos_manager.qmp import QmpError, QmpMonitor, open_running_monitor
 from cocos_manager.state_store import process_identity, process_start_time
 from cocos_manager.vm_files import unix_socket_path
+from cocos_manager.workers import pool as _workers
 
 LineCallback = Callable[[str, str], None]
 # CSI with any parameter bytes (OVMF sends "ESC [ = 3 h"), charset selection ("ESC ( B"), and
@@ -101,6 +102,7 @@ class QemuProcess:
         *,
         popen: subprocess.Popen[bytes] | None,
         on_line: LineCallback | None = None,
+        start_time: int | None = None,
     ) -> None:
         self.pid = pid
         self.argv = list(argv)
@@ -114,13 +116,15 @@ class QemuProcess:
         self.monitor: QmpMonitor | None = None  # QEMU's QMP session, once it answered
         self._pidfd: int | None = os.pidfd_open(pid)
         # The command line is read once QEMU answers (reading it mid-exec stalls the loop).
-        self.start_time, self.cmdline = process_start_time(pid), list[str]()
+        if start_time is None:
+            start_time = process_start_time(pid)
+        self.start_time, self.cmdline = start_time, list[str]()
         self._loop.add_reader(self._pidfd, self._on_pidfd)
 
     # -- starting ------------------------------------------------------------------------
 
     @classmethod
-    def start(
+    async def start(
         cls,
         argv: Sequence[str],
         *,
@@ -128,28 +132,28 @@ class QemuProcess:
         on_line: LineCallback | None = None,
         env: dict[str, str] | None = None,
     ) -> QemuProcess:
-        """Starts QEMU and returns its owner without awaiting anything, so a caller that is
-        cancelled at its next await still holds the process and can reap it. Its output is
-        connected by `attach_output()`."""
-        # Popen (vfork+exec, about a millisecond) rather than asyncio's subprocess: exits are
-        # watched through a pidfd for children and adopted processes alike.
+        """Starts QEMU and returns its owner; a caller cancelled here has the process reaped,
+        and one cancelled at its next await still holds it. Its output is connected by
+        `attach_output()`.
+
+        Popen waits until the child has exec'd, and under a burst (32 TCG guests taking the
+        CPUs) that wait was about 30 ms per VM with the event loop blocked: it runs in a
+        worker thread, with the start time read there too, so spawns overlap (make bench).
+        """
+        spawning = asyncio.get_running_loop().run_in_executor(
+            _workers, _spawn, list(argv), qmp_listener.fileno(), env
+        )
         try:
-            popen = subprocess.Popen(
-                list(argv),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                pass_fds=(qmp_listener.fileno(),),
-                start_new_session=True,  # a Ctrl-C or a daemon crash does not take the VMs along
-                env=env,
-            )
-        except OSError as error:  # QEMU or sudo gone or not executable since start-up
-            raise launch_failure(argv, error) from None
+            popen, start_time = await asyncio.shield(spawning)
+        except asyncio.CancelledError:
+            with contextlib.suppress(BaseException):
+                popen, _ = await spawning
+                _kill(popen)
+            raise
         try:
-            return cls(popen.pid, argv, popen=popen, on_line=on_line)
+            return cls(popen.pid, argv, popen=popen, on_line=on_line, start_time=start_time)
         except BaseException:
-            popen.kill()
-            popen.wait()
+            _kill(popen)
             raise
 
     async def attach_output(self) -> None:
@@ -306,6 +310,34 @@ class QemuProcess:
     def kill_now(self) -> None:
         """Last resort during clean-up of a failed start."""
         self.send_signal(signal.SIGKILL)
+
+
+def _spawn(
+    argv: list[str], qmp_fd: int, env: dict[str, str] | None
+) -> tuple[subprocess.Popen[bytes], int]:
+    """In a worker thread. Popen (vfork+exec) rather than asyncio's subprocess: exits are
+    watched through a pidfd for children and adopted processes alike."""
+    try:
+        popen = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            pass_fds=(qmp_fd,),
+            start_new_session=True,  # a Ctrl-C or a daemon crash does not take the VMs along
+            env=env,
+        )
+    except OSError as error:  # QEMU or sudo gone or not executable since start-up
+        raise launch_failure(argv, error) from None
+    return popen, process_start_time(popen.pid)
+
+
+def _kill(popen: subprocess.Popen[bytes]) -> None:
+    popen.kill()
+    popen.wait()
+    for pipe in (popen.stdout, popen.stderr):
+        if pipe is not None:
+            pipe.close()
 
 
 def qmp_listener(path: Path) -> socket.socket:

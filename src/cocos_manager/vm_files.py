@@ -98,6 +98,18 @@ def _private_copy(src: str, dst: str) -> str:
         return "copy"
 
 
+class WouldCopy(Exception):
+    """A shared image cannot be hard-linked: preparing the files would copy it."""
+
+
+def _shared_link(src: str, dst: str) -> str:
+    try:
+        os.link(src, dst)
+    except OSError:
+        raise WouldCopy(src) from None
+    return "hardlink"
+
+
 def _shared_copy(src: str, dst: str) -> str:
     try:
         os.link(src, dst)
@@ -184,15 +196,19 @@ def unix_socket_path(path: Path) -> Iterator[str]:
         os.close(fd)
 
 
-def prepare_vm_files(q: QemuSettings, vm_uuid: str, manifest: bytes | None) -> VmFiles:
-    """Blocking (may copy a large image): run it in a worker thread."""
+def prepare_vm_files(
+    q: QemuSettings, vm_uuid: str, manifest: bytes | None, *, copy_shared: bool = True
+) -> VmFiles:
+    """Blocking (may copy a large image): run it in a worker thread. With copy_shared=False it
+    only links kernel and rootfs (a few system calls, fine on the event loop) and raises
+    WouldCopy, leaving nothing behind, where one of them would need a copy."""
     tmp = check_tmp_dir(q)
     files = VmFiles(directory=tmp)
     planned = vm_paths(q, vm_uuid, with_manifest=manifest is not None)
     try:
         for name, src, how in (
-            ("kernel", q.DISK_IMG_KERNEL_FILE, _shared_copy),
-            ("rootfs", q.DISK_IMG_ROOTFS_FILE, _shared_copy),
+            ("kernel", q.DISK_IMG_KERNEL_FILE, _shared_copy if copy_shared else _shared_link),
+            ("rootfs", q.DISK_IMG_ROOTFS_FILE, _shared_copy if copy_shared else _shared_link),
             ("ovmf_vars", q.OVMF_VARS_FILE, _private_copy),
         ):
             if name in planned:

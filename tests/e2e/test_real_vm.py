@@ -25,7 +25,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -42,6 +41,8 @@ from cocos_manager.api import manager_pb2 as pb
 from cocos_manager.api import manager_pb2_grpc as pb_grpc
 from cocos_manager.events import computation_of
 from cocos_manager.manifest import manifest_json
+from tests.support import daemon_process
+from tests.support.daemon_process import free_port
 from tests.support.harness import run_request
 from tests.support.waiting import subscribed
 
@@ -87,37 +88,27 @@ def daemon_executable() -> Path:
     return exe
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def daemon_env(root: Path, grpc_port: int, overrides: dict[str, str]) -> dict[str, str]:
-    """Only what we set: MANAGER_*/COCOS_* of the caller's shell must not leak in."""
+def daemon_env(root: Path, overrides: dict[str, str]) -> dict[str, str]:
+    """Only what we set: the helper drops MANAGER_*/COCOS_* of the caller's shell and sets
+    the gRPC address (loopback, a free port)."""
     kernel, rootfs = guest_images()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MANAGER_", "COCOS_"))}
-    env.update(
-        {
-            "MANAGER_LOG_LEVEL": "info",
-            "MANAGER_GRPC_HOST": "127.0.0.1",
-            "MANAGER_GRPC_PORT": str(grpc_port),
-            "MANAGER_STATE_DIR": str(root / "state"),
-            "MANAGER_QEMU_ENABLE_KVM": "false",
-            "MANAGER_QEMU_ENABLE_SEV_SNP": "false",
-            "MANAGER_QEMU_CPU": "max",
-            "MANAGER_QEMU_SMP_COUNT": "1",
-            "MANAGER_QEMU_MEMORY_SIZE": "512M",
-            "MANAGER_QEMU_AGENT_CHANNEL": "fw_cfg",
-            "MANAGER_QEMU_DISK_IMG_KERNEL_FILE": str(kernel),
-            "MANAGER_QEMU_DISK_IMG_ROOTFS_FILE": str(rootfs),
-            "MANAGER_QEMU_TMP_FILE_LOC": str(root / "vms"),
-            # Away from :0, which a developer's own VM may hold.
-            "MANAGER_QEMU_VSOCK_VNC": "60",
-            # Nobody listens there: a collector that is down must not matter.
-            "COCOS_JAEGER_URL": f"http://127.0.0.1:{free_port()}/api/traces",
-        }
-    )
+    env = {
+        "MANAGER_LOG_LEVEL": "info",
+        "MANAGER_STATE_DIR": str(root / "state"),
+        "MANAGER_QEMU_ENABLE_KVM": "false",
+        "MANAGER_QEMU_ENABLE_SEV_SNP": "false",
+        "MANAGER_QEMU_CPU": "max",
+        "MANAGER_QEMU_SMP_COUNT": "1",
+        "MANAGER_QEMU_MEMORY_SIZE": "512M",
+        "MANAGER_QEMU_AGENT_CHANNEL": "fw_cfg",
+        "MANAGER_QEMU_DISK_IMG_KERNEL_FILE": str(kernel),
+        "MANAGER_QEMU_DISK_IMG_ROOTFS_FILE": str(rootfs),
+        "MANAGER_QEMU_TMP_FILE_LOC": str(root / "vms"),
+        # Away from :0, which a developer's own VM may hold.
+        "MANAGER_QEMU_VSOCK_VNC": "60",
+        # Nobody listens there: a collector that is down must not matter.
+        "COCOS_JAEGER_URL": f"http://127.0.0.1:{free_port()}/api/traces",
+    }
     env.update(overrides)
     return env
 
@@ -153,23 +144,16 @@ class Vm:
         raise AssertionError(f"no per-VM uuid in the -netdev id of {self.argv}")
 
 
-class DaemonDied(Exception):
-    pass
+class Daemon(daemon_process.Daemon):
+    """The shared daemon helper (tests/support/daemon_process.py) and what these tests read:
+    its VM folder, its QEMU children as the kernel sees them."""
 
+    def __init__(self, root: Path, overrides: dict[str, str], log: Path) -> None:
+        super().__init__(env=daemon_env(root, overrides), log=log, cwd=root)
+        self.vm_dir = Path(self.env["MANAGER_QEMU_TMP_FILE_LOC"])
 
-@dataclass
-class Daemon:
-    process: subprocess.Popen[bytes]
-    address: str
-    vm_dir: Path
-    log: Path
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log.read_text(errors="replace").splitlines()[-lines:]
-        except OSError as error:
-            return f"(no daemon log: {error})"
-        return f"--- last lines of {self.log} ---\n" + "\n".join(text)
+    def log_tail(self, chars: int = 4000) -> str:
+        return f"--- last lines of {self.log} ---\n" + super().log_tail(chars)
 
     def vm_files(self) -> list[str]:
         return sorted(os.listdir(self.vm_dir)) if self.vm_dir.exists() else []
@@ -177,11 +161,9 @@ class Daemon:
     def files_of(self, vm: Vm) -> list[Path]:
         return sorted(self.vm_dir / name for name in self.vm_files() if vm.uuid in name)
 
-    def children(self) -> list[psutil.Process]:
+    def children(self, recursive: bool = True) -> list[psutil.Process]:
         """Live or zombie: a zombie QEMU is a leak too (the original's defect 1)."""
-        with contextlib.suppress(psutil.NoSuchProcess):
-            return psutil.Process(self.process.pid).children(recursive=True)
-        return []
+        return super().children(recursive=recursive)
 
     def strays(self) -> list[psutil.Process]:
         """Any process on the machine whose command line names this daemon's VM folder."""
@@ -205,59 +187,45 @@ class Daemon:
 def start_daemon(root: Path, **overrides: str) -> Daemon:
     """Starts `cocos-manager` and returns once gRPC health says SERVING."""
     root.mkdir(parents=True, exist_ok=True)
-    exe = daemon_executable()
+    daemon_executable()
     for attempt in range(3):
-        port = free_port()
-        env = daemon_env(root, port, overrides)
-        log = root / f"daemon-{attempt}.log"
-        with open(log, "wb") as out:
-            process = subprocess.Popen(
-                [str(exe)],
-                env=env,
-                cwd=root,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        daemon = Daemon(process, f"127.0.0.1:{port}", Path(env["MANAGER_QEMU_TMP_FILE_LOC"]), log)
+        daemon = Daemon(root, overrides, root / f"daemon-{attempt}.log")
         try:
-            wait_serving(daemon)
+            asyncio.run(daemon.start(DAEMON_START_TIMEOUT, connect=False))
+            wait_manager_serving(daemon)
             return daemon
-        except DaemonDied as died:
+        except RuntimeError as died:
+            kill(daemon)
             if "cannot listen" in daemon.log_tail():  # the free port was taken meanwhile
                 continue
             raise AssertionError(f"{died}\n{daemon.log_tail()}") from None
         except BaseException:
-            process.kill()
-            process.wait()
+            kill(daemon)
             raise
     raise AssertionError("the daemon could not listen on a free port three times")
 
 
-def wait_serving(daemon: Daemon) -> None:
-    """gRPC health over a real channel: the whole server and the Manager service SERVING."""
+def kill(daemon: Daemon) -> None:
+    if daemon.process is not None and daemon.process.poll() is None:
+        daemon.process.kill()
+        daemon.process.wait()
+
+
+def wait_manager_serving(daemon: Daemon) -> None:
+    """The Manager service SERVING too (the helper waits for the whole server's health)."""
     serving = health_pb2.HealthCheckResponse.SERVING
     deadline = time.monotonic() + DAEMON_START_TIMEOUT
     with grpc.insecure_channel(daemon.address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
-            if daemon.process.poll() is not None:
-                raise DaemonDied(f"the daemon exited at start ({daemon.process.returncode})")
+            request = health_pb2.HealthCheckRequest(service=MANAGER_SERVICE)
             try:
-                statuses = [
-                    health.Check(health_pb2.HealthCheckRequest(service=name), timeout=1).status
-                    for name in ("", MANAGER_SERVICE)
-                ]
+                if health.Check(request, timeout=1).status == serving:
+                    return
             except grpc.RpcError:
-                statuses = []
-            if statuses and all(status == serving for status in statuses):
-                return
+                pass
             time.sleep(0.1)
-    daemon.process.kill()
-    daemon.process.wait()
-    raise AssertionError(
-        f"the daemon was not SERVING within {DAEMON_START_TIMEOUT:g}s\n{daemon.log_tail()}"
-    )
+    raise RuntimeError(f"the Manager service was not SERVING within {DAEMON_START_TIMEOUT:g}s")
 
 
 def stop_daemon(daemon: Daemon) -> None:

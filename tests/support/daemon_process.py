@@ -1,17 +1,27 @@
-"""The real `cocos-manager` daemon as a subprocess, for tests that kill and restart it."""
+"""The real `cocos-manager` daemon as a subprocess: the one helper of the tests that kill and
+restart it, of `make soak` and of `make bench`.
+
+It runs the installed console script configured only by environment variables (the caller's
+MANAGER_*/COCOS_* are dropped, so nothing of a developer's shell leaks in), on a port of its
+own on loopback, and is SERVING when `start()` returns. What the soak and the bench read about
+it (RSS, descriptors, children, listening ports) is read here too.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cocos_manager.api import manager_pb2_grpc as pb_grpc
@@ -25,11 +35,19 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def clean_environ() -> dict[str, str]:
+    """This process's environment without MANAGER_*/COCOS_* (nor the stand-in QEMU's
+    FAKE_QEMU_*) variables: only what the caller sets configures the daemon."""
+    prefixes = ("MANAGER_", "COCOS_", "FAKE_QEMU_")
+    return {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+
+
 @dataclass
 class Daemon:
     env: dict[str, str]
     log: Path
     port: int = field(default_factory=free_port)
+    cwd: Path | None = None
     process: subprocess.Popen[bytes] | None = None
     channel: grpc.aio.Channel | None = None
 
@@ -38,31 +56,41 @@ class Daemon:
         assert self.channel is not None
         return pb_grpc.ManagerServiceStub(self.channel)
 
-    async def start(self, timeout: float = 20.0) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("MANAGER_", "COCOS_"))}
-        env.update(self.env)
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def full_env(self) -> dict[str, str]:
+        env = clean_environ() | self.env
         env["MANAGER_GRPC_HOST"] = "127.0.0.1"
         env["MANAGER_GRPC_PORT"] = str(self.port)
         env.setdefault("COCOS_JAEGER_URL", "http://127.0.0.1:9/api/traces")
+        return env
+
+    async def start(self, timeout: float = 60.0, *, connect: bool = True) -> float:
+        """Starts the daemon; returns the seconds from exec to health SERVING. `connect`:
+        open `channel` (a grpc.aio channel, bound to the running event loop)."""
+        # Blocking on purpose: exec is what the bench times, and nothing else runs meanwhile.
         with open(self.log, "ab") as log:
+            started = time.perf_counter()
             self.process = subprocess.Popen(  # noqa: ASYNC220
-                [EXE], env=env, stdout=log, stderr=subprocess.STDOUT
+                [EXE],
+                env=self.full_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.cwd,
             )
-        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.port}")
-        health = health_pb2_grpc.HealthStub(self.channel)
-        deadline = asyncio.get_running_loop().time() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"daemon exited at start: {self.log.read_text()[-2000:]}")
-            try:
-                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            if asyncio.get_running_loop().time() > deadline:
-                raise RuntimeError("daemon did not become SERVING")
-            await asyncio.sleep(0.05)
+        await wait_serving(self.port, self.process, started + timeout, self.log)
+        elapsed = time.perf_counter() - started
+        if connect:
+            self.channel = grpc.aio.insecure_channel(self.address)
+        return elapsed
 
     async def close_channel(self) -> None:
         if self.channel is not None:
@@ -78,8 +106,87 @@ class Daemon:
         self.process.wait()
         await self.close_channel()
 
-    async def terminate(self, timeout: float = 30.0) -> int:
+    async def terminate(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM, as systemd stops it; its exit status, or None if it had to be killed."""
         await self.close_channel()
         assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        return await asyncio.to_thread(self.process.wait, timeout)
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return await asyncio.to_thread(self.process.wait, timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            await asyncio.to_thread(self.process.wait)
+            return None
+
+    def log_tail(self, chars: int = 2000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-chars:]
+        except OSError as error:
+            return f"(no daemon log: {error})"
+
+    # -- what the soak and the bench read about it -------------------------------------------
+
+    def rss(self) -> int:
+        return int(psutil.Process(self.pid).memory_info().rss)
+
+    def fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def children(self, recursive: bool = False) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.pid).children(recursive=recursive)
+        except psutil.NoSuchProcess:
+            return []
+
+    def zombies_and_live(self) -> tuple[int, int]:
+        """(zombies, live) among the daemon's descendants."""
+        zombies = live = 0
+        for child in self.children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if child.status() == psutil.STATUS_ZOMBIE:
+                    zombies += 1
+                else:
+                    live += 1
+        return zombies, live
+
+    def listening_ports(self) -> list[int]:
+        return sorted(
+            c.laddr.port
+            for c in psutil.Process(self.pid).net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN
+        )
+
+
+async def wait_serving(
+    port: int, process: subprocess.Popen[bytes], deadline: float, log: Path | None = None
+) -> None:
+    """Polls the TCP port every 2 ms, then the gRPC health check, until SERVING.
+
+    The channel is made only once the port accepts: one made earlier fails its first connect
+    and then waits out gRPC's reconnect backoff (a second or more) before asking again.
+    """
+    channel: grpc.aio.Channel | None = None
+    try:
+        while time.perf_counter() < deadline:
+            if process.poll() is not None:
+                tail = log.read_text(errors="replace")[-2000:] if log else ""  # noqa: ASYNC240
+                raise RuntimeError(f"daemon exited with {process.returncode} at start:\n{tail}")
+            if channel is None:
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                        pass
+                except OSError:
+                    await asyncio.sleep(0.002)
+                    continue
+                channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+            health = health_pb2_grpc.HealthStub(channel)
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                reply = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            await asyncio.sleep(0.002)
+        raise RuntimeError("daemon did not become SERVING in time")
+    finally:
+        if channel is not None:
+            await channel.close()

@@ -89,7 +89,7 @@ class FakeLauncher:
         gate = self.gates[name] = Gate()
         return gate
 
-    def __call__(self, argv: Sequence[str], **_: Any) -> FakeProcess:
+    async def __call__(self, argv: Sequence[str], **_: Any) -> FakeProcess:
         process = FakeProcess(argv, self.gates)
         self.processes.append(process)
         return process
