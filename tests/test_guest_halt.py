@@ -15,7 +15,8 @@ import pytest
 
 from cocos_manager.api import manager_pb2 as pb
 from cocos_manager.machine import VmState
-from tests.support.harness import Manager, run_request, running_manager
+from tests.support.daemon_process import Daemon
+from tests.support.harness import Manager, base_env, run_request, running_manager
 from tests.support.processes import processes_mentioning
 from tests.support.waiting import GUARD, subscribed, wait_for
 
@@ -79,3 +80,28 @@ async def test_with_keep_a_halted_guest_is_paused_for_inspection_and_can_resume(
         assert (await next_event(events, "vm-stop"))[0] == "starting"
         assert m.service.computations() == {}
         events.cancel()
+
+
+async def test_a_vm_kept_paused_is_kept_across_a_restart(tmp_path: Path) -> None:
+    env = {
+        **base_env(tmp_path),
+        "FAKE_QEMU_MODE": "halt-after:0.2:internal-error",
+        "MANAGER_QEMU_ON_GUEST_HALT": "keep",
+    }
+    daemon = Daemon(env=env, log=tmp_path / "daemon.log")
+    await daemon.start()
+    try:
+        await daemon.stub.Run(run_request("inspect"))
+        events = daemon.stub.Events(pb.EventsRequest(computation_id="inspect", since=0))
+        assert (await next_event(events, "vm-paused"))[0] == "failed"
+        events.cancel()
+        await daemon.kill()
+        await daemon.start()
+        reply = await daemon.stub.List(pb.ListRequest())
+        (info,) = reply.computations
+        assert (info.computation_id, info.state, info.adopted) == ("inspect", "paused", True)
+        await daemon.stub.Stop(pb.StopRequest(computation_id="inspect"))
+        assert (await daemon.stub.List(pb.ListRequest())).computations == []
+    finally:
+        if daemon.process is not None and daemon.process.poll() is None:
+            await daemon.terminate()

@@ -86,7 +86,8 @@ class VmState(enum.Enum):
 
 
 _ALLOWED: dict[VmState | None, frozenset[VmState]] = {
-    None: frozenset({VmState.ADMITTED, VmState.RUNNING}),  # admitted, or re-adopted
+    # Admitted, or re-adopted (running, or kept paused for inspection).
+    None: frozenset({VmState.ADMITTED, VmState.RUNNING, VmState.PAUSED}),
     VmState.ADMITTED: frozenset({VmState.STARTING, VmState.STOPPING, VmState.RELEASED}),
     # STARTING -> STARTING: the next attempt, after a number was taken from under QEMU.
     VmState.STARTING: frozenset(
@@ -617,7 +618,11 @@ class Machine:
         process.exited.add_done_callback(lambda _: machine._on_exit(process))
         machine._watch(process)
         details = {**machine.details(), "readopted": True}
-        machine._set_state(VmState.RUNNING, (PROVISION, "complete"), details)
+        if record.state == VmState.PAUSED.value:
+            machine.halt = {"qemu_status": "paused before the restart"}
+            machine._set_state(VmState.PAUSED, (PAUSED, "failed"), details)
+        else:
+            machine._set_state(VmState.RUNNING, (PROVISION, "complete"), details)
         if process.exited.done():  # died between the identity check and now
             machine._on_exit(process)
         else:

@@ -202,9 +202,12 @@ class QemuProcess:
             raise ProcessLookupError(pid)
         return process
 
-    async def check_qmp(self, qmp_path: Path, timeout: float) -> None:
-        """For an adopted VM: its monitor answers and says `running`; the session is kept."""
-        self.monitor = await asyncio.wait_for(open_running_monitor(qmp_path), timeout)
+    async def check_qmp(self, qmp_path: Path, timeout: float, *, paused: bool = False) -> None:
+        """For an adopted VM: its monitor answers and says `running` (any status for one kept
+        paused); the session is kept."""
+        self.monitor = await asyncio.wait_for(
+            open_running_monitor(qmp_path, paused=paused), timeout
+        )
 
     def _line(self, stream: str, text: str) -> None:
         self._tail.append((stream, text))

@@ -141,16 +141,17 @@ class QmpMonitor:
         self._finish(QmpClosed("closed by the manager"))
 
 
-async def open_running_monitor(path: Path) -> QmpMonitor:
+async def open_running_monitor(path: Path, *, paused: bool = False) -> QmpMonitor:
     """Greeting, qmp_capabilities, query-status = running: the three steps of libvirt's and
-    Kata's readiness check; the session stays open for the VM's life."""
+    Kata's readiness check; the session stays open for the VM's life. `paused`: a VM kept
+    paused for inspection (MANAGER_QEMU_ON_GUEST_HALT=keep) answers with any status."""
     monitor = await QmpMonitor.connect(path)
     try:
         status = await monitor.query_status()
     except BaseException:
         await monitor.close()
         raise
-    if status != "running":
+    if status != "running" and not paused:
         await monitor.close()
         raise QmpError(f"QEMU reports VM status {status!r} instead of 'running'")
     return monitor

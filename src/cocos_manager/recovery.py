@@ -114,7 +114,10 @@ def _identity_doubt(record: VmRecord) -> str:
 
 async def _recover_one(ctx: MachineContext, record: VmRecord, *, taken: bool) -> Machine | None:
     log = _log.bind(computation_id=record.computation_id, pid=record.pid)
-    running = record.state == VmState.RUNNING.value
+    # A VM kept paused for inspection (MANAGER_QEMU_ON_GUEST_HALT=keep) is kept across a
+    # restart too: its Run had answered, as a running one's.
+    paused = record.state == VmState.PAUSED.value
+    running = record.state == VmState.RUNNING.value or paused
     process: QemuProcess | None = None
     files = _files(ctx, record)
     if doubt := _identity_doubt(record):
@@ -149,7 +152,7 @@ async def _recover_one(ctx: MachineContext, record: VmRecord, *, taken: bool) ->
             # MANAGER_QEMU_ADOPT_TIMEOUT: bounded, so one wedged QEMU cannot hold start-up past
             # systemd's TimeoutStartSec; the probes of all VMs run at once.
             timeout = ctx.settings.qemu.ADOPT_TIMEOUT
-            await process.check_qmp(files.qmp_socket, timeout=timeout)
+            await process.check_qmp(files.qmp_socket, timeout=timeout, paused=paused)
         except Exception as error:
             reason = f"its QMP monitor does not answer ({error!r})"
     if reason:
