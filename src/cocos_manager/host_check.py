@@ -26,12 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from cocos_manager.settings import (
-    AgentChannel,
-    Settings,
-    tracing_off,
-    unknown_variables,
-)
+from cocos_manager.settings import AgentChannel, Settings, tracing_off
+from cocos_manager.unknown_variables import unknown_variables
 
 Status = Literal["pass", "warn", "fail"]
 
