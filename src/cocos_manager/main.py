@@ -41,7 +41,8 @@ def _print_qemu_cmd(settings: Settings, as_json: bool, original: bool) -> int:
 
 
 def _check(settings: Settings, as_json: bool) -> int:
-    from cocos_manager.host_check import exit_code, render, run_checks
+    from cocos_manager.check_result import exit_code, render
+    from cocos_manager.host_check import run_checks
 
     checks = run_checks(settings)
     print(render(checks, as_json))
