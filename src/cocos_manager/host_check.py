@@ -183,7 +183,7 @@ def run_checks(
     checks += check_qemu(settings, run)
     # What the confidential launch the settings ask for needs of this host and QEMU (policy,
     # firmware, QEMU's objects); it probes QEMU, so it runs here and not at start-up.
-    from cocos_manager.confidential import confidential_host_checks
+    from cocos_manager.confidential_checks import confidential_host_checks
 
     checks += [
         Check(name, cast(Status, status), detail)

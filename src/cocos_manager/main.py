@@ -13,7 +13,8 @@ import json
 import sys
 from collections.abc import Sequence
 
-from cocos_manager.confidential import ConfidentialConfigError, check_confidential_launch
+from cocos_manager.confidential import ConfidentialConfigError
+from cocos_manager.confidential_checks import check_confidential_launch
 from cocos_manager.qemu_argv import (
     QemuNotFoundError,
     effective_base_args,
