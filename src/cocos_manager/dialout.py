@@ -36,7 +36,7 @@ from grpc_health.v1 import health, health_pb2
 
 from cocos_manager.api import manager_pb2 as pb
 from cocos_manager.errors import ManagerError
-from cocos_manager.events import manager_event
+from cocos_manager.event_messages import manager_event
 from cocos_manager.logging import get_logger
 from cocos_manager.machine import PROVISION
 from cocos_manager.metrics import METRICS, Metrics

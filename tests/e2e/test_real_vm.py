@@ -40,7 +40,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cocos_manager.api import manager_pb2 as pb
 from cocos_manager.api import manager_pb2_grpc as pb_grpc
-from cocos_manager.events import computation_of
+from cocos_manager.event_messages import computation_of
 from cocos_manager.manifest import manifest_json
 from tests.support.harness import run_request
 from tests.support.waiting import subscribed
