@@ -28,7 +28,8 @@ from cocos_manager.attestation import (
     expected_measurement,
     measurement_inputs,
 )
-from cocos_manager.confidential import host_data, launched_binding
+from cocos_manager.confidential import launched_binding
+from cocos_manager.confidential_argv import host_data
 from cocos_manager.errors import FailedPreconditionError
 from cocos_manager.manifest import manifest_json
 from cocos_manager.qemu_argv import qemu_args

@@ -14,17 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from cocos_manager import confidential
+from cocos_manager import confidential, confidential_checks
 from cocos_manager.confidential import (
     ConfidentialConfigError,
     LaunchMode,
-    check_confidential_launch,
-    confidential_host_checks,
-    host_data,
     launch_mode,
     launched_binding,
-    mrconfigid,
 )
+from cocos_manager.confidential_argv import host_data, mrconfigid
+from cocos_manager.confidential_checks import check_confidential_launch, confidential_host_checks
 from cocos_manager.qemu_argv import VmResources, derive_vm_settings, qemu_args, vm_file_paths
 from cocos_manager.settings import QemuSettings, SettingsError, load_settings
 from tests.support.harness import FAKE_QEMU
@@ -338,7 +336,7 @@ def test_auto_probes_the_binary_once(tmp_path: Path, objects: str, mode: LaunchM
 )
 def test_impossible_combinations(env: dict[str, object], words: str) -> None:
     with pytest.raises(ConfidentialConfigError, match=words):
-        confidential.check_settings(settings(**env))
+        confidential_checks.check_settings(settings(**env))
 
 
 @pytest.mark.parametrize(
@@ -359,7 +357,7 @@ def test_bad_id_block_file(tmp_path: Path, content: bytes | None, words: str) ->
         SEV_SNP_ID_AUTH_FILE=str(tmp_path / "id-auth"),
     )
     with pytest.raises(ConfidentialConfigError) as caught:
-        confidential.check_settings(q)
+        confidential_checks.check_settings(q)
     assert str(caught.value).startswith("MANAGER_QEMU_SEV_SNP_ID_BLOCK_FILE: ")
     assert words in str(caught.value)
 

@@ -34,14 +34,9 @@ from pathlib import Path
 
 import pytest
 
-from cocos_manager.confidential import (
-    ConfidentialConfigError,
-    LaunchMode,
-    check_confidential_launch,
-    confidential_args,
-    host_data,
-    launched_binding,
-)
+from cocos_manager.confidential import ConfidentialConfigError, LaunchMode, launched_binding
+from cocos_manager.confidential_argv import confidential_args, host_data
+from cocos_manager.confidential_checks import check_confidential_launch
 from cocos_manager.qemu_argv import (
     FW_CFG_MANIFEST_NAME,
     VmResources,

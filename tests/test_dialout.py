@@ -20,8 +20,9 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from cocos_manager.api import manager_pb2 as pb
-from cocos_manager.dialout import HEALTH_SERVICE, DialOut, DialOutConfigError, dialout_config
-from cocos_manager.events import log_message
+from cocos_manager.dialout import HEALTH_SERVICE, DialOut
+from cocos_manager.dialout_config import DialOutConfigError, dialout_config
+from cocos_manager.event_messages import log_message
 from cocos_manager.manifest import manifest_json
 from cocos_manager.metrics import Metrics
 from cocos_manager.settings import load_settings

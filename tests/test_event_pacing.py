@@ -14,7 +14,8 @@ from typing import Any
 
 from cocos_manager.agent_protocol import serve_agent_connection
 from cocos_manager.api.manager_pb2 import AgentLog, ClientStreamMessage
-from cocos_manager.events import EventBus, Subscription
+from cocos_manager.event_subscription import Subscription
+from cocos_manager.events import EventBus
 
 GUARD = 10.0
 

@@ -12,7 +12,8 @@ import grpc
 import pytest
 
 from cocos_manager.api import manager_pb2 as pb
-from cocos_manager.events import EventBus, log_message
+from cocos_manager.event_messages import log_message
+from cocos_manager.events import EventBus
 from tests.support.harness import Manager, run_request, running_manager
 
 GUARD = 10.0

@@ -13,7 +13,7 @@ import pytest
 
 from cocos_manager import vm_files
 from cocos_manager.api import manager_pb2 as pb
-from cocos_manager.cli import _describe, printable
+from cocos_manager.cli_output import describe, printable
 from cocos_manager.metrics import metrics_host
 from cocos_manager.qemu_argv import qemu_args
 from cocos_manager.settings import QemuSettings, ServiceSettings
@@ -97,14 +97,14 @@ def test_events_output_is_printable() -> None:
     log = pb.ClientStreamMessage(
         agent_log=pb.AgentLog(computation_id="c\x1b[8m", level="info", message="\x1b[2Jhi\r")
     )
-    assert _describe(log) == "#0 [c] log info: hi\\x0d"
+    assert describe(log) == "#0 [c] log info: hi\\x0d"
     event = pb.ClientStreamMessage(
         agent_event=pb.AgentEvent(
             computation_id="c", originator="agent", event_type="x\x1b]0;t\x07", status="ok",
             details=b'{"a":"\x1b[31m"}',
         )
     )  # fmt: skip
-    assert _describe(event) == '#0 [c] event agent/x: ok {"a":""}'
+    assert describe(event) == '#0 [c] event agent/x: ok {"a":""}'
 
 
 # -- listen addresses -------------------------------------------------------------------------

@@ -17,20 +17,16 @@ from pathlib import Path
 
 import pytest
 
+from cocos_manager.check_result import Check, exit_code, render
 from cocos_manager.host_check import (
-    Check,
-    Host,
     check_directories,
     check_files,
     check_ports,
-    check_qemu,
-    check_sudo,
-    exit_code,
-    kvm_creates_vm,
-    render,
     run_checks,
     startup_checks,
 )
+from cocos_manager.host_probes import Host, kvm_creates_vm
+from cocos_manager.qemu_probes import check_qemu, check_sudo
 from cocos_manager.settings import Settings, load_settings
 
 EXE = str(Path(sys.executable).with_name("cocos-manager"))

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cocos_manager.api import manager_pb2 as pb
-from cocos_manager.events import log_message
+from cocos_manager.event_messages import log_message
 from cocos_manager.metrics import Metrics, start_metrics_server
 from cocos_manager.vm_metrics import register_vm_metrics, unregister_vm_metrics
 from tests.support.daemon_process import Daemon

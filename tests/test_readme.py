@@ -12,7 +12,7 @@ from google.protobuf import json_format
 
 from cocos_manager.api import manager_pb2 as pb
 from cocos_manager.manifest import manifest_json
-from cocos_manager.settings import known_variables
+from cocos_manager.unknown_variables import known_variables
 from tests.support.harness import Manager, running_manager
 from tests.support.readme import README, REPO, env_block
 from tests.support.streams import read_agent

@@ -7,6 +7,7 @@ import socket
 import pytest
 
 from cocos_manager.errors import ResourceExhaustedError
+from cocos_manager.go_parse import PortRange
 from cocos_manager.resources import (
     EphemeralPortPool,
     NumberPool,
@@ -14,7 +15,6 @@ from cocos_manager.resources import (
     host_port_pool,
     tcp_port_is_free,
 )
-from cocos_manager.settings import PortRange
 
 
 def test_lowest_free_number_and_release() -> None:

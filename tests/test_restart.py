@@ -19,7 +19,7 @@ import pytest
 
 from cocos_manager.api import manager_pb2 as pb
 from cocos_manager.daemon import DaemonRunner
-from cocos_manager.events import Subscription
+from cocos_manager.event_subscription import Subscription
 from cocos_manager.metrics import METRICS
 from cocos_manager.settings import load_settings
 from cocos_manager.state_store import VmRecord, process_identity

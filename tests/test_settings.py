@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from cocos_manager.go_parse import PortRange
 from cocos_manager.settings import (
     AgentChannel,
     LogLevel,
-    PortRange,
     QemuSettings,
     ServiceSettings,
     SettingsError,
@@ -329,7 +329,7 @@ def test_a_jaeger_url_that_is_not_http_is_refused(
 
 
 def test_unknown_variables_get_the_closest_known_name() -> None:
-    from cocos_manager.settings import known_variables, unknown_variables
+    from cocos_manager.unknown_variables import known_variables, unknown_variables
 
     env = {
         "MANAGER_QEMU_MEMORY": "1G",

@@ -26,10 +26,11 @@ from thriftpy2.protocol import TBinaryProtocolFactory
 from thriftpy2.utils import deserialize
 
 from cocos_manager.interceptors import TelemetryInterceptor
+from cocos_manager.jaeger_export import jaeger_thrift
 from cocos_manager.logging import configure_logging
 from cocos_manager.metrics import Metrics
 from cocos_manager.settings import LogLevel, ServiceSettings
-from cocos_manager.tracing import jaeger_thrift, setup_tracing, shutdown_tracing
+from cocos_manager.tracing import setup_tracing, shutdown_tracing
 from tests.support.waiting import wait_for
 
 SERVICE = "manager.ManagerService"

@@ -32,7 +32,7 @@ from typing import Protocol
 from google.protobuf.message import DecodeError
 
 from cocos_manager.api.manager_pb2 import AgentEvent, AgentLog, ClientStreamMessage
-from cocos_manager.events import MANAGER_ORIGINATOR
+from cocos_manager.event_messages import MANAGER_ORIGINATOR
 from cocos_manager.logging import get_logger
 
 MAX_FRAME = 1 << 20

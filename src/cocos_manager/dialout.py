@@ -25,24 +25,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import random
 from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2
 
 from cocos_manager.api import manager_pb2 as pb
+from cocos_manager.dialout_config import DialOutConfig, dialout_config
+
+# Re-exported: daemon.py names the error the dial-out refuses start-up with here.
+from cocos_manager.dialout_config import DialOutConfigError as DialOutConfigError
 from cocos_manager.errors import ManagerError
-from cocos_manager.events import manager_event
+from cocos_manager.event_messages import manager_event
 from cocos_manager.logging import get_logger
 from cocos_manager.machine import PROVISION
 from cocos_manager.metrics import METRICS, Metrics
 from cocos_manager.service import ManagerService
 from cocos_manager.settings import ServiceSettings
-from cocos_manager.tls import TlsConfigError, TlsMode, describe_dialout_mode, dialout_credentials
+from cocos_manager.tls import TlsConfigError
 
 PROCESS_METHOD = "/manager.ManagerService/Process"
 HEALTH_SERVICE = "manager.DialOut"
@@ -64,79 +66,7 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # 6 minutes stays clear of that and still finds a vanished server while the stream is idle.
 KEEPALIVE_MS = 360_000
 
-_LOCAL_HOSTS = {"localhost", "", "0.0.0.0", "::"}
-
 _log = get_logger()
-
-
-class DialOutConfigError(Exception):
-    """Refuses start-up; the message starts with the variable at fault."""
-
-
-@dataclass(frozen=True, slots=True)
-class DialOutConfig:
-    target: str
-    timeout: float
-    mode: TlsMode
-    credentials: grpc.ChannelCredentials | None
-    description: str
-
-
-def _host_port(target: str) -> tuple[str, int] | None:
-    """host and port of a `host:port` (or `dns:///host:port`) target; None for other forms."""
-    address = target.removeprefix("dns:///").removeprefix("dns:")
-    if address.startswith("["):
-        host, _, rest = address[1:].partition("]")
-        port = rest.removeprefix(":")
-    else:
-        host, _, port = address.rpartition(":")
-    if not port.isdigit():
-        return None
-    return host.lower(), int(port)
-
-
-def _is_local(host: str) -> bool:
-    if host in _LOCAL_HOSTS:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def dialout_config(service: ServiceSettings) -> DialOutConfig | None:
-    """The dial-out's settings, checked: None when MANAGER_GRPC_URL is not set.
-
-    Raises DialOutConfigError (or TlsConfigError) naming the variable, before anything runs.
-    """
-    mode, credentials = dialout_credentials(service)  # refuses half TLS, with or without URL
-    target = service.GRPC_URL.strip()
-    if not target:
-        return None
-    if service.GRPC_ATTESTED_TLS:
-        raise DialOutConfigError(
-            "MANAGER_GRPC_ATTESTED_TLS: attested TLS to the computations server is not "
-            "supported; use MANAGER_GRPC_SERVER_CA_CERTS (or MANAGER_GRPC_URL_CA_CERTS) and "
-            "MANAGER_GRPC_CLIENT_CERT/KEY"
-        )
-    parsed = _host_port(target)
-    if parsed is not None:
-        host, port = parsed
-        own_host = service.GRPC_HOST.strip("[]").lower()
-        listens_there = host == own_host or (_is_local(host) and _is_local(own_host))
-        if port == service.GRPC_PORT and listens_there:
-            raise DialOutConfigError(
-                f"MANAGER_GRPC_URL: {target} is this daemon's own gRPC server "
-                "(MANAGER_GRPC_HOST/MANAGER_GRPC_PORT); give the computations server's "
-                "address, or move this server with MANAGER_GRPC_PORT"
-            )
-    return DialOutConfig(
-        target=target,
-        timeout=service.GRPC_TIMEOUT,
-        mode=mode,
-        credentials=credentials,
-        description=describe_dialout_mode(mode, service),
-    )
 
 
 class DialOut:

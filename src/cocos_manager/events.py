@@ -18,20 +18,28 @@ busy with other computations holds it back not at all), for at most `hold_timeou
 woken when that backlog drains: no polling. A subscriber that keeps an agent waiting past
 `hold_timeout` stops pacing anyone until it has emptied its queue; meanwhile it loses
 messages and the agents go on.
+
+The bus is here; one subscriber's stream is in event_subscription.py, the manager's own
+messages in event_messages.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 from collections import deque
-from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any
-
-from google.protobuf.timestamp_pb2 import Timestamp
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from cocos_manager.api import manager_pb2 as pb
 from cocos_manager.errors import ResourceExhaustedError
+from cocos_manager.event_messages import EVENTS_LOST, computation_of
+
+# Re-exported: machine.py and service.py import the message constructors and the stream type
+# with the bus.
+from cocos_manager.event_messages import log_message as log_message
+from cocos_manager.event_messages import manager_event as manager_event
+from cocos_manager.event_subscription import HOLD_ABOVE, RELEASE_AT, Published
+from cocos_manager.event_subscription import Subscription as Subscription
 from cocos_manager.logging import get_logger
 
 if TYPE_CHECKING:
@@ -43,208 +51,11 @@ DEFAULT_MAX_SUBSCRIBERS = 64
 DEFAULT_RETAIN = 10_000
 DEFAULT_RETAIN_BYTES = 16 * 1024 * 1024
 DEFAULT_HOLD_TIMEOUT = 1.0
-MANAGER_ORIGINATOR = "manager"
-EVENTS_LOST = "events-lost"
-# Backlog of one computation (as a share of the queue, in messages or bytes) that holds its
-# agent back, and that lets it go: the gap spares the agent a wait per message.
-_HOLD_ABOVE, _RELEASE_AT = 0.5, 0.25
 _REMEMBERED_EVICTIONS = 10_000
 """Computations whose last evicted message is remembered, to tell a replay filtered on one
 computation whether it lost anything."""
 
 _log = get_logger()
-
-
-def _now() -> Timestamp:
-    stamp = Timestamp()
-    stamp.GetCurrentTime()
-    return stamp
-
-
-def manager_event(
-    computation_id: str, event_type: str, status: str, details: dict[str, Any] | None = None
-) -> pb.ClientStreamMessage:
-    """A Manager's own event, shaped as the original's AgentEvent with originator "manager"."""
-    return pb.ClientStreamMessage(
-        agent_event=pb.AgentEvent(
-            event_type=event_type,
-            timestamp=_now(),
-            computation_id=computation_id,
-            details=json.dumps(details, separators=(",", ":")).encode() if details else b"",
-            originator=MANAGER_ORIGINATOR,
-            status=status,
-        )
-    )
-
-
-def log_message(computation_id: str, level: str, message: str) -> pb.ClientStreamMessage:
-    return pb.ClientStreamMessage(
-        agent_log=pb.AgentLog(
-            message=message, computation_id=computation_id, level=level, timestamp=_now()
-        )
-    )
-
-
-def computation_of(message: pb.ClientStreamMessage) -> str:
-    kind = message.WhichOneof("message")
-    if kind == "agent_event":
-        return message.agent_event.computation_id
-    if kind == "agent_log":
-        return message.agent_log.computation_id
-    if kind == "run_res":
-        return message.run_res.computation_id
-    return ""
-
-
-class _Published:
-    """A published message with what the bus needs to know about it, computed once."""
-
-    __slots__ = ("computation_id", "message", "seq", "size")
-
-    def __init__(self, message: pb.ClientStreamMessage, computation_id: str, size: int) -> None:
-        self.message = message
-        self.computation_id = computation_id
-        self.size = size
-        self.seq = message.seq
-
-
-class Subscription:
-    """One Events stream: what it replays first, a queue bounded in messages and bytes, its
-    backlog per computation (what pacing looks at), and what it has lost."""
-
-    __slots__ = (
-        "_backlog",
-        "_bus",
-        "_bytes",
-        "_closed",
-        "_items",
-        "_max_bytes",
-        "_max_messages",
-        "_ready",
-        "_replay",
-        "computation_id",
-        "dropped",
-        "lost_total",
-        "paces",
-    )
-
-    def __init__(
-        self,
-        bus: EventBus,
-        computation_id: str,
-        max_messages: int,
-        max_bytes: int,
-        replay: list[pb.ClientStreamMessage] | None = None,
-    ) -> None:
-        self._bus = bus
-        self.computation_id = computation_id
-        self._max_messages = max_messages
-        self._max_bytes = max_bytes
-        self._items: deque[_Published] = deque()
-        self._bytes = 0
-        # computation id -> [queued messages, queued bytes]
-        self._backlog: dict[str, list[int]] = {}
-        self._ready = asyncio.Event()
-        self._closed = False
-        self._replay: deque[pb.ClientStreamMessage] = deque(replay or ())
-        self.dropped = 0  # lost in the current burst; reported when it catches up
-        self.lost_total = 0
-        self.paces = True  # False after it kept an agent waiting too long; True once drained
-
-    # -- queue ------------------------------------------------------------------------------
-
-    def qsize(self) -> int:
-        return len(self._items)
-
-    @property
-    def queued_bytes(self) -> int:
-        return self._bytes
-
-    def wants(self, computation_id: str) -> bool:
-        return not self.computation_id or self.computation_id == computation_id
-
-    def offer(self, item: _Published) -> bool:
-        if self._closed:
-            return True
-        if self._items and (
-            len(self._items) >= self._max_messages or self._bytes + item.size > self._max_bytes
-        ):
-            if self.dropped == 0:
-                _log.warning(
-                    "events subscriber is too slow: dropping messages",
-                    subscriber_filter=self.computation_id or "*",
-                )
-            self.dropped += 1
-            self.lost_total += 1
-            return False
-        if self.dropped:
-            _log.warning("events subscriber caught up", dropped=self.dropped)
-            self._push(self._lost_notice(self.dropped, "dropped"))
-            self.dropped = 0
-        self._push(item)
-        return True
-
-    def _lost_notice(self, lost: int, status: str) -> _Published:
-        notice = manager_event(self.computation_id, EVENTS_LOST, status, {"lost": lost})
-        return _Published(notice, self.computation_id, 0)
-
-    def _push(self, item: _Published) -> None:
-        self._items.append(item)
-        self._bytes += item.size
-        backlog = self._backlog.get(item.computation_id)
-        if backlog is None:
-            self._backlog[item.computation_id] = [1, item.size]
-        else:
-            backlog[0] += 1
-            backlog[1] += item.size
-        self._ready.set()
-
-    def _take(self) -> pb.ClientStreamMessage:
-        item = self._items.popleft()
-        self._bytes -= item.size
-        backlog = self._backlog[item.computation_id]
-        backlog[0] -= 1
-        backlog[1] -= item.size
-        if not backlog[0]:
-            del self._backlog[item.computation_id]
-        if not self._items:
-            self.paces = True  # it has caught up: it may pace agents again
-        if item.computation_id in self._bus._room and self.fill(item.computation_id) <= _RELEASE_AT:
-            self._bus._wake(item.computation_id)
-        return item.message
-
-    def fill(self, computation_id: str) -> float:
-        """How much of the queue this computation's messages take (messages or bytes, the
-        larger share)."""
-        backlog = self._backlog.get(computation_id)
-        if backlog is None:
-            return 0.0
-        return max(backlog[0] / self._max_messages, backlog[1] / self._max_bytes)
-
-    def holds_back(self, computation_id: str, fill: float) -> bool:
-        return self.paces and not self._closed and self.fill(computation_id) > fill
-
-    # -- stream -----------------------------------------------------------------------------
-
-    async def __aiter__(self) -> AsyncIterator[pb.ClientStreamMessage]:
-        try:
-            while self._replay:
-                yield self._replay.popleft()
-            while True:
-                if not self._items:
-                    if self._closed:
-                        return
-                    self._ready.clear()
-                    await self._ready.wait()
-                    continue
-                yield self._take()
-        finally:
-            self._bus.unsubscribe(self)
-
-    def close(self) -> None:
-        """Ends the stream after what is queued."""
-        self._closed = True
-        self._ready.set()
 
 
 class EventBus:
@@ -267,7 +78,7 @@ class EventBus:
         self._hold_timeout = hold_timeout
         self._subscribers: set[Subscription] = set()
         self._on_drop = on_drop
-        self._history: deque[_Published] = deque()
+        self._history: deque[Published] = deque()
         self._history_bytes = 0
         # computation id -> seq of its last evicted message, least recently evicted first
         self._last_evicted: dict[str, int] = {}
@@ -394,7 +205,7 @@ class EventBus:
         self.published += 1
         for listener in self._taps:
             listener(message)
-        item = _Published(message, computation_of(message), message.ByteSize())
+        item = Published(message, computation_of(message), message.ByteSize())
         self._retain_item(item)
         lost = 0
         for subscription in self._subscribers:
@@ -405,7 +216,7 @@ class EventBus:
             if self._on_drop is not None:
                 self._on_drop(lost)
 
-    def _retain_item(self, item: _Published) -> None:
+    def _retain_item(self, item: Published) -> None:
         if not self._retain:
             return
         self._history.append(item)
@@ -428,7 +239,7 @@ class EventBus:
         once the backlog is down to a quarter (woken by the subscriber that drained it), or
         after `hold_timeout`, when the subscribers still holding it back stop pacing (and
         will lose messages) until they have emptied their queues."""
-        holders = [s for s in self._subscribers if s.holds_back(computation_id, _HOLD_ABOVE)]
+        holders = [s for s in self._subscribers if s.holds_back(computation_id, HOLD_ABOVE)]
         if not holders:
             return
         loop = asyncio.get_running_loop()
@@ -437,7 +248,7 @@ class EventBus:
             holders = [
                 s
                 for s in holders
-                if s in self._subscribers and s.holds_back(computation_id, _RELEASE_AT)
+                if s in self._subscribers and s.holds_back(computation_id, RELEASE_AT)
             ]
             if not holders:
                 return

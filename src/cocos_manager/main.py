@@ -13,7 +13,8 @@ import json
 import sys
 from collections.abc import Sequence
 
-from cocos_manager.confidential import ConfidentialConfigError, check_confidential_launch
+from cocos_manager.confidential import ConfidentialConfigError
+from cocos_manager.confidential_checks import check_confidential_launch
 from cocos_manager.qemu_argv import (
     QemuNotFoundError,
     effective_base_args,
@@ -41,7 +42,8 @@ def _print_qemu_cmd(settings: Settings, as_json: bool, original: bool) -> int:
 
 
 def _check(settings: Settings, as_json: bool) -> int:
-    from cocos_manager.host_check import exit_code, render, run_checks
+    from cocos_manager.check_result import exit_code, render
+    from cocos_manager.host_check import run_checks
 
     checks = run_checks(settings)
     print(render(checks, as_json))

@@ -15,7 +15,8 @@ from typing import Any
 
 from cocos_manager.api import manager_pb2 as pb
 from cocos_manager.errors import InvalidArgumentError
-from cocos_manager.settings import Settings, parse_go_duration
+from cocos_manager.go_parse import parse_go_duration
+from cocos_manager.settings import Settings
 
 HASH_SIZE = 32  # SHA3-256
 MAX_ID_LENGTH = 256

@@ -14,7 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cocos_manager.confidential import confidential_args, pflash_drives, uses_bios
+from cocos_manager.confidential import uses_bios
+from cocos_manager.confidential_argv import confidential_args, pflash_drives
 from cocos_manager.settings import QemuSettings
 
 FW_CFG_MANIFEST_NAME = "opt/cocos/agent-config.json"

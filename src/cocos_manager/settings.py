@@ -2,7 +2,8 @@
 
 The original used caarlos0/env: booleans through strconv.ParseBool, integers through
 strconv.ParseInt(v, 10, 32), and a variable that is set but empty takes its default.
-Operators' existing environment files must keep meaning the same thing here.
+Operators' existing environment files must keep meaning the same thing here. The value
+parsers are in go_parse.py; this module declares the fields and loads them.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import uuid
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated
@@ -19,108 +19,22 @@ from urllib.parse import urlsplit
 from pydantic import BeforeValidator, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-_GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
-_GO_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
-_INT_RE = re.compile(r"[+-]?[0-9]+")
-_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+from cocos_manager.go_parse import (
+    GoBool,
+    GoDuration,
+    GoInt,
+    UInt64,
+    parse_name_list,
+    parse_optional_go_duration,
+    parse_optional_go_int,
+    parse_port_range,
+)
 
-
-def parse_go_bool(value: object) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        if value in _GO_TRUE:
-            return True
-        if value in _GO_FALSE:
-            return False
-    raise ValueError("expected a boolean (1, t, T, TRUE, true, True, 0, f, F, FALSE, false, False)")
-
-
-def parse_go_int(value: object) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
-        number = value
-    elif isinstance(value, str) and _INT_RE.fullmatch(value):
-        number = int(value, 10)
-    else:
-        raise ValueError("expected a base-10 integer")
-    if not _INT32_MIN <= number <= _INT32_MAX:
-        raise ValueError("integer out of range")
-    return number
-
-
-_DURATION_UNITS = {
-    "ns": 1e-9,
-    "us": 1e-6,
-    "µs": 1e-6,
-    "μs": 1e-6,
-    "ms": 1e-3,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
-}
-_DURATION_PART = re.compile(r"([0-9]*\.?[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
-
-
-def parse_go_duration(value: object) -> float:
-    """Seconds from a Go duration string ("30s", "1m30s", "250ms"), as time.ParseDuration reads."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, str):
-        raise ValueError("expected a duration such as 30s, 500ms or 1m30s")
-    text = value
-    sign = -1.0 if text.startswith("-") else 1.0
-    text = text.lstrip("+-")
-    if text == "0":
-        return 0.0
-    pos, total = 0, 0.0
-    while pos < len(text):
-        match = _DURATION_PART.match(text, pos)
-        if match is None:
-            raise ValueError("expected a duration such as 30s, 500ms or 1m30s")
-        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-        pos = match.end()
-    if pos == 0:
-        raise ValueError("expected a duration such as 30s, 500ms or 1m30s")
-    return sign * total
-
-
-def parse_optional_go_int(value: object) -> int | None:
-    return None if value is None else parse_go_int(value)
-
-
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-def parse_name_list(value: object) -> tuple[str, ...]:
-    """Comma-separated environment variable names ("A,B, C"); empty items are ignored."""
-    if isinstance(value, tuple | list):
-        items = [str(item) for item in value]
-    elif isinstance(value, str):
-        items = [item.strip() for item in value.split(",")]
-    else:
-        raise ValueError("expected comma-separated variable names")
-    names = tuple(item for item in items if item)
-    for name in names:
-        if not _ENV_NAME.fullmatch(name):
-            raise ValueError(f"{name!r} is not an environment variable name")
-    return names
-
+# Re-exported: resources.py and the tests name the range type with the settings it belongs to.
+from cocos_manager.go_parse import PortRange as PortRange
 
 FIRST_GUEST_CID = 3
 MAX_VNC_DISPLAY = 65535 - 5900
-
-
-def parse_optional_go_duration(value: object) -> float | None:
-    """Unset or "0" = None (off), as MAX_VMS=0 means no limit; otherwise a Go duration."""
-    if value is None:
-        return None
-    seconds = parse_go_duration(value)
-    return None if seconds == 0 else seconds
-
-
-GoBool = Annotated[bool, BeforeValidator(parse_go_bool)]
-GoInt = Annotated[int, BeforeValidator(parse_go_int)]
-GoDuration = Annotated[float, BeforeValidator(parse_go_duration)]
 
 # The original's -append value: one argv element that includes the two double quotes.
 ORIGINAL_KERNEL_CMDLINE = '"earlyprintk=serial console=ttyS0"'
@@ -155,21 +69,6 @@ class SnpSyntax(StrEnum):
     AUTO = "auto"  # seed if QEMU knows the fork's memory-backend-memfd-private, else upstream
 
 
-def parse_uint64(value: object) -> int:
-    """A 64-bit unsigned number, decimal or 0x-hex: SNP policies are written in hex."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        number = value
-    elif isinstance(value, str) and re.fullmatch(r"(0[xX][0-9a-fA-F]+|[0-9]+)", value):
-        number = int(value, 0)
-    else:
-        raise ValueError("expected a decimal or 0x-hexadecimal number")
-    if not 0 <= number < 2**64:
-        raise ValueError("out of range for 64 bits")
-    return number
-
-
-UInt64 = Annotated[int, BeforeValidator(parse_uint64)]
-
 # SEV-SNP guest policy bit 17 is reserved and must be 1; 0x30000 also allows SMT (bit 16).
 SNP_POLICY_RESERVED_ONE = 1 << 17
 
@@ -179,34 +78,6 @@ class LogLevel(StrEnum):
     INFO = "info"
     WARN = "warn"
     ERROR = "error"
-
-
-@dataclass(frozen=True, slots=True)
-class PortRange:
-    """An inclusive host port range such as "6100-6200" (MANAGER_QEMU_HOST_FWD_RANGE)."""
-
-    first: int
-    last: int
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.first, self.last + 1))
-
-    def __str__(self) -> str:
-        return f"{self.first}-{self.last}"
-
-
-def parse_port_range(value: object) -> PortRange | None:
-    if value is None or isinstance(value, PortRange):
-        return value
-    if isinstance(value, str):
-        if value == "":
-            return None
-        match = re.fullmatch(r"([0-9]{1,5})-([0-9]{1,5})", value)
-        if match:
-            first, last = int(match.group(1)), int(match.group(2))
-            if 1 <= first <= last <= 65535:
-                return PortRange(first, last)
-    raise ValueError("expected a port range FIRST-LAST within 1-65535, such as 6100-6200")
 
 
 _COMMON = SettingsConfigDict(
@@ -493,7 +364,7 @@ class Settings:
     instance_id: str
 
 
-def _env_name(model: type[BaseSettings], field: str) -> str:
+def env_name(model: type[BaseSettings], field: str) -> str:
     info = model.model_fields[field]
     if isinstance(info.validation_alias, str):
         return info.validation_alias
@@ -503,7 +374,7 @@ def _env_name(model: type[BaseSettings], field: str) -> str:
 def _describe(model: type[BaseSettings], error: ValidationError) -> str:
     first = error.errors(include_url=False)[0]
     field = str(first["loc"][0]) if first["loc"] else "?"
-    name = _env_name(model, field) if field in model.model_fields else field
+    name = env_name(model, field) if field in model.model_fields else field
     message = first["msg"].removeprefix("Value error, ")
     got = first.get("input")
     return (
@@ -530,56 +401,3 @@ def load_settings() -> Settings:
     return Settings(
         service=service, qemu=qemu, instance_id=service.INSTANCE_ID or str(uuid.uuid4())
     )
-
-
-# -- unknown variables ------------------------------------------------------------------------
-
-# Read elsewhere, not by these models: the dial-out client (MANAGER_GRPC_URL and its
-# companions) and the variables the unit file or the CLI set.
-EXTRA_KNOWN_VARIABLES = frozenset(
-    {
-        "MANAGER_GRPC_URL",
-        "MANAGER_GRPC_TIMEOUT",
-        "MANAGER_GRPC_CLIENT_CERT",
-        "MANAGER_GRPC_CLIENT_KEY",
-        "MANAGER_GRPC_ATTESTED_TLS",
-        "MANAGER_GRPC_MANIFEST",
-    }
-)
-
-
-def known_variables() -> frozenset[str]:
-    """Every MANAGER_* (and COCOS_*) variable something in the manager reads."""
-    names = {
-        _env_name(model, field)
-        for model in (ServiceSettings, QemuSettings)
-        for field in model.model_fields
-    }
-    return frozenset(names | EXTRA_KNOWN_VARIABLES)
-
-
-@dataclass(frozen=True, slots=True)
-class UnknownVariable:
-    name: str
-    closest: str | None
-
-
-def _close_matches(name: str, known: frozenset[str]) -> list[str]:
-    import difflib  # only when there is a name to match: not on every start-up
-
-    return difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
-
-
-def unknown_variables(environ: Mapping[str, str]) -> list[UnknownVariable]:
-    """MANAGER_* variables nothing reads (a typo is otherwise silently ignored), each with
-    the closest known name when one is close enough to be the likely intent."""
-    known = known_variables()
-    out = []
-    for name in sorted(environ):
-        if not name.startswith("MANAGER_") or name in known:
-            continue
-        # A name cut short (MANAGER_QEMU_MEMORY) most likely meant the shortest longer one.
-        longer = sorted((k for k in known if k.startswith(name + "_")), key=len)
-        close = longer or _close_matches(name, known)
-        out.append(UnknownVariable(name, close[0] if close else None))
-    return out
