@@ -22,14 +22,17 @@ from cocos_manager.api import manager_pb2_grpc as pb_grpc
 from cocos_manager.manifest import manifest_json
 from tests.e2e.test_real_vm import (
     BOOT_TIMEOUT,
+    DAEMON_START_TIMEOUT,
     Daemon,
     daemon_executable,
     free_port,
     guest_images,
+    kill,
     read_agent,
     stop_daemon,
-    wait_serving,
+    wait_manager_serving,
 )
+from tests.support import daemon_process
 from tests.support.harness import run_request
 from tests.support.readme import REPO, env_block
 
@@ -71,27 +74,17 @@ def check_host(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 
 def start(env: dict[str, str], root: Path) -> Daemon:
-    log = root / "daemon.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [str(daemon_executable())],
-            env=env,
-            cwd=root,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    daemon = Daemon(
-        process,
-        f"127.0.0.1:{env['MANAGER_GRPC_PORT']}",
-        Path(env["MANAGER_QEMU_TMP_FILE_LOC"]),
-        log,
+    """The real daemon with exactly the README's settings (plus where its files go)."""
+    daemon = Daemon.__new__(Daemon)
+    daemon_process.Daemon.__init__(
+        daemon, env=env, log=root / "daemon.log", port=int(env["MANAGER_GRPC_PORT"]), cwd=root
     )
+    daemon.vm_dir = Path(env["MANAGER_QEMU_TMP_FILE_LOC"])
     try:
-        wait_serving(daemon)
+        asyncio.run(daemon.start(DAEMON_START_TIMEOUT, connect=False))
+        wait_manager_serving(daemon)
     except BaseException:
-        process.kill()
-        process.wait()
+        kill(daemon)
         raise
     return daemon
 
