@@ -483,6 +483,8 @@ class Machine:
             self._set_state(VmState.STOPPING, (STOP, "starting"), {"reason": reason.value})
             if self.start_task is not None and not self.start_task.done():
                 self.start_task.cancel()
+                # A start cancelled before its first step never runs its own clean-up.
+                self.start_task.add_done_callback(lambda _: self._release(reason))
             else:
                 self._release(reason)
         elif self.state in (VmState.RUNNING, VmState.PAUSED):

@@ -1,0 +1,45 @@
+"""Adversarial review: lifecycle races the default suite does not walk."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from cocos_manager.errors import AbortedError
+from cocos_manager.machine import StopReason, VmState
+from tests.support.harness import run_request, running_manager
+from tests.test_machine import NOTHING, make_rig
+
+
+async def test_stop_in_the_same_loop_turn_as_the_run_releases_the_vm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Stop that runs before the start task's first step (both RPCs ready in one turn of the
+    loop) cancels a coroutine that never ran: its clean-up never runs either, so nothing
+    releases the VM and Stop waited forever with the id, numbers and record held."""
+    async with make_rig(tmp_path, monkeypatch) as rig:
+        machine = rig.admit()
+        rig.start(machine)  # scheduled, not yet run
+        async with asyncio.timeout(2):  # awaited here, not in a task: Stop runs first
+            await machine.stop(StopReason.STOP)
+        assert machine.history == [VmState.ADMITTED, VmState.STOPPING, VmState.RELEASED]
+        assert rig.left_behind() == NOTHING
+        assert rig.released == [machine]
+
+
+async def test_run_and_stop_in_one_loop_turn_through_the_service(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run and Stop handlers ready in the same turn: the Run is aborted, the Stop answers and
+    the id can run again."""
+    async with running_manager(tmp_path, monkeypatch) as m:
+        run = asyncio.ensure_future(m.service.run(run_request("same-turn")))
+        stop = asyncio.ensure_future(m.service.stop("same-turn"))
+        with pytest.raises(AbortedError):
+            await asyncio.wait_for(run, 5)
+        await asyncio.wait_for(stop, 5)
+        assert m.service.computations() == {}
+        await asyncio.wait_for(m.service.run(run_request("same-turn")), 10)
+        await asyncio.wait_for(m.service.stop("same-turn"), 10)
