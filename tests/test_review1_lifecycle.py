@@ -7,9 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from cocos_manager.api import manager_pb2 as pb
 from cocos_manager.errors import AbortedError
 from cocos_manager.machine import StopReason, VmState
 from tests.support.harness import run_request, running_manager
+from tests.support.waiting import subscribed
+from tests.test_guest_halt import next_event
 from tests.test_machine import NOTHING, make_rig
 
 
@@ -43,3 +46,32 @@ async def test_run_and_stop_in_one_loop_turn_through_the_service(
         assert m.service.computations() == {}
         await asyncio.wait_for(m.service.run(run_request("same-turn")), 10)
         await asyncio.wait_for(m.service.stop("same-turn"), 10)
+
+
+async def test_a_resumed_guest_is_stopped_as_a_running_one_not_as_halted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After QEMU resumed a paused guest (RESUME), the halt is over: a Stop powers the guest
+    down (MANAGER_QEMU_POWERDOWN_GRACE) and does not report the old halt as its reason."""
+    monkeypatch.setenv("FAKE_QEMU_MODE", "halt-after:0.2:internal-error")
+    async with running_manager(
+        tmp_path,
+        monkeypatch,
+        MANAGER_QEMU_ON_GUEST_HALT="keep",
+        MANAGER_QEMU_POWERDOWN_GRACE="5s",
+    ) as m:
+        events = m.stub.Events(pb.EventsRequest(computation_id="resumed"))
+        await subscribed(events)
+        await m.stub.Run(run_request("resumed"))
+        await next_event(events, "vm-paused")
+        machine = m.service.computations()["resumed"]
+        assert machine.process is not None and machine.process.monitor is not None
+        await machine.process.monitor.execute("cont")
+        await next_event(events, "vm-resumed")
+        await m.stub.Stop(pb.StopRequest(computation_id="resumed"))
+        status, details = await next_event(events, "vm-stop")
+        while status != "complete":
+            status, details = await next_event(events, "vm-stop")
+        assert "qemu_status" not in details, details
+        assert "reboot: Power down" in machine.process.tail(), machine.process.tail()
+        events.cancel()

@@ -451,6 +451,7 @@ class Machine:
         elif name == "STOP":
             self.ctx.tasks.spawn(self._check_halt(process), name=f"qmp-status:{self.id}")
         elif name == "RESUME" and self.state is VmState.PAUSED:
+            self.halt = None  # the guest runs again: a Stop powers it down as any other
             self._set_state(VmState.RUNNING, (RESUMED, "complete"), self.details())
 
     async def _check_halt(self, process: QemuProcess) -> None:
