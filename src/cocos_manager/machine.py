@@ -246,8 +246,10 @@ class Machine:
             else:
                 self.ctx.store.save(self.record())
         except OSError as error:
-            if old is None:
-                raise
+            if old is None or new is VmState.STARTING:
+                # Without the record that names its QEMU, a restart could not find this VM:
+                # the admission, or this attempt (its QEMU reaped), fails instead.
+                raise self._record_error(error) from None
             self.log.error("cannot write the VM record", error=error.strerror)
         event_type, status = event
         self.ctx.bus.publish(manager_event(self.id, event_type, status, details or None))
@@ -261,17 +263,20 @@ class Machine:
         machine = cls(ctx, computation_id, lease)
         try:
             machine._set_state(VmState.ADMITTED, (PROVISION, "starting"), {})
-        except OSError as error:
+        except (ResourceExhaustedError, FailedPreconditionError):
             lease.release()
-            directory = str(ctx.store.directory)
-            if error.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise ResourceExhaustedError(
-                    f"MANAGER_STATE_DIR: no space left for the VM record in {directory!r}"
-                ) from None
-            raise FailedPreconditionError(
-                f"MANAGER_STATE_DIR: cannot write the VM record in {directory!r}: {error.strerror}"
-            ) from None
+            raise
         return machine
+
+    def _record_error(self, error: OSError) -> ResourceExhaustedError | FailedPreconditionError:
+        directory = str(self.ctx.store.directory)
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return ResourceExhaustedError(
+                f"MANAGER_STATE_DIR: no space left for the VM record in {directory!r}"
+            )
+        return FailedPreconditionError(
+            f"MANAGER_STATE_DIR: cannot write the VM record in {directory!r}: {error.strerror}"
+        )
 
     # -- start -------------------------------------------------------------------------------
 
