@@ -1,4 +1,4 @@
-"""Adversarial review: restarts after a state directory that filled up."""
+"""Adversarial review: what a restart finds (state directory full, paused VMs left running)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from pathlib import Path
 import grpc
 import pytest
 
+from cocos_manager.machine import VmState
 from tests.support.harness import run_request, running_manager
 from tests.support.processes import processes_mentioning
+from tests.support.waiting import wait_for
 from tests.test_faults import tmpfs
 
 
@@ -37,6 +39,32 @@ async def test_a_vm_whose_record_could_not_name_its_qemu_is_not_lost_on_restart(
                 tracked = again.service.computations()
                 alive = processes_mentioning(vms)
                 assert alive == [] or "full" in tracked, f"QEMU {alive} runs untracked"
+    finally:
+        for pid in processes_mentioning(vms):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="recovery adopts only records in state 'running' whose QMP says 'running': a VM "
+    "paused for inspection (ON_GUEST_HALT=keep), left by SHUTDOWN_STOPS_VMS=false, is killed "
+    "by the next start",
+)
+async def test_a_paused_vm_left_for_the_next_start_is_adopted_not_killed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_QEMU_MODE", "halt-after:0.1:internal-error")
+    vms = str(tmp_path / "vms")
+    env = {"MANAGER_SHUTDOWN_STOPS_VMS": "false", "MANAGER_QEMU_ON_GUEST_HALT": "keep"}
+    try:
+        async with running_manager(tmp_path, monkeypatch, **env) as m:
+            await m.stub.Run(run_request("kept"))
+            machine = m.service.computations()["kept"]
+            await wait_for(lambda: machine.state is VmState.PAUSED, "the guest halted")
+        left = processes_mentioning(vms)
+        assert left, "SHUTDOWN_STOPS_VMS=false left the paused VM running"
+        async with running_manager(tmp_path, monkeypatch, **env) as again:
+            assert "kept" in again.service.computations(), f"QEMU {left} killed at restart"
     finally:
         for pid in processes_mentioning(vms):
             os.kill(pid, signal.SIGKILL)
