@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cocos_manager.api import manager_pb2 as pb
-from cocos_manager.errors import AbortedError
+from cocos_manager.errors import AbortedError, FailedPreconditionError
 from cocos_manager.machine import StopReason, VmState
 from tests.support.harness import run_request, running_manager
 from tests.support.waiting import subscribed
@@ -75,3 +75,19 @@ async def test_a_resumed_guest_is_stopped_as_a_running_one_not_as_halted(
         assert "qemu_status" not in details, details
         assert "reboot: Power down" in machine.process.tail(), machine.process.tail()
         events.cancel()
+
+
+async def test_an_admission_refused_for_its_record_keeps_no_live_console(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Run refused because its record cannot be written never had a VM: no console of it
+    stays live (one per refused id, never closed, was a leak; Logs served it as running)."""
+    async with make_rig(tmp_path, monkeypatch) as rig:
+        state = tmp_path / "state"
+        state.rmdir()
+        state.write_text("not a directory")
+        for n in range(3):
+            with pytest.raises(FailedPreconditionError):
+                rig.admit(f"refused-{n}")
+        assert rig.ctx.consoles.live_logs() == []
+        assert rig.left_behind()["numbers"] == NOTHING["numbers"]

@@ -265,6 +265,7 @@ class Machine:
             machine._set_state(VmState.ADMITTED, (PROVISION, "starting"), {})
         except (ResourceExhaustedError, FailedPreconditionError):
             lease.release()
+            ctx.consoles.discard(machine.console)
             raise
         return machine
 
