@@ -34,6 +34,7 @@ async def test_a_vm_whose_record_could_not_name_its_qemu_is_not_lost_on_restart(
                     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                     assert "MANAGER_STATE_DIR" in (error.details() or "")
                     assert processes_mentioning(vms) == []
+                    assert sorted(os.listdir(tmp_path / "state")) == [], "no record left"
                     return
             async with running_manager(tmp_path, monkeypatch, **leave) as again:
                 tracked = again.service.computations()

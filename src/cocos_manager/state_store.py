@@ -91,8 +91,12 @@ class StateStore:
         except FileNotFoundError:  # removed under us, or never opened: make it again
             self.open()
             fd = os.open(path, flags, 0o600)
-        with os.fdopen(fd, "w") as out:
-            json.dump(asdict(record), out, separators=(",", ":"))
+        try:
+            with os.fdopen(fd, "w") as out:
+                json.dump(asdict(record), out, separators=(",", ":"))
+        except BaseException:  # e.g. ENOSPC: no half-written version left for a restart
+            path.unlink(missing_ok=True)
+            raise
         self._generation[record.uuid] = generation
         if previous is not None:
             self._path(record.uuid, previous).unlink(missing_ok=True)
