@@ -91,3 +91,20 @@ async def test_an_admission_refused_for_its_record_keeps_no_live_console(
                 rig.admit(f"refused-{n}")
         assert rig.ctx.consoles.live_logs() == []
         assert rig.left_behind()["numbers"] == NOTHING["numbers"]
+
+
+async def test_a_run_cancelled_as_its_vm_became_ready_leaves_no_vm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The caller goes away (deadline, cancel) in the instant the start completes: the client
+    is told CANCELLED, so nobody knows the VM; it must not stay running holding the id."""
+    async with running_manager(tmp_path, monkeypatch) as m:
+        run = asyncio.ensure_future(m.service.run(run_request("late-cancel")))
+        await asyncio.sleep(0)  # admitted, starting
+        machine = m.service.computations()["late-cancel"]
+        assert machine.start_task is not None
+        machine.start_task.add_done_callback(lambda _: run.cancel())
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(run, 10)
+        await asyncio.wait_for(asyncio.shield(machine.released), 10)
+        assert m.service.computations() == {}

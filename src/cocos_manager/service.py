@@ -156,6 +156,9 @@ class ManagerService:
                     await start
                 raise
             if not start.cancelled():
+                if start.exception() is None:
+                    # Ready in the instant its caller went away: nobody will ever hear of it.
+                    await asyncio.shield(machine.stop(StopReason.CLIENT))
                 raise
             if machine.stop_reason is StopReason.SHUTDOWN:
                 raise UnavailableError(
