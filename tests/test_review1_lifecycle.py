@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from cocos_manager.api import manager_pb2 as pb
 from cocos_manager.errors import AbortedError, FailedPreconditionError
@@ -108,3 +109,22 @@ async def test_a_run_cancelled_as_its_vm_became_ready_leaves_no_vm(
             await asyncio.wait_for(run, 10)
         await asyncio.wait_for(asyncio.shield(machine.released), 10)
         assert m.service.computations() == {}
+
+
+async def test_an_agent_log_with_an_out_of_range_timestamp_is_still_published(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """protobuf's ToNanoseconds raises on a Timestamp outside years 1-9999: the agent's
+    connection was aborted on that one (already acked) message, which reached nobody."""
+    async with running_manager(tmp_path, monkeypatch) as m:
+        await m.stub.Run(run_request("mine"))
+        published = m.service.bus.published
+        bad = Timestamp(seconds=1 << 40)
+        m.service.publish_agent_message(
+            pb.ClientStreamMessage(
+                agent_log=pb.AgentLog(computation_id="mine", message="far", timestamp=bad)
+            )
+        )
+        assert m.service.bus.published == published + 1
+        assert [line.text for line in m.service.console("mine").tail()][-1] == "far"
+        await m.stub.Stop(pb.StopRequest(computation_id="mine"))

@@ -96,7 +96,10 @@ class ManagerService:
             log = message.agent_log
             machine = self._machines.get(log.computation_id)
             if machine is not None:
-                stamp = log.timestamp.ToNanoseconds() if log.HasField("timestamp") else None
+                stamp = None
+                if log.HasField("timestamp"):
+                    with contextlib.suppress(ValueError):  # outside years 1-9999: ours then
+                        stamp = log.timestamp.ToNanoseconds()
                 machine.console.append(log.level, log.message, stamp)
         self.bus.publish(message)
 
