@@ -12,7 +12,7 @@ from cocos_manager.api import manager_pb2 as pb
 from cocos_manager.errors import AbortedError, FailedPreconditionError
 from cocos_manager.machine import StopReason, VmState
 from tests.support.harness import run_request, running_manager
-from tests.support.waiting import subscribed
+from tests.support.waiting import subscribed, wait_for
 from tests.test_guest_halt import next_event
 from tests.test_machine import NOTHING, make_rig
 
@@ -128,3 +128,17 @@ async def test_an_agent_log_with_an_out_of_range_timestamp_is_still_published(
         assert m.service.bus.published == published + 1
         assert [line.text for line in m.service.console("mine").tail()][-1] == "far"
         await m.stub.Stop(pb.StopRequest(computation_id="mine"))
+
+
+async def test_a_guest_halted_right_behind_the_readiness_answer_is_not_left_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QEMU's STOP event arrives with (right behind) the query-status answer that made the VM
+    ready, before the Machine watches the session: it was dropped, and the halted guest was
+    a RUNNING VM for good."""
+    monkeypatch.setenv("FAKE_QEMU_MODE", "halt-on-ready:internal-error")
+    async with running_manager(tmp_path, monkeypatch) as m:
+        await m.stub.Run(run_request("dead-on-arrival"))
+        machine = m.service.computations()["dead-on-arrival"]
+        await wait_for(lambda: machine.released.done(), "the halted VM's release", within=5)
+        assert machine.stop_reason is StopReason.HALTED
