@@ -10,6 +10,7 @@ import grpc
 import pytest
 
 from cocos_manager.machine import VmState
+from cocos_manager.state_lock import StateDirLockedError, StateLock
 from tests.support.harness import run_request, running_manager
 from tests.support.processes import processes_mentioning
 from tests.support.waiting import wait_for
@@ -69,3 +70,15 @@ async def test_a_paused_vm_left_for_the_next_start_is_adopted_not_killed(
     finally:
         for pid in processes_mentioning(vms):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_full_state_dir_still_gives_the_lock_not_a_traceback(tmp_path: Path) -> None:
+    """The PID in the lock file is only for the second daemon's message: a state directory
+    with no space left made `cocos-manager` end in an OSError traceback at start."""
+    with tmpfs(tmp_path / "state", "4k") as state:
+        (state / "filler").write_bytes(bytes(4096))
+        with StateLock(state) as lock:
+            assert lock.held
+            with pytest.raises(StateDirLockedError, match="in use by another cocos-manager"):
+                StateLock(state).acquire()
+        (state / "filler").unlink()
