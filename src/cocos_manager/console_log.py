@@ -232,6 +232,12 @@ class ConsoleArchive:
                 self._ended[log.computation_id] = log
         self.prune()
 
+    def discard(self, log: ConsoleLog) -> None:
+        """The log of a VM that never was (its admission failed): dropped, not retained."""
+        log.close(self._clock())
+        if self._live.get(log.computation_id) is log:
+            del self._live[log.computation_id]
+
     def get(self, computation_id: str) -> ConsoleLog | None:
         """The live log of the id, else its ended one while retained; None if neither."""
         self.prune()

@@ -247,8 +247,10 @@ class Machine:
             else:
                 self.ctx.store.save(self.record())
         except OSError as error:
-            if old is None:
-                raise
+            if old is None or new is VmState.STARTING:
+                # Without the record that names its QEMU, a restart could not find this VM:
+                # the admission, or this attempt (its QEMU reaped), fails instead.
+                raise self._record_error(error) from None
             self.log.error("cannot write the VM record", error=error.strerror)
         event_type, status = event
         self.ctx.bus.publish(manager_event(self.id, event_type, status, details or None))
@@ -262,17 +264,21 @@ class Machine:
         machine = cls(ctx, computation_id, lease)
         try:
             machine._set_state(VmState.ADMITTED, (PROVISION, "starting"), {})
-        except OSError as error:
+        except (ResourceExhaustedError, FailedPreconditionError):
             lease.release()
-            directory = str(ctx.store.directory)
-            if error.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise ResourceExhaustedError(
-                    f"MANAGER_STATE_DIR: no space left for the VM record in {directory!r}"
-                ) from None
-            raise FailedPreconditionError(
-                f"MANAGER_STATE_DIR: cannot write the VM record in {directory!r}: {error.strerror}"
-            ) from None
+            ctx.consoles.discard(machine.console)
+            raise
         return machine
+
+    def _record_error(self, error: OSError) -> ResourceExhaustedError | FailedPreconditionError:
+        directory = str(self.ctx.store.directory)
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return ResourceExhaustedError(
+                f"MANAGER_STATE_DIR: no space left for the VM record in {directory!r}"
+            )
+        return FailedPreconditionError(
+            f"MANAGER_STATE_DIR: cannot write the VM record in {directory!r}: {error.strerror}"
+        )
 
     # -- start -------------------------------------------------------------------------------
 
@@ -506,6 +512,8 @@ class Machine:
             self._set_state(VmState.STOPPING, (STOP, "starting"), self._stop_details(reason))
             if self.start_task is not None and not self.start_task.done():
                 self.start_task.cancel()
+                # A start cancelled before its first step never runs its own clean-up.
+                self.start_task.add_done_callback(lambda _: self._release(reason))
             else:
                 self._release(reason)
         elif self.state in (VmState.RUNNING, VmState.PAUSED):

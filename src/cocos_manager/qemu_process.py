@@ -225,6 +225,13 @@ class QemuProcess:
         if not self.exited.done():
             self.exited.set_result(ExitInfo(returncode))
 
+    async def detach(self) -> None:
+        """Lets go of a QEMU left running for the next start of the daemon: its QMP session
+        (the monitor serves one client, which must be the next daemon's) and its pidfd."""
+        if self.monitor is not None:
+            await self.monitor.close()
+        self._close_pidfd()
+
     def _close_pidfd(self) -> None:
         if self._pidfd is not None:
             self._loop.remove_reader(self._pidfd)

@@ -39,9 +39,22 @@ class QmpMonitor:
         self._writer = writer
         self._pending: deque[asyncio.Future[Any]] = deque()
         self._greeted: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self.on_event: EventCallback | None = None
+        self._on_event: EventCallback | None = None
+        # Events before anyone watches (QEMU may stop the guest right behind the answer that
+        # made the VM ready): kept, a bounded few, for the first watcher.
+        self._early: deque[dict[str, Any]] = deque(maxlen=64)
         self._task = asyncio.get_running_loop().create_task(self._read(), name="qmp-reader")
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    @property
+    def on_event(self) -> EventCallback | None:
+        return self._on_event
+
+    @on_event.setter
+    def on_event(self, callback: EventCallback | None) -> None:
+        self._on_event = callback
+        while callback is not None and self._early:
+            callback(self._early.popleft())
 
     @classmethod
     async def connect(cls, path: Path) -> QmpMonitor:
@@ -106,8 +119,10 @@ class QmpMonitor:
                 self._greeted.set_result(message)
             return
         if "event" in message:
-            if self.on_event is not None:
-                self.on_event(message)
+            if self._on_event is not None:
+                self._on_event(message)
+            else:
+                self._early.append(message)
             return
         if not self._pending:
             return  # a reply nobody asked for: not ours to judge

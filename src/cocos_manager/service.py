@@ -96,7 +96,10 @@ class ManagerService:
             log = message.agent_log
             machine = self._machines.get(log.computation_id)
             if machine is not None:
-                stamp = log.timestamp.ToNanoseconds() if log.HasField("timestamp") else None
+                stamp = None
+                if log.HasField("timestamp"):
+                    with contextlib.suppress(ValueError):  # outside years 1-9999: ours then
+                        stamp = log.timestamp.ToNanoseconds()
                 machine.console.append(log.level, log.message, stamp)
         self.bus.publish(message)
 
@@ -156,6 +159,9 @@ class ManagerService:
                     await start
                 raise
             if not start.cancelled():
+                if start.exception() is None:
+                    # Ready in the instant its caller went away: nobody will ever hear of it.
+                    await asyncio.shield(machine.stop(StopReason.CLIENT))
                 raise
             if machine.stop_reason is StopReason.SHUTDOWN:
                 raise UnavailableError(
@@ -230,11 +236,14 @@ class ManagerService:
             )
         else:
             for machine in machines:
-                if machine.state is VmState.RUNNING:
+                if machine.state in (VmState.RUNNING, VmState.PAUSED):
                     machine.log.info(
                         "VM left running for the next start (MANAGER_SHUTDOWN_STOPS_VMS=false)",
+                        state=machine.state.value,
                         **machine.details(),
                     )
+                    if machine.process is not None:
+                        await machine.process.detach()
         await self.tasks.join(timeout=self.qemu.STOP_TIMEOUT + 5)
 
     # -- attestation policy (confidential launch: attestation.py) ---------------------------

@@ -70,9 +70,16 @@ class StateLock:
                 f"MANAGER_STATE_DIR: {str(self.directory)!r} is in use by another "
                 f"cocos-manager ({who}); one daemon per state directory"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as error:  # e.g. no space left: the lock is held all the same
+            _log.warning(
+                "cannot write this daemon's PID into the state lock file",
+                path=str(self.path),
+                error=error.strerror,
+            )
         return self
 
     def release(self) -> None:

@@ -18,6 +18,8 @@ stdout, exits on SIGTERM. FAKE_QEMU_MODE changes its behaviour:
                   then on, and `cont` resumes it (RESUME event). The process stays alive.
 `-version` and `-object help` answer like QEMU 10 (the objects: FAKE_QEMU_OBJECTS, comma
 separated, default an upstream QEMU's confidential-computing ones), for the start-up probes.
+  halt-on-ready:STATUS  as halt-after, but at once behind the first query-status answer
+                  (which still says running): a guest that fails at its first instruction
   ignore-powerdown  ignore QMP system_powerdown (otherwise: "reboot: Power down", exit 0,
                   as a guest that handles the ACPI power button)
 Two more knobs for fault tests:
@@ -161,6 +163,11 @@ def qmp_session(conn: socket.socket) -> None:
             if ident is not None:
                 reply["id"] = ident
             conn.sendall(json.dumps(reply).encode() + b"\r\n")
+            mode = os.environ.get("FAKE_QEMU_MODE", "")
+            halting = mode.startswith("halt-on-ready:") and not RUN_STATE.get("halted")
+            if command == "query-status" and halting:  # right behind the "running" answer
+                RUN_STATE["halted"] = RUN_STATE["status"] = mode.split(":", 1)[1]
+                conn.sendall(event("STOP"))
     except OSError:  # the client went away mid-session: the next one may connect
         return
 
