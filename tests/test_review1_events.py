@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
+import asyncio
+import time
 
 from cocos_manager.events import EVENTS_LOST, EventBus, manager_event
+from cocos_manager.settings import ServiceSettings
 
 
 def _publish(bus: EventBus, count: int, prefix: str) -> None:
@@ -12,17 +14,13 @@ def _publish(bus: EventBus, count: int, prefix: str) -> None:
         bus.publish(manager_event("c1", f"{prefix}-{n}", "complete"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="seq restarts at 1 with each daemon start and carries no run identity: a `since` "
-    "from an earlier run that is not above the new run's last seq is taken for this run's, "
-    "and the new run's first messages are skipped without an events-lost notice",
-)
 async def test_since_from_an_earlier_run_never_skips_silently() -> None:
-    before = EventBus()
+    before = EventBus.from_settings(ServiceSettings())
     _publish(before, 10, "old")
     since = before.last_seq - 5  # the client saw up to here, then the daemon restarted
-    after = EventBus()  # the restarted daemon
+    while time.time() * 1_000_000 <= before.last_seq:  # a restart takes longer than this
+        await asyncio.sleep(0.001)
+    after = EventBus.from_settings(ServiceSettings())  # the restarted daemon
     _publish(after, 8, "new")  # e.g. re-adoption events and console lines
     subscription = after.subscribe("", since=since)
     replay = []

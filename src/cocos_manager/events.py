@@ -26,6 +26,7 @@ messages in event_messages.py.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -69,7 +70,11 @@ class EventBus:
         retain: int = DEFAULT_RETAIN,
         retain_bytes: int = DEFAULT_RETAIN_BYTES,
         hold_timeout: float = DEFAULT_HOLD_TIMEOUT,
+        first_seq: int = 1,
     ) -> None:
+        """`first_seq`: the daemon starts its numbers at its start time in microseconds
+        (`from_settings`), so every run's numbers lie above every earlier run's and a `since`
+        from before a restart is recognised; tests start at 1."""
         self._queue_size = queue_size
         self._queue_bytes = queue_bytes
         self._max_subscribers = max_subscribers
@@ -83,7 +88,8 @@ class EventBus:
         # computation id -> seq of its last evicted message, least recently evicted first
         self._last_evicted: dict[str, int] = {}
         self._forgot_evictions = False
-        self._seq = 0
+        self._first_seq = first_seq
+        self._seq = first_seq - 1
         self._room: dict[str, asyncio.Future[None]] = {}
         self._closed = False
         self.published = 0
@@ -115,6 +121,7 @@ class EventBus:
             retain=service.EVENTS_RETAIN,
             retain_bytes=service.EVENTS_RETAIN_BYTES,
             hold_timeout=service.EVENTS_HOLD_TIMEOUT,
+            first_seq=int(time.time() * 1_000_000),
         )
 
     # -- subscribers ------------------------------------------------------------------------
@@ -144,8 +151,11 @@ class EventBus:
     def _replay(self, computation_id: str, since: int) -> list[pb.ClientStreamMessage]:
         out: list[pb.ClientStreamMessage] = []
         oldest = self._history[0].seq if self._history else self._seq + 1
-        if since > self._seq:
-            # Numbers from an earlier run of the daemon: they start at 1 with each start.
+        if since == 0:  # everything of this run that is retained
+            since = self._first_seq - 1
+        if since > self._seq or 0 < since < self._first_seq - 1:
+            # Numbers from an earlier run of the daemon (below this run's first), or from
+            # nowhere (above its last, e.g. a clock set back between two runs).
             out.append(
                 manager_event(
                     computation_id,
@@ -154,7 +164,7 @@ class EventBus:
                     {"since": since, "last": self._seq},
                 )
             )
-            since = 0
+            since = self._first_seq - 1
         elif since + 1 < oldest and self._lost_after(computation_id, since):
             lost = oldest - since - 1
             out.append(
