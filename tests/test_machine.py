@@ -21,7 +21,8 @@ from cocos_manager import machine as machine_module
 from cocos_manager import vm_files
 from cocos_manager.errors import QemuExitedError
 from cocos_manager.events import EventBus
-from cocos_manager.machine import Machine, MachineContext, StopReason, VmState
+from cocos_manager.lifecycle import MachineContext, StopReason, VmState
+from cocos_manager.machine import Machine
 from cocos_manager.qemu_argv import Executable
 from cocos_manager.resources import Pools
 from cocos_manager.settings import load_settings

@@ -19,7 +19,7 @@ from structlog.testing import capture_logs
 
 from cocos_manager.api import manager_pb2 as pb
 from cocos_manager.errors import FailedPreconditionError
-from cocos_manager.machine import VmState
+from cocos_manager.lifecycle import VmState
 from cocos_manager.recovery import started_as_recorded
 from cocos_manager.state_store import (
     RECORD_STATES,

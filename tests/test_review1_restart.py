@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cocos_manager.machine import VmState
+from cocos_manager.lifecycle import VmState
 from cocos_manager.state_lock import StateDirLockedError, StateLock
 from tests.support.harness import run_request, running_manager
 from tests.support.processes import processes_mentioning

@@ -39,8 +39,8 @@ from cocos_manager.dialout_config import DialOutConfig, dialout_config
 from cocos_manager.dialout_config import DialOutConfigError as DialOutConfigError
 from cocos_manager.errors import ManagerError
 from cocos_manager.event_messages import manager_event
+from cocos_manager.lifecycle import PROVISION
 from cocos_manager.logging import get_logger
-from cocos_manager.machine import PROVISION
 from cocos_manager.metrics import METRICS, Metrics
 from cocos_manager.service import ManagerService
 from cocos_manager.settings import ServiceSettings

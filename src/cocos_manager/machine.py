@@ -15,20 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import errno
-import socket
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from opentelemetry import trace
 
 from cocos_manager import ttl, workers
 from cocos_manager.confidential import launched_binding
 from cocos_manager.console_limit import ConsoleLogLimiter
-from cocos_manager.console_log import ConsoleArchive
 from cocos_manager.errors import (
     FailedPreconditionError,
     HandoverFailedError,
@@ -36,116 +31,44 @@ from cocos_manager.errors import (
     QemuExitedError,
     ResourceExhaustedError,
 )
-from cocos_manager.events import EventBus, log_message, manager_event
+from cocos_manager.events import log_message, manager_event
+from cocos_manager.lifecycle import (
+    _ALLOWED,
+    EXIT,
+    HALT_STATES,
+    PAUSED,
+    PROVISION,
+    RESUMED,
+    START_ATTEMPTS,
+    STOP,
+    MachineContext,
+    StateError,
+    StopReason,
+    VmState,
+)
 from cocos_manager.listing import started_at_from_ticks
 from cocos_manager.logging import get_logger
 from cocos_manager.qemu_argv import (
-    FW_CFG_MANIFEST_NAME,
-    Executable,
     VmResources,
-    derive_vm_settings,
-    qemu_args,
+    vm_args,
 )
 from cocos_manager.qemu_env import qemu_environment
 from cocos_manager.qemu_failures import Conflict, conflicts_exhausted
 from cocos_manager.qemu_process import (
     ExitInfo,
-    LineCallback,
     QemuProcess,
     qmp_args,
     qmp_listener,
 )
 from cocos_manager.qmp import QmpClosed, QmpError
-from cocos_manager.resources import Lease, Pools
-from cocos_manager.settings import AgentChannel, GuestHaltAction, Settings
-from cocos_manager.state_store import StateStore, VmRecord
-from cocos_manager.tasks import TaskSet
+from cocos_manager.resources import Lease
+from cocos_manager.settings import AgentChannel, GuestHaltAction
+from cocos_manager.state_store import VmRecord
 from cocos_manager.vm_files import VmFiles, WouldCopy, prepare_vm_files, vm_paths
-from cocos_manager.vsock import Connect, HandoverAborted, HandoverTimeout, send_manifest
+from cocos_manager.vsock import HandoverAborted, HandoverTimeout, send_manifest
 
 _tracer = trace.get_tracer("cocos_manager.machine")
 _log = get_logger()
-
-PROVISION = "vm-provision"
-STOP = "vm-stop"
-EXIT = "vm-exit"
-PAUSED = "vm-paused"
-RESUMED = "vm-resumed"
-# QEMU run states in which the guest cannot go on by itself (QMP query-status after STOP).
-HALT_STATES = frozenset({"internal-error", "guest-panicked", "io-error", "shutdown"})
-START_ATTEMPTS = 3
-
-
-class VmState(enum.Enum):
-    ADMITTED = "admitted"  # id, numbers and record held; files being prepared
-    STARTING = "starting"  # a QEMU of this VM runs; not yet handed to the client
-    RUNNING = "running"  # the Run answered (or the VM was re-adopted)
-    PAUSED = "paused"  # QEMU halted the guest; kept for inspection (ON_GUEST_HALT=keep)
-    STOPPING = "stopping"  # Stop, shutdown or TTL is taking it down
-    RELEASED = "released"  # nothing of it is left: process, files, numbers, record
-
-
-_ALLOWED: dict[VmState | None, frozenset[VmState]] = {
-    # Admitted, or re-adopted (running, or kept paused for inspection).
-    None: frozenset({VmState.ADMITTED, VmState.RUNNING, VmState.PAUSED}),
-    VmState.ADMITTED: frozenset({VmState.STARTING, VmState.STOPPING, VmState.RELEASED}),
-    # STARTING -> STARTING: the next attempt, after a number was taken from under QEMU.
-    VmState.STARTING: frozenset(
-        {VmState.STARTING, VmState.RUNNING, VmState.STOPPING, VmState.RELEASED}
-    ),
-    VmState.RUNNING: frozenset({VmState.PAUSED, VmState.STOPPING, VmState.RELEASED}),
-    VmState.PAUSED: frozenset({VmState.RUNNING, VmState.STOPPING, VmState.RELEASED}),
-    VmState.STOPPING: frozenset({VmState.RELEASED}),
-    VmState.RELEASED: frozenset(),
-}
-
-
-class StopReason(enum.Enum):
-    CLIENT = "client"  # the Run's caller went away (cancel, deadline)
-    STOP = "stop"  # a Stop request
-    SHUTDOWN = "shutdown"  # the daemon is stopping
-    EXIT = "exit"  # QEMU exited on its own
-    TTL = "ttl"  # the computation's time to live ran out
-    FAILED = "failed"  # the start failed
-    HALTED = "halted"  # QEMU reported the guest halted (internal error, panic, I/O error)
-
-
-class StateError(Exception):
-    """A transition the lifecycle does not have: a bug, never a client's fault."""
-
-
-class Launcher(Protocol):
-    """Starts one QEMU: `QemuProcess.start`, or a stand-in in the Machine's unit tests."""
-
-    async def __call__(
-        self,
-        argv: Sequence[str],
-        *,
-        qmp_listener: socket.socket,
-        on_line: LineCallback,
-        env: dict[str, str] | None,
-    ) -> QemuProcess: ...
-
-
-@dataclass
-class MachineContext:
-    """What all Machines of one service share."""
-
-    settings: Settings
-    executable: Executable
-    bus: EventBus
-    store: StateStore
-    pools: Pools
-    tasks: TaskSet
-    agent_connector: Callable[[int], Connect]
-    on_released: Callable[[Machine], None]
-    consoles: ConsoleArchive = field(default_factory=ConsoleArchive)
-    launch: Launcher = QemuProcess.start
-
-
-def _escape_opt(value: str) -> str:
-    """QEMU option values double their commas."""
-    return value.replace(",", ",,")
 
 
 class Machine:
@@ -366,13 +289,13 @@ class Machine:
                 raise
 
     def _argv(self, listener_args: list[str], payload: bytes) -> list[str]:
-        """`payload`: the manifest, bound into attestation with MANAGER_QEMU_BIND_MANIFEST."""
-        vm = derive_vm_settings(self.ctx.settings.qemu, self.resources)
-        args = qemu_args(vm, vsock_device=not self.fw_cfg, manifest=payload)
         assert self.files is not None
-        if self.fw_cfg and self.files.manifest is not None:
-            manifest = _escape_opt(str(self.files.manifest))
-            args += ["-fw_cfg", f"name={FW_CFG_MANIFEST_NAME},file={manifest}"]
+        args = vm_args(
+            self.ctx.settings.qemu,
+            self.resources,
+            manifest_file=self.files.manifest,
+            manifest=payload,
+        )
         return self.ctx.executable.command([*args, *listener_args])
 
     async def _attempt(self, manifest: bytes) -> None:

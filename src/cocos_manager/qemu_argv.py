@@ -104,8 +104,30 @@ def effective_base_args(q: QemuSettings) -> list[str]:
     fw_cfg = q.AGENT_CHANNEL == "fw_cfg"
     args = qemu_args(q, vsock_device=not fw_cfg)
     if fw_cfg:
-        manifest = str(Path(q.TMP_FILE_LOC) / "agent-config-UUID.json").replace(",", ",,")
-        args += ["-fw_cfg", f"name={FW_CFG_MANIFEST_NAME},file={manifest}"]
+        args += fw_cfg_args(Path(q.TMP_FILE_LOC) / "agent-config-UUID.json")
+    return args
+
+
+def escape_option(value: str) -> str:
+    """QEMU option values double their commas."""
+    return value.replace(",", ",,")
+
+
+def fw_cfg_args(manifest_file: Path) -> list[str]:
+    """The agent's manifest as a fw_cfg file, on hosts without vhost-vsock."""
+    return ["-fw_cfg", f"name={FW_CFG_MANIFEST_NAME},file={escape_option(str(manifest_file))}"]
+
+
+def vm_args(
+    q: QemuSettings, vm: VmResources, *, manifest_file: Path | None, manifest: bytes
+) -> list[str]:
+    """One VM's arguments: the base line derived for this VM as the original did, no
+    vhost-vsock device on the fw_cfg channel (the manifest goes as a fw_cfg file instead),
+    and `manifest` bound into attestation with MANAGER_QEMU_BIND_MANIFEST."""
+    fw_cfg = q.AGENT_CHANNEL == "fw_cfg"
+    args = qemu_args(derive_vm_settings(q, vm), vsock_device=not fw_cfg, manifest=manifest)
+    if fw_cfg and manifest_file is not None:
+        args += fw_cfg_args(manifest_file)
     return args
 
 

@@ -19,8 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cocos_manager.errors import FailedPreconditionError
+from cocos_manager.lifecycle import MachineContext, VmState
 from cocos_manager.logging import get_logger
-from cocos_manager.machine import Machine, MachineContext, VmState
+from cocos_manager.machine import Machine
 from cocos_manager.qemu_process import QemuProcess
 from cocos_manager.state_store import VmRecord, current_boot_id, process_identity
 from cocos_manager.vm_files import VmFiles, vm_paths

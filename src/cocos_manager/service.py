@@ -26,9 +26,10 @@ from cocos_manager.errors import (
     UnavailableError,
 )
 from cocos_manager.events import EventBus, Subscription
+from cocos_manager.lifecycle import MachineContext, StopReason, VmState
 from cocos_manager.listing import computation_info
 from cocos_manager.logging import get_logger
-from cocos_manager.machine import Machine, MachineContext, StopReason, VmState
+from cocos_manager.machine import Machine
 from cocos_manager.manifest import effective_ttl, validated_manifest
 from cocos_manager.metrics import METRICS
 from cocos_manager.qemu_argv import Executable
