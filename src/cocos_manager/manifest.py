@@ -13,7 +13,7 @@ from typing import Any
 
 from cocos_manager.api import manager_pb2 as pb
 from cocos_manager.errors import InvalidArgumentError
-from cocos_manager.settings import Settings, parse_go_duration
+from cocos_manager.settings import DurationRangeError, Settings, parse_go_duration
 
 HASH_SIZE = 32  # SHA3-256
 MAX_ID_LENGTH = 256
@@ -62,6 +62,10 @@ def parse_ttl(text: str) -> float:
     anything is reserved or started: upstream started the VM first and leaked it on a bad TTL."""
     try:
         seconds = parse_go_duration(text)
+    except DurationRangeError:
+        raise InvalidArgumentError(
+            f"ttl: {text[:64]!r} is out of range (at most 2562047h)"
+        ) from None
     except ValueError:
         raise InvalidArgumentError(
             f"ttl: {text[:64]!r} is not a duration (Go syntax, such as 20s, 90m or 1h30m)"
