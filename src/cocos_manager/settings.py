@@ -220,6 +220,7 @@ def parse_port_range(value: object) -> PortRange | None:
 
 _COMMON = SettingsConfigDict(
     env_ignore_empty=True,  # set-but-empty takes the default, as in the original
+    case_sensitive=True,  # as Go's os.Getenv: manager_grpc_port is not MANAGER_GRPC_PORT
     extra="ignore",
     frozen=True,
     arbitrary_types_allowed=True,

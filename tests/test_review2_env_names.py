@@ -1,0 +1,17 @@
+"""Environment names are case-sensitive, as Go's os.Getenv (found in review)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cocos_manager.settings import load_settings
+
+
+def test_lowercase_names_are_not_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Go's os.Getenv is case-sensitive: `manager_grpc_port` is not MANAGER_GRPC_PORT, so it
+    neither changes a setting nor stops start-up."""
+    monkeypatch.setenv("manager_grpc_port", "not-a-number")
+    monkeypatch.setenv("manager_qemu_cpu", "lowercase")
+    settings = load_settings()
+    assert settings.service.GRPC_PORT == 7001
+    assert settings.qemu.CPU == "EPYC"
