@@ -294,7 +294,8 @@ async def _list(options: argparse.Namespace) -> int:
 
 
 def console_line(log: pb.AgentLog) -> str:
-    return f"{_time(log.timestamp, 'milliseconds')} {log.level:<5} {log.message}"
+    """The guest's console is guest-controlled: made printable as `events` makes it."""
+    return printable(f"{_time(log.timestamp, 'milliseconds')} {log.level:<5} {log.message}")
 
 
 async def _logs(options: argparse.Namespace) -> int:
