@@ -7,6 +7,7 @@ Operators' existing environment files must keep meaning the same thing here.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import uuid
@@ -325,6 +326,21 @@ class QemuSettings(BaseSettings):
     def _non_negative(cls, value: float) -> float:
         if value < 0:
             raise ValueError("a duration must not be negative")
+        return value
+
+    @field_validator("HOST_FWD_ADDR")
+    @classmethod
+    def _host_fwd_addr(cls, value: str) -> str:
+        # QEMU's user networking reads hostfwd's address as IPv4 only (no names, no IPv6):
+        # anything else would fail every Run with "Invalid host forwarding rule".
+        if value:
+            try:
+                ipaddress.IPv4Address(value)
+            except ValueError:
+                raise ValueError(
+                    "expected an IPv4 address such as 127.0.0.1 (QEMU forwards IPv4 only; "
+                    "empty = every interface)"
+                ) from None
         return value
 
     @field_validator("VSOCK_GUEST_CID")
