@@ -82,19 +82,22 @@ def request_from_manifest(path: str) -> pb.ComputationRunReq:
         doc = json.loads(Path(path).read_text())
     except (OSError, ValueError) as error:
         raise CliError(f"{path}: {error}") from None
+    if not isinstance(doc, dict):
+        raise CliError(f"{path}: expected a JSON object (a ComputationRunReq)")
     if "algorithms" in doc and "algorithm" not in doc:  # the agent manifest's spelling
         doc["algorithm"] = doc.pop("algorithms")
     if isinstance(doc.get("algorithm"), dict) and "hash" in doc["algorithm"]:
         doc["algorithm"]["hash"] = _hash_field(doc["algorithm"]["hash"], "algorithm.hash")
-    for i, dataset in enumerate(doc.get("datasets", [])):
-        if "hash" in dataset:
+    datasets = doc.get("datasets", [])
+    for i, dataset in enumerate(datasets if isinstance(datasets, list) else []):
+        if isinstance(dataset, dict) and "hash" in dataset:
             dataset["hash"] = _hash_field(dataset["hash"], f"datasets[{i}].hash")
     config = doc.get("agent_config")
     if isinstance(config, dict) and "server_key" in config and "key_file" not in config:
         config["key_file"] = config.pop("server_key")
     try:
         return json_format.ParseDict(doc, pb.ComputationRunReq())
-    except json_format.ParseError as error:
+    except (json_format.ParseError, TypeError, ValueError) as error:
         raise CliError(f"{path}: {error}") from None
 
 
@@ -314,6 +317,17 @@ async def _logs(options: argparse.Namespace) -> int:
     return 0
 
 
+def _seq(text: str) -> int:
+    """EventsRequest.since is a uint64."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be 0 or more (a sequence number): {text!r}")
+    return value
+
+
 def _non_negative(text: str) -> int:
     try:
         value = int(text)
@@ -381,7 +395,7 @@ def _parser() -> argparse.ArgumentParser:
     events.add_argument("--count", type=int, default=0, help="stop after this many messages")
     events.add_argument(
         "--since",
-        type=int,
+        type=_seq,
         metavar="SEQ",
         help="first replay the retained messages numbered after SEQ (0: all retained); "
         "text lines start with #SEQ",
