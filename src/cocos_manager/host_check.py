@@ -323,8 +323,15 @@ def _writable_dir(name: str, variable: str, path: str) -> Check:
     """The directory, or the nearest existing parent it would be made in, is writable."""
     target = Path(path).absolute()
     probe = target
-    while not probe.exists() and probe != probe.parent:
+    while not probe.exists() and not probe.is_symlink() and probe != probe.parent:
         probe = probe.parent
+    if probe.is_symlink() and not probe.exists():  # mkdir cannot make it: File exists
+        return Check(
+            name,
+            "fail",
+            f"{variable}={path}: {probe} is a dangling symlink (to {os.readlink(probe)}): "
+            "make its target, or point the variable elsewhere",
+        )
     if not probe.is_dir():
         return Check(name, "fail", f"{variable}={path}: {probe} is not a directory")
     if not os.access(probe, os.W_OK | os.X_OK):
