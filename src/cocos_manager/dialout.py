@@ -337,7 +337,8 @@ class DialOut:
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.keepalive_time_ms", KEEPALIVE_MS),
-            ("grpc.keepalive_timeout_ms", int(self.config.timeout * 1000)),
+            # A C int of milliseconds (24.8 days): a longer MANAGER_GRPC_TIMEOUT is capped.
+            ("grpc.keepalive_timeout_ms", min(int(self.config.timeout * 1000), 2**31 - 1)),
             # Reconnection is this module's back-off, not the channel's own.
             ("grpc.enable_retries", 0),
         ]

@@ -1,0 +1,24 @@
+"""MANAGER_GRPC_TIMEOUT above 24.8 days (a valid Go duration such as 1000h) became gRPC's
+`grpc.keepalive_timeout_ms` in milliseconds, beyond a C int: the channel could not be made,
+the dial-out task died at its first attempt and never dialled, with no `dial-out retrying`
+line (found in review)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.test_dialout import computations_server, dialing_manager, until
+
+
+async def test_a_long_timeout_still_dials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with (
+        computations_server(tmp_path) as server,
+        dialing_manager(tmp_path, monkeypatch, server.url, MANAGER_GRPC_TIMEOUT="1000h") as (
+            _,
+            dialout,
+            _,
+        ),
+    ):
+        await until(lambda: dialout.connected, "connected")
