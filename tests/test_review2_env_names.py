@@ -15,3 +15,10 @@ def test_lowercase_names_are_not_the_settings(monkeypatch: pytest.MonkeyPatch) -
     settings = load_settings()
     assert settings.service.GRPC_PORT == 7001
     assert settings.qemu.CPU == "EPYC"
+
+
+def test_a_lowercase_name_is_warned_about_with_the_right_spelling() -> None:
+    from cocos_manager.settings import unknown_variables
+
+    found = unknown_variables({"manager_qemu_cpu": "max", "MANAGER_QEMU_CPU": "max"})
+    assert [(u.name, u.closest) for u in found] == [("manager_qemu_cpu", "MANAGER_QEMU_CPU")]
