@@ -45,3 +45,9 @@ def test_qemu_opens_the_vars_file_in_a_directory_with_a_comma(tmp_path: Path) ->
     assert done.returncode != 0
     assert "Could not open" not in done.stderr, done.stderr
     assert "no-kernel" in done.stderr, done.stderr
+
+
+def test_romfile_path_with_a_comma_is_escaped() -> None:
+    args = qemu_args(QemuSettings(VIRTIO_NET_PCI_ROMFILE="/roms/a,b.rom"))  # type: ignore[call-arg]
+    device = next(a for a in args if a.startswith("virtio-net-pci,"))
+    assert device.endswith(",romfile=/roms/a,,b.rom")
