@@ -32,3 +32,20 @@ def test_own_server_in_grpc_address_schemes_is_refused(url: str) -> None:
 
     with pytest.raises(DialOutConfigError, match="MANAGER_GRPC_URL"):
         dialout_config(ServiceSettings(GRPC_URL=url))  # type: ignore[call-arg]
+
+
+async def test_a_server_unreachable_from_the_start_is_said_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README promises `dial-out retrying` with the reason: it was logged only after a
+    stream had been up, so a wrong MANAGER_GRPC_URL was never reported above debug."""
+    from structlog.testing import capture_logs
+
+    async with computations_server(tmp_path) as server:
+        url = server.url  # nobody listens there any more
+    with capture_logs() as logs:
+        async with dialing_manager(tmp_path, monkeypatch, url) as (_, dialout, _):
+            await until(lambda: dialout.attempts >= 3, "three attempts")
+    retrying = [e for e in logs if e["event"] == "dial-out retrying"]
+    assert len(retrying) == 1, [e["event"] for e in logs if e["log_level"] != "debug"]
+    assert retrying[0]["log_level"] == "warning" and retrying[0]["error"]
