@@ -37,3 +37,9 @@ def test_manifest_of_the_wrong_shape(tmp_path: Path, document: str) -> None:
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.startswith(f"cocos-manager-cli: {manifest}: ")
     assert len(done.stderr.strip().splitlines()) <= 2
+
+
+def test_a_negative_count_is_refused() -> None:
+    """`--count -1` stopped after the first message instead of being refused."""
+    done = _cli("events", "--count", "-1")
+    assert done.returncode == 2 and "--count" in done.stderr, done.stderr

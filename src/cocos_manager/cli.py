@@ -392,7 +392,9 @@ def _parser() -> argparse.ArgumentParser:
         "events", parents=[common], help="follow events until Ctrl-C", formatter_class=formatter
     )
     events.add_argument("computation_id", nargs="?", help="only this computation")
-    events.add_argument("--count", type=int, default=0, help="stop after this many messages")
+    events.add_argument(
+        "--count", type=_non_negative, default=0, help="stop after this many messages (0: never)"
+    )
     events.add_argument(
         "--since",
         type=_seq,
