@@ -43,7 +43,8 @@ def validate_run_request(request: pb.ComputationRunReq) -> None:
         raise InvalidArgumentError("id: a computation id is required")
     if len(request.id) > MAX_ID_LENGTH:
         raise InvalidArgumentError(f"id: at most {MAX_ID_LENGTH} characters")
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in request.id):
+    # C0, DEL and C1 (U+009B is a one-character CSI): ids are printed on terminals.
+    if any(ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F for ch in request.id):
         raise InvalidArgumentError("id: control characters are not allowed")
     if not request.HasField("algorithm"):
         raise InvalidArgumentError("algorithm: required")
