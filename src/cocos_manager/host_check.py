@@ -305,8 +305,13 @@ def check_files(settings: Settings) -> list[Check]:
         "use the Cocos guest images (kernel and rootfs of a Cocos release), or `make guest` for "
         "the test guest in build/guest"
     )
-    checks = [_file_check("ovmf-code", "MANAGER_QEMU_OVMF_CODE_FILE", q.OVMF_CODE_FILE, ovmf)]
-    if not q.KERNEL_HASH:
+    from cocos_manager.confidential import uses_bios
+
+    if uses_bios(q):  # upstream SEV-SNP and TDX boot one image by -bios: no pflash drives
+        checks = [_file_check("bios", "MANAGER_QEMU_BIOS_FILE", q.BIOS_FILE, ovmf)]
+    else:
+        checks = [_file_check("ovmf-code", "MANAGER_QEMU_OVMF_CODE_FILE", q.OVMF_CODE_FILE, ovmf)]
+    if not q.KERNEL_HASH and not uses_bios(q):
         checks.append(
             _file_check("ovmf-vars", "MANAGER_QEMU_OVMF_VARS_FILE", q.OVMF_VARS_FILE, ovmf)
         )
@@ -429,13 +434,18 @@ def check_qemu(settings: Settings, run: Runner = _run) -> list[Check]:
         cpus = _names(run([qemu, "-cpu", "help"]))
     except (OSError, subprocess.SubprocessError) as error:
         return [Check("qemu", "fail", f"{qemu} does not answer -version/help: {error}")]
+    from cocos_manager.confidential import LaunchMode, launch_mode
+
+    mode = launch_mode(q)
     needed: list[tuple[str, str, set[str], str]] = []
-    if q.ENABLE_SEV_SNP:
+    # Upstream SEV-SNP and TDX are checked with the confidential probes (their own objects);
+    # only the seed's spelling needs the fork's memory-backend-memfd-private.
+    if mode is LaunchMode.SNP_SEED:
         needed += [
             ("memory-backend-memfd-private", "object", objects, "MANAGER_QEMU_ENABLE_SEV_SNP"),
             ("sev-snp-guest", "object", objects, "MANAGER_QEMU_ENABLE_SEV_SNP"),
         ]
-    elif q.ENABLE_SEV:
+    elif mode in (LaunchMode.SEV, LaunchMode.SEV_UPSTREAM):
         needed.append(("sev-guest", "object", objects, "MANAGER_QEMU_ENABLE_SEV"))
     if q.AGENT_CHANNEL is AgentChannel.VSOCK:
         needed.append(("vhost-vsock-pci", "device", devices, "MANAGER_QEMU_AGENT_CHANNEL"))
