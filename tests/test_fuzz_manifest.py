@@ -40,7 +40,7 @@ def violations(request: pb.ComputationRunReq) -> set[str]:
     if (
         not request.id
         or len(request.id) > MAX_ID_LENGTH
-        or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in request.id)
+        or any(ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F for ch in request.id)
     ):
         bad.add("id")
     if not request.HasField("algorithm"):
@@ -180,7 +180,8 @@ def valid_run_requests(draw: st.DrawFn) -> pb.ComputationRunReq:
     good_hash = st.binary(min_size=HASH_SIZE, max_size=HASH_SIZE)
     request = pb.ComputationRunReq(
         id=draw(st.text(alphabet=st.characters(min_codepoint=0x20, exclude_categories=["Cs"]),
-                        min_size=1, max_size=MAX_ID_LENGTH).filter(lambda s: "\x7f" not in s)),
+                        min_size=1, max_size=MAX_ID_LENGTH)
+                     .filter(lambda s: not any(0x7F <= ord(ch) <= 0x9F for ch in s))),
         name=draw(texts),
         description=draw(texts),
         datasets=draw(st.lists(st.builds(pb.Dataset, provider=texts, id=texts, hash=good_hash),

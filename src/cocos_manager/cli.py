@@ -123,6 +123,17 @@ async def _logs(options: argparse.Namespace) -> int:
     return 0
 
 
+def _seq(text: str) -> int:
+    """EventsRequest.since is a uint64."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be 0 or more (a sequence number): {text!r}")
+    return value
+
+
 def _non_negative(text: str) -> int:
     try:
         value = int(text)
@@ -187,10 +198,12 @@ def _parser() -> argparse.ArgumentParser:
         "events", parents=[common], help="follow events until Ctrl-C", formatter_class=formatter
     )
     events.add_argument("computation_id", nargs="?", help="only this computation")
-    events.add_argument("--count", type=int, default=0, help="stop after this many messages")
+    events.add_argument(
+        "--count", type=_non_negative, default=0, help="stop after this many messages (0: never)"
+    )
     events.add_argument(
         "--since",
-        type=int,
+        type=_seq,
         metavar="SEQ",
         help="first replay the retained messages numbered after SEQ (0: all retained); "
         "text lines start with #SEQ",

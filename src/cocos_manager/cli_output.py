@@ -115,7 +115,8 @@ def computation_table(computations: Sequence[pb.ComputationInfo]) -> str:
 
 
 def console_line(log: pb.AgentLog) -> str:
-    return f"{_time(log.timestamp, 'milliseconds')} {log.level:<5} {log.message}"
+    """The guest's console is guest-controlled: made printable as `events` makes it."""
+    return printable(f"{_time(log.timestamp, 'milliseconds')} {log.level:<5} {log.message}")
 
 
 def explain_connection_failure(error: grpc.aio.AioRpcError, options: argparse.Namespace) -> str:

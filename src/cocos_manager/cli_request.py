@@ -68,19 +68,22 @@ def request_from_manifest(path: str) -> pb.ComputationRunReq:
         doc = json.loads(Path(path).read_text())
     except (OSError, ValueError) as error:
         raise CliError(f"{path}: {error}") from None
+    if not isinstance(doc, dict):
+        raise CliError(f"{path}: expected a JSON object (a ComputationRunReq)")
     if "algorithms" in doc and "algorithm" not in doc:  # the agent manifest's spelling
         doc["algorithm"] = doc.pop("algorithms")
     if isinstance(doc.get("algorithm"), dict) and "hash" in doc["algorithm"]:
         doc["algorithm"]["hash"] = _hash_field(doc["algorithm"]["hash"], "algorithm.hash")
-    for i, dataset in enumerate(doc.get("datasets", [])):
-        if "hash" in dataset:
+    datasets = doc.get("datasets", [])
+    for i, dataset in enumerate(datasets if isinstance(datasets, list) else []):
+        if isinstance(dataset, dict) and "hash" in dataset:
             dataset["hash"] = _hash_field(dataset["hash"], f"datasets[{i}].hash")
     config = doc.get("agent_config")
     if isinstance(config, dict) and "server_key" in config and "key_file" not in config:
         config["key_file"] = config.pop("server_key")
     try:
         return json_format.ParseDict(doc, pb.ComputationRunReq())
-    except json_format.ParseError as error:
+    except (json_format.ParseError, TypeError, ValueError) as error:
         raise CliError(f"{path}: {error}") from None
 
 

@@ -112,18 +112,24 @@ def _tdx_object(q: QemuSettings, manifest: bytes | None) -> str:
     return json.dumps(obj, separators=(",", ":"))
 
 
+def _escape_opt(value: str) -> str:
+    """QEMU splits option lists at single commas: a path keeps its commas by doubling them
+    (a path without commas, as the defaults, is unchanged)."""
+    return value.replace(",", ",,")
+
+
 def pflash_drives(q: QemuSettings) -> list[str]:
     """The seed's firmware: OVMF code, and unless KERNEL_HASH the VM's own vars copy."""
     drives = [
         "-drive",
         f"if={q.OVMF_CODE_IF},format={q.OVMF_CODE_FORMAT},unit={q.OVMF_CODE_UNIT},"
-        f"file={q.OVMF_CODE_FILE},readonly={q.OVMF_CODE_READONLY}",
+        f"file={_escape_opt(q.OVMF_CODE_FILE)},readonly={q.OVMF_CODE_READONLY}",
     ]
     if not q.KERNEL_HASH:
         drives += [
             "-drive",
             f"if={q.OVMF_VARS_IF},format={q.OVMF_VARS_FORMAT},unit={q.OVMF_VARS_UNIT},"
-            f"file={q.OVMF_VARS_FILE}",
+            f"file={_escape_opt(q.OVMF_VARS_FILE)}",
         ]
     return drives
 

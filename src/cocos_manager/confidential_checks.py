@@ -72,10 +72,14 @@ def check_confidential_launch(
     if needed is None:
         return mode
     binary = qemu_binary(q, which)
-    known = qemu_object_types(binary) if binary else frozenset()
+    if binary is None:  # the binary, not the mode, is what is wrong: say so
+        raise ConfidentialConfigError(
+            f"MANAGER_QEMU_BIN_PATH: {q.BIN_PATH!r} is not an executable file on PATH"
+        )
+    known = qemu_object_types(binary)
     missing = [name for name in needed if name not in known]
     if missing:
-        version = qemu_version(binary) if binary else ""
+        version = qemu_version(binary)
         setting = (
             "MANAGER_QEMU_ENABLE_TDX=true"
             if mode is LaunchMode.TDX

@@ -114,6 +114,7 @@ class DialOut:
         self.dropped = 0  # in the current overflow burst
         self.dropped_total = 0
         self.connected = False
+        self._said_down = False  # "dial-out retrying" logged for the current outage
         self.connects = 0
         self.attempts = 0  # failed ones
         self.pauses: list[float] = []  # the first back-off pauses, for tests and debugging
@@ -267,7 +268,8 @@ class DialOut:
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.keepalive_time_ms", KEEPALIVE_MS),
-            ("grpc.keepalive_timeout_ms", int(self.config.timeout * 1000)),
+            # A C int of milliseconds (24.8 days): a longer MANAGER_GRPC_TIMEOUT is capped.
+            ("grpc.keepalive_timeout_ms", min(int(self.config.timeout * 1000), 2**31 - 1)),
             # Reconnection is this module's back-off, not the channel's own.
             ("grpc.enable_retries", 0),
         ]
@@ -348,13 +350,19 @@ class DialOut:
 
     def _set_connected(self, connected: bool, reason: str = "") -> None:
         if connected == self.connected:
+            # Never connected yet: the first failure is said too (a wrong URL must show).
+            if not connected and reason and not self._said_down and not self._closing.is_set():
+                self._said_down = True
+                _log.warning("dial-out retrying", url=self.config.target, error=reason)
             return
         self.connected = connected
         self._metrics.dialout_connected.set(1 if connected else 0)
         if connected:
             self.connects += 1
+            self._said_down = False
             _log.info("dial-out connected", url=self.config.target, buffered=len(self._buffer))
         elif not self._closing.is_set():
+            self._said_down = True
             _log.warning("dial-out retrying", url=self.config.target, error=reason)
         self._report_health()
 

@@ -30,6 +30,7 @@ class DialOutConfig:
 def _host_port(target: str) -> tuple[str, int] | None:
     """host and port of a `host:port` (or `dns:///host:port`) target; None for other forms."""
     address = target.removeprefix("dns:///").removeprefix("dns:")
+    address = address.removeprefix("ipv4:").removeprefix("ipv6:")  # gRPC's address schemes
     if address.startswith("["):
         host, _, rest = address[1:].partition("]")
         port = rest.removeprefix(":")

@@ -228,18 +228,24 @@ class EventBus:
 
     def _retain_item(self, item: Published) -> None:
         if not self._retain:
+            # Nothing is kept: every message is lost to replay at once, and a replay of its
+            # computation must say so (as one of every computation does).
+            self._note_eviction(item)
             return
         self._history.append(item)
         self._history_bytes += item.size
         while len(self._history) > self._retain or self._history_bytes > self._retain_bytes:
             evicted = self._history.popleft()
             self._history_bytes -= evicted.size
-            last = self._last_evicted
-            last.pop(evicted.computation_id, None)  # re-inserted last: oldest first
-            last[evicted.computation_id] = evicted.seq
-            if len(last) > _REMEMBERED_EVICTIONS:
-                del last[next(iter(last))]
-                self._forgot_evictions = True
+            self._note_eviction(evicted)
+
+    def _note_eviction(self, evicted: Published) -> None:
+        last = self._last_evicted
+        last.pop(evicted.computation_id, None)  # re-inserted last: oldest first
+        last[evicted.computation_id] = evicted.seq
+        if len(last) > _REMEMBERED_EVICTIONS:
+            del last[next(iter(last))]
+            self._forgot_evictions = True
 
     # -- pacing -----------------------------------------------------------------------------
 

@@ -54,7 +54,13 @@ _DURATION_UNITS = {
     "m": 60.0,
     "h": 3600.0,
 }
-_DURATION_PART = re.compile(r"([0-9]*\.?[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
+# Go: digits, an optional fraction ("1.5h", "1.s", ".5s"), at least one digit in all.
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
+_DURATION_MAX_SECONDS = (2**63 - 1) / 1e9  # Go's Duration is int64 nanoseconds (~2562047h)
+
+
+class DurationRangeError(ValueError):
+    """A well-formed duration beyond Go's int64 nanoseconds."""
 
 
 def parse_go_duration(value: object) -> float:
@@ -65,7 +71,8 @@ def parse_go_duration(value: object) -> float:
         raise ValueError("expected a duration such as 30s, 500ms or 1m30s")
     text = value
     sign = -1.0 if text.startswith("-") else 1.0
-    text = text.lstrip("+-")
+    if text[:1] in ("-", "+"):
+        text = text[1:]  # one sign, as Go: "--5s" and "+-5s" are errors
     if text == "0":
         return 0.0
     pos, total = 0, 0.0
@@ -77,6 +84,8 @@ def parse_go_duration(value: object) -> float:
         pos = match.end()
     if pos == 0:
         raise ValueError("expected a duration such as 30s, 500ms or 1m30s")
+    if total > _DURATION_MAX_SECONDS:
+        raise DurationRangeError("a duration must be at most 2562047h (Go's limit)")
     return sign * total
 
 

@@ -31,12 +31,13 @@ from cocos_manager.logging import get_logger
 
 HEADER = re.compile(r"^([IWEF])\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ ([\w./+-]+:\d+)\] ?(.*)$")
 # Lines gRPC core puts inside one record (absl status payloads).
-CONTINUATION = re.compile(r"^(=== .* ===|[\w./-]+\.(?:cc|h|c):\d+| shutdown=.*)$")
+CONTINUATION = re.compile(r"^(=== .* ===\s*|[\w./-]+\.(?:cc|h|c):\d+| shutdown=.*)$")
 PEER = re.compile(r"grpc\.internal\.endpoint_peer_address=([^,}\s]+)")
 HANDSHAKE_ERROR = re.compile(
     r"CallNextHandshakerLocked: error=(.*?)(?:\n=== |\n shutdown=| shutdown=)", re.S
 )
 SSL_REASON = re.compile(r"OPENSSL_internal:([A-Z0-9_]+)")
+TLS_ERROR = re.compile(r"ssl|tsi_|tls|certificate", re.I)
 FLUSH_AFTER = 0.1  # seconds without a new line: the record in progress is complete
 
 # What a server-side failure most likely means, by OpenSSL's reason.
@@ -78,6 +79,8 @@ def describe_handshake_failure(text: str) -> dict[str, str] | None:
     if match is None or match.group(1).strip() in ("OK", ""):
         return None
     error = match.group(1).strip()
+    if not TLS_ERROR.search(error):
+        return None  # e.g. the TCP connect was refused: no TLS handshake took place
     peer = PEER.search(text)
     server_side = "grpc.internal.server_credentials" in text
     fields = {

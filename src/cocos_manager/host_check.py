@@ -100,8 +100,13 @@ def check_files(settings: Settings) -> list[Check]:
         "use the Cocos guest images (kernel and rootfs of a Cocos release), or `make guest` for "
         "the test guest in build/guest"
     )
-    checks = [_file_check("ovmf-code", "MANAGER_QEMU_OVMF_CODE_FILE", q.OVMF_CODE_FILE, ovmf)]
-    if not q.KERNEL_HASH:
+    from cocos_manager.confidential import uses_bios
+
+    if uses_bios(q):  # upstream SEV-SNP and TDX boot one image by -bios: no pflash drives
+        checks = [_file_check("bios", "MANAGER_QEMU_BIOS_FILE", q.BIOS_FILE, ovmf)]
+    else:
+        checks = [_file_check("ovmf-code", "MANAGER_QEMU_OVMF_CODE_FILE", q.OVMF_CODE_FILE, ovmf)]
+    if not q.KERNEL_HASH and not uses_bios(q):
         checks.append(
             _file_check("ovmf-vars", "MANAGER_QEMU_OVMF_VARS_FILE", q.OVMF_VARS_FILE, ovmf)
         )
@@ -118,8 +123,15 @@ def _writable_dir(name: str, variable: str, path: str) -> Check:
     """The directory, or the nearest existing parent it would be made in, is writable."""
     target = Path(path).absolute()
     probe = target
-    while not probe.exists() and probe != probe.parent:
+    while not probe.exists() and not probe.is_symlink() and probe != probe.parent:
         probe = probe.parent
+    if probe.is_symlink() and not probe.exists():  # mkdir cannot make it: File exists
+        return Check(
+            name,
+            "fail",
+            f"{variable}={path}: {probe} is a dangling symlink (to {os.readlink(probe)}): "
+            "make its target, or point the variable elsewhere",
+        )
     if not probe.is_dir():
         return Check(name, "fail", f"{variable}={path}: {probe} is not a directory")
     if not os.access(probe, os.W_OK | os.X_OK):

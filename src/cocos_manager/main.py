@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from cocos_manager.confidential import ConfidentialConfigError
-from cocos_manager.confidential_checks import check_confidential_launch
+from cocos_manager.confidential_checks import check_confidential_launch, check_settings
 from cocos_manager.qemu_argv import (
     QemuNotFoundError,
     effective_base_args,
@@ -84,11 +84,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = _parser().parse_args(argv)
     try:
         settings = load_settings()
+        if options.command == "check":
+            # Impossible combinations stop it; what QEMU or the host lacks is its report.
+            check_settings(settings.qemu)
+            return _check(settings, options.json)
         check_confidential_launch(settings.qemu)  # SNP/TDX asked for and QEMU lacks it: refuse
         if options.command == "print-qemu-cmd":
             return _print_qemu_cmd(settings, options.json, options.original)
-        if options.command == "check":
-            return _check(settings, options.json)
         from cocos_manager.grpc_log import capture_grpc_core_log
 
         capture_grpc_core_log()

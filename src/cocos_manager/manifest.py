@@ -15,7 +15,7 @@ from typing import Any
 
 from cocos_manager.api import manager_pb2 as pb
 from cocos_manager.errors import InvalidArgumentError
-from cocos_manager.go_parse import parse_go_duration
+from cocos_manager.go_parse import DurationRangeError, parse_go_duration
 from cocos_manager.settings import Settings
 
 HASH_SIZE = 32  # SHA3-256
@@ -46,7 +46,8 @@ def validate_run_request(request: pb.ComputationRunReq) -> None:
         raise InvalidArgumentError("id: a computation id is required")
     if len(request.id) > MAX_ID_LENGTH:
         raise InvalidArgumentError(f"id: at most {MAX_ID_LENGTH} characters")
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in request.id):
+    # C0, DEL and C1 (U+009B is a one-character CSI): ids are printed on terminals.
+    if any(ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F for ch in request.id):
         raise InvalidArgumentError("id: control characters are not allowed")
     if not request.HasField("algorithm"):
         raise InvalidArgumentError("algorithm: required")
@@ -65,6 +66,10 @@ def parse_ttl(text: str) -> float:
     anything is reserved or started: upstream started the VM first and leaked it on a bad TTL."""
     try:
         seconds = parse_go_duration(text)
+    except DurationRangeError:
+        raise InvalidArgumentError(
+            f"ttl: {text[:64]!r} is out of range (at most 2562047h)"
+        ) from None
     except ValueError:
         raise InvalidArgumentError(
             f"ttl: {text[:64]!r} is not a duration (Go syntax, such as 20s, 90m or 1h30m)"

@@ -62,7 +62,7 @@ def qemu_args(
         "-device",
         f"virtio-net-pci,disable-legacy={q.VIRTIO_NET_PCI_DISABLE_LEGACY},"
         f"iommu_platform={_on_off(q.VIRTIO_NET_PCI_IOMMU_PLATFORM)},netdev={q.NETDEV_ID},"
-        f"addr={q.VIRTIO_NET_PCI_ADDR},romfile={q.VIRTIO_NET_PCI_ROMFILE}",
+        f"addr={q.VIRTIO_NET_PCI_ADDR},romfile={q.VIRTIO_NET_PCI_ROMFILE.replace(',', ',,')}",
     ]
     if vsock_device:
         args += ["-device", f"vhost-vsock-pci,id={q.VSOCK_ID},guest-cid={q.VSOCK_GUEST_CID}"]

@@ -78,12 +78,17 @@ def check_qemu(settings: Settings, run: Runner = run_probe) -> list[Check]:
     except (OSError, subprocess.SubprocessError) as error:
         return [Check("qemu", "fail", f"{qemu} does not answer -version/help: {error}")]
     needed: list[tuple[str, str, set[str], str]] = []
-    if q.ENABLE_SEV_SNP:
+    from cocos_manager.confidential import LaunchMode, launch_mode
+
+    mode = launch_mode(q)
+    # Upstream SEV-SNP and TDX are checked with the confidential probes (their own objects);
+    # only the seed's spelling needs the fork's memory-backend-memfd-private.
+    if mode is LaunchMode.SNP_SEED:
         needed += [
             ("memory-backend-memfd-private", "object", objects, "MANAGER_QEMU_ENABLE_SEV_SNP"),
             ("sev-snp-guest", "object", objects, "MANAGER_QEMU_ENABLE_SEV_SNP"),
         ]
-    elif q.ENABLE_SEV:
+    elif mode in (LaunchMode.SEV, LaunchMode.SEV_UPSTREAM):
         needed.append(("sev-guest", "object", objects, "MANAGER_QEMU_ENABLE_SEV"))
     if q.AGENT_CHANNEL is AgentChannel.VSOCK:
         needed.append(("vhost-vsock-pci", "device", devices, "MANAGER_QEMU_AGENT_CHANNEL"))

@@ -8,6 +8,7 @@ parsers are in go_parse.py; this module declares the fields and loads them.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import uuid
@@ -82,6 +83,7 @@ class LogLevel(StrEnum):
 
 _COMMON = SettingsConfigDict(
     env_ignore_empty=True,  # set-but-empty takes the default, as in the original
+    case_sensitive=True,  # as Go's os.Getenv: manager_grpc_port is not MANAGER_GRPC_PORT
     extra="ignore",
     frozen=True,
     arbitrary_types_allowed=True,
@@ -187,6 +189,21 @@ class QemuSettings(BaseSettings):
     def _non_negative(cls, value: float) -> float:
         if value < 0:
             raise ValueError("a duration must not be negative")
+        return value
+
+    @field_validator("HOST_FWD_ADDR")
+    @classmethod
+    def _host_fwd_addr(cls, value: str) -> str:
+        # QEMU's user networking reads hostfwd's address as IPv4 only (no names, no IPv6):
+        # anything else would fail every Run with "Invalid host forwarding rule".
+        if value:
+            try:
+                ipaddress.IPv4Address(value)
+            except ValueError:
+                raise ValueError(
+                    "expected an IPv4 address such as 127.0.0.1 (QEMU forwards IPv4 only; "
+                    "empty = every interface)"
+                ) from None
         return value
 
     @field_validator("VSOCK_GUEST_CID")

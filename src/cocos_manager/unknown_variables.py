@@ -49,7 +49,10 @@ def unknown_variables(environ: Mapping[str, str]) -> list[UnknownVariable]:
     known = known_variables()
     out = []
     for name in sorted(environ):
-        if not name.startswith("MANAGER_") or name in known:
+        if not name.upper().startswith("MANAGER_") or name in known:
+            continue
+        if name.upper() in known:  # names are case-sensitive, as in Go: said, not guessed
+            out.append(UnknownVariable(name, name.upper()))
             continue
         # A name cut short (MANAGER_QEMU_MEMORY) most likely meant the shortest longer one.
         longer = sorted((k for k in known if k.startswith(name + "_")), key=len)
