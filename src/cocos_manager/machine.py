@@ -34,6 +34,7 @@ from cocos_manager.errors import (
     HandoverFailedError,
     HandoverTimeoutError,
     QemuExitedError,
+    QemuStopFailedError,
     ResourceExhaustedError,
 )
 from cocos_manager.events import EventBus, log_message, manager_event
@@ -177,6 +178,7 @@ class Machine:
         self.released: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._releasing: asyncio.Task[None] | None = None
         self._failing = False
+        self.stop_failure: QemuStopFailedError | None = None  # QEMU outlived the release
         self.halt: dict[str, Any] | None = None  # QEMU's words when it halted the guest
         self._console_limit = ConsoleLogLimiter.from_settings(ctx.settings.service)
         self.log = _log.bind(computation_id=computation_id)
@@ -337,7 +339,7 @@ class Machine:
                     self.files = await preparing
                 raise
 
-    def _argv(self, listener_args: list[str], payload: bytes) -> list[str]:
+    def _argv(self, listener: socket.socket, payload: bytes) -> list[str]:
         """`payload`: the manifest, bound into attestation with MANAGER_QEMU_BIND_MANIFEST."""
         vm = derive_vm_settings(self.ctx.settings.qemu, self.resources)
         args = qemu_args(vm, vsock_device=not self.fw_cfg, manifest=payload)
@@ -345,7 +347,9 @@ class Machine:
         if self.fw_cfg and self.files.manifest is not None:
             manifest = _escape_opt(str(self.files.manifest))
             args += ["-fw_cfg", f"name={FW_CFG_MANIFEST_NAME},file={manifest}"]
-        return self.ctx.executable.command([*args, *listener_args])
+        return self.ctx.executable.vm_command(
+            [*args, *qmp_args(listener)], keep_fds=(listener.fileno(),)
+        )
 
     async def _attempt(self, manifest: bytes) -> None:
         """One QEMU: spawned, owned before any await, and reaped if this attempt fails."""
@@ -356,7 +360,7 @@ class Machine:
             listener = qmp_listener(qmp_path)
             try:
                 process = self.ctx.launch(
-                    self._argv(qmp_args(listener), manifest),
+                    self._argv(listener, manifest),
                     qmp_listener=listener,
                     on_line=self._on_line,
                     env=qemu_environment(self.ctx.settings.qemu),
@@ -408,7 +412,11 @@ class Machine:
         so a second cancellation cannot leave it running; the release reaps it again if so."""
         process.close_pipes()
         process.kill_now()
-        await asyncio.shield(process.terminate(0))
+        try:
+            await asyncio.shield(process.terminate(0))
+        except QemuStopFailedError as error:  # the start's own error is the one to answer
+            self.stop_failure = error
+            self.log.error("QEMU could not be stopped", error=str(error))
         if self.process is process:
             self.process = None
 
@@ -490,6 +498,8 @@ class Machine:
             self._set_state(VmState.STOPPING, (STOP, "starting"), {"reason": reason.value})
             self._release(reason)
         await asyncio.shield(self.released)
+        if self.stop_failure is not None and reason is StopReason.STOP:
+            raise self.stop_failure
 
     # -- release: the one teardown path -------------------------------------------------------
 
@@ -512,6 +522,11 @@ class Machine:
         try:
             if process is not None:
                 details.update(await self._end_process(process, reason))
+        except QemuStopFailedError as error:
+            # Never STOPPING for ever: the VM is released and the Stop told (FAILED_PRECONDITION).
+            self.stop_failure = error
+            details["error"] = str(error)
+            self.log.error("QEMU could not be stopped", error=str(error))
         finally:
             if note := self._console_limit.suppressed_note():
                 self.log.warning(note)
@@ -573,7 +588,7 @@ class Machine:
             return (EXIT, "complete" if ok else "failed")
         if self.error is not None or reason in (StopReason.FAILED, StopReason.CLIENT):
             return (PROVISION, "failed")
-        return (STOP, "complete")
+        return (STOP, "failed" if self.stop_failure is not None else "complete")
 
     # -- adoption ----------------------------------------------------------------------------
 

@@ -38,3 +38,33 @@ def classify_start_failure(stderr: Iterable[str]) -> Conflict | None:
             if pattern.search(line):
                 return conflict
     return None
+
+
+# -- sudo (MANAGER_QEMU_USE_SUDO=true) ---------------------------------------------------------
+#
+# sudo's own refusals, as sudo 1.9 words them; any other line of sudo's own ("sudo: ...") before
+# QEMU ran is a refusal too. QEMU's lines start with its program name, never with "sudo:".
+_SUDO_REFUSAL = re.compile(r"^sudo: ", re.I)
+_SUDO_HINTS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"password is required|terminal is required|askpass", re.I), "nopasswd"),
+    (re.compile(r"not permitted to use the -C option", re.I), "closefrom"),
+    (re.compile(r"not in the sudoers file|not allowed to (execute|run)|may not run", re.I), "rule"),
+)
+
+
+def classify_sudo_refusal(stderr: Iterable[str]) -> tuple[str, str] | None:
+    """(sudo's line, what is missing: nopasswd, closefrom, rule or other), or None when sudo
+    did not refuse (QEMU itself failed)."""
+    for line in stderr:
+        if _SUDO_REFUSAL.search(line):
+            for pattern, kind in _SUDO_HINTS:
+                if pattern.search(line):
+                    return line, kind
+            return line, "other"
+    return None
+
+
+def sudoers_lines(user: str, qemu: str, kill: str | None = None) -> str:
+    """The sudoers lines a daemon running as `user` needs (`kill`: for the SIGKILL fallback)."""
+    commands = qemu if kill is None else f"{qemu}, {kill}"
+    return f"`{user} ALL=(root) NOPASSWD: {commands}` and `Defaults!{qemu} closefrom_override`"

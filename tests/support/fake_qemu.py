@@ -16,6 +16,7 @@ stdout, exits on SIGTERM. FAKE_QEMU_MODE changes its behaviour:
 separated, default an upstream QEMU's confidential-computing ones), for the start-up probes.
   ignore-powerdown  ignore QMP system_powerdown (otherwise: "reboot: Power down", exit 0,
                   as a guest that handles the ACPI power button)
+  ignore-quit     accept QMP quit and go on running (otherwise: exit 0, as QEMU)
 Two more knobs for fault tests:
   FAKE_QEMU_START_LOG=FILE      append one JSON line per start (pid, hostfwd port, VNC display),
                                 so a test can tell whether QEMU was started at all, and how often
@@ -106,6 +107,11 @@ def qmp_session(conn: socket.socket) -> None:
                 if os.environ.get("FAKE_QEMU_MODE") != "ignore-powerdown":
                     conn.sendall(b'{"return": {}}\r\n')
                     say(sys.stdout, "reboot: Power down\r\n")
+                    os._exit(0)
+                reply = {"return": {}}
+            elif command == "quit":
+                if os.environ.get("FAKE_QEMU_MODE") != "ignore-quit":
+                    conn.sendall(b'{"return": {}}\r\n')
                     os._exit(0)
                 reply = {"return": {}}
             else:
