@@ -8,8 +8,11 @@ QEMU and its QMP monitor). tests/e2e/test_sudo.py runs the same paths with real 
 
 from __future__ import annotations
 
+import asyncio
 import os
+import shutil
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -22,7 +25,7 @@ from cocos_manager.qemu_argv import Executable
 from cocos_manager.qemu_failures import classify_sudo_refusal
 from tests.support.harness import run_request, running_manager
 from tests.support.processes import processes_mentioning
-from tests.support.waiting import wait_for
+from tests.support.waiting import unavailable, wait_for
 
 
 def refuse_signals(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -92,3 +95,34 @@ def test_sudo_command_keeps_the_qmp_descriptor() -> None:
 def test_sudo_refusals_are_recognised(line: str, kind: str | None) -> None:
     found = classify_sudo_refusal([line])
     assert (found[1] if found else None) == kind
+
+
+async def test_sudo_kill_ends_a_child_of_sudo_that_cannot_be_signalled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Real sudo (this test runs as root in CI, where `sudo -n kill` is allowed): SIGTERM and
+    SIGKILL refused, no QMP monitor, so the last resort, `sudo -n kill -KILL`, must end it;
+    sudo itself is never SIGKILLed first (its child would be orphaned)."""
+    if os.geteuid() != 0:
+        unavailable("needs root, for whom `sudo -n kill` needs no rule")
+    sleep = shutil.which("sleep")
+    assert sleep is not None
+    with socket.socket(socket.AF_UNIX) as listener:
+        argv = ["sudo", "-n", "--", sleep, "600"]  # root may not use -C without a Defaults
+        process = qemu_process.QemuProcess.start(argv, qmp_listener=listener)
+    try:
+        assert process.wrapped
+        await wait_for(lambda: process.qemu_pids() != [], "sudo to start its child")
+        (child,) = process.qemu_pids()
+        refuse_signals(monkeypatch)
+        info = await asyncio.wait_for(process.terminate(0), 20)
+        assert info.returncode == -signal.SIGKILL
+        assert child not in alive_pids()  # reaped by sudo, which then ended
+    finally:
+        monkeypatch.undo()
+        process.kill_now()
+        process.close_pipes()
+
+
+def alive_pids() -> set[int]:
+    return {int(entry) for entry in os.listdir("/proc") if entry.isdigit()}

@@ -9,6 +9,8 @@ can still take one between the probe and QEMU's bind; the start is then retried 
 from __future__ import annotations
 
 import enum
+import os
+import pwd
 import re
 from collections.abc import Iterable
 
@@ -68,3 +70,11 @@ def sudoers_lines(user: str, qemu: str, kill: str | None = None) -> str:
     """The sudoers lines a daemon running as `user` needs (`kill`: for the SIGKILL fallback)."""
     commands = qemu if kill is None else f"{qemu}, {kill}"
     return f"`{user} ALL=(root) NOPASSWD: {commands}` and `Defaults!{qemu} closefrom_override`"
+
+
+def daemon_user() -> str:
+    """The name sudoers rules must give (the daemon's effective user)."""
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"#{os.geteuid()}"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import pwd
 import re
 import shutil
 import signal
@@ -32,7 +31,12 @@ from cocos_manager.errors import (
     VmStartError,
 )
 from cocos_manager.logging import get_logger
-from cocos_manager.qemu_failures import classify_start_failure, classify_sudo_refusal, sudoers_lines
+from cocos_manager.qemu_failures import (
+    classify_start_failure,
+    classify_sudo_refusal,
+    daemon_user,
+    sudoers_lines,
+)
 from cocos_manager.qmp import QmpError, QmpMonitor, open_running_monitor
 from cocos_manager.state_store import process_identity, process_start_time
 from cocos_manager.vm_files import unix_socket_path
@@ -49,13 +53,6 @@ _log = get_logger()
 SUDO_TERM_GRACE = 5.0  # a SIGTERM relayed by sudo, or QMP quit: QEMU exits within milliseconds
 SUDO_KILL_TIMEOUT = 5.0  # `sudo -n kill -KILL`
 GIVE_UP_AFTER = 10.0  # after every way to kill QEMU was tried: the VM is released anyway
-
-
-def _user() -> str:
-    try:
-        return pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:
-        return str(os.geteuid())
 
 
 def _descendants(pid: int) -> list[int]:
@@ -313,7 +310,7 @@ class QemuProcess:
         }.get(kind, "sudo refused to run QEMU")
         return SudoRefusedError(
             f"MANAGER_QEMU_USE_SUDO=true: {missing} ({line.strip()}): add to sudoers "
-            f"{sudoers_lines(_user(), qemu)}, or set MANAGER_QEMU_USE_SUDO=false"
+            f"{sudoers_lines(daemon_user(), qemu)}, or set MANAGER_QEMU_USE_SUDO=false"
         )
 
     async def wait_ready(self, qmp_path: Path, timeout: float) -> None:
@@ -482,8 +479,8 @@ class QemuProcess:
             kill = shutil.which("kill") or "/usr/bin/kill"
             raise QemuStopFailedError(
                 f"QEMU (pid {', '.join(map(str, pids))}) did not exit and this daemon "
-                f"(user {_user()}) may not kill it: it was left running; kill it as root, and "
-                f"allow the daemon to with {sudoers_lines(_user(), qemu, kill)}"
+                f"(user {daemon_user()}) may not kill it: it was left running; kill it as root, and "
+                f"allow the daemon to with {sudoers_lines(daemon_user(), qemu, kill)}"
             ) from None
 
     def kill_now(self) -> None:

@@ -161,21 +161,39 @@ class UserDaemon:
         env["HOME"] = str(self.root)
         return env
 
+    def as_user(self, *argv: str) -> list[str]:
+        return [
+            "setpriv",
+            f"--reuid={self.account.uid}",
+            f"--regid={self.account.gid}",
+            "--init-groups",
+            "--inh-caps=-all,+dac_read_search",
+            "--ambient-caps=+dac_read_search",
+            "--",
+            *argv,
+        ]
+
+    def check_sudo_line(self) -> str:
+        """`cocos-manager check`'s sudo line, run as the daemon's user."""
+        done = subprocess.run(
+            self.as_user(EXE, "check"),
+            env=self.env(),
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        lines = [line for line in done.stdout.splitlines() if line.split()[1:2] == ["sudo"]]
+        assert len(lines) == 1, done.stdout + done.stderr
+        return lines[0]
+
     async def start(self) -> None:
         self.starts += 1
         log = self.root / "daemon.log"
         with open(log, "ab") as out:
             self.process = subprocess.Popen(  # noqa: ASYNC220
-                [
-                    "setpriv",
-                    f"--reuid={self.account.uid}",
-                    f"--regid={self.account.gid}",
-                    "--init-groups",
-                    "--inh-caps=-all,+dac_read_search",
-                    "--ambient-caps=+dac_read_search",
-                    "--",
-                    EXE,
-                ],
+                self.as_user(EXE),
                 env=self.env(),
                 cwd=self.root,
                 stdin=subprocess.DEVNULL,
@@ -276,11 +294,33 @@ async def test_password_required_fails_fast_with_failed_precondition(
             assert [p.name for p in (workdir / "state").glob("*.json")] == []
             listed = await daemon.stub.List(pb.ListRequest())
             assert list(listed.computations) == []
+            line = await asyncio.to_thread(daemon.check_sudo_line)
+            assert line.startswith("FAIL") and "password is required" in line, line
 
 
 async def test_run_stop_exit_readopt_shutdown(account: Account, workdir: Path) -> None:
     with sudoers(nopasswd_rule(account)):
         async with user_daemon(account, workdir) as daemon:
+            line = await asyncio.to_thread(daemon.check_sudo_line)
+            assert line.startswith("PASS"), line
+
+            # A Run cancelled by its client while QEMU starts (root's, unsignallable): nothing
+            # is left, whatever step the cancel hit.
+            cancelled = 0
+            for deadline in (0.1, 0.25, 0.4, 0.6):
+                try:
+                    await daemon.stub.Run(run_request("cancelled"), timeout=deadline)
+                except grpc.aio.AioRpcError as error:
+                    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED, error
+                    cancelled += 1
+                else:  # started within the deadline: stopped as any VM
+                    await daemon.stub.Stop(pb.StopRequest(computation_id="cancelled"))
+                await wait_for(
+                    lambda: daemon.vm_processes() == {"sudo": [], "qemu": []}, "no VM left", 15
+                )
+                await wait_for(lambda: os.listdir(daemon.vms) == [], "no VM file left", 15)
+            assert cancelled > 0
+
             # Run: the guest boots.
             events = await watch(daemon, "s1")
             reply = await daemon.stub.Run(run_request("s1"), timeout=BOOT_TIMEOUT)
