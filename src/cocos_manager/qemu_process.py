@@ -56,7 +56,8 @@ GIVE_UP_AFTER = 10.0  # after every way to kill QEMU was tried: the VM is releas
 
 
 def _descendants(pid: int) -> list[int]:
-    """Children first, then theirs (sudo's monitor process with use_pty, then QEMU)."""
+    """Children first, then theirs (sudo's monitor process with use_pty, then QEMU); the
+    zombies among them are left out."""
     found: list[int] = []
     queue = [pid]
     while queue:
@@ -68,7 +69,16 @@ def _descendants(pid: int) -> list[int]:
             kids = []
         found += kids
         queue += kids
-    return found
+    return [pid for pid in found if not _zombie(pid)]
+
+
+def _zombie(pid: int) -> bool:
+    """Killed, not yet reaped (its parent, sudo, may be stopped): nothing left to kill."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -471,22 +481,41 @@ class QemuProcess:
         return result
 
     async def _bounded_wait(self) -> None:
+        """Up to GIVE_UP_AFTER for the process to end. Behind sudo, once QEMU is gone, sudo
+        itself is SIGKILLed should it linger (stopped along with a stopped QEMU, say): there is
+        nothing left to orphan."""
+        deadline = self._loop.time() + GIVE_UP_AFTER
         try:
-            await asyncio.wait_for(asyncio.shield(self.exited), GIVE_UP_AFTER)
+            while self.wrapped and not self.exited.done() and self.qemu_pids():
+                remaining = deadline - self._loop.time()
+                if remaining <= 0:
+                    raise TimeoutError
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self.exited), min(0.1, remaining))
+            if self.wrapped and not self.exited.done():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self.exited), 0.5)
+                self._signal(signal.SIGKILL)
+            remaining = max(0.0, deadline - self._loop.time())
+            await asyncio.wait_for(asyncio.shield(self.exited), remaining)
         except TimeoutError:
             pids = self.qemu_pids() or [self.pid]
             qemu = self.argv[self.argv.index("--") + 1] if "--" in self.argv else self.argv[0]
             kill = shutil.which("kill") or "/usr/bin/kill"
+            under = f", under sudo pid {self.pid}" if self.wrapped else ""
             raise QemuStopFailedError(
-                f"QEMU (pid {', '.join(map(str, pids))}) did not exit and this daemon "
+                f"QEMU (pid {', '.join(map(str, pids))}{under}) did not exit and this daemon "
                 f"(user {daemon_user()}) may not kill it: it was left running; kill it as root, and "
                 f"allow the daemon to with {sudoers_lines(daemon_user(), qemu, kill)}"
             ) from None
 
     def kill_now(self) -> None:
         """Last resort during clean-up of a failed start (followed by terminate(0))."""
-        if self.wrapped and (pids := self.qemu_pids()):
-            self._kill_pids(pids)  # never sudo first: its QEMU would live on, orphaned
+        if self.wrapped:
+            # Never SIGKILL sudo here: QEMU, started or about to be, would live on, orphaned.
+            # QEMU is killed where permitted (a root daemon); sudo relays a SIGTERM otherwise.
+            self._kill_pids(self.qemu_pids())
+            self.send_signal(signal.SIGTERM)
         else:
             self.send_signal(signal.SIGKILL)
 

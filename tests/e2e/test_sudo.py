@@ -98,10 +98,9 @@ def sudoers(text: str) -> Iterator[Path]:
         path.unlink(missing_ok=True)
 
 
-def nopasswd_rule(a: Account) -> str:
-    return (
-        f"{a.name} ALL=(root) NOPASSWD: {a.qemu}, {a.kill}\nDefaults!{a.qemu} closefrom_override\n"
-    )
+def nopasswd_rule(a: Account, kill: bool = True) -> str:
+    commands = f"{a.qemu}, {a.kill}" if kill else a.qemu
+    return f"{a.name} ALL=(root) NOPASSWD: {commands}\nDefaults!{a.qemu} closefrom_override\n"
 
 
 @pytest.fixture
@@ -122,6 +121,8 @@ def workdir(account: Account) -> Iterator[Path]:
         for pid in left:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):  # for a failure's post-mortem
+            shutil.copy(root / "daemon.log", Path(tempfile.gettempdir()) / "cocos-sudo-last.log")
         shutil.rmtree(root, ignore_errors=True)
         assert not left, f"processes left running: {left}"
 
@@ -154,7 +155,7 @@ class UserDaemon:
                 "MANAGER_QEMU_USE_SUDO": "true",
                 "MANAGER_QEMU_DISK_IMG_KERNEL_FILE": str(self.root / "guest" / "bzImage"),
                 "MANAGER_QEMU_DISK_IMG_ROOTFS_FILE": str(self.root / "guest" / "rootfs.cpio.gz"),
-                "MANAGER_QEMU_STOP_TIMEOUT": "20s",
+                "MANAGER_QEMU_STOP_TIMEOUT": "1s",
                 "COCOS_JAEGER_URL": "off",
             },
         )
@@ -307,7 +308,7 @@ async def test_run_stop_exit_readopt_shutdown(account: Account, workdir: Path) -
             # A Run cancelled by its client while QEMU starts (root's, unsignallable): nothing
             # is left, whatever step the cancel hit.
             cancelled = 0
-            for deadline in (0.1, 0.25, 0.4, 0.6):
+            for deadline in (0.01, 0.03, 0.06, 0.1):
                 try:
                     await daemon.stub.Run(run_request("cancelled"), timeout=deadline)
                 except grpc.aio.AioRpcError as error:
@@ -346,6 +347,14 @@ async def test_run_stop_exit_readopt_shutdown(account: Account, workdir: Path) -
             await wait_for(lambda: daemon.vm_processes()["sudo"] == [], "sudo to end", 5)
             await events.close()
 
+            # A frozen QEMU (SIGSTOP, as root): neither the SIGTERM sudo relays nor QMP quit
+            # can end it; `sudo -n kill -KILL` does, and sudo goes with it.
+            await daemon.stub.Run(run_request("frozen"), timeout=BOOT_TIMEOUT)
+            (qemu,) = daemon.vm_processes()["qemu"]
+            os.kill(qemu, signal.SIGSTOP)
+            await daemon.stub.Stop(pb.StopRequest(computation_id="frozen"), timeout=60)
+            assert daemon.vm_processes() == {"sudo": [], "qemu": []}
+
             # Daemon SIGKILL + restart: re-adopted, then stopped.
             await daemon.stub.Run(run_request("s3"), timeout=BOOT_TIMEOUT)
             before = daemon.vm_processes()
@@ -363,3 +372,37 @@ async def test_run_stop_exit_readopt_shutdown(account: Account, workdir: Path) -
             assert await daemon.terminate() == 0
             assert daemon.vm_processes() == {"sudo": [], "qemu": []}
             assert os.listdir(daemon.vms) == []
+
+
+async def test_without_kill_rule_a_frozen_qemu_is_released_and_stop_says_so(
+    account: Account, workdir: Path
+) -> None:
+    with sudoers(nopasswd_rule(account, kill=False)):
+        async with user_daemon(account, workdir) as daemon:
+            line = await asyncio.to_thread(daemon.check_sudo_line)
+            assert line.startswith("WARN") and "kill" in line, line
+            await daemon.stub.Run(run_request("frozen"), timeout=BOOT_TIMEOUT)
+            (qemu,) = daemon.vm_processes()["qemu"]
+            os.kill(qemu, signal.SIGSTOP)
+            try:
+                began = time.monotonic()
+                with pytest.raises(grpc.aio.AioRpcError) as failure:
+                    await daemon.stub.Stop(pb.StopRequest(computation_id="frozen"), timeout=60)
+                assert time.monotonic() - began < 30  # bounded: 5 s + 5 s + 10 s
+                assert failure.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                details = failure.value.details() or ""
+                assert str(qemu) in details and account.kill in details, details
+                # Released all the same: nothing STOPPING, the id free, no record or file.
+                assert list((await daemon.stub.List(pb.ListRequest())).computations) == []
+                assert os.listdir(daemon.vms) == []
+                assert daemon.vm_processes()["qemu"] == [qemu]  # the PID the error named
+            finally:
+                # As the operator is told. SIGSTOP stopped sudo too (it follows its command's
+                # job control): continued, it reaps QEMU and ends.
+                os.kill(qemu, signal.SIGKILL)
+                for sudo in daemon.vm_processes()["sudo"]:
+                    os.kill(sudo, signal.SIGCONT)
+            await wait_for(
+                lambda: daemon.vm_processes() == {"sudo": [], "qemu": []}, "QEMU and sudo gone"
+            )
+            assert await daemon.terminate() == 0
