@@ -308,12 +308,19 @@ async def test_run_stop_exit_readopt_shutdown(account: Account, workdir: Path) -
             # A Run cancelled by its client while QEMU starts (root's, unsignallable): nothing
             # is left, whatever step the cancel hit.
             cancelled = 0
-            for deadline in (0.01, 0.03, 0.06, 0.1):
+            for deadline in (0.005, 0.01, 0.02, 0.03, 0.045, 0.06, 0.08, 0.1, 0.13):
                 try:
                     await daemon.stub.Run(run_request("cancelled"), timeout=deadline)
                 except grpc.aio.AioRpcError as error:
                     assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED, error
                     cancelled += 1
+                    # The service's answer can cross the client's deadline: the VM then runs
+                    # though the client saw DEADLINE_EXCEEDED (not sudo's doing: the same race
+                    # exists without sudo; reported). Such a VM is stopped as any other.
+                    listed = await daemon.stub.List(pb.ListRequest())
+                    if any(c.computation_id == "cancelled" for c in listed.computations):
+                        with contextlib.suppress(grpc.aio.AioRpcError):  # NOT_FOUND: went
+                            await daemon.stub.Stop(pb.StopRequest(computation_id="cancelled"))
                 else:  # started within the deadline: stopped as any VM
                     await daemon.stub.Stop(pb.StopRequest(computation_id="cancelled"))
                 await wait_for(
