@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -257,11 +258,23 @@ def test_missing_qemu_fails(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_sudo_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     s = settings(monkeypatch, MANAGER_QEMU_USE_SUDO="true")
-    qemu = "/usr/bin/qemu-system-x86_64"
-    denied = check_sudo(s, lambda argv: "Sorry, user x may not run sudo\n")
+    denied = check_sudo(s, lambda argv: "sudo: a password is required\n")
     assert denied is not None and denied.status == "fail" and "NOPASSWD" in denied.detail
-    allowed = check_sudo(s, lambda argv: f"{qemu}\n")
-    assert allowed is not None and allowed.status == "pass"
+    assert "closefrom_override" in denied.detail and "-C 4" in denied.detail
+
+    def allowed(kill: bool) -> Callable[[list[str]], str]:
+        def run(argv: list[str]) -> str:
+            if argv[-1] == "-version":
+                assert argv[:5] == ["sudo", "-n", "-C", "4", "--"]
+                return "QEMU emulator version 7.2.22\n"
+            return f"{argv[-1]}\n" if kill else "sudo: a password is required\n"
+
+        return run
+
+    passed = check_sudo(s, allowed(kill=True))
+    assert passed is not None and passed.status == "pass", passed
+    warned = check_sudo(s, allowed(kill=False))
+    assert warned is not None and warned.status == "warn" and "kill" in warned.detail
     assert check_sudo(settings(monkeypatch, MANAGER_QEMU_USE_SUDO="false")) is None
 
     def no_sudo(argv: list[str]) -> str:

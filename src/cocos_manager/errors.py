@@ -94,3 +94,13 @@ class HandoverFailedError(VmStartError):
     """The manifest could not be handed over and retrying cannot help (e.g. no AF_VSOCK)."""
 
     reason = "handover_failed"
+
+
+class SudoRefusedError(FailedPreconditionError):
+    """MANAGER_QEMU_USE_SUDO=true and sudo refused to run QEMU (a password wanted, no rule,
+    `-C` not permitted): the message names sudo's words and the sudoers lines to add."""
+
+
+class QemuStopFailedError(FailedPreconditionError):
+    """A QEMU the daemon cannot signal (root's, started through sudo) did not exit: the VM is
+    released anyway, and the message names the PID and the sudoers rule that would allow it."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import socket
 import time
 from typing import Any
 
@@ -29,6 +30,7 @@ from cocos_manager.errors import (
     HandoverFailedError,
     HandoverTimeoutError,
     QemuExitedError,
+    QemuStopFailedError,
     ResourceExhaustedError,
 )
 from cocos_manager.events import log_message, manager_event
@@ -101,6 +103,7 @@ class Machine:
         self.released: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._releasing: asyncio.Task[None] | None = None
         self._failing = False
+        self.stop_failure: QemuStopFailedError | None = None  # QEMU outlived the release
         self.halt: dict[str, Any] | None = None  # QEMU's words when it halted the guest
         self._console_limit = ConsoleLogLimiter.from_settings(ctx.settings.service)
         self.log = _log.bind(computation_id=computation_id)
@@ -288,7 +291,8 @@ class Machine:
                     self.files = await preparing
                 raise
 
-    def _argv(self, listener_args: list[str], payload: bytes) -> list[str]:
+    def _argv(self, listener: socket.socket, payload: bytes) -> list[str]:
+        """`payload`: the manifest, bound into attestation with MANAGER_QEMU_BIND_MANIFEST."""
         assert self.files is not None
         args = vm_args(
             self.ctx.settings.qemu,
@@ -296,7 +300,9 @@ class Machine:
             manifest_file=self.files.manifest,
             manifest=payload,
         )
-        return self.ctx.executable.command([*args, *listener_args])
+        return self.ctx.executable.vm_command(
+            [*args, *qmp_args(listener)], keep_fds=(listener.fileno(),)
+        )
 
     async def _attempt(self, manifest: bytes) -> None:
         """One QEMU: spawned, owned before any await, and reaped if this attempt fails."""
@@ -307,7 +313,7 @@ class Machine:
             listener = qmp_listener(qmp_path)
             try:
                 process = await self.ctx.launch(
-                    self._argv(qmp_args(listener), manifest),
+                    self._argv(listener, manifest),
                     qmp_listener=listener,
                     on_line=self._on_line,
                     env=qemu_environment(self.ctx.settings.qemu),
@@ -359,7 +365,11 @@ class Machine:
         so a second cancellation cannot leave it running; the release reaps it again if so."""
         process.close_pipes()
         process.kill_now()
-        await asyncio.shield(process.terminate(0))
+        try:
+            await asyncio.shield(process.terminate(0))
+        except QemuStopFailedError as error:  # the start's own error is the one to answer
+            self.stop_failure = error
+            self.log.error("QEMU could not be stopped", error=str(error))
         if self.process is process:
             self.process = None
 
@@ -444,6 +454,8 @@ class Machine:
             self._set_state(VmState.STOPPING, (STOP, "starting"), self._stop_details(reason))
             self._release(reason)
         await asyncio.shield(self.released)
+        if self.stop_failure is not None and reason is StopReason.STOP:
+            raise self.stop_failure
 
     def _stop_details(self, reason: StopReason) -> dict[str, Any]:
         if reason is StopReason.TTL and self.expires_at is not None:
@@ -471,6 +483,11 @@ class Machine:
         try:
             if process is not None:
                 details.update(await self._end_process(process, reason))
+        except QemuStopFailedError as error:
+            # Never STOPPING for ever: the VM is released and the Stop told (FAILED_PRECONDITION).
+            self.stop_failure = error
+            details["error"] = str(error)
+            self.log.error("QEMU could not be stopped", error=str(error))
         finally:
             if note := self._console_limit.suppressed_note():
                 self.log.warning(note)
@@ -532,7 +549,7 @@ class Machine:
             return (EXIT, "complete" if ok else "failed")
         if self.error is not None or reason in (StopReason.FAILED, StopReason.CLIENT):
             return (PROVISION, "failed")
-        return (STOP, "complete")
+        return (STOP, "failed" if self.stop_failure is not None else "complete")
 
     # -- adoption ----------------------------------------------------------------------------
 

@@ -139,7 +139,22 @@ class Executable:
     prefix: tuple[str, ...]
 
     def command(self, args: Sequence[str]) -> list[str]:
+        """The original's line (`print-qemu-cmd`, the start-up log line)."""
         return [self.exe, *self.prefix, *args]
+
+    @property
+    def sudo(self) -> bool:
+        return self.exe == "sudo"
+
+    def vm_command(self, args: Sequence[str], keep_fds: Sequence[int] = ()) -> list[str]:
+        """What one VM execs. Through sudo: `-n` (a sudo that wants a password fails at once
+        instead of waiting on a terminal nobody reads) and `-C` above the descriptors QEMU
+        must inherit (sudo closes every descriptor from 3 up otherwise, the QMP socket
+        included); `--` ends sudo's options. Without sudo: the original's line."""
+        if not self.sudo:
+            return self.command(args)
+        close_from = max(3, *(fd + 1 for fd in keep_fds))
+        return [self.exe, "-n", "-C", str(close_from), "--", *self.prefix, *args]
 
 
 def resolve_executable(

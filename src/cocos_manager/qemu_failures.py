@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import enum
 import errno
+import os
+import pwd
 import re
 from collections.abc import Iterable, Sequence
 
@@ -76,3 +78,41 @@ def launch_failure(argv: Sequence[str], error: OSError) -> ManagerError:
     if error.errno in (errno.EAGAIN, errno.ENOMEM):
         return ResourceExhaustedError(f"cannot start {program!r}: {reason}")
     return FailedPreconditionError(f"{variable}: cannot execute {program!r}: {reason}")
+
+
+# -- sudo (MANAGER_QEMU_USE_SUDO=true) ---------------------------------------------------------
+#
+# sudo's own refusals, as sudo 1.9 words them; any other line of sudo's own ("sudo: ...") before
+# QEMU ran is a refusal too. QEMU's lines start with its program name, never with "sudo:".
+_SUDO_REFUSAL = re.compile(r"^sudo: ", re.I)
+_SUDO_HINTS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"password is required|terminal is required|askpass", re.I), "nopasswd"),
+    (re.compile(r"not permitted to use the -C option", re.I), "closefrom"),
+    (re.compile(r"not in the sudoers file|not allowed to (execute|run)|may not run", re.I), "rule"),
+)
+
+
+def classify_sudo_refusal(stderr: Iterable[str]) -> tuple[str, str] | None:
+    """(sudo's line, what is missing: nopasswd, closefrom, rule or other), or None when sudo
+    did not refuse (QEMU itself failed)."""
+    for line in stderr:
+        if _SUDO_REFUSAL.search(line):
+            for pattern, kind in _SUDO_HINTS:
+                if pattern.search(line):
+                    return line, kind
+            return line, "other"
+    return None
+
+
+def sudoers_lines(user: str, qemu: str, kill: str | None = None) -> str:
+    """The sudoers lines a daemon running as `user` needs (`kill`: for the SIGKILL fallback)."""
+    commands = qemu if kill is None else f"{qemu}, {kill}"
+    return f"`{user} ALL=(root) NOPASSWD: {commands}` and `Defaults!{qemu} closefrom_override`"
+
+
+def daemon_user() -> str:
+    """The name sudoers rules must give (the daemon's effective user)."""
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"#{os.geteuid()}"

@@ -8,11 +8,13 @@ daemon's start-up.
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
 import subprocess
 from collections.abc import Callable
 
 from cocos_manager.check_result import Check
+from cocos_manager.qemu_failures import classify_sudo_refusal, daemon_user, sudoers_lines
 from cocos_manager.settings import AgentChannel, Settings
 
 QEMU_PROBE_TIMEOUT = 10.0
@@ -124,21 +126,41 @@ def check_qemu(settings: Settings, run: Runner = run_probe) -> list[Check]:
 
 
 def check_sudo(settings: Settings, run: Runner = run_probe) -> Check | None:
+    """What a Run through sudo needs, tried for real: sudo runs QEMU (`-version`) without a
+    password and lets it keep a descriptor (`-C`, the QMP socket); `kill` allowed too, for
+    the last resort of a Stop (a QEMU that ignores QMP quit)."""
     q = settings.qemu
     if not q.USE_SUDO:
         return None
     qemu = shutil.which(q.BIN_PATH) or q.BIN_PATH
+    kill = shutil.which("kill") or "/usr/bin/kill"
+    rule = sudoers_lines(daemon_user(), qemu, kill)
+    probe = ["sudo", "-n", "-C", "4", "--", qemu, "-version"]
     try:
-        out = run(["sudo", "-n", "-l", qemu])
+        out = run(probe)
     except FileNotFoundError:
         return Check("sudo", "fail", "MANAGER_QEMU_USE_SUDO=true but sudo is not installed")
     except (OSError, subprocess.SubprocessError) as error:
-        return Check("sudo", "fail", f"sudo -n -l {qemu}: {error}")
-    if qemu in out:
-        return Check("sudo", "pass", f"sudo runs {qemu} without a password")
-    return Check(
-        "sudo",
-        "fail",
-        f"MANAGER_QEMU_USE_SUDO=true but `sudo -n {qemu}` is not allowed: add a NOPASSWD rule "
-        f"for {qemu}, or set MANAGER_QEMU_USE_SUDO=false",
-    )
+        return Check("sudo", "fail", f"{shlex.join(probe)}: {error}")
+    refusal = classify_sudo_refusal(out.splitlines())
+    if refusal is not None or "QEMU emulator version" not in out:
+        said = refusal[0] if refusal else (out.strip().splitlines() or ["no output"])[0]
+        return Check(
+            "sudo",
+            "fail",
+            f"MANAGER_QEMU_USE_SUDO=true but `{shlex.join(probe)}` does not run QEMU ({said}): "
+            f"add to sudoers {rule}, or set MANAGER_QEMU_USE_SUDO=false",
+        )
+    try:
+        listed = run(["sudo", "-n", "-l", kill])
+    except (OSError, subprocess.SubprocessError):
+        listed = ""
+    if kill not in listed:
+        return Check(
+            "sudo",
+            "warn",
+            f"sudo runs {qemu} without a password, keeping its QMP socket; `sudo -n {kill}` is "
+            "not allowed, so a Stop cannot kill a QEMU that ignores QMP quit (root's QEMU "
+            f"cannot be signalled otherwise): add {kill} to the rule, {rule}",
+        )
+    return Check("sudo", "pass", f"sudo runs {qemu} without a password (-C allowed) and kill")

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,8 +22,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cocos_manager.errors import QemuExitedError, ReadinessTimeoutError, VmStartError
-from cocos_manager.qemu_failures import classify_start_failure, launch_failure
+from cocos_manager.errors import (
+    QemuExitedError,
+    QemuStopFailedError,
+    ReadinessTimeoutError,
+    SudoRefusedError,
+    VmStartError,
+)
+from cocos_manager.logging import get_logger
+from cocos_manager.qemu_failures import (
+    classify_start_failure,
+    classify_sudo_refusal,
+    daemon_user,
+    launch_failure,
+    sudoers_lines,
+)
 from cocos_manager.qmp import QmpError, QmpMonitor, open_running_monitor
 from cocos_manager.state_store import process_identity, process_start_time
 from cocos_manager.vm_files import unix_socket_path
@@ -34,6 +48,38 @@ LineCallback = Callable[[str, str], None]
 _ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|[ -/]+[0-~]|[@-Z\\-_])")
 _MAX_LINE = 64 * 1024
 TAIL_LINES = 20
+_log = get_logger()
+# A QEMU behind sudo is root's: the daemon may signal sudo (its real uid is the daemon's) but
+# not QEMU. These bound the ways around that (see docs/decisions.md, "QEMU through sudo").
+SUDO_TERM_GRACE = 5.0  # a SIGTERM relayed by sudo, or QMP quit: QEMU exits within milliseconds
+SUDO_KILL_TIMEOUT = 5.0  # `sudo -n kill -KILL`
+GIVE_UP_AFTER = 10.0  # after every way to kill QEMU was tried: the VM is released anyway
+
+
+def _descendants(pid: int) -> list[int]:
+    """Children first, then theirs (sudo's monitor process with use_pty, then QEMU); the
+    zombies among them are left out."""
+    found: list[int] = []
+    queue = [pid]
+    while queue:
+        parent = queue.pop(0)
+        try:
+            with open(f"/proc/{parent}/task/{parent}/children") as children:
+                kids = [int(child) for child in children.read().split()]
+        except (OSError, ValueError):
+            kids = []
+        found += kids
+        queue += kids
+    return [pid for pid in found if not _zombie(pid)]
+
+
+def _zombie(pid: int) -> bool:
+    """Killed, not yet reaped (its parent, sudo, may be stopped): nothing left to kill."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +152,9 @@ class QemuProcess:
     ) -> None:
         self.pid = pid
         self.argv = list(argv)
+        # Through sudo (MANAGER_QEMU_USE_SUDO): `pid` is sudo's, QEMU is its child and root's.
+        self.wrapped = bool(self.argv) and os.path.basename(self.argv[0]) == "sudo"
+        self._qmp_path: Path | None = None
         self._popen = popen
         self._on_line = on_line
         self._tail: deque[tuple[str, str]] = deque(maxlen=TAIL_LINES)
@@ -205,6 +254,7 @@ class QemuProcess:
     async def check_qmp(self, qmp_path: Path, timeout: float, *, paused: bool = False) -> None:
         """For an adopted VM: its monitor answers and says `running` (any status for one kept
         paused); the session is kept."""
+        self._qmp_path = qmp_path
         self.monitor = await asyncio.wait_for(
             open_running_monitor(qmp_path, paused=paused), timeout
         )
@@ -251,11 +301,16 @@ class QemuProcess:
 
     # -- readiness -----------------------------------------------------------------------
 
-    async def exited_at_start(self, during: str = "during start-up") -> QemuExitedError:
+    async def exited_at_start(
+        self, during: str = "during start-up"
+    ) -> QemuExitedError | SudoRefusedError:
         """The typed error for a QEMU that exited before its VM was handed to the client."""
         await self.wait_output()
         exit_text = self.exited.result().describe()
         stderr = self.tail("stderr")
+        refusal = classify_sudo_refusal(stderr) if self.wrapped else None
+        if refusal is not None:
+            return self._sudo_refused(*refusal)
         return QemuExitedError(
             f"QEMU exited {during} ({exit_text}): {self.failure_text()}",
             exit=exit_text,
@@ -263,8 +318,21 @@ class QemuProcess:
             conflict=(c.value if (c := classify_start_failure(stderr)) else None),
         )
 
+    def _sudo_refused(self, line: str, kind: str) -> SudoRefusedError:
+        qemu = self.argv[self.argv.index("--") + 1] if "--" in self.argv else "QEMU"
+        missing = {
+            "nopasswd": "sudo wants a password, and the daemon has no terminal to give one",
+            "closefrom": "sudo does not let the daemon keep QEMU's QMP socket open (-C)",
+            "rule": "sudo has no rule that lets this user run QEMU as root",
+        }.get(kind, "sudo refused to run QEMU")
+        return SudoRefusedError(
+            f"MANAGER_QEMU_USE_SUDO=true: {missing} ({line.strip()}): add to sudoers "
+            f"{sudoers_lines(daemon_user(), qemu)}, or set MANAGER_QEMU_USE_SUDO=false"
+        )
+
     async def wait_ready(self, qmp_path: Path, timeout: float) -> None:
         """Returns once QMP says the VM runs; raises VmStartError with QEMU's message if not."""
+        self._qmp_path = qmp_path
         probe = asyncio.ensure_future(open_running_monitor(qmp_path))
         contenders: set[asyncio.Future[Any]] = {probe, self.exited}
         try:
@@ -300,26 +368,163 @@ class QemuProcess:
 
     # -- stopping ------------------------------------------------------------------------
 
+    def _signal(self, sig: int, pidfd: int | None = None) -> bool:
+        """True when delivered (or the process is gone); False when not permitted (EPERM: a
+        process of another user, such as root's QEMU behind sudo)."""
+        pidfd = self._pidfd if pidfd is None else pidfd
+        if pidfd is None:
+            return True
+        try:
+            signal.pidfd_send_signal(pidfd, sig)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return True
+
     def send_signal(self, sig: int) -> None:
-        if self._pidfd is not None:
+        self._signal(sig)
+
+    def qemu_pids(self) -> list[int]:
+        """The processes that are QEMU: this one, or sudo's descendants when wrapped."""
+        return _descendants(self.pid) if self.wrapped else [self.pid]
+
+    def _kill_pids(self, pids: Sequence[int]) -> bool:
+        """SIGKILL through pidfds (a PID that ended and was reused is never hit)."""
+        delivered = True
+        for pid in pids:
+            try:
+                pidfd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                continue
+            try:
+                delivered = self._signal(signal.SIGKILL, pidfd) and delivered
+            finally:
+                os.close(pidfd)
+        return delivered
+
+    async def _quit(self) -> bool:
+        """QMP `quit`: QEMU exits as on SIGTERM, and no permission is needed but the socket's.
+        Over the VM's session, or a new one when none is open (a start being abandoned)."""
+        monitor, opened = self.monitor, False
+        try:
+            if monitor is None or monitor.closed.done():
+                if self._qmp_path is None:
+                    return False
+                monitor = await asyncio.wait_for(QmpMonitor.connect(self._qmp_path), 2.0)
+                opened = True
+            with contextlib.suppress(QmpError, ConnectionError):  # closed: it is quitting
+                await asyncio.wait_for(monitor.execute("quit"), SUDO_TERM_GRACE)
+            return True
+        except (OSError, TimeoutError) as error:
+            _log.warning("QMP quit failed", pid=self.pid, error=repr(error))
+            return False
+        finally:
+            if opened and monitor is not None:
+                await monitor.close()
+
+    async def _sudo_kill(self, pids: Sequence[int]) -> bool:
+        """`sudo -n kill -KILL`: for a QEMU that neither a relayed signal nor QMP stopped."""
+        kill = shutil.which("kill") or "/usr/bin/kill"
+        try:
+            child = await asyncio.create_subprocess_exec(
+                "sudo", "-n", kill, "-KILL", *map(str, pids),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )  # fmt: skip
+        except OSError as error:
+            _log.error("cannot run sudo kill", pid=self.pid, error=error.strerror)
+            return False
+        try:
+            _, err = await asyncio.wait_for(child.communicate(), SUDO_KILL_TIMEOUT)
+        except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(self._pidfd, sig)
+                child.kill()
+            await child.wait()
+            return False
+        if child.returncode != 0:
+            _log.warning(
+                "sudo kill refused", pid=self.pid, stderr=err.decode("utf-8", "replace").strip()
+            )
+        return child.returncode == 0
+
+    async def _kill(self) -> bool:
+        """The SIGKILL step. Behind sudo, SIGKILL goes to QEMU, never to sudo first: a sudo
+        killed first leaves its QEMU running, root's and nobody's. Returns whether a way that
+        ends QEMU for sure was taken."""
+        if not self.wrapped:
+            return self._signal(signal.SIGKILL)
+        pids = self.qemu_pids()
+        if not pids:  # sudo has not started QEMU yet, or QEMU is gone: sudo is ours to kill
+            return self._signal(signal.SIGKILL)
+        if self._kill_pids(pids):
+            return True
+        if await self._sudo_kill(pids):
+            return True
+        return await self._quit()  # QEMU may still answer its monitor
 
     async def terminate(self, timeout: float) -> ExitInfo:
-        """SIGTERM, then SIGKILL after `timeout` seconds; returns once reaped."""
+        """SIGTERM, then SIGKILL after `timeout` seconds; returns once reaped.
+
+        Where a signal is not permitted (EPERM: root's QEMU behind sudo, or an adopted process
+        of another user) QMP `quit` takes SIGTERM's place and `sudo -n kill -KILL` SIGKILL's;
+        if nothing ends QEMU, QemuStopFailedError after a bounded wait names the PID and the
+        sudoers rule, so a Stop or a shutdown never waits for ever."""
         if not self.exited.done():
-            self.send_signal(signal.SIGTERM)
+            grace = timeout
+            if self._signal(signal.SIGTERM):
+                if self.wrapped:  # sudo relays it to QEMU: give the relay a moment
+                    grace = max(timeout, SUDO_TERM_GRACE)
+            elif await self._quit():
+                grace = max(timeout, SUDO_TERM_GRACE)
             try:
-                await asyncio.wait_for(asyncio.shield(self.exited), timeout)
+                await asyncio.wait_for(asyncio.shield(self.exited), grace)
             except TimeoutError:
-                self.send_signal(signal.SIGKILL)
+                if not await self._kill() or self.wrapped:
+                    await self._bounded_wait()
         result = await asyncio.shield(self.exited)
         await self.wait_output(0.5)
         return result
 
+    async def _bounded_wait(self) -> None:
+        """Up to GIVE_UP_AFTER for the process to end. Behind sudo, once QEMU is gone, sudo
+        itself is SIGKILLed should it linger (stopped along with a stopped QEMU, say): there is
+        nothing left to orphan."""
+        deadline = self._loop.time() + GIVE_UP_AFTER
+        try:
+            while self.wrapped and not self.exited.done() and self.qemu_pids():
+                remaining = deadline - self._loop.time()
+                if remaining <= 0:
+                    raise TimeoutError
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self.exited), min(0.1, remaining))
+            if self.wrapped and not self.exited.done():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self.exited), 0.5)
+                self._signal(signal.SIGKILL)
+            remaining = max(0.0, deadline - self._loop.time())
+            await asyncio.wait_for(asyncio.shield(self.exited), remaining)
+        except TimeoutError:
+            pids = self.qemu_pids() or [self.pid]
+            qemu = self.argv[self.argv.index("--") + 1] if "--" in self.argv else self.argv[0]
+            kill = shutil.which("kill") or "/usr/bin/kill"
+            under = f", under sudo pid {self.pid}" if self.wrapped else ""
+            raise QemuStopFailedError(
+                f"QEMU (pid {', '.join(map(str, pids))}{under}) did not exit and this daemon "
+                f"(user {daemon_user()}) may not kill it: it was left running; kill it as root, and "
+                f"allow the daemon to with {sudoers_lines(daemon_user(), qemu, kill)}"
+            ) from None
+
     def kill_now(self) -> None:
-        """Last resort during clean-up of a failed start."""
-        self.send_signal(signal.SIGKILL)
+        """Last resort during clean-up of a failed start (followed by terminate(0))."""
+        if self.wrapped:
+            # Never SIGKILL sudo here: QEMU, started or about to be, would live on, orphaned.
+            # QEMU is killed where permitted (a root daemon); sudo relays a SIGTERM otherwise.
+            self._kill_pids(self.qemu_pids())
+            self.send_signal(signal.SIGTERM)
+        else:
+            self.send_signal(signal.SIGKILL)
 
 
 def _spawn(

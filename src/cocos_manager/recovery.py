@@ -18,7 +18,7 @@ import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 
-from cocos_manager.errors import FailedPreconditionError
+from cocos_manager.errors import FailedPreconditionError, QemuStopFailedError
 from cocos_manager.lifecycle import MachineContext, VmState
 from cocos_manager.logging import get_logger
 from cocos_manager.machine import Machine
@@ -159,7 +159,10 @@ async def _recover_one(ctx: MachineContext, record: VmRecord, *, taken: bool) ->
     if reason:
         if process is not None:
             process.kill_now()
-            await process.terminate(0)
+            try:
+                await process.terminate(0)
+            except QemuStopFailedError as error:
+                log.error("QEMU could not be stopped", error=str(error))
         files.remove()
         ctx.store.remove(record.uuid)
         log.warning(f"VM record cleaned up: {reason}")

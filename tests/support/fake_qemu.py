@@ -22,6 +22,7 @@ separated, default an upstream QEMU's confidential-computing ones), for the star
                   (which still says running): a guest that fails at its first instruction
   ignore-powerdown  ignore QMP system_powerdown (otherwise: "reboot: Power down", exit 0,
                   as a guest that handles the ACPI power button)
+  ignore-quit     accept QMP quit and go on running (otherwise: exit 0, as QEMU)
 Two more knobs for fault tests:
   FAKE_QEMU_START_LOG=FILE      append one JSON line per start (pid, hostfwd port, VNC display),
                                 so a test can tell whether QEMU was started at all, and how often
@@ -156,6 +157,11 @@ def qmp_session(conn: socket.socket) -> None:
                 if os.environ.get("FAKE_QEMU_MODE") != "ignore-powerdown":
                     conn.sendall(b'{"return": {}}\r\n')
                     say(sys.stdout, "reboot: Power down\r\n")
+                    os._exit(0)
+                reply = {"return": {}}
+            elif command == "quit":
+                if os.environ.get("FAKE_QEMU_MODE") != "ignore-quit":
+                    conn.sendall(b'{"return": {}}\r\n')
                     os._exit(0)
                 reply = {"return": {}}
             else:

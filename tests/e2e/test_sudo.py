@@ -1,0 +1,415 @@
+"""MANAGER_QEMU_USE_SUDO=true end to end: a non-root daemon, Debian's real sudo, real QEMU (TCG).
+
+The test creates a system user, writes a sudoers rule for it (checked by `visudo -cf`,
+removed at the end), and starts the real daemon as that user. QEMU then runs as root, a child
+of sudo: the daemon may signal sudo (sudo keeps the caller's real uid) but not QEMU (EPERM).
+
+The daemon runs with one capability, CAP_DAC_READ_SEARCH, and nothing else: this machine's
+Python lives under /root (mode 0700), which a plain system user could not even execute. That
+capability lets it read files; it does not let it signal another user's process (CAP_KILL),
+which is what this test is about; the test checks that it has no other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cocos_manager.api import manager_pb2 as pb
+from cocos_manager.api import manager_pb2_grpc as pb_grpc
+from tests.e2e.test_real_vm import (
+    BOOT_TIMEOUT,
+    EventWatch,
+    booted,
+    daemon_env,
+    free_port,
+    guest_images,
+    manager_event,
+)
+from tests.support.harness import run_request
+from tests.support.processes import processes_mentioning
+from tests.support.waiting import subscribed, unavailable, wait_for
+
+pytestmark = pytest.mark.timeout(600)
+
+USER = "cocos-test-sudo"
+EXE = str(Path(sys.executable).with_name("cocos-manager"))
+CAP_DAC_READ_SEARCH = 1 << 2
+
+
+@dataclass(frozen=True)
+class Account:
+    name: str
+    uid: int
+    gid: int
+    qemu: str
+    kill: str
+
+
+@pytest.fixture(scope="module")
+def account() -> Account:
+    if os.geteuid() != 0:
+        unavailable("needs root: it creates a system user and writes a sudoers rule")
+    for tool in ("sudo", "visudo", "useradd", "setpriv"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is not installed: scripts/setup.sh installs it", pytrace=False)
+    try:
+        pwd.getpwnam(USER)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", USER],
+            check=True,
+        )
+    entry = pwd.getpwnam(USER)
+    qemu = shutil.which("qemu-system-x86_64")
+    kill = shutil.which("kill")
+    assert qemu is not None and kill is not None
+    return Account(USER, entry.pw_uid, entry.pw_gid, qemu, kill)
+
+
+@contextlib.contextmanager
+def sudoers(text: str) -> Iterator[Path]:
+    """A rule file in /etc/sudoers.d, validated before it is installed, removed afterwards."""
+    path = Path(f"/etc/sudoers.d/cocos-test-sudo-{os.getpid()}")
+    draft = Path(tempfile.mkstemp(prefix="cocos-sudoers-")[1])
+    try:
+        draft.write_text(text)
+        subprocess.run(["visudo", "-cqf", str(draft)], check=True)
+        draft.chmod(0o440)
+        shutil.move(draft, path)
+        yield path
+    finally:
+        draft.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+
+
+def nopasswd_rule(a: Account, kill: bool = True) -> str:
+    commands = f"{a.qemu}, {a.kill}" if kill else a.qemu
+    return f"{a.name} ALL=(root) NOPASSWD: {commands}\nDefaults!{a.qemu} closefrom_override\n"
+
+
+@pytest.fixture
+def workdir(account: Account) -> Iterator[Path]:
+    """Owned by the user (pytest's tmp_path is under root's 0700 directory); the guest copied
+    in, as the user may not read build/guest in general."""
+    root = Path(tempfile.mkdtemp(prefix="cocos-sudo-"))
+    kernel, rootfs = guest_images()
+    (root / "guest").mkdir()
+    shutil.copy(kernel, root / "guest" / "bzImage")
+    shutil.copy(rootfs, root / "guest" / "rootfs.cpio.gz")
+    for path in [root, *root.rglob("*")]:
+        os.chown(path, account.uid, account.gid)
+    try:
+        yield root
+    finally:
+        left = processes_mentioning(str(root))
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):  # for a failure's post-mortem
+            shutil.copy(root / "daemon.log", Path(tempfile.gettempdir()) / "cocos-sudo-last.log")
+        shutil.rmtree(root, ignore_errors=True)
+        assert not left, f"processes left running: {left}"
+
+
+@dataclass
+class UserDaemon:
+    """The real daemon, run as the unprivileged user."""
+
+    account: Account
+    root: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+    channel: grpc.aio.Channel | None = None
+    starts: int = 0
+
+    @property
+    def vms(self) -> Path:
+        return self.root / "vms"
+
+    @property
+    def stub(self) -> pb_grpc.ManagerServiceStub:
+        assert self.channel is not None
+        return pb_grpc.ManagerServiceStub(self.channel)
+
+    def env(self) -> dict[str, str]:
+        env = daemon_env(
+            self.root,
+            self.port,
+            {
+                "MANAGER_QEMU_USE_SUDO": "true",
+                "MANAGER_QEMU_DISK_IMG_KERNEL_FILE": str(self.root / "guest" / "bzImage"),
+                "MANAGER_QEMU_DISK_IMG_ROOTFS_FILE": str(self.root / "guest" / "rootfs.cpio.gz"),
+                "MANAGER_QEMU_STOP_TIMEOUT": "1s",
+                "COCOS_JAEGER_URL": "off",
+            },
+        )
+        env["HOME"] = str(self.root)
+        return env
+
+    def as_user(self, *argv: str) -> list[str]:
+        return [
+            "setpriv",
+            f"--reuid={self.account.uid}",
+            f"--regid={self.account.gid}",
+            "--init-groups",
+            "--inh-caps=-all,+dac_read_search",
+            "--ambient-caps=+dac_read_search",
+            "--",
+            *argv,
+        ]
+
+    def check_sudo_line(self) -> str:
+        """`cocos-manager check`'s sudo line, run as the daemon's user."""
+        done = subprocess.run(
+            self.as_user(EXE, "check"),
+            env=self.env(),
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        lines = [line for line in done.stdout.splitlines() if line.split()[1:2] == ["sudo"]]
+        assert len(lines) == 1, done.stdout + done.stderr
+        return lines[0]
+
+    async def start(self) -> None:
+        self.starts += 1
+        log = self.root / "daemon.log"
+        with open(log, "ab") as out:
+            self.process = subprocess.Popen(  # noqa: ASYNC220
+                self.as_user(EXE),
+                env=self.env(),
+                cwd=self.root,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.port}")
+        health = health_pb2_grpc.HealthStub(self.channel)
+        deadline = time.monotonic() + 30
+        while True:
+            if self.process.poll() is not None:
+                raise AssertionError(f"daemon exited at start:\n{self.log_tail()}")
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+            assert time.monotonic() < deadline, f"not SERVING\n{self.log_tail()}"
+            await asyncio.sleep(0.05)
+        fields = proc_status(self.process.pid)
+        assert fields["Uid"].split()[:2] == [str(self.account.uid)] * 2
+        assert int(fields["CapEff"], 16) == CAP_DAC_READ_SEARCH  # no CAP_KILL, nothing else
+
+    def log_tail(self) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join((self.root / "daemon.log").read_text().splitlines()[-30:])
+        return ""
+
+    async def close_channel(self) -> None:
+        if self.channel is not None:
+            await self.channel.close()
+            self.channel = None
+
+    async def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+        await self.close_channel()
+
+    async def terminate(self) -> int:
+        await self.close_channel()
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return await asyncio.to_thread(self.process.wait, 60)
+
+    def vm_processes(self) -> dict[str, list[int]]:
+        """sudo and QEMU processes of this daemon's VMs (their command lines name vms/)."""
+        found: dict[str, list[int]] = {"sudo": [], "qemu": []}
+        for pid in processes_mentioning(str(self.vms)):
+            with contextlib.suppress(OSError):
+                name = Path(f"/proc/{pid}/comm").read_text().strip()
+                found["sudo" if name == "sudo" else "qemu"].append(pid)
+        return found
+
+
+@contextlib.asynccontextmanager
+async def user_daemon(account: Account, root: Path) -> AsyncIterator[UserDaemon]:
+    daemon = UserDaemon(account, root)
+    await daemon.start()
+    try:
+        yield daemon
+    finally:
+        if daemon.process is not None and daemon.process.poll() is None:
+            await daemon.terminate()
+        await daemon.close_channel()
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as status:
+        return dict(line.split(":\t", 1) for line in status.read().splitlines() if ":\t" in line)
+
+
+def owner(pid: int) -> int:
+    return os.stat(f"/proc/{pid}").st_uid
+
+
+async def watch(daemon: UserDaemon, cid: str) -> EventWatch:
+    events = EventWatch(daemon.stub, cid)
+    await subscribed(events.call)
+    return events
+
+
+async def test_password_required_fails_fast_with_failed_precondition(
+    account: Account, workdir: Path
+) -> None:
+    rule = f"{account.name} ALL=(root) {account.qemu}\nDefaults!{account.qemu} closefrom_override\n"
+    with sudoers(rule):
+        async with user_daemon(account, workdir) as daemon:
+            began = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as failure:
+                await daemon.stub.Run(run_request("pw"), timeout=30)
+            took = time.monotonic() - began
+            assert failure.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            details = failure.value.details() or ""
+            assert "sudo wants a password" in details and "NOPASSWD" in details, details
+            assert took < 5, took
+            assert daemon.vm_processes() == {"sudo": [], "qemu": []}
+            assert os.listdir(daemon.vms) == []
+            assert [p.name for p in (workdir / "state").glob("*.json")] == []
+            listed = await daemon.stub.List(pb.ListRequest())
+            assert list(listed.computations) == []
+            line = await asyncio.to_thread(daemon.check_sudo_line)
+            assert line.startswith("FAIL") and "password is required" in line, line
+
+
+async def test_run_stop_exit_readopt_shutdown(account: Account, workdir: Path) -> None:
+    with sudoers(nopasswd_rule(account)):
+        async with user_daemon(account, workdir) as daemon:
+            line = await asyncio.to_thread(daemon.check_sudo_line)
+            assert line.startswith("PASS"), line
+
+            # A Run cancelled by its client while QEMU starts (root's, unsignallable): nothing
+            # is left, whatever step the cancel hit.
+            cancelled = 0
+            for deadline in (0.005, 0.01, 0.02, 0.03, 0.045, 0.06, 0.08, 0.1, 0.13):
+                try:
+                    await daemon.stub.Run(run_request("cancelled"), timeout=deadline)
+                except grpc.aio.AioRpcError as error:
+                    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED, error
+                    cancelled += 1
+                    # The service's answer can cross the client's deadline: the VM then runs
+                    # though the client saw DEADLINE_EXCEEDED (not sudo's doing: the same race
+                    # exists without sudo; reported). Such a VM is stopped as any other.
+                    listed = await daemon.stub.List(pb.ListRequest())
+                    if any(c.computation_id == "cancelled" for c in listed.computations):
+                        with contextlib.suppress(grpc.aio.AioRpcError):  # NOT_FOUND: went
+                            await daemon.stub.Stop(pb.StopRequest(computation_id="cancelled"))
+                else:  # started within the deadline: stopped as any VM
+                    await daemon.stub.Stop(pb.StopRequest(computation_id="cancelled"))
+                await wait_for(
+                    lambda: daemon.vm_processes() == {"sudo": [], "qemu": []}, "no VM left", 15
+                )
+                await wait_for(lambda: os.listdir(daemon.vms) == [], "no VM file left", 15)
+            assert cancelled > 0
+
+            # Run: the guest boots.
+            events = await watch(daemon, "s1")
+            reply = await daemon.stub.Run(run_request("s1"), timeout=BOOT_TIMEOUT)
+            assert int(reply.agent_port) > 0
+            await events.wait_for("BOOTED s1", booted("s1"), BOOT_TIMEOUT)
+            procs = daemon.vm_processes()
+            assert len(procs["sudo"]) == 1 and len(procs["qemu"]) == 1, procs
+            assert owner(procs["qemu"][0]) == 0  # root's: the daemon cannot signal it
+            # Stop: neither QEMU nor sudo left.
+            await daemon.stub.Stop(pb.StopRequest(computation_id="s1"), timeout=60)
+            assert daemon.vm_processes() == {"sudo": [], "qemu": []}
+            await events.wait_for("vm-stop complete", manager_event("vm-stop", "complete"), 5)
+            await events.close()
+
+            # QEMU killed from outside (as root): noticed within a second.
+            events = await watch(daemon, "s2")
+            await daemon.stub.Run(run_request("s2"), timeout=BOOT_TIMEOUT)
+            (qemu,) = daemon.vm_processes()["qemu"]
+            killed = time.monotonic()
+            os.kill(qemu, signal.SIGKILL)
+            await events.wait_for("vm-exit", manager_event("vm-exit"), 5)
+            assert time.monotonic() - killed < 1.0
+            await wait_for(lambda: daemon.vm_processes()["sudo"] == [], "sudo to end", 5)
+            await events.close()
+
+            # A frozen QEMU (SIGSTOP, as root): neither the SIGTERM sudo relays nor QMP quit
+            # can end it; `sudo -n kill -KILL` does, and sudo goes with it.
+            await daemon.stub.Run(run_request("frozen"), timeout=BOOT_TIMEOUT)
+            (qemu,) = daemon.vm_processes()["qemu"]
+            os.kill(qemu, signal.SIGSTOP)
+            await daemon.stub.Stop(pb.StopRequest(computation_id="frozen"), timeout=60)
+            assert daemon.vm_processes() == {"sudo": [], "qemu": []}
+
+            # Daemon SIGKILL + restart: re-adopted, then stopped.
+            await daemon.stub.Run(run_request("s3"), timeout=BOOT_TIMEOUT)
+            before = daemon.vm_processes()
+            await daemon.kill()
+            await daemon.start()
+            listed = await daemon.stub.List(pb.ListRequest())
+            assert [(c.computation_id, c.adopted) for c in listed.computations] == [("s3", True)]
+            assert daemon.vm_processes() == before
+            await daemon.stub.Stop(pb.StopRequest(computation_id="s3"), timeout=60)
+            assert daemon.vm_processes() == {"sudo": [], "qemu": []}
+
+            # SIGTERM stops everything.
+            await daemon.stub.Run(run_request("s4"), timeout=BOOT_TIMEOUT)
+            assert daemon.vm_processes()["qemu"]
+            assert await daemon.terminate() == 0
+            assert daemon.vm_processes() == {"sudo": [], "qemu": []}
+            assert os.listdir(daemon.vms) == []
+
+
+async def test_without_kill_rule_a_frozen_qemu_is_released_and_stop_says_so(
+    account: Account, workdir: Path
+) -> None:
+    with sudoers(nopasswd_rule(account, kill=False)):
+        async with user_daemon(account, workdir) as daemon:
+            line = await asyncio.to_thread(daemon.check_sudo_line)
+            assert line.startswith("WARN") and "kill" in line, line
+            await daemon.stub.Run(run_request("frozen"), timeout=BOOT_TIMEOUT)
+            (qemu,) = daemon.vm_processes()["qemu"]
+            os.kill(qemu, signal.SIGSTOP)
+            try:
+                began = time.monotonic()
+                with pytest.raises(grpc.aio.AioRpcError) as failure:
+                    await daemon.stub.Stop(pb.StopRequest(computation_id="frozen"), timeout=60)
+                assert time.monotonic() - began < 30  # bounded: 5 s + 5 s + 10 s
+                assert failure.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                details = failure.value.details() or ""
+                assert str(qemu) in details and account.kill in details, details
+                # Released all the same: nothing STOPPING, the id free, no record or file.
+                assert list((await daemon.stub.List(pb.ListRequest())).computations) == []
+                assert os.listdir(daemon.vms) == []
+                assert daemon.vm_processes()["qemu"] == [qemu]  # the PID the error named
+            finally:
+                # As the operator is told. SIGSTOP stopped sudo too (it follows its command's
+                # job control): continued, it reaps QEMU and ends.
+                os.kill(qemu, signal.SIGKILL)
+                for sudo in daemon.vm_processes()["sudo"]:
+                    os.kill(sudo, signal.SIGCONT)
+            await wait_for(
+                lambda: daemon.vm_processes() == {"sudo": [], "qemu": []}, "QEMU and sudo gone"
+            )
+            assert await daemon.terminate() == 0

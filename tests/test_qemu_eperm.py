@@ -1,0 +1,128 @@
+"""A QEMU the daemon may not signal (EPERM: root's, behind MANAGER_QEMU_USE_SUDO, or an adopted
+process of another user) is stopped without signals, and never leaves a computation STOPPING.
+
+The kernel's answer is reproduced by making pidfd_send_signal raise PermissionError, as it does
+for another user's process; everything else is real (the daemon's runner, gRPC, the stand-in
+QEMU and its QMP monitor). tests/e2e/test_sudo.py runs the same paths with real sudo and QEMU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cocos_manager import qemu_process
+from cocos_manager.api import manager_pb2 as pb
+from cocos_manager.qemu_argv import Executable
+from cocos_manager.qemu_failures import classify_sudo_refusal
+from tests.support.harness import run_request, running_manager
+from tests.support.processes import processes_mentioning
+from tests.support.waiting import unavailable, wait_for
+
+
+def refuse_signals(monkeypatch: pytest.MonkeyPatch) -> None:
+    def eperm(pidfd: int, sig: int, *args: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(signal, "pidfd_send_signal", eperm)
+
+
+async def test_stop_without_permission_to_signal_quits_over_qmp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with running_manager(tmp_path, monkeypatch) as m:
+        await m.stub.Run(run_request("c1"))
+        refuse_signals(monkeypatch)
+        began = time.monotonic()
+        await m.stub.Stop(pb.StopRequest(computation_id="c1"), timeout=20)
+        assert time.monotonic() - began < 3
+        assert processes_mentioning(str(tmp_path / "vms")) == []
+        assert list((await m.stub.List(pb.ListRequest())).computations) == []
+
+
+async def test_a_qemu_nothing_stops_is_released_and_stop_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(qemu_process, "SUDO_TERM_GRACE", 0.3)
+    monkeypatch.setattr(qemu_process, "GIVE_UP_AFTER", 0.5)
+    async with running_manager(tmp_path, monkeypatch, FAKE_QEMU_MODE="ignore-quit") as m:
+        await m.stub.Run(run_request("c1"))
+        (pid,) = processes_mentioning(str(tmp_path / "vms"))
+        refuse_signals(monkeypatch)
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as failure:
+                await m.stub.Stop(pb.StopRequest(computation_id="c1"), timeout=20)
+            assert failure.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            details = failure.value.details() or ""
+            assert f"pid {pid}" in details and "NOPASSWD" in details, details
+            # Released all the same: not STOPPING for ever, the id may run again.
+            assert list((await m.stub.List(pb.ListRequest())).computations) == []
+            assert not any((tmp_path / "state").glob("*.json"))
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            await wait_for(lambda: pid not in processes_mentioning(str(tmp_path)), "its end")
+
+
+def test_sudo_command_keeps_the_qmp_descriptor() -> None:
+    sudo = Executable(exe="sudo", prefix=("/usr/bin/qemu-system-x86_64",))
+    assert sudo.vm_command(["-a"], keep_fds=(7,)) == [
+        "sudo", "-n", "-C", "8", "--", "/usr/bin/qemu-system-x86_64", "-a",
+    ]  # fmt: skip
+    assert sudo.command(["-a"]) == ["sudo", "/usr/bin/qemu-system-x86_64", "-a"]  # the original
+    plain = Executable(exe="/usr/bin/qemu-system-x86_64", prefix=())
+    assert plain.vm_command(["-a"], keep_fds=(7,)) == ["/usr/bin/qemu-system-x86_64", "-a"]
+
+
+@pytest.mark.parametrize(
+    ("line", "kind"),
+    [
+        ("sudo: a password is required", "nopasswd"),
+        ("sudo: a terminal is required to read the password; either use the -S option", "nopasswd"),
+        ("sudo: you are not permitted to use the -C option", "closefrom"),
+        ("cocos is not in the sudoers file.  This incident will be reported.", None),
+        ("sudo: unable to change to root gid: Operation not permitted", "other"),
+        ("qemu-system-x86_64: -kernel x: No such file", None),
+    ],
+)
+def test_sudo_refusals_are_recognised(line: str, kind: str | None) -> None:
+    found = classify_sudo_refusal([line])
+    assert (found[1] if found else None) == kind
+
+
+async def test_sudo_kill_ends_a_child_of_sudo_that_cannot_be_signalled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Real sudo (this test runs as root in CI, where `sudo -n kill` is allowed): SIGTERM and
+    SIGKILL refused, no QMP monitor, so the last resort, `sudo -n kill -KILL`, must end it;
+    sudo itself is never SIGKILLed first (its child would be orphaned)."""
+    if os.geteuid() != 0:
+        unavailable("needs root, for whom `sudo -n kill` needs no rule")
+    sleep = shutil.which("sleep")
+    assert sleep is not None
+    with socket.socket(socket.AF_UNIX) as listener:
+        argv = ["sudo", "-n", "--", sleep, "600"]  # root may not use -C without a Defaults
+        process = await qemu_process.QemuProcess.start(argv, qmp_listener=listener)
+    try:
+        assert process.wrapped
+        await wait_for(lambda: process.qemu_pids() != [], "sudo to start its child")
+        (child,) = process.qemu_pids()
+        refuse_signals(monkeypatch)
+        info = await asyncio.wait_for(process.terminate(0), 20)
+        assert info.returncode == -signal.SIGKILL
+        assert child not in alive_pids()  # reaped by sudo, which then ended
+    finally:
+        monkeypatch.undo()
+        process.kill_now()
+        process.close_pipes()
+
+
+def alive_pids() -> set[int]:
+    return {int(entry) for entry in os.listdir("/proc") if entry.isdigit()}
