@@ -42,7 +42,7 @@ async def test_run_answers_with_the_forwarded_port_and_stop_cleans_up(manager: M
     await manager.stub.Stop(pb.StopRequest(computation_id="c1"))
     assert process.exited.done()
     assert vm_files(manager) == []
-    assert children() == []
+    assert children(str(manager.tmp)) == []
     assert manager.service.computations() == {}
 
 

@@ -13,13 +13,27 @@ def _stat_fields(pid: str) -> list[bytes] | None:
         return None
 
 
-def children() -> list[int]:
-    """Processes whose parent is this test process, live or zombie."""
+def children(mentioning: str | None = None) -> list[int]:
+    """Processes whose parent is this test process, live or zombie; with `mentioning`, only
+    those whose command line names it (a zombie's is empty: its name in /proc/PID/stat is
+    checked then), so a test sees its own VMs and not another test's helpers."""
     me, found = os.getpid(), []
     for entry in os.listdir("/proc"):
         if entry.isdigit() and (fields := _stat_fields(entry)) and int(fields[1]) == me:
-            found.append(int(entry))
+            if mentioning is None or _mentions(entry, mentioning):
+                found.append(int(entry))
     return found
+
+
+def _mentions(pid: str, text: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            raw = cmdline.read()
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            name = stat.read().split(b")", 1)[0]
+    except OSError:
+        return False
+    return text.encode() in raw or (not raw and b"qemu" in name)
 
 
 def processes_mentioning(text: str) -> list[int]:
