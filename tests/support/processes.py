@@ -19,9 +19,9 @@ def children(mentioning: str | None = None) -> list[int]:
     checked then), so a test sees its own VMs and not another test's helpers."""
     me, found = os.getpid(), []
     for entry in os.listdir("/proc"):
-        if entry.isdigit() and (fields := _stat_fields(entry)) and int(fields[1]) == me:
-            if mentioning is None or _mentions(entry, mentioning):
-                found.append(int(entry))
+        mine = entry.isdigit() and (fields := _stat_fields(entry)) and int(fields[1]) == me
+        if mine and (mentioning is None or _mentions(entry, mentioning)):
+            found.append(int(entry))
     return found
 
 
