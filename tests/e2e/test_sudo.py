@@ -41,6 +41,7 @@ from tests.e2e.test_real_vm import (
     guest_images,
     manager_event,
 )
+from tests.support.daemon_process import clean_environ
 from tests.support.harness import run_request
 from tests.support.processes import processes_mentioning
 from tests.support.waiting import subscribed, unavailable, wait_for
@@ -148,10 +149,11 @@ class UserDaemon:
         return pb_grpc.ManagerServiceStub(self.channel)
 
     def env(self) -> dict[str, str]:
-        env = daemon_env(
+        env = clean_environ() | daemon_env(
             self.root,
-            self.port,
             {
+                "MANAGER_GRPC_HOST": "127.0.0.1",
+                "MANAGER_GRPC_PORT": str(self.port),
                 "MANAGER_QEMU_USE_SUDO": "true",
                 "MANAGER_QEMU_DISK_IMG_KERNEL_FILE": str(self.root / "guest" / "bzImage"),
                 "MANAGER_QEMU_DISK_IMG_ROOTFS_FILE": str(self.root / "guest" / "rootfs.cpio.gz"),

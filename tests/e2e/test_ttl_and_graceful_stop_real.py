@@ -47,7 +47,7 @@ def exited(process: psutil.Process) -> bool:
 
 async def test_a_20s_ttl_survives_a_sigkill_of_the_daemon(tmp_path: Path) -> None:
     root = tmp_path / "daemon"
-    first = start_daemon(root)
+    first = await asyncio.to_thread(start_daemon, root)
     try:
         async with grpc.aio.insecure_channel(first.address) as channel:
             stub = pb_grpc.ManagerServiceStub(channel)
@@ -64,7 +64,7 @@ async def test_a_20s_ttl_survives_a_sigkill_of_the_daemon(tmp_path: Path) -> Non
     except BaseException:
         stop_daemon(first)
         raise
-    second = start_daemon(root)  # the same state directory
+    second = await asyncio.to_thread(start_daemon, root)  # the same state directory
     try:
         async with grpc.aio.insecure_channel(second.address) as channel:
             stub = pb_grpc.ManagerServiceStub(channel)
@@ -85,7 +85,9 @@ async def test_a_20s_ttl_survives_a_sigkill_of_the_daemon(tmp_path: Path) -> Non
 
 
 async def test_stop_with_a_grace_lets_the_guest_power_off_cleanly(tmp_path: Path) -> None:
-    daemon = start_daemon(tmp_path / "daemon", MANAGER_QEMU_POWERDOWN_GRACE="60s")
+    daemon = await asyncio.to_thread(
+        start_daemon, tmp_path / "daemon", MANAGER_QEMU_POWERDOWN_GRACE="60s"
+    )
     try:
         async with grpc.aio.insecure_channel(daemon.address) as channel:
             stub = pb_grpc.ManagerServiceStub(channel)
