@@ -59,10 +59,8 @@ from cocos_manager.qemu_failures import Conflict, conflicts_exhausted
 from cocos_manager.qemu_process import (
     ExitInfo,
     QemuProcess,
-    qmp_args,
-    qmp_listener,
 )
-from cocos_manager.qmp import QmpClosed, QmpError
+from cocos_manager.qmp import QmpClosed, QmpError, qmp_args, qmp_listener
 from cocos_manager.resources import Lease
 from cocos_manager.settings import AgentChannel, GuestHaltAction
 from cocos_manager.state_store import VmRecord
