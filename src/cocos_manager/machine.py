@@ -12,20 +12,20 @@ The states, their events and the teardown: docs/architecture.md.
 
 So that this file reads as the transitions, the steps that change no state live apart: a start
 attempt's files, command line and hand-over in vm_start.py, how QEMU is ended and the end told
-in vm_stop.py, QEMU's word that the guest halted in guest_watch.py, re-adoption in recovery.py.
+in vm_stop.py, QEMU's word that the guest halted in guest_watch.py, the record's shape in
+vm_record.py, re-adoption in recovery.py.
 Each calls back here for the state change.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import time
 from typing import Any
 
 from opentelemetry import trace
 
-from cocos_manager import ttl, vm_start, vm_stop
+from cocos_manager import ttl, vm_record, vm_start, vm_stop
 from cocos_manager.confidential import launched_binding
 from cocos_manager.console_limit import ConsoleLogLimiter
 from cocos_manager.errors import (
@@ -60,8 +60,7 @@ from cocos_manager.qemu_process import (
 from cocos_manager.qmp import qmp_listener
 from cocos_manager.resources import Lease
 from cocos_manager.settings import AgentChannel
-from cocos_manager.state_store import VmRecord
-from cocos_manager.vm_files import VmFiles, vm_paths
+from cocos_manager.vm_files import VmFiles
 
 _tracer = trace.get_tracer("cocos_manager.machine")
 _log = get_logger()
@@ -127,29 +126,6 @@ class Machine:
             details.update(launched_binding(self.process.argv))  # host_data / mrconfigid
         return details
 
-    def record(self) -> VmRecord:
-        r = self.resources
-        q = self.ctx.settings.qemu
-        files = (
-            self.files.paths
-            if self.files is not None
-            else vm_paths(q, self.uuid, with_manifest=True)
-        )
-        record = VmRecord(
-            computation_id=self.id,
-            uuid=self.uuid,
-            state=self.state.value if self.state else VmState.ADMITTED.value,
-            host_port=r.host_port,
-            guest_cid=r.guest_cid,
-            vnc_display=r.vnc_display,
-            files={name: str(path) for name, path in files.items()},
-            expires_at=self.expires_at,
-        )
-        if self.process is not None:
-            record.pid, record.start_time = self.process.pid, self.process.start_time
-            record.argv, record.cmdline = self.process.argv, self.process.cmdline
-        return record
-
     # -- the one place the state changes -----------------------------------------------------
 
     def _set_state(self, new: VmState, event: tuple[str, str], details: dict[str, Any]) -> None:
@@ -166,12 +142,12 @@ class Machine:
             if new is VmState.RELEASED:
                 self.ctx.store.remove(self.uuid)
             else:
-                self.ctx.store.save(self.record())
+                self.ctx.store.save(vm_record.record_of(self))
         except OSError as error:
             if old is None or new is VmState.STARTING:
                 # Without the record that names its QEMU, a restart could not find this VM:
                 # the admission, or this attempt (its QEMU reaped), fails instead.
-                raise self._record_error(error) from None
+                raise vm_record.record_error(self.ctx.store.directory, error) from None
             self.log.error("cannot write the VM record", error=error.strerror)
         event_type, status = event
         self.ctx.bus.publish(manager_event(self.id, event_type, status, details or None))
@@ -190,16 +166,6 @@ class Machine:
             ctx.consoles.discard(machine.console)
             raise
         return machine
-
-    def _record_error(self, error: OSError) -> ResourceExhaustedError | FailedPreconditionError:
-        directory = str(self.ctx.store.directory)
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
-            return ResourceExhaustedError(
-                f"MANAGER_STATE_DIR: no space left for the VM record in {directory!r}"
-            )
-        return FailedPreconditionError(
-            f"MANAGER_STATE_DIR: cannot write the VM record in {directory!r}: {error.strerror}"
-        )
 
     # -- start -------------------------------------------------------------------------------
 
