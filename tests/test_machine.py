@@ -17,8 +17,7 @@ from typing import Any
 
 import pytest
 
-from cocos_manager import machine as machine_module
-from cocos_manager import vm_files
+from cocos_manager import vm_files, vm_start
 from cocos_manager.errors import QemuExitedError
 from cocos_manager.events import EventBus
 from cocos_manager.lifecycle import MachineContext, StopReason, VmState
@@ -168,7 +167,7 @@ async def test_files_are_linked_on_the_loop_and_copied_in_a_thread(
         where.append(threading.get_ident() == loop_thread)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(machine_module, "prepare_vm_files", recording)
+    monkeypatch.setattr(vm_start, "prepare_vm_files", recording)
     linked = rig.admit("linked")
     await rig.start(linked)
     assert linked.files is not None and linked.files.methods["kernel"] == "hardlink"

@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cocos_manager import qemu_process
+from cocos_manager import qemu_process, sudo_stop
 from cocos_manager.api import manager_pb2 as pb
 from cocos_manager.qemu_argv import Executable
 from cocos_manager.qemu_failures import classify_sudo_refusal
@@ -51,8 +51,8 @@ async def test_stop_without_permission_to_signal_quits_over_qmp(
 async def test_a_qemu_nothing_stops_is_released_and_stop_says_why(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(qemu_process, "SUDO_TERM_GRACE", 0.3)
-    monkeypatch.setattr(qemu_process, "GIVE_UP_AFTER", 0.5)
+    monkeypatch.setattr(sudo_stop, "SUDO_TERM_GRACE", 0.3)
+    monkeypatch.setattr(sudo_stop, "GIVE_UP_AFTER", 0.5)
     async with running_manager(tmp_path, monkeypatch, FAKE_QEMU_MODE="ignore-quit") as m:
         await m.stub.Run(run_request("c1"))
         (pid,) = processes_mentioning(str(tmp_path / "vms"))

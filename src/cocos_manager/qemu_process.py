@@ -3,7 +3,9 @@
 Its exit is noticed at once through a pidfd on the event loop (no polling, no thread per
 VM), a child is reaped right then (the original left zombies), and signals
 go through the pidfd so a recycled PID can never be hit. Readiness is QEMU's own: the QMP
-monitor on a socket the daemon created and handed over, answering `query-status`.
+monitor on a socket the daemon created and handed over, answering `query-status`. Its output
+is split into lines in qemu_output.py; where a signal is not permitted (QEMU behind sudo),
+the ways around it are in sudo_stop.py.
 """
 
 from __future__ import annotations
@@ -11,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cocos_manager import sudo_stop
 from cocos_manager.errors import (
     QemuExitedError,
-    QemuStopFailedError,
     ReadinessTimeoutError,
     SudoRefusedError,
     VmStartError,
@@ -33,53 +33,16 @@ from cocos_manager.logging import get_logger
 from cocos_manager.qemu_failures import (
     classify_start_failure,
     classify_sudo_refusal,
-    daemon_user,
     launch_failure,
-    sudoers_lines,
 )
+from cocos_manager.qemu_output import LineReader
 from cocos_manager.qmp import QmpError, QmpMonitor, open_running_monitor
 from cocos_manager.state_store import process_identity, process_start_time
-from cocos_manager.vm_files import unix_socket_path
 from cocos_manager.workers import pool as _workers
 
 LineCallback = Callable[[str, str], None]
-# CSI with any parameter bytes (OVMF sends "ESC [ = 3 h"), charset selection ("ESC ( B"), and
-# the other two-byte escapes.
-_ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|[ -/]+[0-~]|[@-Z\\-_])")
-_MAX_LINE = 64 * 1024
 TAIL_LINES = 20
 _log = get_logger()
-# A QEMU behind sudo is root's: the daemon may signal sudo (its real uid is the daemon's) but
-# not QEMU. These bound the ways around that (see docs/decisions.md, "QEMU through sudo").
-SUDO_TERM_GRACE = 5.0  # a SIGTERM relayed by sudo, or QMP quit: QEMU exits within milliseconds
-SUDO_KILL_TIMEOUT = 5.0  # `sudo -n kill -KILL`
-GIVE_UP_AFTER = 10.0  # after every way to kill QEMU was tried: the VM is released anyway
-
-
-def _descendants(pid: int) -> list[int]:
-    """Children first, then theirs (sudo's monitor process with use_pty, then QEMU); the
-    zombies among them are left out."""
-    found: list[int] = []
-    queue = [pid]
-    while queue:
-        parent = queue.pop(0)
-        try:
-            with open(f"/proc/{parent}/task/{parent}/children") as children:
-                kids = [int(child) for child in children.read().split()]
-        except (OSError, ValueError):
-            kids = []
-        found += kids
-        queue += kids
-    return [pid for pid in found if not _zombie(pid)]
-
-
-def _zombie(pid: int) -> bool:
-    """Killed, not yet reaped (its parent, sudo, may be stopped): nothing left to kill."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            return stat.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
-    except (OSError, IndexError):
-        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,40 +67,6 @@ class ExitInfo:
                 name = str(-self.returncode)
             return f"killed by signal {name}"
         return f"exit status {self.returncode}"
-
-
-class _LineReader(asyncio.Protocol):
-    """Splits a pipe into lines for logs and Events; bounded memory per line."""
-
-    def __init__(self, stream: str, sink: Callable[[str, str], None]) -> None:
-        self._stream = stream
-        self._sink = sink
-        self._partial = b""
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def data_received(self, data: bytes) -> None:
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()
-        while len(self._partial) > _MAX_LINE:  # output without newlines: cut, keep memory flat
-            lines.append(self._partial[:_MAX_LINE])
-            self._partial = self._partial[_MAX_LINE:]
-        for raw in lines:
-            self._emit(raw)
-
-    def _emit(self, raw: bytes) -> None:
-        text = _ANSI.sub("", raw.decode("utf-8", "replace")).replace("\r", "").rstrip()
-        if text:
-            self._sink(self._stream, text)
-
-    def eof_received(self) -> bool:
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._partial:
-            self._emit(self._partial)
-            self._partial = b""
-        if not self.closed.done():
-            self.closed.set_result(None)
 
 
 class QemuProcess:
@@ -212,7 +141,7 @@ class QemuProcess:
         for stream, pipe in (("stdout", self._popen.stdout), ("stderr", self._popen.stderr)):
             if pipe is None or pipe.closed:
                 continue
-            reader = _LineReader(stream, self._line)
+            reader = LineReader(stream, self._line)
             self._pipes.append(reader.closed)
             try:
                 await loop.connect_read_pipe(lambda r=reader: r, pipe)  # type: ignore[misc]
@@ -310,24 +239,12 @@ class QemuProcess:
         stderr = self.tail("stderr")
         refusal = classify_sudo_refusal(stderr) if self.wrapped else None
         if refusal is not None:
-            return self._sudo_refused(*refusal)
+            return sudo_stop.sudo_refused(self.argv, *refusal)
         return QemuExitedError(
             f"QEMU exited {during} ({exit_text}): {self.failure_text()}",
             exit=exit_text,
             stderr=stderr,
             conflict=(c.value if (c := classify_start_failure(stderr)) else None),
-        )
-
-    def _sudo_refused(self, line: str, kind: str) -> SudoRefusedError:
-        qemu = self.argv[self.argv.index("--") + 1] if "--" in self.argv else "QEMU"
-        missing = {
-            "nopasswd": "sudo wants a password, and the daemon has no terminal to give one",
-            "closefrom": "sudo does not let the daemon keep QEMU's QMP socket open (-C)",
-            "rule": "sudo has no rule that lets this user run QEMU as root",
-        }.get(kind, "sudo refused to run QEMU")
-        return SudoRefusedError(
-            f"MANAGER_QEMU_USE_SUDO=true: {missing} ({line.strip()}): add to sudoers "
-            f"{sudoers_lines(daemon_user(), qemu)}, or set MANAGER_QEMU_USE_SUDO=false"
         )
 
     async def wait_ready(self, qmp_path: Path, timeout: float) -> None:
@@ -387,7 +304,7 @@ class QemuProcess:
 
     def qemu_pids(self) -> list[int]:
         """The processes that are QEMU: this one, or sudo's descendants when wrapped."""
-        return _descendants(self.pid) if self.wrapped else [self.pid]
+        return sudo_stop.descendants(self.pid) if self.wrapped else [self.pid]
 
     def _kill_pids(self, pids: Sequence[int]) -> bool:
         """SIGKILL through pidfds (a PID that ended and was reused is never hit)."""
@@ -404,50 +321,7 @@ class QemuProcess:
         return delivered
 
     async def _quit(self) -> bool:
-        """QMP `quit`: QEMU exits as on SIGTERM, and no permission is needed but the socket's.
-        Over the VM's session, or a new one when none is open (a start being abandoned)."""
-        monitor, opened = self.monitor, False
-        try:
-            if monitor is None or monitor.closed.done():
-                if self._qmp_path is None:
-                    return False
-                monitor = await asyncio.wait_for(QmpMonitor.connect(self._qmp_path), 2.0)
-                opened = True
-            with contextlib.suppress(QmpError, ConnectionError):  # closed: it is quitting
-                await asyncio.wait_for(monitor.execute("quit"), SUDO_TERM_GRACE)
-            return True
-        except (OSError, TimeoutError) as error:
-            _log.warning("QMP quit failed", pid=self.pid, error=repr(error))
-            return False
-        finally:
-            if opened and monitor is not None:
-                await monitor.close()
-
-    async def _sudo_kill(self, pids: Sequence[int]) -> bool:
-        """`sudo -n kill -KILL`: for a QEMU that neither a relayed signal nor QMP stopped."""
-        kill = shutil.which("kill") or "/usr/bin/kill"
-        try:
-            child = await asyncio.create_subprocess_exec(
-                "sudo", "-n", kill, "-KILL", *map(str, pids),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-            )  # fmt: skip
-        except OSError as error:
-            _log.error("cannot run sudo kill", pid=self.pid, error=error.strerror)
-            return False
-        try:
-            _, err = await asyncio.wait_for(child.communicate(), SUDO_KILL_TIMEOUT)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                child.kill()
-            await child.wait()
-            return False
-        if child.returncode != 0:
-            _log.warning(
-                "sudo kill refused", pid=self.pid, stderr=err.decode("utf-8", "replace").strip()
-            )
-        return child.returncode == 0
+        return await sudo_stop.quit_over_qmp(self.monitor, self._qmp_path, self.pid)
 
     async def _kill(self) -> bool:
         """The SIGKILL step. Behind sudo, SIGKILL goes to QEMU, never to sudo first: a sudo
@@ -460,7 +334,7 @@ class QemuProcess:
             return self._signal(signal.SIGKILL)
         if self._kill_pids(pids):
             return True
-        if await self._sudo_kill(pids):
+        if await sudo_stop.sudo_kill(pids, self.pid):
             return True
         return await self._quit()  # QEMU may still answer its monitor
 
@@ -475,9 +349,9 @@ class QemuProcess:
             grace = timeout
             if self._signal(signal.SIGTERM):
                 if self.wrapped:  # sudo relays it to QEMU: give the relay a moment
-                    grace = max(timeout, SUDO_TERM_GRACE)
+                    grace = max(timeout, sudo_stop.SUDO_TERM_GRACE)
             elif await self._quit():
-                grace = max(timeout, SUDO_TERM_GRACE)
+                grace = max(timeout, sudo_stop.SUDO_TERM_GRACE)
             try:
                 await asyncio.wait_for(asyncio.shield(self.exited), grace)
             except TimeoutError:
@@ -491,7 +365,7 @@ class QemuProcess:
         """Up to GIVE_UP_AFTER for the process to end. Behind sudo, once QEMU is gone, sudo
         itself is SIGKILLed should it linger (stopped along with a stopped QEMU, say): there is
         nothing left to orphan."""
-        deadline = self._loop.time() + GIVE_UP_AFTER
+        deadline = self._loop.time() + sudo_stop.GIVE_UP_AFTER
         try:
             while self.wrapped and not self.exited.done() and self.qemu_pids():
                 remaining = deadline - self._loop.time()
@@ -506,14 +380,8 @@ class QemuProcess:
             remaining = max(0.0, deadline - self._loop.time())
             await asyncio.wait_for(asyncio.shield(self.exited), remaining)
         except TimeoutError:
-            pids = self.qemu_pids() or [self.pid]
-            qemu = self.argv[self.argv.index("--") + 1] if "--" in self.argv else self.argv[0]
-            kill = shutil.which("kill") or "/usr/bin/kill"
-            under = f", under sudo pid {self.pid}" if self.wrapped else ""
-            raise QemuStopFailedError(
-                f"QEMU (pid {', '.join(map(str, pids))}{under}) did not exit and this daemon "
-                f"(user {daemon_user()}) may not kill it: it was left running; kill it as root, and "
-                f"allow the daemon to with {sudoers_lines(daemon_user(), qemu, kill)}"
+            raise sudo_stop.stop_failed(
+                self.argv, self.pid, self.qemu_pids() or [self.pid], self.wrapped
             ) from None
 
     def kill_now(self) -> None:
@@ -553,28 +421,3 @@ def _kill(popen: subprocess.Popen[bytes]) -> None:
     for pipe in (popen.stdout, popen.stderr):
         if pipe is not None:
             pipe.close()
-
-
-def qmp_listener(path: Path) -> socket.socket:
-    """The QMP socket, created by us and handed to QEMU as a listening fd (no connect race)."""
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        with unix_socket_path(path) as address:
-            listener.bind(address)
-        os.chmod(path, 0o600)
-        listener.listen(4)
-    except BaseException:
-        listener.close()
-        raise
-    return listener
-
-
-def qmp_args(listener: socket.socket) -> list[str]:
-    return [
-        "-chardev",
-        f"socket,id=cocos-qmp,fd={listener.fileno()},server=on,wait=off",
-        "-mon",
-        "chardev=cocos-qmp,mode=control",
-    ]

@@ -5,7 +5,8 @@ serves one client at a time, its events (STOP, GUEST_PANICKED, SHUTDOWN...) only
 client that is connected when they happen, and a command such as `quit` works where a signal
 cannot (a QEMU started through sudo belongs to root). Spoken directly: a client library
 (qemu.qmp) cost each Run about 5 ms more in its reader/writer tasks (make bench), and keeps an
-unbounded event history. See docs/decisions.md, "QMP".
+unbounded event history. See docs/decisions.md, "QMP". The socket itself is made here too and
+handed to QEMU already listening, so there is no race to connect.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
 from collections import deque
 from collections.abc import Callable
@@ -170,3 +172,28 @@ async def open_running_monitor(path: Path, *, paused: bool = False) -> QmpMonito
         await monitor.close()
         raise QmpError(f"QEMU reports VM status {status!r} instead of 'running'")
     return monitor
+
+
+def qmp_listener(path: Path) -> socket.socket:
+    """The QMP socket, created by us and handed to QEMU as a listening fd (no connect race)."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with unix_socket_path(path) as address:
+            listener.bind(address)
+        os.chmod(path, 0o600)
+        listener.listen(4)
+    except BaseException:
+        listener.close()
+        raise
+    return listener
+
+
+def qmp_args(listener: socket.socket) -> list[str]:
+    return [
+        "-chardev",
+        f"socket,id=cocos-qmp,fd={listener.fileno()},server=on,wait=off",
+        "-mon",
+        "chardev=cocos-qmp,mode=control",
+    ]

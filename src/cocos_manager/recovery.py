@@ -20,8 +20,10 @@ from pathlib import Path
 
 from cocos_manager.errors import FailedPreconditionError, QemuStopFailedError
 from cocos_manager.lifecycle import MachineContext, VmState
+from cocos_manager.listing import started_at_from_ticks
 from cocos_manager.logging import get_logger
 from cocos_manager.machine import Machine
+from cocos_manager.qemu_argv import VmResources
 from cocos_manager.qemu_process import QemuProcess
 from cocos_manager.state_store import VmRecord, current_boot_id, process_identity
 from cocos_manager.vm_files import VmFiles, vm_paths
@@ -168,6 +170,20 @@ async def _recover_one(ctx: MachineContext, record: VmRecord, *, taken: bool) ->
         log.warning(f"VM record cleaned up: {reason}")
         return None
     assert process is not None
-    machine = Machine.adopt(ctx, record, process, files)
+    machine = adopt_machine(ctx, record, process, files)
     log.info("VM re-adopted after restart", agent_port=record.host_port)
+    return machine
+
+
+def adopt_machine(
+    ctx: MachineContext, record: VmRecord, process: QemuProcess, files: VmFiles
+) -> Machine:
+    """A VM an earlier run of the daemon started, proven to be the recorded one: its numbers
+    held again as recorded, its start time and TTL deadline kept."""
+    resources = VmResources(record.uuid, record.host_port, record.guest_cid, record.vnc_display)
+    lease = ctx.pools.hold(record.computation_id, resources)
+    machine = Machine(ctx, record.computation_id, lease, files=files, process=process, adopted=True)
+    machine.started_at = started_at_from_ticks(record.start_time) or machine.started_at
+    machine.expires_at = record.expires_at
+    machine.readopted(paused=record.state == VmState.PAUSED.value)
     return machine

@@ -1,0 +1,94 @@
+"""The steps of one start attempt that do not change the VM's state: its files, its command
+line, the manifest hand-over to the agent, and the number a failed attempt found taken.
+
+Kept apart from machine.py so the Machine reads as its transitions; each step works on the
+Machine it is given (its settings, lease and files) and raises the error its caller answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from typing import TYPE_CHECKING
+
+from opentelemetry import trace
+
+from cocos_manager import workers
+from cocos_manager.errors import HandoverFailedError, HandoverTimeoutError
+from cocos_manager.qemu_argv import VmResources, vm_args
+from cocos_manager.qemu_failures import Conflict
+from cocos_manager.qemu_process import QemuProcess
+from cocos_manager.qmp import qmp_args
+from cocos_manager.vm_files import WouldCopy, prepare_vm_files
+from cocos_manager.vsock import HandoverAborted, HandoverTimeout, send_manifest
+
+if TYPE_CHECKING:
+    from cocos_manager.machine import Machine
+
+_tracer = trace.get_tracer("cocos_manager.machine")
+
+
+async def prepare_files(machine: Machine, manifest: bytes) -> None:
+    """On the loop when kernel and rootfs can be hard-linked (the usual case: a few system
+    calls, and no thread hop, which in a burst of 32 Runs was the costlier part); else in
+    a worker thread, which a cancelled Run cannot interrupt: on cancellation the files it
+    still makes are removed once it ends."""
+    q = machine.ctx.settings.qemu
+    vm_manifest = manifest if machine.fw_cfg else None
+    with _tracer.start_as_current_span("prepare-files"):
+        try:
+            machine.files = prepare_vm_files(q, machine.uuid, vm_manifest, copy_shared=False)
+            return
+        except WouldCopy:
+            pass
+        preparing = asyncio.get_running_loop().run_in_executor(
+            workers.pool, prepare_vm_files, q, machine.uuid, vm_manifest
+        )
+        try:
+            machine.files = await asyncio.shield(preparing)
+        except asyncio.CancelledError:
+            with contextlib.suppress(BaseException):
+                machine.files = await preparing
+            raise
+
+
+def vm_command(machine: Machine, listener: socket.socket, payload: bytes) -> list[str]:
+    """`payload`: the manifest, bound into attestation with MANAGER_QEMU_BIND_MANIFEST."""
+    assert machine.files is not None
+    args = vm_args(
+        machine.ctx.settings.qemu,
+        machine.resources,
+        manifest_file=machine.files.manifest,
+        manifest=payload,
+    )
+    return machine.ctx.executable.vm_command(
+        [*args, *qmp_args(listener)], keep_fds=(listener.fileno(),)
+    )
+
+
+async def handover(machine: Machine, process: QemuProcess, manifest: bytes) -> None:
+    """The manifest to the agent over vsock; a QEMU that exits meanwhile ends it at once, with
+    QEMU's own words."""
+    timeout = machine.ctx.settings.qemu.START_TIMEOUT
+    try:
+        await send_manifest(
+            machine.ctx.agent_connector(machine.resources.guest_cid),
+            manifest,
+            abort=process.exited,
+            timeout=timeout,
+        )
+    except HandoverAborted:
+        raise await process.exited_at_start("before the agent took the manifest") from None
+    except HandoverTimeout as error:
+        raise HandoverTimeoutError(str(error)) from None
+    except Exception as error:
+        raise HandoverFailedError(f"manifest hand-over to the agent failed: {error}") from None
+
+
+def taken_number(resources: VmResources, conflict: Conflict) -> int:
+    """The number QEMU found taken, named in the error once every attempt hit one."""
+    r = resources
+    if conflict is Conflict.HOST_PORT:
+        return r.host_port
+    return r.vnc_display if conflict is Conflict.VNC_DISPLAY else r.guest_cid
