@@ -195,15 +195,31 @@ class QemuProcess:
         try:
             popen, start_time = await asyncio.shield(spawning)
         except asyncio.CancelledError:
+            # Reaped as a failed attempt is (kill_now + terminate): behind sudo, QEMU may already
+            # run as sudo's child, and a SIGKILLed sudo would leave it running, nobody's. Shielded
+            # as a whole, so a second cancellation cannot drop the spawned process either.
             with contextlib.suppress(BaseException):
-                popen, _ = await spawning
-                _kill(popen)
+                await asyncio.shield(cls._reap_spawned(spawning, argv))
             raise
         try:
             return cls(popen.pid, argv, popen=popen, on_line=on_line, start_time=start_time)
         except BaseException:
             _kill(popen)
             raise
+
+    @classmethod
+    async def _reap_spawned(
+        cls, spawning: asyncio.Future[tuple[subprocess.Popen[bytes], int]], argv: Sequence[str]
+    ) -> None:
+        popen, start_time = await spawning
+        try:
+            process = cls(popen.pid, argv, popen=popen, start_time=start_time)
+        except BaseException:
+            _kill(popen)
+            raise
+        process.close_pipes()
+        process.kill_now()
+        await process.terminate(0)
 
     async def attach_output(self) -> None:
         """Connects QEMU's stdout and stderr to the line callback."""
