@@ -506,6 +506,10 @@ class Machine:
         if reason is StopReason.EXIT:
             await process.wait_output(0.2)
             info = process.exited.result()
+            if await process.quit_orphan():  # sudo killed under a live QEMU
+                self.log.warning(
+                    "sudo ended with its QEMU's QMP session open (sudo killed?): QEMU told to quit"
+                )
             tail = process.tail()
             self.log.warning("VM exited on its own", exit=info.describe(), last_lines=tail[-5:])
             return {"exit": info.describe(), "returncode": info.returncode, "last_lines": tail}

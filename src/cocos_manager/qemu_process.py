@@ -439,6 +439,14 @@ class QemuProcess:
             if opened and monitor is not None:
                 await monitor.close()
 
+    async def quit_orphan(self) -> bool:
+        """sudo ended while QEMU's QMP session is still open: sudo was killed (it otherwise
+        outlives its QEMU), and QEMU runs on as init's child, out of reach of our pidfd and,
+        being root's, of our signals. QMP `quit` ends it. Returns whether it was sent."""
+        if not self.wrapped or self.monitor is None or self.monitor.closed.done():
+            return False
+        return await self._quit()
+
     async def _sudo_kill(self, pids: Sequence[int]) -> bool:
         """`sudo -n kill -KILL`: for a QEMU that neither a relayed signal nor QMP stopped."""
         kill = shutil.which("kill") or "/usr/bin/kill"
