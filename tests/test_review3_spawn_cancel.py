@@ -14,11 +14,12 @@ import os
 import select
 import signal
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
 
-from cocos_manager import qemu_process
+from cocos_manager import qemu_process, workers
 
 FAKE_SUDO = '#!/bin/sh\n"$@" &\necho $!\nwait\n'
 
@@ -70,3 +71,42 @@ async def test_a_start_cancelled_during_the_spawn_leaves_no_qemu_behind_sudo(
         listener.close()
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, signal.SIGKILL)
+
+
+async def test_a_start_cancelled_while_its_spawn_waits_for_a_worker_spawns_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst fills the worker threads; a Run cancelled (a client gone, the daemon shutting
+    down) while its spawn still waits for a thread started its QEMU anyway, only to kill it."""
+    spawned: list[list[str]] = []
+    real_spawn = qemu_process._spawn
+
+    def counting_spawn(
+        argv: list[str], qmp_fd: int, env: dict[str, str] | None
+    ) -> tuple[subprocess.Popen[bytes], int]:
+        spawned.append(argv)
+        return real_spawn(argv, qmp_fd, env)
+
+    monkeypatch.setattr(qemu_process, "_spawn", counting_spawn)
+    loop = asyncio.get_running_loop()
+    release = threading.Event()
+    busy = [
+        loop.run_in_executor(workers.pool, release.wait, 30) for _ in range(workers.START_WORKERS)
+    ]
+    listener = qemu_process.qmp_listener(tmp_path / "qmp.sock")
+    try:
+        start = asyncio.ensure_future(
+            qemu_process.QemuProcess.start(["sleep", "600"], qmp_listener=listener)
+        )
+        await asyncio.sleep(0)  # one loop turn: the start has queued its spawn
+        start.cancel()
+        await asyncio.wait([start], timeout=5)  # answered without waiting for a worker
+        release.set()
+        await asyncio.gather(*busy)
+        with pytest.raises(asyncio.CancelledError):
+            await start
+        await loop.run_in_executor(workers.pool, lambda: None)  # the queue has drained
+        assert spawned == [], "a start cancelled before its spawn ran still started QEMU"
+    finally:
+        release.set()
+        listener.close()

@@ -189,12 +189,13 @@ class QemuProcess:
         CPUs) that wait was about 30 ms per VM with the event loop blocked: it runs in a
         worker thread, with the start time read there too, so spawns overlap (make bench).
         """
-        spawning = asyncio.get_running_loop().run_in_executor(
-            _workers, _spawn, list(argv), qmp_listener.fileno(), env
-        )
+        queued = _workers.submit(_spawn, list(argv), qmp_listener.fileno(), env)
+        spawning = asyncio.wrap_future(queued)
         try:
             popen, start_time = await asyncio.shield(spawning)
         except asyncio.CancelledError:
+            if queued.cancel():  # still waiting for a worker (a burst): nothing was spawned
+                raise
             # Reaped as a failed attempt is (kill_now + terminate): behind sudo, QEMU may already
             # run as sudo's child, and a SIGKILLed sudo would leave it running, nobody's. Shielded
             # as a whole, so a second cancellation cannot drop the spawned process either.
