@@ -267,7 +267,7 @@ def test_sudo_rule(monkeypatch: pytest.MonkeyPatch) -> None:
             if argv[-1] == "-version":
                 assert argv[:5] == ["sudo", "-n", "-C", "4", "--"]
                 return "QEMU emulator version 7.2.22\n"
-            return f"{argv[-1]}\n" if kill else "sudo: a password is required\n"
+            return "KILL\n" if kill else "sudo: a password is required\n"
 
         return run
 

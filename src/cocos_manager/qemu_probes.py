@@ -151,16 +151,18 @@ def check_sudo(settings: Settings, run: Runner = run_probe) -> Check | None:
             f"MANAGER_QEMU_USE_SUDO=true but `{shlex.join(probe)}` does not run QEMU ({said}): "
             f"add to sudoers {rule}, or set MANAGER_QEMU_USE_SUDO=false",
         )
+    # Run for real, harmlessly (`kill -l 9` lists a name, signals nothing): `sudo -n -l kill`
+    # lists a kill rule that wants a password as well, and Stop's `sudo -n kill` fails on it.
     try:
-        listed = run(["sudo", "-n", "-l", kill])
+        listed = run(["sudo", "-n", kill, "-l", "9"])
     except (OSError, subprocess.SubprocessError):
         listed = ""
-    if kill not in listed:
+    if "KILL" not in listed.split() or classify_sudo_refusal(listed.splitlines()) is not None:
         return Check(
             "sudo",
             "warn",
-            f"sudo runs {qemu} without a password, keeping its QMP socket; `sudo -n {kill}` is "
-            "not allowed, so a Stop cannot kill a QEMU that ignores QMP quit (root's QEMU "
+            f"sudo runs {qemu} without a password, keeping its QMP socket; `sudo -n {kill}` is not "
+            "allowed without a password, so a Stop cannot kill a QEMU that ignores QMP quit (root's QEMU "
             f"cannot be signalled otherwise): add {kill} to the rule, {rule}",
         )
     return Check("sudo", "pass", f"sudo runs {qemu} without a password (-C allowed) and kill")

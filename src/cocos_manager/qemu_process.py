@@ -118,21 +118,38 @@ class QemuProcess:
         CPUs) that wait was about 30 ms per VM with the event loop blocked: it runs in a
         worker thread, with the start time read there too, so spawns overlap (make bench).
         """
-        spawning = asyncio.get_running_loop().run_in_executor(
-            _workers, _spawn, list(argv), qmp_listener.fileno(), env
-        )
+        queued = _workers.submit(_spawn, list(argv), qmp_listener.fileno(), env)
+        spawning = asyncio.wrap_future(queued)
         try:
             popen, start_time = await asyncio.shield(spawning)
         except asyncio.CancelledError:
+            if queued.cancel():  # still waiting for a worker (a burst): nothing was spawned
+                raise
+            # Reaped as a failed attempt is (kill_now + terminate): behind sudo, QEMU may already
+            # run as sudo's child, and a SIGKILLed sudo would leave it running, nobody's. Shielded
+            # as a whole, so a second cancellation cannot drop the spawned process either.
             with contextlib.suppress(BaseException):
-                popen, _ = await spawning
-                _kill(popen)
+                await asyncio.shield(cls._reap_spawned(spawning, argv))
             raise
         try:
             return cls(popen.pid, argv, popen=popen, on_line=on_line, start_time=start_time)
         except BaseException:
             _kill(popen)
             raise
+
+    @classmethod
+    async def _reap_spawned(
+        cls, spawning: asyncio.Future[tuple[subprocess.Popen[bytes], int]], argv: Sequence[str]
+    ) -> None:
+        popen, start_time = await spawning
+        try:
+            process = cls(popen.pid, argv, popen=popen, start_time=start_time)
+        except BaseException:
+            _kill(popen)
+            raise
+        process.close_pipes()
+        process.kill_now()
+        await process.terminate(0)
 
     async def attach_output(self) -> None:
         """Connects QEMU's stdout and stderr to the line callback."""
@@ -322,6 +339,14 @@ class QemuProcess:
 
     async def _quit(self) -> bool:
         return await sudo_stop.quit_over_qmp(self.monitor, self._qmp_path, self.pid)
+
+    async def quit_orphan(self) -> bool:
+        """sudo ended while QEMU's QMP session is still open: sudo was killed (it otherwise
+        outlives its QEMU), and QEMU runs on as init's child, out of reach of our pidfd and,
+        being root's, of our signals. QMP `quit` ends it. Returns whether it was sent."""
+        if not self.wrapped or self.monitor is None or self.monitor.closed.done():
+            return False
+        return await self._quit()
 
     async def _kill(self) -> bool:
         """The SIGKILL step. Behind sudo, SIGKILL goes to QEMU, never to sudo first: a sudo

@@ -39,6 +39,10 @@ async def end_process(
     if reason is StopReason.EXIT:
         await process.wait_output(0.2)
         info = process.exited.result()
+        if await process.quit_orphan():  # sudo killed under a live QEMU
+            machine.log.warning(
+                "sudo ended with its QEMU's QMP session open (sudo killed?): QEMU told to quit"
+            )
         tail = process.tail()
         machine.log.warning("VM exited on its own", exit=info.describe(), last_lines=tail[-5:])
         return {"exit": info.describe(), "returncode": info.returncode, "last_lines": tail}

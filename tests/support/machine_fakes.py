@@ -72,6 +72,9 @@ class FakeProcess:
     async def wait_output(self, timeout: float = 1.0) -> None:
         return None
 
+    async def quit_orphan(self) -> bool:
+        return False
+
     def tail(self, stream: str | None = None) -> list[str]:
         return []
 
