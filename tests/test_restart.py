@@ -60,7 +60,13 @@ def pid_of(tmp_path: Path, computation_id: str) -> int:
 
 
 def alive(pid: int) -> bool:
-    return process_identity(pid) is not None
+    """Exists and is not a zombie. Not process_identity: a stand-in QEMU still exec'ing its
+    interpreter chain (env, a pyenv shim) shows an empty command line for a moment."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
 
 
 async def wait_until_gone(pid: int, timeout: float = 10.0) -> None:
