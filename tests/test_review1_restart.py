@@ -12,7 +12,7 @@ import pytest
 from cocos_manager.lifecycle import VmState
 from cocos_manager.state_lock import StateDirLockedError, StateLock
 from tests.support.harness import run_request, running_manager
-from tests.support.processes import processes_mentioning
+from tests.support.processes import kill_and_reap, processes_mentioning
 from tests.support.waiting import wait_for
 from tests.test_faults import tmpfs
 
@@ -52,6 +52,7 @@ async def test_a_paused_vm_left_for_the_next_start_is_adopted_not_killed(
     monkeypatch.setenv("FAKE_QEMU_MODE", "halt-after:0.1:internal-error")
     vms = str(tmp_path / "vms")
     env = {"MANAGER_SHUTDOWN_STOPS_VMS": "false", "MANAGER_QEMU_ON_GUEST_HALT": "keep"}
+    left: list[int] = []
     try:
         async with running_manager(tmp_path, monkeypatch, **env) as m:
             await m.stub.Run(run_request("kept"))
@@ -62,8 +63,7 @@ async def test_a_paused_vm_left_for_the_next_start_is_adopted_not_killed(
         async with running_manager(tmp_path, monkeypatch, **env) as again:
             assert "kept" in again.service.computations(), f"QEMU {left} killed at restart"
     finally:
-        for pid in processes_mentioning(vms):
-            os.kill(pid, signal.SIGKILL)
+        kill_and_reap(sorted(set(processes_mentioning(vms)) | set(left)))
 
 
 def test_a_full_state_dir_still_gives_the_lock_not_a_traceback(tmp_path: Path) -> None:

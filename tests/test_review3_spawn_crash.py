@@ -11,8 +11,6 @@ and putting the snapshot back before the restart.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import subprocess
 import threading
 from pathlib import Path
@@ -21,7 +19,7 @@ import pytest
 
 from cocos_manager import qemu_process
 from tests.support.harness import run_request, running_manager
-from tests.support.processes import processes_mentioning
+from tests.support.processes import kill_and_reap, processes_mentioning
 
 
 @pytest.mark.xfail(
@@ -40,11 +38,13 @@ async def test_a_qemu_spawned_as_the_daemon_died_is_found_by_the_next_start(
     spawned: asyncio.Future[None] = loop.create_future()
     go_on = threading.Event()
     real_spawn = qemu_process._spawn
+    spawned_pids: list[int] = []
 
     def held_spawn(
         argv: list[str], qmp_fd: int, env: dict[str, str] | None
     ) -> tuple[subprocess.Popen[bytes], int]:
         result = real_spawn(argv, qmp_fd, env)
+        spawned_pids.append(result[0].pid)
         loop.call_soon_threadsafe(spawned.set_result, None)
         go_on.wait(30)
         return result
@@ -69,5 +69,4 @@ async def test_a_qemu_spawned_as_the_daemon_died_is_found_by_the_next_start(
             assert alive == [] or "crash" in tracked, f"QEMU {alive} runs untracked"
     finally:
         go_on.set()
-        for pid in processes_mentioning(vms):
-            os.kill(pid, signal.SIGKILL)
+        kill_and_reap(processes_mentioning(vms) + spawned_pids)

@@ -102,7 +102,7 @@ async def test_malformed_requests_are_invalid_argument(
     assert (info.value.details() or "").startswith(field)
     assert manager.service.computations() == {}
     assert vm_files(manager) == []
-    assert children() == []
+    assert children(str(manager.tmp)) == []
 
 
 async def test_missing_image_is_failed_precondition(
@@ -115,7 +115,7 @@ async def test_missing_image_is_failed_precondition(
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "MANAGER_QEMU_DISK_IMG_KERNEL_FILE" in (info.value.details() or "")
         assert str(tmp_path / "nope") in (info.value.details() or "")
-        assert m.service.computations() == {} and children() == []
+        assert m.service.computations() == {} and children(str(m.tmp)) == []
 
 
 async def test_qemu_failing_at_start_fails_run_with_its_message(
@@ -129,7 +129,7 @@ async def test_qemu_failing_at_start_fails_run_with_its_message(
         assert "fake failure: could not load kernel" in (info.value.details() or "")
         assert "exit status 1" in (info.value.details() or "")
         assert m.service.computations() == {}
-        assert vm_files(m) == [] and children() == []
+        assert vm_files(m) == [] and children(str(m.tmp)) == []
 
 
 async def test_two_vms_get_distinct_ports_displays_and_files(manager: Manager) -> None:
@@ -187,7 +187,7 @@ async def test_unexpected_exit_is_noticed_and_released(
         assert details["returncode"] == 3
         assert any("Power down" in line for line in details["last_lines"])
         assert m.service.computations() == {}
-        assert vm_files(m) == [] and children() == []
+        assert vm_files(m) == [] and children(str(m.tmp)) == []
         monkeypatch.delenv("FAKE_QEMU_MODE")
         await m.stub.Run(run_request("dies"))  # the id can run again
         events.cancel()
@@ -203,7 +203,7 @@ async def test_stop_kills_a_qemu_that_ignores_sigterm(
         assert process is not None
         await m.stub.Stop(pb.StopRequest(computation_id="stubborn"))
         assert process.exited.result().signal == 9
-        assert children() == []
+        assert children(str(m.tmp)) == []
 
 
 async def test_client_cancel_during_run_cleans_up(
@@ -217,7 +217,7 @@ async def test_client_cancel_during_run_cleans_up(
         with pytest.raises(asyncio.CancelledError):
             await call
         await wait_for(lambda: not m.service.computations(), "the release")
-        assert vm_files(m) == [] and children() == []
+        assert vm_files(m) == [] and children(str(m.tmp)) == []
 
 
 async def test_stop_during_start_aborts_the_run(
@@ -231,7 +231,7 @@ async def test_stop_during_start_aborts_the_run(
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await call
         assert info.value.code() == grpc.StatusCode.ABORTED
-        assert m.service.computations() == {} and vm_files(m) == [] and children() == []
+        assert m.service.computations() == {} and vm_files(m) == [] and children(str(m.tmp)) == []
 
 
 async def test_deadline_during_run_cleans_up(
@@ -242,5 +242,7 @@ async def test_deadline_during_run_cleans_up(
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await m.stub.Run(run_request("late"), timeout=0.5)
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        await wait_for(lambda: not m.service.computations() and not children(), "the release")
-        assert m.service.computations() == {} and vm_files(m) == [] and children() == []
+        await wait_for(
+            lambda: not m.service.computations() and not children(str(m.tmp)), "the release"
+        )
+        assert m.service.computations() == {} and vm_files(m) == [] and children(str(m.tmp)) == []

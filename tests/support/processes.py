@@ -52,3 +52,17 @@ def processes_mentioning(text: str) -> list[int]:
         if fields and fields[0] != b"Z":
             found.append(int(entry))
     return found
+
+
+def kill_and_reap(pids: list[int]) -> None:
+    """SIGKILL, and reap those that are this process's children: a daemon run in the test's
+    own process leaves its VMs as our children, which nobody else would reap (zombies)."""
+    import contextlib
+    import signal
+
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for pid in pids:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
