@@ -22,12 +22,6 @@ from tests.support.harness import run_request, running_manager
 from tests.support.processes import kill_and_reap, processes_mentioning
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="records name no QEMU until the spawn returns to the loop; recovery cannot find "
-    "a QEMU whose record is the admission's (needs the argv recorded before the spawn and "
-    "recovery to look it up by UUID)",
-)
 async def test_a_qemu_spawned_as_the_daemon_died_is_found_by_the_next_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -97,6 +97,7 @@ class Machine:
         self._releasing: asyncio.Task[None] | None = None
         self._failing = False
         self.stop_failure: QemuStopFailedError | None = None  # QEMU outlived the release
+        self.spawning_argv: list[str] = []  # the command line of the QEMU being spawned
         self.halt: dict[str, Any] | None = None  # QEMU's words when it halted the guest
         self._console_limit = ConsoleLogLimiter.from_settings(ctx.settings.service)
         self.log = _log.bind(computation_id=computation_id)
@@ -151,6 +152,14 @@ class Machine:
             self.log.error("cannot write the VM record", error=error.strerror)
         event_type, status = event
         self.ctx.bus.publish(manager_event(self.id, event_type, status, details or None))
+
+    def _save_record(self) -> None:
+        """A new version of the record with no change of state: the command line of the QEMU
+        about to be spawned. Without it a restart could not find that QEMU: the attempt fails."""
+        try:
+            self.ctx.store.save(vm_record.record_of(self))
+        except OSError as error:
+            raise vm_record.record_error(self.ctx.store.directory, error) from None
 
     # -- admission ---------------------------------------------------------------------------
 
@@ -236,8 +245,13 @@ class Machine:
         with _tracer.start_as_current_span("start-qemu") as span:
             listener = qmp_listener(qmp_path)
             try:
+                argv = vm_start.vm_command(self, listener, manifest)
+                # The command line is recorded before the spawn: a daemon killed while QEMU is
+                # being started leaves a record by which the next start finds that QEMU.
+                self.spawning_argv = argv
+                self._save_record()
                 process = await self.ctx.launch(
-                    vm_start.vm_command(self, listener, manifest),
+                    argv,
                     qmp_listener=listener,
                     on_line=self._on_line,
                     env=qemu_environment(self.ctx.settings.qemu),

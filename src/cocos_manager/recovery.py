@@ -15,6 +15,8 @@ Paths come from the validated UUID and the settings, never from the record.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -115,8 +117,42 @@ def _identity_doubt(record: VmRecord) -> str:
     return ""
 
 
+def _kill_unrecorded(record: VmRecord) -> list[int]:
+    """A daemon killed while QEMU was being spawned left a record with the command line but no
+    pid: the QEMU (or the sudo or wrapper running it) is found by that command line, which
+    names the VM's UUID, and killed, as any VM still starting is. The pidfd is opened first
+    and the command line checked again with it held, so a recycled pid is never hit."""
+    killed = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        identity = process_identity(pid)
+        if identity is None or not started_as_recorded(record, identity[1]):
+            continue
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            continue
+        try:
+            again = process_identity(pid)
+            if again is not None and started_as_recorded(record, again[1]):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                killed.append(pid)
+        except OSError:
+            pass
+        finally:
+            os.close(pidfd)
+    return killed
+
+
 async def _recover_one(ctx: MachineContext, record: VmRecord, *, taken: bool) -> Machine | None:
     log = _log.bind(computation_id=record.computation_id, pid=record.pid)
+    spawning = not record.pid and record.argv and record.boot_id == current_boot_id()
+    if spawning and (killed := _kill_unrecorded(record)):
+        log.warning(
+            "QEMU spawned as the daemon died, found by its command line: killed", pids=killed
+        )
     # A VM kept paused for inspection (MANAGER_QEMU_ON_GUEST_HALT=keep) is kept across a
     # restart too: its Run had answered, as a running one's.
     paused = record.state == VmState.PAUSED.value

@@ -42,6 +42,8 @@ def record_of(machine: Machine) -> VmRecord:
     if machine.process is not None:
         record.pid, record.start_time = machine.process.pid, machine.process.start_time
         record.argv, record.cmdline = machine.process.argv, machine.process.cmdline
+    elif machine.spawning_argv:  # being spawned: no pid yet, but the command line it gets
+        record.argv = list(machine.spawning_argv)
     return record
 
 
