@@ -6,7 +6,7 @@ its process by PID *and* identity (start time and command line): a PID alone can
 Writes are atomic renames; fsync is skipped on purpose, since VMs do not survive the power
 loss that it would protect against.
 
-Records are not trusted blindly (docs/decisions.md, "Restarts"): the
+Records are not trusted blindly (docs/decisions.md, "Restarts: the records are not trusted"): the
 directory must be private to the daemon's user, every field is checked on load (a record that
 does not parse or holds nonsense is set aside as `.bad` with one log line), file paths are
 derived from the validated UUID and the settings, never read from the record, and each record
