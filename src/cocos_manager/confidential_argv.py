@@ -112,9 +112,10 @@ def _tdx_object(q: QemuSettings, manifest: bytes | None) -> str:
     return json.dumps(obj, separators=(",", ":"))
 
 
-def _escape_opt(value: str) -> str:
+def escape_option(value: str) -> str:
     """QEMU splits option lists at single commas: a path keeps its commas by doubling them
-    (a path without commas, as the defaults, is unchanged)."""
+    (a path without commas, as the defaults, is unchanged). Here rather than in qemu_argv,
+    which imports this module, so both command-line builders use the one escape."""
     return value.replace(",", ",,")
 
 
@@ -123,13 +124,13 @@ def pflash_drives(q: QemuSettings) -> list[str]:
     drives = [
         "-drive",
         f"if={q.OVMF_CODE_IF},format={q.OVMF_CODE_FORMAT},unit={q.OVMF_CODE_UNIT},"
-        f"file={_escape_opt(q.OVMF_CODE_FILE)},readonly={q.OVMF_CODE_READONLY}",
+        f"file={escape_option(q.OVMF_CODE_FILE)},readonly={q.OVMF_CODE_READONLY}",
     ]
     if not q.KERNEL_HASH:
         drives += [
             "-drive",
             f"if={q.OVMF_VARS_IF},format={q.OVMF_VARS_FORMAT},unit={q.OVMF_VARS_UNIT},"
-            f"file={_escape_opt(q.OVMF_VARS_FILE)}",
+            f"file={escape_option(q.OVMF_VARS_FILE)}",
         ]
     return drives
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cocos_manager.confidential import uses_bios
-from cocos_manager.confidential_argv import confidential_args, pflash_drives
+from cocos_manager.confidential_argv import confidential_args, escape_option, pflash_drives
 from cocos_manager.settings import QemuSettings
 
 FW_CFG_MANIFEST_NAME = "opt/cocos/agent-config.json"
@@ -62,7 +62,7 @@ def qemu_args(
         "-device",
         f"virtio-net-pci,disable-legacy={q.VIRTIO_NET_PCI_DISABLE_LEGACY},"
         f"iommu_platform={_on_off(q.VIRTIO_NET_PCI_IOMMU_PLATFORM)},netdev={q.NETDEV_ID},"
-        f"addr={q.VIRTIO_NET_PCI_ADDR},romfile={q.VIRTIO_NET_PCI_ROMFILE.replace(',', ',,')}",
+        f"addr={q.VIRTIO_NET_PCI_ADDR},romfile={escape_option(q.VIRTIO_NET_PCI_ROMFILE)}",
     ]
     if vsock_device:
         args += ["-device", f"vhost-vsock-pci,id={q.VSOCK_ID},guest-cid={q.VSOCK_GUEST_CID}"]
@@ -106,11 +106,6 @@ def effective_base_args(q: QemuSettings) -> list[str]:
     if fw_cfg:
         args += fw_cfg_args(Path(q.TMP_FILE_LOC) / "agent-config-UUID.json")
     return args
-
-
-def escape_option(value: str) -> str:
-    """QEMU option values double their commas."""
-    return value.replace(",", ",,")
 
 
 def fw_cfg_args(manifest_file: Path) -> list[str]:

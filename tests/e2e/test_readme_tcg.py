@@ -89,15 +89,12 @@ def start(env: dict[str, str], root: Path) -> Daemon:
     return daemon
 
 
-async def test_the_readme_tcg_block_runs_a_vm(tmp_path: Path) -> None:
-    env = readme_env(tmp_path)
-    check = await asyncio.to_thread(check_host, env)
-    assert check.returncode == 0, check.stdout + check.stderr
-    assert not [line for line in check.stdout.splitlines() if line.startswith("FAIL")]
-
-    daemon = await asyncio.to_thread(start, env, tmp_path)
+async def run_one_vm(env: dict[str, str], root: Path, computation_id: str) -> Daemon:
+    """The real daemon with `env`: one Run whose forwarded port serves exactly its manifest,
+    Stop, no per-VM file left, the daemon stopped cleanly. Returns it, for its log."""
+    daemon = await asyncio.to_thread(start, env, root)
     try:
-        request = run_request("readme-tcg")
+        request = run_request(computation_id)
         async with grpc.aio.insecure_channel(daemon.address) as channel:
             stub = pb_grpc.ManagerServiceStub(channel)
             response = await stub.Run(request, timeout=BOOT_TIMEOUT)
@@ -108,6 +105,16 @@ async def test_the_readme_tcg_block_runs_a_vm(tmp_path: Path) -> None:
         assert daemon.vm_files() == []
     finally:
         await asyncio.to_thread(stop_daemon, daemon)
+    return daemon
+
+
+async def test_the_readme_tcg_block_runs_a_vm(tmp_path: Path) -> None:
+    env = readme_env(tmp_path)
+    check = await asyncio.to_thread(check_host, env)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert not [line for line in check.stdout.splitlines() if line.startswith("FAIL")]
+
+    daemon = await run_one_vm(env, tmp_path, "readme-tcg")
     # The README block leaves nothing to warn about but the host's own KVM/vsock state.
     text = daemon.log.read_text()
     assert "is not a setting of the manager" not in text
