@@ -20,11 +20,6 @@ from cocos_manager.settings import AgentChannel, Settings
 QEMU_PROBE_TIMEOUT = 10.0
 # CPU models that TCG (no KVM) runs without missing features; EPYC asks for ones it lacks.
 TCG_CPU_MODELS = ("max", "qemu64", "qemu32", "kvm64", "base")
-TCG_ENV = (
-    "MANAGER_QEMU_ENABLE_KVM=false MANAGER_QEMU_ENABLE_SEV_SNP=false MANAGER_QEMU_CPU=max "
-    "MANAGER_QEMU_MEMORY_SIZE=512M"
-)
-
 Runner = Callable[[list[str]], str]
 
 

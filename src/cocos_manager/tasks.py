@@ -8,7 +8,6 @@ through a TaskSet instead.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Coroutine
 from typing import Any
 
@@ -49,11 +48,3 @@ class TaskSet:
             done, _ = await asyncio.wait(set(self._tasks), timeout=remaining)
             if not done:
                 return
-
-    async def cancel(self) -> None:
-        tasks = set(self._tasks)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(BaseException):
-                await task
