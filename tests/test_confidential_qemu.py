@@ -44,7 +44,8 @@ from cocos_manager.qemu_argv import (
     qemu_args,
     vm_file_paths,
 )
-from cocos_manager.settings import QemuSettings, SnpSyntax
+from cocos_manager.setting_choices import SnpSyntax
+from cocos_manager.settings import QemuSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = b'{"id":"c1","algorithms":{"hash":[9,9]},"agent_config":{"port":"7002"}}'

@@ -9,7 +9,7 @@ from datetime import datetime
 import pytest
 
 from cocos_manager.logging import configure_logging, get_logger
-from cocos_manager.settings import LogLevel
+from cocos_manager.setting_choices import LogLevel
 
 
 @pytest.fixture(autouse=True)

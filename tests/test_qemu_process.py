@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cocos_manager.qemu_output import MAX_LINE, LineReader
-from cocos_manager.qemu_process import ExitInfo
+from cocos_manager.qemu_spawn import ExitInfo
 
 
 async def test_lines_are_split_cleaned_and_bounded() -> None:

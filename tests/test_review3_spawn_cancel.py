@@ -45,7 +45,7 @@ async def test_a_start_cancelled_during_the_spawn_leaves_no_qemu_behind_sudo(
     sudo.chmod(0o755)
     loop = asyncio.get_running_loop()
     in_thread: asyncio.Future[int] = loop.create_future()
-    real_spawn = qemu_process._spawn
+    real_spawn = qemu_process.spawn
 
     def spawn_then_slow_loop(
         argv: list[str], qmp_fd: int, env: dict[str, str] | None
@@ -56,7 +56,7 @@ async def test_a_start_cancelled_during_the_spawn_leaves_no_qemu_behind_sudo(
         loop.call_soon_threadsafe(in_thread.set_result, child)
         return popen, start_time
 
-    monkeypatch.setattr(qemu_process, "_spawn", spawn_then_slow_loop)
+    monkeypatch.setattr(qemu_process, "spawn", spawn_then_slow_loop)
     listener = qmp.qmp_listener(tmp_path / "qmp.sock")
     start = asyncio.ensure_future(
         qemu_process.QemuProcess.start([str(sudo), "sleep", "600"], qmp_listener=listener)
@@ -79,7 +79,7 @@ async def test_a_start_cancelled_while_its_spawn_waits_for_a_worker_spawns_nothi
     """A burst fills the worker threads; a Run cancelled (a client gone, the daemon shutting
     down) while its spawn still waits for a thread started its QEMU anyway, only to kill it."""
     spawned: list[list[str]] = []
-    real_spawn = qemu_process._spawn
+    real_spawn = qemu_process.spawn
 
     def counting_spawn(
         argv: list[str], qmp_fd: int, env: dict[str, str] | None
@@ -87,7 +87,7 @@ async def test_a_start_cancelled_while_its_spawn_waits_for_a_worker_spawns_nothi
         spawned.append(argv)
         return real_spawn(argv, qmp_fd, env)
 
-    monkeypatch.setattr(qemu_process, "_spawn", counting_spawn)
+    monkeypatch.setattr(qemu_process, "spawn", counting_spawn)
     loop = asyncio.get_running_loop()
     release = threading.Event()
     busy = [

@@ -31,7 +31,7 @@ async def test_a_qemu_spawned_as_the_daemon_died_is_found_by_the_next_start(
     loop = asyncio.get_running_loop()
     spawned: asyncio.Future[None] = loop.create_future()
     go_on = threading.Event()
-    real_spawn = qemu_process._spawn
+    real_spawn = qemu_process.spawn
     spawned_pids: list[int] = []
 
     def held_spawn(
@@ -45,13 +45,13 @@ async def test_a_qemu_spawned_as_the_daemon_died_is_found_by_the_next_start(
 
     try:
         async with running_manager(tmp_path, monkeypatch, **leave) as m:
-            monkeypatch.setattr(qemu_process, "_spawn", held_spawn)
+            monkeypatch.setattr(qemu_process, "spawn", held_spawn)
             run = asyncio.ensure_future(m.stub.Run(run_request("crash")))
             await spawned
             at_crash = {p.name: p.read_bytes() for p in state.glob("vm-*.json")}
             go_on.set()
             await run
-            monkeypatch.setattr(qemu_process, "_spawn", real_spawn)
+            monkeypatch.setattr(qemu_process, "spawn", real_spawn)
         assert processes_mentioning(vms), "SHUTDOWN_STOPS_VMS=false left the VM running"
         for path in state.glob("vm-*.json"):
             path.unlink()

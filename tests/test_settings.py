@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 
 from cocos_manager.go_parse import PortRange
+from cocos_manager.setting_choices import AgentChannel, LogLevel
 from cocos_manager.settings import (
-    AgentChannel,
-    LogLevel,
     QemuSettings,
     ServiceSettings,
     SettingsError,

@@ -29,7 +29,8 @@ from cocos_manager.interceptors import TelemetryInterceptor
 from cocos_manager.jaeger_export import jaeger_thrift
 from cocos_manager.logging import configure_logging
 from cocos_manager.metrics import Metrics
-from cocos_manager.settings import LogLevel, ServiceSettings
+from cocos_manager.setting_choices import LogLevel
+from cocos_manager.settings import ServiceSettings
 from cocos_manager.tracing import setup_tracing, shutdown_tracing
 from tests.support.waiting import wait_for
 

@@ -22,7 +22,8 @@ import subprocess
 from collections.abc import Callable, Sequence
 from enum import StrEnum
 
-from cocos_manager.settings import QemuSettings, SnpSyntax
+from cocos_manager.setting_choices import SnpSyntax
+from cocos_manager.settings import QemuSettings
 
 PROBE_TIMEOUT = 10.0
 

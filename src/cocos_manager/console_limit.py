@@ -8,18 +8,7 @@ over is not logged but counted, and the count is logged as one line ("N console 
 suppressed") with the next line that passes, or when the VM ends. Only the log is limited:
 Events subscribers still get every line (their queues are bounded on their own).
 
-Used from the QEMU line sink (service.py):
-
-    limiter = ConsoleLogLimiter.from_settings(settings.service)   # one per VM
-    def sink(stream, text):
-        if limiter.allow():
-            if note := limiter.suppressed_note():
-                log.warning(note, computation_id=cid, suppressed=limiter.last_suppressed)
-            log.info(text, computation_id=cid, source=f"qemu-{stream}")
-        bus.publish(...)                                           # unchanged
-    # when the VM's output ends:
-    if note := limiter.suppressed_note():
-        log.warning(note, computation_id=cid, suppressed=limiter.last_suppressed)
+Used by each VM's output sink, vm_output.py.
 """
 
 from __future__ import annotations

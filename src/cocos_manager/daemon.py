@@ -32,7 +32,8 @@ from cocos_manager.qemu_argv import effective_base_args, resolve_executable, she
 from cocos_manager.sdnotify import READY, STOPPING, notify
 from cocos_manager.server import Server, build_server, listen_address
 from cocos_manager.service import ManagerService
-from cocos_manager.settings import AgentChannel, Settings
+from cocos_manager.setting_choices import AgentChannel
+from cocos_manager.settings import Settings
 from cocos_manager.state_lock import StateDirLockedError, hold_state_lock
 from cocos_manager.tls import TlsConfigError, TlsMode, describe_mode, server_credentials
 from cocos_manager.tracing import describe_tracing, setup_tracing, shutdown_tracing

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from cocos_manager.lifecycle import HALT_STATES, StopReason, VmState
 from cocos_manager.qemu_process import QemuProcess
-from cocos_manager.settings import GuestHaltAction
+from cocos_manager.setting_choices import GuestHaltAction
 
 if TYPE_CHECKING:
     from cocos_manager.machine import Machine

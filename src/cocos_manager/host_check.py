@@ -25,7 +25,8 @@ from typing import Any, cast
 from cocos_manager.check_result import Check, Status
 from cocos_manager.host_probes import Host, check_agent_channel, check_kvm, check_sev
 from cocos_manager.qemu_probes import Runner, check_qemu, check_sudo, run_probe
-from cocos_manager.settings import Settings, tracing_off
+from cocos_manager.setting_choices import tracing_off
+from cocos_manager.settings import Settings
 from cocos_manager.unknown_variables import unknown_variables
 
 # -- service settings ------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cocos_manager.check_result import Check
-from cocos_manager.settings import AgentChannel, Settings
+from cocos_manager.setting_choices import AgentChannel
+from cocos_manager.settings import Settings
 
 KVM_GET_API_VERSION = 0xAE00
 KVM_CREATE_VM = 0xAE01

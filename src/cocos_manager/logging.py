@@ -13,7 +13,7 @@ from typing import Any, TextIO
 import structlog
 from structlog.typing import EventDict, WrappedLogger
 
-from cocos_manager.settings import LogLevel
+from cocos_manager.setting_choices import LogLevel
 
 _LEVELS = {
     LogLevel.DEBUG: logging.DEBUG,

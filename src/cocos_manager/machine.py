@@ -12,9 +12,9 @@ The states, their events and the teardown: docs/architecture.md.
 
 So that this file reads as the transitions, the steps that change no state live apart: a start
 attempt's files, command line and hand-over in vm_start.py, how QEMU is ended and the end told
-in vm_stop.py, QEMU's word that the guest halted in guest_watch.py, the record's shape in
-vm_record.py, re-adoption in recovery.py.
-Each calls back here for the state change.
+in vm_stop.py, QEMU's word that the guest halted in guest_watch.py, its output lines in
+vm_output.py, the record's shape in vm_record.py, re-adoption in recovery.py. Each calls back
+here for the state change.
 """
 
 from __future__ import annotations
@@ -27,14 +27,13 @@ from opentelemetry import trace
 
 from cocos_manager import ttl, vm_record, vm_start, vm_stop
 from cocos_manager.confidential import launched_binding
-from cocos_manager.console_limit import ConsoleLogLimiter
 from cocos_manager.errors import (
     FailedPreconditionError,
     QemuExitedError,
     QemuStopFailedError,
     ResourceExhaustedError,
 )
-from cocos_manager.events import log_message, manager_event
+from cocos_manager.events import manager_event
 from cocos_manager.guest_watch import GuestWatch
 from cocos_manager.lifecycle import (
     _ALLOWED,
@@ -49,18 +48,15 @@ from cocos_manager.lifecycle import (
     VmState,
 )
 from cocos_manager.logging import get_logger
-from cocos_manager.qemu_argv import (
-    VmResources,
-)
+from cocos_manager.qemu_argv import VmResources
 from cocos_manager.qemu_env import qemu_environment
-from cocos_manager.qemu_failures import Conflict, conflicts_exhausted
-from cocos_manager.qemu_process import (
-    QemuProcess,
-)
+from cocos_manager.qemu_failures import Conflict
+from cocos_manager.qemu_process import QemuProcess
 from cocos_manager.qmp import qmp_listener
 from cocos_manager.resources import Lease
-from cocos_manager.settings import AgentChannel
+from cocos_manager.setting_choices import AgentChannel
 from cocos_manager.vm_files import VmFiles
+from cocos_manager.vm_output import VmOutput
 
 _tracer = trace.get_tracer("cocos_manager.machine")
 _log = get_logger()
@@ -99,8 +95,10 @@ class Machine:
         self.stop_failure: QemuStopFailedError | None = None  # QEMU outlived the release
         self.spawning_argv: list[str] = []  # the command line of the QEMU being spawned
         self.halt: dict[str, Any] | None = None  # QEMU's words when it halted the guest
-        self._console_limit = ConsoleLogLimiter.from_settings(ctx.settings.service)
         self.log = _log.bind(computation_id=computation_id)
+        self.output = VmOutput(
+            computation_id, self.console, ctx.bus, ctx.settings.service, self.log
+        )
         self._guest = GuestWatch(self)
 
     # -- identity --------------------------------------------------------------------------
@@ -183,7 +181,7 @@ class Machine:
         error re-raised untouched (CancelledError included)."""
         try:
             await vm_start.prepare_files(self, manifest)
-            taken: list[tuple[Conflict, int]] = []
+            taken = vm_start.TakenNumbers()
             for attempt in range(1, START_ATTEMPTS + 1):
                 try:
                     await self._attempt(manifest)
@@ -191,25 +189,8 @@ class Machine:
                 except QemuExitedError as error:
                     if error.conflict is None or self.stop_reason:
                         raise
-                    # -- records: each attempt's taken number, named when all attempts fail.
-                    taken.append(
-                        (
-                            Conflict(error.conflict),
-                            vm_start.taken_number(self.resources, Conflict(error.conflict)),
-                        )
-                    )
-                    if attempt == START_ATTEMPTS:
-                        if error.conflict == Conflict.GUEST_CID.value:  # as swap() would
-                            self.ctx.pools.cids.shun(self.resources.guest_cid)
-                        raise conflicts_exhausted(taken, START_ATTEMPTS) from error
+                    taken.swap(self, Conflict(error.conflict), attempt, error)  # or raises
                     self._failing = False
-                    self.log.warning(
-                        "VM start hit a taken resource; retrying",
-                        attempt=attempt,
-                        conflict=error.conflict,
-                        error=str(error),
-                    )
-                    self.lease.swap(Conflict(error.conflict))
             self._not_stopping()
             self.expires_at = ttl.expires_at(self.ttl)
             self._set_state(VmState.RUNNING, (PROVISION, "complete"), self.details())
@@ -253,7 +234,7 @@ class Machine:
                 process = await self.ctx.launch(
                     argv,
                     qmp_listener=listener,
-                    on_line=self._on_line,
+                    on_line=self.output.line,
                     env=qemu_environment(self.ctx.settings.qemu),
                 )
             finally:
@@ -294,20 +275,6 @@ class Machine:
             self.log.error("QEMU could not be stopped", error=str(error))
         if self.process is process:
             self.process = None
-
-    def _on_line(self, stream: str, text: str) -> None:
-        """Every line reaches Events; the daemon's own log takes them at a bounded rate, so a
-        chatty guest cannot trip journald's limit and hide the daemon's errors."""
-        level = "info" if stream == "stdout" else "warn"
-        self.console.append(level, text)
-        if self._console_limit.allow():
-            if note := self._console_limit.suppressed_note():
-                self.log.warning(note)
-            if level == "info":
-                self.log.info(text, source="qemu-stdout")
-            else:
-                self.log.warning(text, source="qemu-stderr")
-        self.ctx.bus.publish(log_message(self.id, level, text))
 
     # -- exit --------------------------------------------------------------------------------
 
@@ -382,8 +349,7 @@ class Machine:
             details["error"] = str(error)
             self.log.error("QEMU could not be stopped", error=str(error))
         finally:
-            if note := self._console_limit.suppressed_note():
-                self.log.warning(note)
+            self.output.note_suppressed()
             if self.files is not None:
                 self.files.remove()
             self.lease.release()

@@ -15,7 +15,8 @@ from collections.abc import Callable
 
 from cocos_manager.check_result import Check
 from cocos_manager.qemu_failures import classify_sudo_refusal, daemon_user, sudoers_lines
-from cocos_manager.settings import AgentChannel, Settings
+from cocos_manager.setting_choices import AgentChannel
+from cocos_manager.settings import Settings
 
 QEMU_PROBE_TIMEOUT = 10.0
 # CPU models that TCG (no KVM) runs without missing features; EPYC asks for ones it lacks.

@@ -18,7 +18,6 @@ import socket
 import subprocess
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +32,9 @@ from cocos_manager.logging import get_logger
 from cocos_manager.qemu_failures import (
     classify_start_failure,
     classify_sudo_refusal,
-    launch_failure,
 )
 from cocos_manager.qemu_output import LineReader
+from cocos_manager.qemu_spawn import ExitInfo, kill_spawned, spawn
 from cocos_manager.qmp import QmpError, QmpMonitor, open_running_monitor
 from cocos_manager.state_store import process_identity, process_start_time
 from cocos_manager.workers import pool as _workers
@@ -43,30 +42,6 @@ from cocos_manager.workers import pool as _workers
 LineCallback = Callable[[str, str], None]
 TAIL_LINES = 20
 _log = get_logger()
-
-
-@dataclass(frozen=True, slots=True)
-class ExitInfo:
-    """How QEMU ended; returncode is None for an adopted process (not our child)."""
-
-    returncode: int | None
-
-    @property
-    def signal(self) -> int | None:
-        if self.returncode is not None and self.returncode < 0:
-            return -self.returncode
-        return None
-
-    def describe(self) -> str:
-        if self.returncode is None:
-            return "exited (status unknown: not a child of this daemon)"
-        if self.returncode < 0:
-            try:
-                name = signal.Signals(-self.returncode).name
-            except ValueError:
-                name = str(-self.returncode)
-            return f"killed by signal {name}"
-        return f"exit status {self.returncode}"
 
 
 class QemuProcess:
@@ -118,7 +93,7 @@ class QemuProcess:
         CPUs) that wait was about 30 ms per VM with the event loop blocked: it runs in a
         worker thread, with the start time read there too, so spawns overlap (make bench).
         """
-        queued = _workers.submit(_spawn, list(argv), qmp_listener.fileno(), env)
+        queued = _workers.submit(spawn, list(argv), qmp_listener.fileno(), env)
         spawning = asyncio.wrap_future(queued)
         try:
             popen, start_time = await asyncio.shield(spawning)
@@ -134,7 +109,7 @@ class QemuProcess:
         try:
             return cls(popen.pid, argv, popen=popen, on_line=on_line, start_time=start_time)
         except BaseException:
-            _kill(popen)
+            kill_spawned(popen)
             raise
 
     @classmethod
@@ -145,7 +120,7 @@ class QemuProcess:
         try:
             process = cls(popen.pid, argv, popen=popen, start_time=start_time)
         except BaseException:
-            _kill(popen)
+            kill_spawned(popen)
             raise
         process.close_pipes()
         process.kill_now()
@@ -418,31 +393,3 @@ class QemuProcess:
             self.send_signal(signal.SIGTERM)
         else:
             self.send_signal(signal.SIGKILL)
-
-
-def _spawn(
-    argv: list[str], qmp_fd: int, env: dict[str, str] | None
-) -> tuple[subprocess.Popen[bytes], int]:
-    """In a worker thread. Popen (vfork+exec) rather than asyncio's subprocess: exits are
-    watched through a pidfd for children and adopted processes alike."""
-    try:
-        popen = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            pass_fds=(qmp_fd,),
-            start_new_session=True,  # a Ctrl-C or a daemon crash does not take the VMs along
-            env=env,
-        )
-    except OSError as error:  # QEMU or sudo gone or not executable since start-up
-        raise launch_failure(argv, error) from None
-    return popen, process_start_time(popen.pid)
-
-
-def _kill(popen: subprocess.Popen[bytes]) -> None:
-    popen.kill()
-    popen.wait()
-    for pipe in (popen.stdout, popen.stderr):
-        if pipe is not None:
-            pipe.close()

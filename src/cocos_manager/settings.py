@@ -13,7 +13,6 @@ import os
 import re
 import uuid
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Annotated
 from urllib.parse import urlsplit
 
@@ -33,6 +32,14 @@ from cocos_manager.go_parse import (
 
 # Re-exported: resources.py and the tests name the range type with the settings it belongs to.
 from cocos_manager.go_parse import PortRange as PortRange
+from cocos_manager.setting_choices import (
+    TRACING_OFF,
+    AgentChannel,
+    GuestHaltAction,
+    LogLevel,
+    SnpSyntax,
+    tracing_off,
+)
 
 FIRST_GUEST_CID = 3
 MAX_VNC_DISPLAY = 65535 - 5900
@@ -41,44 +48,8 @@ MAX_VNC_DISPLAY = 65535 - 5900
 ORIGINAL_KERNEL_CMDLINE = '"earlyprintk=serial console=ttyS0"'
 
 
-# COCOS_JAEGER_URL=off (or none, false, disabled) turns tracing off; empty keeps the default.
-TRACING_OFF = "off"
-_TRACING_OFF_SPELLINGS = frozenset({"off", "none", "false", "disabled", "0"})
-
-
-def tracing_off(url: str) -> bool:
-    return url.strip().lower() in _TRACING_OFF_SPELLINGS
-
-
-class AgentChannel(StrEnum):
-    VSOCK = "vsock"
-    FW_CFG = "fw_cfg"
-
-
-class GuestHaltAction(StrEnum):
-    """What to do when QEMU reports the guest halted (internal error, panic, I/O error)."""
-
-    STOP = "stop"  # stop the VM and release everything (vm-exit failed, QEMU's reason)
-    KEEP = "keep"  # keep QEMU for inspection (state paused, vm-paused event)
-
-
-class SnpSyntax(StrEnum):
-    """How SEV-SNP is spelled on QEMU's command line (MANAGER_QEMU_SEV_SNP_SYNTAX)."""
-
-    SEED = "seed"  # AMD's old fork, as the original wrote it
-    UPSTREAM = "upstream"  # QEMU 9.1 and later
-    AUTO = "auto"  # seed if QEMU knows the fork's memory-backend-memfd-private, else upstream
-
-
 # SEV-SNP guest policy bit 17 is reserved and must be 1; 0x30000 also allows SMT (bit 16).
 SNP_POLICY_RESERVED_ONE = 1 << 17
-
-
-class LogLevel(StrEnum):
-    DEBUG = "debug"
-    INFO = "info"
-    WARN = "warn"
-    ERROR = "error"
 
 
 _COMMON = SettingsConfigDict(

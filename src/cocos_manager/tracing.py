@@ -30,7 +30,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from cocos_manager.jaeger_export import EXPORT_TIMEOUT, SERVICE_NAME, JaegerThriftExporter
 from cocos_manager.logging import get_logger
-from cocos_manager.settings import ServiceSettings, tracing_off
+from cocos_manager.setting_choices import tracing_off
+from cocos_manager.settings import ServiceSettings
 from cocos_manager.trace_outage import OTLP_MESSAGES, OUTAGE_PROBE_INTERVAL, OutageGuard
 
 SCHEDULE_DELAY_MILLIS = 1000

@@ -1,5 +1,5 @@
 """The steps of one start attempt that do not change the VM's state: its files, its command
-line, the manifest hand-over to the agent, and the number a failed attempt found taken.
+line, the manifest hand-over to the agent, and the numbers failed attempts found taken.
 
 Kept apart from machine.py so the Machine reads as its transitions; each step works on the
 Machine it is given (its settings, lease and files) and raises the error its caller answers.
@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING
 from opentelemetry import trace
 
 from cocos_manager import workers
-from cocos_manager.errors import HandoverFailedError, HandoverTimeoutError
+from cocos_manager.errors import HandoverFailedError, HandoverTimeoutError, QemuExitedError
+from cocos_manager.lifecycle import START_ATTEMPTS
 from cocos_manager.qemu_argv import VmResources, vm_args
-from cocos_manager.qemu_failures import Conflict
+from cocos_manager.qemu_failures import Conflict, conflicts_exhausted
 from cocos_manager.qemu_process import QemuProcess
 from cocos_manager.qmp import qmp_args
 from cocos_manager.vm_files import WouldCopy, prepare_vm_files
@@ -84,6 +85,30 @@ async def handover(machine: Machine, process: QemuProcess, manifest: bytes) -> N
         raise HandoverTimeoutError(str(error)) from None
     except Exception as error:
         raise HandoverFailedError(f"manifest hand-over to the agent failed: {error}") from None
+
+
+class TakenNumbers:
+    """A start attempt that found its port, display or CID taken gets another number and is
+    tried again; once every attempt hit one, the error names each number found taken."""
+
+    def __init__(self) -> None:
+        self._taken: list[tuple[Conflict, int]] = []
+
+    def swap(
+        self, machine: Machine, conflict: Conflict, attempt: int, error: QemuExitedError
+    ) -> None:
+        self._taken.append((conflict, taken_number(machine.resources, conflict)))
+        if attempt == START_ATTEMPTS:
+            if conflict is Conflict.GUEST_CID:  # as swap() would
+                machine.ctx.pools.cids.shun(machine.resources.guest_cid)
+            raise conflicts_exhausted(self._taken, START_ATTEMPTS) from error
+        machine.log.warning(
+            "VM start hit a taken resource; retrying",
+            attempt=attempt,
+            conflict=conflict.value,
+            error=str(error),
+        )
+        machine.lease.swap(conflict)
 
 
 def taken_number(resources: VmResources, conflict: Conflict) -> int:

@@ -15,7 +15,8 @@ from opentelemetry import trace
 
 from cocos_manager import ttl
 from cocos_manager.lifecycle import EXIT, PROVISION, STOP, StopReason
-from cocos_manager.qemu_process import ExitInfo, QemuProcess
+from cocos_manager.qemu_process import QemuProcess
+from cocos_manager.qemu_spawn import ExitInfo
 from cocos_manager.qmp import QmpClosed, QmpError
 
 if TYPE_CHECKING:
