@@ -111,11 +111,14 @@ async def test_mutual_tls_with_openssl_certificates(
                                        "-key", str(pki / "client.key"), target, "list")  # fmt: skip
         assert code == 0, err
         assert "manager.ManagerService" in out
+        # Each refusal fails the handshake, which grpcurl retries until its connect timeout
+        # (10 s unless told).
         for refused in (
             [*tls, target, "list"],  # no client certificate
             [*tls, "-cert", str(pki / "stranger.crt"), "-key", str(pki / "stranger.key"),
              target, "list"],  # a stranger CA's client
             ["-plaintext", target, "list"],  # no TLS at all
         ):  # fmt: skip
-            code, _, _ = await grpcurl(*refused)
+            code, _, err = await grpcurl("-connect-timeout", "2", *refused)
             assert code != 0, refused
+            assert "Failed to dial target host" in err, err
