@@ -29,6 +29,7 @@ from cocos_manager.metrics import (
     start_metrics_server,
 )
 from cocos_manager.qemu_argv import effective_base_args, resolve_executable, shell_line
+from cocos_manager.sched_weight import raise_session_weight
 from cocos_manager.sdnotify import READY, STOPPING, notify
 from cocos_manager.server import Server, build_server, listen_address
 from cocos_manager.service import ManagerService
@@ -205,6 +206,11 @@ async def run_daemon(settings: Settings) -> int:
     # First of all, so a SIGTERM during a long recovery still shuts down cleanly.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    weight = raise_session_weight(settings.service.AUTOGROUP_NICE)
+    if weight.operator_action:
+        get_logger().warning("scheduling weight not raised: " + weight.detail)
+    else:
+        get_logger().info("scheduling weight: " + weight.detail, applied=weight.applied)
     runner = DaemonRunner(settings)
     try:
         await runner.setup()

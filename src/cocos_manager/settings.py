@@ -224,6 +224,8 @@ class ServiceSettings(BaseSettings):
     AGENT_MAX_CONNECTIONS_PER_CID: GoInt = 4  # 0 = no limit
     CONSOLE_LINES_PER_SECOND: GoInt = 50  # 0 = no limit
     CONSOLE_LINES_BURST: GoInt = 200
+    # The daemon's session against its guests' in the scheduler: sched_weight.py.
+    AUTOGROUP_NICE: GoInt = -10
 
     # Dial-out to a computations server (dialout.py): the original's gRPC client settings.
     # Empty URL = no dial-out (the original defaulted to localhost:7001, which is this
@@ -331,6 +333,13 @@ class ServiceSettings(BaseSettings):
     def _hold(cls, value: float) -> float:
         if value < 0:
             raise ValueError("a duration must not be negative")
+        return value
+
+    @field_validator("AUTOGROUP_NICE")
+    @classmethod
+    def _nice(cls, value: int) -> int:
+        if not -20 <= value <= 19:
+            raise ValueError("a nice value is from -20 to 19")
         return value
 
     @field_validator("MAX_VMS")

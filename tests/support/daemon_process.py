@@ -85,6 +85,9 @@ class Daemon:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.cwd,
+                # A session of its own, as systemd starts a service: the scheduler's autogroup
+                # then weighs it apart from the client driving it (make bench).
+                start_new_session=True,
             )
         await wait_serving(self.port, self.process, started + timeout, self.log)
         elapsed = time.perf_counter() - started

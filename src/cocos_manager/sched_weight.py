@@ -1,0 +1,82 @@
+"""The daemon's weight against its own guests in the CPU scheduler.
+
+With autogroup scheduling (Debian's kernels turn it on; it applies wherever systemd's cpu
+controller is not enabled) Linux shares the CPU between sessions first. Every QEMU this daemon
+starts is a session of its own (so that a Ctrl-C or the daemon's end does not take the VMs
+along), so while N guests keep the CPUs busy the daemon's session got 1/(N+1) of them, and each
+of its wake-ups (a gRPC call accepted, a QMP answer read, a spawn finished) waited for a
+scheduler slice: 32 concurrent Runs took twice and more the time of the same 32 QEMUs started
+at once by a client (make bench), with the admissions alone spread over two seconds.
+
+libvirt weighs VMs apart from its daemon (machine.slice); here the daemon's own session gets a
+lower autogroup nice (MANAGER_AUTOGROUP_NICE). The guests keep their weight against everything
+else on the host, and an idle daemon takes nothing from them. docs/decisions.md, "Scheduling
+weight".
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+AUTOGROUP = Path("/proc/self/autogroup")
+AUTOGROUP_ENABLED = Path("/proc/sys/kernel/sched_autogroup_enabled")
+
+
+@dataclass(frozen=True, slots=True)
+class WeightOutcome:
+    applied: bool
+    detail: str
+    operator_action: bool = False  # worth a warning: the operator can fix it
+
+
+def raise_session_weight(
+    nice: int, autogroup: Path = AUTOGROUP, enabled_flag: Path = AUTOGROUP_ENABLED
+) -> WeightOutcome:
+    """Sets the autogroup nice of the daemon's session, where that session is the daemon's own
+    (a service started by systemd is a session leader; a daemon started from a shell shares the
+    shell's session, whose weight is not ours to change)."""
+    if nice == 0:
+        return WeightOutcome(False, "MANAGER_AUTOGROUP_NICE=0: the session keeps the default")
+    if os.getsid(0) != os.getpid():
+        return WeightOutcome(
+            False,
+            "not a session leader (started from a shell, not by systemd): the session's "
+            "scheduling weight is shared with the shell and left as it is",
+        )
+    try:
+        enabled = enabled_flag.read_text().strip() == "1"
+    except OSError:
+        enabled = False
+    if not enabled:
+        return WeightOutcome(False, "autogroup scheduling is off (kernel.sched_autogroup_enabled)")
+    try:
+        _write(autogroup, nice)
+    except PermissionError:
+        return WeightOutcome(
+            False,
+            f"MANAGER_AUTOGROUP_NICE={nice} needs CAP_SYS_NICE (root, or "
+            "AmbientCapabilities=CAP_SYS_NICE in the unit): guests that keep the CPUs busy "
+            "will slow this daemon's answers",
+            operator_action=True,
+        )
+    except OSError as error:
+        return WeightOutcome(False, f"cannot write {autogroup}: {error.strerror}")
+    return WeightOutcome(True, f"session autogroup nice {nice}")
+
+
+def _write(autogroup: Path, nice: int) -> None:
+    """Without CAP_SYS_ADMIN the kernel takes one change per 100 ms host-wide (EAGAIN): two
+    daemons started together, say. Once more after that pause; this is start-up, before any
+    client is served."""
+    for attempt in range(3):
+        try:
+            with open(autogroup, "w") as handle:
+                handle.write(str(nice))
+            return
+        except BlockingIOError:
+            if attempt == 2:
+                raise
+            time.sleep(0.11)

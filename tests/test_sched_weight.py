@@ -1,0 +1,103 @@
+"""The daemon's session outweighs each of its guests' in the scheduler (sched_weight.py), and
+only where the session is its own: never a shell's, never its VMs'."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cocos_manager.api import manager_pb2 as pb
+from tests.support.daemon_process import Daemon
+from tests.support.harness import base_env, run_request
+
+PROBE = """
+import json, os, sys
+from cocos_manager.sched_weight import raise_session_weight
+if len(sys.argv) > 2:  # drop root, as a daemon run by an unprivileged user
+    os.setgroups([]); os.setgid(int(sys.argv[2])); os.setuid(int(sys.argv[2]))
+outcome = raise_session_weight(int(sys.argv[1]))
+print(json.dumps([outcome.applied, outcome.detail, outcome.operator_action,
+                  open("/proc/self/autogroup").read().split()[-1]]))
+"""
+
+
+def autogroup_nice(pid: int) -> int:
+    # "/autogroup-1234 nice -10"
+    return int(Path(f"/proc/{pid}/autogroup").read_text().split()[-1])
+
+
+def probe(nice: int, *user: str, **popen: object) -> list[object]:
+    import json
+
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, str(nice), *user],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        **popen,  # type: ignore[arg-type]
+    )
+    return list(json.loads(done.stdout))
+
+
+@pytest.fixture
+async def daemon(tmp_path: Path):  # type: ignore[no-untyped-def]
+    env = base_env(tmp_path)
+    d = Daemon(env=env, log=tmp_path / "daemon.log")
+    yield d
+    if d.process is not None and d.process.poll() is None:
+        await d.terminate()
+
+
+async def test_the_daemon_session_outweighs_its_vms_and_the_vms_keep_the_default(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    await daemon.start()
+    assert os.getsid(daemon.pid) == daemon.pid  # as systemd starts a service
+    assert autogroup_nice(daemon.pid) == -10
+    await daemon.stub.Run(run_request("weighed"))
+    [qemu] = [child.pid for child in daemon.children()]  # the VM's (stand-in) QEMU
+    assert os.getsid(qemu) == qemu  # a session of its own...
+    assert autogroup_nice(qemu) == 0  # ...at the default weight
+    await daemon.stub.Stop(pb.StopRequest(computation_id="weighed"))
+    assert "scheduling weight: session autogroup nice -10" in daemon.log.read_text()
+
+
+async def test_zero_leaves_the_session_at_the_default(daemon: Daemon) -> None:
+    daemon.env["MANAGER_AUTOGROUP_NICE"] = "0"
+    await daemon.start()
+    assert autogroup_nice(daemon.pid) == 0
+
+
+def test_a_session_that_is_not_ours_is_left_alone() -> None:
+    """Started from a shell, the daemon shares the shell's session: its weight is not changed."""
+    before = autogroup_nice(os.getpid())
+    applied, detail, action, after = probe(-5)
+    assert not applied and "not a session leader" in str(detail) and not action
+    assert int(str(after)) == before
+
+
+def test_in_a_session_of_its_own_the_nice_is_set() -> None:
+    applied, detail, _, after = probe(-3, start_new_session=True)
+    assert applied, detail
+    assert int(str(after)) == -3
+
+
+def test_without_cap_sys_nice_the_operator_is_told_what_to_grant() -> None:
+    assert os.geteuid() == 0, "CI runs as root: this test drops to nobody"
+    applied, detail, action, after = probe(-5, "65534", start_new_session=True)
+    assert not applied and action
+    assert "CAP_SYS_NICE" in str(detail) and "MANAGER_AUTOGROUP_NICE=-5" in str(detail)
+    assert int(str(after)) == 0
+
+
+def test_out_of_range_is_refused_naming_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cocos_manager.settings import SettingsError, load_settings
+
+    monkeypatch.setenv("MANAGER_AUTOGROUP_NICE", "-21")
+    with pytest.raises(SettingsError, match="MANAGER_AUTOGROUP_NICE"):
+        load_settings()
