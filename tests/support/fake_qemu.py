@@ -23,6 +23,9 @@ separated, default an upstream QEMU's confidential-computing ones), for the star
   ignore-powerdown  ignore QMP system_powerdown (otherwise: "reboot: Power down", exit 0,
                   as a guest that handles the ACPI power button)
   ignore-quit     accept QMP quit and go on running (otherwise: exit 0, as QEMU)
+  output-helper   start a helper process that inherits QEMU's stdout and stderr and keeps them
+                  open for 30 s after QEMU has ended (as a `-netdev tap` ifup script that starts
+                  a daemon does); its command line names the marker fake-qemu-output-helper
 Two more knobs for fault tests:
   FAKE_QEMU_START_LOG=FILE      append one JSON line per start (pid, hostfwd port, VNC display),
                                 so a test can tell whether QEMU was started at all, and how often
@@ -269,6 +272,28 @@ def refuse_taken_cid(args: list[str]) -> None:
         die(f"-device {spec}: vhost-vsock: unable to set guest cid: Address already in use")
 
 
+HELD: list[int] = []  # descriptors this stand-in keeps open until it ends
+OUTPUT_HELPER = """
+import os, sys, time
+os.read(0, 1)  # EOF once QEMU, the only holder of the pipe's other end, has ended
+time.sleep(float(sys.argv[1]))
+"""
+
+
+def start_output_helper(args: list[str]) -> None:
+    """FAKE_QEMU_MODE=output-helper: a process of QEMU's own that outlives it with its output."""
+    read_end, write_end = os.pipe()  # write_end is not inheritable: QEMU alone holds it
+    # The kernel's path names the VM's directory, as QEMU's own command line does.
+    helper = [sys.executable, "-c", OUTPUT_HELPER, "30", "fake-qemu-output-helper"]
+    subprocess.Popen(
+        [*helper, *option(args, "-kernel")],
+        stdin=read_end,
+        start_new_session=True,
+    )
+    os.close(read_end)
+    HELD.append(write_end)
+
+
 def bind(port: int, what: str) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -345,6 +370,8 @@ def main() -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     else:
         signal.signal(signal.SIGTERM, lambda *_: die("terminating on signal 15", 0))
+    if mode == "output-helper":  # before QMP answers: the helper is there once QEMU is ready
+        start_output_helper(args)
     if qmp is not None and mode != "no-qmp":
         sessions = 1 if mode == "qmp-once" else None
         threading.Thread(target=serve_qmp, args=(qmp, sessions), daemon=True).start()
