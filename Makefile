@@ -25,8 +25,12 @@ guest: install
 	@bash scripts/build-test-guest.sh $(GUEST_DIR)
 
 # tests/e2e boots the test guest under QEMU: it is built (or found up to date) first.
+# The tests run in TEST_WORKERS processes: most of their time is waiting (QEMU, timeouts), and
+# four overlap well even on 2 CPUs. What tests share on the host (VNC displays, the sudo test's
+# user) is made per worker (PYTEST_XDIST_WORKER).
+TEST_WORKERS ?= 4
 test: install lint guest
-	TEST_GUEST_DIR=$(GUEST_DIR) $(PY) -m pytest $(PYTEST_ARGS)
+	TEST_GUEST_DIR=$(GUEST_DIR) $(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 demo: install guest
 	@VENV=$(VENV) GUEST_DIR=$(GUEST_DIR) bash scripts/demo.sh

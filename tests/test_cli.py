@@ -225,7 +225,8 @@ async def test_event_details_are_printed_decoded(manager: Manager, tmp_path: Pat
     algorithm.write_bytes(b"x")
     as_json = asyncio.ensure_future(cli(manager, "events", "d", "--count", "2", "--json"))
     as_text = asyncio.ensure_future(cli(manager, "events", "d", "--count", "2"))
-    await asyncio.sleep(0.5)
+    subscribers = manager.service.bus._subscribers
+    await wait_for(lambda: len(subscribers) == 2, "both CLI subscriptions")
     assert (await cli(manager, "run", "--id", "d", "--algorithm", str(algorithm)))[0] == 0
     (code, out, _), (text_code, text, _) = await as_json, await as_text
     assert code == 0 and text_code == 0

@@ -18,7 +18,7 @@ from cocos_manager.event_messages import log_message
 from cocos_manager.metrics import Metrics, start_metrics_server
 from cocos_manager.vm_metrics import register_vm_metrics, unregister_vm_metrics
 from tests.support.daemon_process import Daemon
-from tests.support.harness import Manager, base_env, run_request, running_manager
+from tests.support.harness import VNC_BASE, Manager, base_env, run_request, running_manager
 from tests.support.processes import processes_mentioning
 from tests.test_grpcurl import grpcurl
 
@@ -70,7 +70,7 @@ async def test_list_shows_starting_running_and_stopping_vms(
     assert info.state == "running"
     assert info.agent_port == response.agent_port
     assert info.guest_cid == computation.resources.guest_cid
-    assert info.vnc_display == computation.resources.vnc_display == 40
+    assert info.vnc_display == computation.resources.vnc_display == VNC_BASE
     assert info.pid == computation.process.pid
     assert before - 1 <= info.started_at.ToMilliseconds() / 1000 <= time.time()
     assert not info.HasField("expires_at")  # no TTL

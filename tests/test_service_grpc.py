@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from cocos_manager.api import manager_pb2 as pb
-from tests.support.harness import Manager, run_request, running_manager
+from tests.support.harness import VNC_BASE, Manager, run_request, running_manager
 from tests.support.processes import children
 from tests.support.streams import read_agent
 from tests.support.waiting import subscribed, wait_for
@@ -140,7 +140,7 @@ async def test_two_vms_get_distinct_ports_displays_and_files(manager: Manager) -
     comps = manager.service.computations()
     ra, rb = comps["a"].resources, comps["b"].resources
     assert ra.vnc_display != rb.vnc_display and ra.guest_cid != rb.guest_cid
-    assert {ra.vnc_display, rb.vnc_display} == {40, 41}
+    assert {ra.vnc_display, rb.vnc_display} == {VNC_BASE, VNC_BASE + 1}
     assert json.loads(await asyncio.to_thread(read_agent, int(a.agent_port)))["id"] == "a"
     assert json.loads(await asyncio.to_thread(read_agent, int(b.agent_port)))["id"] == "b"
     assert len(vm_files(manager)) == 10

@@ -33,7 +33,7 @@ from tests.e2e.test_real_vm import (
     wait_manager_serving,
 )
 from tests.support import daemon_process
-from tests.support.harness import run_request
+from tests.support.harness import run_request, vnc_display
 from tests.support.readme import REPO, env_block
 
 pytestmark = pytest.mark.timeout(300)
@@ -58,7 +58,7 @@ def readme_env(root: Path) -> dict[str, str]:
         "MANAGER_GRPC_PORT": str(free_port()),
         "MANAGER_STATE_DIR": str(root / "state"),
         "MANAGER_QEMU_TMP_FILE_LOC": str(root / "vms"),
-        "MANAGER_QEMU_VSOCK_VNC": "90",
+        "MANAGER_QEMU_VSOCK_VNC": str(vnc_display(90)),
         "MANAGER_QEMU_DISK_IMG_KERNEL_FILE": str(kernel),
         "MANAGER_QEMU_DISK_IMG_ROOTFS_FILE": str(rootfs),
     }

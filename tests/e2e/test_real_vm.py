@@ -43,7 +43,7 @@ from cocos_manager.event_messages import computation_of
 from cocos_manager.manifest import manifest_json
 from tests.support import daemon_process
 from tests.support.daemon_process import free_port
-from tests.support.harness import run_request
+from tests.support.harness import run_request, vnc_display
 from tests.support.waiting import subscribed
 
 REPO = Path(__file__).resolve().parents[2]
@@ -105,7 +105,7 @@ def daemon_env(root: Path, overrides: dict[str, str]) -> dict[str, str]:
         "MANAGER_QEMU_DISK_IMG_ROOTFS_FILE": str(rootfs),
         "MANAGER_QEMU_TMP_FILE_LOC": str(root / "vms"),
         # Away from :0, which a developer's own VM may hold.
-        "MANAGER_QEMU_VSOCK_VNC": "60",
+        "MANAGER_QEMU_VSOCK_VNC": str(vnc_display(60)),
         # Nobody listens there: a collector that is down must not matter.
         "COCOS_JAEGER_URL": f"http://127.0.0.1:{free_port()}/api/traces",
     }
@@ -537,7 +537,7 @@ async def test_an_unbootable_kernel_fails_run_with_qemus_message_and_leaves_noth
         start_daemon,
         tmp_path / "daemon",
         MANAGER_QEMU_DISK_IMG_KERNEL_FILE=str(garbage),
-        MANAGER_QEMU_VSOCK_VNC="80",  # apart from the shared daemon's displays
+        MANAGER_QEMU_VSOCK_VNC=str(vnc_display(80)),  # apart from the shared daemon's displays
     )
     cid = "e2e-bad-kernel"
     try:

@@ -49,7 +49,9 @@ from tests.support.waiting import subscribed, unavailable, wait_for
 
 pytestmark = pytest.mark.timeout(600)
 
-USER = "cocos-test-sudo"
+# A user per test worker (make test runs tests in parallel): one worker's NOPASSWD rule must
+# not answer for another's test of a rule without it.
+USER = "cocos-test-sudo" + os.environ.get("PYTEST_XDIST_WORKER", "").removeprefix("gw")
 EXE = str(Path(sys.executable).with_name("cocos-manager"))
 CAP_DAC_READ_SEARCH = 1 << 2
 

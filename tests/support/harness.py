@@ -60,6 +60,17 @@ def fake_images(root: Path) -> dict[str, str]:
     return files
 
 
+def vnc_display(first: int) -> int:
+    """A VNC display base of this test worker's own: tests run in parallel (pytest-xdist, one
+    process per worker), and a display one worker's VM holds would move another's VM to the
+    next one (VNC binds 5900 + display on the host)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    return first + 200 * int(worker or 0)
+
+
+VNC_BASE = vnc_display(40)  # the stand-in QEMU's first display (base_env)
+
+
 def base_env(tmp: Path) -> dict[str, str]:
     return {
         "MANAGER_QEMU_BIN_PATH": str(FAKE_QEMU),
@@ -69,7 +80,7 @@ def base_env(tmp: Path) -> dict[str, str]:
         "MANAGER_QEMU_AGENT_CHANNEL": "fw_cfg",
         "MANAGER_QEMU_STOP_TIMEOUT": "5s",
         "MANAGER_QEMU_START_TIMEOUT": "20s",
-        "MANAGER_QEMU_VSOCK_VNC": "40",
+        "MANAGER_QEMU_VSOCK_VNC": str(VNC_BASE),
         "MANAGER_STATE_DIR": str(tmp / "state"),
         "MANAGER_GRPC_HOST": "127.0.0.1",
         "MANAGER_GRPC_PORT": "0",
