@@ -30,6 +30,7 @@ FIGURES: dict[str, tuple[bool, bool]] = {
     "image_size": (True, True),
     "crash_detection": (True, True),
     "burst": (True, True),
+    "burst.without_weight": (True, False),
     "events.throughput": (True, True),
     "events.p99_latency": (True, False),
     "footprint.startup": (True, True),

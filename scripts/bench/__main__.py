@@ -77,6 +77,12 @@ async def run_figures(
             big = BenchDaemon(big_cfg, work, jaeger_port)
             if "image" in wanted:
                 daemons.append(big)
+            flat: BenchDaemon | None = None
+            if "burst" in wanted:  # the burst without the daemon's scheduling weight, beside
+                flat_cfg = small_cfg.renamed("real-flat")
+                flat_cfg.extra = {"MANAGER_AUTOGROUP_NICE": "0"}
+                flat = BenchDaemon(flat_cfg, work, jaeger_port)
+                daemons.append(flat)
             await asyncio.gather(*(d.start_serving() for d in daemons))
             await asyncio.gather(*(d.warm_up() for d in daemons))
             if "run" in wanted:
@@ -86,7 +92,7 @@ async def run_figures(
             if "crash" in wanted:
                 await fig_crash(small, plan.reps, figures)
             if "burst" in wanted:
-                await fig_burst(small, plan.reps, plan.burst, figures)
+                await fig_burst(small, plan.reps, plan.burst, figures, flat)
             await asyncio.gather(*(d.close() for d in daemons))
             daemons.clear()
         if "events" in wanted:

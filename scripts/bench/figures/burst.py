@@ -19,6 +19,7 @@ import re
 import shutil
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -109,12 +110,28 @@ async def daemon_burst(
     return wall, check, argvs
 
 
-async def fig_burst(daemon: BenchDaemon, reps: int, count: int, figures: list[Figure]) -> None:
+def autogroup_nice(daemon: BenchDaemon) -> int | None:
+    """The scheduling weight the daemon gave its session (MANAGER_AUTOGROUP_NICE)."""
+    with contextlib.suppress(OSError, ValueError):
+        return int(Path(f"/proc/{daemon.pid}/autogroup").read_text().split()[-1])
+    return None
+
+
+async def fig_burst(
+    daemon: BenchDaemon,
+    reps: int,
+    count: int,
+    figures: list[Figure],
+    flat: BenchDaemon | None = None,
+) -> None:
+    """`flat`: the same daemon with MANAGER_AUTOGROUP_NICE=0, its burst measured each
+    repetition too (JSON: `without_session_weight`), so the setting's effect is side by side."""
     log(f"burst: {reps} x {count} concurrent Runs beside the same argvs started at once")
-    walls, directs, serials, aio_walls = [], [], [], []
+    walls, directs, serials, aio_walls, flat_walls = [], [], [], [], []
     checks: list[dict[str, Any]] = []
     stash = VmFileStash(daemon.tmp, daemon.root / "stash-burst")
     aio_stash = VmFileStash(daemon.tmp, daemon.root / "stash-burst-aio")
+    flat_stash = VmFileStash(flat.tmp, flat.root / "stash-burst-flat") if flat else None
     threads = concurrent.futures.ThreadPoolExecutor(max_workers=count)
     argvs: list[list[str]] = []
     try:
@@ -136,10 +153,17 @@ async def fig_burst(daemon: BenchDaemon, reps: int, count: int, figures: list[Fi
                     wall, check, _ = await daemon_burst(daemon, ids, aio_stash, None)
                     aio_walls.append(wall * 1000)
                     checks.append(check)
+                    if flat is not None and flat_stash is not None:
+                        ids = [f"burst-flat-{rep}-{i}" for i in range(count)]
+                        wall, check, _ = await daemon_burst(flat, ids, flat_stash, None)
+                        flat_walls.append(wall * 1000)
+                        checks.append(check)
     finally:
         threads.shutdown()
         shutil.rmtree(stash.stash, ignore_errors=True)
         shutil.rmtree(aio_stash.stash, ignore_errors=True)
+        if flat_stash is not None:
+            shutil.rmtree(flat_stash.stash, ignore_errors=True)
     figures.append(
         Figure(
             key="burst",
@@ -164,8 +188,32 @@ async def fig_burst(daemon: BenchDaemon, reps: int, count: int, figures: list[Fi
                     "wall_ms": summary(walls),
                     "ratio": summary(ratios(walls, directs)),
                 },
+                "daemon_autogroup_nice": autogroup_nice(daemon),
+                "without_session_weight": {
+                    "note": "the same daemon with MANAGER_AUTOGROUP_NICE=0, right after the "
+                    "weighted burst (asyncio client)",
+                    "autogroup_nice": autogroup_nice(flat) if flat else None,
+                    "wall_ms": summary(flat_walls),
+                    "ratio": summary(ratios(flat_walls, directs)),
+                }
+                if flat_walls
+                else None,
                 "serial_runs_ms": summary(serials),
                 "ratio_to_serial_runs": summary(ratios(aio_walls, serials)),
             },
         )
     )
+    if flat_walls:
+        figures.append(
+            Figure(
+                key="burst.without_weight",
+                label=f"{count} concurrent Runs, MANAGER_AUTOGROUP_NICE=0",
+                unit="ms",
+                values=flat_walls,
+                baseline=directs,
+                baseline_label=f"the same {count} QEMU argvs started at once by a client",
+                ratios=ratios(flat_walls, directs),
+                note="the same daemon without its session's scheduling weight (the "
+                "autogroup nice left at 0): what the weight changes, side by side",
+            )
+        )
