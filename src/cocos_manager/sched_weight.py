@@ -124,3 +124,54 @@ def cpu_cgroup(cgroup: Path = CGROUP, mount: Path = CGROUP_MOUNT) -> str | None:
         if (mount / str(ancestor).lstrip("/") / "cpu.weight").exists():
             return unified
     return None
+
+
+# -- `cocos-manager check` -------------------------------------------------------------------
+
+CAP_SYS_NICE = 23
+PROC_STATUS = Path("/proc/self/status")
+
+
+def weight_check(
+    nice: int, enabled_flag: Path = AUTOGROUP_ENABLED, status: Path = PROC_STATUS
+) -> tuple[str, str]:
+    """(status, detail) for `cocos-manager check`: what the daemon, run as this user, would
+    make of MANAGER_AUTOGROUP_NICE. Only what holds wherever it starts: `check` runs from a
+    shell, in another session and cgroup than a service, so those two the daemon's start-up
+    line tells."""
+    if nice == 0:
+        return "pass", "MANAGER_AUTOGROUP_NICE=0: the daemon's session keeps the default weight"
+    try:
+        enabled = enabled_flag.read_text().strip() == "1"
+    except OSError:
+        enabled = False
+    if not enabled:
+        return (
+            "warn",
+            f"MANAGER_AUTOGROUP_NICE={nice} has no effect: autogroup scheduling is off "
+            "(kernel.sched_autogroup_enabled=0, or a kernel without it); busy guests will "
+            "slow the daemon's answers",
+        )
+    if nice < 0 and not _has_cap_sys_nice(status):
+        return (
+            "warn",
+            f"MANAGER_AUTOGROUP_NICE={nice} needs CAP_SYS_NICE, which this user lacks (grant "
+            "AmbientCapabilities=CAP_SYS_NICE in the unit): busy guests will slow the "
+            "daemon's answers",
+        )
+    return (
+        "pass",
+        f"autogroup scheduling on: the daemon sets its session's nice to {nice} at start when "
+        "it leads its session (as under systemd) in the root cpu cgroup; its start-up log "
+        "line says whether it did",
+    )
+
+
+def _has_cap_sys_nice(status: Path) -> bool:
+    try:
+        for line in status.read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> CAP_SYS_NICE & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
