@@ -84,8 +84,8 @@ def raise_session_weight(
 
 def _write(autogroup: Path, nice: int) -> None:
     """Without CAP_SYS_ADMIN the kernel takes one change per 100 ms host-wide (EAGAIN): two
-    daemons started together, say. Once more after that pause; this is start-up, before any
-    client is served."""
+    daemons started together, say. Twice more, 110 ms apart (three daemons started at once all
+    get theirs, measured); this is start-up, before any client is served."""
     for attempt in range(3):
         try:
             with open(autogroup, "w") as handle:
