@@ -3,6 +3,7 @@ only where the session is its own: never a shell's, never its VMs'."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,11 +16,12 @@ from tests.support.daemon_process import Daemon
 from tests.support.harness import base_env, run_request
 
 PROBE = """
-import json, os, sys
+import json, os, pathlib, sys
 from cocos_manager.sched_weight import raise_session_weight
 if len(sys.argv) > 2:  # drop root, as a daemon run by an unprivileged user
     os.setgroups([]); os.setgid(int(sys.argv[2])); os.setuid(int(sys.argv[2]))
-outcome = raise_session_weight(int(sys.argv[1]))
+# As in the root cpu cgroup, wherever this host runs the test (the cgroup tests are below).
+outcome = raise_session_weight(int(sys.argv[1]), cgroup=pathlib.Path(os.devnull))
 print(json.dumps([outcome.applied, outcome.detail, outcome.operator_action,
                   open("/proc/self/autogroup").read().split()[-1]]))
 """
@@ -31,7 +33,6 @@ def autogroup_nice(pid: int) -> int:
 
 
 def probe(nice: int, *user: str, **popen: object) -> list[object]:
-    import json
 
     done = subprocess.run(
         [sys.executable, "-c", PROBE, str(nice), *user],
@@ -56,15 +57,21 @@ async def daemon(tmp_path: Path):  # type: ignore[no-untyped-def]
 async def test_the_daemon_session_outweighs_its_vms_and_the_vms_keep_the_default(
     daemon: Daemon, tmp_path: Path
 ) -> None:
+    from cocos_manager.sched_weight import cpu_cgroup
+
     await daemon.start()
     assert os.getsid(daemon.pid) == daemon.pid  # as systemd starts a service
-    assert autogroup_nice(daemon.pid) == -10
+    # The daemon is in this test's cgroup: where that has the cpu controller, autogroups do
+    # not apply and the daemon must say so rather than set a nice that changes nothing.
+    weighed = cpu_cgroup() is None
+    assert autogroup_nice(daemon.pid) == (-10 if weighed else 0)
     await daemon.stub.Run(run_request("weighed"))
     [qemu] = [child.pid for child in daemon.children()]  # the VM's (stand-in) QEMU
     assert os.getsid(qemu) == qemu  # a session of its own...
     assert autogroup_nice(qemu) == 0  # ...at the default weight
     await daemon.stub.Stop(pb.StopRequest(computation_id="weighed"))
-    assert "scheduling weight: session autogroup nice -10" in daemon.log.read_text()
+    said = "session autogroup nice -10" if weighed else "autogroups do not apply in cpu cgroup"
+    assert "scheduling weight: " + said in daemon.log.read_text()
 
 
 async def test_zero_leaves_the_session_at_the_default(daemon: Daemon) -> None:
@@ -101,3 +108,82 @@ def test_out_of_range_is_refused_naming_the_variable(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("MANAGER_AUTOGROUP_NICE", "-21")
     with pytest.raises(SettingsError, match="MANAGER_AUTOGROUP_NICE"):
         load_settings()
+
+
+# -- where autogroups do not apply: a cpu cgroup other than the root ---------------------------
+
+IN_CGROUP = """
+import json, os, sys
+with open(os.path.join(sys.argv[2], "cgroup.procs"), "w") as procs:
+    procs.write(str(os.getpid()))
+from cocos_manager.sched_weight import raise_session_weight
+outcome = raise_session_weight(int(sys.argv[1]))
+print(json.dumps([outcome.applied, outcome.detail]))
+"""
+
+
+def cpu_hierarchy() -> Path:
+    """Where this host's cpu cgroups are made: the v1 cpu hierarchy, or the v2 root where the
+    cpu controller is enabled for its children (systemd does that on most v2 hosts)."""
+    v1 = Path("/sys/fs/cgroup/cpu")
+    if (v1 / "cgroup.procs").exists():
+        return v1
+    v2 = Path("/sys/fs/cgroup")
+    subtree = (v2 / "cgroup.subtree_control").read_text().split()
+    assert "cpu" in subtree, (
+        "no cpu cgroup to be made here: no v1 cpu hierarchy, and cgroup v2 without the cpu controller at its root"
+    )
+    return v2
+
+
+def test_in_a_cpu_cgroup_of_its_own_the_nice_is_not_claimed(tmp_path: Path) -> None:
+    """As a systemd service is wherever the cpu controller is on: the kernel takes the
+    autogroup nice and ignores it (only the root cpu cgroup is weighed by autogroup), so the
+    daemon must not log it as applied."""
+    assert os.geteuid() == 0, "CI runs as root: this test makes a cgroup"
+    group = cpu_hierarchy() / f"cocos-sched-weight-{os.getpid()}"
+    group.mkdir()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", IN_CGROUP, "-4", str(group)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+            start_new_session=True,
+        )
+        applied, detail = json.loads(done.stdout)
+        assert not applied, detail
+        assert f"cpu cgroup /{group.name}" in detail
+    finally:
+        group.rmdir()
+
+
+@pytest.mark.parametrize(
+    ("cgroup", "weights", "expected"),
+    [
+        ("1:cpu:/\n0::/\n", [], None),  # v1 root: autogroups apply
+        (
+            "4:cpu,cpuacct:/system.slice/m.service\n0::/system.slice/m.service\n",
+            [],
+            ("/system.slice/m.service"),
+        ),
+        ("0::/system.slice/m.service\n", [], None),  # v2, cpu controller nowhere
+        ("0::/system.slice/m.service\n", ["system.slice"], "/system.slice/m.service"),
+        ("0::/system.slice/m.service\n", ["system.slice/m.service"], "/system.slice/m.service"),
+        ("0::/\n", [""], "/"),  # a container's namespaced root with the cpu controller
+    ],
+    ids=["v1-root", "v1-unit", "v2-no-cpu", "v2-parent-has-cpu", "v2-unit-has-cpu", "v2-cgroupns"],
+)
+def test_the_cpu_cgroup_that_weighs_the_daemon(
+    tmp_path: Path, cgroup: str, weights: list[str], expected: str | None
+) -> None:
+    from cocos_manager.sched_weight import cpu_cgroup
+
+    proc = tmp_path / "cgroup"
+    proc.write_text(cgroup)
+    mount = tmp_path / "sys-fs-cgroup"
+    for path in weights:
+        (mount / path).mkdir(parents=True, exist_ok=True)
+        (mount / path / "cpu.weight").write_text("100\n")
+    assert cpu_cgroup(proc, mount) == expected

@@ -210,7 +210,16 @@ def run_checks(
         checks.append(sudo)
     checks.append(check_tls(settings))
     checks.append(check_tracing(settings))
+    checks.append(check_sched_weight(settings))
     return checks
+
+
+def check_sched_weight(settings: Settings) -> Check:
+    """MANAGER_AUTOGROUP_NICE as the daemon would apply it (sched_weight.py)."""
+    from cocos_manager.sched_weight import weight_check
+
+    status, detail = weight_check(settings.service.AUTOGROUP_NICE)
+    return Check("scheduling-weight", cast(Status, status), detail)
 
 
 def log_startup_warnings(settings: Settings, log: Any, host: Host | None = None) -> None:

@@ -23,6 +23,8 @@ from pathlib import Path
 
 AUTOGROUP = Path("/proc/self/autogroup")
 AUTOGROUP_ENABLED = Path("/proc/sys/kernel/sched_autogroup_enabled")
+CGROUP = Path("/proc/self/cgroup")
+CGROUP_MOUNT = Path("/sys/fs/cgroup")
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +35,11 @@ class WeightOutcome:
 
 
 def raise_session_weight(
-    nice: int, autogroup: Path = AUTOGROUP, enabled_flag: Path = AUTOGROUP_ENABLED
+    nice: int,
+    autogroup: Path = AUTOGROUP,
+    enabled_flag: Path = AUTOGROUP_ENABLED,
+    cgroup: Path = CGROUP,
+    cgroup_mount: Path = CGROUP_MOUNT,
 ) -> WeightOutcome:
     """Sets the autogroup nice of the daemon's session, where that session is the daemon's own
     (a service started by systemd is a session leader; a daemon started from a shell shares the
@@ -52,6 +58,15 @@ def raise_session_weight(
         enabled = False
     if not enabled:
         return WeightOutcome(False, "autogroup scheduling is off (kernel.sched_autogroup_enabled)")
+    group = cpu_cgroup(cgroup, cgroup_mount)
+    if group is not None:
+        # The kernel would take the write and change nothing: it says applied, and is not.
+        return WeightOutcome(
+            False,
+            f"autogroups do not apply in cpu cgroup {group} (the cpu controller is on there; "
+            "systemd turns it on for every unit once any unit or user session needs it): the "
+            "daemon and its QEMUs share that cgroup's CPU thread by thread",
+        )
     try:
         _write(autogroup, nice)
     except PermissionError:
@@ -69,8 +84,8 @@ def raise_session_weight(
 
 def _write(autogroup: Path, nice: int) -> None:
     """Without CAP_SYS_ADMIN the kernel takes one change per 100 ms host-wide (EAGAIN): two
-    daemons started together, say. Once more after that pause; this is start-up, before any
-    client is served."""
+    daemons started together, say. Twice more, 110 ms apart (three daemons started at once all
+    get theirs, measured); this is start-up, before any client is served."""
     for attempt in range(3):
         try:
             with open(autogroup, "w") as handle:
@@ -80,3 +95,83 @@ def _write(autogroup: Path, nice: int) -> None:
             if attempt == 2:
                 raise
             time.sleep(0.11)
+
+
+def cpu_cgroup(cgroup: Path = CGROUP, mount: Path = CGROUP_MOUNT) -> str | None:
+    """The cpu cgroup that weighs the daemon, or None for the root one. The kernel weighs a task
+    by its autogroup only in the root cpu cgroup (task_wants_autogroup); anywhere else it
+    accepts the autogroup nice and ignores it.
+
+    cgroup v1 (or hybrid): the cpu hierarchy's path. cgroup v2: the task is weighed in the
+    nearest ancestor that has the cpu controller, which is the one with a cpu.weight file (the
+    root has none; a container's namespaced root "/" has one when its cgroup has the
+    controller)."""
+    try:
+        lines = cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    unified: str | None = None
+    for line in lines:
+        hierarchy, controllers, path = line.split(":", 2)
+        if hierarchy == "0" and not controllers:
+            unified = path
+        elif "cpu" in controllers.split(","):
+            return None if path == "/" else path
+    if unified is None:
+        return None
+    here = Path(unified)
+    for ancestor in (here, *here.parents):
+        if (mount / str(ancestor).lstrip("/") / "cpu.weight").exists():
+            return unified
+    return None
+
+
+# -- `cocos-manager check` -------------------------------------------------------------------
+
+CAP_SYS_NICE = 23
+PROC_STATUS = Path("/proc/self/status")
+
+
+def weight_check(
+    nice: int, enabled_flag: Path = AUTOGROUP_ENABLED, status: Path = PROC_STATUS
+) -> tuple[str, str]:
+    """(status, detail) for `cocos-manager check`: what the daemon, run as this user, would
+    make of MANAGER_AUTOGROUP_NICE. Only what holds wherever it starts: `check` runs from a
+    shell, in another session and cgroup than a service, so those two the daemon's start-up
+    line tells."""
+    if nice == 0:
+        return "pass", "MANAGER_AUTOGROUP_NICE=0: the daemon's session keeps the default weight"
+    try:
+        enabled = enabled_flag.read_text().strip() == "1"
+    except OSError:
+        enabled = False
+    if not enabled:
+        return (
+            "warn",
+            f"MANAGER_AUTOGROUP_NICE={nice} has no effect: autogroup scheduling is off "
+            "(kernel.sched_autogroup_enabled=0, or a kernel without it); busy guests will "
+            "slow the daemon's answers",
+        )
+    if nice < 0 and not _has_cap_sys_nice(status):
+        return (
+            "warn",
+            f"MANAGER_AUTOGROUP_NICE={nice} needs CAP_SYS_NICE, which this user lacks (grant "
+            "AmbientCapabilities=CAP_SYS_NICE in the unit): busy guests will slow the "
+            "daemon's answers",
+        )
+    return (
+        "pass",
+        f"autogroup scheduling on: the daemon sets its session's nice to {nice} at start when "
+        "it leads its session (as under systemd) in the root cpu cgroup; its start-up log "
+        "line says whether it did",
+    )
+
+
+def _has_cap_sys_nice(status: Path) -> bool:
+    try:
+        for line in status.read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> CAP_SYS_NICE & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False

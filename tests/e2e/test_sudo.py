@@ -146,6 +146,14 @@ class UserDaemon:
     def vms(self) -> Path:
         return self.root / "vms"
 
+    def vm_files(self) -> list[str]:
+        """What VM files are left; none when no Run got as far as making the directory (a
+        Run cancelled within milliseconds, on a loaded host, ends before its files)."""
+        try:
+            return os.listdir(self.vms)
+        except FileNotFoundError:
+            return []
+
     @property
     def stub(self) -> pb_grpc.ManagerServiceStub:
         assert self.channel is not None
@@ -296,7 +304,7 @@ async def test_password_required_fails_fast_with_failed_precondition(
             assert "sudo wants a password" in details and "NOPASSWD" in details, details
             assert took < 5, took
             assert daemon.vm_processes() == {"sudo": [], "qemu": []}
-            assert os.listdir(daemon.vms) == []
+            assert daemon.vm_files() == []
             assert [p.name for p in (workdir / "state").glob("*.json")] == []
             listed = await daemon.stub.List(pb.ListRequest())
             assert list(listed.computations) == []
@@ -331,7 +339,7 @@ async def test_run_stop_exit_readopt_shutdown(account: Account, workdir: Path) -
                 await wait_for(
                     lambda: daemon.vm_processes() == {"sudo": [], "qemu": []}, "no VM left", 15
                 )
-                await wait_for(lambda: os.listdir(daemon.vms) == [], "no VM file left", 15)
+                await wait_for(lambda: daemon.vm_files() == [], "no VM file left", 15)
             assert cancelled > 0
 
             # Run: the guest boots.
@@ -383,7 +391,7 @@ async def test_run_stop_exit_readopt_shutdown(account: Account, workdir: Path) -
             assert daemon.vm_processes()["qemu"]
             assert await daemon.terminate() == 0
             assert daemon.vm_processes() == {"sudo": [], "qemu": []}
-            assert os.listdir(daemon.vms) == []
+            assert daemon.vm_files() == []
 
 
 def same_file(a: str, b: str) -> bool:
@@ -414,7 +422,7 @@ async def test_without_kill_rule_a_frozen_qemu_is_released_and_stop_says_so(
                 assert any(same_file(path, account.kill) for path in named), details
                 # Released all the same: nothing STOPPING, the id free, no record or file.
                 assert list((await daemon.stub.List(pb.ListRequest())).computations) == []
-                assert os.listdir(daemon.vms) == []
+                assert daemon.vm_files() == []
                 assert daemon.vm_processes()["qemu"] == [qemu]  # the PID the error named
             finally:
                 # As the operator is told. SIGSTOP stopped sudo too (it follows its command's
