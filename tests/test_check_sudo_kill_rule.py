@@ -1,4 +1,4 @@
-"""`cocos-manager check`'s sudo line and a kill rule that wants a password (review3).
+"""`cocos-manager check`'s sudo line and a kill rule that wants a password.
 
 `sudo -n -l /usr/bin/kill` lists the command for any rule that names it, NOPASSWD or not (sudo's
 default listpw=any needs one NOPASSWD entry, the QEMU one, to list without a password): with

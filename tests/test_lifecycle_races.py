@@ -1,4 +1,5 @@
-"""Adversarial review: lifecycle races the default suite does not walk."""
+"""Lifecycle races: Run and Stop in one loop turn, a resumed or just-halted guest, a refused
+admission, a Run cancelled as its VM became ready, an agent log out of range."""
 
 from __future__ import annotations
 

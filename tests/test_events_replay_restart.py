@@ -1,4 +1,4 @@
-"""Adversarial review: Events replay across a daemon restart."""
+"""Events replay across a daemon restart."""
 
 from __future__ import annotations
 

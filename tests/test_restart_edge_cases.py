@@ -1,4 +1,4 @@
-"""Adversarial review: what a restart finds (state directory full, paused VMs left running)."""
+"""What a restart finds (state directory full, paused VMs left running)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A start cancelled while the spawn runs in its worker thread (review3).
+"""A start cancelled while the spawn runs in its worker thread.
 
 Behind MANAGER_QEMU_USE_SUDO the spawned process is sudo, and QEMU is sudo's child: a loop slow
 to pick up the finished spawn (a burst) may find sudo has already started QEMU. SIGKILLing sudo

@@ -1,4 +1,4 @@
-"""sudo itself killed (OOM killer, an operator's `kill -9`) while its QEMU runs (review3).
+"""sudo itself killed (OOM killer, an operator's `kill -9`) while its QEMU runs.
 
 The daemon watches sudo's pidfd: sudo's end reads as the VM's end, the VM is released (its
 port, CID and VNC display handed to the next Run, its files removed) while root's QEMU, now

@@ -1,4 +1,4 @@
-"""The daemon killed while a spawn runs in its worker thread (review3).
+"""The daemon killed while a spawn runs in its worker thread.
 
 Until the loop takes the finished spawn, the VM's record is the admission's: pid 0, no argv.
 A daemon SIGKILLed there leaves a QEMU (its own session, so it survives) that the next start
