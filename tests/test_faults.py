@@ -37,7 +37,7 @@ from tests.support.daemon_process import Daemon
 from tests.support.harness import Manager, base_env, run_request, running_manager
 from tests.support.processes import children
 from tests.support.streams import read_agent
-from tests.support.waiting import unavailable, wait_for
+from tests.support.waiting import subscribed, unavailable, wait_for
 
 GUARD = 10.0
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
@@ -492,6 +492,7 @@ async def test_sigterm_with_a_running_vm_stops_it(
     async with grpc.aio.insecure_channel(daemon.address) as channel:
         stub = pb_grpc.ManagerServiceStub(channel)
         events = stub.Events(pb.EventsRequest())
+        await subscribed(events)
         await stub.Run(run_request("running"))
         daemon.process.send_signal(signal.SIGTERM)
         async for _ in events:  # the stream ends (not fails) when the daemon stops

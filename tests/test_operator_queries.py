@@ -20,6 +20,7 @@ from cocos_manager.vm_metrics import register_vm_metrics, unregister_vm_metrics
 from tests.support.daemon_process import Daemon
 from tests.support.harness import VNC_BASE, Manager, base_env, run_request, running_manager
 from tests.support.processes import processes_mentioning
+from tests.support.waiting import subscribed
 from tests.test_grpcurl import grpcurl
 
 WAIT = 20.0
@@ -130,6 +131,7 @@ async def test_logs_of_a_running_vm_tail_and_follow_to_its_end(manager: Manager)
 async def test_logs_tell_why_a_vm_died(manager: Manager, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAKE_QEMU_MODE", "exit-after:0.3:3")
     events = manager.stub.Events(pb.EventsRequest(computation_id="dies"))
+    await subscribed(events)
     await manager.stub.Run(run_request("dies"), timeout=WAIT)
     async for message in events:
         if message.agent_event.event_type == "vm-exit":

@@ -171,6 +171,7 @@ async def test_sigterm_can_leave_vms_for_the_next_start(tmp_path: Path) -> None:
     assert alive(pid)
     await d.start()
     events = d.stub.Events(pb.EventsRequest(computation_id="upgrade"))
+    await subscribed(events)
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await d.stub.Run(run_request("upgrade"))
     assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS

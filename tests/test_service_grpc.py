@@ -149,6 +149,8 @@ async def test_two_vms_get_distinct_ports_displays_and_files(manager: Manager) -
 async def test_events_carry_provision_and_serial_output(manager: Manager) -> None:
     events = manager.stub.Events(pb.EventsRequest(computation_id="ev"))
     other = manager.stub.Events(pb.EventsRequest(computation_id="someone-else"))
+    await subscribed(events)
+    await subscribed(other)
     seen: list[pb.ClientStreamMessage] = []
 
     async def collect() -> None:
@@ -177,6 +179,7 @@ async def test_unexpected_exit_is_noticed_and_released(
 ) -> None:
     async with running_manager(tmp_path, monkeypatch) as m:
         events = m.stub.Events(pb.EventsRequest())
+        await subscribed(events)
         monkeypatch.setenv("FAKE_QEMU_MODE", "exit-after:0.5:3")
         await m.stub.Run(run_request("dies"))
         async for message in events:

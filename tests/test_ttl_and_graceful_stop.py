@@ -17,6 +17,7 @@ from cocos_manager.api import manager_pb2_grpc as pb_grpc
 from tests.support.daemon_process import Daemon
 from tests.support.harness import Manager, base_env, run_request, running_manager
 from tests.support.processes import processes_mentioning
+from tests.support.waiting import subscribed
 
 WAIT = 30.0
 
@@ -41,6 +42,7 @@ async def test_a_ttl_stops_the_vm_as_stop_does(
 ) -> None:
     async with running_manager(tmp_path, monkeypatch) as m:
         events = m.stub.Events(pb.EventsRequest(computation_id="short"))
+        await subscribed(events)
         request = run_request("short")
         request.ttl = "1s"
         await m.stub.Run(request, timeout=WAIT)

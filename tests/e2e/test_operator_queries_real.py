@@ -23,6 +23,7 @@ from tests.e2e.test_real_vm import (
     stopping_leftovers,
 )
 from tests.support.harness import run_request
+from tests.support.waiting import subscribed
 from tests.test_grpcurl import grpcurl
 
 pytestmark = pytest.mark.timeout(300)
@@ -104,6 +105,7 @@ async def test_logs_say_why_a_guest_ended_by_itself(
     request = run_request(cid, description="cocos-test:poweroff (the test guest powers off)")
     async with stopping_leftovers(stub, cid):
         events = stub.Events(pb.EventsRequest(computation_id=cid))
+        await subscribed(events)
         await stub.Run(request, timeout=BOOT_TIMEOUT)
 
         async def vm_exit() -> None:

@@ -23,6 +23,7 @@ from cocos_manager.api import manager_pb2 as pb
 from cocos_manager.api import manager_pb2_grpc as pb_grpc
 from tests.e2e.test_real_vm import BOOT_TIMEOUT, start_daemon, stop_daemon
 from tests.support.harness import run_request
+from tests.support.waiting import subscribed
 
 POWER_BUTTON_MARKER = "cocos-test: power button, shutting down"
 pytestmark = pytest.mark.timeout(300)
@@ -72,6 +73,7 @@ async def test_a_20s_ttl_survives_a_sigkill_of_the_daemon(tmp_path: Path) -> Non
             assert info.adopted and info.pid == vm.process.pid
             assert info.expires_at.ToMilliseconds() / 1000 == pytest.approx(deadline, abs=0.01)
             events = stub.Events(pb.EventsRequest(computation_id="e2e-ttl"))
+            await subscribed(events)
             details = await asyncio.wait_for(manager_event(events, "vm-stop", "starting"), 60)
             assert details["reason"] == "ttl"
             assert time.time() >= deadline - 0.01
@@ -98,6 +100,7 @@ async def test_stop_with_a_grace_lets_the_guest_power_off_cleanly(tmp_path: Path
                 if line.message.endswith(f"SERVING {cid}"):
                     break
             events = stub.Events(pb.EventsRequest(computation_id=cid))
+            await subscribed(events)
             began = time.monotonic()
             await stub.Stop(pb.StopRequest(computation_id=cid), timeout=120)
             took = time.monotonic() - began
