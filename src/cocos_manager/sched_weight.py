@@ -52,11 +52,7 @@ def raise_session_weight(
             "not a session leader (started from a shell, not by systemd): the session's "
             "scheduling weight is shared with the shell and left as it is",
         )
-    try:
-        enabled = enabled_flag.read_text().strip() == "1"
-    except OSError:
-        enabled = False
-    if not enabled:
+    if not autogroups_enabled(enabled_flag):
         return WeightOutcome(False, "autogroup scheduling is off (kernel.sched_autogroup_enabled)")
     group = cpu_cgroup(cgroup, cgroup_mount)
     if group is not None:
@@ -80,6 +76,14 @@ def raise_session_weight(
     except OSError as error:
         return WeightOutcome(False, f"cannot write {autogroup}: {error.strerror}")
     return WeightOutcome(True, f"session autogroup nice {nice}")
+
+
+def autogroups_enabled(flag: Path = AUTOGROUP_ENABLED) -> bool:
+    """A kernel without autogroup support has no such file: off, as a 0 in it says."""
+    try:
+        return flag.read_text().strip() == "1"
+    except OSError:
+        return False
 
 
 def _write(autogroup: Path, nice: int) -> None:
@@ -141,11 +145,7 @@ def weight_check(
     line tells."""
     if nice == 0:
         return "pass", "MANAGER_AUTOGROUP_NICE=0: the daemon's session keeps the default weight"
-    try:
-        enabled = enabled_flag.read_text().strip() == "1"
-    except OSError:
-        enabled = False
-    if not enabled:
+    if not autogroups_enabled(enabled_flag):
         return (
             "warn",
             f"MANAGER_AUTOGROUP_NICE={nice} has no effect: autogroup scheduling is off "
