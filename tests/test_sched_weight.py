@@ -14,6 +14,7 @@ import pytest
 from cocos_manager.api import manager_pb2 as pb
 from tests.support.daemon_process import Daemon
 from tests.support.harness import base_env, run_request
+from tests.support.processes import autogroup_nice
 
 PROBE = """
 import json, os, pathlib, sys
@@ -25,11 +26,6 @@ outcome = raise_session_weight(int(sys.argv[1]), cgroup=pathlib.Path(os.devnull)
 print(json.dumps([outcome.applied, outcome.detail, outcome.operator_action,
                   open("/proc/self/autogroup").read().split()[-1]]))
 """
-
-
-def autogroup_nice(pid: int) -> int:
-    # "/autogroup-1234 nice -10"
-    return int(Path(f"/proc/{pid}/autogroup").read_text().split()[-1])
 
 
 def probe(nice: int, *user: str, **popen: object) -> list[object]:

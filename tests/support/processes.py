@@ -5,6 +5,12 @@ from __future__ import annotations
 import os
 
 
+def autogroup_nice(pid: int) -> int:
+    """The nice of the process's session autogroup ("/autogroup-1234 nice -10")."""
+    with open(f"/proc/{pid}/autogroup") as autogroup:
+        return int(autogroup.read().split()[-1])
+
+
 def _stat_fields(pid: str) -> list[bytes] | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat:

@@ -19,7 +19,6 @@ import re
 import shutil
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import psutil
@@ -28,6 +27,7 @@ from scripts.bench.baselines import VmFileStash, direct_burst
 from scripts.bench.common import log
 from scripts.bench.daemon import BenchDaemon
 from scripts.bench.report import Figure, ratios, summary
+from tests.support.processes import autogroup_nice
 
 TARGET = 1.3
 # The first has the daemon's burst first: the direct burst needs its argvs.
@@ -110,10 +110,10 @@ async def daemon_burst(
     return wall, check, argvs
 
 
-def autogroup_nice(daemon: BenchDaemon) -> int | None:
+def session_nice(daemon: BenchDaemon) -> int | None:
     """The scheduling weight the daemon gave its session (MANAGER_AUTOGROUP_NICE)."""
     with contextlib.suppress(OSError, ValueError):
-        return int(Path(f"/proc/{daemon.pid}/autogroup").read_text().split()[-1])
+        return autogroup_nice(daemon.pid)
     return None
 
 
@@ -125,8 +125,9 @@ async def fig_burst(
     flat: BenchDaemon | None = None,
 ) -> None:
     """`flat`: the same daemon with MANAGER_AUTOGROUP_NICE=0, its burst measured each
-    repetition too (JSON: `without_session_weight`), so the setting's effect is side by side."""
+    repetition too (the figure `burst.without_weight`), so the setting's effect is side by side."""
     log(f"burst: {reps} x {count} concurrent Runs beside the same argvs started at once")
+    direct_label = f"the same {count} QEMU argvs started at once by a client"
     walls, directs, serials, aio_walls, flat_walls = [], [], [], [], []
     checks: list[dict[str, Any]] = []
     stash = VmFileStash(daemon.tmp, daemon.root / "stash-burst")
@@ -171,7 +172,7 @@ async def fig_burst(
             unit="ms",
             values=aio_walls,
             baseline=directs,
-            baseline_label=f"the same {count} QEMU argvs started at once by a client",
+            baseline_label=direct_label,
             ratios=ratios(aio_walls, directs),
             target=("ratio", "<=", TARGET),
             passed_override=all(c["ok"] for c in checks),
@@ -188,16 +189,7 @@ async def fig_burst(
                     "wall_ms": summary(walls),
                     "ratio": summary(ratios(walls, directs)),
                 },
-                "daemon_autogroup_nice": autogroup_nice(daemon),
-                "without_session_weight": {
-                    "note": "the same daemon with MANAGER_AUTOGROUP_NICE=0, right after the "
-                    "weighted burst (asyncio client)",
-                    "autogroup_nice": autogroup_nice(flat) if flat else None,
-                    "wall_ms": summary(flat_walls),
-                    "ratio": summary(ratios(flat_walls, directs)),
-                }
-                if flat_walls
-                else None,
+                "daemon_autogroup_nice": session_nice(daemon),
                 "serial_runs_ms": summary(serials),
                 "ratio_to_serial_runs": summary(ratios(aio_walls, serials)),
             },
@@ -211,9 +203,11 @@ async def fig_burst(
                 unit="ms",
                 values=flat_walls,
                 baseline=directs,
-                baseline_label=f"the same {count} QEMU argvs started at once by a client",
+                baseline_label=direct_label,
                 ratios=ratios(flat_walls, directs),
-                note="the same daemon without its session's scheduling weight (the "
-                "autogroup nice left at 0): what the weight changes, side by side",
+                note="a second daemon with MANAGER_AUTOGROUP_NICE=0 (its session's autogroup "
+                "nice left at 0), its burst right after the weighted one (asyncio client): "
+                "what the weight changes, side by side",
+                extra={"daemon_autogroup_nice": session_nice(flat) if flat else None},
             )
         )
