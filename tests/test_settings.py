@@ -262,6 +262,8 @@ def test_relative_paths_are_resolved_once_at_load(
     [
         ("MANAGER_METRICS_PORT", "65536"),
         ("MANAGER_METRICS_PORT", "-1"),
+        ("MANAGER_GRPC_PORT", "65536"),
+        ("MANAGER_LOG_RETENTION", "-1s"),
         ("MANAGER_QEMU_VSOCK_GUEST_CID", "-3"),
         ("MANAGER_QEMU_VSOCK_GUEST_CID", "2"),
         ("MANAGER_QEMU_VSOCK_VNC", "-1"),

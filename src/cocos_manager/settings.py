@@ -261,9 +261,9 @@ class ServiceSettings(BaseSettings):
             raise ValueError("a duration must not be negative")
         return value
 
-    @field_validator("LOG_RETENTION")
+    @field_validator("LOG_RETENTION", "EVENTS_HOLD_TIMEOUT")
     @classmethod
-    def _retention(cls, value: float) -> float:
+    def _duration(cls, value: float) -> float:
         if value < 0:
             raise ValueError("a duration must not be negative")
         return value
@@ -288,16 +288,9 @@ class ServiceSettings(BaseSettings):
             )
         return value
 
-    @field_validator("GRPC_PORT")
+    @field_validator("GRPC_PORT", "METRICS_PORT")
     @classmethod
-    def _port(cls, value: int) -> int:
-        if not 0 <= value <= 65535:
-            raise ValueError("a port must be within 0-65535")
-        return value
-
-    @field_validator("METRICS_PORT")
-    @classmethod
-    def _metrics_port(cls, value: int | None) -> int | None:
+    def _port(cls, value: int | None) -> int | None:
         if value is not None and not 0 <= value <= 65535:
             raise ValueError("a port must be within 0-65535")
         return value
@@ -326,13 +319,6 @@ class ServiceSettings(BaseSettings):
     def _zero_or_more(cls, value: int) -> int:
         if value < 0:
             raise ValueError("must be 0 or more")
-        return value
-
-    @field_validator("EVENTS_HOLD_TIMEOUT")
-    @classmethod
-    def _hold(cls, value: float) -> float:
-        if value < 0:
-            raise ValueError("a duration must not be negative")
         return value
 
     @field_validator("AUTOGROUP_NICE")
