@@ -254,17 +254,10 @@ class ServiceSettings(BaseSettings):
     LOG_RETENTION: GoDuration = 3600.0  # how long an ended VM's console stays readable
     LOG_RETAINED_VMS: GoInt = 50  # ended VMs whose console is kept, newest first
 
-    @field_validator("DEFAULT_TTL")
+    @field_validator("DEFAULT_TTL", "LOG_RETENTION", "EVENTS_HOLD_TIMEOUT")
     @classmethod
-    def _ttl(cls, value: float | None) -> float | None:
+    def _duration(cls, value: float | None) -> float | None:
         if value is not None and value < 0:
-            raise ValueError("a duration must not be negative")
-        return value
-
-    @field_validator("LOG_RETENTION", "EVENTS_HOLD_TIMEOUT")
-    @classmethod
-    def _duration(cls, value: float) -> float:
-        if value < 0:
             raise ValueError("a duration must not be negative")
         return value
 
