@@ -310,7 +310,7 @@ async def test_mutual_tls_with_certificates_made_here_and_a_stranger_is_refused(
     client_cert, client_key = issue("manager", ca).write(tmp_path, "client")
     stranger_cert, stranger_key = issue("stranger", stranger_ca).write(tmp_path, "stranger")
     ca_file = tmp_path / "ca.crt"
-    ca_file.write_bytes(issue_pem(ca))
+    ca_file.write_text(ca.cert_pem)
     tls = (server_cert, server_key, str(ca_file))
     async with computations_server(tmp_path, tls=tls) as server:
         async with dialing_manager(
@@ -344,19 +344,13 @@ async def test_mutual_tls_with_certificates_made_here_and_a_stranger_is_refused(
             tmp_path / "distrust",
             monkeypatch,
             server.url,
-            MANAGER_GRPC_URL_CA_CERTS=issue_pem(stranger_ca).decode(),
+            MANAGER_GRPC_URL_CA_CERTS=stranger_ca.cert_pem,
             MANAGER_GRPC_CLIENT_CERT=client_cert,
             MANAGER_GRPC_CLIENT_KEY=client_key,
         ) as (_, distrust, _):
             await until(lambda: distrust.attempts >= 2, "two attempts")
             assert not distrust.connected
         assert server.connections() == 1
-
-
-def issue_pem(issued: object) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
-    return issued.cert.public_bytes(serialization.Encoding.PEM)  # type: ignore[attr-defined, no-any-return]
 
 
 # -- settings ---------------------------------------------------------------------------------
@@ -396,7 +390,7 @@ def test_no_url_no_dial_out_and_the_seed_ca_variable_alone_is_fine(
 ) -> None:
     assert dialout_config(load_settings().service) is None
     ca_file = tmp_path / "ca.crt"
-    ca_file.write_bytes(issue_pem(issue("ca")))
+    ca_file.write_text(issue("ca").cert_pem)
     # The seed's deployment: a CA for the computations server and no server certificate.
     monkeypatch.setenv("MANAGER_GRPC_URL", "localhost:7101")
     monkeypatch.setenv("MANAGER_GRPC_SERVER_CA_CERTS", str(ca_file))

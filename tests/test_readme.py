@@ -13,11 +13,11 @@ from google.protobuf import json_format
 from cocos_manager.api import manager_pb2 as pb
 from cocos_manager.manifest import manifest_json
 from cocos_manager.unknown_variables import known_variables
+from tests.support.certs import SERVER_SAN, issue_certificate
 from tests.support.harness import Manager, running_manager
 from tests.support.readme import README, REPO, env_block
 from tests.support.streams import read_agent
 from tests.test_grpcurl import grpcurl
-from tests.test_tls import _SERVER_SAN, _issue
 
 RUN_JSON = REPO / "docs" / "run.json"
 
@@ -65,9 +65,9 @@ async def test_the_readme_mtls_grpcurl_example(
 
     text = README.read_text()
     assert "grpcurl -cacert ca.pem -cert client.pem -key client.key \\" in text
-    ca = _issue("CA", None, ca=True)
-    server = _issue("manager", ca, usage=ExtendedKeyUsageOID.SERVER_AUTH, san=_SERVER_SAN)
-    client = _issue("plane", ca, usage=ExtendedKeyUsageOID.CLIENT_AUTH)
+    ca = issue_certificate("CA", None, ca=True)
+    server = issue_certificate("manager", ca, usage=ExtendedKeyUsageOID.SERVER_AUTH, san=SERVER_SAN)
+    client = issue_certificate("plane", ca, usage=ExtendedKeyUsageOID.CLIENT_AUTH)
     files = {}
     for name, content in (("ca.pem", ca.cert_pem), ("client.pem", client.cert_pem),
                           ("client.key", client.key_pem)):  # fmt: skip

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -12,9 +10,8 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
@@ -27,77 +24,9 @@ from cocos_manager.tls import (
     load_pem,
     server_credentials,
 )
+from tests.support.certs import SERVER_SAN, Issued, issue_certificate
 
-# --- certificates -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Issued:
-    key: ec.EllipticCurvePrivateKey
-    cert: x509.Certificate
-
-    @property
-    def cert_pem(self) -> str:
-        return self.cert.public_bytes(serialization.Encoding.PEM).decode()
-
-    @property
-    def key_pem(self) -> str:
-        # Traditional "EC PRIVATE KEY" encoding, as `openssl ecparam -genkey` writes.
-        return self.key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.TraditionalOpenSSL,
-            serialization.NoEncryption(),
-        ).decode()
-
-
-def _issue(
-    name: str,
-    issuer: Issued | None,
-    *,
-    ca: bool = False,
-    usage: x509.ObjectIdentifier | None = None,
-    san: list[x509.GeneralName] | None = None,
-) -> Issued:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer.cert.subject if issuer else subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-    )
-    if issuer is not None:
-        builder = builder.add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()),
-            critical=False,
-        )
-    if ca:
-        builder = builder.add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-    if usage is not None:
-        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-    if san:
-        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
-    cert = builder.sign((issuer or Issued(key, None)).key, hashes.SHA256())  # type: ignore[arg-type]
-    return Issued(key, cert)
+# --- certificates: tests/support/certs.py ----------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -117,29 +46,23 @@ class Pki:
         return str(path)
 
 
-_SERVER_SAN: list[x509.GeneralName] = [
-    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-    x509.DNSName("localhost"),
-]
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    ca = _issue("Cocos test CA", None, ca=True)
-    intermediate = _issue("Cocos test intermediate", ca, ca=True)
-    stranger_ca = _issue("Stranger CA", None, ca=True)
+    ca = issue_certificate("Cocos test CA", None, ca=True)
+    intermediate = issue_certificate("Cocos test intermediate", ca, ca=True)
+    stranger_ca = issue_certificate("Stranger CA", None, ca=True)
     server_usage = ExtendedKeyUsageOID.SERVER_AUTH
     client_usage = ExtendedKeyUsageOID.CLIENT_AUTH
     return Pki(
         ca=ca,
         intermediate=intermediate,
-        server=_issue("manager", ca, usage=server_usage, san=_SERVER_SAN),
-        server_via_intermediate=_issue(
-            "manager", intermediate, usage=server_usage, san=_SERVER_SAN
+        server=issue_certificate("manager", ca, usage=server_usage, san=SERVER_SAN),
+        server_via_intermediate=issue_certificate(
+            "manager", intermediate, usage=server_usage, san=SERVER_SAN
         ),
-        client=_issue("control plane", ca, usage=client_usage),
+        client=issue_certificate("control plane", ca, usage=client_usage),
         stranger_ca=stranger_ca,
-        stranger_client=_issue("stranger", stranger_ca, usage=client_usage),
+        stranger_client=issue_certificate("stranger", stranger_ca, usage=client_usage),
         dir=tmp_path_factory.mktemp("pki"),
     )
 
