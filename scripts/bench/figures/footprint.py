@@ -11,7 +11,7 @@ import psutil
 from scripts.bench.baselines import start_bare_health
 from scripts.bench.common import MiB, log
 from scripts.bench.daemon import BenchDaemon, DaemonConfig
-from scripts.bench.report import Figure, summary
+from scripts.bench.report import Figure, ratios, summary
 
 
 def cpu_seconds(pid: int) -> float:
@@ -60,7 +60,7 @@ async def fig_footprint(
             values=startups,
             baseline=bare_startups,
             baseline_label="bare grpc.aio health server (python -c)",
-            ratios=[s / b for s, b in zip(startups, bare_startups, strict=True)],
+            ratios=ratios(startups, bare_startups),
             target=("value", "<=", 1500.0),
         )
     )
@@ -72,7 +72,7 @@ async def fig_footprint(
             values=cpu,
             baseline=bare_cpu,
             baseline_label="bare grpc.aio health server (python -c)",
-            ratios=[s / b for s, b in zip(cpu, bare_cpu, strict=True)],
+            ratios=ratios(cpu, bare_cpu),
             note="informational: what the wall time above costs with the machine to itself",
         )
     )
@@ -84,7 +84,7 @@ async def fig_footprint(
             values=rss_idle,
             baseline=bare_rss,
             baseline_label="bare grpc.aio health server",
-            ratios=[s / b for s, b in zip(rss_idle, bare_rss, strict=True)],
+            ratios=ratios(rss_idle, bare_rss),
             target=("value", "<=", 80.0),
         )
     )
@@ -122,7 +122,7 @@ async def fig_footprint(
             values=busy,
             baseline=idle_before,
             baseline_label="the same daemon idle, just before",
-            ratios=[b / i for b, i in zip(busy, idle_before, strict=True)],
+            ratios=ratios(busy, idle_before),
             note="stand-in QEMU (tests/support/fake_qemu.py); informational, no target",
             extra={"per_vm_kib": summary(per_vm, 1), "vms": vms},
         )
