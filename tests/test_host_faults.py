@@ -1,4 +1,4 @@
-"""Hardening for real hosts (issue 10, items 6 and 11): a guest CID another VMM holds, a
+"""Hardening for real hosts: a guest CID another VMM holds, a
 hand-over that times out, a state directory that is full, a QEMU that cannot be executed.
 Each against real parts: the stand-in QEMU failing with QEMU 7.2's own words, a real tmpfs,
 the daemon's own runner and metrics."""
@@ -57,7 +57,7 @@ def failures(reason: str) -> float:
     return METRICS.registry.get_sample_value("manager_run_failures_total", {"reason": reason}) or 0
 
 
-# -- item 6: a guest CID held by another VMM ----------------------------------------------------
+# -- a guest CID held by another VMM -------------------------------------------------------------
 
 
 async def test_a_taken_guest_cid_is_retried_on_the_next_and_never_tried_again(
@@ -114,7 +114,7 @@ async def test_taken_guest_cids_on_every_attempt_are_resource_exhausted_naming_t
         await assert_nothing_left(m)
 
 
-# -- item 11: errors that help ----------------------------------------------------------------
+# -- errors that help ---------------------------------------------------------------------------
 
 
 async def test_a_handover_timeout_counts_as_start_timeout(

@@ -1,4 +1,4 @@
-"""VM records are not trusted blindly (issue 10, item 7): a state directory others can write is
+"""VM records are not trusted blindly: a state directory others can write is
 refused, every field is checked, paths come from the UUID and the settings, a process is
 signalled only with its full identity, records of another boot are cleaned without
 signalling, and garbage is set aside with one log line, never a traceback or a restart loop."""
