@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import random
-import select
 import signal
 import socket
 import struct
@@ -35,7 +34,7 @@ from cocos_manager.resources import VNC_BASE_PORT, tcp_port_is_free
 from cocos_manager.vsock import AgentEventListener
 from tests.support.daemon_process import Daemon
 from tests.support.harness import Manager, base_env, run_request, running_manager
-from tests.support.processes import children
+from tests.support.processes import children, gone_within
 from tests.support.streams import read_agent
 from tests.support.waiting import subscribed, unavailable, wait_for
 
@@ -266,23 +265,8 @@ def squatter_reaped(marker: Path) -> Iterator[None]:
         yield
     finally:
         if marker.exists():
-            kill_and_wait(int(marker.read_text()))
-
-
-def kill_and_wait(pid: int) -> None:
-    """SIGKILL through a pidfd, then wait for the process to be gone (its pidfd becomes
-    readable): the leftover check runs right after, and a kill is not instant."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-        select.select([pidfd], [], [], GUARD)
-    except ProcessLookupError:
-        pass
-    finally:
-        os.close(pidfd)
+            # The leftover check runs right after, and a kill is not instant.
+            gone_within(int(marker.read_text()), GUARD, kill=True)
 
 
 async def test_host_port_taken_before_qemu_binds_is_retried_on_another(

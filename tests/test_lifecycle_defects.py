@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import errno
 import os
-import select
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -44,7 +43,7 @@ from tests.support.harness import (
     run_request,
     running_manager,
 )
-from tests.support.processes import processes_mentioning
+from tests.support.processes import gone_within, processes_mentioning
 
 HELPER_MARKER = "fake-qemu-output-helper"
 
@@ -196,14 +195,8 @@ class EndsQemuAsTheAgentAnswers:
         manifest = await self._agent.manifests.get()  # the agent took it
         self._agent.manifests.put_nowait(manifest)
         (pid,) = qemu_pids(self._vms)
-        pidfd = os.pidfd_open(pid)
-        try:
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-            # Blocking on purpose: the loop must not run until QEMU has ended.
-            readable, _, _ = select.select([pidfd], [], [], 30)
-            assert readable, f"QEMU {pid} did not end on SIGKILL"
-        finally:
-            os.close(pidfd)
+        # Blocking on purpose: the loop must not run until QEMU has ended.
+        assert gone_within(pid, 30, kill=True), f"QEMU {pid} did not end on SIGKILL"
 
 
 def own_ports() -> dict[str, str]:

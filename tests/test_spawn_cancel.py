@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import select
 import signal
 import subprocess
 import threading
@@ -20,21 +19,9 @@ from pathlib import Path
 import pytest
 
 from cocos_manager import qemu_process, qmp, workers
+from tests.support.processes import gone_within
 
 FAKE_SUDO = '#!/bin/sh\n"$@" &\necho $!\nwait\n'
-
-
-def _gone_within(pid: int, seconds: float) -> bool:
-    """Whether `pid` has ended (pidfd readable) within `seconds`."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        readable, _, _ = select.select([pidfd], [], [], seconds)
-        return bool(readable)
-    finally:
-        os.close(pidfd)
 
 
 async def test_a_start_cancelled_during_the_spawn_leaves_no_qemu_behind_sudo(
@@ -66,7 +53,7 @@ async def test_a_start_cancelled_during_the_spawn_leaves_no_qemu_behind_sudo(
         start.cancel()
         with pytest.raises(asyncio.CancelledError):
             await start
-        assert _gone_within(child, 3.0), "sudo's child (QEMU) outlived the cancelled start"
+        assert gone_within(child, 3.0), "sudo's child (QEMU) outlived the cancelled start"
     finally:
         listener.close()
         with contextlib.suppress(ProcessLookupError):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
+import signal
 
 
 def autogroup_nice(pid: int) -> int:
@@ -63,12 +66,26 @@ def processes_mentioning(text: str) -> list[int]:
 def kill_and_reap(pids: list[int]) -> None:
     """SIGKILL, and reap those that are this process's children: a daemon run in the test's
     own process leaves its VMs as our children, which nobody else would reap (zombies)."""
-    import contextlib
-    import signal
-
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     for pid in pids:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
+
+
+def gone_within(pid: int, seconds: float, *, kill: bool = False) -> bool:
+    """Whether `pid` has ended within `seconds` (its pidfd readable; nobody is reaped here).
+    With `kill`, SIGKILL goes first, through the same pidfd: a recycled PID is never hit."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        if kill:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        readable, _, _ = select.select([pidfd], [], [], seconds)
+        return bool(readable)
+    finally:
+        os.close(pidfd)
