@@ -379,6 +379,9 @@ async def test_agent_is_paced_by_a_subscriber_that_reads_and_nothing_is_dropped(
     async with vsock_manager(tmp_path, monkeypatch, **env) as (m, agents, listener):
         await agents.listen(3)
         await m.stub.Run(run_request("burst"))
+        # The stand-in QEMU's console line first, so that the queue holds the agent's alone.
+        console = m.service.console("burst")
+        await wait_for(lambda: any("BOOTED" in line.text for line in console.tail()), "BOOTED")
         subscription = m.service.subscribe("burst")
         size = events_module.DEFAULT_QUEUE_SIZE
         count = size  # twice what holds an agent back (half the queue)
@@ -394,7 +397,6 @@ async def test_agent_is_paced_by_a_subscriber_that_reads_and_nothing_is_dropped(
         assert subscription.qsize() <= size // 2 + 1
         received = []
         async for message in subscription:
-            # The agent's lines (the stand-in QEMU's own console line BOOTED may come too).
             if message.HasField("agent_log") and message.agent_log.message.startswith("m"):
                 received.append(message.agent_log.message)
             if len(received) == count:

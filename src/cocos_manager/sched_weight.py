@@ -54,6 +54,13 @@ def raise_session_weight(
         )
     if not autogroups_enabled(enabled_flag):
         return WeightOutcome(False, "autogroup scheduling is off (kernel.sched_autogroup_enabled)")
+    if session_nice(autogroup) is None:
+        # The kernel refuses (EINVAL) to reweigh its root group.
+        return WeightOutcome(
+            False,
+            "the session is in the kernel's root autogroup (one begun before autogroups, such "
+            "as init's), whose weight is fixed",
+        )
     group = cpu_cgroup(cgroup, cgroup_mount)
     if group is not None:
         # The kernel would take the write and change nothing: it says applied, and is not.
@@ -76,6 +83,18 @@ def raise_session_weight(
     except OSError as error:
         return WeightOutcome(False, f"cannot write {autogroup}: {error.strerror}")
     return WeightOutcome(True, f"session autogroup nice {nice}")
+
+
+def session_nice(autogroup: Path = AUTOGROUP) -> int | None:
+    """The autogroup nice of a process's session ("/autogroup-1234 nice -10"), or None when the
+    process is in the kernel's root autogroup: the kernel prints nothing for that one (a process
+    whose session was never begun with setsid since boot, such as init's descendants that kept
+    its session). An unreadable file reads as the root group too: nothing to weigh."""
+    try:
+        words = autogroup.read_text().split()
+    except OSError:
+        return None
+    return int(words[-1]) if words else None
 
 
 def autogroups_enabled(flag: Path = AUTOGROUP_ENABLED) -> bool:

@@ -6,12 +6,15 @@ import contextlib
 import os
 import select
 import signal
+from pathlib import Path
 
 
-def autogroup_nice(pid: int) -> int:
-    """The nice of the process's session autogroup ("/autogroup-1234 nice -10")."""
-    with open(f"/proc/{pid}/autogroup") as autogroup:
-        return int(autogroup.read().split()[-1])
+def autogroup_nice(pid: int) -> int | None:
+    """The nice of the process's session autogroup; None in the kernel's root autogroup (where
+    a CI runner that never began a session of its own leaves its tests)."""
+    from cocos_manager.sched_weight import session_nice
+
+    return session_nice(Path(f"/proc/{pid}/autogroup"))
 
 
 def _stat_fields(pid: str) -> list[bytes] | None:
