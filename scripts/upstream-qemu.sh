@@ -17,6 +17,12 @@ run_qemu() {
     "$dest/usr/bin/qemu-system-x86_64" -L "$dest/usr/share/qemu" "$@"
 }
 
+# One fetch at a time (a lock on this script, which every user can read): test workers
+# (pytest-xdist) that start on a fresh clone all ask at once, and two fetches would fight over
+# apt's lock and clobber each other's extraction.
+exec 9<"${BASH_SOURCE[0]}"
+flock 9
+
 if [ -x "$dest/usr/bin/qemu-system-x86_64" ] && run_qemu -version >/dev/null 2>&1; then
   echo "$dest/usr/bin/qemu-system-x86_64"
   exit 0
@@ -36,7 +42,8 @@ if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.
   printf 'deb %s bookworm-backports main\n' "${mirror%/}" |
     "${sudo[@]}" tee /etc/apt/sources.list.d/cocos-bookworm-backports.list >/dev/null
   "${sudo[@]}" apt-get update -qq >/dev/null
-elif ! apt-cache policy qemu-system-x86 | grep -q bookworm-backports; then
+elif ! grep -q bookworm-backports <<<"$(apt-cache policy qemu-system-x86)"; then
+  # (Not `apt-cache ... | grep -q`: grep's early exit fails the pipe under pipefail.)
   "${sudo[@]}" apt-get update -qq >/dev/null
 fi
 

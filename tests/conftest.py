@@ -20,10 +20,25 @@ from tests.support.processes import processes_mentioning
 # mismatch" SystemError under pytest's assertion rewriting and fails the whole run.
 
 
+# What a CI runner's environment may carry that changes the tests' own loopback gRPC: a proxy
+# (gRPC honours these for 127.0.0.1 too) or gRPC's tracing on stderr.
+RUNNER_ENV = frozenset(
+    {
+        "http_proxy",
+        "https_proxy",
+        "grpc_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "GRPC_VERBOSITY",
+        "GRPC_TRACE",
+    }
+)
+
+
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     for name in list(os.environ):
-        if name.startswith(("MANAGER_", "COCOS_")):
+        if name.startswith(("MANAGER_", "COCOS_")) or name in RUNNER_ENV:
             monkeypatch.delenv(name)
     yield
 

@@ -72,6 +72,7 @@ def _verify(unit_text: str, directory: Path) -> subprocess.CompletedProcess[str]
     text = re.sub(r"(?m)^ExecStart=.*$", f"ExecStart={script}", unit_text)
     copy = directory / UNIT.name
     copy.write_text(text)
+    copy.chmod(0o644)  # systemd refuses a world-writable unit (a runner's umask may be 000)
     return subprocess.run(
         [analyze, "verify", str(copy)],
         capture_output=True,

@@ -49,13 +49,15 @@ def raise_session_weight(
     if os.getsid(0) != os.getpid():
         return WeightOutcome(
             False,
-            "not a session leader (started from a shell, not by systemd): the session's "
-            "scheduling weight is shared with the shell and left as it is",
+            "not a session leader (started from a shell or another program, not by systemd): "
+            "the session's scheduling weight is shared with its starter and left as it is",
         )
     if not autogroups_enabled(enabled_flag):
         return WeightOutcome(False, "autogroup scheduling is off (kernel.sched_autogroup_enabled)")
     if session_nice(autogroup) is None:
-        # The kernel refuses (EINVAL) to reweigh its root group.
+        # Defensive: setsid always makes a new autogroup, so a session leader is in the root
+        # one only if the kernel could not allocate it (or it is init). The kernel refuses
+        # (EINVAL) to reweigh the root group: say why rather than relay the errno.
         return WeightOutcome(
             False,
             "the session is in the kernel's root autogroup (one begun before autogroups, such "
