@@ -1,9 +1,15 @@
-"""QEMU's output becomes clean lines: split across reads, escape codes gone, bounded length."""
+"""QEMU's output becomes clean lines (split across reads, escape codes gone, bounded length),
+and its last lines are waited for without giving up on the rest."""
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 from cocos_manager.qemu_output import MAX_LINE, LineReader
+from cocos_manager.qemu_process import QemuProcess
 from cocos_manager.qemu_spawn import ExitInfo
+from cocos_manager.qmp import qmp_listener
 
 
 async def test_lines_are_split_cleaned_and_bounded() -> None:
@@ -26,3 +32,25 @@ def test_exit_descriptions() -> None:
     assert ExitInfo(-9).describe() == "killed by signal SIGKILL"
     assert ExitInfo(-9).signal == 9
     assert "unknown" in ExitInfo(None).describe()
+
+
+async def test_waiting_for_output_that_a_child_holds_open_never_cancels_the_readers(
+    tmp_path: Path,
+) -> None:
+    """QEMU's output can outlive QEMU: a helper that inherited it (an ifup script's daemon),
+    or QEMU itself once it outlived sudo. A wait for the last lines that timed out cancelled
+    the pipe readers, so the next wait raised CancelledError: a start failing so was answered
+    "stopped while its VM was starting" (ABORTED), and the later lines were lost."""
+    listener = qmp_listener(tmp_path / "qmp.sock")
+    try:
+        process = await QemuProcess.start(
+            ["sh", "-c", "echo first; (sleep 0.5; echo late) & exit 3"], qmp_listener=listener
+        )
+    finally:
+        listener.close()
+    await process.attach_output()
+    await asyncio.wait_for(asyncio.shield(process.exited), 5)
+    await process.wait_output(0.01)  # the subshell still holds stdout
+    await process.wait_output(0.01)
+    await process.wait_output(5)
+    assert process.tail() == ["first", "late"]

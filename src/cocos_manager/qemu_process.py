@@ -210,10 +210,11 @@ class QemuProcess:
             self._pidfd = None
 
     async def wait_output(self, timeout: float = 1.0) -> None:
-        """After exit, the last lines may still be in the pipes: let them arrive."""
-        if self._pipes:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.gather(*self._pipes), timeout)
+        """After exit, the last lines may still be in the pipes: let them arrive. Never cancels
+        the readers (as a timed-out gather would): a process that inherited QEMU's output can
+        hold it open past any wait, and its lines still belong to the VM."""
+        if pending := [pipe for pipe in self._pipes if not pipe.done()]:
+            await asyncio.wait(pending, timeout=timeout)
 
     def failure_text(self) -> str:
         """QEMU's own words, for a status message: its stderr, else whatever it printed."""
@@ -315,13 +316,27 @@ class QemuProcess:
     async def _quit(self) -> bool:
         return await sudo_stop.quit_over_qmp(self.monitor, self._qmp_path, self.pid)
 
-    async def quit_orphan(self) -> bool:
-        """sudo ended while QEMU's QMP session is still open: sudo was killed (it otherwise
-        outlives its QEMU), and QEMU runs on as init's child, out of reach of our pidfd and,
-        being root's, of our signals. QMP `quit` ends it. Returns whether it was sent."""
-        if not self.wrapped or self.monitor is None or self.monitor.closed.done():
+    async def end_outlived(self) -> bool:
+        """sudo has ended: a QEMU it left running (sudo killed, or signalled as it started
+        QEMU; sudo_stop.outlived) is out of reach of our pidfd and, being root's, of our
+        signals. Ended over its QMP session if one is open, else by `sudo kill`, else over a
+        new QMP session; gone within GIVE_UP_AFTER, or QemuStopFailedError names it. Returns
+        whether there was one."""
+        if not self.wrapped:
             return False
-        return await self._quit()
+        pids = await asyncio.to_thread(sudo_stop.outlived, self.argv, self.start_time)
+        if not pids:
+            return False
+        _log.warning("QEMU outlived sudo: ending it", sudo_pid=self.pid, pids=pids)
+        session = self.monitor is not None and not self.monitor.closed.done()
+        if not (session and await self._quit()) and not await sudo_stop.sudo_kill(pids, self.pid):
+            await self._quit()
+        deadline = self._loop.time() + sudo_stop.GIVE_UP_AFTER
+        while left := await asyncio.to_thread(sudo_stop.outlived, self.argv, self.start_time):
+            if self._loop.time() > deadline:
+                raise sudo_stop.stop_failed(self.argv, self.pid, left, self.wrapped)
+            await asyncio.sleep(0.05)
+        return True
 
     async def _kill(self) -> bool:
         """The SIGKILL step. Behind sudo, SIGKILL goes to QEMU, never to sudo first: a sudo
@@ -358,6 +373,7 @@ class QemuProcess:
                 if not await self._kill() or self.wrapped:
                     await self._bounded_wait()
         result = await asyncio.shield(self.exited)
+        await self.end_outlived()
         await self.wait_output(0.5)
         return result
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import subprocess
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ from cocos_manager.errors import QemuStopFailedError, SudoRefusedError
 from cocos_manager.logging import get_logger
 from cocos_manager.qemu_failures import daemon_user, sudoers_lines
 from cocos_manager.qmp import QmpError, QmpMonitor
+from cocos_manager.state_store import process_identity
 
 _log = get_logger()
 # A QEMU behind sudo is root's: the daemon may signal sudo (its real uid is the daemon's) but
@@ -44,6 +46,33 @@ def descendants(pid: int) -> list[int]:
         found += kids
         queue += kids
     return [pid for pid in found if not _zombie(pid)]
+
+
+def outlived(argv: Sequence[str], since: int) -> list[int]:
+    """Processes running the command sudo was given (`argv` is sudo's) that sudo did not take
+    along when it ended. A SIGTERM that reaches sudo 1.9 as it starts its command kills sudo
+    and not the command (measured: 2-3 of 60-90 signals sent 0-30 ms after the spawn), and a
+    SIGKILLed sudo never relays: QEMU then runs on, root's and init's child.
+
+    Told apart by their command line, which ends with this VM's own QEMU arguments (ports,
+    CID, files: no two VMs share them; an interpreter may come first, as for a script), and by
+    a start no earlier than sudo's. Reads /proc: run it off the event loop."""
+    command = list(argv[argv.index("--") + 1 :]) if "--" in argv else []
+    arguments = command[1:]
+    if not arguments:
+        return []
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        identity = process_identity(int(entry))
+        if identity is None or identity[0] < since:
+            continue
+        cmdline = identity[1]
+        ours = len(cmdline) > len(arguments) and cmdline[-len(arguments) :] == arguments
+        if ours and os.path.basename(cmdline[0]) != "sudo":  # not sudo's own (use_pty monitor)
+            found.append(int(entry))
+    return found
 
 
 def _zombie(pid: int) -> bool:

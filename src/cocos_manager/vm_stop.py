@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry import trace
 
 from cocos_manager import ttl
+from cocos_manager.errors import QemuStopFailedError
 from cocos_manager.lifecycle import EXIT, PROVISION, STOP, StopReason
 from cocos_manager.qemu_process import QemuProcess
 from cocos_manager.qemu_spawn import ExitInfo
@@ -40,10 +41,11 @@ async def end_process(
     if reason is StopReason.EXIT:
         await process.wait_output(0.2)
         info = process.exited.result()
-        if await process.quit_orphan():  # sudo killed under a live QEMU
-            machine.log.warning(
-                "sudo ended with its QEMU's QMP session open (sudo killed?): QEMU told to quit"
-            )
+        try:
+            await process.end_outlived()  # sudo killed under a live QEMU
+        except QemuStopFailedError as error:
+            machine.stop_failure = error
+            machine.log.error("QEMU could not be stopped", error=str(error))
         tail = process.tail()
         machine.log.warning("VM exited on its own", exit=info.describe(), last_lines=tail[-5:])
         return {"exit": info.describe(), "returncode": info.returncode, "last_lines": tail}

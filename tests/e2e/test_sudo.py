@@ -43,7 +43,7 @@ from tests.e2e.test_real_vm import (
     manager_event,
 )
 from tests.support.daemon_process import clean_environ
-from tests.support.harness import run_request
+from tests.support.harness import FAKE_QEMU, run_request
 from tests.support.processes import processes_mentioning
 from tests.support.waiting import subscribed, unavailable, wait_for
 
@@ -141,6 +141,7 @@ class UserDaemon:
     process: subprocess.Popen[bytes] | None = None
     channel: grpc.aio.Channel | None = None
     starts: int = 0
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def vms(self) -> Path:
@@ -173,7 +174,7 @@ class UserDaemon:
             },
         )
         env["HOME"] = str(self.root)
-        return env
+        return env | self.extra_env
 
     def as_user(self, *argv: str) -> list[str]:
         return [
@@ -263,8 +264,10 @@ class UserDaemon:
 
 
 @contextlib.asynccontextmanager
-async def user_daemon(account: Account, root: Path) -> AsyncIterator[UserDaemon]:
-    daemon = UserDaemon(account, root)
+async def user_daemon(
+    account: Account, root: Path, env: dict[str, str] | None = None
+) -> AsyncIterator[UserDaemon]:
+    daemon = UserDaemon(account, root, extra_env=env or {})
     await daemon.start()
     try:
         yield daemon
@@ -310,6 +313,46 @@ async def test_password_required_fails_fast_with_failed_precondition(
             assert list(listed.computations) == []
             line = await asyncio.to_thread(daemon.check_sudo_line)
             assert line.startswith("FAIL") and "password is required" in line, line
+
+
+async def test_a_qemu_that_a_sudo_ended_at_start_left_running_is_ended(
+    account: Account, workdir: Path
+) -> None:
+    """sudo can end and leave the QEMU it started running, root's and init's child, out of
+    reach of the daemon's pidfd and signals: a SIGTERM in sudo's first milliseconds (the
+    daemon's own, for a Run cancelled or stopped at once) kills sudo and not its command, and
+    a SIGKILL never relays. The stand-in QEMU here never answers QMP, so the start is still
+    waiting when sudo goes; the Run must fail, and that QEMU must not outlive it."""
+    fake = str(FAKE_QEMU)
+    rule = (
+        f"{account.name} ALL=(root) NOPASSWD: {fake}, {account.kill}\n"
+        f"Defaults!{fake} closefrom_override\n"
+        f'Defaults!{fake} env_keep += "FAKE_QEMU_MODE"\n'
+    )
+    env = {
+        "MANAGER_QEMU_BIN_PATH": fake,
+        "MANAGER_QEMU_PASS_ENV": "FAKE_QEMU_MODE",
+        "FAKE_QEMU_MODE": "no-qmp",
+        "MANAGER_QEMU_START_TIMEOUT": "60s",
+    }
+    with sudoers(rule):
+        async with user_daemon(account, workdir, env) as daemon:
+            run = asyncio.ensure_future(daemon.stub.Run(run_request("left"), timeout=90))
+            await wait_for(lambda: daemon.vm_processes()["qemu"], "the stand-in QEMU under sudo")
+            [sudo] = daemon.vm_processes()["sudo"]
+            os.kill(sudo, signal.SIGKILL)  # the test is root
+            with pytest.raises(grpc.aio.AioRpcError) as failure:
+                await run
+            # The start's own error (waiting for the output sudo's QEMU held open once made it
+            # "stopped while starting", ABORTED).
+            assert failure.value.code() == grpc.StatusCode.INTERNAL, failure.value
+            assert "killed by signal SIGKILL" in (failure.value.details() or ""), failure.value
+            await wait_for(
+                lambda: daemon.vm_processes() == {"sudo": [], "qemu": []}, "the QEMU sudo left", 15
+            )
+            assert "QEMU outlived sudo" in (workdir / "daemon.log").read_text()
+            listed = await daemon.stub.List(pb.ListRequest())
+            assert list(listed.computations) == []
 
 
 async def test_run_stop_exit_readopt_shutdown(account: Account, workdir: Path) -> None:

@@ -72,7 +72,7 @@ class FakeProcess:
     async def wait_output(self, timeout: float = 1.0) -> None:
         return None
 
-    async def quit_orphan(self) -> bool:
+    async def end_outlived(self) -> bool:
         return False
 
     def tail(self, stream: str | None = None) -> list[str]:
