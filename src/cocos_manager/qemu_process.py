@@ -317,26 +317,14 @@ class QemuProcess:
         return await sudo_stop.quit_over_qmp(self.monitor, self._qmp_path, self.pid)
 
     async def end_outlived(self) -> bool:
-        """sudo has ended: a QEMU it left running (sudo killed, or signalled as it started
-        QEMU; sudo_stop.outlived) is out of reach of our pidfd and, being root's, of our
-        signals. Ended over its QMP session if one is open, else by `sudo kill`, else over a
-        new QMP session; gone within GIVE_UP_AFTER, or QemuStopFailedError names it. Returns
+        """sudo has ended: ends a QEMU it left running (sudo_stop.end_outlived). Returns
         whether there was one."""
         if not self.wrapped:
             return False
-        pids = await asyncio.to_thread(sudo_stop.outlived, self.argv, self.start_time)
-        if not pids:
-            return False
-        _log.warning("QEMU outlived sudo: ending it", sudo_pid=self.pid, pids=pids)
         session = self.monitor is not None and not self.monitor.closed.done()
-        if not (session and await self._quit()) and not await sudo_stop.sudo_kill(pids, self.pid):
-            await self._quit()
-        deadline = self._loop.time() + sudo_stop.GIVE_UP_AFTER
-        while left := await asyncio.to_thread(sudo_stop.outlived, self.argv, self.start_time):
-            if self._loop.time() > deadline:
-                raise sudo_stop.stop_failed(self.argv, self.pid, left, self.wrapped)
-            await asyncio.sleep(0.05)
-        return True
+        return await sudo_stop.end_outlived(
+            self.argv, self.pid, self.start_time, self._quit, session=session
+        )
 
     async def _kill(self) -> bool:
         """The SIGKILL step. Behind sudo, SIGKILL goes to QEMU, never to sudo first: a sudo

@@ -14,7 +14,7 @@ import contextlib
 import os
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from cocos_manager.errors import QemuStopFailedError, SudoRefusedError
@@ -158,3 +158,30 @@ def stop_failed(
         f"(user {daemon_user()}) may not kill it: it was left running; kill it as root, and "
         f"allow the daemon to with {sudoers_lines(daemon_user(), qemu, kill)}"
     )
+
+
+async def end_outlived(
+    argv: Sequence[str],
+    pid: int,
+    since: int,
+    quit_qemu: Callable[[], Awaitable[bool]],
+    *,
+    session: bool,
+) -> bool:
+    """Ends a QEMU that outlived its sudo (`outlived`): out of reach of the daemon's pidfd and,
+    being root's, of its signals. QMP `quit` over the open `session` if any, else `sudo kill`,
+    else `quit` over a new session; gone within GIVE_UP_AFTER, or QemuStopFailedError names
+    it. `pid` is sudo's. Returns whether there was one."""
+    loop = asyncio.get_running_loop()
+    pids = await asyncio.to_thread(outlived, argv, since)
+    if not pids:
+        return False
+    _log.warning("QEMU outlived sudo: ending it", sudo_pid=pid, pids=pids)
+    if not (session and await quit_qemu()) and not await sudo_kill(pids, pid):
+        await quit_qemu()
+    deadline = loop.time() + GIVE_UP_AFTER
+    while left := await asyncio.to_thread(outlived, argv, since):
+        if loop.time() > deadline:
+            raise stop_failed(argv, pid, left, True)
+        await asyncio.sleep(0.05)
+    return True
