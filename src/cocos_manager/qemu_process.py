@@ -319,8 +319,9 @@ class QemuProcess:
     async def end_outlived(self) -> bool:
         """sudo has ended: ends a QEMU it left running (sudo_stop.end_outlived). Returns
         whether there was one."""
-        if not self.wrapped:
-            return False
+        ended = self.exited.result().returncode if self.exited.done() else None
+        if not self.wrapped or (ended is not None and ended >= 0):
+            return False  # sudo exits of its own only once its command has ended
         session = self.monitor is not None and not self.monitor.closed.done()
         return await sudo_stop.end_outlived(
             self.argv, self.pid, self.start_time, self._quit, session=session

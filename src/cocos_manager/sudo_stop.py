@@ -63,9 +63,12 @@ def outlived(argv: Sequence[str], since: int) -> list[int]:
         return []
     found = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+        if not entry.isdigit() or not _started_since(entry, since):
             continue
-        identity = process_identity(int(entry))
+        try:
+            identity = process_identity(int(entry))
+        except OSError:  # hidden from this user (/proc's hidepid): not one we could end anyway
+            continue
         if identity is None or identity[0] < since:
             continue
         cmdline = identity[1]
@@ -73,6 +76,15 @@ def outlived(argv: Sequence[str], since: int) -> list[int]:
         if ours and os.path.basename(cmdline[0]) != "sudo":  # not sudo's own (use_pty monitor)
             found.append(int(entry))
     return found
+
+
+def _started_since(pid: str, since: int) -> bool:
+    """From /proc/PID/stat alone (the command line is read only for the few that pass)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return int(stat.read().rsplit(b")", 1)[1].split()[19]) >= since
+    except (OSError, IndexError, ValueError):
+        return False
 
 
 def _zombie(pid: int) -> bool:
@@ -177,8 +189,12 @@ async def end_outlived(
     if not pids:
         return False
     _log.warning("QEMU outlived sudo: ending it", sudo_pid=pid, pids=pids)
-    if not (session and await quit_qemu()) and not await sudo_kill(pids, pid):
-        await quit_qemu()
+    if not (session and await quit_qemu()):
+        # Found again: a QMP quit that failed can take seconds, and a PID that ended meanwhile
+        # may be another process's by now (`sudo kill` is root's).
+        pids = await asyncio.to_thread(outlived, argv, since)
+        if pids and not await sudo_kill(pids, pid):
+            await quit_qemu()
     deadline = loop.time() + GIVE_UP_AFTER
     while left := await asyncio.to_thread(outlived, argv, since):
         if loop.time() > deadline:

@@ -41,14 +41,16 @@ async def end_process(
     if reason is StopReason.EXIT:
         await process.wait_output(0.2)
         info = process.exited.result()
+        left: dict[str, Any] = {}
         try:
             await process.end_outlived()  # sudo killed under a live QEMU
         except QemuStopFailedError as error:
             machine.stop_failure = error
             machine.log.error("QEMU could not be stopped", error=str(error))
+            left = {"error": str(error)}
         tail = process.tail()
         machine.log.warning("VM exited on its own", exit=info.describe(), last_lines=tail[-5:])
-        return {"exit": info.describe(), "returncode": info.returncode, "last_lines": tail}
+        return {"exit": info.describe(), "returncode": info.returncode, "last_lines": tail, **left}
     if ran:
         with _tracer.start_as_current_span("stop"):
             info = await power_off(machine, process)
