@@ -27,7 +27,12 @@ from cocos_manager.logging import get_logger
 from cocos_manager.machine import Machine
 from cocos_manager.qemu_argv import VmResources
 from cocos_manager.qemu_process import QemuProcess
-from cocos_manager.state_store import VmRecord, current_boot_id, process_identity
+from cocos_manager.state_store import (
+    VmRecord,
+    current_boot_id,
+    live_processes,
+    process_identity,
+)
 from cocos_manager.vm_files import VmFiles, vm_paths
 
 _log = get_logger()
@@ -123,12 +128,8 @@ def _kill_unrecorded(record: VmRecord) -> list[int]:
     names the VM's UUID, and killed, as any VM still starting is. The pidfd is opened first
     and the command line checked again with it held, so a recycled pid is never hit."""
     killed = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        pid = int(entry)
-        identity = process_identity(pid)
-        if identity is None or not started_as_recorded(record, identity[1]):
+    for pid, _, cmdline in live_processes():
+        if not started_as_recorded(record, cmdline):
             continue
         try:
             pidfd = os.pidfd_open(pid)

@@ -22,6 +22,7 @@ import math
 import os
 import stat
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,21 @@ def process_start_time(pid: int) -> int:
             return int(stat.read().rsplit(b")", 1)[1].split()[19])
     except (OSError, IndexError, ValueError):
         return 0
+
+
+def live_processes(since: int = 0) -> Iterator[tuple[int, int, list[str]]]:
+    """(pid, start time, argv) of each live process this user may see that started at or after
+    `since` (clock ticks since boot): the start time first, the command line only of those that
+    pass. For finding a VM's QEMU by its command line; it reads all of /proc, so off the loop."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or (since and process_start_time(int(entry)) < since):
+            continue
+        try:
+            identity = process_identity(int(entry))
+        except OSError:  # hidden from this user (/proc's hidepid): nothing we may act on
+            continue
+        if identity is not None and identity[0] >= since:
+            yield int(entry), identity[0], identity[1]
 
 
 def process_identity(pid: int) -> tuple[int, list[str]] | None:

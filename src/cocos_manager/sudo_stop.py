@@ -21,7 +21,7 @@ from cocos_manager.errors import QemuStopFailedError, SudoRefusedError
 from cocos_manager.logging import get_logger
 from cocos_manager.qemu_failures import daemon_user, sudoers_lines
 from cocos_manager.qmp import QmpError, QmpMonitor
-from cocos_manager.state_store import process_identity
+from cocos_manager.state_store import live_processes
 
 _log = get_logger()
 # A QEMU behind sudo is root's: the daemon may signal sudo (its real uid is the daemon's) but
@@ -62,29 +62,11 @@ def outlived(argv: Sequence[str], since: int) -> list[int]:
     if not arguments:
         return []
     found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or not _started_since(entry, since):
-            continue
-        try:
-            identity = process_identity(int(entry))
-        except OSError:  # hidden from this user (/proc's hidepid): not one we could end anyway
-            continue
-        if identity is None or identity[0] < since:
-            continue
-        cmdline = identity[1]
+    for pid, _, cmdline in live_processes(since):
         ours = len(cmdline) > len(arguments) and cmdline[-len(arguments) :] == arguments
         if ours and os.path.basename(cmdline[0]) != "sudo":  # not sudo's own (use_pty monitor)
-            found.append(int(entry))
+            found.append(pid)
     return found
-
-
-def _started_since(pid: str, since: int) -> bool:
-    """From /proc/PID/stat alone (the command line is read only for the few that pass)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            return int(stat.read().rsplit(b")", 1)[1].split()[19]) >= since
-    except (OSError, IndexError, ValueError):
-        return False
 
 
 def _zombie(pid: int) -> bool:
