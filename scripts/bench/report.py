@@ -47,11 +47,15 @@ class Figure:
     values: list[float]
     baseline: list[float] | None = None
     baseline_label: str = ""
-    ratios: list[float] | None = None
     target: tuple[str, str, float] | None = None  # ("ratio" | "value", op, limit)
     note: str = ""
     passed_override: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ratios(self) -> list[float] | None:
+        """Each repetition's value over its own baseline."""
+        return None if self.baseline is None else ratios(self.values, self.baseline)
 
     def passed(self) -> bool | None:
         if self.passed_override is not None and self.target is None:

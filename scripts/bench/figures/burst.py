@@ -173,7 +173,6 @@ async def fig_burst(
             values=aio_walls,
             baseline=directs,
             baseline_label=direct_label,
-            ratios=ratios(aio_walls, directs),
             target=("ratio", "<=", TARGET),
             passed_override=all(c["ok"] for c in checks),
             note="Runs from one asyncio client; baseline: the daemon's own argvs (from /proc), "
@@ -204,7 +203,6 @@ async def fig_burst(
                 values=flat_walls,
                 baseline=directs,
                 baseline_label=direct_label,
-                ratios=ratios(flat_walls, directs),
                 note="a second daemon with MANAGER_AUTOGROUP_NICE=0 (its session's autogroup "
                 "nice left at 0), its burst right after the weighted one (asyncio client): "
                 "what the weight changes, side by side",

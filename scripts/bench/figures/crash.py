@@ -11,7 +11,7 @@ import time
 from scripts.bench.baselines import DirectQemu, VmFileStash, strip_qmp
 from scripts.bench.common import log
 from scripts.bench.daemon import BenchDaemon
-from scripts.bench.report import Figure, ratios
+from scripts.bench.report import Figure
 
 
 async def fig_crash(daemon: BenchDaemon, reps: int, figures: list[Figure]) -> None:
@@ -48,7 +48,6 @@ async def fig_crash(daemon: BenchDaemon, reps: int, figures: list[Figure]) -> No
             values=detect,
             baseline=base,
             baseline_label="SIGKILL to waitpid() in the parent of a directly started QEMU",
-            ratios=ratios(detect, base),
             target=("value", "<=", 100.0),
         )
     )

@@ -20,7 +20,7 @@ import grpc
 from cocos_manager.api import manager_pb2 as pb
 from cocos_manager.api import manager_pb2_grpc as pb_grpc
 from scripts.bench.common import REPO, log
-from scripts.bench.report import Figure, percentile, ratios, summary
+from scripts.bench.report import Figure, percentile, summary
 
 
 @dataclass
@@ -188,7 +188,6 @@ async def fig_events(
             values=rates["managed"],
             baseline=rates["bare"],
             baseline_label="bare grpc.aio server-stream of the same messages",
-            ratios=ratios(rates["managed"], rates["bare"]),
             target=("ratio", ">=", 0.5),
             note="framed agent protocol over a socketpair into AgentEventListener.serve of a "
             "ManagerService (tracing interceptor on), to an Events subscriber in another process",
@@ -203,7 +202,6 @@ async def fig_events(
             values=p99s["managed"],
             baseline=p99s["bare"],
             baseline_label="bare grpc.aio server-stream",
-            ratios=ratios(p99s["managed"], p99s["bare"]),
             note="informational: the issue sets no latency target. The agent is a process of its "
             "own, so each message also waits for two processes to be scheduled, which the bare "
             "server (making its messages itself) does not",

@@ -11,7 +11,7 @@ import psutil
 from scripts.bench.baselines import start_bare_health
 from scripts.bench.common import MiB, log
 from scripts.bench.daemon import BenchDaemon, DaemonConfig
-from scripts.bench.report import Figure, ratios, summary
+from scripts.bench.report import Figure, summary
 
 
 def cpu_seconds(pid: int) -> float:
@@ -60,7 +60,6 @@ async def fig_footprint(
             values=startups,
             baseline=bare_startups,
             baseline_label="bare grpc.aio health server (python -c)",
-            ratios=ratios(startups, bare_startups),
             target=("value", "<=", 1500.0),
         )
     )
@@ -72,7 +71,6 @@ async def fig_footprint(
             values=cpu,
             baseline=bare_cpu,
             baseline_label="bare grpc.aio health server (python -c)",
-            ratios=ratios(cpu, bare_cpu),
             note="informational: what the wall time above costs with the machine to itself",
         )
     )
@@ -84,7 +82,6 @@ async def fig_footprint(
             values=rss_idle,
             baseline=bare_rss,
             baseline_label="bare grpc.aio health server",
-            ratios=ratios(rss_idle, bare_rss),
             target=("value", "<=", 80.0),
         )
     )
@@ -122,7 +119,6 @@ async def fig_footprint(
             values=busy,
             baseline=idle_before,
             baseline_label="the same daemon idle, just before",
-            ratios=ratios(busy, idle_before),
             note="stand-in QEMU (tests/support/fake_qemu.py); informational, no target",
             extra={"per_vm_kib": summary(per_vm, 1), "vms": vms},
         )

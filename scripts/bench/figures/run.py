@@ -16,7 +16,7 @@ from cocos_manager.api import manager_pb2 as pb
 from scripts.bench.baselines import VmFileStash, direct_run, strip_qmp
 from scripts.bench.common import OVMF_VARS, REPO, Images, MiB, is_sparse, log
 from scripts.bench.daemon import BenchDaemon
-from scripts.bench.report import Figure, percentile, ratios, summary
+from scripts.bench.report import Figure, percentile, summary
 
 
 async def fig_run_overhead(
@@ -54,7 +54,6 @@ async def fig_run_overhead(
                 values=values,
                 baseline=base,
                 baseline_label=base_label,
-                ratios=ratios(values, base),
                 target=("ratio", "<=", 1.25),
                 extra={
                     "runs_per_repetition": per_rep,
@@ -140,7 +139,6 @@ async def fig_image_size(
             values=values,
             baseline=bases,
             baseline_label=f"Run latency, {images.small_rootfs.stat().st_size / MiB:.1f} MiB rootfs",
-            ratios=ratios(values, bases),
             target=("ratio", "<=", 1.2),
             passed_override=hardlinked and private_vars,
             note="kernel = the real 13.5 MiB test bzImage in both; pass also needs kernel and "
