@@ -27,10 +27,11 @@ print(json.dumps([outcome.applied, outcome.detail, outcome.operator_action, sess
 """
 
 
-def probe(nice: int, *user: str, **popen: object) -> list[object]:
-
+def python_json(code: str, *args: str, **popen: object) -> list[object]:
+    """Runs `code` in a Python of its own (its session, cgroup or user changed by the test) and
+    returns what it printed as JSON."""
     done = subprocess.run(
-        [sys.executable, "-c", PROBE, str(nice), *user],
+        [sys.executable, "-c", code, *args],
         capture_output=True,
         text=True,
         check=True,
@@ -38,6 +39,10 @@ def probe(nice: int, *user: str, **popen: object) -> list[object]:
         **popen,  # type: ignore[arg-type]
     )
     return list(json.loads(done.stdout))
+
+
+def probe(nice: int, *user: str, **popen: object) -> list[object]:
+    return python_json(PROBE, str(nice), *user, **popen)
 
 
 @pytest.fixture
@@ -99,7 +104,8 @@ def test_without_cap_sys_nice_the_operator_is_told_what_to_grant() -> None:
 
 def test_the_kernels_root_autogroup_reads_as_none_and_is_left_alone(tmp_path: Path) -> None:
     """The kernel prints nothing for its root autogroup (a CI runner's tests can sit there) and
-    refuses to reweigh it: the daemon says so instead of failing on the write."""
+    refuses to reweigh it: a session leader there (defensive: setsid makes a new autogroup) is
+    left alone, and the daemon says why."""
     from cocos_manager.sched_weight import session_nice
 
     root_group = tmp_path / "autogroup"
@@ -115,16 +121,8 @@ outcome = raise_session_weight(-5, autogroup=pathlib.Path({str(root_group)!r}),
                                cgroup=pathlib.Path(os.devnull))
 print(json.dumps([outcome.applied, outcome.detail]))
 """
-    done = subprocess.run(
-        [sys.executable, "-c", leader],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-        start_new_session=True,
-    )
-    applied, detail = json.loads(done.stdout)
-    assert not applied and "root autogroup" in detail
+    applied, detail = python_json(leader, start_new_session=True)
+    assert not applied and "root autogroup" in str(detail)
     assert root_group.read_text() == ""  # not written
 
 
@@ -170,17 +168,9 @@ def test_in_a_cpu_cgroup_of_its_own_the_nice_is_not_claimed(tmp_path: Path) -> N
     group = cpu_hierarchy() / f"cocos-sched-weight-{os.getpid()}"
     group.mkdir()
     try:
-        done = subprocess.run(
-            [sys.executable, "-c", IN_CGROUP, "-4", str(group)],
-            capture_output=True,
-            text=True,
-            check=True,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-            start_new_session=True,
-        )
-        applied, detail = json.loads(done.stdout)
+        applied, detail = python_json(IN_CGROUP, "-4", str(group), start_new_session=True)
         assert not applied, detail
-        assert f"cpu cgroup /{group.name}" in detail
+        assert f"cpu cgroup /{group.name}" in str(detail)
     finally:
         group.rmdir()
 
