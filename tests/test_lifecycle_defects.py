@@ -23,6 +23,7 @@ import contextlib
 import errno
 import os
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
@@ -35,13 +36,14 @@ import pytest
 from cocos_manager.api import manager_pb2 as pb
 from cocos_manager.errors import ManagerError
 from cocos_manager.vsock import Connect
-from tests.support.daemon_process import Daemon, free_port
+from tests.support.daemon_process import Daemon
 from tests.support.harness import (
     FAKE_QEMU,
     Manager,
     base_env,
     run_request,
     running_manager,
+    vnc_display,
 )
 from tests.support.processes import gone_within, processes_mentioning
 
@@ -199,13 +201,29 @@ class EndsQemuAsTheAgentAnswers:
         assert gone_within(pid, 30, kill=True), f"QEMU {pid} did not end on SIGKILL"
 
 
+# Below the kernel's ephemeral ports (32768 up): a free ephemeral port can be taken by any
+# outgoing connection of another test worker before the stand-in binds it, and the stand-in of
+# the crash test, whose daemon is dead by then, cannot be moved to another port.
+# Each call takes the next ones, so no test meets a port a previous one left in TIME_WAIT.
+_own_ports = iter(range(28000 + vnc_display(0), 28000 + vnc_display(200)))
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("", port))  # as the stand-in binds
+        except OSError:
+            return False
+    return True
+
+
 def own_ports() -> dict[str, str]:
     """A host port range of one port, and a VNC display, no other test uses: a VM whose port
     is still held makes the next Run fail, whatever its id, and no QEMU of another test takes
     this one's ports from under it."""
-    port = free_port()
-    while (vnc := free_port()) == port:
-        pass
+    free = (p for p in _own_ports if _bindable(p))
+    port, vnc = next(free), next(free)
     return {
         "MANAGER_QEMU_HOST_FWD_RANGE": f"{port}-{port}",
         "MANAGER_QEMU_VSOCK_VNC": str(vnc - 5900),
