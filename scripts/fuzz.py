@@ -26,13 +26,13 @@ from hypothesis.strategies import SearchStrategy
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # for tests.* (the properties live with the tests)
 
-from cocos_manager.go_parse import (  # noqa: E402
+from cocos_manager.config.go_parse import (  # noqa: E402
     parse_go_bool,
     parse_go_duration,
     parse_go_int,
     parse_port_range,
 )
-from cocos_manager.settings import (  # noqa: E402
+from cocos_manager.config.settings import (  # noqa: E402
     QemuSettings,
     Settings,
     SettingsError,

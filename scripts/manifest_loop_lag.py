@@ -22,8 +22,8 @@ from collections.abc import Awaitable, Callable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from cocos_manager.api import manager_pb2 as pb
-from cocos_manager.manifest import manifest_json, validate_run_request, validated_manifest
+from cocos_manager.agent.manifest import manifest_json, validate_run_request, validated_manifest
+from cocos_manager.proto import manager_pb2 as pb
 
 
 def big_request(datasets: int) -> pb.ComputationRunReq:

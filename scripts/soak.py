@@ -45,9 +45,9 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # for tests.support (the stand-in QEMU and request builder)
 
-from cocos_manager.api import manager_pb2 as pb  # noqa: E402
-from cocos_manager.api import manager_pb2_grpc as pb_grpc  # noqa: E402
-from cocos_manager.resources import VNC_BASE_PORT, tcp_port_is_free  # noqa: E402
+from cocos_manager.proto import manager_pb2 as pb  # noqa: E402
+from cocos_manager.proto import manager_pb2_grpc as pb_grpc  # noqa: E402
+from cocos_manager.vm.resources import VNC_BASE_PORT, tcp_port_is_free  # noqa: E402
 from tests.support.daemon_process import Daemon  # noqa: E402
 from tests.support.harness import FAKE_QEMU, base_env, run_request  # noqa: E402
 

@@ -13,20 +13,14 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from cocos_manager.agent_protocol import (
+from cocos_manager.agent.protocol import (
     MAX_FRAME,
     AgentProtocolError,
     read_agent_messages,
     serve_agent_connection,
     stamp,
 )
-from cocos_manager.api.manager_pb2 import (
-    AgentEvent,
-    AgentLog,
-    ClientStreamMessage,
-    RunResponse,
-)
-from cocos_manager.vsock import (
+from cocos_manager.agent.vsock import (
     AGENT_EVENTS_PORT,
     AGENT_MANIFEST_PORT,
     AgentEventListener,
@@ -35,6 +29,12 @@ from cocos_manager.vsock import (
     HandoverTimeout,
     send_manifest,
     vsock_connector,
+)
+from cocos_manager.proto.manager_pb2 import (
+    AgentEvent,
+    AgentLog,
+    ClientStreamMessage,
+    RunResponse,
 )
 from tests.support.streams import AckSink
 from tests.support.waiting import wait_for

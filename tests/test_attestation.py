@@ -22,18 +22,18 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cocos_manager.api import manager_pb2 as pb
-from cocos_manager.attestation import (
+from cocos_manager.agent.manifest import manifest_json
+from cocos_manager.confidential.argv import host_data
+from cocos_manager.confidential.modes import launched_binding
+from cocos_manager.config.settings import QemuSettings
+from cocos_manager.errors import FailedPreconditionError
+from cocos_manager.proto import manager_pb2 as pb
+from cocos_manager.qemu.argv import qemu_args
+from cocos_manager.vm.attestation import (
     attestation_policy_document,
     expected_measurement,
     measurement_inputs,
 )
-from cocos_manager.confidential import launched_binding
-from cocos_manager.confidential_argv import host_data
-from cocos_manager.errors import FailedPreconditionError
-from cocos_manager.manifest import manifest_json
-from cocos_manager.qemu_argv import qemu_args
-from cocos_manager.settings import QemuSettings
 from tests.support.harness import run_request, running_manager
 
 FIXTURES = Path(__file__).with_name("fixtures") / "sev-snp-measure"
@@ -207,7 +207,7 @@ async def test_attestation_policy_rpc_and_cli(
             [
                 sys.executable,
                 "-m",
-                "cocos_manager.cli",
+                "cocos_manager.cli.commands",
                 "attestation-policy",
                 "c1",
                 "--address",

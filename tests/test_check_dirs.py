@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from cocos_manager.check import check_directories
+from cocos_manager.config.settings import load_settings
 from cocos_manager.errors import FailedPreconditionError
-from cocos_manager.host_check import check_directories
-from cocos_manager.settings import load_settings
-from cocos_manager.vm_files import check_tmp_dir
+from cocos_manager.vm.files import check_tmp_dir
 
 
 def test_a_dangling_symlink_fails_the_check_as_it_fails_a_run(

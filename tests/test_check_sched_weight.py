@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from cocos_manager.host_check import run_checks
-from cocos_manager.sched_weight import weight_check
-from cocos_manager.settings import load_settings
+from cocos_manager.check import run_checks
+from cocos_manager.config.settings import load_settings
+from cocos_manager.host.sched_weight import weight_check
 from tests.test_host_check import fake_host
 
 ON = "1\n"

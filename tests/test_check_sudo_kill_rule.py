@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from cocos_manager.qemu_probes import check_sudo
+from cocos_manager.qemu.probes import check_sudo
 from tests.test_host_check import settings
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from cocos_manager.host_check import check_files
-from cocos_manager.qemu_probes import check_qemu
-from cocos_manager.settings import load_settings
+from cocos_manager.check import check_files
+from cocos_manager.config.settings import load_settings
+from cocos_manager.qemu.probes import check_qemu
 
 # What QEMU 10's help listings say, trimmed to what the probe looks for.
 LISTINGS = {

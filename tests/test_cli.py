@@ -198,7 +198,7 @@ async def test_hashes_are_decoded_then_measured(
 
 
 async def test_agent_port_must_be_a_port_number(manager: Manager, tmp_path: Path) -> None:
-    from cocos_manager.api import manager_pb2 as pb
+    from cocos_manager.proto import manager_pb2 as pb
     from tests.support.harness import run_request
 
     for bad in ("70000", "0", "http", "-1", "7002 "):

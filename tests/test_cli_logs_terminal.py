@@ -3,8 +3,8 @@ the operator's terminal as `events` does (found in review: logs printed it raw).
 
 from __future__ import annotations
 
-from cocos_manager.api import manager_pb2 as pb
-from cocos_manager.cli_output import console_line
+from cocos_manager.cli.output import console_line
+from cocos_manager.proto import manager_pb2 as pb
 
 
 def test_console_lines_lose_escape_sequences_and_show_controls() -> None:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
+from cocos_manager.agent.manifest import validate_run_request
 from cocos_manager.errors import InvalidArgumentError
-from cocos_manager.manifest import validate_run_request
 from tests.support.harness import run_request
 
 

@@ -14,17 +14,18 @@ from pathlib import Path
 
 import pytest
 
-from cocos_manager import confidential, confidential_checks
-from cocos_manager.confidential import (
+from cocos_manager.confidential import checks as confidential_checks
+from cocos_manager.confidential import modes as confidential
+from cocos_manager.confidential.argv import host_data, mrconfigid
+from cocos_manager.confidential.checks import check_confidential_launch, confidential_host_checks
+from cocos_manager.confidential.modes import (
     ConfidentialConfigError,
     LaunchMode,
     launch_mode,
     launched_binding,
 )
-from cocos_manager.confidential_argv import host_data, mrconfigid
-from cocos_manager.confidential_checks import check_confidential_launch, confidential_host_checks
-from cocos_manager.qemu_argv import VmResources, derive_vm_settings, qemu_args, vm_file_paths
-from cocos_manager.settings import QemuSettings, SettingsError, load_settings
+from cocos_manager.config.settings import QemuSettings, SettingsError, load_settings
+from cocos_manager.qemu.argv import VmResources, derive_vm_settings, qemu_args, vm_file_paths
 from tests.support.harness import FAKE_QEMU
 from tests.test_qemu_argv import DEFAULT_ARGS
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from cocos_manager.confidential import ConfidentialConfigError
-from cocos_manager.confidential_checks import check_confidential_launch
-from cocos_manager.settings import QemuSettings
+from cocos_manager.confidential.checks import check_confidential_launch
+from cocos_manager.confidential.modes import ConfidentialConfigError
+from cocos_manager.config.settings import QemuSettings
 
 
 @pytest.mark.parametrize(

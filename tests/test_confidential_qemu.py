@@ -34,18 +34,18 @@ from pathlib import Path
 
 import pytest
 
-from cocos_manager.confidential import ConfidentialConfigError, LaunchMode, launched_binding
-from cocos_manager.confidential_argv import confidential_args, host_data
-from cocos_manager.confidential_checks import check_confidential_launch
-from cocos_manager.qemu_argv import (
+from cocos_manager.confidential.argv import confidential_args, host_data
+from cocos_manager.confidential.checks import check_confidential_launch
+from cocos_manager.confidential.modes import ConfidentialConfigError, LaunchMode, launched_binding
+from cocos_manager.config.choices import SnpSyntax
+from cocos_manager.config.settings import QemuSettings
+from cocos_manager.qemu.argv import (
     FW_CFG_MANIFEST_NAME,
     VmResources,
     derive_vm_settings,
     qemu_args,
     vm_file_paths,
 )
-from cocos_manager.setting_choices import SnpSyntax
-from cocos_manager.settings import QemuSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = b'{"id":"c1","algorithms":{"hash":[9,9]},"agent_config":{"port":"7002"}}'

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from cocos_manager.console_limit import ConsoleLogLimiter
-from cocos_manager.settings import ServiceSettings
+from cocos_manager.config.settings import ServiceSettings
+from cocos_manager.events.console_limit import ConsoleLogLimiter
 
 
 class Clock:

@@ -7,14 +7,14 @@ import asyncio
 
 import pytest
 
-from cocos_manager.console_log import (
+from cocos_manager.config.settings import ServiceSettings
+from cocos_manager.events.console import (
     FOLLOW_QUEUE_LINES,
     LINE_OVERHEAD,
     ConsoleArchive,
     ConsoleLine,
     ConsoleLog,
 )
-from cocos_manager.settings import ServiceSettings
 
 
 def texts(lines: list[ConsoleLine]) -> list[str]:

@@ -19,10 +19,10 @@ import grpc
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 
-from cocos_manager import events as events_module
-from cocos_manager.api import manager_pb2 as pb
-from cocos_manager.metrics import METRICS, RUN_FAILURE_REASONS
-from cocos_manager.vsock import AgentEventListener, Connect
+from cocos_manager.agent.vsock import AgentEventListener, Connect
+from cocos_manager.events import bus as events_module
+from cocos_manager.proto import manager_pb2 as pb
+from cocos_manager.telemetry.metrics import METRICS, RUN_FAILURE_REASONS
 from tests.support.harness import Manager, run_request, running_manager
 from tests.support.harness import test_tracer_provider as tracer_provider
 from tests.support.processes import children

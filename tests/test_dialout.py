@@ -19,14 +19,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from cocos_manager.api import manager_pb2 as pb
-from cocos_manager.dialout import HEALTH_SERVICE, DialOut
-from cocos_manager.dialout_config import DialOutConfigError, dialout_config
-from cocos_manager.event_messages import log_message
-from cocos_manager.manifest import manifest_json
-from cocos_manager.metrics import Metrics
-from cocos_manager.settings import load_settings
-from cocos_manager.tls import TlsConfigError
+from cocos_manager.agent.manifest import manifest_json
+from cocos_manager.api.dialout import HEALTH_SERVICE, DialOut
+from cocos_manager.config.dialout import DialOutConfigError, dialout_config
+from cocos_manager.config.settings import load_settings
+from cocos_manager.config.tls import TlsConfigError
+from cocos_manager.events.messages import log_message
+from cocos_manager.proto import manager_pb2 as pb
+from cocos_manager.telemetry.metrics import Metrics
 from tests.support.certs import issue
 from tests.support.computations_server import (
     ComputationsServer,

@@ -27,8 +27,8 @@ async def test_a_long_timeout_still_dials(tmp_path: Path, monkeypatch: pytest.Mo
 @pytest.mark.parametrize("url", ["ipv4:127.0.0.1:7001", "ipv6:[::1]:7001"])
 def test_own_server_in_grpc_address_schemes_is_refused(url: str) -> None:
     """gRPC's ipv4:/ipv6: targets name the daemon's own server as well as host:port does."""
-    from cocos_manager.dialout import DialOutConfigError, dialout_config
-    from cocos_manager.settings import ServiceSettings
+    from cocos_manager.api.dialout import DialOutConfigError, dialout_config
+    from cocos_manager.config.settings import ServiceSettings
 
     with pytest.raises(DialOutConfigError, match="MANAGER_GRPC_URL"):
         dialout_config(ServiceSettings(GRPC_URL=url))  # type: ignore[call-arg]

@@ -7,7 +7,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from cocos_manager.settings import QemuSettings, ServiceSettings, env_name
+from cocos_manager.config.settings import QemuSettings, ServiceSettings, env_name
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "init" / "systemd" / "manager.env.example"
 # Shown with an example value (a path or address), not the default, on purpose.

@@ -12,10 +12,10 @@ import struct
 from collections.abc import Coroutine
 from typing import Any
 
-from cocos_manager.agent_protocol import serve_agent_connection
-from cocos_manager.api.manager_pb2 import AgentLog, ClientStreamMessage
-from cocos_manager.event_subscription import Subscription
-from cocos_manager.events import EventBus
+from cocos_manager.agent.protocol import serve_agent_connection
+from cocos_manager.events.bus import EventBus
+from cocos_manager.events.subscription import Subscription
+from cocos_manager.proto.manager_pb2 import AgentLog, ClientStreamMessage
 
 GUARD = 10.0
 

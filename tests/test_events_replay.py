@@ -11,9 +11,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cocos_manager.api import manager_pb2 as pb
-from cocos_manager.event_messages import log_message
-from cocos_manager.events import EventBus
+from cocos_manager.events.bus import EventBus
+from cocos_manager.events.messages import log_message
+from cocos_manager.proto import manager_pb2 as pb
 from tests.support.harness import Manager, run_request, running_manager
 
 GUARD = 10.0

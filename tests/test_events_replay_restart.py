@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from cocos_manager.events import EVENTS_LOST, EventBus, manager_event
-from cocos_manager.settings import ServiceSettings
+from cocos_manager.config.settings import ServiceSettings
+from cocos_manager.events.bus import EVENTS_LOST, EventBus, manager_event
 
 
 def _publish(bus: EventBus, count: int, prefix: str) -> None:

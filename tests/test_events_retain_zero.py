@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from cocos_manager.events import EVENTS_LOST, EventBus, log_message, manager_event
-from cocos_manager.settings import ServiceSettings
+from cocos_manager.config.settings import ServiceSettings
+from cocos_manager.events.bus import EVENTS_LOST, EventBus, log_message, manager_event
 
 
 async def test_replay_without_retention_announces_the_loss_for_one_computation() -> None:

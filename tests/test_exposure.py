@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from cocos_manager import vm_files
-from cocos_manager.api import manager_pb2 as pb
-from cocos_manager.cli_output import describe, printable
-from cocos_manager.metrics import metrics_host
-from cocos_manager.qemu_argv import qemu_args
-from cocos_manager.settings import QemuSettings, ServiceSettings
+from cocos_manager.cli.output import describe, printable
+from cocos_manager.config.settings import QemuSettings, ServiceSettings
+from cocos_manager.proto import manager_pb2 as pb
+from cocos_manager.qemu.argv import qemu_args
+from cocos_manager.telemetry.metrics import metrics_host
+from cocos_manager.vm import files as vm_files
 from tests.support.harness import fake_images
 
 

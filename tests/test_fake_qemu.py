@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from cocos_manager.qmp import qmp_args, qmp_listener
+from cocos_manager.qemu.qmp import qmp_args, qmp_listener
 from tests.support.harness import FAKE_QEMU
 from tests.support.waiting import GUARD, unavailable
 

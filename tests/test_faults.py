@@ -27,11 +27,11 @@ import grpc
 import pytest
 from structlog.testing import capture_logs
 
-from cocos_manager.agent_protocol import MAX_FRAME
-from cocos_manager.api import manager_pb2 as pb
-from cocos_manager.api import manager_pb2_grpc as pb_grpc
-from cocos_manager.resources import VNC_BASE_PORT, tcp_port_is_free
-from cocos_manager.vsock import AgentEventListener
+from cocos_manager.agent.protocol import MAX_FRAME
+from cocos_manager.agent.vsock import AgentEventListener
+from cocos_manager.proto import manager_pb2 as pb
+from cocos_manager.proto import manager_pb2_grpc as pb_grpc
+from cocos_manager.vm.resources import VNC_BASE_PORT, tcp_port_is_free
 from tests.support.daemon_process import Daemon
 from tests.support.harness import Manager, base_env, run_request, running_manager
 from tests.support.processes import children, gone_within

@@ -20,13 +20,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.strategies import SearchStrategy
 
-from cocos_manager.agent_protocol import (
+from cocos_manager.agent.protocol import (
     LEGACY_TAGS,
     MAX_FRAME,
     AgentProtocolError,
     read_agent_messages,
 )
-from cocos_manager.api.manager_pb2 import AgentEvent, AgentLog, ClientStreamMessage
+from cocos_manager.proto.manager_pb2 import AgentEvent, AgentLog, ClientStreamMessage
 from tests.support.streams import AckSink
 
 HANG_GUARD = 5.0

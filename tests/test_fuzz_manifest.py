@@ -19,15 +19,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.strategies import SearchStrategy
 
-from cocos_manager.api import manager_pb2 as pb
-from cocos_manager.errors import InvalidArgumentError
-from cocos_manager.manifest import (
+from cocos_manager.agent.manifest import (
     HASH_SIZE,
     MAX_ID_LENGTH,
     build_manifest,
     manifest_json,
     validate_run_request,
 )
+from cocos_manager.errors import InvalidArgumentError
+from cocos_manager.proto import manager_pb2 as pb
 
 TEST_SETTINGS = settings(max_examples=250, deadline=None)
 

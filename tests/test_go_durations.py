@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from cocos_manager.go_parse import parse_go_duration
-from cocos_manager.settings import SettingsError, load_settings
+from cocos_manager.config.go_parse import parse_go_duration
+from cocos_manager.config.settings import SettingsError, load_settings
 
 
 @pytest.mark.parametrize(("text", "seconds"), [("1.s", 1.0), ("1.5h", 5400.0), (".5s", 0.5)])

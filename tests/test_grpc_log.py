@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from typing import Any
 
-from cocos_manager.grpc_log import Pump, prepare_environment
+from cocos_manager.telemetry.grpc_log import Pump, prepare_environment
 
 FAILURE = [
     "I1130 05:01:40.512492    9515 ssl_transport_security.cc:2563] Handshake failed with "

@@ -13,8 +13,8 @@ from typing import Any
 import grpc
 import pytest
 
-from cocos_manager.api import manager_pb2 as pb
-from cocos_manager.lifecycle import VmState
+from cocos_manager.proto import manager_pb2 as pb
+from cocos_manager.vm.lifecycle import VmState
 from tests.support.daemon_process import Daemon
 from tests.support.harness import Manager, base_env, run_request, running_manager
 from tests.support.processes import processes_mentioning

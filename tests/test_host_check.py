@@ -18,17 +18,17 @@ from pathlib import Path
 
 import pytest
 
-from cocos_manager.check_result import Check, exit_code, render
-from cocos_manager.host_check import (
+from cocos_manager.check import (
     check_directories,
     check_files,
     check_ports,
     run_checks,
     startup_checks,
 )
-from cocos_manager.host_probes import Host, kvm_creates_vm
-from cocos_manager.qemu_probes import check_qemu, check_sudo
-from cocos_manager.settings import Settings, load_settings
+from cocos_manager.config.settings import Settings, load_settings
+from cocos_manager.host.check_result import Check, exit_code, render
+from cocos_manager.host.probes import Host, kvm_creates_vm
+from cocos_manager.qemu.probes import check_qemu, check_sudo
 
 EXE = str(Path(sys.executable).with_name("cocos-manager"))
 REPO = Path(__file__).resolve().parents[1]
@@ -384,7 +384,7 @@ def test_run_checks_covers_every_area(monkeypatch: pytest.MonkeyPatch, tmp_path:
 def test_tls_settings_are_checked_as_the_daemon_does(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from cocos_manager.host_check import check_tls
+    from cocos_manager.check import check_tls
 
     assert check_tls(settings(monkeypatch)) == Check("tls", "pass", "gRPC without TLS")
     s = settings(monkeypatch, MANAGER_GRPC_SERVER_CERT=str(tmp_path / "missing.pem"))

@@ -17,9 +17,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cocos_manager.api import manager_pb2 as pb
-from cocos_manager.metrics import METRICS
-from cocos_manager.vsock import Connect
+from cocos_manager.agent.vsock import Connect
+from cocos_manager.proto import manager_pb2 as pb
+from cocos_manager.telemetry.metrics import METRICS
 from tests.support.harness import base_env, run_request, running_manager
 from tests.test_faults import assert_nothing_left, listing, run_error, starts, tmpfs
 

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from cocos_manager.settings import SettingsError, load_settings
+from cocos_manager.config.settings import SettingsError, load_settings
 
 
 @pytest.mark.parametrize("value", ["localhost", "::1", "[::1]", "127.0.0.1,hostfwd=tcp::22-:22"])

@@ -33,9 +33,9 @@ from typing import Any
 import grpc
 import pytest
 
-from cocos_manager.api import manager_pb2 as pb
+from cocos_manager.agent.vsock import Connect
 from cocos_manager.errors import ManagerError
-from cocos_manager.vsock import Connect
+from cocos_manager.proto import manager_pb2 as pb
 from tests.support.daemon_process import Daemon
 from tests.support.harness import (
     FAKE_QEMU,

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from cocos_manager.api import manager_pb2 as pb
 from cocos_manager.errors import AbortedError, FailedPreconditionError
-from cocos_manager.lifecycle import StopReason, VmState
+from cocos_manager.proto import manager_pb2 as pb
+from cocos_manager.vm.lifecycle import StopReason, VmState
 from tests.support.harness import run_request, running_manager
 from tests.support.waiting import subscribed, wait_for
 from tests.test_guest_halt import next_event

@@ -8,8 +8,8 @@ from datetime import datetime
 
 import pytest
 
-from cocos_manager.logging import configure_logging, get_logger
-from cocos_manager.setting_choices import LogLevel
+from cocos_manager.config.choices import LogLevel
+from cocos_manager.telemetry.logging import configure_logging, get_logger
 
 
 @pytest.fixture(autouse=True)

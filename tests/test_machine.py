@@ -17,17 +17,18 @@ from typing import Any
 
 import pytest
 
-from cocos_manager import vm_files, vm_start
+from cocos_manager.agent.vsock import Connect
+from cocos_manager.config.settings import load_settings
 from cocos_manager.errors import QemuExitedError
-from cocos_manager.events import EventBus
-from cocos_manager.lifecycle import MachineContext, StopReason, VmState
-from cocos_manager.machine import Machine
-from cocos_manager.qemu_argv import Executable
-from cocos_manager.resources import Pools
-from cocos_manager.settings import load_settings
-from cocos_manager.state_store import StateStore
-from cocos_manager.tasks import TaskSet
-from cocos_manager.vsock import Connect
+from cocos_manager.events.bus import EventBus
+from cocos_manager.host.state_store import StateStore
+from cocos_manager.host.tasks import TaskSet
+from cocos_manager.qemu.argv import Executable
+from cocos_manager.vm import files as vm_files
+from cocos_manager.vm import start as vm_start
+from cocos_manager.vm.lifecycle import MachineContext, StopReason, VmState
+from cocos_manager.vm.machine import Machine
+from cocos_manager.vm.resources import Pools
 from tests.support.harness import base_env
 from tests.support.machine_fakes import FakeLauncher, Gate
 

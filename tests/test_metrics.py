@@ -15,8 +15,8 @@ from grpc_health.v1._async import HealthServicer
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client.parser import text_string_to_metric_families
 
-from cocos_manager.interceptors import TelemetryInterceptor
-from cocos_manager.metrics import (
+from cocos_manager.api.interceptors import TelemetryInterceptor
+from cocos_manager.telemetry.metrics import (
     METRICS,
     Metrics,
     MetricsServer,

@@ -13,10 +13,10 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cocos_manager.api import manager_pb2 as pb
-from cocos_manager.event_messages import log_message
-from cocos_manager.metrics import Metrics, start_metrics_server
-from cocos_manager.vm_metrics import register_vm_metrics, unregister_vm_metrics
+from cocos_manager.events.messages import log_message
+from cocos_manager.proto import manager_pb2 as pb
+from cocos_manager.telemetry.metrics import Metrics, start_metrics_server
+from cocos_manager.telemetry.vm_metrics import register_vm_metrics, unregister_vm_metrics
 from tests.support.daemon_process import Daemon
 from tests.support.harness import VNC_BASE, Manager, base_env, run_request, running_manager
 from tests.support.processes import processes_mentioning

@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cocos_manager.api import manager_pb2 as pb
+from cocos_manager.proto import manager_pb2 as pb
 from tests.support.daemon_process import Daemon
 from tests.support.harness import base_env, run_request
 

@@ -15,14 +15,14 @@ def test_generated_code_is_fresh(tmp_path: Path) -> None:
         check=True,
         env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"},
     )
-    checked_in = ROOT / "src" / "cocos_manager" / "api"
+    checked_in = ROOT / "src" / "cocos_manager" / "proto"
     for name in ("manager_pb2.py", "manager_pb2.pyi", "manager_pb2_grpc.py"):
         fresh = (tmp_path / name).read_text()
         assert (checked_in / name).read_text() == fresh, f"{name} is stale: run `make proto`"
 
 
 def test_wire_field_numbers() -> None:
-    from cocos_manager.api import manager_pb2 as pb
+    from cocos_manager.proto import manager_pb2 as pb
 
     def numbers(message: type) -> dict[str, int]:
         return {f.name: f.number for f in message.DESCRIPTOR.fields}  # type: ignore[attr-defined]

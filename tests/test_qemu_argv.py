@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from cocos_manager.qemu_argv import (
+from cocos_manager.config.settings import QemuSettings
+from cocos_manager.qemu.argv import (
     VmResources,
     derive_vm_settings,
     qemu_args,
     resolve_executable,
     vm_file_paths,
 )
-from cocos_manager.settings import QemuSettings
 
 DEFAULT_ARGS = [
     "-enable-kvm",

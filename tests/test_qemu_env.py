@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from cocos_manager.qemu_env import DEFAULT_PATH, qemu_environment
-from cocos_manager.settings import QemuSettings
+from cocos_manager.config.settings import QemuSettings
+from cocos_manager.qemu.environment import DEFAULT_PATH, qemu_environment
 
 DAEMON_ENV = {
     "PATH": "/opt/qemu/bin:/usr/bin",

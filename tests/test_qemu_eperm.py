@@ -19,10 +19,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cocos_manager import qemu_process, sudo_stop
-from cocos_manager.api import manager_pb2 as pb
-from cocos_manager.qemu_argv import Executable
-from cocos_manager.qemu_failures import classify_sudo_refusal
+from cocos_manager.proto import manager_pb2 as pb
+from cocos_manager.qemu import process as qemu_process
+from cocos_manager.qemu import sudo as sudo_stop
+from cocos_manager.qemu.argv import Executable
+from cocos_manager.qemu.failures import classify_sudo_refusal
 from tests.support.harness import run_request, running_manager
 from tests.support.processes import processes_mentioning
 from tests.support.waiting import unavailable, wait_for

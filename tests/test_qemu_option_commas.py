@@ -7,8 +7,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from cocos_manager.qemu_argv import VmResources, derive_vm_settings, qemu_args
-from cocos_manager.settings import QemuSettings
+from cocos_manager.config.settings import QemuSettings
+from cocos_manager.qemu.argv import VmResources, derive_vm_settings, qemu_args
 
 
 def _drives(args: list[str]) -> list[str]:

@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from cocos_manager.qemu_output import MAX_LINE, LineReader
-from cocos_manager.qemu_process import QemuProcess
-from cocos_manager.qemu_spawn import ExitInfo
-from cocos_manager.qmp import qmp_listener
+from cocos_manager.qemu.output import MAX_LINE, LineReader
+from cocos_manager.qemu.process import QemuProcess
+from cocos_manager.qemu.qmp import qmp_listener
+from cocos_manager.qemu.spawn import ExitInfo
 
 
 async def test_lines_are_split_cleaned_and_bounded() -> None:

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from google.protobuf import json_format
 
-from cocos_manager.api import manager_pb2 as pb
-from cocos_manager.manifest import manifest_json
-from cocos_manager.unknown_variables import known_variables
+from cocos_manager.agent.manifest import manifest_json
+from cocos_manager.config.unknown_variables import known_variables
+from cocos_manager.proto import manager_pb2 as pb
 from tests.support.certs import SERVER_SAN, issue_certificate
 from tests.support.harness import Manager, running_manager
 from tests.support.readme import README, REPO, env_block

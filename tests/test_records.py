@@ -17,17 +17,17 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from cocos_manager.api import manager_pb2 as pb
 from cocos_manager.errors import FailedPreconditionError
-from cocos_manager.lifecycle import VmState
-from cocos_manager.recovery import started_as_recorded
-from cocos_manager.state_store import (
+from cocos_manager.host.state_store import (
     RECORD_STATES,
     StateStore,
     VmRecord,
     current_boot_id,
     process_identity,
 )
+from cocos_manager.proto import manager_pb2 as pb
+from cocos_manager.vm.lifecycle import VmState
+from cocos_manager.vm.recovery import started_as_recorded
 from tests.support.daemon_process import Daemon
 from tests.support.harness import base_env, run_request, running_manager
 

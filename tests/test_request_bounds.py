@@ -12,9 +12,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cocos_manager import manifest
-from cocos_manager.api import manager_pb2 as pb
+from cocos_manager.agent import manifest
 from cocos_manager.errors import InvalidArgumentError
+from cocos_manager.proto import manager_pb2 as pb
 from tests.support.harness import run_request, running_manager
 
 DIGEST = hashlib.sha3_256(b"x").digest()

@@ -6,9 +6,9 @@ import socket
 
 import pytest
 
+from cocos_manager.config.go_parse import PortRange
 from cocos_manager.errors import ResourceExhaustedError
-from cocos_manager.go_parse import PortRange
-from cocos_manager.resources import (
+from cocos_manager.vm.resources import (
     EphemeralPortPool,
     NumberPool,
     guest_cid_pool,

@@ -17,12 +17,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cocos_manager.api import manager_pb2 as pb
+from cocos_manager.config.settings import load_settings
 from cocos_manager.daemon import DaemonRunner
-from cocos_manager.event_subscription import Subscription
-from cocos_manager.metrics import METRICS
-from cocos_manager.settings import load_settings
-from cocos_manager.state_store import VmRecord, process_identity
+from cocos_manager.events.subscription import Subscription
+from cocos_manager.host.state_store import VmRecord, process_identity
+from cocos_manager.proto import manager_pb2 as pb
+from cocos_manager.telemetry.metrics import METRICS
 from tests.support.daemon_process import Daemon
 from tests.support.harness import base_env, run_request
 from tests.support.harness import test_tracer_provider as tracer_provider
@@ -203,7 +203,7 @@ U = "0b7b3f0e-2f4c-4c1e-9b64-1f0a3c2d4e5f"
 
 
 def test_record_round_trip(tmp_path: Path) -> None:
-    from cocos_manager.state_store import StateStore
+    from cocos_manager.host.state_store import StateStore
 
     store = StateStore(tmp_path / "s")
     store.open()
@@ -219,7 +219,7 @@ def test_record_round_trip(tmp_path: Path) -> None:
 
 
 def test_newest_readable_version_wins_after_a_crash(tmp_path: Path) -> None:
-    from cocos_manager.state_store import StateStore
+    from cocos_manager.host.state_store import StateStore
 
     store = StateStore(tmp_path / "s")
     store.open()

@@ -9,8 +9,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cocos_manager.lifecycle import VmState
-from cocos_manager.state_lock import StateDirLockedError, StateLock
+from cocos_manager.host.state_lock import StateDirLockedError, StateLock
+from cocos_manager.vm.lifecycle import VmState
 from tests.support.harness import run_request, running_manager
 from tests.support.processes import kill_and_reap, processes_mentioning
 from tests.support.waiting import wait_for

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from cocos_manager.api import manager_pb2 as pb
+from cocos_manager.proto import manager_pb2 as pb
 from tests.support.daemon_process import Daemon
 from tests.support.harness import base_env, run_request
 from tests.support.processes import autogroup_nice
 
 PROBE = """
 import json, os, pathlib, sys
-from cocos_manager.sched_weight import raise_session_weight, session_nice
+from cocos_manager.host.sched_weight import raise_session_weight, session_nice
 if len(sys.argv) > 2:  # drop root, as a daemon run by an unprivileged user
     os.setgroups([]); os.setgid(int(sys.argv[2])); os.setuid(int(sys.argv[2]))
 # As in the root cpu cgroup, wherever this host runs the test (the cgroup tests are below).
@@ -57,7 +57,7 @@ async def daemon(tmp_path: Path):  # type: ignore[no-untyped-def]
 async def test_the_daemon_session_outweighs_its_vms_and_the_vms_keep_the_default(
     daemon: Daemon, tmp_path: Path
 ) -> None:
-    from cocos_manager.sched_weight import cpu_cgroup
+    from cocos_manager.host.sched_weight import cpu_cgroup
 
     await daemon.start()
     assert os.getsid(daemon.pid) == daemon.pid  # as systemd starts a service
@@ -106,7 +106,7 @@ def test_the_kernels_root_autogroup_reads_as_none_and_is_left_alone(tmp_path: Pa
     """The kernel prints nothing for its root autogroup (a CI runner's tests can sit there) and
     refuses to reweigh it: a session leader there (defensive: setsid makes a new autogroup) is
     left alone, and the daemon says why."""
-    from cocos_manager.sched_weight import session_nice
+    from cocos_manager.host.sched_weight import session_nice
 
     root_group = tmp_path / "autogroup"
     root_group.write_text("")
@@ -116,7 +116,7 @@ def test_the_kernels_root_autogroup_reads_as_none_and_is_left_alone(tmp_path: Pa
     assert session_nice(own) == -4
     leader = f"""
 import json, os, pathlib
-from cocos_manager.sched_weight import raise_session_weight
+from cocos_manager.host.sched_weight import raise_session_weight
 outcome = raise_session_weight(-5, autogroup=pathlib.Path({str(root_group)!r}),
                                cgroup=pathlib.Path(os.devnull))
 print(json.dumps([outcome.applied, outcome.detail]))
@@ -127,7 +127,7 @@ print(json.dumps([outcome.applied, outcome.detail]))
 
 
 def test_out_of_range_is_refused_naming_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
-    from cocos_manager.settings import SettingsError, load_settings
+    from cocos_manager.config.settings import SettingsError, load_settings
 
     monkeypatch.setenv("MANAGER_AUTOGROUP_NICE", "-21")
     with pytest.raises(SettingsError, match="MANAGER_AUTOGROUP_NICE"):
@@ -140,7 +140,7 @@ IN_CGROUP = """
 import json, os, sys
 with open(os.path.join(sys.argv[2], "cgroup.procs"), "w") as procs:
     procs.write(str(os.getpid()))
-from cocos_manager.sched_weight import raise_session_weight
+from cocos_manager.host.sched_weight import raise_session_weight
 outcome = raise_session_weight(int(sys.argv[1]))
 print(json.dumps([outcome.applied, outcome.detail]))
 """
@@ -194,7 +194,7 @@ def test_in_a_cpu_cgroup_of_its_own_the_nice_is_not_claimed(tmp_path: Path) -> N
 def test_the_cpu_cgroup_that_weighs_the_daemon(
     tmp_path: Path, cgroup: str, weights: list[str], expected: str | None
 ) -> None:
-    from cocos_manager.sched_weight import cpu_cgroup
+    from cocos_manager.host.sched_weight import cpu_cgroup
 
     proc = tmp_path / "cgroup"
     proc.write_text(cgroup)

@@ -10,7 +10,7 @@ from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from cocos_manager.api import manager_pb2 as pb
+from cocos_manager.proto import manager_pb2 as pb
 from tests.support.harness import Manager, run_request, running_manager
 
 

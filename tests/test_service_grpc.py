@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cocos_manager.api import manager_pb2 as pb
+from cocos_manager.proto import manager_pb2 as pb
 from tests.support.harness import VNC_BASE, Manager, run_request, running_manager
 from tests.support.processes import children
 from tests.support.streams import read_agent

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from cocos_manager.go_parse import PortRange
-from cocos_manager.setting_choices import AgentChannel, LogLevel
-from cocos_manager.settings import (
+from cocos_manager.config.choices import AgentChannel, LogLevel
+from cocos_manager.config.go_parse import PortRange
+from cocos_manager.config.settings import (
     QemuSettings,
     ServiceSettings,
     SettingsError,
@@ -330,7 +330,7 @@ def test_a_jaeger_url_that_is_not_http_is_refused(
 
 
 def test_unknown_variables_get_the_closest_known_name() -> None:
-    from cocos_manager.unknown_variables import known_variables, unknown_variables
+    from cocos_manager.config.unknown_variables import known_variables, unknown_variables
 
     env = {
         "MANAGER_QEMU_MEMORY": "1G",

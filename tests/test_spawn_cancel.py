@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from cocos_manager import qemu_process, qmp, workers
+from cocos_manager.host import workers
+from cocos_manager.qemu import process as qemu_process
+from cocos_manager.qemu import qmp
 from tests.support.processes import gone_within
 
 FAKE_SUDO = '#!/bin/sh\n"$@" &\necho $!\nwait\n'

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cocos_manager import qemu_process
+from cocos_manager.qemu import process as qemu_process
 from tests.support.harness import run_request, running_manager
 from tests.support.processes import kill_and_reap, processes_mentioning
 

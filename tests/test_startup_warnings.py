@@ -16,10 +16,10 @@ from typing import Any
 import grpc
 import pytest
 
-from cocos_manager.api import manager_pb2 as pb
-from cocos_manager.api import manager_pb2_grpc as pb_grpc
-from cocos_manager.host_check import startup_checks
-from cocos_manager.settings import load_settings
+from cocos_manager.check import startup_checks
+from cocos_manager.config.settings import load_settings
+from cocos_manager.proto import manager_pb2 as pb
+from cocos_manager.proto import manager_pb2_grpc as pb_grpc
 from tests.support.logged_daemon import EXE, daemon_env, logged_daemon
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cocos_manager.lifecycle import VmState
+from cocos_manager.vm.lifecycle import VmState
 from tests.support.harness import run_request, running_manager
 from tests.support.processes import processes_mentioning
 from tests.support.waiting import wait_for

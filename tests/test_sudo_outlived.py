@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from cocos_manager.state_store import process_start_time
-from cocos_manager.sudo_stop import outlived
+from cocos_manager.host.state_store import process_start_time
+from cocos_manager.qemu.sudo import outlived
 
 
 @pytest.fixture

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from pydantic_settings import BaseSettings
 
-from cocos_manager.sdnotify import READY, STOPPING, notify
-from cocos_manager.settings import QemuSettings, ServiceSettings
+from cocos_manager.config.settings import QemuSettings, ServiceSettings
+from cocos_manager.telemetry.sdnotify import READY, STOPPING, notify
 from tests.support.waiting import unavailable
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,8 +15,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from cocos_manager.settings import ServiceSettings
-from cocos_manager.tls import (
+from cocos_manager.config.settings import ServiceSettings
+from cocos_manager.config.tls import (
     TlsConfigError,
     TlsMode,
     channel_credentials,

@@ -25,13 +25,13 @@ from opentelemetry.util._once import Once
 from thriftpy2.protocol import TBinaryProtocolFactory
 from thriftpy2.utils import deserialize
 
-from cocos_manager.interceptors import TelemetryInterceptor
-from cocos_manager.jaeger_export import jaeger_thrift
-from cocos_manager.logging import configure_logging
-from cocos_manager.metrics import Metrics
-from cocos_manager.setting_choices import LogLevel
-from cocos_manager.settings import ServiceSettings
-from cocos_manager.tracing import setup_tracing, shutdown_tracing
+from cocos_manager.api.interceptors import TelemetryInterceptor
+from cocos_manager.config.choices import LogLevel
+from cocos_manager.config.settings import ServiceSettings
+from cocos_manager.telemetry.jaeger import jaeger_thrift
+from cocos_manager.telemetry.logging import configure_logging
+from cocos_manager.telemetry.metrics import Metrics
+from cocos_manager.telemetry.tracing import setup_tracing, shutdown_tracing
 from tests.support.waiting import wait_for
 
 SERVICE = "manager.ManagerService"
@@ -554,7 +554,7 @@ async def test_shutdown_exports_what_is_queued(
 async def test_tracing_off_exports_nothing_and_says_so(
     monkeypatch: pytest.MonkeyPatch, server_for: Any, collector: Collector, log_lines: io.StringIO
 ) -> None:
-    from cocos_manager.tracing import describe_tracing
+    from cocos_manager.telemetry.tracing import describe_tracing
 
     provider = _tracing(monkeypatch, "off", schedule_delay_millis=20)
     assert ServiceSettings().JAEGER_URL == "off"
@@ -568,7 +568,7 @@ async def test_tracing_off_exports_nothing_and_says_so(
 
 
 def test_describe_tracing_hides_credentials() -> None:
-    from cocos_manager.tracing import describe_tracing
+    from cocos_manager.telemetry.tracing import describe_tracing
 
     assert describe_tracing("http://u:secret@collector:14268/api/traces") == (
         "http://collector:14268/api/traces (jaeger.thrift)"

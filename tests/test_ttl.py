@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from cocos_manager import ttl
+from cocos_manager.agent.manifest import effective_ttl, parse_ttl, validate_run_request
+from cocos_manager.config.settings import SettingsError, load_settings
 from cocos_manager.errors import InvalidArgumentError
-from cocos_manager.manifest import effective_ttl, parse_ttl, validate_run_request
-from cocos_manager.settings import SettingsError, load_settings
+from cocos_manager.vm import ttl
 from tests.support.harness import run_request
 
 

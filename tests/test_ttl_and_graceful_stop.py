@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from cocos_manager.api import manager_pb2 as pb
-from cocos_manager.api import manager_pb2_grpc as pb_grpc
+from cocos_manager.proto import manager_pb2 as pb
+from cocos_manager.proto import manager_pb2_grpc as pb_grpc
 from tests.support.daemon_process import Daemon
 from tests.support.harness import Manager, base_env, run_request, running_manager
 from tests.support.processes import processes_mentioning

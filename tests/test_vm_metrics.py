@@ -12,8 +12,12 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cocos_manager.metrics import Metrics, MetricsServer, start_metrics_server
-from cocos_manager.vm_metrics import process_usage, register_vm_metrics, unregister_vm_metrics
+from cocos_manager.telemetry.metrics import Metrics, MetricsServer, start_metrics_server
+from cocos_manager.telemetry.vm_metrics import (
+    process_usage,
+    register_vm_metrics,
+    unregister_vm_metrics,
+)
 
 # Burns about 0.4 s of CPU and holds 64 MiB resident, then says so and waits to be killed.
 BUSY = (

@@ -12,8 +12,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cocos_manager.manifest import manifest_json
-from cocos_manager.vsock import Connect
+from cocos_manager.agent.manifest import manifest_json
+from cocos_manager.agent.vsock import Connect
 from tests.support.harness import run_request, running_manager
 from tests.support.waiting import wait_for
 

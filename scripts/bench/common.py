@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 import psutil
 
-from cocos_manager.api import manager_pb2 as pb
+from cocos_manager.proto import manager_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[2]
 GUEST = REPO / "build" / "guest"

@@ -14,8 +14,8 @@ from typing import Any
 import grpc
 import psutil
 
-from cocos_manager.api import manager_pb2 as pb
-from cocos_manager.api import manager_pb2_grpc as pb_grpc
+from cocos_manager.proto import manager_pb2 as pb
+from cocos_manager.proto import manager_pb2_grpc as pb_grpc
 from scripts.bench.common import OVMF_CODE, OVMF_VARS, run_request, vnc_base
 from tests.support.daemon_process import Daemon
 

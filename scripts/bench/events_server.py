@@ -20,12 +20,12 @@ from typing import Any
 
 import grpc
 
-from cocos_manager.api import manager_pb2 as pb
-from cocos_manager.api import manager_pb2_grpc as pb_grpc
+from cocos_manager.agent.vsock import AgentEventListener
+from cocos_manager.config.settings import load_settings
 from cocos_manager.daemon import DaemonRunner
-from cocos_manager.logging import configure_logging
-from cocos_manager.settings import load_settings
-from cocos_manager.vsock import AgentEventListener
+from cocos_manager.proto import manager_pb2 as pb
+from cocos_manager.proto import manager_pb2_grpc as pb_grpc
+from cocos_manager.telemetry.logging import configure_logging
 from scripts.bench.common import REPO, run_request
 
 AGENT_TEXT = "agent log line: computation step finished, " + "x" * 60

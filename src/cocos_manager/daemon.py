@@ -15,31 +15,35 @@ from collections.abc import Callable
 
 from opentelemetry.sdk.trace import TracerProvider
 
-from cocos_manager.dialout import DialOut, DialOutConfigError
+from cocos_manager.agent.vsock import AgentEventListener, Connect, vsock_connector
+from cocos_manager.api.dialout import DialOut, DialOutConfigError
+from cocos_manager.api.interceptors import TelemetryInterceptor
+from cocos_manager.api.server import Server, build_server, listen_address
+from cocos_manager.check import log_startup_warnings
+from cocos_manager.config.choices import AgentChannel
+from cocos_manager.config.settings import Settings
+from cocos_manager.config.tls import TlsConfigError, TlsMode, describe_mode, server_credentials
 from cocos_manager.errors import ManagerError
-from cocos_manager.events import EventBus
-from cocos_manager.host_check import log_startup_warnings
-from cocos_manager.interceptors import TelemetryInterceptor
-from cocos_manager.logging import configure_logging, get_logger
-from cocos_manager.metrics import (
+from cocos_manager.events.bus import EventBus
+from cocos_manager.host.sched_weight import raise_session_weight
+from cocos_manager.host.state_lock import StateDirLockedError, hold_state_lock
+from cocos_manager.qemu.argv import effective_base_args, resolve_executable, shell_line
+from cocos_manager.service import ManagerService
+from cocos_manager.telemetry.logging import configure_logging, get_logger
+from cocos_manager.telemetry.metrics import (
     METRICS,
     MetricsServer,
     MetricsServerError,
     metrics_host,
     start_metrics_server,
 )
-from cocos_manager.qemu_argv import effective_base_args, resolve_executable, shell_line
-from cocos_manager.sched_weight import raise_session_weight
-from cocos_manager.sdnotify import READY, STOPPING, notify
-from cocos_manager.server import Server, build_server, listen_address
-from cocos_manager.service import ManagerService
-from cocos_manager.setting_choices import AgentChannel
-from cocos_manager.settings import Settings
-from cocos_manager.state_lock import StateDirLockedError, hold_state_lock
-from cocos_manager.tls import TlsConfigError, TlsMode, describe_mode, server_credentials
-from cocos_manager.tracing import describe_tracing, setup_tracing, shutdown_tracing
-from cocos_manager.vm_metrics import VmCollector, register_vm_metrics, unregister_vm_metrics
-from cocos_manager.vsock import AgentEventListener, Connect, vsock_connector
+from cocos_manager.telemetry.sdnotify import READY, STOPPING, notify
+from cocos_manager.telemetry.tracing import describe_tracing, setup_tracing, shutdown_tracing
+from cocos_manager.telemetry.vm_metrics import (
+    VmCollector,
+    register_vm_metrics,
+    unregister_vm_metrics,
+)
 
 SHUTDOWN_GRACE = 10.0
 

@@ -15,8 +15,9 @@ from pathlib import Path
 
 from opentelemetry import trace
 
-from cocos_manager.api import manager_pb2 as pb
-from cocos_manager.console_log import ConsoleArchive, ConsoleLog
+from cocos_manager.agent.manifest import effective_ttl, validated_manifest
+from cocos_manager.agent.vsock import Connect, vsock_connector
+from cocos_manager.config.settings import Settings
 from cocos_manager.errors import (
     AbortedError,
     AlreadyExistsError,
@@ -25,21 +26,20 @@ from cocos_manager.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from cocos_manager.events import EventBus, Subscription
-from cocos_manager.lifecycle import MachineContext, StopReason, VmState
-from cocos_manager.listing import computation_info
-from cocos_manager.logging import get_logger
-from cocos_manager.machine import Machine
-from cocos_manager.manifest import effective_ttl, validated_manifest
-from cocos_manager.metrics import METRICS
-from cocos_manager.qemu_argv import Executable
-from cocos_manager.recovery import recover
-from cocos_manager.resources import Pool, Pools
-from cocos_manager.settings import Settings
-from cocos_manager.state_store import StateStore
-from cocos_manager.tasks import TaskSet
-from cocos_manager.vm_files import check_images
-from cocos_manager.vsock import Connect, vsock_connector
+from cocos_manager.events.bus import EventBus, Subscription
+from cocos_manager.events.console import ConsoleArchive, ConsoleLog
+from cocos_manager.host.state_store import StateStore
+from cocos_manager.host.tasks import TaskSet
+from cocos_manager.proto import manager_pb2 as pb
+from cocos_manager.qemu.argv import Executable
+from cocos_manager.telemetry.logging import get_logger
+from cocos_manager.telemetry.metrics import METRICS
+from cocos_manager.vm.files import check_images
+from cocos_manager.vm.lifecycle import MachineContext, StopReason, VmState
+from cocos_manager.vm.listing import computation_info
+from cocos_manager.vm.machine import Machine
+from cocos_manager.vm.recovery import recover
+from cocos_manager.vm.resources import Pool, Pools
 
 _tracer = trace.get_tracer("cocos_manager.service")
 _log = get_logger()
@@ -251,7 +251,7 @@ class ManagerService:
 
     async def attestation_policy(self, computation_id: str) -> bytes:
         """The JSON document a verifier checks this computation's attestation report with."""
-        from cocos_manager.attestation import computation_policy_json
+        from cocos_manager.vm.attestation import computation_policy_json
 
         machine = self._machines.get(computation_id)
         if machine is None or machine.process is None:

@@ -18,9 +18,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cocos_manager.api import manager_pb2 as pb
-from cocos_manager.api import manager_pb2_grpc as pb_grpc
-from cocos_manager.manifest import manifest_json
+from cocos_manager.agent.manifest import manifest_json
+from cocos_manager.proto import manager_pb2 as pb
+from cocos_manager.proto import manager_pb2_grpc as pb_grpc
 from tests.e2e.test_real_vm import BOOT_TIMEOUT, read_agent, start_daemon, stop_daemon
 from tests.support.computations_server import (
     ComputationsServer,

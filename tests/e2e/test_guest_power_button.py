@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from cocos_manager.qemu_argv import qemu_args
-from cocos_manager.qmp import QmpMonitor
-from cocos_manager.settings import QemuSettings
+from cocos_manager.config.settings import QemuSettings
+from cocos_manager.qemu.argv import qemu_args
+from cocos_manager.qemu.qmp import QmpMonitor
 from tests.e2e.test_real_vm import BOOT_TIMEOUT, free_port, guest_images
 
 POWER_BUTTON_MARKER = "cocos-test: power button, shutting down"

@@ -37,10 +37,10 @@ import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cocos_manager.api import manager_pb2 as pb
-from cocos_manager.api import manager_pb2_grpc as pb_grpc
-from cocos_manager.event_messages import computation_of
-from cocos_manager.manifest import manifest_json
+from cocos_manager.agent.manifest import manifest_json
+from cocos_manager.events.messages import computation_of
+from cocos_manager.proto import manager_pb2 as pb
+from cocos_manager.proto import manager_pb2_grpc as pb_grpc
 from tests.support import daemon_process
 from tests.support.daemon_process import free_port
 from tests.support.harness import run_request, vnc_display

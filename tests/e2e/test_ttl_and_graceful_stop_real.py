@@ -19,8 +19,8 @@ import grpc
 import psutil
 import pytest
 
-from cocos_manager.api import manager_pb2 as pb
-from cocos_manager.api import manager_pb2_grpc as pb_grpc
+from cocos_manager.proto import manager_pb2 as pb
+from cocos_manager.proto import manager_pb2_grpc as pb_grpc
 from tests.e2e.test_real_vm import BOOT_TIMEOUT, start_daemon, stop_daemon
 from tests.support.harness import run_request
 from tests.support.waiting import subscribed

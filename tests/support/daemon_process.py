@@ -24,7 +24,7 @@ import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cocos_manager.api import manager_pb2_grpc as pb_grpc
+from cocos_manager.proto import manager_pb2_grpc as pb_grpc
 
 EXE = str(Path(sys.executable).with_name("cocos-manager"))
 

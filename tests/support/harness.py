@@ -18,13 +18,13 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from cocos_manager.api import manager_pb2 as pb
-from cocos_manager.api import manager_pb2_grpc as pb_grpc
+from cocos_manager.agent.vsock import Connect
+from cocos_manager.api.server import Server
+from cocos_manager.config.settings import Settings, load_settings
 from cocos_manager.daemon import DaemonRunner
-from cocos_manager.server import Server
+from cocos_manager.proto import manager_pb2 as pb
+from cocos_manager.proto import manager_pb2_grpc as pb_grpc
 from cocos_manager.service import ManagerService
-from cocos_manager.settings import Settings, load_settings
-from cocos_manager.vsock import Connect
 
 FAKE_QEMU = Path(__file__).with_name("fake_qemu.py")
 

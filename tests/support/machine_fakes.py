@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from cocos_manager.errors import QemuExitedError
-from cocos_manager.qemu_spawn import ExitInfo
+from cocos_manager.qemu.spawn import ExitInfo
 
 GATES = ("attach_output", "wait_ready", "terminate")
 

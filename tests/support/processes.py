@@ -12,7 +12,7 @@ from pathlib import Path
 def autogroup_nice(pid: int) -> int | None:
     """The nice of the process's session autogroup; None in the kernel's root autogroup (where
     a CI runner that never began a session of its own leaves its tests)."""
-    from cocos_manager.sched_weight import session_nice
+    from cocos_manager.host.sched_weight import session_nice
 
     return session_nice(Path(f"/proc/{pid}/autogroup"))
 

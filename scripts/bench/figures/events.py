@@ -17,8 +17,8 @@ from typing import Any
 
 import grpc
 
-from cocos_manager.api import manager_pb2 as pb
-from cocos_manager.api import manager_pb2_grpc as pb_grpc
+from cocos_manager.proto import manager_pb2 as pb
+from cocos_manager.proto import manager_pb2_grpc as pb_grpc
 from scripts.bench.common import REPO, log
 from scripts.bench.report import Figure, percentile, summary
 

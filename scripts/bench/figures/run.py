@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from cocos_manager.api import manager_pb2 as pb
+from cocos_manager.proto import manager_pb2 as pb
 from scripts.bench.baselines import VmFileStash, direct_run, strip_qmp
 from scripts.bench.common import OVMF_VARS, REPO, Images, MiB, is_sparse, log
 from scripts.bench.daemon import BenchDaemon

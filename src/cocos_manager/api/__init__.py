@@ -1,1 +1,1 @@
-"""Generated gRPC code: run `make proto` after editing proto/manager.proto."""
+"""The gRPC face: the servicer that maps requests and errors, its interceptors, the server, and the dial-out client of a computations server."""

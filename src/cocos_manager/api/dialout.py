@@ -1,0 +1,394 @@
+"""Dial-out to a computations server: the original Manager's deployment (MANAGER_GRPC_URL).
+
+The original daemon was a gRPC *client*: it dialled the computations server and served its
+`/manager.ManagerService/Process` stream, sending `ClientStreamMessage`s (every event and log
+of every computation, and a `run_res` per started computation) and receiving
+`ComputationRunReq`s. This port keeps its own server and, when MANAGER_GRPC_URL is set, does
+the same besides. Where the original died (a failed Run ended the stream and the daemon; no
+reconnection; a slow stream blocked Run), this one:
+
+- runs each request in its own task (several at once), through `ManagerService.run`, so these
+  are the same computations as any other: Stop, Events and restart survival apply;
+- answers a failed Run with a `vm-provision`/`failed` event carrying the error (and its gRPC
+  code) and goes on;
+- retries a dropped stream or an unreachable server with capped, jittered back-off, while the
+  VMs keep running;
+- keeps what is produced meanwhile in a bounded buffer and sends it after reconnection; what
+  overflows is counted and logged once per burst. Run and the event bus only ever append to
+  that buffer, so a slow server never slows them.
+
+The service has another definition on the server side with the same full name (our own Run,
+Stop and Events): the method path is spoken here directly rather than through generated stubs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections import deque
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2
+
+from cocos_manager.config.dialout import DialOutConfig, dialout_config
+
+# Re-exported: daemon.py names the error the dial-out refuses start-up with here.
+from cocos_manager.config.dialout import DialOutConfigError as DialOutConfigError
+from cocos_manager.config.settings import ServiceSettings
+from cocos_manager.config.tls import TlsConfigError
+from cocos_manager.errors import ManagerError
+from cocos_manager.events.messages import manager_event
+from cocos_manager.proto import manager_pb2 as pb
+from cocos_manager.service import ManagerService
+from cocos_manager.telemetry.logging import get_logger
+from cocos_manager.telemetry.metrics import METRICS, Metrics
+from cocos_manager.vm.lifecycle import PROVISION
+
+PROCESS_METHOD = "/manager.ManagerService/Process"
+HEALTH_SERVICE = "manager.DialOut"
+"""Name under which the health service reports the dial-out: SERVING while connected."""
+
+BUFFER_SIZE = 10_000
+"""Events and logs kept for the stream while it is down or behind; answers to requests
+(run_res, failed events) are kept beyond it: there is one per request received."""
+BACKOFF_FIRST = 0.25
+BACKOFF_CAP = 30.0  # as the original client's maxTryDelay
+STABLE_AFTER = 10.0
+"""A stream that stayed up this long resets the back-off to its first step."""
+SETTLE = 0.25
+"""A stream the server ends this soon (e.g. UNIMPLEMENTED: not a computations server) is a
+failed attempt, not a connection: the log and health would flap otherwise."""
+SHUTDOWN_FLUSH = 5.0
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Go servers refuse client pings more often than every 5 minutes (GOAWAY "too_many_pings"):
+# 6 minutes stays clear of that and still finds a vanished server while the stream is idle.
+KEEPALIVE_MS = 360_000
+
+_log = get_logger()
+
+
+class DialOut:
+    """One Process stream at a time to the computations server, for the daemon's lifetime.
+
+    Made before the service recovers VMs of an earlier run (so that their re-adoption events
+    are forwarded too), started once the daemon serves, closed after the VMs were stopped at
+    shutdown (so that their vm-stop events go up the stream, within SHUTDOWN_FLUSH).
+    """
+
+    @classmethod
+    def configure(
+        cls, service_settings: ServiceSettings, service: ManagerService
+    ) -> DialOut | None:
+        """The daemon's dial-out, or None without MANAGER_GRPC_URL; DialOutConfigError (the
+        line the operator sees) for settings it cannot work with."""
+        try:
+            config = dialout_config(service_settings)
+        except TlsConfigError as error:
+            raise DialOutConfigError(str(error)) from None
+        if config is None:
+            return None
+        if service_settings.GRPC_MANIFEST:
+            _log.warning(
+                "MANAGER_GRPC_MANIFEST is ignored: it configures attested TLS, not supported here"
+            )
+        return cls(config, service)
+
+    def __init__(
+        self,
+        config: DialOutConfig,
+        service: ManagerService,
+        *,
+        buffer_size: int = BUFFER_SIZE,
+        metrics: Metrics = METRICS,
+    ) -> None:
+        self.config = config
+        self._service = service
+        self._metrics = metrics
+        self._buffer_size = buffer_size
+        # (message, counts against buffer_size): answers to requests do not.
+        self._buffer: deque[tuple[pb.ClientStreamMessage, bool]] = deque()
+        self._events_buffered = 0
+        self._queued = asyncio.Event()
+        self.dropped = 0  # in the current overflow burst
+        self.dropped_total = 0
+        self.connected = False
+        self._said_down = False  # "dial-out retrying" logged for the current outage
+        self.connects = 0
+        self.attempts = 0  # failed ones
+        self.pauses: list[float] = []  # the first back-off pauses, for tests and debugging
+        self.last_error = ""
+        self._health: health.aio.HealthServicer | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._health_updates: set[asyncio.Future[None]] = set()
+        self._runner: asyncio.Task[None] | None = None
+        self._closing = asyncio.Event()
+        self._call: Any = None
+        # Requests in flight per computation id, and how many vm-provision/failed events the
+        # service published for it meanwhile: a Run that fails before it was admitted
+        # (invalid, duplicate id, limit) publishes none, and the stream must still be told.
+        self._inflight: dict[str, int] = {}
+        self._failures_seen: dict[str, int] = {}
+        self._untap = service.bus.tap(self._on_bus_message)
+        metrics.dialout_connected.set(0)
+        metrics.dialout_buffered.set(0)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self, health_servicer: health.aio.HealthServicer | None = None) -> None:
+        self._health = health_servicer
+        _log.info(f"dial-out to {self.config.target} {self.config.description}")
+        self._runner = asyncio.ensure_future(self._run())
+        self._report_health()
+
+    async def close(self) -> None:
+        """Waits for requests in flight, sends what is buffered (while connected, for at most
+        SHUTDOWN_FLUSH), half-closes the stream and closes the channel."""
+        if self._tasks:  # normally ended already: the service refuses and ends Runs at shutdown
+            _, late = await asyncio.wait(list(self._tasks), timeout=SHUTDOWN_FLUSH)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        if self.connected and self._buffer:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained(), SHUTDOWN_FLUSH)
+        self._closing.set()
+        if self.connected and self._call is not None:  # the server sees the stream end cleanly
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._call.done_writing(), 1)
+        self._untap()
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+        self._set_connected(False, "closed")
+        if self._health is not None:
+            await self._health.set(HEALTH_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def _drained(self) -> None:
+        while self._buffer and self.connected:  # noqa: ASYNC110 (the writer signals nothing)
+            await asyncio.sleep(0.01)
+
+    # -- the outgoing buffer -----------------------------------------------------------------
+
+    def _on_bus_message(self, message: pb.ClientStreamMessage) -> None:
+        """Called inside EventBus.publish: appends or drops, never waits."""
+        if message.HasField("agent_event"):
+            event = message.agent_event
+            if event.event_type == PROVISION and event.status == "failed":
+                cid = event.computation_id
+                if cid in self._inflight:
+                    self._failures_seen[cid] = self._failures_seen.get(cid, 0) + 1
+        if self._events_buffered >= self._buffer_size:
+            if self.dropped == 0:
+                _log.warning(
+                    "dial-out buffer full: dropping events and logs",
+                    buffer_size=self._buffer_size,
+                    connected=self.connected,
+                )
+            self.dropped += 1
+            self.dropped_total += 1
+            self._metrics.dialout_dropped.inc()
+            return
+        self._events_buffered += 1
+        self._push(message, bounded=True)
+
+    def _push(self, message: pb.ClientStreamMessage, *, bounded: bool = False) -> None:
+        self._buffer.append((message, bounded))
+        self._metrics.dialout_buffered.set(len(self._buffer))
+        self._queued.set()
+
+    def _sent(self, bounded: bool) -> None:
+        if bounded:
+            self._events_buffered -= 1
+        self._metrics.dialout_buffered.set(len(self._buffer))
+        if self.dropped and self._events_buffered < self._buffer_size // 2:
+            _log.warning("dial-out buffer has room again", dropped=self.dropped)
+            self.dropped = 0
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def _on_request(self, request: pb.ComputationRunReq) -> None:
+        cid = request.id
+        self._inflight[cid] = self._inflight.get(cid, 0) + 1
+        task = asyncio.ensure_future(self._handle(request, self._failures_seen.get(cid, 0)))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, request: pb.ComputationRunReq, failures_before: int) -> None:
+        cid = request.id
+        _log.info("dial-out: Run requested", computation_id=cid)
+        try:
+            response = await self._service.run(request)
+        except ManagerError as error:
+            self._metrics.dialout_requests.labels(outcome="failed").inc()
+            if self._failures_seen.get(cid, 0) == failures_before:
+                self._push(_answer(cid, str(error), error.code))
+            _log.warning("dial-out: Run failed", computation_id=cid, error=str(error))
+        except Exception as error:  # a bug; the stream and the daemon live on
+            self._metrics.dialout_requests.labels(outcome="failed").inc()
+            self._push(_answer(cid, f"internal error: {error!r}", grpc.StatusCode.INTERNAL))
+            _log.exception("dial-out: Run raised", computation_id=cid)
+        else:
+            self._metrics.dialout_requests.labels(outcome="ok").inc()
+            self._push(pb.ClientStreamMessage(run_res=response))
+        finally:
+            left = self._inflight.get(cid, 1) - 1
+            if left:
+                self._inflight[cid] = left
+            else:
+                self._inflight.pop(cid, None)
+                self._failures_seen.pop(cid, None)
+
+    # -- the connection ----------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        delay = BACKOFF_FIRST
+        while not self._closing.is_set():
+            began = loop.time()
+            reason = await self._session()
+            lasted = loop.time() - began
+            self._set_connected(False, reason)
+            self.attempts += 1
+            self.last_error = reason
+            if lasted >= STABLE_AFTER:
+                delay = BACKOFF_FIRST
+            pause = delay / 2 + random.uniform(0, delay / 2)
+            delay = min(BACKOFF_CAP, delay * 2)
+            if len(self.pauses) < 32:
+                self.pauses.append(pause)
+            _log.debug("dial-out attempt failed", error=reason, retry_in=round(pause, 3))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), pause)
+
+    def _channel(self) -> grpc.aio.Channel:
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+            # A C int of milliseconds (24.8 days): a longer MANAGER_GRPC_TIMEOUT is capped.
+            ("grpc.keepalive_timeout_ms", min(int(self.config.timeout * 1000), 2**31 - 1)),
+            # Reconnection is this module's back-off, not the channel's own.
+            ("grpc.enable_retries", 0),
+        ]
+        if self.config.credentials is None:
+            return grpc.aio.insecure_channel(self.config.target, options=options)
+        return grpc.aio.secure_channel(self.config.target, self.config.credentials, options)
+
+    async def _session(self) -> str:
+        """One stream, from dialling to its end; returns why it ended."""
+        channel = self._channel()
+        try:
+            call = channel.stream_stream(
+                PROCESS_METHOD,
+                request_serializer=pb.ClientStreamMessage.SerializeToString,
+                response_deserializer=pb.ComputationRunReq.FromString,
+            )()
+            self._call = call
+            try:
+                await asyncio.wait_for(call.wait_for_connection(), self.config.timeout)
+            except TimeoutError:
+                call.cancel()
+                return f"no connection within MANAGER_GRPC_TIMEOUT ({self.config.timeout:g}s)"
+            except grpc.aio.AioRpcError as error:
+                return _describe(error)
+            reader = asyncio.ensure_future(self._read(call))
+            writer = asyncio.ensure_future(self._write(call))
+            try:
+                done, _ = await asyncio.wait({reader}, timeout=SETTLE)
+                if not done:
+                    self._set_connected(True)
+                done, _ = await asyncio.wait({reader, writer}, return_when="FIRST_COMPLETED")
+                return (done.pop()).result() if done else "ended"
+            finally:
+                for task in (reader, writer):
+                    task.cancel()
+                await asyncio.gather(reader, writer, return_exceptions=True)
+                call.cancel()
+        finally:
+            self._call = None
+            await channel.close(grace=None)
+
+    async def _read(self, call: Any) -> str:
+        try:
+            while True:
+                request = await call.read()
+                if request is grpc.aio.EOF:
+                    return "the server ended the stream"
+                self._set_connected(True)  # a request is proof enough, before SETTLE
+                self._on_request(request)
+        except grpc.aio.AioRpcError as error:
+            return _describe(error)
+
+    async def _write(self, call: Any) -> str:
+        timeout = self.config.timeout
+        while True:
+            if not self._buffer:
+                self._queued.clear()
+                await self._queued.wait()
+                continue
+            entry = self._buffer[0]
+            message, bounded = entry
+            # Not wait_for: a write held by flow control does not end when cancelled, and
+            # wait_for would wait for it. The session's end cancels the call, which ends it.
+            write = asyncio.ensure_future(call.write(message))
+            done, _ = await asyncio.wait({write}, timeout=timeout)
+            if not done:
+                write.add_done_callback(_retrieve)
+                return f"the server took no message for MANAGER_GRPC_TIMEOUT ({timeout:g}s)"
+            try:
+                write.result()
+            except grpc.aio.AioRpcError as error:
+                return _describe(error)
+            except Exception as error:  # e.g. a write on a call that has just ended
+                return f"write failed: {error!r}"
+            if self._buffer and self._buffer[0] is entry:
+                self._buffer.popleft()
+                self._sent(bounded)
+
+    def _set_connected(self, connected: bool, reason: str = "") -> None:
+        if connected == self.connected:
+            # Never connected yet: the first failure is said too (a wrong URL must show).
+            if not connected and reason and not self._said_down and not self._closing.is_set():
+                self._said_down = True
+                _log.warning("dial-out retrying", url=self.config.target, error=reason)
+            return
+        self.connected = connected
+        self._metrics.dialout_connected.set(1 if connected else 0)
+        if connected:
+            self.connects += 1
+            self._said_down = False
+            _log.info("dial-out connected", url=self.config.target, buffered=len(self._buffer))
+        elif not self._closing.is_set():
+            self._said_down = True
+            _log.warning("dial-out retrying", url=self.config.target, error=reason)
+        self._report_health()
+
+    def _report_health(self) -> None:
+        if self._health is None:
+            return
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if self.connected
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        task = asyncio.ensure_future(self._health.set(HEALTH_SERVICE, status))
+        self._health_updates.add(task)
+        task.add_done_callback(self._health_updates.discard)
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    """Marks an abandoned write's outcome as seen: it ended with its stream."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _describe(error: grpc.aio.AioRpcError) -> str:
+    return f"{error.code().name}: {error.details()}"
+
+
+def _answer(computation_id: str, error: str, code: grpc.StatusCode) -> pb.ClientStreamMessage:
+    """The stream's answer to a request whose Run failed before the service published why."""
+    return manager_event(computation_id, PROVISION, "failed", {"error": error, "code": code.name})

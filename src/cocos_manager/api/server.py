@@ -1,0 +1,77 @@
+"""Builds the grpc.aio server: the Manager service, health and reflection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cocos_manager.agent.protocol import MAX_FRAME
+from cocos_manager.api.servicer import ManagerServicer
+from cocos_manager.proto import manager_pb2 as pb
+from cocos_manager.proto import manager_pb2_grpc as pb_grpc
+from cocos_manager.service import ManagerService
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ManagerService"].full_name
+
+
+@dataclass
+class Server:
+    grpc: grpc.aio.Server
+    health: health.aio.HealthServicer
+    port: int
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+
+def listen_address(host: str, port: int) -> str:
+    if not host:
+        return f"[::]:{port}"
+    if ":" in host and not host.startswith("["):
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+async def build_server(
+    service: ManagerService,
+    host: str,
+    port: int,
+    credentials: grpc.ServerCredentials | None = None,
+    interceptors: list[Any] | None = None,
+) -> Server:
+    # MANAGER_GRPC_MAX_MESSAGE_SIZE (8 MiB by default): room for manifests with tens of
+    # thousands of datasets (60,000 take about 3 MiB), while one request cannot make the daemon
+    # allocate 64 MiB as before. gRPC itself answers a larger one with RESOURCE_EXHAUSTED
+    # before any of it reaches the service.
+    max_message = service.settings.service.GRPC_MAX_MESSAGE_SIZE
+    server = grpc.aio.server(
+        interceptors=interceptors or None,
+        options=[
+            ("grpc.max_receive_message_length", max_message),
+            # What the server sends is its own making; an agent's largest frame must pass.
+            ("grpc.max_send_message_length", max(max_message, MAX_FRAME + 1024)),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    pb_grpc.add_ManagerServiceServicer_to_server(ManagerServicer(service), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    address = listen_address(host, port)
+    if credentials is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, credentials)
+    return Server(grpc=server, health=health_servicer, port=bound)

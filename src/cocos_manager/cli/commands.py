@@ -1,0 +1,259 @@
+"""`cocos-manager-cli`: a control plane's view of the Manager, for operators and demos.
+
+`run` takes a manifest JSON file (the shape of ComputationRunReq, hashes as hex, base64 or
+lists of numbers), or dataset and algorithm files that it hashes with SHA3-256 as the
+original's test server did. `stop` stops a computation; `events` follows the stream;
+`attestation-policy` prints the expected launch measurement document of a confidential VM.
+`list` shows the computations the manager holds; `logs` a computation's console.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+import grpc
+from google.protobuf import json_format
+
+from cocos_manager.cli.output import (
+    computation_table,
+    console_line,
+    explain_connection_failure,
+    print_message,
+)
+from cocos_manager.cli.request import CliError, request_from_files, request_from_manifest
+from cocos_manager.config.tls import TlsConfigError, channel_credentials
+from cocos_manager.proto import manager_pb2 as pb
+from cocos_manager.proto import manager_pb2_grpc as pb_grpc
+
+
+def _channel(options: argparse.Namespace) -> grpc.aio.Channel:
+    if options.ca or options.cert or options.key:
+        try:
+            credentials = channel_credentials(options.ca, options.cert, options.key)
+        except TlsConfigError as error:
+            raise CliError(str(error)) from None
+        return grpc.aio.secure_channel(options.address, credentials)
+    return grpc.aio.insecure_channel(options.address)
+
+
+async def _run(options: argparse.Namespace) -> int:
+    if options.manifest:
+        request = request_from_manifest(options.manifest)
+    elif options.algorithm and options.id:
+        request = request_from_files(options)
+    else:
+        raise CliError("run: give --manifest FILE, or --id with --algorithm (and --dataset)")
+    if options.ttl is not None:
+        request.ttl = options.ttl
+    async with _channel(options) as channel:
+        response = await pb_grpc.ManagerServiceStub(channel).Run(request, timeout=options.timeout)
+    print_message(response, options.json)
+    return 0
+
+
+async def _stop(options: argparse.Namespace) -> int:
+    async with _channel(options) as channel:
+        await pb_grpc.ManagerServiceStub(channel).Stop(
+            pb.StopRequest(computation_id=options.computation_id), timeout=options.timeout
+        )
+    if not options.json:
+        print(f"computation {options.computation_id} stopped")
+    return 0
+
+
+async def _events(options: argparse.Namespace) -> int:
+    async with _channel(options) as channel:
+        request = pb.EventsRequest(computation_id=options.computation_id or "")
+        if options.since is not None:
+            request.since = options.since
+        stream = pb_grpc.ManagerServiceStub(channel).Events(request)
+        count = 0
+        async for message in stream:
+            print_message(message, options.json)
+            count += 1
+            if options.count and count >= options.count:
+                stream.cancel()
+                break
+    return 0
+
+
+async def _attestation_policy(options: argparse.Namespace) -> int:
+    async with _channel(options) as channel:
+        response = await pb_grpc.ManagerServiceStub(channel).AttestationPolicy(
+            pb.AttestationPolicyRequest(computation_id=options.computation_id),
+            timeout=options.timeout,
+        )
+    sys.stdout.write(response.info.decode())
+    return 0
+
+
+# -- operator queries: list, logs ---------------------------------------------------------
+
+
+async def _list(options: argparse.Namespace) -> int:
+    async with _channel(options) as channel:
+        response = await pb_grpc.ManagerServiceStub(channel).List(
+            pb.ListRequest(), timeout=options.timeout
+        )
+    if options.json:
+        print(json_format.MessageToJson(response, indent=None))
+    elif response.computations:
+        print(computation_table(response.computations))
+    else:
+        print("no computations")
+    return 0
+
+
+async def _logs(options: argparse.Namespace) -> int:
+    request = pb.LogsRequest(
+        computation_id=options.computation_id, tail=options.lines, follow=options.follow
+    )
+    async with _channel(options) as channel:
+        stream = pb_grpc.ManagerServiceStub(channel).Logs(
+            request, timeout=None if options.follow else options.timeout
+        )
+        async for log in stream:
+            if options.json:
+                print(json_format.MessageToJson(log, indent=None), flush=True)
+            else:
+                print(console_line(log), flush=True)
+    return 0
+
+
+def _seq(text: str) -> int:
+    """EventsRequest.since is a uint64."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be 0 or more (a sequence number): {text!r}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 0 or value >= 2**32:
+        raise argparse.ArgumentTypeError(f"must be 0 (all) or more: {text!r}")
+    return value
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, where there is one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, [], argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _parser() -> argparse.ArgumentParser:
+    formatter = DefaultsHelpFormatter
+    common = argparse.ArgumentParser(add_help=False, formatter_class=formatter)
+    common.add_argument("--address", "-a", default="localhost:7001", help="manager host:port")
+    common.add_argument(
+        "--ca", help="CA certificate (path or PEM) to verify the server; enables TLS"
+    )
+    common.add_argument("--cert", help="client certificate (path or PEM) for mutual TLS")
+    common.add_argument("--key", help="client private key (path or PEM) for mutual TLS")
+    common.add_argument("--timeout", type=float, default=300.0, help="seconds (run, stop)")
+    common.add_argument("--json", action="store_true", help="print messages as JSON lines")
+
+    parser = argparse.ArgumentParser(
+        prog="cocos-manager-cli", description=__doc__, formatter_class=formatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser(
+        "run", parents=[common], help="run a computation", formatter_class=formatter
+    )
+    run.add_argument("--manifest", "-m", help="ComputationRunReq as JSON")
+    run.add_argument("--id", help="computation id (with --algorithm)")
+    run.add_argument("--name", help="computation name (default: the id)")
+    run.add_argument("--description", help="computation description")
+    run.add_argument("--algorithm", help="algorithm file, hashed with SHA3-256")
+    run.add_argument("--dataset", action="append", default=[], help="dataset file (repeatable)")
+    run.add_argument("--result-consumer", action="append", help="result consumer (repeatable)")
+    run.add_argument(
+        "--agent-port",
+        default="7002",
+        help="agent_config.port: where the agent listens in the guest (the host forward "
+        "always targets the daemon's MANAGER_QEMU_GUEST_FWD_AGENT)",
+    )
+    run.add_argument("--agent-log-level", default="info", help="agent_config.log_level")
+    run.add_argument("--attested-tls", action="store_true", help="agent_config.attested_tls")
+    run.add_argument(
+        "--ttl", help="stop the VM this long after it runs (Go duration: 20s, 90m, 1h30m)"
+    )
+    stop = sub.add_parser(
+        "stop", parents=[common], help="stop a computation", formatter_class=formatter
+    )
+    stop.add_argument("computation_id", help="the id given to run")
+    events = sub.add_parser(
+        "events", parents=[common], help="follow events until Ctrl-C", formatter_class=formatter
+    )
+    events.add_argument("computation_id", nargs="?", help="only this computation")
+    events.add_argument(
+        "--count", type=_non_negative, default=0, help="stop after this many messages (0: never)"
+    )
+    events.add_argument(
+        "--since",
+        type=_seq,
+        metavar="SEQ",
+        help="first replay the retained messages numbered after SEQ (0: all retained); "
+        "text lines start with #SEQ",
+    )
+    policy = sub.add_parser(
+        "attestation-policy",
+        parents=[common],
+        help="print the JSON a verifier checks the computation's attestation report with",
+    )
+    policy.add_argument("computation_id")
+    sub.add_parser("list", parents=[common], help="the computations the manager holds")
+    logs = sub.add_parser("logs", parents=[common], help="a computation's console (QEMU, agent)")
+    logs.add_argument("computation_id")
+    logs.add_argument(
+        "--lines", "-n", type=_non_negative, default=0, help="the last N lines (0 = all kept)"
+    )
+    logs.add_argument(
+        "--follow", "-f", action="store_true", help="then new lines until the VM ends or Ctrl-C"
+    )
+    return parser
+
+
+COMMANDS = {
+    "run": _run,
+    "stop": _stop,
+    "events": _events,
+    "attestation-policy": _attestation_policy,
+    "list": _list,
+    "logs": _logs,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options = _parser().parse_args(argv)
+    try:
+        return asyncio.run(COMMANDS[options.command](options))
+    except CliError as error:
+        print(f"cocos-manager-cli: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"cocos-manager-cli: {error}", file=sys.stderr)
+        return 2
+    except grpc.aio.AioRpcError as error:
+        print(f"cocos-manager-cli: {error.code().name}: {error.details()}", file=sys.stderr)
+        if hint := explain_connection_failure(error, options):
+            print(f"cocos-manager-cli: {hint}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""Fan-out of manager events and agent messages to any number of Events subscribers.
+
+Publishing never waits: each subscriber has a queue bounded in messages and in bytes, and a
+subscriber that falls behind loses messages (counted, logged once per burst, and told with an
+"events-lost" event when it catches up) instead of slowing Run, Stop, QEMU supervision or the
+other subscribers. The original used an unbuffered channel, so a Run with nobody reading
+blocked forever.
+
+Sequence numbers and replay: every published message gets `seq`, one more than the last, and
+the bus retains the latest ones (bounded in count and bytes). A subscriber that gives `since`
+first gets the retained messages after it, then live ones; both are decided in one step on
+the event loop, so there is no gap and no duplicate between them. When messages after `since`
+are no longer retained, the stream starts with an "events-lost" event saying how many.
+
+Pacing: agent connections are the one producer that can wait. `wait_for_room` holds an agent
+back while a subscriber has a backlog of *that agent's computation's* messages (a subscriber
+busy with other computations holds it back not at all), for at most `hold_timeout`, and is
+woken when that backlog drains: no polling. A subscriber that keeps an agent waiting past
+`hold_timeout` stops pacing anyone until it has emptied its queue; meanwhile it loses
+messages and the agents go on.
+
+The bus is here; one subscriber's stream is in event_subscription.py, the manager's own
+messages in event_messages.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from cocos_manager.errors import ResourceExhaustedError
+from cocos_manager.events.messages import EVENTS_LOST, computation_of
+
+# Re-exported: machine.py and service.py import the message constructors and the stream type
+# with the bus.
+from cocos_manager.events.messages import log_message as log_message
+from cocos_manager.events.messages import manager_event as manager_event
+from cocos_manager.events.subscription import HOLD_ABOVE, RELEASE_AT, Published
+from cocos_manager.events.subscription import Subscription as Subscription
+from cocos_manager.proto import manager_pb2 as pb
+from cocos_manager.telemetry.logging import get_logger
+
+if TYPE_CHECKING:
+    from cocos_manager.config.settings import ServiceSettings
+
+DEFAULT_QUEUE_SIZE = 4096
+DEFAULT_QUEUE_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_SUBSCRIBERS = 64
+DEFAULT_RETAIN = 10_000
+DEFAULT_RETAIN_BYTES = 16 * 1024 * 1024
+DEFAULT_HOLD_TIMEOUT = 1.0
+_REMEMBERED_EVICTIONS = 10_000
+"""Computations whose last evicted message is remembered, to tell a replay filtered on one
+computation whether it lost anything."""
+
+_log = get_logger()
+
+
+class EventBus:
+    def __init__(
+        self,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        on_drop: Callable[[int], None] | None = None,
+        *,
+        queue_bytes: int = DEFAULT_QUEUE_BYTES,
+        max_subscribers: int = DEFAULT_MAX_SUBSCRIBERS,
+        retain: int = DEFAULT_RETAIN,
+        retain_bytes: int = DEFAULT_RETAIN_BYTES,
+        hold_timeout: float = DEFAULT_HOLD_TIMEOUT,
+        first_seq: int = 1,
+    ) -> None:
+        """`first_seq`: the daemon starts its numbers at its start time in microseconds
+        (`from_settings`), so every run's numbers lie above every earlier run's and a `since`
+        from before a restart is recognised; tests start at 1."""
+        self._queue_size = queue_size
+        self._queue_bytes = queue_bytes
+        self._max_subscribers = max_subscribers
+        self._retain = retain
+        self._retain_bytes = retain_bytes
+        self._hold_timeout = hold_timeout
+        self._subscribers: set[Subscription] = set()
+        self._on_drop = on_drop
+        self._history: deque[Published] = deque()
+        self._history_bytes = 0
+        # computation id -> seq of its last evicted message, least recently evicted first
+        self._last_evicted: dict[str, int] = {}
+        self._forgot_evictions = False
+        self._first_seq = first_seq
+        self._seq = first_seq - 1
+        self._room: dict[str, asyncio.Future[None]] = {}
+        self._closed = False
+        self.published = 0
+        self.dropped = 0
+        self.hold_wakeups = 0
+        """How often a held agent was woken to look again: once per drain, not per tick."""
+        self.hold_timeouts = 0
+        self._taps: list[Callable[[pb.ClientStreamMessage], None]] = []
+
+    def tap(self, listener: Callable[[pb.ClientStreamMessage], None]) -> Callable[[], None]:
+        """Calls `listener` with every message published from now on; returns the undo.
+
+        For a consumer with a bounded buffer of its own (the dial-out stream): it must not
+        block nor raise. Unlike a subscription it is not ended by `close`, so that what the
+        shutdown itself publishes (VMs stopping) can still be forwarded.
+        """
+        self._taps.append(listener)
+        return lambda: self._taps.remove(listener) if listener in self._taps else None
+
+    @classmethod
+    def from_settings(
+        cls, service: ServiceSettings, on_drop: Callable[[int], None] | None = None
+    ) -> EventBus:
+        """The bus the MANAGER_EVENTS_* settings describe."""
+        return cls(
+            on_drop=on_drop,
+            queue_bytes=service.EVENTS_QUEUE_BYTES,
+            max_subscribers=service.EVENTS_MAX_SUBSCRIBERS,
+            retain=service.EVENTS_RETAIN,
+            retain_bytes=service.EVENTS_RETAIN_BYTES,
+            hold_timeout=service.EVENTS_HOLD_TIMEOUT,
+            first_seq=int(time.time() * 1_000_000),
+        )
+
+    # -- subscribers ------------------------------------------------------------------------
+
+    def subscribe(self, computation_id: str = "", since: int | None = None) -> Subscription:
+        """A new stream; with `since`, the retained messages after it come first.
+
+        Synchronous on the loop: nothing can be published between the snapshot of the history
+        and the registration, so replay and live messages meet without a gap or a duplicate.
+        Raises ResourceExhaustedError beyond MANAGER_EVENTS_MAX_SUBSCRIBERS.
+        """
+        if self._max_subscribers and len(self._subscribers) >= self._max_subscribers:
+            raise ResourceExhaustedError(
+                f"Events: {len(self._subscribers)} subscribers already "
+                f"(MANAGER_EVENTS_MAX_SUBSCRIBERS={self._max_subscribers})"
+            )
+        replay = None if since is None else self._replay(computation_id, since)
+        subscription = Subscription(
+            self, computation_id, self._queue_size, self._queue_bytes, replay
+        )
+        if self._closed:
+            subscription.close()
+        else:
+            self._subscribers.add(subscription)
+        return subscription
+
+    def _replay(self, computation_id: str, since: int) -> list[pb.ClientStreamMessage]:
+        out: list[pb.ClientStreamMessage] = []
+        oldest = self._history[0].seq if self._history else self._seq + 1
+        if since == 0:  # everything of this run that is retained
+            since = self._first_seq - 1
+        if since > self._seq or 0 < since < self._first_seq - 1:
+            # Numbers from an earlier run of the daemon (below this run's first), or from
+            # nowhere (above its last, e.g. a clock set back between two runs).
+            out.append(
+                manager_event(
+                    computation_id,
+                    EVENTS_LOST,
+                    "restarted",
+                    {"since": since, "last": self._seq},
+                )
+            )
+            since = self._first_seq - 1
+        elif since + 1 < oldest and self._lost_after(computation_id, since):
+            lost = oldest - since - 1
+            out.append(
+                manager_event(computation_id, EVENTS_LOST, "replay", {"lost": lost, "since": since})
+            )
+        if computation_id:
+            out += (
+                item.message
+                for item in self._history
+                if item.seq > since and item.computation_id == computation_id
+            )
+        else:
+            out += (item.message for item in self._history if item.seq > since)
+        return out
+
+    def _lost_after(self, computation_id: str, since: int) -> bool:
+        """Whether a message of this stream's filter numbered after `since` was evicted. For
+        one computation, known exactly from the last eviction of each computation (unless
+        more computations were evicted than are remembered): a control plane that follows
+        its own computation is not told of losses that were all other computations'."""
+        if not computation_id:
+            return True
+        last = self._last_evicted.get(computation_id)
+        if last is None:
+            return self._forgot_evictions
+        return last > since
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        self._subscribers.discard(subscription)
+        for computation_id in list(self._room):
+            self._wake(computation_id)
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subscribers)
+
+    @property
+    def last_seq(self) -> int:
+        return self._seq
+
+    # -- publishing -------------------------------------------------------------------------
+
+    def publish(self, message: pb.ClientStreamMessage) -> None:
+        """Never blocks and never raises: callers are Run, Stop and QEMU supervision.
+        Sets `message.seq`; the message must not be changed afterwards."""
+        self._seq += 1
+        message.seq = self._seq
+        self.published += 1
+        for listener in self._taps:
+            listener(message)
+        item = Published(message, computation_of(message), message.ByteSize())
+        self._retain_item(item)
+        lost = 0
+        for subscription in self._subscribers:
+            if subscription.wants(item.computation_id) and not subscription.offer(item):
+                lost += 1
+        if lost:
+            self.dropped += lost
+            if self._on_drop is not None:
+                self._on_drop(lost)
+
+    def _retain_item(self, item: Published) -> None:
+        if not self._retain:
+            # Nothing is kept: every message is lost to replay at once, and a replay of its
+            # computation must say so (as one of every computation does).
+            self._note_eviction(item)
+            return
+        self._history.append(item)
+        self._history_bytes += item.size
+        while len(self._history) > self._retain or self._history_bytes > self._retain_bytes:
+            evicted = self._history.popleft()
+            self._history_bytes -= evicted.size
+            self._note_eviction(evicted)
+
+    def _note_eviction(self, evicted: Published) -> None:
+        last = self._last_evicted
+        last.pop(evicted.computation_id, None)  # re-inserted last: oldest first
+        last[evicted.computation_id] = evicted.seq
+        if len(last) > _REMEMBERED_EVICTIONS:
+            del last[next(iter(last))]
+            self._forgot_evictions = True
+
+    # -- pacing -----------------------------------------------------------------------------
+
+    async def wait_for_room(self, computation_id: str) -> None:
+        """For producers that can wait (agent connections): returns at once unless a
+        subscriber has a backlog of this computation's messages over half its queue; then
+        once the backlog is down to a quarter (woken by the subscriber that drained it), or
+        after `hold_timeout`, when the subscribers still holding it back stop pacing (and
+        will lose messages) until they have emptied their queues."""
+        holders = [s for s in self._subscribers if s.holds_back(computation_id, HOLD_ABOVE)]
+        if not holders:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._hold_timeout
+        while True:
+            holders = [
+                s
+                for s in holders
+                if s in self._subscribers and s.holds_back(computation_id, RELEASE_AT)
+            ]
+            if not holders:
+                return
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                self._give_up_on(holders, computation_id)
+                return
+            room = self._room.get(computation_id)
+            if room is None or room.done():
+                room = self._room[computation_id] = loop.create_future()
+            try:
+                async with asyncio.timeout(remaining):
+                    await asyncio.shield(room)
+            except TimeoutError:
+                continue
+            self.hold_wakeups += 1
+
+    def _wake(self, computation_id: str) -> None:
+        room = self._room.pop(computation_id, None)
+        if room is not None and not room.done():
+            room.set_result(None)
+
+    def _give_up_on(self, holders: list[Subscription], computation_id: str) -> None:
+        self.hold_timeouts += 1
+        for subscription in holders:
+            subscription.paces = False
+            _log.warning(
+                "events subscriber held an agent back too long; it no longer paces agents "
+                "and will lose messages until it catches up",
+                subscriber_filter=subscription.computation_id or "*",
+                computation_id=computation_id,
+                backlog=subscription.qsize(),
+            )
+
+    def close(self) -> None:
+        self._closed = True
+        for subscription in list(self._subscribers):
+            subscription.close()
+        for computation_id in list(self._room):
+            self._wake(computation_id)

@@ -1,0 +1,174 @@
+"""One Events subscriber's stream: the replay it starts with, then a queue bounded in messages
+and bytes that drops (and later says how many) rather than wait, and the per-computation backlog
+that the bus's pacing of agents looks at."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from cocos_manager.events.messages import EVENTS_LOST, manager_event
+from cocos_manager.proto import manager_pb2 as pb
+from cocos_manager.telemetry.logging import get_logger
+
+if TYPE_CHECKING:
+    from cocos_manager.events.bus import EventBus
+
+# Backlog of one computation (as a share of the queue, in messages or bytes) that holds its
+# agent back, and that lets it go: the gap spares the agent a wait per message.
+HOLD_ABOVE, RELEASE_AT = 0.5, 0.25
+
+_log = get_logger()
+
+
+class Published:
+    """A published message with what the bus needs to know about it, computed once."""
+
+    __slots__ = ("computation_id", "message", "seq", "size")
+
+    def __init__(self, message: pb.ClientStreamMessage, computation_id: str, size: int) -> None:
+        self.message = message
+        self.computation_id = computation_id
+        self.size = size
+        self.seq = message.seq
+
+
+class Subscription:
+    """One Events stream: what it replays first, a queue bounded in messages and bytes, its
+    backlog per computation (what pacing looks at), and what it has lost."""
+
+    __slots__ = (
+        "_backlog",
+        "_bus",
+        "_bytes",
+        "_closed",
+        "_items",
+        "_max_bytes",
+        "_max_messages",
+        "_ready",
+        "_replay",
+        "computation_id",
+        "dropped",
+        "lost_total",
+        "paces",
+    )
+
+    def __init__(
+        self,
+        bus: EventBus,
+        computation_id: str,
+        max_messages: int,
+        max_bytes: int,
+        replay: list[pb.ClientStreamMessage] | None = None,
+    ) -> None:
+        self._bus = bus
+        self.computation_id = computation_id
+        self._max_messages = max_messages
+        self._max_bytes = max_bytes
+        self._items: deque[Published] = deque()
+        self._bytes = 0
+        # computation id -> [queued messages, queued bytes]
+        self._backlog: dict[str, list[int]] = {}
+        self._ready = asyncio.Event()
+        self._closed = False
+        self._replay: deque[pb.ClientStreamMessage] = deque(replay or ())
+        self.dropped = 0  # lost in the current burst; reported when it catches up
+        self.lost_total = 0
+        self.paces = True  # False after it kept an agent waiting too long; True once drained
+
+    # -- queue ------------------------------------------------------------------------------
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._bytes
+
+    def wants(self, computation_id: str) -> bool:
+        return not self.computation_id or self.computation_id == computation_id
+
+    def offer(self, item: Published) -> bool:
+        if self._closed:
+            return True
+        if self._items and (
+            len(self._items) >= self._max_messages or self._bytes + item.size > self._max_bytes
+        ):
+            if self.dropped == 0:
+                _log.warning(
+                    "events subscriber is too slow: dropping messages",
+                    subscriber_filter=self.computation_id or "*",
+                )
+            self.dropped += 1
+            self.lost_total += 1
+            return False
+        if self.dropped:
+            _log.warning("events subscriber caught up", dropped=self.dropped)
+            self._push(self._lost_notice(self.dropped, "dropped"))
+            self.dropped = 0
+        self._push(item)
+        return True
+
+    def _lost_notice(self, lost: int, status: str) -> Published:
+        notice = manager_event(self.computation_id, EVENTS_LOST, status, {"lost": lost})
+        return Published(notice, self.computation_id, 0)
+
+    def _push(self, item: Published) -> None:
+        self._items.append(item)
+        self._bytes += item.size
+        backlog = self._backlog.get(item.computation_id)
+        if backlog is None:
+            self._backlog[item.computation_id] = [1, item.size]
+        else:
+            backlog[0] += 1
+            backlog[1] += item.size
+        self._ready.set()
+
+    def _take(self) -> pb.ClientStreamMessage:
+        item = self._items.popleft()
+        self._bytes -= item.size
+        backlog = self._backlog[item.computation_id]
+        backlog[0] -= 1
+        backlog[1] -= item.size
+        if not backlog[0]:
+            del self._backlog[item.computation_id]
+        if not self._items:
+            self.paces = True  # it has caught up: it may pace agents again
+        if item.computation_id in self._bus._room and self.fill(item.computation_id) <= RELEASE_AT:
+            self._bus._wake(item.computation_id)
+        return item.message
+
+    def fill(self, computation_id: str) -> float:
+        """How much of the queue this computation's messages take (messages or bytes, the
+        larger share)."""
+        backlog = self._backlog.get(computation_id)
+        if backlog is None:
+            return 0.0
+        return max(backlog[0] / self._max_messages, backlog[1] / self._max_bytes)
+
+    def holds_back(self, computation_id: str, fill: float) -> bool:
+        return self.paces and not self._closed and self.fill(computation_id) > fill
+
+    # -- stream -----------------------------------------------------------------------------
+
+    async def __aiter__(self) -> AsyncIterator[pb.ClientStreamMessage]:
+        try:
+            while self._replay:
+                yield self._replay.popleft()
+            while True:
+                if not self._items:
+                    if self._closed:
+                        return
+                    self._ready.clear()
+                    await self._ready.wait()
+                    continue
+                yield self._take()
+        finally:
+            self._bus.unsubscribe(self)
+
+    def close(self) -> None:
+        """Ends the stream after what is queued."""
+        self._closed = True
+        self._ready.set()

@@ -1,0 +1,50 @@
+"""Background tasks of the daemon: named, their failures logged as JSON, awaited at shutdown.
+
+A bare `asyncio.ensure_future` loses a task's exception until garbage collection prints it as
+a traceback on stderr, outside the JSON log; every task the daemon starts on its own goes
+through a TaskSet instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any
+
+from cocos_manager.telemetry.logging import get_logger
+
+_log = get_logger()
+
+
+class TaskSet:
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            _log.error(
+                "background task failed", task=task.get_name(), error=repr(error), exc_info=error
+            )
+
+    async def join(self, timeout: float | None = None) -> None:
+        """Waits for the tasks still running (including ones they start meanwhile)."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while self._tasks:
+            remaining = None if deadline is None else max(0.0, deadline - loop.time())
+            done, _ = await asyncio.wait(set(self._tasks), timeout=remaining)
+            if not done:
+                return

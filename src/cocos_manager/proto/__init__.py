@@ -1,0 +1,1 @@
+"""Generated gRPC code: run `make proto` after editing proto/manager.proto."""

@@ -1,0 +1,400 @@
+"""One QEMU process: started as a child, or adopted after a daemon restart, and supervised.
+
+Its exit is noticed at once through a pidfd on the event loop (no polling, no thread per
+VM), a child is reaped right then (the original left zombies), and signals
+go through the pidfd so a recycled PID can never be hit. Readiness is QEMU's own: the QMP
+monitor on a socket the daemon created and handed over, answering `query-status`. Its output
+is split into lines in qemu_output.py; where a signal is not permitted (QEMU behind sudo),
+the ways around it are in sudo_stop.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+from collections import deque
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from cocos_manager.errors import (
+    QemuExitedError,
+    ReadinessTimeoutError,
+    SudoRefusedError,
+    VmStartError,
+)
+from cocos_manager.host.state_store import process_identity, process_start_time
+from cocos_manager.host.workers import pool as _workers
+from cocos_manager.qemu import sudo as sudo_stop
+from cocos_manager.qemu.failures import (
+    classify_start_failure,
+    classify_sudo_refusal,
+)
+from cocos_manager.qemu.output import LineReader
+from cocos_manager.qemu.qmp import QmpError, QmpMonitor, open_running_monitor
+from cocos_manager.qemu.spawn import ExitInfo, kill_spawned, spawn
+from cocos_manager.telemetry.logging import get_logger
+
+LineCallback = Callable[[str, str], None]
+TAIL_LINES = 20
+_log = get_logger()
+
+
+class QemuProcess:
+    def __init__(
+        self,
+        pid: int,
+        argv: Sequence[str],
+        *,
+        popen: subprocess.Popen[bytes] | None,
+        on_line: LineCallback | None = None,
+        start_time: int | None = None,
+    ) -> None:
+        self.pid = pid
+        self.argv = list(argv)
+        # Through sudo (MANAGER_QEMU_USE_SUDO): `pid` is sudo's, QEMU is its child and root's.
+        self.wrapped = bool(self.argv) and os.path.basename(self.argv[0]) == "sudo"
+        self._qmp_path: Path | None = None
+        self._popen = popen
+        self._on_line = on_line
+        self._tail: deque[tuple[str, str]] = deque(maxlen=TAIL_LINES)
+        self._pipes: list[asyncio.Future[None]] = []
+        self._attached: set[str] = set()
+        self._loop = asyncio.get_running_loop()
+        self.exited: asyncio.Future[ExitInfo] = self._loop.create_future()
+        self.monitor: QmpMonitor | None = None  # QEMU's QMP session, once it answered
+        self._pidfd: int | None = os.pidfd_open(pid)
+        # The command line is read once QEMU answers (reading it mid-exec stalls the loop).
+        if start_time is None:
+            start_time = process_start_time(pid)
+        self.start_time, self.cmdline = start_time, list[str]()
+        self._loop.add_reader(self._pidfd, self._on_pidfd)
+
+    # -- starting ------------------------------------------------------------------------
+
+    @classmethod
+    async def start(
+        cls,
+        argv: Sequence[str],
+        *,
+        qmp_listener: socket.socket,
+        on_line: LineCallback | None = None,
+        env: dict[str, str] | None = None,
+    ) -> QemuProcess:
+        """Starts QEMU and returns its owner; a caller cancelled here has the process reaped,
+        and one cancelled at its next await still holds it. Its output is connected by
+        `attach_output()`.
+
+        Popen waits until the child has exec'd, and under a burst (32 TCG guests taking the
+        CPUs) that wait was about 30 ms per VM with the event loop blocked: it runs in a
+        worker thread, with the start time read there too, so spawns overlap (make bench).
+        """
+        queued = _workers.submit(spawn, list(argv), qmp_listener.fileno(), env)
+        spawning = asyncio.wrap_future(queued)
+        try:
+            popen, start_time = await asyncio.shield(spawning)
+        except asyncio.CancelledError:
+            if queued.cancel():  # still waiting for a worker (a burst): nothing was spawned
+                raise
+            # Reaped as a failed attempt is (kill_now + terminate): behind sudo, QEMU may already
+            # run as sudo's child, and a SIGKILLed sudo would leave it running, nobody's. Shielded
+            # as a whole, so a second cancellation cannot drop the spawned process either.
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(cls._reap_spawned(spawning, argv))
+            raise
+        try:
+            return cls(popen.pid, argv, popen=popen, on_line=on_line, start_time=start_time)
+        except BaseException:
+            kill_spawned(popen)
+            raise
+
+    @classmethod
+    async def _reap_spawned(
+        cls, spawning: asyncio.Future[tuple[subprocess.Popen[bytes], int]], argv: Sequence[str]
+    ) -> None:
+        popen, start_time = await spawning
+        try:
+            process = cls(popen.pid, argv, popen=popen, start_time=start_time)
+        except BaseException:
+            kill_spawned(popen)
+            raise
+        process.close_pipes()
+        process.kill_now()
+        await process.terminate(0)
+
+    async def attach_output(self) -> None:
+        """Connects QEMU's stdout and stderr to the line callback."""
+        assert self._popen is not None
+        loop = asyncio.get_running_loop()
+        for stream, pipe in (("stdout", self._popen.stdout), ("stderr", self._popen.stderr)):
+            if pipe is None or pipe.closed:
+                continue
+            reader = LineReader(stream, self._line)
+            self._pipes.append(reader.closed)
+            try:
+                await loop.connect_read_pipe(lambda r=reader: r, pipe)  # type: ignore[misc]
+            except BaseException:
+                pipe.close()
+                reader.connection_lost(None)
+                raise
+            self._attached.add(stream)
+
+    def close_pipes(self) -> None:
+        """Pipes never attached (a start cancelled in attach_output) are closed here."""
+        if self._popen is not None:
+            for stream, pipe in (("stdout", self._popen.stdout), ("stderr", self._popen.stderr)):
+                if pipe is not None and stream not in self._attached:
+                    pipe.close()
+
+    @classmethod
+    def adopt(
+        cls, pid: int, argv: Sequence[str], start_time: int, cmdline: Sequence[str] | None
+    ) -> QemuProcess:
+        """Supervises a QEMU started by an earlier run of the daemon (not our child).
+
+        The pidfd is opened first and the identity checked after, so the process checked is
+        the one held: raises ProcessLookupError unless PID and start time match, and the
+        command line too when it is known (it is recorded once QEMU is ready; before that,
+        a wrapper such as env or a script may still be exec'ing, and the start time, which
+        exec does not change, is what identifies the process).
+        """
+        process = cls(pid, argv, popen=None)
+        identity = process_identity(pid)
+        same = identity is not None and identity[0] == start_time
+        if same and cmdline is not None:
+            same = identity is not None and identity[1] == list(cmdline)
+        if not same or process.exited.done():
+            process._close_pidfd()
+            raise ProcessLookupError(pid)
+        return process
+
+    async def check_qmp(self, qmp_path: Path, timeout: float, *, paused: bool = False) -> None:
+        """For an adopted VM: its monitor answers and says `running` (any status for one kept
+        paused); the session is kept."""
+        self._qmp_path = qmp_path
+        self.monitor = await asyncio.wait_for(
+            open_running_monitor(qmp_path, paused=paused), timeout
+        )
+
+    def _line(self, stream: str, text: str) -> None:
+        self._tail.append((stream, text))
+        if self._on_line is not None:
+            self._on_line(stream, text)
+
+    def tail(self, stream: str | None = None) -> list[str]:
+        return [text for s, text in self._tail if stream is None or s == stream]
+
+    # -- exit ----------------------------------------------------------------------------
+
+    def _on_pidfd(self) -> None:
+        self._close_pidfd()
+        returncode = self._popen.poll() if self._popen is not None else None
+        if not self.exited.done():
+            self.exited.set_result(ExitInfo(returncode))
+
+    async def detach(self) -> None:
+        """Lets go of a QEMU left running for the next start of the daemon: its QMP session
+        (the monitor serves one client, which must be the next daemon's) and its pidfd."""
+        if self.monitor is not None:
+            await self.monitor.close()
+        self._close_pidfd()
+
+    def _close_pidfd(self) -> None:
+        if self._pidfd is not None:
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    async def wait_output(self, timeout: float = 1.0) -> None:
+        """After exit, the last lines may still be in the pipes: let them arrive. Never cancels
+        the readers (as a timed-out gather would): a process that inherited QEMU's output can
+        hold it open past any wait, and its lines still belong to the VM."""
+        if pending := [pipe for pipe in self._pipes if not pipe.done()]:
+            await asyncio.wait(pending, timeout=timeout)
+
+    def failure_text(self) -> str:
+        """QEMU's own words, for a status message: its stderr, else whatever it printed."""
+        lines = self.tail("stderr") or self.tail()
+        return "; ".join(lines[-5:]) if lines else "(QEMU printed nothing)"
+
+    # -- readiness -----------------------------------------------------------------------
+
+    async def exited_at_start(
+        self, during: str = "during start-up"
+    ) -> QemuExitedError | SudoRefusedError:
+        """The typed error for a QEMU that exited before its VM was handed to the client."""
+        await self.wait_output()
+        exit_text = self.exited.result().describe()
+        stderr = self.tail("stderr")
+        refusal = classify_sudo_refusal(stderr) if self.wrapped else None
+        if refusal is not None:
+            return sudo_stop.sudo_refused(self.argv, *refusal)
+        return QemuExitedError(
+            f"QEMU exited {during} ({exit_text}): {self.failure_text()}",
+            exit=exit_text,
+            stderr=stderr,
+            conflict=(c.value if (c := classify_start_failure(stderr)) else None),
+        )
+
+    async def wait_ready(self, qmp_path: Path, timeout: float) -> None:
+        """Returns once QMP says the VM runs; raises VmStartError with QEMU's message if not."""
+        self._qmp_path = qmp_path
+        probe = asyncio.ensure_future(open_running_monitor(qmp_path))
+        contenders: set[asyncio.Future[Any]] = {probe, self.exited}
+        try:
+            done, _ = await asyncio.wait(
+                contenders, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            if not probe.done():
+                probe.cancel()
+            with contextlib.suppress(BaseException):
+                await probe  # also retrieves an error nobody will look at (QEMU died first)
+            ready = probe.done() and not probe.cancelled() and probe.exception() is None
+            if ready and self.exited.done():  # dead anyway: not a monitor to keep
+                await probe.result().close()
+        if self.exited in done:
+            raise await self.exited_at_start()
+        if probe not in done:
+            raise ReadinessTimeoutError(f"QEMU did not become ready within {timeout:g}s")
+        try:
+            self.monitor = probe.result()
+        except QmpError as error:
+            raise VmStartError(str(error)) from None
+        except Exception as error:
+            # A QEMU that dies at start resets the monitor connection, often just before its
+            # pidfd reports the exit: give the exit a moment to show, so the error is QEMU's.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.exited), 1.0)
+            if self.exited.done():
+                raise await self.exited_at_start() from None
+            raise VmStartError(f"QEMU's QMP monitor failed: {error}") from None
+        # QMP answered from the final image (after any sudo/env exec): its identity is final.
+        self.start_time, self.cmdline = process_identity(self.pid) or (self.start_time, [])
+
+    # -- stopping ------------------------------------------------------------------------
+
+    def _signal(self, sig: int, pidfd: int | None = None) -> bool:
+        """True when delivered (or the process is gone); False when not permitted (EPERM: a
+        process of another user, such as root's QEMU behind sudo)."""
+        pidfd = self._pidfd if pidfd is None else pidfd
+        if pidfd is None:
+            return True
+        try:
+            signal.pidfd_send_signal(pidfd, sig)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return True
+
+    def send_signal(self, sig: int) -> None:
+        self._signal(sig)
+
+    def qemu_pids(self) -> list[int]:
+        """The processes that are QEMU: this one, or sudo's descendants when wrapped."""
+        return sudo_stop.descendants(self.pid) if self.wrapped else [self.pid]
+
+    def _kill_pids(self, pids: Sequence[int]) -> bool:
+        """SIGKILL through pidfds (a PID that ended and was reused is never hit)."""
+        delivered = True
+        for pid in pids:
+            try:
+                pidfd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                continue
+            try:
+                delivered = self._signal(signal.SIGKILL, pidfd) and delivered
+            finally:
+                os.close(pidfd)
+        return delivered
+
+    async def _quit(self) -> bool:
+        return await sudo_stop.quit_over_qmp(self.monitor, self._qmp_path, self.pid)
+
+    async def end_outlived(self) -> bool:
+        """sudo has ended: ends a QEMU it left running (sudo_stop.end_outlived). Returns
+        whether there was one."""
+        ended = self.exited.result().returncode if self.exited.done() else None
+        if not self.wrapped or (ended is not None and ended >= 0):
+            return False  # sudo exits of its own only once its command has ended
+        session = self.monitor is not None and not self.monitor.closed.done()
+        return await sudo_stop.end_outlived(
+            self.argv, self.pid, self.start_time, self._quit, session=session
+        )
+
+    async def _kill(self) -> bool:
+        """The SIGKILL step. Behind sudo, SIGKILL goes to QEMU, never to sudo first: a sudo
+        killed first leaves its QEMU running, root's and nobody's. Returns whether a way that
+        ends QEMU for sure was taken."""
+        if not self.wrapped:
+            return self._signal(signal.SIGKILL)
+        pids = self.qemu_pids()
+        if not pids:  # sudo has not started QEMU yet, or QEMU is gone: sudo is ours to kill
+            return self._signal(signal.SIGKILL)
+        if self._kill_pids(pids):
+            return True
+        if await sudo_stop.sudo_kill(pids, self.pid):
+            return True
+        return await self._quit()  # QEMU may still answer its monitor
+
+    async def terminate(self, timeout: float) -> ExitInfo:
+        """SIGTERM, then SIGKILL after `timeout` seconds; returns once reaped.
+
+        Where a signal is not permitted (EPERM: root's QEMU behind sudo, or an adopted process
+        of another user) QMP `quit` takes SIGTERM's place and `sudo -n kill -KILL` SIGKILL's;
+        if nothing ends QEMU, QemuStopFailedError after a bounded wait names the PID and the
+        sudoers rule, so a Stop or a shutdown never waits for ever."""
+        if not self.exited.done():
+            grace = timeout
+            if self._signal(signal.SIGTERM):
+                if self.wrapped:  # sudo relays it to QEMU: give the relay a moment
+                    grace = max(timeout, sudo_stop.SUDO_TERM_GRACE)
+            elif await self._quit():
+                grace = max(timeout, sudo_stop.SUDO_TERM_GRACE)
+            try:
+                await asyncio.wait_for(asyncio.shield(self.exited), grace)
+            except TimeoutError:
+                if not await self._kill() or self.wrapped:
+                    await self._bounded_wait()
+        result = await asyncio.shield(self.exited)
+        await self.end_outlived()
+        await self.wait_output(0.5)
+        return result
+
+    async def _bounded_wait(self) -> None:
+        """Up to GIVE_UP_AFTER for the process to end. Behind sudo, once QEMU is gone, sudo
+        itself is SIGKILLed should it linger (stopped along with a stopped QEMU, say): there is
+        nothing left to orphan."""
+        deadline = self._loop.time() + sudo_stop.GIVE_UP_AFTER
+        try:
+            while self.wrapped and not self.exited.done() and self.qemu_pids():
+                remaining = deadline - self._loop.time()
+                if remaining <= 0:
+                    raise TimeoutError
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self.exited), min(0.1, remaining))
+            if self.wrapped and not self.exited.done():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self.exited), 0.5)
+                self._signal(signal.SIGKILL)
+            remaining = max(0.0, deadline - self._loop.time())
+            await asyncio.wait_for(asyncio.shield(self.exited), remaining)
+        except TimeoutError:
+            raise sudo_stop.stop_failed(
+                self.argv, self.pid, self.qemu_pids() or [self.pid], self.wrapped
+            ) from None
+
+    def kill_now(self) -> None:
+        """Last resort during clean-up of a failed start (followed by terminate(0))."""
+        if self.wrapped:
+            # Never SIGKILL sudo here: QEMU, started or about to be, would live on, orphaned.
+            # QEMU is killed where permitted (a root daemon); sudo relays a SIGTERM otherwise.
+            self._kill_pids(self.qemu_pids())
+            self.send_signal(signal.SIGTERM)
+        else:
+            self.send_signal(signal.SIGKILL)

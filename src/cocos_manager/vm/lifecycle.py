@@ -1,0 +1,103 @@
+"""The vocabulary of a VM's lifecycle: its states and the transitions between them, why a VM
+ends, the events each change publishes, and what every Machine of a service shares.
+
+machine.py is where these are used: `Machine._set_state` is the one place a state changes
+(docs/architecture.md, "VM states and the events they publish").
+"""
+
+from __future__ import annotations
+
+import enum
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from cocos_manager.agent.vsock import Connect
+from cocos_manager.config.settings import Settings
+from cocos_manager.events.bus import EventBus
+from cocos_manager.events.console import ConsoleArchive
+from cocos_manager.host.state_store import StateStore
+from cocos_manager.host.tasks import TaskSet
+from cocos_manager.qemu.argv import Executable
+from cocos_manager.qemu.process import LineCallback, QemuProcess
+from cocos_manager.vm.resources import Pools
+
+if TYPE_CHECKING:
+    from cocos_manager.vm.machine import Machine
+
+PROVISION = "vm-provision"
+STOP = "vm-stop"
+EXIT = "vm-exit"
+PAUSED = "vm-paused"
+RESUMED = "vm-resumed"
+# QEMU run states in which the guest cannot go on by itself (QMP query-status after STOP).
+HALT_STATES = frozenset({"internal-error", "guest-panicked", "io-error", "shutdown"})
+START_ATTEMPTS = 3
+
+
+class VmState(enum.Enum):
+    ADMITTED = "admitted"  # id, numbers and record held; files being prepared
+    STARTING = "starting"  # a QEMU of this VM runs; not yet handed to the client
+    RUNNING = "running"  # the Run answered (or the VM was re-adopted)
+    PAUSED = "paused"  # QEMU halted the guest; kept for inspection (ON_GUEST_HALT=keep)
+    STOPPING = "stopping"  # Stop, shutdown or TTL is taking it down
+    RELEASED = "released"  # nothing of it is left: process, files, numbers, record
+
+
+_ALLOWED: dict[VmState | None, frozenset[VmState]] = {
+    # Admitted, or re-adopted (running, or kept paused for inspection).
+    None: frozenset({VmState.ADMITTED, VmState.RUNNING, VmState.PAUSED}),
+    VmState.ADMITTED: frozenset({VmState.STARTING, VmState.STOPPING, VmState.RELEASED}),
+    # STARTING -> STARTING: the next attempt, after a number was taken from under QEMU.
+    VmState.STARTING: frozenset(
+        {VmState.STARTING, VmState.RUNNING, VmState.STOPPING, VmState.RELEASED}
+    ),
+    VmState.RUNNING: frozenset({VmState.PAUSED, VmState.STOPPING, VmState.RELEASED}),
+    VmState.PAUSED: frozenset({VmState.RUNNING, VmState.STOPPING, VmState.RELEASED}),
+    VmState.STOPPING: frozenset({VmState.RELEASED}),
+    VmState.RELEASED: frozenset(),
+}
+
+
+class StopReason(enum.Enum):
+    CLIENT = "client"  # the Run's caller went away (cancel, deadline)
+    STOP = "stop"  # a Stop request
+    SHUTDOWN = "shutdown"  # the daemon is stopping
+    EXIT = "exit"  # QEMU exited on its own
+    TTL = "ttl"  # the computation's time to live ran out
+    FAILED = "failed"  # the start failed
+    HALTED = "halted"  # QEMU reported the guest halted (internal error, panic, I/O error)
+
+
+class StateError(Exception):
+    """A transition the lifecycle does not have: a bug, never a client's fault."""
+
+
+class Launcher(Protocol):
+    """Starts one QEMU: `QemuProcess.start`, or a stand-in in the Machine's unit tests."""
+
+    async def __call__(
+        self,
+        argv: Sequence[str],
+        *,
+        qmp_listener: socket.socket,
+        on_line: LineCallback,
+        env: dict[str, str] | None,
+    ) -> QemuProcess: ...
+
+
+@dataclass
+class MachineContext:
+    """What all Machines of one service share."""
+
+    settings: Settings
+    executable: Executable
+    bus: EventBus
+    store: StateStore
+    pools: Pools
+    tasks: TaskSet
+    agent_connector: Callable[[int], Connect]
+    on_released: Callable[[Machine], None]
+    consoles: ConsoleArchive = field(default_factory=ConsoleArchive)
+    launch: Launcher = QemuProcess.start

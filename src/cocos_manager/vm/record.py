@@ -1,0 +1,62 @@
+"""A Machine as its VM record on disk: what is written at every state change, and the error a
+record that cannot be written turns into.
+
+Apart from machine.py because it is the record's shape, not the lifecycle: recovery.py reads
+back exactly these fields after a restart.
+"""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cocos_manager.errors import FailedPreconditionError, ResourceExhaustedError
+from cocos_manager.host.state_store import VmRecord
+from cocos_manager.vm.files import vm_paths
+from cocos_manager.vm.lifecycle import VmState
+
+if TYPE_CHECKING:
+    from cocos_manager.vm.machine import Machine
+
+
+def record_of(machine: Machine) -> VmRecord:
+    """What a restart needs to find the VM again and prove its QEMU is the one recorded."""
+    r = machine.resources
+    q = machine.ctx.settings.qemu
+    files = (
+        machine.files.paths
+        if machine.files is not None
+        else vm_paths(q, machine.uuid, with_manifest=True)
+    )
+    record = VmRecord(
+        computation_id=machine.id,
+        uuid=machine.uuid,
+        state=machine.state.value if machine.state else VmState.ADMITTED.value,
+        host_port=r.host_port,
+        guest_cid=r.guest_cid,
+        vnc_display=r.vnc_display,
+        files={name: str(path) for name, path in files.items()},
+        expires_at=machine.expires_at,
+    )
+    if machine.process is not None:
+        record.pid, record.start_time = machine.process.pid, machine.process.start_time
+        record.argv, record.cmdline = machine.process.argv, machine.process.cmdline
+    elif machine.spawning_argv:  # being spawned: no pid yet, but the command line it gets
+        record.argv = list(machine.spawning_argv)
+    return record
+
+
+def record_error(
+    directory: Path, error: OSError
+) -> ResourceExhaustedError | FailedPreconditionError:
+    """A record that cannot be written, as the error the Run answers: a full disk is
+    RESOURCE_EXHAUSTED, anything else names MANAGER_STATE_DIR and the reason."""
+    directory_text = str(directory)
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ResourceExhaustedError(
+            f"MANAGER_STATE_DIR: no space left for the VM record in {directory_text!r}"
+        )
+    return FailedPreconditionError(
+        f"MANAGER_STATE_DIR: cannot write the VM record in {directory_text!r}: {error.strerror}"
+    )

@@ -1,0 +1,94 @@
+"""How a VM's end is carried out and told: QEMU powered down or killed, and the details and
+final event the release publishes.
+
+Kept apart from machine.py so the Machine reads as its transitions; these read the Machine
+they are given and never change its state (`Machine._teardown` does, once, with what they
+return).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry import trace
+
+from cocos_manager.errors import QemuStopFailedError
+from cocos_manager.qemu.process import QemuProcess
+from cocos_manager.qemu.qmp import QmpClosed, QmpError
+from cocos_manager.qemu.spawn import ExitInfo
+from cocos_manager.vm import ttl
+from cocos_manager.vm.lifecycle import EXIT, PROVISION, STOP, StopReason
+
+if TYPE_CHECKING:
+    from cocos_manager.vm.machine import Machine
+
+_tracer = trace.get_tracer("cocos_manager.machine")
+
+
+def stop_details(machine: Machine, reason: StopReason) -> dict[str, Any]:
+    """The STOPPING event's details: why, and for a TTL the deadline."""
+    if reason is StopReason.TTL and machine.expires_at is not None:
+        return ttl.stop_details(machine.expires_at)  # the deadline that ran out
+    return {"reason": reason.value}
+
+
+async def end_process(
+    machine: Machine, process: QemuProcess, reason: StopReason, *, ran: bool
+) -> dict[str, Any]:
+    """QEMU ended for the release, and what the RELEASED event says of its end. `ran`: the VM
+    reached RUNNING (a starting one is killed at once)."""
+    if reason is StopReason.EXIT:
+        await process.wait_output(0.2)
+        info = process.exited.result()
+        left: dict[str, Any] = {}
+        try:
+            await process.end_outlived()  # sudo killed under a live QEMU
+        except QemuStopFailedError as error:
+            machine.stop_failure = error
+            machine.log.error("QEMU could not be stopped", error=str(error))
+            left = {"error": str(error)}
+        tail = process.tail()
+        machine.log.warning("VM exited on its own", exit=info.describe(), last_lines=tail[-5:])
+        return {"exit": info.describe(), "returncode": info.returncode, "last_lines": tail, **left}
+    if ran:
+        with _tracer.start_as_current_span("stop"):
+            info = await power_off(machine, process)
+        return {"exit": info.describe(), **(machine.halt or {})}
+    process.close_pipes()
+    process.kill_now()
+    await process.terminate(0)
+    return {}
+
+
+async def power_off(machine: Machine, process: QemuProcess) -> ExitInfo:
+    """ACPI power-down first when a grace is set (the guest shuts down cleanly), then
+    SIGTERM, then SIGKILL after STOP_TIMEOUT."""
+    q = machine.ctx.settings.qemu
+    if q.POWERDOWN_GRACE > 0 and process.monitor is not None and machine.halt is None:
+        try:
+            await asyncio.wait_for(process.monitor.execute("system_powerdown"), 2.0)
+            await asyncio.wait_for(asyncio.shield(process.exited), q.POWERDOWN_GRACE)
+        except (TimeoutError, QmpClosed, QmpError) as error:
+            if not process.exited.done():
+                machine.log.info("guest did not power down in time", error=repr(error))
+        else:
+            machine.log.info("guest powered down", grace=q.POWERDOWN_GRACE)
+    return await process.terminate(q.STOP_TIMEOUT)
+
+
+def final_event(machine: Machine, reason: StopReason) -> tuple[str, str]:
+    """The RELEASED event's type and status: how the VM ended, as the client sees it."""
+    if reason is StopReason.HALTED:
+        return (EXIT, "failed")
+    if reason is StopReason.EXIT:
+        exited = machine.process is not None and machine.process.exited.done()
+        ok = (
+            exited
+            and machine.process is not None
+            and machine.process.exited.result().returncode == 0
+        )
+        return (EXIT, "complete" if ok else "failed")
+    if machine.error is not None or reason in (StopReason.FAILED, StopReason.CLIENT):
+        return (PROVISION, "failed")
+    return (STOP, "failed" if machine.stop_failure is not None else "complete")
