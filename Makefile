@@ -19,6 +19,7 @@ lint: install
 	$(VENV)/bin/ruff check src tests scripts
 	$(VENV)/bin/ruff format --check src tests scripts
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 # The test guest (Debian cloud kernel + busybox initramfs playing the agent); cached.
 guest: install

@@ -1,5 +1,5 @@
 """docs/architecture.md names methods as `Class.method`: files moved to stay under 400 lines
-(vm_output.py, qemu_spawn.py) must not leave the map naming a method that is gone."""
+(vm/output.py, qemu/spawn.py) must not leave the map naming a method that is gone."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ ARCHITECTURE = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
 
 def project_classes() -> dict[str, type]:
     classes: dict[str, type] = {}
-    for info in pkgutil.iter_modules(cocos_manager.__path__):
-        if info.name == "__main__":
+    for info in pkgutil.walk_packages(cocos_manager.__path__, "cocos_manager."):
+        if info.name.endswith("__main__") or info.name.startswith("cocos_manager.proto"):
             continue
-        module = importlib.import_module(f"cocos_manager.{info.name}")
+        module = importlib.import_module(info.name)
         for name, obj in vars(module).items():
             if inspect.isclass(obj) and obj.__module__ == module.__name__:
                 classes.setdefault(name, obj)

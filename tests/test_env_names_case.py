@@ -18,7 +18,7 @@ def test_lowercase_names_are_not_the_settings(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_a_lowercase_name_is_warned_about_with_the_right_spelling() -> None:
-    from cocos_manager.config.unknown_variables import unknown_variables
+    from cocos_manager.config.unknown import unknown_variables
 
     found = unknown_variables({"manager_qemu_cpu": "max", "MANAGER_QEMU_CPU": "max"})
     assert [(u.name, u.closest) for u in found] == [("manager_qemu_cpu", "MANAGER_QEMU_CPU")]

@@ -11,7 +11,7 @@ import pytest
 from google.protobuf import json_format
 
 from cocos_manager.agent.manifest import manifest_json
-from cocos_manager.config.unknown_variables import known_variables
+from cocos_manager.config.unknown import known_variables
 from cocos_manager.proto import manager_pb2 as pb
 from tests.support.certs import SERVER_SAN, issue_certificate
 from tests.support.harness import Manager, running_manager

@@ -1,4 +1,4 @@
-"""The daemon's session outweighs each of its guests' in the scheduler (sched_weight.py), and
+"""The daemon's session outweighs each of its guests' in the scheduler (host/sched_weight.py), and
 only where the session is its own: never a shell's, never its VMs'."""
 
 from __future__ import annotations

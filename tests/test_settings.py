@@ -330,7 +330,7 @@ def test_a_jaeger_url_that_is_not_http_is_refused(
 
 
 def test_unknown_variables_get_the_closest_known_name() -> None:
-    from cocos_manager.config.unknown_variables import known_variables, unknown_variables
+    from cocos_manager.config.unknown import known_variables, unknown_variables
 
     env = {
         "MANAGER_QEMU_MEMORY": "1G",

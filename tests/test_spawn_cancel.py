@@ -80,7 +80,8 @@ async def test_a_start_cancelled_while_its_spawn_waits_for_a_worker_spawns_nothi
     loop = asyncio.get_running_loop()
     release = threading.Event()
     busy = [
-        loop.run_in_executor(workers.pool, release.wait, 30) for _ in range(workers.START_WORKERS)
+        loop.run_in_executor(workers.start_pool, release.wait, 30)
+        for _ in range(workers.START_WORKERS)
     ]
     listener = qmp.qmp_listener(tmp_path / "qmp.sock")
     try:
@@ -94,7 +95,7 @@ async def test_a_start_cancelled_while_its_spawn_waits_for_a_worker_spawns_nothi
         await asyncio.gather(*busy)
         with pytest.raises(asyncio.CancelledError):
             await start
-        await loop.run_in_executor(workers.pool, lambda: None)  # the queue has drained
+        await loop.run_in_executor(workers.start_pool, lambda: None)  # the queue has drained
         assert spawned == [], "a start cancelled before its spawn ran still started QEMU"
     finally:
         release.set()

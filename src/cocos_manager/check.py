@@ -11,7 +11,7 @@ daemon must reach SERVING fast. The QEMU probes (`-version`, `-object help`, `-d
 `-machine help`, `-cpu help`) run a QEMU process each and only run in `cocos-manager check`.
 
 This module checks the service settings, files, directories and ports, and puts every probe
-together; the kernel and device probes are in host_probes.py, the QEMU ones in qemu_probes.py.
+together; the kernel and device probes are in host/probes.py, the QEMU ones in qemu/probes.py.
 """
 
 from __future__ import annotations
@@ -22,12 +22,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
 
-from cocos_manager.config.choices import tracing_off
-from cocos_manager.config.settings import Settings
-from cocos_manager.config.unknown_variables import unknown_variables
-from cocos_manager.host.check_result import Check, Status
-from cocos_manager.host.probes import Host, check_agent_channel, check_kvm, check_sev
-from cocos_manager.qemu.probes import Runner, check_qemu, check_sudo, run_probe
+from cocos_manager.config import Settings, tracing_off, unknown_variables
+from cocos_manager.host import Check, Host, Status, check_agent_channel, check_kvm, check_sev
+from cocos_manager.qemu import Runner, check_qemu, check_sudo, run_probe
 
 # -- service settings ------------------------------------------------------------------------
 
@@ -66,7 +63,7 @@ def check_unknown_variables(environ: Mapping[str, str]) -> list[Check]:
 
 def check_tls(settings: Settings) -> Check:
     """The certificates and keys parse and match, as the daemon checks them at start."""
-    from cocos_manager.config.tls import TlsConfigError, describe_mode, server_credentials
+    from cocos_manager.config import TlsConfigError, describe_mode, server_credentials
 
     try:
         mode, _ = server_credentials(settings.service)
@@ -101,7 +98,7 @@ def check_files(settings: Settings) -> list[Check]:
         "use the Cocos guest images (kernel and rootfs of a Cocos release), or `make guest` for "
         "the test guest in build/guest"
     )
-    from cocos_manager.confidential.modes import uses_bios
+    from cocos_manager.confidential import uses_bios
 
     if uses_bios(q):  # upstream SEV-SNP and TDX boot one image by -bios: no pflash drives
         checks = [_file_check("bios", "MANAGER_QEMU_BIOS_FILE", q.BIOS_FILE, ovmf)]
@@ -196,7 +193,7 @@ def run_checks(
     checks += check_qemu(settings, run)
     # What the confidential launch the settings ask for needs of this host and QEMU (policy,
     # firmware, QEMU's objects); it probes QEMU, so it runs here and not at start-up.
-    from cocos_manager.confidential.checks import confidential_host_checks
+    from cocos_manager.confidential import confidential_host_checks
 
     checks += [
         Check(name, cast(Status, status), detail)
@@ -215,8 +212,8 @@ def run_checks(
 
 
 def check_sched_weight(settings: Settings) -> Check:
-    """MANAGER_AUTOGROUP_NICE as the daemon would apply it (sched_weight.py)."""
-    from cocos_manager.host.sched_weight import weight_check
+    """MANAGER_AUTOGROUP_NICE as the daemon would apply it (host/sched_weight.py)."""
+    from cocos_manager.host import weight_check
 
     status, detail = weight_check(settings.service.AUTOGROUP_NICE)
     return Check("scheduling-weight", cast(Status, status), detail)

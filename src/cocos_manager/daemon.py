@@ -15,33 +15,45 @@ from collections.abc import Callable
 
 from opentelemetry.sdk.trace import TracerProvider
 
-from cocos_manager.agent.vsock import AgentEventListener, Connect, vsock_connector
-from cocos_manager.api.dialout import DialOut, DialOutConfigError
-from cocos_manager.api.interceptors import TelemetryInterceptor
-from cocos_manager.api.server import Server, build_server, listen_address
+from cocos_manager.agent import AgentEventListener, Connect, vsock_connector
+from cocos_manager.api import (
+    DialOut,
+    DialOutConfigError,
+    Server,
+    TelemetryInterceptor,
+    build_server,
+    listen_address,
+)
 from cocos_manager.check import log_startup_warnings
-from cocos_manager.config.choices import AgentChannel
-from cocos_manager.config.settings import Settings
-from cocos_manager.config.tls import TlsConfigError, TlsMode, describe_mode, server_credentials
+from cocos_manager.config import (
+    AgentChannel,
+    Settings,
+    TlsConfigError,
+    TlsMode,
+    describe_mode,
+    server_credentials,
+)
 from cocos_manager.errors import ManagerError
-from cocos_manager.events.bus import EventBus
-from cocos_manager.host.sched_weight import raise_session_weight
-from cocos_manager.host.state_lock import StateDirLockedError, hold_state_lock
-from cocos_manager.qemu.argv import effective_base_args, resolve_executable, shell_line
+from cocos_manager.events import EventBus
+from cocos_manager.host import StateDirLockedError, hold_state_lock, raise_session_weight
+from cocos_manager.qemu import effective_base_args, resolve_executable, shell_line
 from cocos_manager.service import ManagerService
-from cocos_manager.telemetry.logging import configure_logging, get_logger
-from cocos_manager.telemetry.metrics import (
+from cocos_manager.telemetry import (
     METRICS,
+    READY,
+    STOPPING,
     MetricsServer,
     MetricsServerError,
-    metrics_host,
-    start_metrics_server,
-)
-from cocos_manager.telemetry.sdnotify import READY, STOPPING, notify
-from cocos_manager.telemetry.tracing import describe_tracing, setup_tracing, shutdown_tracing
-from cocos_manager.telemetry.vm_metrics import (
     VmCollector,
+    configure_logging,
+    describe_tracing,
+    get_logger,
+    metrics_host,
+    notify,
     register_vm_metrics,
+    setup_tracing,
+    shutdown_tracing,
+    start_metrics_server,
     unregister_vm_metrics,
 )
 
@@ -92,7 +104,7 @@ class DaemonRunner:
         settings = self.settings
         executable = resolve_executable(settings.qemu)
         self.log.info(shell_line(executable.command(effective_base_args(settings.qemu))))
-        # Each finding once, naming the setting and the fix (host_check.py).
+        # Each finding once, naming the setting and the fix (check.py).
         log_startup_warnings(settings, self.log)
         try:
             self._mode, credentials = server_credentials(settings.service)
@@ -200,7 +212,7 @@ class DaemonRunner:
 
 async def run_daemon(settings: Settings) -> int:
     configure_logging(settings.service.LOG_LEVEL)
-    # One daemon per state directory (state_lock.py), before recovery or anything else.
+    # One daemon per state directory (host/state_lock.py), before recovery or anything else.
     try:
         hold_state_lock(settings)  # held until this process exits
     except StateDirLockedError as error:

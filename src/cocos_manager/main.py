@@ -13,10 +13,13 @@ import json
 import sys
 from collections.abc import Sequence
 
-from cocos_manager.confidential.checks import check_confidential_launch, check_settings
-from cocos_manager.confidential.modes import ConfidentialConfigError
-from cocos_manager.config.settings import Settings, SettingsError, load_settings
-from cocos_manager.qemu.argv import (
+from cocos_manager.confidential import (
+    ConfidentialConfigError,
+    check_confidential_launch,
+    check_settings,
+)
+from cocos_manager.config import Settings, SettingsError, load_settings
+from cocos_manager.qemu import (
     QemuNotFoundError,
     effective_base_args,
     qemu_args,
@@ -43,7 +46,7 @@ def _print_qemu_cmd(settings: Settings, as_json: bool, original: bool) -> int:
 
 def _check(settings: Settings, as_json: bool) -> int:
     from cocos_manager.check import run_checks
-    from cocos_manager.host.check_result import exit_code, render
+    from cocos_manager.host import exit_code, render
 
     checks = run_checks(settings)
     print(render(checks, as_json))
@@ -91,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_confidential_launch(settings.qemu)  # SNP/TDX asked for and QEMU lacks it: refuse
         if options.command == "print-qemu-cmd":
             return _print_qemu_cmd(settings, options.json, options.original)
-        from cocos_manager.telemetry.grpc_log import capture_grpc_core_log
+        from cocos_manager.telemetry import capture_grpc_core_log
 
         capture_grpc_core_log()
         from cocos_manager.daemon import StartupError, run_daemon

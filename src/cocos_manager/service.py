@@ -2,7 +2,7 @@
 
 Admission (closing, duplicate id, MAX_VMS, numbers, record) is one synchronous step on the
 event loop, so two Runs can never both pass a check that only one may. Everything about one
-VM after that, its whole lifecycle, is its `Machine` (machine.py); restarts are recovery.py's.
+VM after that, its whole lifecycle, is its `Machine` (vm/machine.py); restarts are vm/recovery.py's.
 """
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ from pathlib import Path
 
 from opentelemetry import trace
 
-from cocos_manager.agent.manifest import effective_ttl, validated_manifest
-from cocos_manager.agent.vsock import Connect, vsock_connector
-from cocos_manager.config.settings import Settings
+from cocos_manager.agent import Connect, effective_ttl, validated_manifest, vsock_connector
+from cocos_manager.config import Settings
 from cocos_manager.errors import (
     AbortedError,
     AlreadyExistsError,
@@ -26,20 +25,23 @@ from cocos_manager.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from cocos_manager.events.bus import EventBus, Subscription
-from cocos_manager.events.console import ConsoleArchive, ConsoleLog
-from cocos_manager.host.state_store import StateStore
-from cocos_manager.host.tasks import TaskSet
+from cocos_manager.events import ConsoleArchive, ConsoleLog, EventBus, Subscription
+from cocos_manager.host import StateStore, TaskSet
 from cocos_manager.proto import manager_pb2 as pb
-from cocos_manager.qemu.argv import Executable
-from cocos_manager.telemetry.logging import get_logger
-from cocos_manager.telemetry.metrics import METRICS
-from cocos_manager.vm.files import check_images
-from cocos_manager.vm.lifecycle import MachineContext, StopReason, VmState
-from cocos_manager.vm.listing import computation_info
-from cocos_manager.vm.machine import Machine
-from cocos_manager.vm.recovery import recover
-from cocos_manager.vm.resources import Pool, Pools
+from cocos_manager.qemu import Executable
+from cocos_manager.telemetry import METRICS, get_logger
+from cocos_manager.vm import (
+    Machine,
+    MachineContext,
+    Pool,
+    Pools,
+    Released,
+    StopReason,
+    VmState,
+    check_images,
+    computation_info,
+    recover,
+)
 
 _tracer = trace.get_tracer("cocos_manager.service")
 _log = get_logger()
@@ -196,7 +198,7 @@ class ManagerService:
         METRICS.vms_running.set(len(self._machines))
         return machine
 
-    def _released(self, machine: Machine) -> None:
+    def _released(self, machine: Released) -> None:
         if self._machines.get(machine.id) is machine:
             del self._machines[machine.id]
         METRICS.vms_running.set(len(self._machines))
@@ -247,11 +249,11 @@ class ManagerService:
                         await machine.process.detach()
         await self.tasks.join(timeout=self.qemu.STOP_TIMEOUT + 5)
 
-    # -- attestation policy (confidential launch: attestation.py) ---------------------------
+    # -- attestation policy (confidential launch: vm/attestation.py) ---------------------------
 
     async def attestation_policy(self, computation_id: str) -> bytes:
         """The JSON document a verifier checks this computation's attestation report with."""
-        from cocos_manager.vm.attestation import computation_policy_json
+        from cocos_manager.vm import computation_policy_json
 
         machine = self._machines.get(computation_id)
         if machine is None or machine.process is None:

@@ -89,7 +89,7 @@ async def test_system_powerdown_makes_the_guest_power_off_cleanly(tmp_path: Path
         assert process.returncode is None
 
         pressed = time.monotonic()
-        monitor = await QmpMonitor.connect(qmp)  # the daemon's own QMP client (qmp.py)
+        monitor = await QmpMonitor.connect(qmp)  # the daemon's own QMP client (qemu/qmp.py)
         try:
             await monitor.execute("system_powerdown")
             await asyncio.wait_for(asyncio.shield(exited), POWERDOWN_GRACE)

@@ -26,7 +26,7 @@ async def wait_for(condition: Callable[[], object], what: str, within: float = G
 
 async def subscribed(call: grpc.aio.UnaryStreamCall[Any, Any], within: float = GUARD) -> None:
     """An Events call is registered once its initial metadata arrives: the server sends it
-    right after subscribing (grpc_api.py), so nothing published after this is missed."""
+    right after subscribing (api/servicer.py), so nothing published after this is missed."""
     await asyncio.wait_for(call.initial_metadata(), within)
 
 

@@ -13,8 +13,7 @@ import asyncio
 import json
 from typing import Any
 
-from cocos_manager.config.go_parse import DurationRangeError, parse_go_duration
-from cocos_manager.config.settings import Settings
+from cocos_manager.config import DurationRangeError, Settings, parse_go_duration
 from cocos_manager.errors import InvalidArgumentError
 from cocos_manager.proto import manager_pb2 as pb
 

@@ -31,9 +31,9 @@ from typing import Protocol
 
 from google.protobuf.message import DecodeError
 
-from cocos_manager.events.messages import MANAGER_ORIGINATOR
+from cocos_manager.events import MANAGER_ORIGINATOR
 from cocos_manager.proto.manager_pb2 import AgentEvent, AgentLog, ClientStreamMessage
-from cocos_manager.telemetry.logging import get_logger
+from cocos_manager.telemetry import get_logger
 
 MAX_FRAME = 1 << 20
 """Largest payload accepted; bounds what one agent can make the manager allocate."""

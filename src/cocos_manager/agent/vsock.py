@@ -18,7 +18,7 @@ from typing import Any
 
 from cocos_manager.agent.protocol import close_writer, serve_agent_connection
 from cocos_manager.proto.manager_pb2 import ClientStreamMessage
-from cocos_manager.telemetry.logging import get_logger
+from cocos_manager.telemetry import get_logger
 
 AGENT_MANIFEST_PORT = 9999
 AGENT_EVENTS_PORT = 9997

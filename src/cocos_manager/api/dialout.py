@@ -32,19 +32,16 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2
 
-from cocos_manager.config.dialout import DialOutConfig, dialout_config
+from cocos_manager.config import DialOutConfig, ServiceSettings, TlsConfigError, dialout_config
 
 # Re-exported: daemon.py names the error the dial-out refuses start-up with here.
-from cocos_manager.config.dialout import DialOutConfigError as DialOutConfigError
-from cocos_manager.config.settings import ServiceSettings
-from cocos_manager.config.tls import TlsConfigError
+from cocos_manager.config import DialOutConfigError as DialOutConfigError
 from cocos_manager.errors import ManagerError
-from cocos_manager.events.messages import manager_event
+from cocos_manager.events import manager_event
 from cocos_manager.proto import manager_pb2 as pb
 from cocos_manager.service import ManagerService
-from cocos_manager.telemetry.logging import get_logger
-from cocos_manager.telemetry.metrics import METRICS, Metrics
-from cocos_manager.vm.lifecycle import PROVISION
+from cocos_manager.telemetry import METRICS, Metrics, get_logger
+from cocos_manager.vm import PROVISION
 
 PROCESS_METHOD = "/manager.ManagerService/Process"
 HEALTH_SERVICE = "manager.DialOut"

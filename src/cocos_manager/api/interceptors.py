@@ -28,7 +28,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, TracerProvider
 
-from cocos_manager.telemetry.metrics import METRICS, Metrics
+from cocos_manager.telemetry import METRICS, Metrics
 
 TRACER_NAME = "cocos_manager.grpc"
 

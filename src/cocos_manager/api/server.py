@@ -9,7 +9,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cocos_manager.agent.protocol import MAX_FRAME
+from cocos_manager.agent import MAX_FRAME
 from cocos_manager.api.servicer import ManagerServicer
 from cocos_manager.proto import manager_pb2 as pb
 from cocos_manager.proto import manager_pb2_grpc as pb_grpc

@@ -13,7 +13,7 @@ from cocos_manager.errors import InvalidArgumentError, ManagerError
 from cocos_manager.proto import manager_pb2 as pb
 from cocos_manager.proto import manager_pb2_grpc as pb_grpc
 from cocos_manager.service import ManagerService
-from cocos_manager.telemetry.logging import get_logger
+from cocos_manager.telemetry import get_logger
 
 _log = get_logger()
 

@@ -24,7 +24,7 @@ from cocos_manager.cli.output import (
     print_message,
 )
 from cocos_manager.cli.request import CliError, request_from_files, request_from_manifest
-from cocos_manager.config.tls import TlsConfigError, channel_credentials
+from cocos_manager.config import TlsConfigError, channel_credentials
 from cocos_manager.proto import manager_pb2 as pb
 from cocos_manager.proto import manager_pb2_grpc as pb_grpc
 

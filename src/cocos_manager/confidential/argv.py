@@ -1,5 +1,5 @@
 """The confidential pieces of QEMU's command line: the SEV / SEV-SNP / TDX guest objects, the
-memory backend and the firmware, for the upstream syntax (the seed's are in qemu_argv.py).
+memory backend and the firmware, for the upstream syntax (the seed's are in qemu/argv.py).
 
 A verifier can only trust a VM whose launch data it can check: with MANAGER_QEMU_BIND_MANIFEST
 the SHA-256 of the exact manifest bytes the agent receives becomes SNP `host-data` (TDX:
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cocos_manager.confidential.modes import ConfidentialConfigError, LaunchMode, launch_mode
-from cocos_manager.config.settings import QemuSettings
+from cocos_manager.config import QemuSettings
 
 ID_BLOCK_SIZE = 96  # struct sev_snp_id_block
 ID_AUTH_SIZE = 4096  # struct sev_snp_id_authentication

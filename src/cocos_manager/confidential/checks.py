@@ -18,7 +18,7 @@ from cocos_manager.confidential.modes import (
     qemu_version,
     uses_bios,
 )
-from cocos_manager.config.settings import QemuSettings
+from cocos_manager.config import QemuSettings
 
 
 def check_settings(q: QemuSettings) -> None:

@@ -9,8 +9,8 @@ unchanged; `MANAGER_QEMU_SEV_SNP_SYNTAX=upstream|auto` switches.
 QEMU's object list and version are asked once per binary and cached: they do not change while
 the daemon runs, and `auto` must not run QEMU for every VM.
 
-The command-line pieces are in confidential_argv.py, the checks of settings, host and QEMU in
-confidential_checks.py.
+The command-line pieces are in confidential/argv.py, the checks of settings, host and QEMU in
+confidential/checks.py.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ import subprocess
 from collections.abc import Callable, Sequence
 from enum import StrEnum
 
-from cocos_manager.config.choices import SnpSyntax
-from cocos_manager.config.settings import QemuSettings
+from cocos_manager.config import QemuSettings, SnpSyntax
 
 PROBE_TIMEOUT = 10.0
 

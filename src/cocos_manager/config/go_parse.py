@@ -2,7 +2,7 @@
 
 The original used caarlos0/env: booleans through strconv.ParseBool, integers through
 strconv.ParseInt(v, 10, 32), durations through time.ParseDuration. Operators' existing
-environment files must keep meaning the same thing here; settings.py declares its fields
+environment files must keep meaning the same thing here; config/settings.py declares its fields
 with these.
 """
 

@@ -266,7 +266,7 @@ def channel_credentials(
     )
 
 
-# -- dial-out to a computations server (dialout.py) -------------------------------------------
+# -- dial-out to a computations server (api/dialout.py) -------------------------------------------
 
 URL = "MANAGER_GRPC_URL"
 CLIENT_CERT = "MANAGER_GRPC_CLIENT_CERT"

@@ -19,8 +19,8 @@ woken when that backlog drains: no polling. A subscriber that keeps an agent wai
 `hold_timeout` stops pacing anyone until it has emptied its queue; meanwhile it loses
 messages and the agents go on.
 
-The bus is here; one subscriber's stream is in event_subscription.py, the manager's own
-messages in event_messages.py.
+The bus is here; one subscriber's stream is in events/subscription.py, the manager's own
+messages in events/messages.py.
 """
 
 from __future__ import annotations
@@ -34,17 +34,17 @@ from typing import TYPE_CHECKING
 from cocos_manager.errors import ResourceExhaustedError
 from cocos_manager.events.messages import EVENTS_LOST, computation_of
 
-# Re-exported: machine.py and service.py import the message constructors and the stream type
+# Re-exported: vm/machine.py and service.py import the message constructors and the stream type
 # with the bus.
 from cocos_manager.events.messages import log_message as log_message
 from cocos_manager.events.messages import manager_event as manager_event
 from cocos_manager.events.subscription import HOLD_ABOVE, RELEASE_AT, Published
 from cocos_manager.events.subscription import Subscription as Subscription
 from cocos_manager.proto import manager_pb2 as pb
-from cocos_manager.telemetry.logging import get_logger
+from cocos_manager.telemetry import get_logger
 
 if TYPE_CHECKING:
-    from cocos_manager.config.settings import ServiceSettings
+    from cocos_manager.config import ServiceSettings
 
 DEFAULT_QUEUE_SIZE = 4096
 DEFAULT_QUEUE_BYTES = 16 * 1024 * 1024
@@ -191,6 +191,10 @@ class EventBus:
         if last is None:
             return self._forgot_evictions
         return last > since
+
+    def drained(self, computation_id: str, subscription: Subscription) -> None:
+        if computation_id in self._room and subscription.fill(computation_id) <= RELEASE_AT:
+            self._wake(computation_id)
 
     def unsubscribe(self, subscription: Subscription) -> None:
         self._subscribers.discard(subscription)

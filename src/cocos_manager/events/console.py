@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from cocos_manager.config.settings import ServiceSettings
+from cocos_manager.config import ServiceSettings
 from cocos_manager.proto import manager_pb2 as pb
 
 FOLLOW_QUEUE_LINES = 1000

@@ -8,7 +8,7 @@ over is not logged but counted, and the count is logged as one line ("N console 
 suppressed") with the next line that passes, or when the VM ends. Only the log is limited:
 Events subscribers still get every line (their queues are bounded on their own).
 
-Used by each VM's output sink, vm_output.py.
+Used by each VM's output sink, vm/output.py.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from cocos_manager.config.settings import ServiceSettings
+    from cocos_manager.config import ServiceSettings
 
 
 class ConsoleLogLimiter:

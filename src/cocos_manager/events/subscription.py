@@ -7,14 +7,11 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from cocos_manager.events.messages import EVENTS_LOST, manager_event
 from cocos_manager.proto import manager_pb2 as pb
-from cocos_manager.telemetry.logging import get_logger
-
-if TYPE_CHECKING:
-    from cocos_manager.events.bus import EventBus
+from cocos_manager.telemetry import get_logger
 
 # Backlog of one computation (as a share of the queue, in messages or bytes) that holds its
 # agent back, and that lets it go: the gap spares the agent a wait per message.
@@ -33,6 +30,16 @@ class Published:
         self.computation_id = computation_id
         self.size = size
         self.seq = message.seq
+
+
+class Owner(Protocol):
+    """What a subscription tells the bus it belongs to (the bus, seen from here: the import
+    points from bus.py to this module only)."""
+
+    def drained(self, computation_id: str, subscription: Subscription) -> None:
+        """One of this computation's messages left the queue: an agent held back may go on."""
+
+    def unsubscribe(self, subscription: Subscription) -> None: ...
 
 
 class Subscription:
@@ -57,7 +64,7 @@ class Subscription:
 
     def __init__(
         self,
-        bus: EventBus,
+        bus: Owner,
         computation_id: str,
         max_messages: int,
         max_bytes: int,
@@ -136,8 +143,7 @@ class Subscription:
             del self._backlog[item.computation_id]
         if not self._items:
             self.paces = True  # it has caught up: it may pace agents again
-        if item.computation_id in self._bus._room and self.fill(item.computation_id) <= RELEASE_AT:
-            self._bus._wake(item.computation_id)
+        self._bus.drained(item.computation_id, self)
         return item.message
 
     def fill(self, computation_id: str) -> float:

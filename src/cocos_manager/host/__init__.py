@@ -1,1 +1,60 @@
-"""This host and process: kernel probes, the scheduling weight, the state directory lock, VM records and process identity, background tasks and worker threads, check results."""
+"""This host and process: kernel probes, the scheduling weight, the state directory lock, VM records and process identity, background tasks and worker threads, check results.
+
+Public names load their module on first use (docs/decisions.md, "Wings and one-way imports")."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cocos_manager.host.check_result import Check as Check
+    from cocos_manager.host.check_result import Status as Status
+    from cocos_manager.host.check_result import exit_code as exit_code
+    from cocos_manager.host.check_result import render as render
+    from cocos_manager.host.probes import Host as Host
+    from cocos_manager.host.probes import check_agent_channel as check_agent_channel
+    from cocos_manager.host.probes import check_kvm as check_kvm
+    from cocos_manager.host.probes import check_sev as check_sev
+    from cocos_manager.host.sched_weight import raise_session_weight as raise_session_weight
+    from cocos_manager.host.sched_weight import weight_check as weight_check
+    from cocos_manager.host.state_lock import StateDirLockedError as StateDirLockedError
+    from cocos_manager.host.state_lock import hold_state_lock as hold_state_lock
+    from cocos_manager.host.state_store import StateStore as StateStore
+    from cocos_manager.host.state_store import VmRecord as VmRecord
+    from cocos_manager.host.state_store import current_boot_id as current_boot_id
+    from cocos_manager.host.state_store import live_processes as live_processes
+    from cocos_manager.host.state_store import process_identity as process_identity
+    from cocos_manager.host.state_store import process_start_time as process_start_time
+    from cocos_manager.host.tasks import TaskSet as TaskSet
+    from cocos_manager.host.workers import start_pool as start_pool
+
+# Each public name and the module it lives in.
+HOMES = {
+    "Check": "check_result",
+    "exit_code": "check_result",
+    "render": "check_result",
+    "Status": "check_result",
+    "check_agent_channel": "probes",
+    "check_kvm": "probes",
+    "check_sev": "probes",
+    "Host": "probes",
+    "raise_session_weight": "sched_weight",
+    "weight_check": "sched_weight",
+    "hold_state_lock": "state_lock",
+    "StateDirLockedError": "state_lock",
+    "current_boot_id": "state_store",
+    "live_processes": "state_store",
+    "process_identity": "state_store",
+    "process_start_time": "state_store",
+    "StateStore": "state_store",
+    "VmRecord": "state_store",
+    "TaskSet": "tasks",
+    "start_pool": "workers",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in HOMES:
+        return getattr(importlib.import_module(f"{__name__}.{HOMES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,8 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cocos_manager.config.choices import AgentChannel
-from cocos_manager.config.settings import Settings
+from cocos_manager.config import AgentChannel, Settings
 from cocos_manager.host.check_result import Check
 
 KVM_GET_API_VERSION = 0xAE00

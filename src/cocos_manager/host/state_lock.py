@@ -22,8 +22,8 @@ import os
 from pathlib import Path
 from types import TracebackType
 
-from cocos_manager.config.settings import Settings
-from cocos_manager.telemetry.logging import get_logger
+from cocos_manager.config import Settings
+from cocos_manager.telemetry import get_logger
 
 LOCK_NAME = "manager.lock"
 

@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from cocos_manager.errors import FailedPreconditionError
-from cocos_manager.telemetry.logging import get_logger
+from cocos_manager.telemetry import get_logger
 
 RECORD_VERSION = 1
 _log = get_logger()
 # The states a record can be saved in: machine.VmState without "released" (a released VM has
-# no record). Kept here, not imported, because machine.py imports this module; a test checks
+# no record). Kept here, not imported, because vm/machine.py imports this module; a test checks
 # both lists agree.
 RECORD_STATES = frozenset({"admitted", "starting", "running", "paused", "stopping"})
 _PID_MAX = 1 << 22  # the kernel's PID_MAX_LIMIT on 64-bit

@@ -15,6 +15,6 @@ import os
 
 START_WORKERS = min(8, (os.cpu_count() or 1) + 2)
 
-pool = concurrent.futures.ThreadPoolExecutor(
+start_pool = concurrent.futures.ThreadPoolExecutor(
     max_workers=START_WORKERS, thread_name_prefix="vm-start"
 )

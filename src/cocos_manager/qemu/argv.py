@@ -14,9 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cocos_manager.confidential.argv import confidential_args, escape_option, pflash_drives
-from cocos_manager.confidential.modes import uses_bios
-from cocos_manager.config.settings import QemuSettings
+from cocos_manager.confidential import confidential_args, escape_option, pflash_drives, uses_bios
+from cocos_manager.config import QemuSettings
 
 FW_CFG_MANIFEST_NAME = "opt/cocos/agent-config.json"
 

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import re
+import subprocess
+from collections import deque
 from collections.abc import Callable
 
 # CSI with any parameter bytes (OVMF sends "ESC [ = 3 h"), charset selection ("ESC ( B"), and
 # the other two-byte escapes.
 _ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|[ -/]+[0-~]|[@-Z\\-_])")
 MAX_LINE = 64 * 1024
+TAIL_LINES = 20
+LineCallback = Callable[[str, str], None]
 
 
 class LineReader(asyncio.Protocol):
@@ -49,3 +53,59 @@ class LineReader(asyncio.Protocol):
             self._partial = b""
         if not self.closed.done():
             self.closed.set_result(None)
+
+
+class QemuOutput:
+    """One QEMU's stdout and stderr: each line to the VM's callback, and the last few kept for
+    the error a failed start or an exit answers with."""
+
+    def __init__(self, popen: subprocess.Popen[bytes] | None, on_line: LineCallback | None) -> None:
+        self._popen = popen
+        self._on_line = on_line
+        self._tail: deque[tuple[str, str]] = deque(maxlen=TAIL_LINES)
+        self._pipes: list[asyncio.Future[None]] = []
+        self._attached: set[str] = set()
+
+    async def attach(self) -> None:
+        """Connects QEMU's stdout and stderr to the line callback."""
+        assert self._popen is not None
+        loop = asyncio.get_running_loop()
+        for stream, pipe in (("stdout", self._popen.stdout), ("stderr", self._popen.stderr)):
+            if pipe is None or pipe.closed:
+                continue
+            reader = LineReader(stream, self._line)
+            self._pipes.append(reader.closed)
+            try:
+                await loop.connect_read_pipe(lambda r=reader: r, pipe)  # type: ignore[misc]
+            except BaseException:
+                pipe.close()
+                reader.connection_lost(None)
+                raise
+            self._attached.add(stream)
+
+    def close_unattached(self) -> None:
+        """Pipes never attached (a start cancelled in attach) are closed here."""
+        if self._popen is not None:
+            for stream, pipe in (("stdout", self._popen.stdout), ("stderr", self._popen.stderr)):
+                if pipe is not None and stream not in self._attached:
+                    pipe.close()
+
+    def _line(self, stream: str, text: str) -> None:
+        self._tail.append((stream, text))
+        if self._on_line is not None:
+            self._on_line(stream, text)
+
+    def tail(self, stream: str | None = None) -> list[str]:
+        return [text for s, text in self._tail if stream is None or s == stream]
+
+    async def wait(self, timeout: float = 1.0) -> None:
+        """After exit, the last lines may still be in the pipes: let them arrive. Never cancels
+        the readers (as a timed-out gather would): a process that inherited QEMU's output can
+        hold it open past any wait, and its lines still belong to the VM."""
+        if pending := [pipe for pipe in self._pipes if not pipe.done()]:
+            await asyncio.wait(pending, timeout=timeout)
+
+    def failure_text(self) -> str:
+        """QEMU's own words, for a status message: its stderr, else whatever it printed."""
+        lines = self.tail("stderr") or self.tail()
+        return "; ".join(lines[-5:]) if lines else "(QEMU printed nothing)"

@@ -13,9 +13,8 @@ import shutil
 import subprocess
 from collections.abc import Callable
 
-from cocos_manager.config.choices import AgentChannel
-from cocos_manager.config.settings import Settings
-from cocos_manager.host.check_result import Check
+from cocos_manager.config import AgentChannel, Settings
+from cocos_manager.host import Check
 from cocos_manager.qemu.failures import classify_sudo_refusal, daemon_user, sudoers_lines
 
 QEMU_PROBE_TIMEOUT = 10.0
@@ -76,7 +75,7 @@ def check_qemu(settings: Settings, run: Runner = run_probe) -> list[Check]:
     except (OSError, subprocess.SubprocessError) as error:
         return [Check("qemu", "fail", f"{qemu} does not answer -version/help: {error}")]
     needed: list[tuple[str, str, set[str], str]] = []
-    from cocos_manager.confidential.modes import LaunchMode, launch_mode
+    from cocos_manager.confidential import LaunchMode, launch_mode
 
     mode = launch_mode(q)
     # Upstream SEV-SNP and TDX are checked with the confidential probes (their own objects);

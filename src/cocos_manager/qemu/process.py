@@ -4,8 +4,8 @@ Its exit is noticed at once through a pidfd on the event loop (no polling, no th
 VM), a child is reaped right then (the original left zombies), and signals
 go through the pidfd so a recycled PID can never be hit. Readiness is QEMU's own: the QMP
 monitor on a socket the daemon created and handed over, answering `query-status`. Its output
-is split into lines in qemu_output.py; where a signal is not permitted (QEMU behind sudo),
-the ways around it are in sudo_stop.py.
+is split into lines in qemu/output.py; where a signal is not permitted (QEMU behind sudo),
+the ways around it are in qemu/sudo.py.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ import os
 import signal
 import socket
 import subprocess
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,20 +26,14 @@ from cocos_manager.errors import (
     SudoRefusedError,
     VmStartError,
 )
-from cocos_manager.host.state_store import process_identity, process_start_time
-from cocos_manager.host.workers import pool as _workers
+from cocos_manager.host import process_identity, process_start_time, start_pool
 from cocos_manager.qemu import sudo as sudo_stop
-from cocos_manager.qemu.failures import (
-    classify_start_failure,
-    classify_sudo_refusal,
-)
-from cocos_manager.qemu.output import LineReader
+from cocos_manager.qemu.failures import classify_start_failure, classify_sudo_refusal
+from cocos_manager.qemu.output import LineCallback, QemuOutput
 from cocos_manager.qemu.qmp import QmpError, QmpMonitor, open_running_monitor
 from cocos_manager.qemu.spawn import ExitInfo, kill_spawned, spawn
-from cocos_manager.telemetry.logging import get_logger
+from cocos_manager.telemetry import get_logger
 
-LineCallback = Callable[[str, str], None]
-TAIL_LINES = 20
 _log = get_logger()
 
 
@@ -60,10 +53,7 @@ class QemuProcess:
         self.wrapped = bool(self.argv) and os.path.basename(self.argv[0]) == "sudo"
         self._qmp_path: Path | None = None
         self._popen = popen
-        self._on_line = on_line
-        self._tail: deque[tuple[str, str]] = deque(maxlen=TAIL_LINES)
-        self._pipes: list[asyncio.Future[None]] = []
-        self._attached: set[str] = set()
+        self.output = QemuOutput(popen, on_line)
         self._loop = asyncio.get_running_loop()
         self.exited: asyncio.Future[ExitInfo] = self._loop.create_future()
         self.monitor: QmpMonitor | None = None  # QEMU's QMP session, once it answered
@@ -93,7 +83,7 @@ class QemuProcess:
         CPUs) that wait was about 30 ms per VM with the event loop blocked: it runs in a
         worker thread, with the start time read there too, so spawns overlap (make bench).
         """
-        queued = _workers.submit(spawn, list(argv), qmp_listener.fileno(), env)
+        queued = start_pool.submit(spawn, list(argv), qmp_listener.fileno(), env)
         spawning = asyncio.wrap_future(queued)
         try:
             popen, start_time = await asyncio.shield(spawning)
@@ -127,28 +117,10 @@ class QemuProcess:
         await process.terminate(0)
 
     async def attach_output(self) -> None:
-        """Connects QEMU's stdout and stderr to the line callback."""
-        assert self._popen is not None
-        loop = asyncio.get_running_loop()
-        for stream, pipe in (("stdout", self._popen.stdout), ("stderr", self._popen.stderr)):
-            if pipe is None or pipe.closed:
-                continue
-            reader = LineReader(stream, self._line)
-            self._pipes.append(reader.closed)
-            try:
-                await loop.connect_read_pipe(lambda r=reader: r, pipe)  # type: ignore[misc]
-            except BaseException:
-                pipe.close()
-                reader.connection_lost(None)
-                raise
-            self._attached.add(stream)
+        await self.output.attach()
 
     def close_pipes(self) -> None:
-        """Pipes never attached (a start cancelled in attach_output) are closed here."""
-        if self._popen is not None:
-            for stream, pipe in (("stdout", self._popen.stdout), ("stderr", self._popen.stderr)):
-                if pipe is not None and stream not in self._attached:
-                    pipe.close()
+        self.output.close_unattached()
 
     @classmethod
     def adopt(
@@ -180,13 +152,8 @@ class QemuProcess:
             open_running_monitor(qmp_path, paused=paused), timeout
         )
 
-    def _line(self, stream: str, text: str) -> None:
-        self._tail.append((stream, text))
-        if self._on_line is not None:
-            self._on_line(stream, text)
-
     def tail(self, stream: str | None = None) -> list[str]:
-        return [text for s, text in self._tail if stream is None or s == stream]
+        return self.output.tail(stream)
 
     # -- exit ----------------------------------------------------------------------------
 
@@ -210,16 +177,7 @@ class QemuProcess:
             self._pidfd = None
 
     async def wait_output(self, timeout: float = 1.0) -> None:
-        """After exit, the last lines may still be in the pipes: let them arrive. Never cancels
-        the readers (as a timed-out gather would): a process that inherited QEMU's output can
-        hold it open past any wait, and its lines still belong to the VM."""
-        if pending := [pipe for pipe in self._pipes if not pipe.done()]:
-            await asyncio.wait(pending, timeout=timeout)
-
-    def failure_text(self) -> str:
-        """QEMU's own words, for a status message: its stderr, else whatever it printed."""
-        lines = self.tail("stderr") or self.tail()
-        return "; ".join(lines[-5:]) if lines else "(QEMU printed nothing)"
+        await self.output.wait(timeout)
 
     # -- readiness -----------------------------------------------------------------------
 
@@ -234,7 +192,7 @@ class QemuProcess:
         if refusal is not None:
             return sudo_stop.sudo_refused(self.argv, *refusal)
         return QemuExitedError(
-            f"QEMU exited {during} ({exit_text}): {self.failure_text()}",
+            f"QEMU exited {during} ({exit_text}): {self.output.failure_text()}",
             exit=exit_text,
             stderr=stderr,
             conflict=(c.value if (c := classify_start_failure(stderr)) else None),
@@ -278,19 +236,10 @@ class QemuProcess:
 
     # -- stopping ------------------------------------------------------------------------
 
-    def _signal(self, sig: int, pidfd: int | None = None) -> bool:
+    def _signal(self, sig: int) -> bool:
         """True when delivered (or the process is gone); False when not permitted (EPERM: a
         process of another user, such as root's QEMU behind sudo)."""
-        pidfd = self._pidfd if pidfd is None else pidfd
-        if pidfd is None:
-            return True
-        try:
-            signal.pidfd_send_signal(pidfd, sig)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return True
+        return self._pidfd is None or signal_pidfd(self._pidfd, sig)
 
     def send_signal(self, sig: int) -> None:
         self._signal(sig)
@@ -298,20 +247,6 @@ class QemuProcess:
     def qemu_pids(self) -> list[int]:
         """The processes that are QEMU: this one, or sudo's descendants when wrapped."""
         return sudo_stop.descendants(self.pid) if self.wrapped else [self.pid]
-
-    def _kill_pids(self, pids: Sequence[int]) -> bool:
-        """SIGKILL through pidfds (a PID that ended and was reused is never hit)."""
-        delivered = True
-        for pid in pids:
-            try:
-                pidfd = os.pidfd_open(pid)
-            except ProcessLookupError:
-                continue
-            try:
-                delivered = self._signal(signal.SIGKILL, pidfd) and delivered
-            finally:
-                os.close(pidfd)
-        return delivered
 
     async def _quit(self) -> bool:
         return await sudo_stop.quit_over_qmp(self.monitor, self._qmp_path, self.pid)
@@ -336,7 +271,7 @@ class QemuProcess:
         pids = self.qemu_pids()
         if not pids:  # sudo has not started QEMU yet, or QEMU is gone: sudo is ours to kill
             return self._signal(signal.SIGKILL)
-        if self._kill_pids(pids):
+        if kill_pids(pids):
             return True
         if await sudo_stop.sudo_kill(pids, self.pid):
             return True
@@ -394,7 +329,33 @@ class QemuProcess:
         if self.wrapped:
             # Never SIGKILL sudo here: QEMU, started or about to be, would live on, orphaned.
             # QEMU is killed where permitted (a root daemon); sudo relays a SIGTERM otherwise.
-            self._kill_pids(self.qemu_pids())
+            kill_pids(self.qemu_pids())
             self.send_signal(signal.SIGTERM)
         else:
             self.send_signal(signal.SIGKILL)
+
+
+def signal_pidfd(pidfd: int, sig: int) -> bool:
+    """True when delivered (or the process is gone); False when not permitted (EPERM)."""
+    try:
+        signal.pidfd_send_signal(pidfd, sig)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return True
+
+
+def kill_pids(pids: Sequence[int]) -> bool:
+    """SIGKILL through pidfds (a PID that ended and was reused is never hit)."""
+    delivered = True
+    for pid in pids:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            delivered = signal_pidfd(pidfd, signal.SIGKILL) and delivered
+        finally:
+            os.close(pidfd)
+    return delivered

@@ -1,6 +1,6 @@
 """Starting a QEMU process, and how one ended.
 
-Kept apart from qemu_process.py (which supervises the process once it exists) because this is
+Kept apart from qemu/process.py (which supervises the process once it exists) because this is
 the part that runs in a worker thread: Popen waits until the child has exec'd.
 """
 
@@ -10,7 +10,7 @@ import signal
 import subprocess
 from dataclasses import dataclass
 
-from cocos_manager.host.state_store import process_start_time
+from cocos_manager.host import process_start_time
 from cocos_manager.qemu.failures import launch_failure
 
 

@@ -2,7 +2,7 @@
 the daemon may not signal (root's QEMU behind sudo, or an adopted process of another user).
 
 A signal to such a process fails with EPERM, so the ways around it live here, apart from
-the ordinary pidfd signalling in qemu_process.py: finding QEMU among sudo's descendants,
+the ordinary pidfd signalling in qemu/process.py: finding QEMU among sudo's descendants,
 QMP `quit` (needs only the socket), `sudo -n kill -KILL`, and the error that names the PID
 and the sudoers rule when nothing worked (see docs/decisions.md, "QEMU through sudo").
 """
@@ -18,10 +18,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from cocos_manager.errors import QemuStopFailedError, SudoRefusedError
-from cocos_manager.host.state_store import live_processes
+from cocos_manager.host import live_processes
 from cocos_manager.qemu.failures import daemon_user, sudoers_lines
 from cocos_manager.qemu.qmp import QmpError, QmpMonitor
-from cocos_manager.telemetry.logging import get_logger
+from cocos_manager.telemetry import get_logger
 
 _log = get_logger()
 # A QEMU behind sudo is root's: the daemon may signal sudo (its real uid is the daemon's) but

@@ -13,7 +13,7 @@ from typing import Any, TextIO
 import structlog
 from structlog.typing import EventDict, WrappedLogger
 
-from cocos_manager.config.choices import LogLevel
+from cocos_manager.config import LogLevel
 
 _LEVELS = {
     LogLevel.DEBUG: logging.DEBUG,

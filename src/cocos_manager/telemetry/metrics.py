@@ -29,7 +29,7 @@ from prometheus_client import (
     start_http_server,
 )
 
-from cocos_manager.config.settings import ServiceSettings
+from cocos_manager.config import ServiceSettings
 
 # Without this every counter and histogram also exports a *_created gauge per label set,
 # doubling the series for a timestamp nobody graphs. The switch is process-wide.
@@ -92,7 +92,7 @@ class Metrics:
             "Messages (events and logs) received from agents.",
             registry=self.registry,
         )
-        # -- dial-out to a computations server (dialout.py) --
+        # -- dial-out to a computations server (api/dialout.py) --
         self.dialout_connected = Gauge(
             "manager_dialout_connected",
             "1 while the Process stream to MANAGER_GRPC_URL is up, 0 while it is retried.",

@@ -11,8 +11,8 @@ while it stays down batches are dropped without being sent, except one probe eve
 OUTAGE_PROBE_INTERVAL seconds, so the queue never backs up into the RPCs. An outage is logged
 once when it starts and once when it ends, never per span.
 
-This module sets tracing up and takes it down; the thrift exporter is in jaeger_export.py,
-the outage guard in trace_outage.py.
+This module sets tracing up and takes it down; the thrift exporter is in telemetry/jaeger.py,
+the outage guard in telemetry/outage.py.
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-from cocos_manager.config.choices import tracing_off
-from cocos_manager.config.settings import ServiceSettings
+from cocos_manager.config import ServiceSettings, tracing_off
 from cocos_manager.telemetry.jaeger import EXPORT_TIMEOUT, SERVICE_NAME, JaegerThriftExporter
 from cocos_manager.telemetry.logging import get_logger
 from cocos_manager.telemetry.outage import OTLP_MESSAGES, OUTAGE_PROBE_INTERVAL, OutageGuard

@@ -1,1 +1,44 @@
-"""One VM's lifecycle: the `Machine` and its states, start, stop, record, guest watch, TTL, files, leased numbers, re-adoption after a restart, what List says, the attestation policy."""
+"""One VM's lifecycle: the `Machine` and its states, start, stop, record, guest watch, TTL, files, leased numbers, re-adoption after a restart, what List says, the attestation policy.
+
+Public names load their module on first use (docs/decisions.md, "Wings and one-way imports")."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cocos_manager.vm.attestation import computation_policy_json as computation_policy_json
+    from cocos_manager.vm.files import check_images as check_images
+    from cocos_manager.vm.lifecycle import PROVISION as PROVISION
+    from cocos_manager.vm.lifecycle import MachineContext as MachineContext
+    from cocos_manager.vm.lifecycle import Released as Released
+    from cocos_manager.vm.lifecycle import StopReason as StopReason
+    from cocos_manager.vm.lifecycle import VmState as VmState
+    from cocos_manager.vm.listing import computation_info as computation_info
+    from cocos_manager.vm.machine import Machine as Machine
+    from cocos_manager.vm.recovery import recover as recover
+    from cocos_manager.vm.resources import Pool as Pool
+    from cocos_manager.vm.resources import Pools as Pools
+
+# Each public name and the module it lives in.
+HOMES = {
+    "computation_policy_json": "attestation",
+    "check_images": "files",
+    "MachineContext": "lifecycle",
+    "PROVISION": "lifecycle",
+    "Released": "lifecycle",
+    "StopReason": "lifecycle",
+    "VmState": "lifecycle",
+    "computation_info": "listing",
+    "Machine": "machine",
+    "recover": "recovery",
+    "Pool": "resources",
+    "Pools": "resources",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in HOMES:
+        return getattr(importlib.import_module(f"{__name__}.{HOMES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

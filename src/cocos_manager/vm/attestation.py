@@ -26,7 +26,7 @@ from sevsnpmeasure import guest as snp_guest
 from sevsnpmeasure import vcpu_types
 from sevsnpmeasure.sev_mode import SevMode
 
-from cocos_manager.confidential.modes import (
+from cocos_manager.confidential import (
     LaunchMode,
     firmware_file,
     launch_mode,
@@ -34,9 +34,9 @@ from cocos_manager.confidential.modes import (
     qemu_binary,
     qemu_version,
 )
-from cocos_manager.config.settings import QemuSettings
+from cocos_manager.config import QemuSettings
 from cocos_manager.errors import FailedPreconditionError
-from cocos_manager.qemu.argv import VmResources, derive_vm_settings
+from cocos_manager.qemu import VmResources, derive_vm_settings
 
 DOCUMENT_VERSION = 1
 

@@ -15,11 +15,11 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cocos_manager.confidential.modes import uses_bios
-from cocos_manager.config.settings import QemuSettings
+from cocos_manager.confidential import uses_bios
+from cocos_manager.config import QemuSettings
 from cocos_manager.errors import FailedPreconditionError, ManagerError, ResourceExhaustedError
-from cocos_manager.qemu.argv import vm_file_paths
-from cocos_manager.telemetry.logging import get_logger
+from cocos_manager.qemu import vm_file_paths
+from cocos_manager.telemetry import get_logger
 
 _FICLONE = 0x40049409  # linux/fs.h
 _log = get_logger()

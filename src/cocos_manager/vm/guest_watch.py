@@ -10,21 +10,35 @@ MANAGER_QEMU_ON_GUEST_HALT).
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any
+from collections.abc import Coroutine
+from typing import Any, Protocol
 
-from cocos_manager.config.choices import GuestHaltAction
-from cocos_manager.qemu.process import QemuProcess
-from cocos_manager.vm.lifecycle import HALT_STATES, StopReason, VmState
+from cocos_manager.config import GuestHaltAction
+from cocos_manager.qemu import QemuProcess
+from cocos_manager.vm.lifecycle import HALT_STATES, MachineContext, StopReason, VmState
 
-if TYPE_CHECKING:
-    from cocos_manager.vm.machine import Machine
+
+class WatchedVm(Protocol):
+    """What the watcher reads of its Machine and the transitions it asks of it (vm/machine.py
+    imports this module, never the other way)."""
+
+    id: str
+    ctx: MachineContext
+    state: VmState | None
+    process: QemuProcess | None
+    halt: dict[str, Any] | None
+    log: Any
+
+    def paused(self, details: dict[str, Any]) -> None: ...
+    def resumed(self) -> None: ...
+    def stop(self, reason: StopReason) -> Coroutine[Any, Any, None]: ...
 
 
 class GuestWatch:
     """One per Machine; events of a QEMU the Machine no longer owns (a failed attempt's)
     are ignored."""
 
-    def __init__(self, machine: Machine) -> None:
+    def __init__(self, machine: WatchedVm) -> None:
         self._machine = machine
 
     def watch(self, process: QemuProcess) -> None:

@@ -1,7 +1,7 @@
 """The vocabulary of a VM's lifecycle: its states and the transitions between them, why a VM
 ends, the events each change publishes, and what every Machine of a service shares.
 
-machine.py is where these are used: `Machine._set_state` is the one place a state changes
+vm/machine.py is where these are used: `Machine._set_state` is the one place a state changes
 (docs/architecture.md, "VM states and the events they publish").
 """
 
@@ -11,20 +11,14 @@ import enum
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-from cocos_manager.agent.vsock import Connect
-from cocos_manager.config.settings import Settings
-from cocos_manager.events.bus import EventBus
-from cocos_manager.events.console import ConsoleArchive
-from cocos_manager.host.state_store import StateStore
-from cocos_manager.host.tasks import TaskSet
-from cocos_manager.qemu.argv import Executable
-from cocos_manager.qemu.process import LineCallback, QemuProcess
+from cocos_manager.agent import Connect
+from cocos_manager.config import Settings
+from cocos_manager.events import ConsoleArchive, EventBus
+from cocos_manager.host import StateStore, TaskSet
+from cocos_manager.qemu import Executable, LineCallback, QemuProcess, VmResources
 from cocos_manager.vm.resources import Pools
-
-if TYPE_CHECKING:
-    from cocos_manager.vm.machine import Machine
 
 PROVISION = "vm-provision"
 STOP = "vm-stop"
@@ -74,6 +68,24 @@ class StateError(Exception):
     """A transition the lifecycle does not have: a bug, never a client's fault."""
 
 
+def check_transition(computation_id: str, old: VmState | None, new: VmState) -> None:
+    """Raises StateError unless the lifecycle has the transition from `old` to `new`."""
+    if new not in _ALLOWED[old]:
+        previous = old.value if old else "nothing"
+        raise StateError(
+            f"computation {computation_id!r}: no transition from {previous} to {new.value}"
+        )
+
+
+class Released(Protocol):
+    """What the service is told of a VM that is gone (the Machine, seen from here)."""
+
+    id: str
+
+    @property
+    def resources(self) -> VmResources: ...
+
+
 class Launcher(Protocol):
     """Starts one QEMU: `QemuProcess.start`, or a stand-in in the Machine's unit tests."""
 
@@ -98,6 +110,6 @@ class MachineContext:
     pools: Pools
     tasks: TaskSet
     agent_connector: Callable[[int], Connect]
-    on_released: Callable[[Machine], None]
+    on_released: Callable[[Released], None]
     consoles: ConsoleArchive = field(default_factory=ConsoleArchive)
     launch: Launcher = QemuProcess.start

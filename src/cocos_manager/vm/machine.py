@@ -11,9 +11,9 @@ start, Stop, shutdown, TTL, QEMU's own exit), so a cancelled caller never leaves
 The states, their events and the teardown: docs/architecture.md.
 
 So that this file reads as the transitions, the steps that change no state live apart: a start
-attempt's files, command line and hand-over in vm_start.py, how QEMU is ended and the end told
-in vm_stop.py, QEMU's word that the guest halted in guest_watch.py, its output lines in
-vm_output.py, the record's shape in vm_record.py, re-adoption in recovery.py. Each calls back
+attempt's files, command line and hand-over in vm/start.py, how QEMU is ended and the end told
+in vm/stop.py, QEMU's word that the guest halted in vm/guest_watch.py, its output lines in
+vm/output.py, the record's shape in vm/record.py, re-adoption in vm/recovery.py. Each calls back
 here for the state change.
 """
 
@@ -25,21 +25,17 @@ from typing import Any
 
 from opentelemetry import trace
 
-from cocos_manager.confidential.modes import launched_binding
-from cocos_manager.config.choices import AgentChannel
+from cocos_manager.confidential import launched_binding
+from cocos_manager.config import AgentChannel
 from cocos_manager.errors import (
     FailedPreconditionError,
     QemuExitedError,
     QemuStopFailedError,
     ResourceExhaustedError,
 )
-from cocos_manager.events.bus import manager_event
-from cocos_manager.qemu.argv import VmResources
-from cocos_manager.qemu.environment import qemu_environment
-from cocos_manager.qemu.failures import Conflict
-from cocos_manager.qemu.process import QemuProcess
-from cocos_manager.qemu.qmp import qmp_listener
-from cocos_manager.telemetry.logging import get_logger
+from cocos_manager.events import manager_event
+from cocos_manager.qemu import Conflict, QemuProcess, VmResources, qemu_environment, qmp_listener
+from cocos_manager.telemetry import get_logger
 from cocos_manager.vm import record as vm_record
 from cocos_manager.vm import start as vm_start
 from cocos_manager.vm import stop as vm_stop
@@ -47,16 +43,15 @@ from cocos_manager.vm import ttl
 from cocos_manager.vm.files import VmFiles
 from cocos_manager.vm.guest_watch import GuestWatch
 from cocos_manager.vm.lifecycle import (
-    _ALLOWED,
     PAUSED,
     PROVISION,
     RESUMED,
     START_ATTEMPTS,
     STOP,
     MachineContext,
-    StateError,
     StopReason,
     VmState,
+    check_transition,
 )
 from cocos_manager.vm.output import VmOutput
 from cocos_manager.vm.resources import Lease
@@ -132,11 +127,7 @@ class Machine:
 
     def _set_state(self, new: VmState, event: tuple[str, str], details: dict[str, Any]) -> None:
         old = self.state
-        if new not in _ALLOWED[old]:
-            previous = old.value if old else "nothing"
-            raise StateError(
-                f"computation {self.id!r}: no transition from {previous} to {new.value}"
-            )
+        check_transition(self.id, old, new)
         self.state = new
         self.history.append(new)
         self.log.info(f"VM {new.value}", previous=old.value if old else None, **details)
@@ -287,7 +278,7 @@ class Machine:
             self.stop_reason = StopReason.EXIT
             self._release(StopReason.EXIT)
 
-    # -- QEMU's own events (decided in guest_watch.py; the transitions are here) --------------
+    # -- QEMU's own events (decided in vm/guest_watch.py; the transitions are here) --------------
 
     def paused(self, details: dict[str, Any]) -> None:
         """QEMU halted the guest and MANAGER_QEMU_ON_GUEST_HALT=keep: kept for inspection."""

@@ -1,17 +1,15 @@
 """Where a VM's QEMU output lines go: its console (Logs), Events, and the daemon's own log.
 
 Every line reaches Events and the console; the daemon's log takes them at a bounded rate
-(console_limit.py), so a chatty guest cannot trip journald's limit and hide the daemon's errors.
+(events/console_limit.py), so a chatty guest cannot trip journald's limit and hide the daemon's errors.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from cocos_manager.config.settings import ServiceSettings
-from cocos_manager.events.bus import EventBus, log_message
-from cocos_manager.events.console import ConsoleLog
-from cocos_manager.events.console_limit import ConsoleLogLimiter
+from cocos_manager.config import ServiceSettings
+from cocos_manager.events import ConsoleLog, ConsoleLogLimiter, EventBus, log_message
 
 
 class VmOutput:

@@ -1,7 +1,7 @@
 """A Machine as its VM record on disk: what is written at every state change, and the error a
 record that cannot be written turns into.
 
-Apart from machine.py because it is the record's shape, not the lifecycle: recovery.py reads
+Apart from vm/machine.py because it is the record's shape, not the lifecycle: vm/recovery.py reads
 back exactly these fields after a restart.
 """
 
@@ -9,18 +9,34 @@ from __future__ import annotations
 
 import errno
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from cocos_manager.errors import FailedPreconditionError, ResourceExhaustedError
-from cocos_manager.host.state_store import VmRecord
-from cocos_manager.vm.files import vm_paths
-from cocos_manager.vm.lifecycle import VmState
-
-if TYPE_CHECKING:
-    from cocos_manager.vm.machine import Machine
+from cocos_manager.host import VmRecord
+from cocos_manager.qemu import QemuProcess, VmResources
+from cocos_manager.vm.files import VmFiles, vm_paths
+from cocos_manager.vm.lifecycle import MachineContext, VmState
 
 
-def record_of(machine: Machine) -> VmRecord:
+class RecordedVm(Protocol):
+    """What a record says of its Machine (vm/machine.py imports this module, never the other
+    way)."""
+
+    id: str
+    ctx: MachineContext
+    state: VmState | None
+    files: VmFiles | None
+    process: QemuProcess | None
+    expires_at: float | None
+    spawning_argv: list[str]
+
+    @property
+    def uuid(self) -> str: ...
+    @property
+    def resources(self) -> VmResources: ...
+
+
+def record_of(machine: RecordedVm) -> VmRecord:
     """What a restart needs to find the VM again and prove its QEMU is the one recorded."""
     r = machine.resources
     q = machine.ctx.settings.qemu

@@ -21,15 +21,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cocos_manager.errors import FailedPreconditionError, QemuStopFailedError
-from cocos_manager.host.state_store import (
-    VmRecord,
-    current_boot_id,
-    live_processes,
-    process_identity,
-)
-from cocos_manager.qemu.argv import VmResources
-from cocos_manager.qemu.process import QemuProcess
-from cocos_manager.telemetry.logging import get_logger
+from cocos_manager.host import VmRecord, current_boot_id, live_processes, process_identity
+from cocos_manager.qemu import QemuProcess, VmResources
+from cocos_manager.telemetry import get_logger
 from cocos_manager.vm.files import VmFiles, vm_paths
 from cocos_manager.vm.lifecycle import MachineContext, VmState
 from cocos_manager.vm.listing import started_at_from_ticks

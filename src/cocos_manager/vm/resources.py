@@ -14,10 +14,9 @@ import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from cocos_manager.config.settings import PortRange, QemuSettings
+from cocos_manager.config import PortRange, QemuSettings
 from cocos_manager.errors import ResourceExhaustedError
-from cocos_manager.qemu.argv import VmResources
-from cocos_manager.qemu.failures import Conflict
+from cocos_manager.qemu import Conflict, VmResources
 
 VNC_BASE_PORT = 5900
 

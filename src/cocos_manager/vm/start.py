@@ -1,7 +1,7 @@
 """The steps of one start attempt that do not change the VM's state: its files, its command
 line, the manifest hand-over to the agent, and the numbers failed attempts found taken.
 
-Kept apart from machine.py so the Machine reads as its transitions; each step works on the
+Kept apart from vm/machine.py so the Machine reads as its transitions; each step works on the
 Machine it is given (its settings, lease and files) and raises the error its caller answers.
 """
 
@@ -10,27 +10,46 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from opentelemetry import trace
 
-from cocos_manager.agent.vsock import HandoverAborted, HandoverTimeout, send_manifest
+from cocos_manager.agent import HandoverAborted, HandoverTimeout, send_manifest
 from cocos_manager.errors import HandoverFailedError, HandoverTimeoutError, QemuExitedError
-from cocos_manager.host import workers
-from cocos_manager.qemu.argv import VmResources, vm_args
-from cocos_manager.qemu.failures import Conflict, conflicts_exhausted
-from cocos_manager.qemu.process import QemuProcess
-from cocos_manager.qemu.qmp import qmp_args
-from cocos_manager.vm.files import WouldCopy, prepare_vm_files
-from cocos_manager.vm.lifecycle import START_ATTEMPTS
-
-if TYPE_CHECKING:
-    from cocos_manager.vm.machine import Machine
+from cocos_manager.host import start_pool
+from cocos_manager.qemu import (
+    Conflict,
+    QemuProcess,
+    VmResources,
+    conflicts_exhausted,
+    qmp_args,
+    vm_args,
+)
+from cocos_manager.vm.files import VmFiles, WouldCopy, prepare_vm_files
+from cocos_manager.vm.lifecycle import START_ATTEMPTS, MachineContext
+from cocos_manager.vm.resources import Lease
 
 _tracer = trace.get_tracer("cocos_manager.machine")
 
 
-async def prepare_files(machine: Machine, manifest: bytes) -> None:
+class StartingVm(Protocol):
+    """What these steps read and set of the Machine they start (vm/machine.py imports this
+    module, never the other way)."""
+
+    ctx: MachineContext
+    files: VmFiles | None
+    lease: Lease
+    log: Any
+
+    @property
+    def uuid(self) -> str: ...
+    @property
+    def resources(self) -> VmResources: ...
+    @property
+    def fw_cfg(self) -> bool: ...
+
+
+async def prepare_files(machine: StartingVm, manifest: bytes) -> None:
     """On the loop when kernel and rootfs can be hard-linked (the usual case: a few system
     calls, and no thread hop, which in a burst of 32 Runs was the costlier part); else in
     a worker thread, which a cancelled Run cannot interrupt: on cancellation the files it
@@ -44,7 +63,7 @@ async def prepare_files(machine: Machine, manifest: bytes) -> None:
         except WouldCopy:
             pass
         preparing = asyncio.get_running_loop().run_in_executor(
-            workers.pool, prepare_vm_files, q, machine.uuid, vm_manifest
+            start_pool, prepare_vm_files, q, machine.uuid, vm_manifest
         )
         try:
             machine.files = await asyncio.shield(preparing)
@@ -54,7 +73,7 @@ async def prepare_files(machine: Machine, manifest: bytes) -> None:
             raise
 
 
-def vm_command(machine: Machine, listener: socket.socket, payload: bytes) -> list[str]:
+def vm_command(machine: StartingVm, listener: socket.socket, payload: bytes) -> list[str]:
     """`payload`: the manifest, bound into attestation with MANAGER_QEMU_BIND_MANIFEST."""
     assert machine.files is not None
     args = vm_args(
@@ -68,7 +87,7 @@ def vm_command(machine: Machine, listener: socket.socket, payload: bytes) -> lis
     )
 
 
-async def handover(machine: Machine, process: QemuProcess, manifest: bytes) -> None:
+async def handover(machine: StartingVm, process: QemuProcess, manifest: bytes) -> None:
     """The manifest to the agent over vsock; a QEMU that exits meanwhile ends it at once, with
     QEMU's own words."""
     timeout = machine.ctx.settings.qemu.START_TIMEOUT
@@ -95,7 +114,7 @@ class TakenNumbers:
         self._taken: list[tuple[Conflict, int]] = []
 
     def swap(
-        self, machine: Machine, conflict: Conflict, attempt: int, error: QemuExitedError
+        self, machine: StartingVm, conflict: Conflict, attempt: int, error: QemuExitedError
     ) -> None:
         self._taken.append((conflict, taken_number(machine.resources, conflict)))
         if attempt == START_ATTEMPTS:

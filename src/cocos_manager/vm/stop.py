@@ -1,7 +1,7 @@
 """How a VM's end is carried out and told: QEMU powered down or killed, and the details and
 final event the release publishes.
 
-Kept apart from machine.py so the Machine reads as its transitions; these read the Machine
+Kept apart from vm/machine.py so the Machine reads as its transitions; these read the Machine
 they are given and never change its state (`Machine._teardown` does, once, with what they
 return).
 """
@@ -9,24 +9,32 @@ return).
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from opentelemetry import trace
 
 from cocos_manager.errors import QemuStopFailedError
-from cocos_manager.qemu.process import QemuProcess
-from cocos_manager.qemu.qmp import QmpClosed, QmpError
-from cocos_manager.qemu.spawn import ExitInfo
+from cocos_manager.qemu import ExitInfo, QemuProcess, QmpClosed, QmpError
 from cocos_manager.vm import ttl
-from cocos_manager.vm.lifecycle import EXIT, PROVISION, STOP, StopReason
-
-if TYPE_CHECKING:
-    from cocos_manager.vm.machine import Machine
+from cocos_manager.vm.lifecycle import EXIT, PROVISION, STOP, MachineContext, StopReason
 
 _tracer = trace.get_tracer("cocos_manager.machine")
 
 
-def stop_details(machine: Machine, reason: StopReason) -> dict[str, Any]:
+class EndingVm(Protocol):
+    """What these steps read and set of the Machine they end (vm/machine.py imports this module,
+    never the other way)."""
+
+    ctx: MachineContext
+    process: QemuProcess | None
+    expires_at: float | None
+    halt: dict[str, Any] | None
+    error: BaseException | None
+    stop_failure: QemuStopFailedError | None
+    log: Any
+
+
+def stop_details(machine: EndingVm, reason: StopReason) -> dict[str, Any]:
     """The STOPPING event's details: why, and for a TTL the deadline."""
     if reason is StopReason.TTL and machine.expires_at is not None:
         return ttl.stop_details(machine.expires_at)  # the deadline that ran out
@@ -34,7 +42,7 @@ def stop_details(machine: Machine, reason: StopReason) -> dict[str, Any]:
 
 
 async def end_process(
-    machine: Machine, process: QemuProcess, reason: StopReason, *, ran: bool
+    machine: EndingVm, process: QemuProcess, reason: StopReason, *, ran: bool
 ) -> dict[str, Any]:
     """QEMU ended for the release, and what the RELEASED event says of its end. `ran`: the VM
     reached RUNNING (a starting one is killed at once)."""
@@ -61,7 +69,7 @@ async def end_process(
     return {}
 
 
-async def power_off(machine: Machine, process: QemuProcess) -> ExitInfo:
+async def power_off(machine: EndingVm, process: QemuProcess) -> ExitInfo:
     """ACPI power-down first when a grace is set (the guest shuts down cleanly), then
     SIGTERM, then SIGKILL after STOP_TIMEOUT."""
     q = machine.ctx.settings.qemu
@@ -77,7 +85,7 @@ async def power_off(machine: Machine, process: QemuProcess) -> ExitInfo:
     return await process.terminate(q.STOP_TIMEOUT)
 
 
-def final_event(machine: Machine, reason: StopReason) -> tuple[str, str]:
+def final_event(machine: EndingVm, reason: StopReason) -> tuple[str, str]:
     """The RELEASED event's type and status: how the VM ended, as the client sees it."""
     if reason is StopReason.HALTED:
         return (EXIT, "failed")
