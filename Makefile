@@ -1,5 +1,7 @@
 # cocos-manager workflow. `make demo` shows the daemon at work; `make test` runs every test.
 VENV ?= .venv
+# import-linter and its rich live apart from the daemon's environment (scripts/lint-tools.txt).
+TOOLS_VENV ?= .venv-tools
 PY := $(VENV)/bin/python
 GUEST_DIR ?= build/guest
 PYTEST_ARGS ?=
@@ -7,7 +9,7 @@ PYTEST_ARGS ?=
 .PHONY: install run test lint proto guest demo demo-dialout bench clean
 
 install:
-	@scripts/setup.sh
+	@TOOLS_VENV=$(TOOLS_VENV) scripts/setup.sh
 
 run: install
 	$(VENV)/bin/cocos-manager
@@ -19,7 +21,7 @@ lint: install
 	$(VENV)/bin/ruff check src tests scripts
 	$(VENV)/bin/ruff format --check src tests scripts
 	$(VENV)/bin/mypy
-	$(VENV)/bin/lint-imports
+	PYTHONPATH=src $(TOOLS_VENV)/bin/lint-imports
 
 # The test guest (Debian cloud kernel + busybox initramfs playing the agent); cached.
 guest: install

@@ -32,4 +32,14 @@ if [ ! -f "$stamp" ]; then
   rm -f "$venv"/.installed-*
   touch "$stamp"
 fi
+
+tools=${TOOLS_VENV:-$root/.venv-tools}
+tools_stamp=$tools/.installed-$(sha256sum "$root/scripts/lint-tools.txt" | cut -c1-16)
+if [ ! -f "$tools_stamp" ]; then
+  say "creating the lint tools' environment $tools"
+  python3 -m venv "$tools"
+  "$tools/bin/pip" install -q -r "$root/scripts/lint-tools.txt"
+  rm -f "$tools"/.installed-*
+  touch "$tools_stamp"
+fi
 say "ready: $venv/bin/cocos-manager"
