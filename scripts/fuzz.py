@@ -67,7 +67,7 @@ def _run(
 
 
 def fuzz_agent_frames(examples: int) -> str:
-    from tests.test_fuzz_agent_frames import PROPERTIES
+    from tests.agent.test_fuzz_agent_frames import PROPERTIES
 
     calls = 0
     for check, strategies in PROPERTIES.values():
@@ -179,8 +179,8 @@ def fuzz_settings(examples: int) -> str:
 
 
 def fuzz_manifest(examples: int) -> str:
-    """Run request validation and manifest JSON: the properties of tests/test_fuzz_manifest.py."""
-    from tests.test_fuzz_manifest import PROPERTIES
+    """Run request validation and manifest JSON: the properties of tests/agent/test_fuzz_manifest.py."""
+    from tests.agent.test_fuzz_manifest import PROPERTIES
 
     calls = 0
     for check, strategies in PROPERTIES.values():

@@ -7,8 +7,8 @@ import os
 import subprocess
 from pathlib import Path
 
+from tests.qemu.test_qemu_argv import DEFAULT_ARGS
 from tests.support.logged_daemon import EXE, daemon_env
-from tests.test_qemu_argv import DEFAULT_ARGS
 
 
 def print_qemu_cmd(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

@@ -17,11 +17,11 @@ from cocos_manager.events.messages import log_message
 from cocos_manager.proto import manager_pb2 as pb
 from cocos_manager.telemetry.metrics import Metrics, start_metrics_server
 from cocos_manager.telemetry.vm_metrics import register_vm_metrics, unregister_vm_metrics
+from tests.api.test_grpcurl import grpcurl
 from tests.support.daemon_process import Daemon
 from tests.support.harness import VNC_BASE, Manager, base_env, run_request, running_manager
 from tests.support.processes import processes_mentioning
 from tests.support.waiting import subscribed
-from tests.test_grpcurl import grpcurl
 
 WAIT = 20.0
 

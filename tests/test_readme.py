@@ -13,11 +13,11 @@ from google.protobuf import json_format
 from cocos_manager.agent.manifest import manifest_json
 from cocos_manager.config.unknown import known_variables
 from cocos_manager.proto import manager_pb2 as pb
+from tests.api.test_grpcurl import grpcurl
 from tests.support.certs import SERVER_SAN, issue_certificate
 from tests.support.harness import Manager, running_manager
 from tests.support.readme import README, REPO, env_block
 from tests.support.streams import read_agent
-from tests.test_grpcurl import grpcurl
 
 RUN_JSON = REPO / "docs" / "run.json"
 
@@ -29,7 +29,7 @@ async def manager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ign
 
 
 async def grpcurl_stdin(stdin: bytes, *args: str) -> tuple[int, str, str]:
-    from tests.test_grpcurl import GRPCURL
+    from tests.api.test_grpcurl import GRPCURL
 
     process = await asyncio.create_subprocess_exec(
         GRPCURL, *args,

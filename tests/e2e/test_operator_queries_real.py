@@ -15,6 +15,7 @@ import pytest
 
 from cocos_manager.proto import manager_pb2 as pb
 from cocos_manager.proto import manager_pb2_grpc as pb_grpc
+from tests.api.test_grpcurl import grpcurl
 from tests.e2e.test_real_vm import (
     BOOT_TIMEOUT,
     Daemon,
@@ -24,7 +25,6 @@ from tests.e2e.test_real_vm import (
 )
 from tests.support.harness import run_request
 from tests.support.waiting import subscribed
-from tests.test_grpcurl import grpcurl
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -36,7 +36,7 @@ from cocos_manager.vm.attestation import (
 )
 from tests.support.harness import run_request, running_manager
 
-FIXTURES = Path(__file__).with_name("fixtures") / "sev-snp-measure"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "sev-snp-measure"
 OVMF_AMDSEV = str(FIXTURES / "ovmf_AmdSev_suffix.bin")
 SEV_SNP_MEASURE = str(Path(sys.executable).with_name("sev-snp-measure"))
 

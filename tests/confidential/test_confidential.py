@@ -26,8 +26,8 @@ from cocos_manager.confidential.modes import (
 )
 from cocos_manager.config.settings import QemuSettings, SettingsError, load_settings
 from cocos_manager.qemu.argv import VmResources, derive_vm_settings, qemu_args, vm_file_paths
+from tests.qemu.test_qemu_argv import DEFAULT_ARGS
 from tests.support.harness import FAKE_QEMU
-from tests.test_qemu_argv import DEFAULT_ARGS
 
 MANIFEST = b'{"id":"c1","algorithms":{"hash":[1,2,3]},"agent_config":{"port":"7002"}}'
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from cocos_manager.qemu.probes import check_sudo
-from tests.test_host_check import settings
+from tests.host.test_host_check import settings
 
 
 def sudo_with_kill_needing_a_password(argv: list[str]) -> str:

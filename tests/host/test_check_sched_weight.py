@@ -11,7 +11,7 @@ import pytest
 from cocos_manager.check import run_checks
 from cocos_manager.config.settings import load_settings
 from cocos_manager.host.sched_weight import weight_check
-from tests.test_host_check import fake_host
+from tests.host.test_host_check import fake_host
 
 ON = "1\n"
 ROOT_CAPS = "Name:\tpython\nCapEff:\t000001ffffffffff\n"

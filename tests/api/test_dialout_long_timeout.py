@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_dialout import computations_server, dialing_manager, until
+from tests.api.test_dialout import computations_server, dialing_manager, until
 
 
 async def test_a_long_timeout_still_dials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

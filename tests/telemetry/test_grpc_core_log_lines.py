@@ -5,7 +5,7 @@ journal) as raw text, three lines per retry (found in review)."""
 
 from __future__ import annotations
 
-from tests.test_grpc_log import pump
+from tests.telemetry.test_grpc_log import pump
 
 REFUSED = [
     "I1130 06:01:38.595280   25638 handshaker.cc:155] CallNextHandshakerLocked: error=UNKNOWN: "

@@ -47,7 +47,7 @@ from cocos_manager.qemu.argv import (
     vm_file_paths,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MANIFEST = b'{"id":"c1","algorithms":{"hash":[9,9]},"agent_config":{"port":"7002"}}'
 SNP_LATE = "cannot set up private guest memory for sev-snp-guest: KVM required"
 # Plain SEV needs no private memory: QEMU goes on to build the board and stops at loading the
@@ -227,7 +227,7 @@ def test_seed_syntax_is_what_upstream_rejects(upstream_qemu: str, tmp_path: Path
 def test_tdx_object_is_well_formed_for_qemu(upstream_qemu: str, tmp_path: Path) -> None:
     """Debian's QEMU 10.0 predates tdx-guest (QEMU 10.1): it parses the JSON object and
     stops only at the unknown type. The property names follow QEMU 10.1's documentation and
-    are pinned by tests/test_confidential.py."""
+    are pinned by tests/confidential/test_confidential.py."""
     _, args = vm_argv(
         tmp_path,
         ENABLE_TDX=True,

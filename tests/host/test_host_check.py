@@ -31,7 +31,7 @@ from cocos_manager.host.probes import Host, kvm_creates_vm
 from cocos_manager.qemu.probes import check_qemu, check_sudo
 
 EXE = str(Path(sys.executable).with_name("cocos-manager"))
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GUEST = REPO / "build" / "guest"
 
 

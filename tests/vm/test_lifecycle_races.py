@@ -14,8 +14,8 @@ from cocos_manager.proto import manager_pb2 as pb
 from cocos_manager.vm.lifecycle import StopReason, VmState
 from tests.support.harness import run_request, running_manager
 from tests.support.waiting import subscribed, wait_for
-from tests.test_guest_halt import next_event
-from tests.test_machine import NOTHING, make_rig
+from tests.vm.test_guest_halt import next_event
+from tests.vm.test_machine import NOTHING, make_rig
 
 
 async def test_stop_in_the_same_loop_turn_as_the_run_releases_the_vm(
