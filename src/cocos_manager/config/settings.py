@@ -253,6 +253,7 @@ class ServiceSettings(BaseSettings):
     LOG_HISTORY_BYTES: GoInt = 256 * 1024  # per VM
     LOG_RETENTION: GoDuration = 3600.0  # how long an ended VM's console stays readable
     LOG_RETAINED_VMS: GoInt = 50  # ended VMs whose console is kept, newest first
+    LOG_MAX_STREAMS: GoInt = 64  # Logs streams at once (tail or follow); 0 = no limit
 
     @field_validator("DEFAULT_TTL", "LOG_RETENTION", "EVENTS_HOLD_TIMEOUT")
     @classmethod
@@ -303,6 +304,7 @@ class ServiceSettings(BaseSettings):
 
     @field_validator(
         "EVENTS_MAX_SUBSCRIBERS",
+        "LOG_MAX_STREAMS",
         "EVENTS_RETAIN",
         "EVENTS_RETAIN_BYTES",
         "AGENT_MAX_CONNECTIONS_PER_CID",
