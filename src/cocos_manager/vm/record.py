@@ -38,6 +38,7 @@ def record_of(machine: Machine) -> VmRecord:
         vnc_display=r.vnc_display,
         files={name: str(path) for name, path in files.items()},
         expires_at=machine.expires_at,
+        launch=machine.launch,
     )
     if machine.process is not None:
         record.pid, record.start_time = machine.process.pid, machine.process.start_time

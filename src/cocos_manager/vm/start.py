@@ -15,13 +15,15 @@ from typing import TYPE_CHECKING
 from opentelemetry import trace
 
 from cocos_manager.agent.vsock import HandoverAborted, HandoverTimeout, send_manifest
+from cocos_manager.confidential.modes import LaunchMode, launch_mode
 from cocos_manager.errors import HandoverFailedError, HandoverTimeoutError, QemuExitedError
 from cocos_manager.host import workers
-from cocos_manager.qemu.argv import VmResources, vm_args
+from cocos_manager.qemu.argv import VmResources, derive_vm_settings, vm_args
 from cocos_manager.qemu.failures import Conflict, conflicts_exhausted
 from cocos_manager.qemu.process import QemuProcess
 from cocos_manager.qemu.qmp import qmp_args
 from cocos_manager.vm.files import WouldCopy, prepare_vm_files
+from cocos_manager.vm.launch import Launch, launch_of
 from cocos_manager.vm.lifecycle import START_ATTEMPTS
 
 if TYPE_CHECKING:
@@ -52,6 +54,19 @@ async def prepare_files(machine: Machine, manifest: bytes) -> None:
             with contextlib.suppress(BaseException):
                 machine.files = await preparing
             raise
+
+
+async def note_launch(machine: Machine) -> None:
+    """What the VM is launched with, for AttestationPolicy (launch.py), before its QEMU is
+    spawned (the record naming that QEMU carries it). Hashing firmware, kernel and initrd
+    takes a worker thread, so only a confidential launch pays it."""
+    q = derive_vm_settings(machine.ctx.settings.qemu, machine.resources)
+    if launch_mode(q) is LaunchMode.NONE:
+        machine.launch = Launch(LaunchMode.NONE).to_record()
+        return
+    loop = asyncio.get_running_loop()
+    launch = await loop.run_in_executor(workers.pool, launch_of, q)
+    machine.launch = launch.to_record()
 
 
 def vm_command(machine: Machine, listener: socket.socket, payload: bytes) -> list[str]:
