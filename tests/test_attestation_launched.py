@@ -20,7 +20,11 @@ from typing import Any
 import grpc
 import pytest
 
+from cocos_manager.config.settings import QemuSettings
+from cocos_manager.errors import FailedPreconditionError
 from cocos_manager.proto import manager_pb2 as pb
+from cocos_manager.vm.attestation import computation_policy_json
+from cocos_manager.vm.launch import launch_of
 from tests.support.daemon_process import Daemon
 from tests.support.harness import base_env, run_request, running_manager
 from tests.support.waiting import wait_for
@@ -149,3 +153,30 @@ async def test_after_a_restart_with_other_settings_the_vm_is_described_as_launch
                 with contextlib.suppress(grpc.aio.AioRpcError):
                     await daemon.stub.Stop(pb.StopRequest(computation_id=computation_id))
             await daemon.terminate()
+
+
+def test_a_tdx_firmware_replaced_since_the_launch_is_refused(tmp_path: Path) -> None:
+    firmware = tmp_path / "OVMF.tdx.fd"
+    firmware.write_bytes(b"launched firmware")
+    q = QemuSettings(ENABLE_TDX=True, ENABLE_SEV_SNP=False, BIOS_FILE=str(firmware))  # type: ignore[call-arg]
+    launch = launch_of(q, "QEMU emulator version 10.1.0").to_record()
+    document = json.loads(computation_policy_json(launch, [], "t1"))
+    assert document["tdx"]["firmware_sha256"] == launch["files"]["firmware"][1]
+    replace(firmware, b"upgraded firmware")
+    with pytest.raises(FailedPreconditionError, match=r"the firmware .* changed since the VM"):
+        computation_policy_json(launch, [], "t1")
+
+
+@pytest.mark.parametrize(
+    "launch",
+    [
+        {"version": 2, "mode": "sev-snp", "qemu_version": "", "files": {}},
+        {"version": 1, "mode": "sev-snp", "qemu_version": "", "files": {"bios": ["/x", None]}},
+        {"version": 1, "mode": "warp", "qemu_version": "", "files": {}},
+        {"version": 1, "mode": "sev-snp", "qemu_version": "", "files": {}, "inputs": {"vcpus": 2}},
+        {"version": 1, "mode": "tdx", "qemu_version": 7, "files": {}},
+    ],
+)
+def test_launch_inputs_the_daemon_did_not_write_are_refused(launch: dict[str, Any]) -> None:
+    with pytest.raises(FailedPreconditionError, match="launch inputs are not readable"):
+        computation_policy_json(launch, [], "c1")
