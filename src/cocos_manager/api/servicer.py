@@ -94,13 +94,17 @@ class ManagerServicer(pb_grpc.ManagerServiceServicer):
             if not request.computation_id:
                 raise InvalidArgumentError("computation_id: required")
             console = self._service.console(request.computation_id)
+            self._service.ctx.consoles.open_stream()
         except Exception as error:
             await _abort(context, error, "Logs")
             raise
         computation_id = request.computation_id
-        if not request.follow:
-            for line in console.tail(request.tail):
+        try:
+            if not request.follow:
+                for line in console.tail(request.tail):
+                    yield line.to_pb(computation_id)
+                return
+            async for line in console.follow(request.tail):
                 yield line.to_pb(computation_id)
-            return
-        async for line in console.follow(request.tail):
-            yield line.to_pb(computation_id)
+        finally:
+            self._service.ctx.consoles.close_stream()

@@ -189,6 +189,7 @@ class ServiceSettings(BaseSettings):
     LOG_RETAINED_VMS: Annotated[GoInt, AtLeast(0, "must be 0 (keep none) or more")] = (
         50  # ended VMs whose console is kept, newest first
     )
+    LOG_MAX_STREAMS: ZeroOrMore = 64  # Logs streams at once (tail or follow); 0 = no limit
 
 
 class SettingsError(Exception):

@@ -2,8 +2,11 @@
 
 A `ConsoleLog` is a ring bounded in lines and in bytes: the newest lines are kept, the oldest
 dropped, so a chatty guest costs a fixed amount of memory. Readers either take the tail or
-follow it; a follower has a bounded queue of its own, so a slow reader loses lines (and is
-told how many, where they went missing) and never holds up QEMU's pipes or the agent.
+follow it; a follower has a queue of its own, bounded in lines and in bytes (as many bytes as
+the console keeps), so a slow reader loses lines (and is told how many, where they went
+missing) and never holds up QEMU's pipes or the agent, nor costs more than its console. The
+number of readers at once is capped too (`MANAGER_LOG_MAX_STREAMS`): each holds gRPC buffers
+besides its queue.
 
 A `ConsoleArchive` holds the live log of every VM and, after a VM ended, keeps its log readable
 for a while (a post-mortem: why did it die?), bounded in time and in the number of ended VMs.
@@ -21,10 +24,12 @@ from dataclasses import dataclass
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from cocos_manager.config import ServiceSettings
+from cocos_manager.errors import ResourceExhaustedError
 from cocos_manager.proto import manager_pb2 as pb
 
 FOLLOW_QUEUE_LINES = 1000
-"""Lines a follower may have waiting before it loses the newer ones."""
+"""Lines a follower may have waiting before it loses the newer ones (bytes: the console's
+own bound, `MANAGER_LOG_HISTORY_BYTES`)."""
 LINE_OVERHEAD = 64
 """Bytes charged per line on top of its text, so a flood of empty lines is bounded too."""
 LOST_LEVEL = "warn"
@@ -56,24 +61,43 @@ def lost_line(count: int) -> ConsoleLine:
 
 
 class _Follower:
-    """One follower's queue: lines, or a count of lines lost at that point; None ends it."""
+    """One follower's queue: lines, or a count of lines lost at that point; None ends it.
+    Bounded in lines and in bytes; the first line always fits (the console cut it to its
+    byte bound), so a follower of a guest printing long lines still gets some."""
 
-    __slots__ = ("items", "lost", "wake")
+    __slots__ = ("bytes", "items", "lost", "max_bytes", "wake")
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int) -> None:
         self.items: deque[ConsoleLine | int | None] = deque()
+        self.bytes = 0
+        self.max_bytes = max_bytes
         self.lost = 0
         self.wake = asyncio.Event()
 
     def offer(self, line: ConsoleLine) -> None:
-        if len(self.items) >= FOLLOW_QUEUE_LINES:
+        size = line.size
+        if self.items and (
+            len(self.items) >= FOLLOW_QUEUE_LINES or self.bytes + size > self.max_bytes
+        ):
             self.lost += 1
             return
         if self.lost:
             self.items.append(self.lost)
             self.lost = 0
         self.items.append(line)
+        self.bytes += size
         self.wake.set()
+
+    def take(self) -> ConsoleLine | int | None:
+        """The next item; with nothing queued, the lines lost since the last one (a loss at
+        the end is told once the reader has caught up, not only with the next line)."""
+        if not self.items:
+            lost, self.lost = self.lost, 0
+            return lost
+        item = self.items.popleft()
+        if isinstance(item, ConsoleLine):
+            self.bytes -= item.size
+        return item
 
     def end(self) -> None:
         if self.lost:
@@ -140,7 +164,7 @@ class ConsoleLog:
         The tail is taken and the follower registered in one synchronous step, so no line is
         missed or repeated between the two."""
         backlog = self.tail(count)
-        follower = _Follower()
+        follower = _Follower(self.max_bytes)
         if self.closed:
             follower.end()
         else:
@@ -149,10 +173,10 @@ class ConsoleLog:
             for line in backlog:
                 yield line
             while True:
-                while not follower.items:
+                while not follower.items and not follower.lost:
                     follower.wake.clear()
                     await follower.wake.wait()
-                item = follower.items.popleft()
+                item = follower.take()
                 if item is None:
                     return
                 yield lost_line(item) if isinstance(item, int) else item
@@ -187,11 +211,14 @@ class ConsoleArchive:
         retention: float = 3600.0,
         retained_vms: int = 50,
         clock: Callable[[], float] = time.monotonic,
+        max_streams: int = 64,
     ) -> None:
         self.max_lines = max_lines
         self.max_bytes = max_bytes
         self.retention = retention
         self.retained_vms = retained_vms
+        self.max_streams = max_streams  # Logs readers at once; 0 = no limit
+        self.streams = 0
         self._clock = clock
         self._live: dict[str, ConsoleLog] = {}
         self._ended: dict[str, ConsoleLog] = {}  # oldest ended first
@@ -203,7 +230,21 @@ class ConsoleArchive:
             max_bytes=settings.LOG_HISTORY_BYTES,
             retention=settings.LOG_RETENTION,
             retained_vms=settings.LOG_RETAINED_VMS,
+            max_streams=settings.LOG_MAX_STREAMS,
         )
+
+    def open_stream(self) -> None:
+        """Counts a Logs reader in, or refuses it beyond MANAGER_LOG_MAX_STREAMS: each costs
+        up to a console's bytes in its queue plus gRPC's buffers, for as long as it stays.
+        Every successful call is paired with `close_stream`."""
+        if self.max_streams and self.streams >= self.max_streams:
+            raise ResourceExhaustedError(
+                f"Logs: {self.streams} streams already (MANAGER_LOG_MAX_STREAMS={self.max_streams})"
+            )
+        self.streams += 1
+
+    def close_stream(self) -> None:
+        self.streams -= 1
 
     def open(self, computation_id: str) -> ConsoleLog:
         """A fresh live log for a VM being started (or adopted); replaces any earlier one."""

@@ -52,6 +52,8 @@ class Subscription:
         "_bytes",
         "_closed",
         "_items",
+        "_lost_last",
+        "_lost_since",
         "_max_bytes",
         "_max_messages",
         "_ready",
@@ -82,6 +84,8 @@ class Subscription:
         self._closed = False
         self._replay: deque[pb.ClientStreamMessage] = deque(replay or ())
         self.dropped = 0  # lost in the current burst; reported when it catches up
+        self._lost_since = 0  # seq just before the burst's first lost message
+        self._lost_last = 0  # seq of the burst's last lost message
         self.lost_total = 0
         self.paces = True  # False after it kept an agent waiting too long; True once drained
 
@@ -108,19 +112,24 @@ class Subscription:
                     "events subscriber is too slow: dropping messages",
                     subscriber_filter=self.computation_id or "*",
                 )
+                self._lost_since = item.seq - 1
             self.dropped += 1
+            self._lost_last = item.seq
             self.lost_total += 1
             return False
         if self.dropped:
-            _log.warning("events subscriber caught up", dropped=self.dropped)
-            self._push(self._lost_notice(self.dropped, "dropped"))
-            self.dropped = 0
+            self._push(Published(self._lost_notice(), self.computation_id, 0))
         self._push(item)
         return True
 
-    def _lost_notice(self, lost: int, status: str) -> Published:
-        notice = manager_event(self.computation_id, EVENTS_LOST, status, {"lost": lost})
-        return Published(notice, self.computation_id, 0)
+    def _lost_notice(self) -> pb.ClientStreamMessage:
+        """The events-lost notice of the current burst, which it ends: in front of the next
+        message queued, or when the queue drains with nothing after the loss (the loss of a
+        computation's last messages, its vm-stop, must be told too)."""
+        _log.warning("events subscriber caught up", dropped=self.dropped)
+        details = {"lost": self.dropped, "since": self._lost_since, "last": self._lost_last}
+        self.dropped = 0
+        return manager_event(self.computation_id, EVENTS_LOST, "dropped", details)
 
     def _push(self, item: Published) -> None:
         self._items.append(item)
@@ -165,6 +174,9 @@ class Subscription:
                 yield self._replay.popleft()
             while True:
                 if not self._items:
+                    if self.dropped:
+                        yield self._lost_notice()
+                        continue
                     if self._closed:
                         return
                     self._ready.clear()

@@ -68,6 +68,9 @@ class VmRecord:
     files: dict[str, str] = field(default_factory=dict)
     expires_at: float | None = None  # TTL deadline, seconds since the epoch
     boot_id: str = field(default_factory=current_boot_id)  # the boot its PID belongs to
+    # What the VM was launched with, for AttestationPolicy (vm/launch.py owns the shape and
+    # checks it where it is used); None in records of daemons before it was kept.
+    launch: dict[str, Any] | None = None
     version: int = RECORD_VERSION
 
 
@@ -133,6 +136,9 @@ def validate_record(doc: object, name_uuid: str | None = None) -> VmRecord:
     if not isinstance(boot_id, str):
         raise BadRecordError(f"boot_id: {boot_id!r} is not a string")
     doc["boot_id"] = boot_id
+    launch = doc.get("launch")
+    if launch is not None and not isinstance(launch, dict):
+        raise BadRecordError("launch: not an object")
     return VmRecord(**doc)
 
 

@@ -6,6 +6,10 @@ is computed here before (or while) the VM runs, from the VM's actual firmware, k
 command line, vCPU count and type and guest features, by virtee's `sev-snp-measure` library:
 the same code verifiers use, not a re-implementation that could drift from it.
 
+A running VM is described as it was launched (launch.py: the values and file digests kept in
+its VM record), never as the settings or the files on disk would launch one now: a file that
+changed since is refused with FAILED_PRECONDITION naming it, not measured.
+
 The document also carries what the report must show besides the measurement (policy,
 host-data) and which QEMU launched the VM, in the field names of go-sev-guest's `check`
 policy where one exists, so a verifier can feed it to that tool.
@@ -14,11 +18,10 @@ policy where one exists, so a verifier can feed it to that tool.
 from __future__ import annotations
 
 import base64
-import hashlib
 import importlib.metadata
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -26,48 +29,21 @@ from sevsnpmeasure import guest as snp_guest
 from sevsnpmeasure import vcpu_types
 from sevsnpmeasure.sev_mode import SevMode
 
-from cocos_manager.confidential import (
-    LaunchMode,
-    firmware_file,
-    launch_mode,
-    launched_binding,
-    qemu_binary,
-    qemu_version,
-)
+from cocos_manager.confidential import LaunchMode, launched_binding
 from cocos_manager.config import QemuSettings
 from cocos_manager.errors import FailedPreconditionError
-from cocos_manager.qemu import VmResources, derive_vm_settings
+from cocos_manager.vm.launch import (
+    Launch,
+    MeasurementInputs,
+    launch_from_record,
+    launch_of,
+    sha256_file,
+)
+
+# Re-exported: the measurement's inputs are part of this module's face (tests, check).
+from cocos_manager.vm.launch import measurement_inputs as measurement_inputs
 
 DOCUMENT_VERSION = 1
-
-
-@dataclass(frozen=True, slots=True)
-class MeasurementInputs:
-    """Everything the SNP launch measurement depends on, as QEMU is given it."""
-
-    firmware: str
-    kernel: str | None  # None: no kernel-hashes table (the firmware's page stays zero)
-    initrd: str | None
-    append: str | None
-    vcpus: int
-    vcpu_type: str
-    guest_features: int
-
-
-def measurement_inputs(q: QemuSettings) -> MeasurementInputs:
-    """From a VM's settings (derive_vm_settings: its own kernel and rootfs files). Kernel,
-    initrd and command line are measured only with kernel hashes, as QEMU only then puts
-    their hashes into the firmware's table."""
-    hashes = q.KERNEL_HASH
-    return MeasurementInputs(
-        firmware=firmware_file(q),
-        kernel=q.DISK_IMG_KERNEL_FILE if hashes else None,
-        initrd=q.DISK_IMG_ROOTFS_FILE if hashes else None,
-        append=q.KERNEL_CMDLINE if hashes else None,
-        vcpus=q.SMP_COUNT,
-        vcpu_type=q.CPU,
-        guest_features=q.SEV_SNP_GUEST_FEATURES,
-    )
 
 
 def expected_measurement(inputs: MeasurementInputs) -> bytes:
@@ -105,14 +81,6 @@ def expected_measurement(inputs: MeasurementInputs) -> bytes:
     return digest
 
 
-def _sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def sev_snp_measure_command(inputs: MeasurementInputs) -> list[str]:
     """The `sev-snp-measure` command line that recomputes the measurement."""
     argv = [
@@ -144,53 +112,84 @@ def attestation_policy_document(
     binding: dict[str, str],
     qemu_version: str,
 ) -> dict[str, Any]:
-    """What a verifier needs to check this VM's attestation report.
+    """The document for a VM launched now with the settings `q` (derive_vm_settings)."""
+    return launched_document(
+        launch_of(q, qemu_version), computation_id=computation_id, binding=binding
+    )
 
-    `q` are the VM's own settings (derive_vm_settings), `binding` what its QEMU got as
-    host-data / mrconfigid (confidential.launched_binding of its argv).
-    """
-    mode = launch_mode(q)
+
+def check_unchanged(launch: Launch, computation_id: str) -> None:
+    """Every file the document measures or reports is still the one the VM was launched with
+    (its SHA-256 then); else FAILED_PRECONDITION naming the file and what changed."""
+    for name, (path, launched) in launch.files.items():
+        if launched is None:
+            raise FailedPreconditionError(
+                f"computation {computation_id!r}: its {name} {path!r} could not be read at "
+                f"launch, so what it was launched with is not known"
+            )
+        try:
+            now = sha256_file(path)
+        except OSError as error:
+            raise FailedPreconditionError(
+                f"computation {computation_id!r}: the {name} it was launched with, {path!r}, "
+                f"cannot be read any more ({error.strerror}): its measurement as launched "
+                f"cannot be computed"
+            ) from None
+        if now != launched:
+            raise FailedPreconditionError(
+                f"computation {computation_id!r}: the {name} {path!r} changed since the VM "
+                f"was launched (SHA-256 {launched} then, {now} now): its measurement as "
+                f"launched cannot be computed from it"
+            )
+
+
+def launched_document(
+    launch: Launch, *, computation_id: str, binding: dict[str, str]
+) -> dict[str, Any]:
+    """What a verifier needs to check the attestation report of the VM `launch` describes.
+    `binding` is what its QEMU got as host-data / mrconfigid (launched_binding of its argv).
+    Blocking (hashes the files to compare them with the launch)."""
     document: dict[str, Any] = {
         "version": DOCUMENT_VERSION,
         "computation_id": computation_id,
-        "qemu_version": qemu_version,
+        "qemu_version": launch.qemu_version,
     }
-    if mode is LaunchMode.TDX:
+    if launch.mode is LaunchMode.TDX:
+        check_unchanged(launch, computation_id)
+        firmware, digest = launch.files["firmware"]
         document["technology"] = "tdx"
         document["tdx"] = {
             "mrconfigid": binding.get("mrconfigid"),
             "mrconfigid_hex": _hex(binding.get("mrconfigid")),
-            "firmware": q.BIOS_FILE,
-            "firmware_sha256": _sha256_file(q.BIOS_FILE),
+            "firmware": firmware,
+            "firmware_sha256": digest,
             "mrtd": None,  # not computed here: sev-snp-measure covers SEV-SNP only
         }
         return document
-    if mode not in (LaunchMode.SNP_SEED, LaunchMode.SNP_UPSTREAM):
+    inputs = launch.inputs
+    if launch.mode not in (LaunchMode.SNP_SEED, LaunchMode.SNP_UPSTREAM) or inputs is None:
         raise FailedPreconditionError(
             f"computation {computation_id!r} is not an SEV-SNP or TDX launch "
-            f"(MANAGER_QEMU_ENABLE_SEV_SNP / MANAGER_QEMU_ENABLE_TDX are off)"
+            f"(MANAGER_QEMU_ENABLE_SEV_SNP / MANAGER_QEMU_ENABLE_TDX were off)"
         )
-    inputs = measurement_inputs(q)
+    check_unchanged(launch, computation_id)
     measurement = expected_measurement(inputs)
     host = binding.get("host_data")
     document["technology"] = "sev-snp"
     document["policy"] = {
         # go-sev-guest `check` policy fields (bytes as base64, as protobuf JSON writes them)
         "measurement": base64.b64encode(measurement).decode(),
-        "policy": q.SEV_SNP_POLICY,
+        "policy": launch.policy,
         "host_data": host,
-        "require_id_block": bool(q.SEV_SNP_ID_BLOCK_FILE),
-        "require_author_key": bool(q.SEV_SNP_ID_BLOCK_FILE and q.SEV_SNP_AUTHOR_KEY_ENABLED),
+        "require_id_block": launch.id_block,
+        "require_author_key": launch.author_key,
     }
-    files = {"firmware_sha256": _sha256_file(inputs.firmware)}
-    if inputs.kernel is not None and inputs.initrd is not None:
-        files["kernel_sha256"] = _sha256_file(inputs.kernel)
-        files["initrd_sha256"] = _sha256_file(inputs.initrd)
+    files = {f"{name}_sha256": digest for name, (_, digest) in launch.files.items()}
     document["sev_snp"] = {
         "measurement_hex": measurement.hex(),
-        "policy_hex": f"{q.SEV_SNP_POLICY:#x}",
+        "policy_hex": f"{launch.policy:#x}",
         "host_data_hex": _hex(host),
-        "syntax": "upstream" if mode is LaunchMode.SNP_UPSTREAM else "seed",
+        "syntax": "upstream" if launch.mode is LaunchMode.SNP_UPSTREAM else "seed",
         "inputs": asdict(inputs),
         **files,
         "sev_snp_measure_version": library_version(),
@@ -204,16 +203,20 @@ def _hex(value: str | None) -> str | None:
 
 
 def computation_policy_json(
-    q: QemuSettings, resources: VmResources, argv: Sequence[str], computation_id: str
+    launch: dict[str, Any] | None, argv: Sequence[str], computation_id: str
 ) -> bytes:
-    """The AttestationPolicy answer for a running VM: its own settings (base settings and the
-    resources it was given), what its QEMU got on its command line, and which QEMU that is.
-    Blocking (hashes the firmware, kernel and initrd): run it in a worker thread."""
-    binary = qemu_binary(q)
-    document = attestation_policy_document(
-        derive_vm_settings(q, resources),
+    """The AttestationPolicy answer for a running VM: what it was launched with (`launch`, the
+    record form kept in its VM record) and what its QEMU got on its command line. Blocking
+    (hashes the firmware, kernel and initrd): run it in a worker thread."""
+    if launch is None:
+        raise FailedPreconditionError(
+            f"computation {computation_id!r} was started by an earlier version of the daemon, "
+            f"which did not record what it was launched with: its expected measurement is not "
+            f"known (stop it and run it again)"
+        )
+    document = launched_document(
+        launch_from_record(launch, computation_id),
         computation_id=computation_id,
         binding=launched_binding(argv),
-        qemu_version=qemu_version(binary) if binary else "",
     )
     return json.dumps(document, indent=2).encode() + b"\n"

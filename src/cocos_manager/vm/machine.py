@@ -93,6 +93,8 @@ class Machine:
         self.stop_failure: QemuStopFailedError | None = None  # QEMU outlived the release
         self.spawning_argv: list[str] = []  # the command line of the QEMU being spawned
         self.halt: dict[str, Any] | None = None  # QEMU's words when it halted the guest
+        # What it was launched with, for AttestationPolicy (launch.py; kept in its record)
+        self.launch: dict[str, Any] | None = None
         self.log = _log.bind(computation_id=computation_id)
         self.output = VmOutput(
             computation_id, self.console, ctx.bus, ctx.settings.service, self.log
@@ -175,6 +177,7 @@ class Machine:
         error re-raised untouched (CancelledError included)."""
         try:
             await vm_start.prepare_files(self, manifest)
+            await vm_start.note_launch(self)
             taken = vm_start.TakenNumbers()
             for attempt in range(1, START_ATTEMPTS + 1):
                 try:

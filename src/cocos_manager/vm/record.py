@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import errno
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from cocos_manager.errors import FailedPreconditionError, ResourceExhaustedError
 from cocos_manager.host import VmRecord
@@ -29,6 +29,7 @@ class RecordedVm(Protocol):
     process: QemuProcess | None
     expires_at: float | None
     spawning_argv: list[str]
+    launch: dict[str, Any] | None
 
     @property
     def uuid(self) -> str: ...
@@ -54,6 +55,7 @@ def record_of(machine: RecordedVm) -> VmRecord:
         vnc_display=r.vnc_display,
         files={name: str(path) for name, path in files.items()},
         expires_at=machine.expires_at,
+        launch=machine.launch,
     )
     if machine.process is not None:
         record.pid, record.start_time = machine.process.pid, machine.process.start_time

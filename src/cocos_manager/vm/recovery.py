@@ -216,5 +216,6 @@ def adopt_machine(
     machine = Machine(ctx, record.computation_id, lease, files=files, process=process, adopted=True)
     machine.started_at = started_at_from_ticks(record.start_time) or machine.started_at
     machine.expires_at = record.expires_at
+    machine.launch = record.launch
     machine.readopted(paused=record.state == VmState.PAUSED.value)
     return machine

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from opentelemetry import trace
 
 from cocos_manager.agent import HandoverAborted, HandoverTimeout, send_manifest
+from cocos_manager.confidential import LaunchMode, launch_mode
 from cocos_manager.errors import HandoverFailedError, HandoverTimeoutError, QemuExitedError
 from cocos_manager.host import start_pool
 from cocos_manager.qemu import (
@@ -22,10 +23,12 @@ from cocos_manager.qemu import (
     QemuProcess,
     VmResources,
     conflicts_exhausted,
+    derive_vm_settings,
     qmp_args,
     vm_args,
 )
 from cocos_manager.vm.files import VmFiles, WouldCopy, prepare_vm_files
+from cocos_manager.vm.launch import Launch, launch_of
 from cocos_manager.vm.lifecycle import START_ATTEMPTS, MachineContext
 from cocos_manager.vm.resources import Lease
 
@@ -40,6 +43,7 @@ class StartingVm(Protocol):
     files: VmFiles | None
     lease: Lease
     log: Any
+    launch: dict[str, Any] | None
 
     @property
     def uuid(self) -> str: ...
@@ -71,6 +75,19 @@ async def prepare_files(machine: StartingVm, manifest: bytes) -> None:
             with contextlib.suppress(BaseException):
                 machine.files = await preparing
             raise
+
+
+async def note_launch(machine: StartingVm) -> None:
+    """What the VM is launched with, for AttestationPolicy (launch.py), before its QEMU is
+    spawned (the record naming that QEMU carries it). Hashing firmware, kernel and initrd
+    takes a worker thread, so only a confidential launch pays it."""
+    q = derive_vm_settings(machine.ctx.settings.qemu, machine.resources)
+    if launch_mode(q) is LaunchMode.NONE:
+        machine.launch = Launch(LaunchMode.NONE).to_record()
+        return
+    loop = asyncio.get_running_loop()
+    launch = await loop.run_in_executor(start_pool, launch_of, q)
+    machine.launch = launch.to_record()
 
 
 def vm_command(machine: StartingVm, listener: socket.socket, payload: bytes) -> list[str]:
