@@ -141,6 +141,10 @@ class QemuSettings(BaseSettings):
     TDX_ID: str = "tdx0"
     TDX_QUOTE_GENERATION_SOCKET: str = ""
 
+    # Upstream Cocos main's (manager/qemu/config.go): the firmware's version, which CVMInfo
+    # reports for a verifier's policy; the daemon does not read the firmware to learn it.
+    OVMF_VERSION: str = ""
+
     @field_validator("SEV_SNP_POLICY")
     @classmethod
     def _snp_policy(cls, value: int) -> int:
@@ -212,6 +216,8 @@ class ServiceSettings(BaseSettings):
     MAX_VMS: GoInt = 0  # 0 = no limit
     STATE_DIR: str = "state"
     SHUTDOWN_STOPS_VMS: GoBool = True
+    # Upstream Cocos main's: the guest OS (EOS) image's version, reported by CVMInfo.
+    EOS_VERSION: str = ""
 
     # Hardening for real hosts: docs/decisions.md, "Hardening: bounds against clients and guests".
     METRICS_HOST: str = ""  # "" = the address of MANAGER_GRPC_HOST

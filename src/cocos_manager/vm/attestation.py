@@ -36,7 +36,7 @@ from cocos_manager.confidential.modes import (
 )
 from cocos_manager.config.settings import QemuSettings
 from cocos_manager.errors import FailedPreconditionError
-from cocos_manager.qemu.argv import VmResources, derive_vm_settings
+from cocos_manager.qemu.argv import VmResources, derive_vm_settings, option_values
 
 DOCUMENT_VERSION = 1
 
@@ -210,8 +210,12 @@ def computation_policy_json(
     resources it was given), what its QEMU got on its command line, and which QEMU that is.
     Blocking (hashes the firmware, kernel and initrd): run it in a worker thread."""
     binary = qemu_binary(q)
+    vm_settings = derive_vm_settings(q, resources)
+    appended = option_values(argv, "-append")
+    if appended:  # as launched: a CreateVm'd VM's line has its aa_kbs_params parameter
+        vm_settings = vm_settings.model_copy(update={"KERNEL_CMDLINE": appended[-1]})
     document = attestation_policy_document(
-        derive_vm_settings(q, resources),
+        vm_settings,
         computation_id=computation_id,
         binding=launched_binding(argv),
         qemu_version=qemu_version(binary) if binary else "",

@@ -17,11 +17,18 @@ from opentelemetry import trace
 from cocos_manager.agent.vsock import HandoverAborted, HandoverTimeout, send_manifest
 from cocos_manager.errors import HandoverFailedError, HandoverTimeoutError, QemuExitedError
 from cocos_manager.host import workers
-from cocos_manager.qemu.argv import VmResources, vm_args
+from cocos_manager.qemu.argv import VmResources, cvm_args, vm_args
 from cocos_manager.qemu.failures import Conflict, conflicts_exhausted
 from cocos_manager.qemu.process import QemuProcess
 from cocos_manager.qemu.qmp import qmp_args
-from cocos_manager.vm.files import WouldCopy, prepare_vm_files
+from cocos_manager.vm.files import (
+    CERTS_SUBDIR,
+    ENV_SUBDIR,
+    WouldCopy,
+    prepare_vm_files,
+    shares_dir,
+    write_shares,
+)
 from cocos_manager.vm.lifecycle import START_ATTEMPTS
 
 if TYPE_CHECKING:
@@ -36,33 +43,55 @@ async def prepare_files(machine: Machine, manifest: bytes) -> None:
     a worker thread, which a cancelled Run cannot interrupt: on cancellation the files it
     still makes are removed once it ends."""
     q = machine.ctx.settings.qemu
-    vm_manifest = manifest if machine.fw_cfg else None
+    vm_manifest = manifest if machine.fw_cfg and machine.agent_settings is None else None
     with _tracer.start_as_current_span("prepare-files"):
         try:
             machine.files = prepare_vm_files(q, machine.uuid, vm_manifest, copy_shared=False)
-            return
         except WouldCopy:
-            pass
-        preparing = asyncio.get_running_loop().run_in_executor(
-            workers.pool, prepare_vm_files, q, machine.uuid, vm_manifest
-        )
-        try:
-            machine.files = await asyncio.shield(preparing)
-        except asyncio.CancelledError:
-            with contextlib.suppress(BaseException):
-                machine.files = await preparing
-            raise
+            preparing = asyncio.get_running_loop().run_in_executor(
+                workers.pool, prepare_vm_files, q, machine.uuid, vm_manifest
+            )
+            try:
+                machine.files = await asyncio.shield(preparing)
+            except asyncio.CancelledError:
+                with contextlib.suppress(BaseException):
+                    machine.files = await preparing
+                raise
+        agent = machine.agent_settings
+        if agent is not None:
+            # Named before it is made: the release removes it however the start ends.
+            machine.files.shares = shares_dir(q, machine.uuid)
+            write_shares(q, machine.uuid, agent.certs, agent.environment)
+
+
+def needs_handover(machine: Machine) -> bool:
+    """Whether the agent is handed the manifest over vsock: a Run on the vsock channel (a
+    CreateVm'd VM's agent fetches its work itself)."""
+    return not machine.fw_cfg and machine.agent_settings is None
 
 
 def vm_command(machine: Machine, listener: socket.socket, payload: bytes) -> list[str]:
-    """`payload`: the manifest, bound into attestation with MANAGER_QEMU_BIND_MANIFEST."""
+    """`payload`: the manifest (a CreateVm'd VM: its environment file), bound into
+    attestation with MANAGER_QEMU_BIND_MANIFEST."""
     assert machine.files is not None
-    args = vm_args(
-        machine.ctx.settings.qemu,
-        machine.resources,
-        manifest_file=machine.files.manifest,
-        manifest=payload,
-    )
+    agent = machine.agent_settings
+    if agent is not None:
+        assert machine.files.shares is not None
+        args = cvm_args(
+            machine.ctx.settings.qemu,
+            machine.resources,
+            certs_dir=machine.files.shares / CERTS_SUBDIR,
+            env_dir=machine.files.shares / ENV_SUBDIR,
+            kernel_parameter=agent.kernel_parameter,
+            payload=payload,
+        )
+    else:
+        args = vm_args(
+            machine.ctx.settings.qemu,
+            machine.resources,
+            manifest_file=machine.files.manifest,
+            manifest=payload,
+        )
     return machine.ctx.executable.vm_command(
         [*args, *qmp_args(listener)], keep_fds=(listener.fileno(),)
     )
