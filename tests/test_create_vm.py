@@ -189,6 +189,7 @@ async def test_without_certificates_the_environment_names_none(manager: Manager)
         ("ttl", "0s", "ttl"),
         ("agent_log_level", "info\nAGENT_CVM_ID=forged", "agent_log_level"),
         ("aws_region", "eu\rAWS_REGION=x", "aws_region"),
+        ("agent_cvm_server_url", "cvms:7001\\", "agent_cvm_server_url"),
         ("aa_kbs_params", "type=sample init=/bin/sh", "aa_kbs_params"),
         ("aa_kbs_params", 'a"b', "aa_kbs_params"),
         ("aa_kbs_params", "x" * 3000, "aa_kbs_params"),
@@ -214,6 +215,22 @@ async def test_a_go_form_ttl_removes_the_vm_and_its_shares(manager: Manager) -> 
     assert leftovers(manager) == []
     gone = await upstream_call(manager.address, "CVMInfo", {"id": created["cvmId"]})
     assert "NotFound" in gone.err
+
+
+async def test_on_the_vsock_channel_there_is_no_vsock_device_and_no_hand_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent of a CreateVm'd VM fetches its work itself: nothing waits for it on vsock
+    (the stand-in has no agent there, so a hand-over would time out)."""
+    async with running_manager(
+        tmp_path, monkeypatch, MANAGER_QEMU_AGENT_CHANNEL="vsock", MANAGER_QEMU_START_TIMEOUT="5s"
+    ) as manager:
+        created = (await upstream_call(manager.address, "CreateVm", full_request())).json
+        (machine,) = manager.service.computations().values()
+        assert machine.id == created["cvmId"] and machine.process is not None
+        assert not any("vhost-vsock" in arg for arg in machine.process.argv)
+        await upstream_call(manager.address, "RemoveVm", {"cvm_id": created["cvmId"]})
+        assert leftovers(manager) == []
 
 
 async def test_unknown_ids_are_not_found(manager: Manager) -> None:

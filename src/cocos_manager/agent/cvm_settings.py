@@ -64,10 +64,17 @@ class AgentSettings:
 
 
 def _check_line(name: str, value: str) -> None:
+    """One line of systemd's EnvironmentFile=: no line break, and no trailing backslash,
+    which joins the next line (AGENT_CVM_ID's, say) into this value."""
     if any(ch in value for ch in "\n\r\0"):
         raise InvalidArgumentError(
             f"{name}: line breaks and NUL are not allowed (each setting is one line of the "
             "agent's environment file)"
+        )
+    if value.endswith("\\"):
+        raise InvalidArgumentError(
+            f"{name}: a trailing backslash is not allowed (it would join the next line of the "
+            "agent's environment file to this value)"
         )
 
 
