@@ -359,3 +359,23 @@ async def test_cli_create_vm_with_upstream_flags(manager: Manager, tmp_path: Pat
     code, out, err = await cli(manager, "remove-vm", cvm_id)
     assert code == 1 and "NOT_FOUND" in err
     assert leftovers(manager) == []
+
+
+async def test_remove_vm_presses_the_power_button_first_when_a_grace_is_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Graceful stop applies to a CreateVm'd VM as to any other (and Logs of it after it ended)."""
+    async with running_manager(
+        tmp_path, monkeypatch, MANAGER_QEMU_POWERDOWN_GRACE="10s"
+    ) as manager:
+        created = (await upstream_call(manager.address, "CreateVm", full_request())).json
+        # Per-VM metrics follow vm_pids: the VM is among them.
+        assert [vm_id for vm_id, _ in manager.service.vm_pids()] == [created["cvmId"]]
+        removed = await upstream_call(manager.address, "RemoveVm", {"cvm_id": created["cvmId"]})
+        assert removed.code == 0, removed.err
+        request = pb.LogsRequest(computation_id=created["cvmId"])
+        lines = [line.message async for line in manager.stub.Logs(request, timeout=5)]
+        assert f"BOOTED {created['cvmId']}" in "\n".join(lines)
+        assert "reboot: Power down" in lines
+        assert not any("terminating on signal" in line for line in lines)
+        assert leftovers(manager) == []
