@@ -7,6 +7,7 @@ environment file, cert.pem and the kernel command line). The real guest: tests/e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -379,3 +380,46 @@ async def test_remove_vm_presses_the_power_button_first_when_a_grace_is_set(
         assert "reboot: Power down" in lines
         assert not any("terminating on signal" in line for line in lines)
         assert leftovers(manager) == []
+
+
+async def test_a_full_tmp_file_loc_is_resource_exhausted_and_keeps_no_share(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The images fit, the shares do not (a key larger than what is left): RESOURCE_EXHAUSTED,
+    and the files already made, half a share included, are gone."""
+    from tests.test_faults import tmpfs
+
+    with tmpfs(tmp_path / "vms", "64k") as vms:
+        async with running_manager(tmp_path, monkeypatch) as manager:
+            big = full_request(agent_cvm_client_key=b64(os.urandom(80 << 10)))
+            for _ in range(2):  # a failed attempt leaves room for the same failure, not less
+                answer = await upstream_call(manager.address, "CreateVm", big)
+                assert "ResourceExhausted" in answer.err and "no space left" in answer.err
+                assert "MANAGER_QEMU_TMP_FILE_LOC" in answer.err
+                assert leftovers(manager) == [] and manager.service.computations() == {}
+            statvfs = os.statvfs(vms)
+            assert statvfs.f_bfree == statvfs.f_blocks
+            created = (await upstream_call(manager.address, "CreateVm", full_request())).json
+            await upstream_call(manager.address, "RemoveVm", {"cvm_id": created["cvmId"]})
+            assert leftovers(manager) == []
+
+
+async def test_a_create_vm_cancelled_at_any_step_leaves_nothing(manager: Manager) -> None:
+    """The client goes away (deadline) while the VM is admitted, its shares written, its QEMU
+    starting: nothing of it is left, the shares included."""
+    request = pb.CreateReq(
+        agent_cvm_client_key=KEY, agent_cvm_client_cert=CERT, aws_secret_access_key=AWS_SECRET
+    )
+    cancelled = 0
+    for deadline in (0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3):
+        try:
+            await manager.stub.CreateVm(request, timeout=deadline)
+        except grpc.aio.AioRpcError as error:
+            assert error.code() is grpc.StatusCode.DEADLINE_EXCEEDED, error
+            cancelled += 1
+        for vm_id in list(manager.service.computations()):  # answered in time (or just)
+            with contextlib.suppress(Exception):
+                await manager.service.stop(vm_id)
+        await wait_for(lambda: leftovers(manager) == [], "nothing left of the VM", 15)
+        assert manager.service.computations() == {}
+    assert cancelled > 0
