@@ -423,3 +423,19 @@ async def test_a_create_vm_cancelled_at_any_step_leaves_nothing(manager: Manager
         await wait_for(lambda: leftovers(manager) == [], "nothing left of the VM", 15)
         assert manager.service.computations() == {}
     assert cancelled > 0
+
+
+async def test_shares_under_a_path_with_commas(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QEMU splits -fsdev's options at single commas: the shares' path keeps its commas."""
+    vms = tmp_path / "v,ms"
+    async with running_manager(tmp_path, monkeypatch, MANAGER_QEMU_TMP_FILE_LOC=str(vms)) as m:
+        created = (await upstream_call(m.address, "CreateVm", full_request())).json
+        handed = sections(await asyncio.to_thread(fetch_agent_port, int(created["forwardedPort"])))
+        assert f"AGENT_CVM_ID={created['cvmId']}\n" in handed["/etc/cocos/environment"]
+        (machine,) = m.service.computations().values()
+        assert machine.process is not None
+        assert any(",,ms/shares-" in arg for arg in machine.process.argv)
+        await upstream_call(m.address, "RemoveVm", {"cvm_id": created["cvmId"]})
+        assert os.listdir(vms) == []
