@@ -3,7 +3,8 @@
 the real test guest (Debian's generic kernel, which has 9p).
 
 CreateVm -> the guest mounts its two 9p shares and serves what it was handed: its
-AGENT_CVM_ID, its certificate, the kernel parameter of aa_kbs_params -> CVMInfo of that VM ->
+AGENT_CVM_ID, its certificate, the kernel parameter of aa_kbs_params (a second guest, handed
+no certificate, sees an environment that names none) -> CVMInfo of that VM ->
 AttestationPolicy (no SEV-SNP under TCG: refused naming why, an unknown id NOT_FOUND) ->
 RemoveVm -> no QEMU, no share, no per-VM file, no record. Run/Stop on the same daemon still
 work, and neither the key bytes nor the AWS secret appear in the daemon's log, its records,
@@ -74,6 +75,8 @@ async def test_upstream_client_drives_a_real_guest(tmp_path: Path) -> None:
             await asyncio.wait_for(watch.initial_metadata(), 10)
 
             created = await upstream_call(daemon.address, "CreateVm", full_request())
+            # A second guest, at the same time, handed no certificate at all.
+            bare = await upstream_call(daemon.address, "CreateVm", {"agent_cvm_server_url": "c"})
             cvm_id = created.json["cvmId"]
             port = int(created.json["forwardedPort"])
             assert uuid.UUID(cvm_id).version == 4
@@ -89,6 +92,18 @@ async def test_upstream_client_drives_a_real_guest(tmp_path: Path) -> None:
             assert f"AWS_SECRET_ACCESS_KEY={AWS_SECRET}\n" in environment
             assert handed["/etc/certs/cert.pem"] == CERT.decode()
             assert " agent.aa_kbc_params=type=sample" in handed["/proc/cmdline"]
+
+            bare_served = await asyncio.to_thread(
+                read_agent_port, int(bare.json["forwardedPort"]), time.monotonic() + BOOT_TIMEOUT
+            )
+            bare_environment = sections(bare_served)["/etc/cocos/environment"]
+            assert f"AGENT_CVM_ID={bare.json['cvmId']}\n" in bare_environment
+            assert "/etc/certs" not in bare_environment and "AWS_" not in bare_environment
+            assert "== /etc/certs/cert.pem" not in bare_served
+            removed = await upstream_call(
+                daemon.address, "RemoveVm", {"cvm_id": bare.json["cvmId"]}
+            )
+            assert removed.code == 0, removed.err
 
             info = (await upstream_call(daemon.address, "CVMInfo", {"id": cvm_id})).json
             assert info["id"] == cvm_id and info["cpuNum"] == 1 and info["cpuType"] == "max"
