@@ -4,12 +4,19 @@
 # Usage: scripts/build-test-guest.sh [OUTDIR]     (default: <repo>/build/guest)
 # Produces OUTDIR/bzImage and OUTDIR/rootfs.cpio.gz.
 #
+# The kernel is Debian's generic one (linux-image-amd64): the cloud kernel has no 9p, and a
+# CreateVm'd VM gets the agent's settings through two 9p shares (docs/contracts.md, "CreateVm").
+#
 # The guest's /init plays the Cocos agent (docs/contracts.md, "The manifest"): it loads the
-# virtio-net and qemu_fw_cfg modules, reads the manifest from fw_cfg
-# (opt/cocos/agent-config.json), prints "BOOTED <id>" on /dev/ttyS0, brings up
+# virtio-net, qemu_fw_cfg and 9p modules, mounts the 9p shares when the VM has them (mount tag
+# certs_share at /etc/certs, env_share at /etc/cocos, as upstream's guest does), reads the
+# manifest from fw_cfg (opt/cocos/agent-config.json), prints "BOOTED <id>" on /dev/ttyS0
+# (<id>: the manifest's id, or AGENT_CVM_ID of /etc/cocos/environment), brings up
 # eth0 as 10.0.2.15/24 and then either powers off (manifest contains
-# "cocos-test:poweroff", after printing "POWEROFF <id>") or serves the manifest
-# bytes on TCP port 7002 to every connection (after printing "SERVING <id>").
+# "cocos-test:poweroff", after printing "POWEROFF <id>") or serves on TCP port 7002 to every
+# connection what it was handed (after printing "SERVING <id>"): the manifest bytes, or, for a
+# VM with the shares, a document of "== NAME" sections: /etc/cocos/environment,
+# /etc/certs/cert.pem (when there) and /proc/cmdline. Nothing of the shares goes to the console.
 # It also handles the ACPI power button (QMP system_powerdown) as a guest OS
 # should: the button and evdev modules and busybox acpid make it print
 # "cocos-test: power button, shutting down" and power off at once.
@@ -28,8 +35,9 @@ STAMP="$OUTDIR/.build-test-guest.stamp"
 
 # Modules to load, in this order (dependencies are added before a module if missing).
 MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
-         failover net_failover virtio_net qemu_fw_cfg evdev button)
-REQUIRED_MODULES=(virtio_net qemu_fw_cfg evdev button)
+         failover net_failover virtio_net qemu_fw_cfg evdev button
+         fscache netfs 9pnet 9pnet_virtio 9p)
+REQUIRED_MODULES=(virtio_net qemu_fw_cfg evdev button 9pnet_virtio 9p)
 
 log() { echo "build-test-guest: $*"; }
 die() { echo "build-test-guest: ERROR: $*" >&2; exit 1; }
@@ -96,10 +104,11 @@ download_deb() {
     echo "$deb"
 }
 
-# resolve_kernel_pkg: the concrete linux-image-<ver>-cloud-amd64 of the metapackage's candidate.
+# resolve_kernel_pkg: the concrete linux-image-<ver>-amd64 of the metapackage's candidate
+# (the generic kernel: the cloud one has no 9p modules).
 resolve_kernel_pkg() {
-    apt-cache depends linux-image-cloud-amd64 2>/dev/null \
-        | sed -n 's/^ *Depends: *<\{0,1\}\(linux-image-[0-9][^ >]*-cloud-amd64\)>\{0,1\}.*/\1/p' \
+    apt-cache depends linux-image-amd64 2>/dev/null \
+        | sed -n 's/^ *Depends: *<\{0,1\}\(linux-image-[0-9][^ >]*[0-9]-amd64\)>\{0,1\}.*/\1/p' \
         | head -n1 || true
 }
 
@@ -136,13 +145,13 @@ grep -qx nc <<<"$APPLETS" || die "$BUSYBOX has no nc applet"
 log "busybox: $BUSYBOX"
 
 # ---------------------------------------------------------------- kernel
-log "resolving linux-image-cloud-amd64"
+log "resolving linux-image-amd64"
 KPKG="$(resolve_kernel_pkg)"
 if [[ -z $KPKG ]]; then
     apt_update_once
     KPKG="$(resolve_kernel_pkg)"
 fi
-[[ -n $KPKG ]] || die "cannot resolve the kernel package behind linux-image-cloud-amd64 (apt-cache depends found nothing)"
+[[ -n $KPKG ]] || die "cannot resolve the kernel package behind linux-image-amd64 (apt-cache depends found nothing)"
 log "kernel package: $KPKG"
 KDEB="$(download_deb "$KPKG")"
 KDIR="$WORK/kernel"
@@ -268,6 +277,12 @@ i=0
 while ! ls /dev/input/event* >/dev/null 2>&1 && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
 acpid -f -c /etc/acpi -l /tmp/acpid.log &
 
+# The agent's settings of a CreateVm'd VM: two 9p shares, mounted where upstream's guest
+# mounts them (a VM of Run has neither: the mounts fail quietly).
+mkdir -p /etc/certs /etc/cocos
+mount -t 9p -o trans=virtio,version=9p2000.L certs_share /etc/certs 2>/dev/null
+mount -t 9p -o trans=virtio,version=9p2000.L env_share /etc/cocos 2>/dev/null
+
 F=/sys/firmware/qemu_fw_cfg/by_name/opt/cocos/agent-config.json/raw
 i=0
 while [ ! -e "$F" ] && [ $i -lt 50 ]; do
@@ -285,6 +300,16 @@ else
 fi
 id=$(tr ',{}' '\n\n\n' < /manifest \
      | sed -n 's/^[[:space:]]*"id"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p' | head -n 1)
+if [ -f /etc/cocos/environment ]; then
+    [ -n "$id" ] || id=$(sed -n 's/^AGENT_CVM_ID=//p' /etc/cocos/environment | head -n 1)
+    {
+        echo "== /etc/cocos/environment"; cat /etc/cocos/environment
+        if [ -f /etc/certs/cert.pem ]; then echo "== /etc/certs/cert.pem"; cat /etc/certs/cert.pem; fi
+        echo "== /proc/cmdline"; cat /proc/cmdline
+    } > /served
+else
+    cp /manifest /served
+fi
 
 say "BOOTED $id"
 
@@ -300,8 +325,9 @@ if grep -q 'cocos-test:poweroff' /manifest; then
     poweroff -f
 fi
 
-# Serve the manifest, whole, to every connection, then close it (one forked cat per client).
-(while :; do nc -ll -p 7002 -e cat /manifest; sleep 1; done) &
+# Serve what it was handed, whole, to every connection, then close it (one forked cat per
+# client).
+(while :; do nc -ll -p 7002 -e cat /served; sleep 1; done) &
 # Port 7002 = 0x1B5A; state 0A = LISTEN.
 i=0
 while ! grep -q ':1B5A [0-9A-F:]* 0A' /proc/net/tcp /proc/net/tcp6 2>/dev/null && [ $i -lt 100 ]; do

@@ -51,13 +51,10 @@ def check_unknown_variables(environ: Mapping[str, str]) -> list[Check]:
     checks = []
     for unknown in unknown_variables(environ):
         hint = f"; did you mean {unknown.closest}?" if unknown.closest else ""
-        checks.append(
-            Check(
-                "unknown-variable",
-                "warn",
-                f"{unknown.name} is not a setting of the manager and is ignored{hint}",
-            )
-        )
+        message = f"{unknown.name} is not a setting of the manager and is ignored{hint}"
+        if unknown.upstream:
+            message = f"{unknown.name} (today's upstream Cocos) is ignored: {unknown.upstream}"
+        checks.append(Check("unknown-variable", "warn", message))
     return checks
 
 

@@ -15,11 +15,19 @@ from pathlib import Path
 
 from opentelemetry import trace
 
-from cocos_manager.agent import Connect, effective_ttl, validated_manifest, vsock_connector
+from cocos_manager.agent import (
+    Connect,
+    agent_settings,
+    create_ttl,
+    effective_ttl,
+    validated_manifest,
+    vsock_connector,
+)
 from cocos_manager.config import Settings
 from cocos_manager.errors import (
     AbortedError,
     AlreadyExistsError,
+    InvalidArgumentError,
     ManagerError,
     NotFoundError,
     ResourceExhaustedError,
@@ -40,6 +48,7 @@ from cocos_manager.vm import (
     VmState,
     check_images,
     computation_info,
+    cvm_info,
     recover,
 )
 
@@ -148,8 +157,17 @@ class ManagerService:
         except ManagerError as error:
             METRICS.run_failures.labels(reason=error.reason).inc()
             raise
+        await self._start(machine, manifest)
+        return pb.RunResponse(
+            agent_port=str(machine.resources.host_port), computation_id=request.id
+        )
+
+    async def _start(self, machine: Machine, payload: bytes) -> None:
+        """An admitted VM to RUNNING; a caller that goes away (cancel, deadline) leaves
+        nothing behind. `payload`: the manifest, or a CreateVm'd VM's environment file."""
+        computation_id = machine.id
         start = asyncio.get_running_loop().create_task(
-            machine.start(manifest), name=f"start:{request.id}"
+            machine.start(payload), name=f"start:{computation_id}"
         )
         machine.start_task = start
         try:
@@ -168,18 +186,50 @@ class ManagerService:
                 raise
             if machine.stop_reason is StopReason.SHUTDOWN:
                 raise UnavailableError(
-                    f"the manager is shutting down: the VM of computation {request.id!r} "
+                    f"the manager is shutting down: the VM of computation {computation_id!r} "
                     "was stopped while starting"
                 ) from None
             raise AbortedError(
-                f"computation {request.id!r} was stopped while its VM was starting"
+                f"computation {computation_id!r} was stopped while its VM was starting"
             ) from None
         except Exception as error:
             METRICS.run_failures.labels(reason=failure_reason(error)).inc()
             raise
-        return pb.RunResponse(
-            agent_port=str(machine.resources.host_port), computation_id=request.id
-        )
+
+    # -- today's upstream control plane: CreateVm, RemoveVm, CVMInfo -------------------------
+
+    async def create_vm(self, request: pb.CreateReq) -> pb.CreateRes:
+        """A VM whose agent gets its settings through 9p shares instead of a manifest; from
+        then on a computation like any other (its id is the new cvm_id)."""
+        cvm_id = str(uuid.uuid4())
+        try:
+            with _tracer.start_as_current_span("validate"):
+                ttl = create_ttl(request, self.settings)
+                agent = agent_settings(request, cvm_id, self.qemu.KERNEL_CMDLINE)
+                self._admit_check(cvm_id)
+                check_images(self.qemu)
+            machine = self._admit(cvm_id)
+            machine.ttl = ttl
+            machine.agent_settings = agent
+        except ManagerError as error:
+            METRICS.run_failures.labels(reason=error.reason).inc()
+            raise
+        await self._start(machine, agent.environment)
+        return pb.CreateRes(forwarded_port=str(machine.resources.host_port), cvm_id=cvm_id)
+
+    async def remove_vm(self, cvm_id: str) -> None:
+        if not cvm_id:
+            raise InvalidArgumentError("cvm_id: required")
+        await self.stop(cvm_id)
+
+    def cvm_info(self, vm_id: str) -> pb.CVMInfoRes:
+        """Of that VM, as its QEMU was launched (a VM of Run too: one id space)."""
+        if not vm_id:
+            raise InvalidArgumentError("id: required")
+        machine = self._machines.get(vm_id)
+        if machine is None or machine.process is None:
+            raise NotFoundError(f"computation {vm_id!r} is not running")
+        return cvm_info(vm_id, machine.process.argv, self.settings)
 
     def _admit_check(self, computation_id: str) -> None:
         if self._closing:

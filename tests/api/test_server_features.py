@@ -62,6 +62,10 @@ async def test_reflection_describes_the_api(manager: Manager) -> None:
             ".manager.AttestationPolicyResponse",
             False,
         ),
+        # Today's upstream control plane, beside ours.
+        "CreateVm": (".manager.CreateReq", ".manager.CreateRes", False),
+        "RemoveVm": (".manager.RemoveReq", ".google.protobuf.Empty", False),
+        "CVMInfo": (".manager.CVMInfoReq", ".manager.CVMInfoRes", False),
     }
 
 

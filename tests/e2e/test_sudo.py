@@ -477,3 +477,34 @@ async def test_without_kill_rule_a_frozen_qemu_is_released_and_stop_says_so(
                 lambda: daemon.vm_processes() == {"sudo": [], "qemu": []}, "QEMU and sudo gone"
             )
             assert await daemon.terminate() == 0
+
+
+async def test_create_vm_through_sudo_reads_and_removes_its_shares(
+    account: Account, workdir: Path
+) -> None:
+    """A CreateVm'd VM's shares are the daemon user's (0700): QEMU, root's through sudo, reads
+    them (the guest serves its environment), and the non-root daemon removes them."""
+    from tests.e2e.test_create_vm_real import read_agent_port
+    from tests.support.upstream_client import upstream_call
+    from tests.test_create_vm import CERT, full_request, sections
+
+    with sudoers(nopasswd_rule(account)):
+        async with user_daemon(account, workdir) as daemon:
+            address = f"127.0.0.1:{daemon.port}"
+            created = (await upstream_call(address, "CreateVm", full_request())).json
+            (shares,) = [name for name in daemon.vm_files() if name.startswith("shares-")]
+            info = os.stat(os.path.join(daemon.vms, shares))
+            assert (info.st_uid, info.st_mode & 0o777) == (account.uid, 0o700)
+            procs = daemon.vm_processes()
+            assert owner(procs["qemu"][0]) == 0
+            deadline = time.monotonic() + BOOT_TIMEOUT
+            served = await asyncio.to_thread(
+                read_agent_port, int(created["forwardedPort"]), deadline
+            )
+            handed = sections(served)
+            assert f"AGENT_CVM_ID={created['cvmId']}\n" in handed["/etc/cocos/environment"]
+            assert handed["/etc/certs/cert.pem"] == CERT.decode()
+            removed = await upstream_call(address, "RemoveVm", {"cvm_id": created["cvmId"]})
+            assert removed.code == 0, removed.err
+            assert daemon.vm_processes() == {"sudo": [], "qemu": []}
+            assert daemon.vm_files() == []

@@ -3,7 +3,8 @@
 
 It takes the manager's real command line and does what QEMU does with the parts the manager
 relies on: binds the hostfwd port (and serves the fw_cfg manifest there, as the test guest's
-agent does), binds the VNC port, speaks QMP on the inherited monitor fd as QEMU 7.2 does
+agent does, or a CreateVm'd VM's environment file, cert.pem and kernel command line from its
+9p shares, as the test guest serves them), binds the VNC port, speaks QMP on the inherited monitor fd as QEMU 7.2 does
 (commands refused until `qmp_capabilities`; one monitor client at a time), prints BOOTED to
 stdout, exits on SIGTERM. FAKE_QEMU_MODE changes its behaviour:
   fail            print a QEMU-style error on stderr and exit 1 at once
@@ -337,6 +338,42 @@ def answer_probe(args: list[str]) -> bool:
     return False
 
 
+def shares(args: list[str]) -> dict[str, str]:
+    """The 9p shares of a CreateVm'd VM, as the test guest mounts them: mount tag -> host
+    directory (commas in a path are doubled on the command line)."""
+    paths = {}
+    for spec in option(args, "-fsdev"):
+        props = dict(
+            part.replace("\0", ",").partition("=")[::2]
+            for part in spec.replace(",,", "\0").split(",")[1:]
+        )
+        paths[props.get("id", "")] = props.get("path", "")
+    found = {}
+    for spec in option(args, "-device"):
+        if spec.startswith("virtio-9p-pci,"):
+            props = dict(part.partition("=")[::2] for part in spec.split(",")[1:])
+            found[props.get("mount_tag", "")] = paths.get(props.get("fsdev", ""), "")
+    return found
+
+
+def handed(args: list[str], manifest: bytes) -> tuple[bytes, str]:
+    """What the test guest serves on its agent port, and the id it prints: the manifest, or
+    for a VM with the shares its environment file, cert.pem and kernel command line."""
+    mounted = shares(args)
+    if "env_share" not in mounted:
+        return manifest, json.loads(manifest).get("id", "")
+    with open(os.path.join(mounted["env_share"], "environment"), "rb") as file:
+        environment = file.read()
+    document = b"== /etc/cocos/environment\n" + environment
+    cert = os.path.join(mounted.get("certs_share", ""), "cert.pem")
+    if os.path.exists(cert):
+        with open(cert, "rb") as file:
+            document += b"== /etc/certs/cert.pem\n" + file.read()
+    document += b"== /proc/cmdline\n" + " ".join(option(args, "-append")).encode() + b"\n"
+    ids = re.findall(rb"^AGENT_CVM_ID=(.*)$", environment, re.M)
+    return document, ids[0].decode() if ids else ""
+
+
 def main() -> None:
     args = sys.argv[1:]
     if answer_probe(args):
@@ -389,9 +426,9 @@ def main() -> None:
     if qmp is not None and mode != "no-qmp":
         sessions = 1 if mode == "qmp-once" else None
         threading.Thread(target=serve_qmp, args=(qmp, sessions), daemon=True).start()
+    served, identity = handed(args, manifest)
     if agent is not None:
-        threading.Thread(target=serve_agent, args=(agent, manifest), daemon=True).start()
-    identity = json.loads(manifest).get("id", "")
+        threading.Thread(target=serve_agent, args=(agent, served), daemon=True).start()
     say(sys.stdout, f"\x1b[2J\x1b[01;01HBOOTED {identity}\r\n")
     if mode.startswith("chatty:"):
         chatter(*mode.split(":")[1:])

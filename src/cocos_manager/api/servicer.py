@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import grpc
+from google.protobuf import empty_pb2
 
 from cocos_manager.errors import InvalidArgumentError, ManagerError
 from cocos_manager.proto import manager_pb2 as pb
@@ -108,3 +109,33 @@ class ManagerServicer(pb_grpc.ManagerServiceServicer):
                 yield line.to_pb(computation_id)
         finally:
             self._service.ctx.consoles.close_stream()
+
+    # -- today's upstream control plane (docs/contracts.md, "CreateVm, RemoveVm, CVMInfo") --
+
+    async def CreateVm(
+        self, request: pb.CreateReq, context: grpc.aio.ServicerContext
+    ) -> pb.CreateRes:
+        try:
+            return await self._service.create_vm(request)
+        except Exception as error:
+            await _abort(context, error, "CreateVm")
+            raise
+
+    async def RemoveVm(
+        self, request: pb.RemoveReq, context: grpc.aio.ServicerContext
+    ) -> empty_pb2.Empty:
+        try:
+            await self._service.remove_vm(request.cvm_id)
+        except Exception as error:
+            await _abort(context, error, "RemoveVm")
+            raise
+        return empty_pb2.Empty()
+
+    async def CVMInfo(
+        self, request: pb.CVMInfoReq, context: grpc.aio.ServicerContext
+    ) -> pb.CVMInfoRes:
+        try:
+            return self._service.cvm_info(request.id)
+        except Exception as error:
+            await _abort(context, error, "CVMInfo")
+            raise

@@ -5,6 +5,7 @@ lists of numbers), or dataset and algorithm files that it hashes with SHA3-256 a
 original's test server did. `stop` stops a computation; `events` follows the stream;
 `attestation-policy` prints the expected launch measurement document of a confidential VM.
 `list` shows the computations the manager holds; `logs` a computation's console.
+`create-vm`, `remove-vm` and `cvm-info` speak today's upstream control plane (cvm.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 import grpc
 from google.protobuf import json_format
 
+from cocos_manager.cli import cvm
 from cocos_manager.cli.output import (
     computation_table,
     console_line,
@@ -223,6 +225,7 @@ def _parser() -> argparse.ArgumentParser:
     logs.add_argument(
         "--follow", "-f", action="store_true", help="then new lines until the VM ends or Ctrl-C"
     )
+    cvm.add_parsers(sub, common, formatter)
     return parser
 
 
@@ -233,6 +236,7 @@ COMMANDS = {
     "attestation-policy": _attestation_policy,
     "list": _list,
     "logs": _logs,
+    **cvm.commands(_channel),
 }
 
 

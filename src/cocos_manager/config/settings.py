@@ -134,6 +134,10 @@ class QemuSettings(BaseSettings):
     TDX_ID: str = "tdx0"
     TDX_QUOTE_GENERATION_SOCKET: QgsSocket = ""
 
+    # Upstream Cocos main's (manager/qemu/config.go): the firmware's version, which CVMInfo
+    # reports for a verifier's policy; the daemon does not read the firmware to learn it.
+    OVMF_VERSION: str = ""
+
 
 class ServiceSettings(BaseSettings):
     """MANAGER_* service-wide variables (and the one COCOS_* variable the manager reads)."""
@@ -155,6 +159,8 @@ class ServiceSettings(BaseSettings):
     MAX_VMS: Annotated[GoInt, AtLeast(0, "must be 0 (no limit) or more")] = 0
     STATE_DIR: str = "state"
     SHUTDOWN_STOPS_VMS: GoBool = True
+    # Upstream Cocos main's: the guest OS (EOS) image's version, reported by CVMInfo.
+    EOS_VERSION: str = ""
 
     # Hardening for real hosts: docs/decisions.md, "Hardening: bounds against clients and guests".
     METRICS_HOST: str = ""  # "" = the address of MANAGER_GRPC_HOST

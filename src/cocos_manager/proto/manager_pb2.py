@@ -22,10 +22,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rmanager.proto\x12\x07manager\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe0\x01\n\x11\x43omputationRunReq\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\"\n\x08\x64\x61tasets\x18\x04 \x03(\x0b\x32\x10.manager.Dataset\x12%\n\talgorithm\x18\x05 \x01(\x0b\x32\x12.manager.Algorithm\x12\x18\n\x10result_consumers\x18\x06 \x03(\t\x12*\n\x0c\x61gent_config\x18\x07 \x01(\x0b\x32\x14.manager.AgentConfig\x12\x0b\n\x03ttl\x18\x08 \x01(\t\"5\n\x07\x44\x61taset\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04hash\x18\x03 \x01(\x0c\"7\n\tAlgorithm\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04hash\x18\x03 \x01(\x0c\"\xa7\x01\n\x0b\x41gentConfig\x12\x0c\n\x04port\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x11\n\tcert_file\x18\x03 \x01(\t\x12\x10\n\x08key_file\x18\x04 \x01(\t\x12\x16\n\x0e\x63lient_ca_file\x18\x05 \x01(\t\x12\x16\n\x0eserver_ca_file\x18\x06 \x01(\t\x12\x11\n\tlog_level\x18\x07 \x01(\t\x12\x14\n\x0c\x61ttested_tls\x18\x08 \x01(\x08\"9\n\x0bRunResponse\x12\x12\n\nagent_port\x18\x01 \x01(\t\x12\x16\n\x0e\x63omputation_id\x18\x02 \x01(\t\"%\n\x0bStopRequest\x12\x16\n\x0e\x63omputation_id\x18\x01 \x01(\t\"\x0e\n\x0cStopResponse\"E\n\rEventsRequest\x12\x16\n\x0e\x63omputation_id\x18\x01 \x01(\t\x12\x12\n\x05since\x18\x02 \x01(\x04H\x00\x88\x01\x01\x42\x08\n\x06_since\"\x9c\x01\n\nAgentEvent\x12\x12\n\nevent_type\x18\x01 \x01(\t\x12-\n\ttimestamp\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x63omputation_id\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x65tails\x18\x04 \x01(\x0c\x12\x12\n\noriginator\x18\x05 \x01(\t\x12\x0e\n\x06status\x18\x06 \x01(\t\"q\n\x08\x41gentLog\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x16\n\x0e\x63omputation_id\x18\x02 \x01(\t\x12\r\n\x05level\x18\x03 \x01(\t\x12-\n\ttimestamp\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xaa\x01\n\x13\x43lientStreamMessage\x12&\n\tagent_log\x18\x01 \x01(\x0b\x32\x11.manager.AgentLogH\x00\x12*\n\x0b\x61gent_event\x18\x02 \x01(\x0b\x32\x13.manager.AgentEventH\x00\x12\'\n\x07run_res\x18\x03 \x01(\x0b\x32\x14.manager.RunResponseH\x00\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x42\t\n\x07message\"2\n\x18\x41ttestationPolicyRequest\x12\x16\n\x0e\x63omputation_id\x18\x01 \x01(\t\"A\n\x19\x41ttestationPolicyResponse\x12\x0c\n\x04info\x18\x01 \x01(\x0c\x12\x16\n\x0e\x63omputation_id\x18\x02 \x01(\t\"\r\n\x0bListRequest\">\n\x0cListResponse\x12.\n\x0c\x63omputations\x18\x01 \x03(\x0b\x32\x18.manager.ComputationInfo\"\xf2\x01\n\x0f\x43omputationInfo\x12\x16\n\x0e\x63omputation_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x12\n\nagent_port\x18\x03 \x01(\t\x12\x11\n\tguest_cid\x18\x04 \x01(\r\x12\x13\n\x0bvnc_display\x18\x05 \x01(\r\x12\x0b\n\x03pid\x18\x06 \x01(\r\x12.\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61\x64opted\x18\t \x01(\x08\"C\n\x0bLogsRequest\x12\x16\n\x0e\x63omputation_id\x18\x01 \x01(\t\x12\x0c\n\x04tail\x18\x02 \x01(\r\x12\x0e\n\x06\x66ollow\x18\x03 \x01(\x08\x32\x84\x03\n\x0eManagerService\x12\x37\n\x03Run\x12\x1a.manager.ComputationRunReq\x1a\x14.manager.RunResponse\x12\x33\n\x04Stop\x12\x14.manager.StopRequest\x1a\x15.manager.StopResponse\x12@\n\x06\x45vents\x12\x16.manager.EventsRequest\x1a\x1c.manager.ClientStreamMessage0\x01\x12Z\n\x11\x41ttestationPolicy\x12!.manager.AttestationPolicyRequest\x1a\".manager.AttestationPolicyResponse\x12\x33\n\x04List\x12\x14.manager.ListRequest\x1a\x15.manager.ListResponse\x12\x31\n\x04Logs\x12\x14.manager.LogsRequest\x1a\x11.manager.AgentLog0\x01\x42\x0bZ\t./managerb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rmanager.proto\x12\x07manager\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe0\x01\n\x11\x43omputationRunReq\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\"\n\x08\x64\x61tasets\x18\x04 \x03(\x0b\x32\x10.manager.Dataset\x12%\n\talgorithm\x18\x05 \x01(\x0b\x32\x12.manager.Algorithm\x12\x18\n\x10result_consumers\x18\x06 \x03(\t\x12*\n\x0c\x61gent_config\x18\x07 \x01(\x0b\x32\x14.manager.AgentConfig\x12\x0b\n\x03ttl\x18\x08 \x01(\t\"5\n\x07\x44\x61taset\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04hash\x18\x03 \x01(\x0c\"7\n\tAlgorithm\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04hash\x18\x03 \x01(\x0c\"\xa7\x01\n\x0b\x41gentConfig\x12\x0c\n\x04port\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x11\n\tcert_file\x18\x03 \x01(\t\x12\x10\n\x08key_file\x18\x04 \x01(\t\x12\x16\n\x0e\x63lient_ca_file\x18\x05 \x01(\t\x12\x16\n\x0eserver_ca_file\x18\x06 \x01(\t\x12\x11\n\tlog_level\x18\x07 \x01(\t\x12\x14\n\x0c\x61ttested_tls\x18\x08 \x01(\x08\"9\n\x0bRunResponse\x12\x12\n\nagent_port\x18\x01 \x01(\t\x12\x16\n\x0e\x63omputation_id\x18\x02 \x01(\t\"%\n\x0bStopRequest\x12\x16\n\x0e\x63omputation_id\x18\x01 \x01(\t\"\x0e\n\x0cStopResponse\"E\n\rEventsRequest\x12\x16\n\x0e\x63omputation_id\x18\x01 \x01(\t\x12\x12\n\x05since\x18\x02 \x01(\x04H\x00\x88\x01\x01\x42\x08\n\x06_since\"\x9c\x01\n\nAgentEvent\x12\x12\n\nevent_type\x18\x01 \x01(\t\x12-\n\ttimestamp\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x63omputation_id\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x65tails\x18\x04 \x01(\x0c\x12\x12\n\noriginator\x18\x05 \x01(\t\x12\x0e\n\x06status\x18\x06 \x01(\t\"q\n\x08\x41gentLog\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x16\n\x0e\x63omputation_id\x18\x02 \x01(\t\x12\r\n\x05level\x18\x03 \x01(\t\x12-\n\ttimestamp\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xaa\x01\n\x13\x43lientStreamMessage\x12&\n\tagent_log\x18\x01 \x01(\x0b\x32\x11.manager.AgentLogH\x00\x12*\n\x0b\x61gent_event\x18\x02 \x01(\x0b\x32\x13.manager.AgentEventH\x00\x12\'\n\x07run_res\x18\x03 \x01(\x0b\x32\x14.manager.RunResponseH\x00\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x42\t\n\x07message\"2\n\x18\x41ttestationPolicyRequest\x12\x16\n\x0e\x63omputation_id\x18\x01 \x01(\t\"A\n\x19\x41ttestationPolicyResponse\x12\x0c\n\x04info\x18\x01 \x01(\x0c\x12\x16\n\x0e\x63omputation_id\x18\x02 \x01(\t\"\r\n\x0bListRequest\">\n\x0cListResponse\x12.\n\x0c\x63omputations\x18\x01 \x03(\x0b\x32\x18.manager.ComputationInfo\"\xf2\x01\n\x0f\x43omputationInfo\x12\x16\n\x0e\x63omputation_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x12\n\nagent_port\x18\x03 \x01(\t\x12\x11\n\tguest_cid\x18\x04 \x01(\r\x12\x13\n\x0bvnc_display\x18\x05 \x01(\r\x12\x0b\n\x03pid\x18\x06 \x01(\r\x12.\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61\x64opted\x18\t \x01(\x08\"C\n\x0bLogsRequest\x12\x16\n\x0e\x63omputation_id\x18\x01 \x01(\t\x12\x0c\n\x04tail\x18\x02 \x01(\r\x12\x0e\n\x06\x66ollow\x18\x03 \x01(\x08\"\xe2\x02\n\tCreateReq\x12\x17\n\x0f\x61gent_log_level\x18\x01 \x01(\t\x12 \n\x18\x61gent_cvm_server_ca_cert\x18\x02 \x01(\x0c\x12\x1c\n\x14\x61gent_cvm_client_key\x18\x03 \x01(\x0c\x12\x1d\n\x15\x61gent_cvm_client_cert\x18\x04 \x01(\x0c\x12\x1c\n\x14\x61gent_cvm_server_url\x18\x05 \x01(\t\x12\x18\n\x10\x61gent_cvm_ca_url\x18\x06 \x01(\t\x12\x0b\n\x03ttl\x18\x07 \x01(\t\x12\x19\n\x11\x61gent_certs_token\x18\x08 \x01(\t\x12\x19\n\x11\x61ws_access_key_id\x18\t \x01(\t\x12\x1d\n\x15\x61ws_secret_access_key\x18\n \x01(\t\x12\x18\n\x10\x61ws_endpoint_url\x18\x0b \x01(\t\x12\x12\n\naws_region\x18\x0c \x01(\t\x12\x15\n\raa_kbs_params\x18\r \x01(\t\"3\n\tCreateRes\x12\x16\n\x0e\x66orwarded_port\x18\x01 \x01(\t\x12\x0e\n\x06\x63vm_id\x18\x02 \x01(\t\"\x1b\n\tRemoveReq\x12\x0e\n\x06\x63vm_id\x18\x01 \x01(\t\"\x18\n\nCVMInfoReq\x12\n\n\x02id\x18\x01 \x01(\t\"z\n\nCVMInfoRes\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0covmf_version\x18\x02 \x01(\t\x12\x0f\n\x07\x63pu_num\x18\x03 \x01(\x05\x12\x10\n\x08\x63pu_type\x18\x04 \x01(\t\x12\x12\n\nkernel_cmd\x18\x05 \x01(\t\x12\x13\n\x0b\x65os_version\x18\x06 \x01(\t2\xa5\x04\n\x0eManagerService\x12\x37\n\x03Run\x12\x1a.manager.ComputationRunReq\x1a\x14.manager.RunResponse\x12\x33\n\x04Stop\x12\x14.manager.StopRequest\x1a\x15.manager.StopResponse\x12@\n\x06\x45vents\x12\x16.manager.EventsRequest\x1a\x1c.manager.ClientStreamMessage0\x01\x12Z\n\x11\x41ttestationPolicy\x12!.manager.AttestationPolicyRequest\x1a\".manager.AttestationPolicyResponse\x12\x33\n\x04List\x12\x14.manager.ListRequest\x1a\x15.manager.ListResponse\x12\x31\n\x04Logs\x12\x14.manager.LogsRequest\x1a\x11.manager.AgentLog0\x01\x12\x32\n\x08\x43reateVm\x12\x12.manager.CreateReq\x1a\x12.manager.CreateRes\x12\x36\n\x08RemoveVm\x12\x12.manager.RemoveReq\x1a\x16.google.protobuf.Empty\x12\x33\n\x07\x43VMInfo\x12\x13.manager.CVMInfoReq\x1a\x13.manager.CVMInfoResB\x0bZ\t./managerb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,40 +34,50 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'manager_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z\t./manager'
-  _globals['_COMPUTATIONRUNREQ']._serialized_start=60
-  _globals['_COMPUTATIONRUNREQ']._serialized_end=284
-  _globals['_DATASET']._serialized_start=286
-  _globals['_DATASET']._serialized_end=339
-  _globals['_ALGORITHM']._serialized_start=341
-  _globals['_ALGORITHM']._serialized_end=396
-  _globals['_AGENTCONFIG']._serialized_start=399
-  _globals['_AGENTCONFIG']._serialized_end=566
-  _globals['_RUNRESPONSE']._serialized_start=568
-  _globals['_RUNRESPONSE']._serialized_end=625
-  _globals['_STOPREQUEST']._serialized_start=627
-  _globals['_STOPREQUEST']._serialized_end=664
-  _globals['_STOPRESPONSE']._serialized_start=666
-  _globals['_STOPRESPONSE']._serialized_end=680
-  _globals['_EVENTSREQUEST']._serialized_start=682
-  _globals['_EVENTSREQUEST']._serialized_end=751
-  _globals['_AGENTEVENT']._serialized_start=754
-  _globals['_AGENTEVENT']._serialized_end=910
-  _globals['_AGENTLOG']._serialized_start=912
-  _globals['_AGENTLOG']._serialized_end=1025
-  _globals['_CLIENTSTREAMMESSAGE']._serialized_start=1028
-  _globals['_CLIENTSTREAMMESSAGE']._serialized_end=1198
-  _globals['_ATTESTATIONPOLICYREQUEST']._serialized_start=1200
-  _globals['_ATTESTATIONPOLICYREQUEST']._serialized_end=1250
-  _globals['_ATTESTATIONPOLICYRESPONSE']._serialized_start=1252
-  _globals['_ATTESTATIONPOLICYRESPONSE']._serialized_end=1317
-  _globals['_LISTREQUEST']._serialized_start=1319
-  _globals['_LISTREQUEST']._serialized_end=1332
-  _globals['_LISTRESPONSE']._serialized_start=1334
-  _globals['_LISTRESPONSE']._serialized_end=1396
-  _globals['_COMPUTATIONINFO']._serialized_start=1399
-  _globals['_COMPUTATIONINFO']._serialized_end=1641
-  _globals['_LOGSREQUEST']._serialized_start=1643
-  _globals['_LOGSREQUEST']._serialized_end=1710
-  _globals['_MANAGERSERVICE']._serialized_start=1713
-  _globals['_MANAGERSERVICE']._serialized_end=2101
+  _globals['_COMPUTATIONRUNREQ']._serialized_start=89
+  _globals['_COMPUTATIONRUNREQ']._serialized_end=313
+  _globals['_DATASET']._serialized_start=315
+  _globals['_DATASET']._serialized_end=368
+  _globals['_ALGORITHM']._serialized_start=370
+  _globals['_ALGORITHM']._serialized_end=425
+  _globals['_AGENTCONFIG']._serialized_start=428
+  _globals['_AGENTCONFIG']._serialized_end=595
+  _globals['_RUNRESPONSE']._serialized_start=597
+  _globals['_RUNRESPONSE']._serialized_end=654
+  _globals['_STOPREQUEST']._serialized_start=656
+  _globals['_STOPREQUEST']._serialized_end=693
+  _globals['_STOPRESPONSE']._serialized_start=695
+  _globals['_STOPRESPONSE']._serialized_end=709
+  _globals['_EVENTSREQUEST']._serialized_start=711
+  _globals['_EVENTSREQUEST']._serialized_end=780
+  _globals['_AGENTEVENT']._serialized_start=783
+  _globals['_AGENTEVENT']._serialized_end=939
+  _globals['_AGENTLOG']._serialized_start=941
+  _globals['_AGENTLOG']._serialized_end=1054
+  _globals['_CLIENTSTREAMMESSAGE']._serialized_start=1057
+  _globals['_CLIENTSTREAMMESSAGE']._serialized_end=1227
+  _globals['_ATTESTATIONPOLICYREQUEST']._serialized_start=1229
+  _globals['_ATTESTATIONPOLICYREQUEST']._serialized_end=1279
+  _globals['_ATTESTATIONPOLICYRESPONSE']._serialized_start=1281
+  _globals['_ATTESTATIONPOLICYRESPONSE']._serialized_end=1346
+  _globals['_LISTREQUEST']._serialized_start=1348
+  _globals['_LISTREQUEST']._serialized_end=1361
+  _globals['_LISTRESPONSE']._serialized_start=1363
+  _globals['_LISTRESPONSE']._serialized_end=1425
+  _globals['_COMPUTATIONINFO']._serialized_start=1428
+  _globals['_COMPUTATIONINFO']._serialized_end=1670
+  _globals['_LOGSREQUEST']._serialized_start=1672
+  _globals['_LOGSREQUEST']._serialized_end=1739
+  _globals['_CREATEREQ']._serialized_start=1742
+  _globals['_CREATEREQ']._serialized_end=2096
+  _globals['_CREATERES']._serialized_start=2098
+  _globals['_CREATERES']._serialized_end=2149
+  _globals['_REMOVEREQ']._serialized_start=2151
+  _globals['_REMOVEREQ']._serialized_end=2178
+  _globals['_CVMINFOREQ']._serialized_start=2180
+  _globals['_CVMINFOREQ']._serialized_end=2204
+  _globals['_CVMINFORES']._serialized_start=2206
+  _globals['_CVMINFORES']._serialized_end=2328
+  _globals['_MANAGERSERVICE']._serialized_start=2331
+  _globals['_MANAGERSERVICE']._serialized_end=2880
 # @@protoc_insertion_point(module_scope)

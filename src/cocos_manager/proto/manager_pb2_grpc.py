@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from cocos_manager.proto import manager_pb2 as manager__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -64,6 +65,21 @@ class ManagerServiceStub:
                 request_serializer=manager__pb2.LogsRequest.SerializeToString,
                 response_deserializer=manager__pb2.AgentLog.FromString,
                 _registered_method=True)
+        self.CreateVm = channel.unary_unary(
+                '/manager.ManagerService/CreateVm',
+                request_serializer=manager__pb2.CreateReq.SerializeToString,
+                response_deserializer=manager__pb2.CreateRes.FromString,
+                _registered_method=True)
+        self.RemoveVm = channel.unary_unary(
+                '/manager.ManagerService/RemoveVm',
+                request_serializer=manager__pb2.RemoveReq.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                _registered_method=True)
+        self.CVMInfo = channel.unary_unary(
+                '/manager.ManagerService/CVMInfo',
+                request_serializer=manager__pb2.CVMInfoReq.SerializeToString,
+                response_deserializer=manager__pb2.CVMInfoRes.FromString,
+                _registered_method=True)
 
 
 class ManagerServiceServicer:
@@ -113,6 +129,35 @@ class ManagerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateVm(self, request, context):
+        """Today's upstream Cocos control plane (ultravioletrs/cocos main, manager/manager.proto):
+        same method names, message field numbers and types, so upstream's clients (cocos-cli
+        create-vm) drive this daemon. Upstream's AttestationPolicy is wire-compatible with ours
+        above. docs/contracts.md, "CreateVm, RemoveVm, CVMInfo".
+
+        Launch a VM whose agent fetches its work from the control plane itself: no manifest, no
+        vsock device; the agent's settings reach the guest through two 9p shares. Answers once
+        the VM is up.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveVm(self, request, context):
+        """End a VM (of CreateVm or Run) as Stop does; its shares are removed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CVMInfo(self, request, context):
+        """What a verifier needs besides the report: this VM's CPUs, CPU model and kernel command
+        line, and the operator's OVMF and EOS versions.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ManagerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +190,21 @@ def add_ManagerServiceServicer_to_server(servicer, server):
                     servicer.Logs,
                     request_deserializer=manager__pb2.LogsRequest.FromString,
                     response_serializer=manager__pb2.AgentLog.SerializeToString,
+            ),
+            'CreateVm': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateVm,
+                    request_deserializer=manager__pb2.CreateReq.FromString,
+                    response_serializer=manager__pb2.CreateRes.SerializeToString,
+            ),
+            'RemoveVm': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveVm,
+                    request_deserializer=manager__pb2.RemoveReq.FromString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            ),
+            'CVMInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.CVMInfo,
+                    request_deserializer=manager__pb2.CVMInfoReq.FromString,
+                    response_serializer=manager__pb2.CVMInfoRes.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -309,6 +369,87 @@ class ManagerService:
             '/manager.ManagerService/Logs',
             manager__pb2.LogsRequest.SerializeToString,
             manager__pb2.AgentLog.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateVm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/manager.ManagerService/CreateVm',
+            manager__pb2.CreateReq.SerializeToString,
+            manager__pb2.CreateRes.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveVm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/manager.ManagerService/RemoveVm',
+            manager__pb2.RemoveReq.SerializeToString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CVMInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/manager.ManagerService/CVMInfo',
+            manager__pb2.CVMInfoReq.SerializeToString,
+            manager__pb2.CVMInfoRes.FromString,
             options,
             channel_credentials,
             insecure,

@@ -11,8 +11,10 @@ if TYPE_CHECKING:
     from cocos_manager.qemu.argv import Executable as Executable
     from cocos_manager.qemu.argv import QemuNotFoundError as QemuNotFoundError
     from cocos_manager.qemu.argv import VmResources as VmResources
+    from cocos_manager.qemu.argv import cvm_args as cvm_args
     from cocos_manager.qemu.argv import derive_vm_settings as derive_vm_settings
     from cocos_manager.qemu.argv import effective_base_args as effective_base_args
+    from cocos_manager.qemu.argv import option_values as option_values
     from cocos_manager.qemu.argv import qemu_args as qemu_args
     from cocos_manager.qemu.argv import resolve_executable as resolve_executable
     from cocos_manager.qemu.argv import shell_line as shell_line
@@ -35,6 +37,8 @@ if TYPE_CHECKING:
 
 # Each public name and the module it lives in.
 HOMES = {
+    "cvm_args": "argv",
+    "option_values": "argv",
     "derive_vm_settings": "argv",
     "effective_base_args": "argv",
     "Executable": "argv",

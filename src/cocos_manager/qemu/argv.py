@@ -125,6 +125,55 @@ def vm_args(
     return args
 
 
+CERTS_SHARE_TAG = "certs_share"
+ENV_SHARE_TAG = "env_share"
+
+
+def share_args(certs_dir: Path, env_dir: Path) -> list[str]:
+    """The agent's two 9p shares as upstream gives them (mount tags certs_share, env_share),
+    read-only: the agent only reads them, and a guest must not write into the daemon's tree."""
+    args: list[str] = []
+    for fsdev, path, tag in (
+        ("cert_fs", certs_dir, CERTS_SHARE_TAG),
+        ("env_fs", env_dir, ENV_SHARE_TAG),
+    ):
+        args += [
+            "-fsdev",
+            f"local,id={fsdev},path={escape_option(str(path))},security_model=mapped,readonly=on",
+        ]
+        args += ["-device", f"virtio-9p-pci,fsdev={fsdev},mount_tag={tag}"]
+    return args
+
+
+def cvm_args(
+    q: QemuSettings,
+    vm: VmResources,
+    *,
+    certs_dir: Path,
+    env_dir: Path,
+    kernel_parameter: str,
+    payload: bytes,
+) -> list[str]:
+    """A CreateVm'd VM's arguments: the base line derived for this VM, no vhost-vsock device
+    and no manifest (its agent fetches its work itself), `kernel_parameter` appended to the
+    kernel command line, the two shares last (as upstream), and `payload` (the environment
+    file) bound into attestation with MANAGER_QEMU_BIND_MANIFEST."""
+    derived = derive_vm_settings(q, vm)
+    if kernel_parameter:
+        derived = derived.model_copy(
+            update={"KERNEL_CMDLINE": f"{derived.KERNEL_CMDLINE} {kernel_parameter}"}
+        )
+    return [
+        *qemu_args(derived, vsock_device=False, manifest=payload),
+        *share_args(certs_dir, env_dir),
+    ]
+
+
+def option_values(argv: Sequence[str], flag: str) -> list[str]:
+    """Every value given to `flag` in a command line (`-append`, `-cpu`...), in order."""
+    return [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == flag]
+
+
 @dataclass(frozen=True, slots=True)
 class Executable:
     """What to exec: QEMU itself, or sudo with the resolved QEMU path as its first argument."""

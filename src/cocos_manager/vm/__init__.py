@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from cocos_manager.vm.attestation import computation_policy_json as computation_policy_json
     from cocos_manager.vm.files import check_images as check_images
+    from cocos_manager.vm.info import cvm_info as cvm_info
     from cocos_manager.vm.lifecycle import PROVISION as PROVISION
     from cocos_manager.vm.lifecycle import MachineContext as MachineContext
     from cocos_manager.vm.lifecycle import Released as Released
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 
 # Each public name and the module it lives in.
 HOMES = {
+    "cvm_info": "info",
     "computation_policy_json": "attestation",
     "check_images": "files",
     "MachineContext": "lifecycle",

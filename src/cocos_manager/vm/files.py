@@ -1,4 +1,5 @@
-"""Per-VM files under MANAGER_QEMU_TMP_FILE_LOC: kernel, rootfs, OVMF vars, manifest, QMP socket.
+"""Per-VM files under MANAGER_QEMU_TMP_FILE_LOC: kernel, rootfs, OVMF vars, manifest, QMP socket,
+and a CreateVm'd VM's 9p shares (a directory of its own).
 
 Kernel and rootfs are only read by QEMU, so each VM gets a hard link (or a reflink, or as a
 last resort a copy): preparing a VM costs the same for a 1 MB and a 512 MB image. The OVMF
@@ -12,6 +13,7 @@ import errno
 import fcntl
 import os
 import shutil
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,6 +134,9 @@ class VmFiles:
     directory: Path
     paths: dict[str, Path] = field(default_factory=dict)
     methods: dict[str, str] = field(default_factory=dict)
+    # A CreateVm'd VM's 9p shares (shares_dir). Not among `paths`, which the VM record lists:
+    # the record never names what holds the agent's keys. Recovery derives it from the UUID.
+    shares: Path | None = None
 
     @property
     def qmp_socket(self) -> Path:
@@ -155,6 +160,8 @@ class VmFiles:
                     _log.warning(
                         "cannot remove a per-VM file", path=str(path), error=error.strerror
                     )
+        if self.shares is not None:
+            remove_shares(self.shares)
 
 
 def vm_paths(q: QemuSettings, vm_uuid: str, *, with_manifest: bool) -> dict[str, Path]:
@@ -206,3 +213,65 @@ def prepare_vm_files(
         files.remove()
         raise
     return files
+
+
+# -- a CreateVm'd VM's 9p shares ------------------------------------------------------------
+
+PRIVATE_DIR_MODE = 0o700
+CERTS_SUBDIR, ENV_SUBDIR = "certs", "env"
+
+
+def shares_dir(q: QemuSettings, vm_uuid: str) -> Path:
+    """The VM's own directory of shares: `certs/` (cert.pem, key.pem, ca.pem) and `env/`
+    (environment), each exported to the guest by QEMU's 9p server."""
+    return Path(q.TMP_FILE_LOC) / f"shares-{vm_uuid}"
+
+
+def _private_dir(path: Path) -> None:
+    """A new directory of the daemon's user only, whatever the umask (set, not masked)."""
+    os.mkdir(path, PRIVATE_DIR_MODE)
+    os.chmod(path, PRIVATE_DIR_MODE)
+
+
+def write_shares(
+    q: QemuSettings, vm_uuid: str, certs: dict[str, bytes], environment: bytes
+) -> Path:
+    """Creates the shares readable by the daemon's user only (QEMU, its child or run by root
+    through sudo, reads them); all of it or nothing. A few small files: fine on the loop."""
+    check_tmp_dir(q)
+    root = shares_dir(q, vm_uuid)
+    try:
+        _private_dir(root)
+        try:
+            _private_dir(root / CERTS_SUBDIR)
+            _private_dir(root / ENV_SUBDIR)
+            for name, data in (*certs.items(), (f"{ENV_SUBDIR}/environment", environment)):
+                target = root / name if "/" in name else root / CERTS_SUBDIR / name
+                with os.fdopen(_create_private(str(target)), "wb") as out:
+                    out.write(data)
+        except BaseException:
+            remove_shares(root)
+            raise
+    except OSError as error:
+        raise _storage_error("MANAGER_QEMU_TMP_FILE_LOC", root.parent, error) from None
+    return root
+
+
+def remove_shares(root: Path) -> None:
+    """Best effort and never raises, as VmFiles.remove; a symlink in its place is unlinked,
+    never followed (the record cannot name it: the path comes from the UUID)."""
+    try:
+        info = os.lstat(root)
+    except FileNotFoundError:
+        return
+    except OSError as error:
+        _log.warning("cannot remove a VM's shares", path=str(root), error=error.strerror)
+        return
+    try:
+        if stat.S_ISDIR(info.st_mode):
+            shutil.rmtree(root)
+        else:
+            root.unlink()
+    except OSError as error:
+        if os.path.lexists(root):
+            _log.warning("cannot remove a VM's shares", path=str(root), error=error.strerror)

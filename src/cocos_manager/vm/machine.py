@@ -25,6 +25,7 @@ from typing import Any
 
 from opentelemetry import trace
 
+from cocos_manager.agent import AgentSettings
 from cocos_manager.confidential import launched_binding
 from cocos_manager.config import AgentChannel
 from cocos_manager.errors import (
@@ -84,6 +85,8 @@ class Machine:
         self.started_at = time.time()
         self.console = ctx.consoles.open(computation_id)
         self.ttl: float | None = None
+        # A CreateVm'd VM: what its agent is handed through the 9p shares (no manifest).
+        self.agent_settings: AgentSettings | None = None
         self.expires_at: float | None = None
         self.ttl_timer: asyncio.TimerHandle | None = None
         self.start_task: asyncio.Task[None] | None = None
@@ -250,7 +253,7 @@ class Machine:
                 await self._reap(process)
                 raise
         try:
-            if not self.fw_cfg:
+            if vm_start.needs_handover(self):
                 with _tracer.start_as_current_span("handover"):
                     await vm_start.handover(self, process, manifest)
             if process.exited.done():  # between the agent's answer and now: not a running VM

@@ -24,7 +24,7 @@ from cocos_manager.errors import FailedPreconditionError, QemuStopFailedError
 from cocos_manager.host import VmRecord, current_boot_id, live_processes, process_identity
 from cocos_manager.qemu import QemuProcess, VmResources
 from cocos_manager.telemetry import get_logger
-from cocos_manager.vm.files import VmFiles, vm_paths
+from cocos_manager.vm.files import VmFiles, shares_dir, vm_paths
 from cocos_manager.vm.lifecycle import MachineContext, VmState
 from cocos_manager.vm.listing import started_at_from_ticks
 from cocos_manager.vm.machine import Machine
@@ -68,10 +68,14 @@ async def recover(ctx: MachineContext, machines: dict[str, Machine]) -> None:
 
 def _files(ctx: MachineContext, record: VmRecord) -> VmFiles:
     """The VM's files by the settings' rules for its (validated) UUID; `record.files` is for
-    humans only, so an edited record cannot point the clean-up at another file."""
+    humans only, so an edited record cannot point the clean-up at another file. The shares
+    of a CreateVm'd VM are always among them (the record does not say which kind it was):
+    removed with the rest, whichever way it ends."""
     q = ctx.settings.qemu
     return VmFiles(
-        directory=Path(q.TMP_FILE_LOC), paths=vm_paths(q, record.uuid, with_manifest=True)
+        directory=Path(q.TMP_FILE_LOC),
+        paths=vm_paths(q, record.uuid, with_manifest=True),
+        shares=shares_dir(q, record.uuid),
     )
 
 

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from opentelemetry import trace
 
-from cocos_manager.agent import HandoverAborted, HandoverTimeout, send_manifest
+from cocos_manager.agent import AgentSettings, HandoverAborted, HandoverTimeout, send_manifest
 from cocos_manager.confidential import LaunchMode, launch_mode
 from cocos_manager.errors import HandoverFailedError, HandoverTimeoutError, QemuExitedError
 from cocos_manager.host import start_pool
@@ -23,11 +23,20 @@ from cocos_manager.qemu import (
     QemuProcess,
     VmResources,
     conflicts_exhausted,
+    cvm_args,
     derive_vm_settings,
     qmp_args,
     vm_args,
 )
-from cocos_manager.vm.files import VmFiles, WouldCopy, prepare_vm_files
+from cocos_manager.vm.files import (
+    CERTS_SUBDIR,
+    ENV_SUBDIR,
+    VmFiles,
+    WouldCopy,
+    prepare_vm_files,
+    shares_dir,
+    write_shares,
+)
 from cocos_manager.vm.launch import Launch, launch_of
 from cocos_manager.vm.lifecycle import START_ATTEMPTS, MachineContext
 from cocos_manager.vm.resources import Lease
@@ -44,6 +53,7 @@ class StartingVm(Protocol):
     lease: Lease
     log: Any
     launch: dict[str, Any] | None
+    agent_settings: AgentSettings | None
 
     @property
     def uuid(self) -> str: ...
@@ -59,29 +69,36 @@ async def prepare_files(machine: StartingVm, manifest: bytes) -> None:
     a worker thread, which a cancelled Run cannot interrupt: on cancellation the files it
     still makes are removed once it ends."""
     q = machine.ctx.settings.qemu
-    vm_manifest = manifest if machine.fw_cfg else None
+    vm_manifest = manifest if machine.fw_cfg and machine.agent_settings is None else None
     with _tracer.start_as_current_span("prepare-files"):
         try:
             machine.files = prepare_vm_files(q, machine.uuid, vm_manifest, copy_shared=False)
-            return
         except WouldCopy:
-            pass
-        preparing = asyncio.get_running_loop().run_in_executor(
-            start_pool, prepare_vm_files, q, machine.uuid, vm_manifest
-        )
-        try:
-            machine.files = await asyncio.shield(preparing)
-        except asyncio.CancelledError:
-            with contextlib.suppress(BaseException):
-                machine.files = await preparing
-            raise
+            preparing = asyncio.get_running_loop().run_in_executor(
+                start_pool, prepare_vm_files, q, machine.uuid, vm_manifest
+            )
+            try:
+                machine.files = await asyncio.shield(preparing)
+            except asyncio.CancelledError:
+                with contextlib.suppress(BaseException):
+                    machine.files = await preparing
+                raise
+        agent = machine.agent_settings
+        if agent is not None:
+            # Named before it is made: the release removes it however the start ends.
+            machine.files.shares = shares_dir(q, machine.uuid)
+            write_shares(q, machine.uuid, agent.certs, agent.environment)
 
 
 async def note_launch(machine: StartingVm) -> None:
     """What the VM is launched with, for AttestationPolicy (launch.py), before its QEMU is
-    spawned (the record naming that QEMU carries it). Hashing firmware, kernel and initrd
-    takes a worker thread, so only a confidential launch pays it."""
+    spawned (the record naming that QEMU carries it): a CreateVm'd VM's kernel command line
+    with its own parameter. Hashing firmware, kernel and initrd takes a worker thread, so
+    only a confidential launch pays it."""
     q = derive_vm_settings(machine.ctx.settings.qemu, machine.resources)
+    agent = machine.agent_settings
+    if agent is not None and agent.kernel_parameter:
+        q = q.model_copy(update={"KERNEL_CMDLINE": f"{q.KERNEL_CMDLINE} {agent.kernel_parameter}"})
     if launch_mode(q) is LaunchMode.NONE:
         machine.launch = Launch(LaunchMode.NONE).to_record()
         return
@@ -90,15 +107,34 @@ async def note_launch(machine: StartingVm) -> None:
     machine.launch = launch.to_record()
 
 
+def needs_handover(machine: StartingVm) -> bool:
+    """Whether the agent is handed the manifest over vsock: a Run on the vsock channel (a
+    CreateVm'd VM's agent fetches its work itself)."""
+    return not machine.fw_cfg and machine.agent_settings is None
+
+
 def vm_command(machine: StartingVm, listener: socket.socket, payload: bytes) -> list[str]:
-    """`payload`: the manifest, bound into attestation with MANAGER_QEMU_BIND_MANIFEST."""
+    """`payload`: the manifest (a CreateVm'd VM: its environment file), bound into
+    attestation with MANAGER_QEMU_BIND_MANIFEST."""
     assert machine.files is not None
-    args = vm_args(
-        machine.ctx.settings.qemu,
-        machine.resources,
-        manifest_file=machine.files.manifest,
-        manifest=payload,
-    )
+    agent = machine.agent_settings
+    if agent is not None:
+        assert machine.files.shares is not None
+        args = cvm_args(
+            machine.ctx.settings.qemu,
+            machine.resources,
+            certs_dir=machine.files.shares / CERTS_SUBDIR,
+            env_dir=machine.files.shares / ENV_SUBDIR,
+            kernel_parameter=agent.kernel_parameter,
+            payload=payload,
+        )
+    else:
+        args = vm_args(
+            machine.ctx.settings.qemu,
+            machine.resources,
+            manifest_file=machine.files.manifest,
+            manifest=payload,
+        )
     return machine.ctx.executable.vm_command(
         [*args, *qmp_args(listener)], keep_fds=(listener.fileno(),)
     )
