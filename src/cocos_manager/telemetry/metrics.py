@@ -110,7 +110,7 @@ class Metrics:
         )
         self.dialout_requests = Counter(
             "manager_dialout_requests",
-            "Run requests received on the Process stream, by outcome (ok, failed).",
+            "Messages received on the Process stream, by outcome (ok, failed, undecodable).",
             ("outcome",),
             registry=self.registry,
         )
