@@ -19,12 +19,13 @@ from cocos_manager.agent.vsock import AgentEventListener, Connect, vsock_connect
 from cocos_manager.api.dialout import DialOut, DialOutConfigError
 from cocos_manager.api.interceptors import TelemetryInterceptor
 from cocos_manager.api.server import Server, build_server, listen_address
-from cocos_manager.check import log_startup_warnings
+from cocos_manager.check import StartupRefusedError, log_startup_warnings, refuse_startup
 from cocos_manager.config.choices import AgentChannel
 from cocos_manager.config.settings import Settings
 from cocos_manager.config.tls import TlsConfigError, TlsMode, describe_mode, server_credentials
 from cocos_manager.errors import ManagerError
 from cocos_manager.events.bus import EventBus
+from cocos_manager.host.listeners import grpc_listen_refusal
 from cocos_manager.host.sched_weight import raise_session_weight
 from cocos_manager.host.state_lock import StateDirLockedError, hold_state_lock
 from cocos_manager.qemu.argv import effective_base_args, resolve_executable, shell_line
@@ -94,6 +95,10 @@ class DaemonRunner:
         self.log.info(shell_line(executable.command(effective_base_args(settings.qemu))))
         # Each finding once, naming the setting and the fix (host_check.py).
         log_startup_warnings(settings, self.log)
+        try:  # what `cocos-manager check` fails, by the same code (check.STARTUP_REFUSALS)
+            refuse_startup(settings)
+        except StartupRefusedError as error:
+            raise StartupError(str(error)) from None
         try:
             self._mode, credentials = server_credentials(settings.service)
         except TlsConfigError as error:
@@ -123,10 +128,7 @@ class DaemonRunner:
                 interceptors=[TelemetryInterceptor(self.provider)],
             )
         except RuntimeError as error:
-            raise StartupError(
-                f"MANAGER_GRPC_HOST/MANAGER_GRPC_PORT: cannot listen on "
-                f"{listen_address(host, port)}: {error}"
-            ) from None
+            raise StartupError(grpc_listen_refusal(host, port, error)) from None
         try:
             self.metrics = await start_metrics_server(
                 settings.service.METRICS_PORT, metrics_host(settings.service)

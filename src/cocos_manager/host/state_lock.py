@@ -65,11 +65,7 @@ class StateLock:
                 raise StateDirLockedError(
                     f"MANAGER_STATE_DIR: cannot lock {str(self.directory)!r}: {error.strerror}"
                 ) from None
-            who = f"PID {holder}" if holder else "a process that has not written its PID yet"
-            raise StateDirLockedError(
-                f"MANAGER_STATE_DIR: {str(self.directory)!r} is in use by another "
-                f"cocos-manager ({who}); one daemon per state directory"
-            ) from None
+            raise StateDirLockedError(_in_use(self.directory, holder)) from None
         self._fd = fd
         try:
             os.ftruncate(fd, 0)
@@ -100,6 +96,33 @@ class StateLock:
         traceback: TracebackType | None,
     ) -> None:
         self.release()
+
+
+def _in_use(directory: Path, holder: int | None) -> str:
+    who = f"PID {holder}" if holder else "a process that has not written its PID yet"
+    return (
+        f"MANAGER_STATE_DIR: {str(directory)!r} is in use by another cocos-manager ({who}); "
+        "one daemon per state directory"
+    )
+
+
+def probe_state_lock(state_dir: str | os.PathLike[str]) -> None:
+    """StateDirLockedError, with the line the daemon would refuse to start with, when another
+    process holds the lock; for `cocos-manager check`. Writes nothing: a check run by another
+    user must not leave a lock file the daemon cannot open."""
+    directory = Path(os.path.abspath(state_dir))
+    try:
+        fd = os.open(directory / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return  # no lock file: nobody holds it (a directory it cannot make is checked apart)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        holder = _read_pid(fd)
+        if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN) and holder != os.getpid():
+            raise StateDirLockedError(_in_use(directory, holder)) from None
+    finally:
+        os.close(fd)  # releases the lock if it was taken
 
 
 def _read_pid(fd: int) -> int | None:
