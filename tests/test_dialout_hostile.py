@@ -253,3 +253,50 @@ async def test_a_burst_of_garbage_is_said_ten_times_then_counted(
         assert said[-1]["count"] == 490, said[-1]  # the rest, in one line
     finally:
         await server.stop()
+
+
+def test_the_buffer_holds_a_place_per_request_and_bounds_requests_in_number_and_bytes() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from cocos_manager.api.dialout_buffer import OutgoingBuffer
+    from cocos_manager.events.messages import log_message
+    from cocos_manager.telemetry.metrics import Metrics
+
+    buffer = OutgoingBuffer(
+        4, in_flight=2, in_flight_bytes=100, metrics=Metrics(CollectorRegistry())
+    )
+    buffer.request_read(10)
+    assert buffer.offer(log_message("c", "info", "1"), connected=True)
+    assert buffer.offer(log_message("c", "info", "2"), connected=True)
+    assert buffer.offer(log_message("c", "info", "3"), connected=True)
+    # Three messages and one place held for the request's answer: the fourth event is dropped.
+    assert not buffer.offer(log_message("c", "info", "4"), connected=True)
+    assert buffer.dropped_total == 1 and not buffer.has_room()
+    buffer.push(log_message("c", "info", "answer"))
+    buffer.request_done(10)
+    assert len(buffer) == 4 and not buffer.has_room()  # the answer took the held place
+    for _ in range(4):
+        buffer._messages.popleft()
+    assert buffer.has_room()
+    buffer.request_read(150)  # one large request: no more until it ends
+    assert not buffer.has_room()
+    buffer.request_done(150)
+    buffer.request_read(1)
+    buffer.request_read(1)
+    assert not buffer.has_room()  # two in flight
+
+
+def test_an_id_is_salvaged_only_from_complete_bytes_before_the_fault() -> None:
+    from cocos_manager.api.dialout_requests import SALVAGE_SCAN, decode_request, salvage_id
+
+    whole = pb.ComputationRunReq(id="abc", name="n").SerializeToString()
+    assert salvage_id(whole[:-1]) == "abc"
+    assert salvage_id(TRUNCATED) == ""
+    assert salvage_id(b"\x0a\x02\xff\xfe") == ""  # not UTF-8: not an id
+    assert salvage_id(b"\x0f") == ""  # wire type 7: nothing after it is trusted
+    padding = b"\x10\x01" * (SALVAGE_SCAN // 2)  # field 2 as varints, again and again
+    late = padding + b"\x0a\x01x" + TRUNCATED
+    assert salvage_id(late) == ""  # beyond the scan: not searched
+    undecodable = decode_request(b"\x0a\x01y" + padding + TRUNCATED)
+    assert not isinstance(undecodable, pb.ComputationRunReq)
+    assert undecodable.computation_id == "y" and undecodable.size == 3 + len(padding) + 4

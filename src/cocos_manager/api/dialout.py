@@ -65,6 +65,8 @@ in flight hold one place each), and events and logs are dropped when there is no
 REQUESTS_IN_FLIGHT = 256
 """Requests handled at once; the next one is read when one ends (far above what MAX_VMS-sized
 hosts start at once, and a bound on the tasks a flood of requests can make)."""
+REQUEST_BYTES_IN_FLIGHT = 64 * 1024 * 1024
+"""The same bound in bytes: requests are held by their Runs until the VM runs."""
 BACKOFF_FIRST = 0.25
 BACKOFF_CAP = 30.0  # as the original client's maxTryDelay
 STABLE_AFTER = 10.0
@@ -118,7 +120,9 @@ class DialOut:
         self.config = config
         self._service = service
         self._metrics = metrics
-        self._buffer = OutgoingBuffer(buffer_size, REQUESTS_IN_FLIGHT, metrics)
+        self._buffer = OutgoingBuffer(
+            buffer_size, REQUESTS_IN_FLIGHT, REQUEST_BYTES_IN_FLIGHT, metrics
+        )
         self._complaints = Complaints(_log)
         self.connected = False
         self._said_down = False  # "dial-out retrying" logged for the current outage
@@ -219,7 +223,7 @@ class DialOut:
             self._on_undecodable(request)
             return
         cid = request.id
-        self._buffer.request_read()
+        self._buffer.request_read(len(raw))
         self._inflight[cid] = self._inflight.get(cid, 0) + 1
         task = asyncio.ensure_future(
             self._handle(request, len(raw), self._failures_seen.get(cid, 0))
@@ -264,7 +268,7 @@ class DialOut:
             self._buffer.push(pb.ClientStreamMessage(run_res=response))
             _log.info("dial-out: Run answered", computation_id=cid, agent_port=response.agent_port)
         finally:
-            self._buffer.request_done()  # after its answer took its place
+            self._buffer.request_done(size)  # after its answer took its place
             left = self._inflight.get(cid, 1) - 1
             if left:
                 self._inflight[cid] = left

@@ -6,8 +6,9 @@ request read and not answered yet (the place its answer will take). So an answer
 dropped, events and logs are dropped (counted, logged once per burst) when there is no place,
 and the reader asks `wait_for_room` before it reads the next request: a server that sends
 requests and reads nothing fills the buffer once, and is then held back by HTTP/2 flow
-control rather than by the daemon's memory. Requests in flight are bounded too (`in_flight`),
-which bounds the tasks a flood can make.
+control rather than by the daemon's memory. Requests in flight are bounded too, in number
+(`in_flight`: the tasks a flood can make) and in bytes (`in_flight_bytes`, plus the one
+message read last: what large requests held by slow Runs can pin).
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ _log = get_logger()
 class OutgoingBuffer:
     """Appends never wait (Run and the event bus call them); the writer and reader wait."""
 
-    def __init__(self, size: int, in_flight: int, metrics: Metrics) -> None:
+    def __init__(self, size: int, in_flight: int, in_flight_bytes: int, metrics: Metrics) -> None:
         self.size = size
         self.in_flight = in_flight
+        self.in_flight_bytes = in_flight_bytes
+        self.open_bytes = 0
         self._metrics = metrics
         self._messages: deque[pb.ClientStreamMessage] = deque()
         self.open_requests = 0  # read, not answered yet: each holds a place for its answer
@@ -68,19 +71,25 @@ class OutgoingBuffer:
         self._metrics.dialout_buffered.set(len(self._messages))
         self._queued.set()
 
-    def request_read(self) -> None:
+    def request_read(self, size: int) -> None:
         self.open_requests += 1
+        self.open_bytes += size
 
-    def request_done(self) -> None:
+    def request_done(self, size: int) -> None:
         """After its answer was pushed (or it was cancelled): its place is the answer's now."""
         self.open_requests -= 1
+        self.open_bytes -= size
         self._room.set()
 
     # -- what comes out ------------------------------------------------------------------------
 
     def has_room(self) -> bool:
-        """For one more request: a place for its answer, and a slot under `in_flight`."""
-        return self.held() < self.size and self.open_requests < self.in_flight
+        """For one more request: a place for its answer, and room under the in-flight bounds."""
+        return (
+            self.held() < self.size
+            and self.open_requests < self.in_flight
+            and self.open_bytes < self.in_flight_bytes
+        )
 
     async def wait_for_room(self) -> None:
         while not self.has_room():

@@ -24,6 +24,9 @@ from google.protobuf.message import DecodeError
 
 from cocos_manager.proto import manager_pb2 as pb
 
+SALVAGE_SCAN = 64 * 1024
+"""Bytes of an undecodable message searched for its id: serializers write field 1 first, and
+a scan in Python over a message of millions of tiny fields would hold the event loop."""
 LOG_BURST = 10
 """Lines of one kind said in full per LOG_WINDOW; the rest are counted into the next line."""
 LOG_WINDOW = 10.0
@@ -72,6 +75,7 @@ def salvage_id(raw: bytes) -> str:
     """
     found = ""
     at = 0
+    raw = raw[:SALVAGE_SCAN]
     try:
         while at < len(raw):
             key, at = _varint(raw, at)

@@ -28,6 +28,7 @@ from cocos_manager.telemetry.logging import get_logger
 LOCK_NAME = "manager.lock"
 
 _log = get_logger()
+_HELD: set[Path] = set()  # directories this process holds the lock of
 
 
 class StateDirLockedError(Exception):
@@ -67,6 +68,7 @@ class StateLock:
                 ) from None
             raise StateDirLockedError(_in_use(self.directory, holder)) from None
         self._fd = fd
+        _HELD.add(self.directory)
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -81,6 +83,7 @@ class StateLock:
     def release(self) -> None:
         """Unlocks; the file stays (removing it would race with a daemon opening it)."""
         fd, self._fd = self._fd, None
+        _HELD.discard(self.directory)
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)
@@ -111,6 +114,8 @@ def probe_state_lock(state_dir: str | os.PathLike[str]) -> None:
     process holds the lock; for `cocos-manager check`. Writes nothing: a check run by another
     user must not leave a lock file the daemon cannot open."""
     directory = Path(os.path.abspath(state_dir))
+    if directory in _HELD:  # the daemon's own start-up: the lock is its own
+        return
     try:
         fd = os.open(directory / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -119,7 +124,7 @@ def probe_state_lock(state_dir: str | os.PathLike[str]) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:
         holder = _read_pid(fd)
-        if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN) and holder != os.getpid():
+        if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
             raise StateDirLockedError(_in_use(directory, holder)) from None
     finally:
         os.close(fd)  # releases the lock if it was taken
