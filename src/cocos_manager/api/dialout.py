@@ -424,6 +424,8 @@ def _retrieve(future: asyncio.Future[None]) -> None:
 async def _ended(call: Any) -> str:
     """Why the call ended, once it has (the server's status, or a cancellation)."""
     code = await call.code()
+    if code is grpc.StatusCode.OK:
+        return "the server ended the stream"
     return f"{code.name}: {await call.details()}"
 
 
