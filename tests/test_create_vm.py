@@ -21,10 +21,10 @@ import pytest
 
 from cocos_manager.confidential.argv import host_data
 from cocos_manager.proto import manager_pb2 as pb
+from tests.confidential.test_attestation import SEV_SNP_MEASURE, snp_env
 from tests.support.harness import Manager, run_request, running_manager
 from tests.support.upstream_client import b64, upstream_call
 from tests.support.waiting import wait_for
-from tests.confidential.test_attestation import SEV_SNP_MEASURE, snp_env
 
 CERT = b"-----BEGIN CERTIFICATE-----\ncert-of-the-agent\n-----END CERTIFICATE-----\n"
 KEY = b"-----BEGIN PRIVATE KEY-----\nkey-bytes-never-logged-4f1c\n-----END PRIVATE KEY-----\n"

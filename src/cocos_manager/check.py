@@ -12,24 +12,146 @@ daemon must reach SERVING fast. The QEMU probes (`-version`, `-object help`, `-d
 
 This module checks the service settings, files, directories and ports, and puts every probe
 together; the kernel and device probes are in host/probes.py, the QEMU ones in qemu/probes.py.
+
+What the daemon refuses to start with is in one list, STARTUP_REFUSALS: the daemon runs it
+before anything else (`refuse_startup`) and `check` turns each entry into its line, so the two
+cannot drift. The listeners are bound by `check` the same way the daemon binds them, and let
+go; the daemon binds them for real, later, refusing a failure with the same line.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, cast
 
-from cocos_manager.config import Settings, tracing_off, unknown_variables
-from cocos_manager.host import Check, Host, Status, check_agent_channel, check_kvm, check_sev
+from cocos_manager.config import (
+    DialOutConfigError,
+    Settings,
+    TlsConfigError,
+    describe_mode,
+    dialout_config,
+    server_credentials,
+    tracing_off,
+    unknown_variables,
+)
+from cocos_manager.errors import ManagerError
+from cocos_manager.host import (
+    Check,
+    Host,
+    ListenRefusedError,
+    StateDirLockedError,
+    Status,
+    check_agent_channel,
+    check_kvm,
+    check_private_dir,
+    check_sev,
+    probe_grpc_listen,
+    probe_state_lock,
+)
 from cocos_manager.qemu import Runner, check_qemu, check_sudo, run_probe
+from cocos_manager.telemetry import (
+    MetricsServerError,
+    describe_tracing,
+    metrics_host,
+    probe_collector,
+    probe_metrics_listen,
+)
+from cocos_manager.vm import room_per_vm
+
+# -- what the daemon refuses to start with -------------------------------------------------------
+
+REFUSED = (
+    TlsConfigError,
+    DialOutConfigError,
+    ManagerError,
+    StateDirLockedError,
+    ListenRefusedError,
+    MetricsServerError,
+)
+"""What a refusal raises; its message is the one line the daemon exits with (status 2)."""
+
+
+class StartupRefusedError(Exception):
+    """The daemon cannot start with these settings; the message is the operator's line."""
+
+
+def _tls(settings: Settings) -> str:
+    mode, _ = server_credentials(settings.service)
+    return f"gRPC {describe_mode(mode, settings.service)}"
+
+
+def _dial_out(settings: Settings) -> str:
+    try:
+        config = dialout_config(settings.service)
+    except TlsConfigError as error:  # as DialOut.configure words it
+        raise DialOutConfigError(str(error)) from None
+    if config is None:
+        return "MANAGER_GRPC_URL unset: no dial-out"
+    return f"dial-out to {config.target} {config.description}"
+
+
+def _state_dir(settings: Settings) -> str:
+    directory = Path(os.path.abspath(settings.service.STATE_DIR))
+    if not directory.exists():
+        return f"MANAGER_STATE_DIR={directory} will be made (mode 0700)"
+    check_private_dir(directory)
+    probe_state_lock(directory)
+    return f"MANAGER_STATE_DIR={directory} is private to this user and not in use"
+
+
+def _grpc_listen(settings: Settings) -> str:
+    s = settings.service
+    probe_grpc_listen(s.GRPC_HOST, s.GRPC_PORT)
+    return f"{s.GRPC_HOST or 'all interfaces'}:{s.GRPC_PORT} can be bound"
+
+
+def _metrics_listen(settings: Settings) -> str:
+    return probe_metrics_listen(settings.service.METRICS_PORT, metrics_host(settings.service))
+
+
+STARTUP_REFUSALS: tuple[tuple[str, Callable[[Settings], str], bool], ...] = (
+    ("tls", _tls, False),
+    ("dial-out", _dial_out, False),
+    ("state-dir", _state_dir, False),
+    ("grpc-listen", _grpc_listen, True),
+    ("metrics-listen", _metrics_listen, True),
+)
+"""(check line, refusal, binds): each returns what passes, or raises one of REFUSED with the
+daemon's line. `binds`: the daemon does not probe ahead; it binds for real at that step and
+refuses a failure with the same line (host/listeners.py, telemetry/metrics.py)."""
+
+
+def refusal_check(settings: Settings, name: str) -> Check:
+    refusal = next(entry[1] for entry in STARTUP_REFUSALS if entry[0] == name)
+    try:
+        return Check(name, "pass", refusal(settings))
+    except REFUSED as error:
+        return Check(name, "fail", f"{error}: the daemon refuses to start")
+
+
+def refuse_startup(settings: Settings) -> None:
+    """The daemon's first step: StartupRefusedError with the line `check` prints for it."""
+    for _, refusal, binds in STARTUP_REFUSALS:
+        if not binds:
+            try:
+                refusal(settings)
+            except REFUSED as error:
+                raise StartupRefusedError(str(error)) from None
+
 
 # -- service settings ------------------------------------------------------------------------
 
 
-def check_listen(settings: Settings) -> Check:
+def check_listen(settings: Settings, bind: bool = False) -> Check:
+    """Exposure of the gRPC listener; with `bind` (check, not the start-up warnings, which
+    run while the daemon is about to bind it itself), first whether it can be bound."""
+    if bind:
+        bound = refusal_check(settings, "grpc-listen")
+        if bound.status == "fail":
+            return bound
     s = settings.service
     tls = bool(s.GRPC_SERVER_CERT or s.GRPC_SERVER_KEY)
     everywhere = s.GRPC_HOST in ("", "0.0.0.0", "::", "[::]")
@@ -60,20 +182,23 @@ def check_unknown_variables(environ: Mapping[str, str]) -> list[Check]:
 
 def check_tls(settings: Settings) -> Check:
     """The certificates and keys parse and match, as the daemon checks them at start."""
-    from cocos_manager.config import TlsConfigError, describe_mode, server_credentials
-
-    try:
-        mode, _ = server_credentials(settings.service)
-    except TlsConfigError as error:
-        return Check("tls", "fail", f"{error}: the daemon refuses to start")
-    return Check("tls", "pass", f"gRPC {describe_mode(mode, settings.service)}")
+    return refusal_check(settings, "tls")
 
 
 def check_tracing(settings: Settings) -> Check:
     url = settings.service.JAEGER_URL
     if tracing_off(url):
         return Check("tracing", "pass", "COCOS_JAEGER_URL=off: no spans are exported")
-    return Check("tracing", "pass", f"spans go to {url} (COCOS_JAEGER_URL; off turns it off)")
+    where = describe_tracing(url)  # never the URL's credentials
+    unreachable = probe_collector(url)
+    if unreachable is not None:
+        return Check(
+            "tracing",
+            "warn",
+            f"COCOS_JAEGER_URL={where}: the collector at {unreachable}: spans will be dropped "
+            "(logged once per outage); start the collector, or set COCOS_JAEGER_URL=off",
+        )
+    return Check("tracing", "pass", f"spans go to {where} (COCOS_JAEGER_URL; off turns it off)")
 
 
 # -- files and directories -------------------------------------------------------------------
@@ -135,11 +260,58 @@ def _writable_dir(name: str, variable: str, path: str) -> Check:
     return Check(name, "pass", f"{variable}={path} is writable{made}")
 
 
+def _existing(path: str) -> Path:
+    """The directory, or the nearest existing parent it would be made in."""
+    probe = Path(path).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return probe
+
+
+def _human(size: int) -> str:
+    if size < 1024:
+        return f"{size} bytes"
+    value, unit = size / 1024, "KiB"
+    for larger in ("MiB", "GiB", "TiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, larger
+    return f"{value:.1f} {unit}"
+
+
+def check_tmp_room(settings: Settings, writable: Check) -> Check:
+    """Room for a VM's files in TMP_FILE_LOC: what one needs against what is free there."""
+    q = settings.qemu
+    if writable.status == "fail":
+        return writable
+    directory = _existing(q.TMP_FILE_LOC)
+    try:
+        room = room_per_vm(q, directory)
+        stats = os.statvfs(directory)
+    except OSError as error:
+        return Check("tmp-file-loc", "fail", f"MANAGER_QEMU_TMP_FILE_LOC: {error.strerror}")
+    free = stats.f_bavail * stats.f_frsize
+    vms = free // room.needed
+    says = (
+        f"MANAGER_QEMU_TMP_FILE_LOC={q.TMP_FILE_LOC}: {_human(free)} free, a VM needs "
+        f"{_human(room.needed)} ({'; '.join(room.parts)})"
+    )
+    if vms == 0:
+        return Check(
+            "tmp-file-loc", "fail", f"{says}: no room for one VM; free space there or move it"
+        )
+    limit = settings.service.MAX_VMS
+    if limit and vms < limit:
+        return Check("tmp-file-loc", "warn", f"{says}: room for {vms} of MANAGER_MAX_VMS={limit}")
+    return Check("tmp-file-loc", "pass", f"{says}: room for {vms}")
+
+
 def check_directories(settings: Settings) -> list[Check]:
-    return [
-        _writable_dir("tmp-file-loc", "MANAGER_QEMU_TMP_FILE_LOC", settings.qemu.TMP_FILE_LOC),
-        _writable_dir("state-dir", "MANAGER_STATE_DIR", settings.service.STATE_DIR),
-    ]
+    tmp = _writable_dir("tmp-file-loc", "MANAGER_QEMU_TMP_FILE_LOC", settings.qemu.TMP_FILE_LOC)
+    state = _writable_dir("state-dir", "MANAGER_STATE_DIR", settings.service.STATE_DIR)
+    if state.status != "fail" and os.path.exists(settings.service.STATE_DIR):
+        state = refusal_check(settings, "state-dir")
+    return [check_tmp_room(settings, tmp), state]
 
 
 def _port_free(port: int) -> bool:
@@ -171,12 +343,15 @@ def check_ports(settings: Settings) -> Check:
 # -- the two entry points ----------------------------------------------------------------------
 
 
-def startup_checks(settings: Settings, host: Host | None = None) -> list[Check]:
-    """What the daemon checks at start: cheap (no QEMU run), no file written."""
+def startup_checks(
+    settings: Settings, host: Host | None = None, *, bind: bool = False
+) -> list[Check]:
+    """What the daemon checks at start: cheap (no QEMU run), no file written; `bind` (for
+    `check`) binds the gRPC listener too."""
     host = host or Host()
     checks = [check_kvm(settings, host), check_agent_channel(settings, host)]
     checks += check_sev(settings, host)
-    checks.append(check_listen(settings))
+    checks.append(check_listen(settings, bind))
     checks += check_unknown_variables(host.env())
     return checks
 
@@ -186,7 +361,7 @@ def run_checks(
 ) -> list[Check]:
     """Every probe, for `cocos-manager check`."""
     host = host or Host()
-    checks = startup_checks(settings, host)
+    checks = startup_checks(settings, host, bind=True)
     checks += check_qemu(settings, run)
     # What the confidential launch the settings ask for needs of this host and QEMU (policy,
     # firmware, QEMU's objects); it probes QEMU, so it runs here and not at start-up.
@@ -203,6 +378,8 @@ def run_checks(
     if sudo is not None:
         checks.append(sudo)
     checks.append(check_tls(settings))
+    checks.append(refusal_check(settings, "dial-out"))
+    checks.append(refusal_check(settings, "metrics-listen"))
     checks.append(check_tracing(settings))
     checks.append(check_sched_weight(settings))
     return checks

@@ -24,7 +24,7 @@ from cocos_manager.api import (
     build_server,
     listen_address,
 )
-from cocos_manager.check import log_startup_warnings
+from cocos_manager.check import StartupRefusedError, log_startup_warnings, refuse_startup
 from cocos_manager.config import (
     AgentChannel,
     Settings,
@@ -35,7 +35,12 @@ from cocos_manager.config import (
 )
 from cocos_manager.errors import ManagerError
 from cocos_manager.events import EventBus
-from cocos_manager.host import StateDirLockedError, hold_state_lock, raise_session_weight
+from cocos_manager.host import (
+    StateDirLockedError,
+    grpc_listen_refusal,
+    hold_state_lock,
+    raise_session_weight,
+)
 from cocos_manager.qemu import effective_base_args, resolve_executable, shell_line
 from cocos_manager.service import ManagerService
 from cocos_manager.telemetry import (
@@ -106,6 +111,10 @@ class DaemonRunner:
         self.log.info(shell_line(executable.command(effective_base_args(settings.qemu))))
         # Each finding once, naming the setting and the fix (check.py).
         log_startup_warnings(settings, self.log)
+        try:  # what `cocos-manager check` fails, by the same code (check.STARTUP_REFUSALS)
+            refuse_startup(settings)
+        except StartupRefusedError as error:
+            raise StartupError(str(error)) from None
         try:
             self._mode, credentials = server_credentials(settings.service)
         except TlsConfigError as error:
@@ -135,10 +144,7 @@ class DaemonRunner:
                 interceptors=[TelemetryInterceptor(self.provider)],
             )
         except RuntimeError as error:
-            raise StartupError(
-                f"MANAGER_GRPC_HOST/MANAGER_GRPC_PORT: cannot listen on "
-                f"{listen_address(host, port)}: {error}"
-            ) from None
+            raise StartupError(grpc_listen_refusal(host, port, error)) from None
         try:
             self.metrics = await start_metrics_server(
                 settings.service.METRICS_PORT, metrics_host(settings.service)

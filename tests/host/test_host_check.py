@@ -363,6 +363,7 @@ def test_check_passes_with_the_tcg_settings_and_the_test_guest(tmp_path: Path) -
         "MANAGER_QEMU_TMP_FILE_LOC": str(tmp_path / "vms"),
         "MANAGER_STATE_DIR": str(tmp_path / "state"),
         "MANAGER_GRPC_HOST": "127.0.0.1",
+        "MANAGER_GRPC_PORT": "0",  # check binds it: any free port, whatever holds 7001 here
         "COCOS_JAEGER_URL": "off",
     }
     done = run_check(env)

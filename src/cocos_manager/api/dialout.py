@@ -15,7 +15,14 @@ reconnection; a slow stream blocked Run), this one:
   VMs keep running;
 - keeps what is produced meanwhile in a bounded buffer and sends it after reconnection; what
   overflows is counted and logged once per burst. Run and the event bus only ever append to
-  that buffer, so a slow server never slows them.
+  that buffer, so a slow server never slows them;
+- holds at most BUFFER_SIZE messages and REQUESTS_IN_FLIGHT requests whatever the server
+  does (dialout_buffer.py): a request is read only when its answer has room, so a server that
+  sends and reads nothing is held back by HTTP/2 flow control, not by the daemon's memory;
+- reads raw bytes and decodes them itself (dialout_requests.py): a message that is no
+  ComputationRunReq is counted, logged (rate-limited) and answered when it still names its
+  id, and the stream goes on; whatever else goes wrong in a session ends that session, which
+  is dialled again, never the dial-out or the daemon's shutdown.
 
 The service has another definition on the server side with the same full name (our own Run,
 Stop and Events): the method path is spoken here directly rather than through generated stubs.
@@ -26,30 +33,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections import deque
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2
 
+from cocos_manager.api.dialout_buffer import OutgoingBuffer
+from cocos_manager.api.dialout_requests import Complaints
+from cocos_manager.api.dialout_runs import RunRequests
 from cocos_manager.config import DialOutConfig, ServiceSettings, TlsConfigError, dialout_config
 
 # Re-exported: daemon.py names the error the dial-out refuses start-up with here.
 from cocos_manager.config import DialOutConfigError as DialOutConfigError
-from cocos_manager.errors import ManagerError
-from cocos_manager.events import manager_event
 from cocos_manager.proto import manager_pb2 as pb
 from cocos_manager.service import ManagerService
 from cocos_manager.telemetry import METRICS, Metrics, get_logger
-from cocos_manager.vm import PROVISION
 
 PROCESS_METHOD = "/manager.ManagerService/Process"
 HEALTH_SERVICE = "manager.DialOut"
 """Name under which the health service reports the dial-out: SERVING while connected."""
 
 BUFFER_SIZE = 10_000
-"""Events and logs kept for the stream while it is down or behind; answers to requests
-(run_res, failed events) are kept beyond it: there is one per request received."""
+"""Messages kept for the stream while it is down or behind, answers to requests included. An
+answer is never dropped: a request is read only when there is room for its answer (requests
+in flight hold one place each), and events and logs are dropped when there is none."""
+REQUESTS_IN_FLIGHT = 256
+"""Requests handled at once; the next one is read when one ends (far above what MAX_VMS-sized
+hosts start at once, and a bound on the tasks a flood of requests can make)."""
+REQUEST_BYTES_IN_FLIGHT = 64 * 1024 * 1024
+"""The same bound in bytes: requests are held by their Runs until the VM runs."""
 BACKOFF_FIRST = 0.25
 BACKOFF_CAP = 30.0  # as the original client's maxTryDelay
 STABLE_AFTER = 10.0
@@ -103,13 +115,11 @@ class DialOut:
         self.config = config
         self._service = service
         self._metrics = metrics
-        self._buffer_size = buffer_size
-        # (message, counts against buffer_size): answers to requests do not.
-        self._buffer: deque[tuple[pb.ClientStreamMessage, bool]] = deque()
-        self._events_buffered = 0
-        self._queued = asyncio.Event()
-        self.dropped = 0  # in the current overflow burst
-        self.dropped_total = 0
+        self._buffer = OutgoingBuffer(
+            buffer_size, REQUESTS_IN_FLIGHT, REQUEST_BYTES_IN_FLIGHT, metrics
+        )
+        self._complaints = Complaints(_log)
+        self._requests = RunRequests(service, self._buffer, metrics, self._complaints)
         self.connected = False
         self._said_down = False  # "dial-out retrying" logged for the current outage
         self.connects = 0
@@ -117,19 +127,16 @@ class DialOut:
         self.pauses: list[float] = []  # the first back-off pauses, for tests and debugging
         self.last_error = ""
         self._health: health.aio.HealthServicer | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
         self._health_updates: set[asyncio.Future[None]] = set()
         self._runner: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()
         self._call: Any = None
-        # Requests in flight per computation id, and how many vm-provision/failed events the
-        # service published for it meanwhile: a Run that fails before it was admitted
-        # (invalid, duplicate id, limit) publishes none, and the stream must still be told.
-        self._inflight: dict[str, int] = {}
-        self._failures_seen: dict[str, int] = {}
         self._untap = service.bus.tap(self._on_bus_message)
         metrics.dialout_connected.set(0)
-        metrics.dialout_buffered.set(0)
+
+    @property
+    def dropped_total(self) -> int:
+        return self._buffer.dropped_total
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -137,19 +144,25 @@ class DialOut:
         self._health = health_servicer
         _log.info(f"dial-out to {self.config.target} {self.config.description}")
         self._runner = asyncio.ensure_future(self._run())
+        self._runner.add_done_callback(self._runner_ended)
         self._report_health()
+
+    def _runner_ended(self, runner: asyncio.Task[None]) -> None:
+        """`_run` ends only when cancelled; should a bug end it otherwise, the state says so."""
+        if runner.cancelled() or runner.exception() is None:
+            return
+        error = runner.exception()
+        _log.error("dial-out stopped", error=repr(error), exc_info=error)
+        self._set_connected(False, f"the dial-out stopped: {error!r}")
 
     async def close(self) -> None:
         """Waits for requests in flight, sends what is buffered (while connected, for at most
-        SHUTDOWN_FLUSH), half-closes the stream and closes the channel."""
-        if self._tasks:  # normally ended already: the service refuses and ends Runs at shutdown
-            _, late = await asyncio.wait(list(self._tasks), timeout=SHUTDOWN_FLUSH)
-            for task in late:
-                task.cancel()
-            await asyncio.gather(*late, return_exceptions=True)
-        if self.connected and self._buffer:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._drained(), SHUTDOWN_FLUSH)
+        SHUTDOWN_FLUSH), half-closes the stream and closes the channel. Never raises: the
+        daemon's shutdown goes on whatever happened to the stream."""
+        try:
+            await self._flush()
+        except Exception:
+            _log.exception("dial-out: flushing at shutdown failed")
         self._closing.set()
         if self.connected and self._call is not None:  # the server sees the stream end cleanly
             with contextlib.suppress(Exception):
@@ -157,11 +170,18 @@ class DialOut:
         self._untap()
         if self._runner is not None:
             self._runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._runner
+            await asyncio.gather(self._runner, return_exceptions=True)  # _runner_ended said it
+        self._complaints.flush()
         self._set_connected(False, "closed")
         if self._health is not None:
-            await self._health.set(HEALTH_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+            with contextlib.suppress(Exception):
+                await self._health.set(HEALTH_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def _flush(self) -> None:
+        await self._requests.settle(SHUTDOWN_FLUSH)
+        if self.connected and self._buffer:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained(), SHUTDOWN_FLUSH)
 
     async def _drained(self) -> None:
         while self._buffer and self.connected:  # noqa: ASYNC110 (the writer signals nothing)
@@ -171,72 +191,8 @@ class DialOut:
 
     def _on_bus_message(self, message: pb.ClientStreamMessage) -> None:
         """Called inside EventBus.publish: appends or drops, never waits."""
-        if message.HasField("agent_event"):
-            event = message.agent_event
-            if event.event_type == PROVISION and event.status == "failed":
-                cid = event.computation_id
-                if cid in self._inflight:
-                    self._failures_seen[cid] = self._failures_seen.get(cid, 0) + 1
-        if self._events_buffered >= self._buffer_size:
-            if self.dropped == 0:
-                _log.warning(
-                    "dial-out buffer full: dropping events and logs",
-                    buffer_size=self._buffer_size,
-                    connected=self.connected,
-                )
-            self.dropped += 1
-            self.dropped_total += 1
-            self._metrics.dialout_dropped.inc()
-            return
-        self._events_buffered += 1
-        self._push(message, bounded=True)
-
-    def _push(self, message: pb.ClientStreamMessage, *, bounded: bool = False) -> None:
-        self._buffer.append((message, bounded))
-        self._metrics.dialout_buffered.set(len(self._buffer))
-        self._queued.set()
-
-    def _sent(self, bounded: bool) -> None:
-        if bounded:
-            self._events_buffered -= 1
-        self._metrics.dialout_buffered.set(len(self._buffer))
-        if self.dropped and self._events_buffered < self._buffer_size // 2:
-            _log.warning("dial-out buffer has room again", dropped=self.dropped)
-            self.dropped = 0
-
-    # -- requests ----------------------------------------------------------------------------
-
-    def _on_request(self, request: pb.ComputationRunReq) -> None:
-        cid = request.id
-        self._inflight[cid] = self._inflight.get(cid, 0) + 1
-        task = asyncio.ensure_future(self._handle(request, self._failures_seen.get(cid, 0)))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _handle(self, request: pb.ComputationRunReq, failures_before: int) -> None:
-        cid = request.id
-        _log.info("dial-out: Run requested", computation_id=cid)
-        try:
-            response = await self._service.run(request)
-        except ManagerError as error:
-            self._metrics.dialout_requests.labels(outcome="failed").inc()
-            if self._failures_seen.get(cid, 0) == failures_before:
-                self._push(_answer(cid, str(error), error.code))
-            _log.warning("dial-out: Run failed", computation_id=cid, error=str(error))
-        except Exception as error:  # a bug; the stream and the daemon live on
-            self._metrics.dialout_requests.labels(outcome="failed").inc()
-            self._push(_answer(cid, f"internal error: {error!r}", grpc.StatusCode.INTERNAL))
-            _log.exception("dial-out: Run raised", computation_id=cid)
-        else:
-            self._metrics.dialout_requests.labels(outcome="ok").inc()
-            self._push(pb.ClientStreamMessage(run_res=response))
-        finally:
-            left = self._inflight.get(cid, 1) - 1
-            if left:
-                self._inflight[cid] = left
-            else:
-                self._inflight.pop(cid, None)
-                self._failures_seen.pop(cid, None)
+        if self._buffer.offer(message, self.connected):
+            self._requests.told(message)  # a dropped event told the stream nothing
 
     # -- the connection ----------------------------------------------------------------------
 
@@ -245,7 +201,11 @@ class DialOut:
         delay = BACKOFF_FIRST
         while not self._closing.is_set():
             began = loop.time()
-            reason = await self._session()
+            try:
+                reason = await self._session()
+            except Exception as error:  # a bug: this session ends, the dial-out goes on
+                _log.exception("dial-out session failed")
+                reason = f"internal error: {error!r}"
             lasted = loop.time() - began
             self._set_connected(False, reason)
             self.attempts += 1
@@ -278,10 +238,9 @@ class DialOut:
         """One stream, from dialling to its end; returns why it ended."""
         channel = self._channel()
         try:
+            # Raw bytes in: decoded by RunRequests.on_message (dialout_requests.py), not by gRPC.
             call = channel.stream_stream(
-                PROCESS_METHOD,
-                request_serializer=pb.ClientStreamMessage.SerializeToString,
-                response_deserializer=pb.ComputationRunReq.FromString,
+                PROCESS_METHOD, request_serializer=pb.ClientStreamMessage.SerializeToString
             )()
             self._call = call
             try:
@@ -293,41 +252,41 @@ class DialOut:
                 return _describe(error)
             reader = asyncio.ensure_future(self._read(call))
             writer = asyncio.ensure_future(self._write(call))
+            # The reader may be waiting for room, not reading: the call's own end still shows.
+            ended = asyncio.ensure_future(_ended(call))
+            tasks = {reader, writer, ended}
             try:
-                done, _ = await asyncio.wait({reader}, timeout=SETTLE)
+                done, _ = await asyncio.wait(tasks, timeout=SETTLE)
                 if not done:
                     self._set_connected(True)
-                done, _ = await asyncio.wait({reader, writer}, return_when="FIRST_COMPLETED")
+                done, _ = await asyncio.wait(tasks, return_when="FIRST_COMPLETED")
                 return (done.pop()).result() if done else "ended"
             finally:
-                for task in (reader, writer):
+                for task in tasks:
                     task.cancel()
-                await asyncio.gather(reader, writer, return_exceptions=True)
+                await asyncio.gather(*tasks, return_exceptions=True)
                 call.cancel()
         finally:
             self._call = None
-            await channel.close(grace=None)
+            with contextlib.suppress(Exception):
+                await channel.close(grace=None)
 
     async def _read(self, call: Any) -> str:
         try:
             while True:
-                request = await call.read()
-                if request is grpc.aio.EOF:
+                await self._buffer.wait_for_room()  # else HTTP/2 flow control holds the server back
+                raw = await call.read()
+                if raw is grpc.aio.EOF:
                     return "the server ended the stream"
                 self._set_connected(True)  # a request is proof enough, before SETTLE
-                self._on_request(request)
+                self._requests.on_message(raw)
         except grpc.aio.AioRpcError as error:
             return _describe(error)
 
     async def _write(self, call: Any) -> str:
         timeout = self.config.timeout
         while True:
-            if not self._buffer:
-                self._queued.clear()
-                await self._queued.wait()
-                continue
-            entry = self._buffer[0]
-            message, bounded = entry
+            message = await self._buffer.next()
             # Not wait_for: a write held by flow control does not end when cancelled, and
             # wait_for would wait for it. The session's end cancels the call, which ends it.
             write = asyncio.ensure_future(call.write(message))
@@ -341,9 +300,7 @@ class DialOut:
                 return _describe(error)
             except Exception as error:  # e.g. a write on a call that has just ended
                 return f"write failed: {error!r}"
-            if self._buffer and self._buffer[0] is entry:
-                self._buffer.popleft()
-                self._sent(bounded)
+            self._buffer.sent(message)
 
     def _set_connected(self, connected: bool, reason: str = "") -> None:
         if connected == self.connected:
@@ -382,10 +339,13 @@ def _retrieve(future: asyncio.Future[None]) -> None:
         future.exception()
 
 
+async def _ended(call: Any) -> str:
+    """Why the call ended, once it has (the server's status, or a cancellation)."""
+    code = await call.code()
+    if code is grpc.StatusCode.OK:
+        return "the server ended the stream"
+    return f"{code.name}: {await call.details()}"
+
+
 def _describe(error: grpc.aio.AioRpcError) -> str:
     return f"{error.code().name}: {error.details()}"
-
-
-def _answer(computation_id: str, error: str, code: grpc.StatusCode) -> pb.ClientStreamMessage:
-    """The stream's answer to a request whose Run failed before the service published why."""
-    return manager_event(computation_id, PROVISION, "failed", {"error": error, "code": code.name})

@@ -11,6 +11,10 @@ from grpc_reflection.v1alpha import reflection
 
 from cocos_manager.agent import MAX_FRAME
 from cocos_manager.api.servicer import ManagerServicer
+from cocos_manager.host import LISTEN_OPTIONS
+
+# Re-exported: the daemon names the address it listens on with it.
+from cocos_manager.host import listen_address as listen_address
 from cocos_manager.proto import manager_pb2 as pb
 from cocos_manager.proto import manager_pb2_grpc as pb_grpc
 from cocos_manager.service import ManagerService
@@ -34,14 +38,6 @@ class Server:
             await self.health.set(name, status)
 
 
-def listen_address(host: str, port: int) -> str:
-    if not host:
-        return f"[::]:{port}"
-    if ":" in host and not host.startswith("["):
-        return f"[{host}]:{port}"
-    return f"{host}:{port}"
-
-
 async def build_server(
     service: ManagerService,
     host: str,
@@ -60,7 +56,7 @@ async def build_server(
             ("grpc.max_receive_message_length", max_message),
             # What the server sends is its own making; an agent's largest frame must pass.
             ("grpc.max_send_message_length", max(max_message, MAX_FRAME + 1024)),
-            ("grpc.so_reuseport", 0),
+            *LISTEN_OPTIONS,  # as `check` binds it (host/listeners.py)
         ],
     )
     pb_grpc.add_ManagerServiceServicer_to_server(ManagerServicer(service), server)

@@ -12,6 +12,11 @@ if TYPE_CHECKING:
     from cocos_manager.host.check_result import Status as Status
     from cocos_manager.host.check_result import exit_code as exit_code
     from cocos_manager.host.check_result import render as render
+    from cocos_manager.host.listeners import LISTEN_OPTIONS as LISTEN_OPTIONS
+    from cocos_manager.host.listeners import ListenRefusedError as ListenRefusedError
+    from cocos_manager.host.listeners import grpc_listen_refusal as grpc_listen_refusal
+    from cocos_manager.host.listeners import listen_address as listen_address
+    from cocos_manager.host.listeners import probe_grpc_listen as probe_grpc_listen
     from cocos_manager.host.probes import Host as Host
     from cocos_manager.host.probes import check_agent_channel as check_agent_channel
     from cocos_manager.host.probes import check_kvm as check_kvm
@@ -20,8 +25,10 @@ if TYPE_CHECKING:
     from cocos_manager.host.sched_weight import weight_check as weight_check
     from cocos_manager.host.state_lock import StateDirLockedError as StateDirLockedError
     from cocos_manager.host.state_lock import hold_state_lock as hold_state_lock
+    from cocos_manager.host.state_lock import probe_state_lock as probe_state_lock
     from cocos_manager.host.state_store import StateStore as StateStore
     from cocos_manager.host.state_store import VmRecord as VmRecord
+    from cocos_manager.host.state_store import check_private_dir as check_private_dir
     from cocos_manager.host.state_store import current_boot_id as current_boot_id
     from cocos_manager.host.state_store import live_processes as live_processes
     from cocos_manager.host.state_store import process_identity as process_identity
@@ -31,6 +38,13 @@ if TYPE_CHECKING:
 
 # Each public name and the module it lives in.
 HOMES = {
+    "probe_state_lock": "state_lock",
+    "probe_grpc_listen": "listeners",
+    "listen_address": "listeners",
+    "grpc_listen_refusal": "listeners",
+    "check_private_dir": "state_store",
+    "ListenRefusedError": "listeners",
+    "LISTEN_OPTIONS": "listeners",
     "Check": "check_result",
     "exit_code": "check_result",
     "render": "check_result",

@@ -28,6 +28,7 @@ from cocos_manager.telemetry import get_logger
 LOCK_NAME = "manager.lock"
 
 _log = get_logger()
+_HELD: set[Path] = set()  # directories this process holds the lock of
 
 
 class StateDirLockedError(Exception):
@@ -65,12 +66,9 @@ class StateLock:
                 raise StateDirLockedError(
                     f"MANAGER_STATE_DIR: cannot lock {str(self.directory)!r}: {error.strerror}"
                 ) from None
-            who = f"PID {holder}" if holder else "a process that has not written its PID yet"
-            raise StateDirLockedError(
-                f"MANAGER_STATE_DIR: {str(self.directory)!r} is in use by another "
-                f"cocos-manager ({who}); one daemon per state directory"
-            ) from None
+            raise StateDirLockedError(_in_use(self.directory, holder)) from None
         self._fd = fd
+        _HELD.add(self.directory)
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -85,6 +83,7 @@ class StateLock:
     def release(self) -> None:
         """Unlocks; the file stays (removing it would race with a daemon opening it)."""
         fd, self._fd = self._fd, None
+        _HELD.discard(self.directory)
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)
@@ -100,6 +99,35 @@ class StateLock:
         traceback: TracebackType | None,
     ) -> None:
         self.release()
+
+
+def _in_use(directory: Path, holder: int | None) -> str:
+    who = f"PID {holder}" if holder else "a process that has not written its PID yet"
+    return (
+        f"MANAGER_STATE_DIR: {str(directory)!r} is in use by another cocos-manager ({who}); "
+        "one daemon per state directory"
+    )
+
+
+def probe_state_lock(state_dir: str | os.PathLike[str]) -> None:
+    """StateDirLockedError, with the line the daemon would refuse to start with, when another
+    process holds the lock; for `cocos-manager check`. Writes nothing: a check run by another
+    user must not leave a lock file the daemon cannot open."""
+    directory = Path(os.path.abspath(state_dir))
+    if directory in _HELD:  # the daemon's own start-up: the lock is its own
+        return
+    try:
+        fd = os.open(directory / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return  # no lock file: nobody holds it (a directory it cannot make is checked apart)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        holder = _read_pid(fd)
+        if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise StateDirLockedError(_in_use(directory, holder)) from None
+    finally:
+        os.close(fd)  # releases the lock if it was taken
 
 
 def _read_pid(fd: int) -> int | None:

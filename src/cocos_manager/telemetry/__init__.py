@@ -16,11 +16,13 @@ if TYPE_CHECKING:
     from cocos_manager.telemetry.metrics import MetricsServer as MetricsServer
     from cocos_manager.telemetry.metrics import MetricsServerError as MetricsServerError
     from cocos_manager.telemetry.metrics import metrics_host as metrics_host
+    from cocos_manager.telemetry.metrics import probe_metrics_listen as probe_metrics_listen
     from cocos_manager.telemetry.metrics import start_metrics_server as start_metrics_server
     from cocos_manager.telemetry.sdnotify import READY as READY
     from cocos_manager.telemetry.sdnotify import STOPPING as STOPPING
     from cocos_manager.telemetry.sdnotify import notify as notify
     from cocos_manager.telemetry.tracing import describe_tracing as describe_tracing
+    from cocos_manager.telemetry.tracing import probe_collector as probe_collector
     from cocos_manager.telemetry.tracing import setup_tracing as setup_tracing
     from cocos_manager.telemetry.tracing import shutdown_tracing as shutdown_tracing
     from cocos_manager.telemetry.vm_metrics import VmCollector as VmCollector
@@ -29,6 +31,8 @@ if TYPE_CHECKING:
 
 # Each public name and the module it lives in.
 HOMES = {
+    "probe_metrics_listen": "metrics",
+    "probe_collector": "tracing",
     "capture_grpc_core_log": "grpc_log",
     "configure_logging": "logging",
     "get_logger": "logging",

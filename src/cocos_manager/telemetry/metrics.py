@@ -110,7 +110,7 @@ class Metrics:
         )
         self.dialout_requests = Counter(
             "manager_dialout_requests",
-            "Run requests received on the Process stream, by outcome (ok, failed).",
+            "Messages received on the Process stream, by outcome (ok, failed, undecodable).",
             ("outcome",),
             registry=self.registry,
         )
@@ -160,11 +160,13 @@ async def start_metrics_server(
     """
     if port is None:
         return None
+    return await asyncio.to_thread(_serve, port, host, metrics.registry)
+
+
+def _serve(port: int, host: str, registry: CollectorRegistry) -> MetricsServer:
     address = host or "0.0.0.0"
     try:
-        server, thread = await asyncio.to_thread(
-            start_http_server, port, address, registry=metrics.registry
-        )
+        server, thread = start_http_server(port, address, registry=registry)
     except OSError as error:
         reason = error.strerror or str(error)
         raise MetricsServerError(
@@ -172,3 +174,13 @@ async def start_metrics_server(
         ) from None
     bound_port = int(server.server_address[1])
     return MetricsServer(host=address, port=bound_port, _server=server, _thread=thread)
+
+
+def probe_metrics_listen(port: int | None, host: str = "") -> str:
+    """Binds /metrics' address as the daemon does and lets it go, for `cocos-manager check`:
+    where it would serve, or MetricsServerError with the daemon's own line."""
+    if port is None:
+        return "MANAGER_METRICS_PORT unset: no /metrics"
+    served = _serve(port, host, CollectorRegistry())
+    served._stop()
+    return f"/metrics can be served on {served.host}:{port}"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import socket
 import threading
 import weakref
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -65,6 +66,20 @@ def describe_tracing(url: str) -> str:
     bare, _ = _split_credentials(url)
     kind = "jaeger.thrift" if is_jaeger_url(bare) else "OTLP/HTTP"
     return f"{bare} ({kind})"
+
+
+def probe_collector(url: str, timeout: float = 2.0) -> str | None:
+    """Why nothing takes connections at the collector's host and port, or None; for
+    `cocos-manager check` (the daemon starts either way, and drops spans while it lasts)."""
+    parts = urlsplit(_split_credentials(url)[0])
+    host = parts.hostname or ""
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except (OSError, ValueError) as error:
+        reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
+        return f"{host}:{parts.port or ''} does not take connections ({reason})"
 
 
 def is_jaeger_url(url: str) -> bool:

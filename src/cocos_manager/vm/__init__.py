@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from cocos_manager.vm.attestation import computation_policy_json as computation_policy_json
     from cocos_manager.vm.files import check_images as check_images
+    from cocos_manager.vm.files import room_per_vm as room_per_vm
     from cocos_manager.vm.info import cvm_info as cvm_info
     from cocos_manager.vm.lifecycle import PROVISION as PROVISION
     from cocos_manager.vm.lifecycle import MachineContext as MachineContext
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 
 # Each public name and the module it lives in.
 HOMES = {
+    "room_per_vm": "files",
     "cvm_info": "info",
     "computation_policy_json": "attestation",
     "check_images": "files",

@@ -275,3 +275,52 @@ def remove_shares(root: Path) -> None:
     except OSError as error:
         if os.path.lexists(root):
             _log.warning("cannot remove a VM's shares", path=str(root), error=error.strerror)
+
+
+MANIFEST_ROOM = 16 * 1024
+"""Room counted for a VM's manifest: a few hundred bytes for a typical request, more with
+thousands of datasets."""
+
+
+@dataclass(frozen=True, slots=True)
+class VmRoom:
+    """What one VM's files take in TMP_FILE_LOC, and why (for `cocos-manager check`)."""
+
+    needed: int
+    parts: tuple[str, ...]
+
+
+def _blocks(size: int, block: int) -> int:
+    return -(-size // block) * block
+
+
+def room_per_vm(q: QemuSettings, directory: Path) -> VmRoom:
+    """Counted as prepare_vm_files makes them in `directory` (TMP_FILE_LOC, or the existing
+    parent it will be made in): kernel and rootfs are hard links on the same filesystem and
+    copies from another one; OVMF vars are always a copy; the manifest is MANIFEST_ROOM. An
+    image that cannot be read counts nothing: its own check says so."""
+    device = os.stat(directory).st_dev
+    block = os.statvfs(directory).f_frsize or 4096
+    needed = _blocks(MANIFEST_ROOM, block)
+    parts = []
+    planned = vm_file_paths(q, "room")
+    sources = {
+        "kernel": q.DISK_IMG_KERNEL_FILE,
+        "rootfs": q.DISK_IMG_ROOTFS_FILE,
+        "ovmf_vars": q.OVMF_VARS_FILE,
+    }
+    for name, source in sources.items():
+        if name not in planned:
+            continue
+        try:
+            info = os.stat(source)
+        except OSError:
+            continue
+        if name != "ovmf_vars" and info.st_dev == device:
+            parts.append(f"{name} hard-linked")
+            continue
+        needed += _blocks(info.st_size, block)
+        why = "a private copy" if name == "ovmf_vars" else "copied from another filesystem"
+        parts.append(f"{name} {info.st_size} bytes, {why}")
+    parts.append(f"manifest up to {MANIFEST_ROOM} bytes")
+    return VmRoom(needed, tuple(parts))

@@ -1,0 +1,122 @@
+"""What the dial-out does with a computations server's requests: decode each, Run it through
+the service, and answer on the stream once, whatever happened (an undecodable message that
+still names its id included). Apart from dialout.py, which keeps the connection."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from cocos_manager.api.dialout_buffer import OutgoingBuffer
+from cocos_manager.api.dialout_requests import Complaints, Undecodable, decode_request
+from cocos_manager.errors import ManagerError
+from cocos_manager.events import manager_event
+from cocos_manager.proto import manager_pb2 as pb
+from cocos_manager.service import ManagerService
+from cocos_manager.telemetry import Metrics, get_logger
+from cocos_manager.vm import PROVISION
+
+_log = get_logger()
+
+
+class RunRequests:
+    def __init__(
+        self,
+        service: ManagerService,
+        buffer: OutgoingBuffer,
+        metrics: Metrics,
+        complaints: Complaints,
+    ) -> None:
+        self._service = service
+        self._buffer = buffer
+        self._metrics = metrics
+        self._complaints = complaints
+        self._tasks: set[asyncio.Task[None]] = set()
+        # Requests in flight per computation id, and how many vm-provision/failed events the
+        # service published for it meanwhile: a Run that fails before it was admitted
+        # (invalid, duplicate id, limit) publishes none, and the stream must still be told.
+        self._inflight: dict[str, int] = {}
+        self._failures_seen: dict[str, int] = {}
+
+    def told(self, message: pb.ClientStreamMessage) -> None:
+        """A message the buffer took for the stream: a failed start it tells of needs no
+        answer of ours."""
+        if message.HasField("agent_event"):
+            event = message.agent_event
+            if event.event_type == PROVISION and event.status == "failed":
+                cid = event.computation_id
+                if cid in self._inflight:
+                    self._failures_seen[cid] = self._failures_seen.get(cid, 0) + 1
+
+    def on_message(self, raw: bytes) -> None:
+        """One message read from the stream (the reader made room for its answer first)."""
+        request = decode_request(raw)
+        if isinstance(request, Undecodable):
+            self._on_undecodable(request)
+            return
+        cid = request.id
+        self._buffer.request_read(len(raw))
+        self._inflight[cid] = self._inflight.get(cid, 0) + 1
+        task = asyncio.ensure_future(
+            self._handle(request, len(raw), self._failures_seen.get(cid, 0))
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def settle(self, timeout: float) -> None:
+        """At shutdown: the Runs in flight end (normally ended already: the service refuses
+        and ends Runs at shutdown); those still going after `timeout` are cancelled."""
+        if self._tasks:
+            _, late = await asyncio.wait(list(self._tasks), timeout=timeout)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+
+    def _on_undecodable(self, message: Undecodable) -> None:
+        self._metrics.dialout_requests.labels(outcome="undecodable").inc()
+        self._complaints.say(
+            "dial-out: undecodable request dropped",
+            size=message.size,
+            error=message.error,
+            computation_id=message.computation_id or None,
+        )
+        if message.computation_id:  # cut short after its id: that request can be answered
+            self._buffer.push(
+                answer(message.computation_id, message.describe(), grpc.StatusCode.INVALID_ARGUMENT)
+            )
+
+    async def _handle(self, request: pb.ComputationRunReq, size: int, failures_before: int) -> None:
+        cid = request.id
+        _log.debug("dial-out: Run requested", computation_id=cid, size=size)
+        try:
+            response = await self._service.run(request)
+        except ManagerError as error:
+            self._metrics.dialout_requests.labels(outcome="failed").inc()
+            if self._failures_seen.get(cid, 0) == failures_before:
+                self._buffer.push(answer(cid, str(error), error.code))
+            # Refusals cost a server nothing to send: said at a bounded rate, counted always.
+            self._complaints.say(
+                "dial-out: Run failed", computation_id=cid, size=size, error=str(error)
+            )
+        except Exception as error:  # a bug; the stream and the daemon live on
+            self._metrics.dialout_requests.labels(outcome="failed").inc()
+            self._buffer.push(answer(cid, f"internal error: {error!r}", grpc.StatusCode.INTERNAL))
+            _log.exception("dial-out: Run raised", computation_id=cid)
+        else:
+            self._metrics.dialout_requests.labels(outcome="ok").inc()
+            self._buffer.push(pb.ClientStreamMessage(run_res=response))
+            _log.info("dial-out: Run answered", computation_id=cid, agent_port=response.agent_port)
+        finally:
+            self._buffer.request_done(size)  # after its answer took its place
+            left = self._inflight.get(cid, 1) - 1
+            if left:
+                self._inflight[cid] = left
+            else:
+                self._inflight.pop(cid, None)
+                self._failures_seen.pop(cid, None)
+
+
+def answer(computation_id: str, error: str, code: grpc.StatusCode) -> pb.ClientStreamMessage:
+    """The stream's answer to a request whose Run failed before the service published why."""
+    return manager_event(computation_id, PROVISION, "failed", {"error": error, "code": code.name})
