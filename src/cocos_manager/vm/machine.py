@@ -90,7 +90,7 @@ class Machine:
         self.console = ctx.consoles.open(computation_id)
         self.ttl: float | None = None
         self.expires_at: float | None = None
-        self.ttl_timer: asyncio.TimerHandle | None = None
+        self.ttl_timer: ttl.Alarm | None = None
         self.start_task: asyncio.Task[None] | None = None
         self.released: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._releasing: asyncio.Task[None] | None = None
