@@ -198,6 +198,28 @@ class DaemonRunner:
         self.log.info("manager stopped")
 
 
+NOTED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+"""Signals whose default action ends a process silently (and systemd's `Restart=on-failure`
+takes a death by SIGHUP for a clean stop: no restart): logged and ignored.
+Handled, not ignored (SIG_IGN), so QEMU's exec resets them to their defaults."""
+
+
+def note_signal(sig: signal.Signals) -> None:
+    """SIGHUP asks daemons to reload; this one reads its settings at start only (a reload
+    could not apply most of them to running VMs, and its log goes to stdout: nothing to
+    reopen). Saying so is what an operator who sent it needs."""
+    if sig is signal.SIGHUP:
+        get_logger().warning(
+            "SIGHUP received and ignored: settings are read at start only; restart the service "
+            "to apply changes (with MANAGER_SHUTDOWN_STOPS_VMS=false the VMs run on across it)",
+            signal=sig.name,
+        )
+    else:
+        get_logger().warning(
+            f"{sig.name} received and ignored: it means nothing to this daemon", signal=sig.name
+        )
+
+
 async def run_daemon(settings: Settings) -> int:
     configure_logging(settings.service.LOG_LEVEL)
     # One daemon per state directory (state_lock.py), before recovery or anything else.
@@ -210,6 +232,8 @@ async def run_daemon(settings: Settings) -> int:
     # First of all, so a SIGTERM during a long recovery still shuts down cleanly.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    for sig in NOTED_SIGNALS:  # by default these end a process without a word
+        loop.add_signal_handler(sig, note_signal, sig)
     weight = raise_session_weight(settings.service.AUTOGROUP_NICE)
     if weight.operator_action:
         get_logger().warning("scheduling weight not raised: " + weight.detail)
