@@ -2,9 +2,10 @@
 until SIGTERM/SIGINT. The same runner serves `main`, the in-process test harness and the
 benchmarks, so tests run the production wiring (interceptors, agent listener, metrics).
 
-Shutdown order: tell systemd, refuse new Runs, end Events streams, let in-flight calls finish
-(bounded), stop every VM as Stop does (unless told to leave them for the next start), flush
-traces.
+Shutdown order: tell systemd, tell Events subscribers (`manager-shutdown`), refuse new Runs,
+stop every VM as Stop does (unless told to leave them for the next start) while the server
+still answers, so subscribers get every vm-stop; then end Events streams (`manager-shutdown`
+`complete` last) and Logs followers, let in-flight calls finish (bounded), flush traces.
 """
 
 from __future__ import annotations
@@ -179,11 +180,18 @@ class DaemonRunner:
             self.service.begin_shutdown()
         if self.server is not None:
             await self.server.set_serving(False)
-        self.bus.close()
-        if self.server is not None:
-            await self.server.grpc.stop(self._grace)
+        # The VMs are stopped while the server still serves: Events streams get every VM's
+        # vm-stop, Logs followers see their VM end, and none of them holds the stop back (a
+        # new Run meanwhile is refused with UNAVAILABLE; Stop, List, Events still answer).
         if self.service is not None:
             await self.service.shutdown(stop_vms=self.settings.service.SHUTDOWN_STOPS_VMS)
+            self.service.end_streams()
+        else:
+            self.bus.close()
+        if self.server is not None:
+            # Streams send what they have queued, then end; only a client that stops
+            # reading keeps its stream (not the VMs) past this grace.
+            await self.server.grpc.stop(self._grace)
         if self.dialout is not None:  # after the VMs stopped, so that goes up the stream too
             await self.dialout.close()
         if self.agents is not None:

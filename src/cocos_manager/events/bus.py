@@ -170,11 +170,11 @@ class EventBus:
             out.append(
                 manager_event(computation_id, EVENTS_LOST, "replay", {"lost": lost, "since": since})
             )
-        if computation_id:
+        if computation_id:  # its own and the manager-wide messages, as Subscription.wants
             out += (
                 item.message
                 for item in self._history
-                if item.seq > since and item.computation_id == computation_id
+                if item.seq > since and item.computation_id in (computation_id, "")
             )
         else:
             out += (item.message for item in self._history if item.seq > since)

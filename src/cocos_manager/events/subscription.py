@@ -88,7 +88,9 @@ class Subscription:
         return self._bytes
 
     def wants(self, computation_id: str) -> bool:
-        return not self.computation_id or self.computation_id == computation_id
+        """Its computation's messages, and the manager-wide ones (no computation id: the
+        shutdown notices) whatever its filter."""
+        return not self.computation_id or computation_id in (self.computation_id, "")
 
     def offer(self, item: Published) -> bool:
         if self._closed:
