@@ -127,21 +127,21 @@ async def test_vms_left_running_are_named_in_the_notice(tmp_path: Path) -> None:
 
 
 async def test_an_open_logs_follow_does_not_hold_back_the_vms_stop(daemon: Daemon) -> None:
-    """The follower is still attached when the VM is stopped: it reads QEMU's last words (the
-    stand-in, as QEMU, says it terminates on signal 15), and its stream then ends normally,
-    not cancelled at the end of the daemon's grace."""
+    """A follow ends with OK only when its VM ends (the console is closed at the release):
+    the VM was stopped while the follower was attached, and the follower was not cut off at
+    the end of the daemon's grace (CANCELLED/UNAVAILABLE), as when streams had to end
+    before any VM was stopped."""
     await daemon.stub.Run(run_request("followed"))
     async with grpc.aio.insecure_channel(daemon.address) as channel:
         follow = pb_grpc.ManagerServiceStub(channel).Logs(
             pb.LogsRequest(computation_id="followed", follow=True)
         )
-        first = await asyncio.wait_for(follow.read(), GUARD)
+        first = await asyncio.wait_for(follow.read(), GUARD)  # the follower is registered
         assert first != grpc.aio.EOF
         assert daemon.process is not None
         daemon.process.send_signal(signal.SIGTERM)
         lines, code = await asyncio.wait_for(drain(follow), 4 * GUARD)
-    assert code == grpc.StatusCode.OK
-    assert any("terminating on signal 15" in line.message for line in lines), lines
+    assert code == grpc.StatusCode.OK, lines
     assert await asyncio.to_thread(daemon.process.wait, GUARD) == 0
 
 
