@@ -168,3 +168,37 @@ async def test_the_cli_says_the_manager_shut_down_and_exits_non_zero(daemon: Dae
     assert cli.returncode == 3, (cli.returncode, message)
     assert "the manager shut down" in message, message
     assert "--since" in message, message
+
+
+async def test_a_vm_still_starting_at_sigterm_is_heard_ending_too(tmp_path: Path) -> None:
+    """A Run in flight (its QEMU never answers QMP) is stopped by the shutdown: its caller
+    gets UNAVAILABLE, and subscribers its vm-stop before the final notice."""
+    env = base_env(tmp_path) | {"FAKE_QEMU_MODE": "no-qmp", "MANAGER_QEMU_START_TIMEOUT": "60s"}
+    daemon = Daemon(env=env, log=tmp_path / "daemon.log")
+    await daemon.start()
+    try:
+        async with grpc.aio.insecure_channel(daemon.address) as channel:
+            stub = pb_grpc.ManagerServiceStub(channel)
+            stream = stub.Events(pb.EventsRequest())
+            await subscribed(stream)
+            run = asyncio.ensure_future(stub.Run(run_request("half-way")))
+            while True:  # until its QEMU is spawned
+                message = await asyncio.wait_for(stream.read(), GUARD)
+                assert message != grpc.aio.EOF
+                if message.agent_event.status == "in-progress":
+                    break
+            assert daemon.process is not None
+            daemon.process.send_signal(signal.SIGTERM)
+            got, code = await asyncio.wait_for(drain(stream), 4 * GUARD)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await asyncio.wait_for(run, GUARD)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        seen = events(got)
+        assert code == grpc.StatusCode.OK
+        assert ("half-way", "vm-stop", "complete") in seen, seen
+        assert seen[-1] == ("", "manager-shutdown", "complete"), seen
+        assert seen.index(("", "manager-shutdown", "starting")) < seen.index(
+            ("half-way", "vm-stop", "complete")
+        )
+    finally:
+        await daemon.terminate()
