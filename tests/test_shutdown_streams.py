@@ -16,6 +16,8 @@ from typing import Any
 import grpc
 import pytest
 
+from cocos_manager.events.bus import EventBus
+from cocos_manager.events.messages import log_message, shutdown_notice
 from cocos_manager.proto import manager_pb2 as pb
 from cocos_manager.proto import manager_pb2_grpc as pb_grpc
 from tests.support.daemon_process import Daemon
@@ -202,3 +204,22 @@ async def test_a_vm_still_starting_at_sigterm_is_heard_ending_too(tmp_path: Path
         )
     finally:
         await daemon.terminate()
+
+
+async def test_a_subscriber_that_was_losing_messages_still_gets_the_final_notice() -> None:
+    """A full queue drops what is published, the shutdown's last word included; it is queued
+    anyway at the close, after the count of what was lost."""
+    bus = EventBus(queue_size=2)
+    behind = bus.subscribe()
+    other = bus.subscribe("another-computation")
+    for i in range(5):
+        bus.publish(log_message("busy", "info", f"line {i}"))
+    bus.close(shutdown_notice("complete", {"left_running": []}))
+    got = [message async for message in behind]
+    assert [m.agent_log.message for m in got[:2]] == ["line 0", "line 1"]
+    assert (got[2].agent_event.event_type, got[2].agent_event.status) == ("events-lost", "dropped")
+    assert json.loads(got[2].agent_event.details) == {"lost": 3}
+    assert got[3].agent_event.event_type == "manager-shutdown" and got[3].seq == bus.last_seq
+    assert len(got) == 4
+    # A stream of another computation had room: the notice came through once, in order.
+    assert [m.agent_event.event_type async for m in other] == ["manager-shutdown"]

@@ -277,8 +277,7 @@ class ManagerService:
         of every Logs follower of a VM left running. Streams opened later end at once (after
         a replay or tail). The daemon's exit then waits on no stream's VM."""
         left = sorted(self._machines)
-        self.bus.publish(shutdown_notice("complete", {"left_running": left}))
-        self.bus.close()
+        self.bus.close(shutdown_notice("complete", {"left_running": left}))
         self.ctx.consoles.end_followers(
             notice_line(
                 "the manager is shutting down and leaves this VM running; "

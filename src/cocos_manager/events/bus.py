@@ -207,9 +207,10 @@ class EventBus:
 
     # -- publishing -------------------------------------------------------------------------
 
-    def publish(self, message: pb.ClientStreamMessage) -> None:
+    def publish(self, message: pb.ClientStreamMessage, *, past_bounds: bool = False) -> None:
         """Never blocks and never raises: callers are Run, Stop and QEMU supervision.
-        Sets `message.seq`; the message must not be changed afterwards."""
+        Sets `message.seq`; the message must not be changed afterwards. `past_bounds`: queued
+        even in a full queue (the shutdown's last word, once)."""
         self._seq += 1
         message.seq = self._seq
         self.published += 1
@@ -219,7 +220,9 @@ class EventBus:
         self._retain_item(item)
         lost = 0
         for subscription in self._subscribers:
-            if subscription.wants(item.computation_id) and not subscription.offer(item):
+            if subscription.wants(item.computation_id) and not subscription.offer(
+                item, past_bounds
+            ):
                 lost += 1
         if lost:
             self.dropped += lost
@@ -299,7 +302,11 @@ class EventBus:
                 backlog=subscription.qsize(),
             )
 
-    def close(self) -> None:
+    def close(self, last: pb.ClientStreamMessage | None = None) -> None:
+        """Ends every stream after what it has queued. `last` (the shutdown's final notice) is
+        published first, and reaches every stream that wants it even past its bounds."""
+        if last is not None:
+            self.publish(last, past_bounds=True)
         self._closed = True
         for subscription in list(self._subscribers):
             subscription.close()

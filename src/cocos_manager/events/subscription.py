@@ -92,11 +92,15 @@ class Subscription:
         shutdown notices) whatever its filter."""
         return not self.computation_id or computation_id in (self.computation_id, "")
 
-    def offer(self, item: Published) -> bool:
+    def offer(self, item: Published, past_bounds: bool = False) -> bool:
         if self._closed:
             return True
-        if self._items and (
-            len(self._items) >= self._max_messages or self._bytes + item.size > self._max_bytes
+        if (
+            not past_bounds
+            and self._items
+            and (
+                len(self._items) >= self._max_messages or self._bytes + item.size > self._max_bytes
+            )
         ):
             if self.dropped == 0:
                 _log.warning(
