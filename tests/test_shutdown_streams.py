@@ -223,3 +223,14 @@ async def test_a_subscriber_that_was_losing_messages_still_gets_the_final_notice
     assert len(got) == 4
     # A stream of another computation had room: the notice came through once, in order.
     assert [m.agent_event.event_type async for m in other] == ["manager-shutdown"]
+
+
+async def test_a_stream_opened_after_the_close_gets_the_notice_and_ends() -> None:
+    bus = EventBus()
+    bus.publish(log_message("c", "info", "before"))
+    bus.close(shutdown_notice("complete", {"left_running": ["c"]}))
+    late = [m async for m in bus.subscribe("c")]
+    assert [m.agent_event.event_type for m in late] == ["manager-shutdown"]
+    replayed = [m async for m in bus.subscribe("c", since=0)]  # the notice once, not twice
+    assert [m.WhichOneof("message") for m in replayed] == ["agent_log", "agent_event"]
+    assert replayed[-1].agent_event.event_type == "manager-shutdown"

@@ -92,6 +92,7 @@ class EventBus:
         self._seq = first_seq - 1
         self._room: dict[str, asyncio.Future[None]] = {}
         self._closed = False
+        self._last: pb.ClientStreamMessage | None = None  # close()'s final notice
         self.published = 0
         self.dropped = 0
         self.hold_wakeups = 0
@@ -139,6 +140,9 @@ class EventBus:
                 f"(MANAGER_EVENTS_MAX_SUBSCRIBERS={self._max_subscribers})"
             )
         replay = None if since is None else self._replay(computation_id, since)
+        last = self._last
+        if last is not None and not any(message is last for message in replay or ()):
+            replay = [*(replay or ()), last]  # a stream opened after the close learns why
         subscription = Subscription(
             self, computation_id, self._queue_size, self._queue_bytes, replay
         )
@@ -307,6 +311,7 @@ class EventBus:
         published first, and reaches every stream that wants it even past its bounds."""
         if last is not None:
             self.publish(last, past_bounds=True)
+            self._last = last
         self._closed = True
         for subscription in list(self._subscribers):
             subscription.close()
