@@ -7,7 +7,8 @@ venv=${VENV:-$root/.venv}
 say() { printf 'setup: %s\n' "$*"; }
 
 packages=(python3 python3-venv python3-dev gcc qemu-system-x86 ovmf busybox-static cpio
-          zstd xz-utils openssl systemd sudo procps)
+          zstd xz-utils openssl systemd sudo procps
+          libfaketime)  # tests: a daemon whose wall clock steps (tests/vm/test_ttl_clock_step.py)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -2,9 +2,10 @@
 until SIGTERM/SIGINT. The same runner serves `main`, the in-process test harness and the
 benchmarks, so tests run the production wiring (interceptors, agent listener, metrics).
 
-Shutdown order: tell systemd, refuse new Runs, end Events streams, let in-flight calls finish
-(bounded), stop every VM as Stop does (unless told to leave them for the next start), flush
-traces.
+Shutdown order: tell systemd, tell Events subscribers (`manager-shutdown`), refuse new Runs,
+stop every VM as Stop does (unless told to leave them for the next start) while the server
+still answers, so subscribers get every vm-stop; then end Events streams (`manager-shutdown`
+`complete` last) and Logs followers, let in-flight calls finish (bounded), flush traces.
 """
 
 from __future__ import annotations
@@ -197,11 +198,18 @@ class DaemonRunner:
             self.service.begin_shutdown()
         if self.server is not None:
             await self.server.set_serving(False)
-        self.bus.close()
-        if self.server is not None:
-            await self.server.grpc.stop(self._grace)
+        # The VMs are stopped while the server still serves: Events streams get every VM's
+        # vm-stop, Logs followers see their VM end, and none of them holds the stop back (a
+        # new Run meanwhile is refused with UNAVAILABLE; Stop, List, Events still answer).
         if self.service is not None:
             await self.service.shutdown(stop_vms=self.settings.service.SHUTDOWN_STOPS_VMS)
+            self.service.end_streams()
+        else:
+            self.bus.close()
+        if self.server is not None:
+            # Streams send what they have queued, then end; only a client that stops
+            # reading keeps its stream (not the VMs) past this grace.
+            await self.server.grpc.stop(self._grace)
         if self.dialout is not None:  # after the VMs stopped, so that goes up the stream too
             await self.dialout.close()
         if self.agents is not None:
@@ -216,6 +224,28 @@ class DaemonRunner:
         self.log.info("manager stopped")
 
 
+NOTED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+"""Signals whose default action ends a process silently (and systemd's `Restart=on-failure`
+takes a death by SIGHUP for a clean stop: no restart): logged and ignored.
+Handled, not ignored (SIG_IGN), so QEMU's exec resets them to their defaults."""
+
+
+def note_signal(sig: signal.Signals) -> None:
+    """SIGHUP asks daemons to reload; this one reads its settings at start only (a reload
+    could not apply most of them to running VMs, and its log goes to stdout: nothing to
+    reopen). Saying so is what an operator who sent it needs."""
+    if sig is signal.SIGHUP:
+        get_logger().warning(
+            "SIGHUP received and ignored: settings are read at start only; restart the service "
+            "to apply changes (with MANAGER_SHUTDOWN_STOPS_VMS=false the VMs run on across it)",
+            signal=sig.name,
+        )
+    else:
+        get_logger().warning(
+            f"{sig.name} received and ignored: it means nothing to this daemon", signal=sig.name
+        )
+
+
 async def run_daemon(settings: Settings) -> int:
     configure_logging(settings.service.LOG_LEVEL)
     # One daemon per state directory (host/state_lock.py), before recovery or anything else.
@@ -228,6 +258,8 @@ async def run_daemon(settings: Settings) -> int:
     # First of all, so a SIGTERM during a long recovery still shuts down cleanly.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    for sig in NOTED_SIGNALS:  # by default these end a process without a word
+        loop.add_signal_handler(sig, note_signal, sig)
     weight = raise_session_weight(settings.service.AUTOGROUP_NICE)
     if weight.operator_action:
         get_logger().warning("scheduling weight not raised: " + weight.detail)

@@ -33,7 +33,14 @@ from cocos_manager.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from cocos_manager.events import ConsoleArchive, ConsoleLog, EventBus, Subscription
+from cocos_manager.events import (
+    ConsoleArchive,
+    ConsoleLog,
+    EventBus,
+    Subscription,
+    notice_line,
+    shutdown_notice,
+)
 from cocos_manager.host import StateStore, TaskSet
 from cocos_manager.proto import manager_pb2 as pb
 from cocos_manager.qemu import Executable
@@ -83,6 +90,7 @@ class ManagerService:
         self.tasks = TaskSet()
         self._machines: dict[str, Machine] = {}
         self._closing = False
+        self._leaving = False  # shutdown detaches the VMs (MANAGER_SHUTDOWN_STOPS_VMS=false)
         self._release_hooks: list[Callable[[int], object]] = []
         self._store = StateStore(Path(settings.service.STATE_DIR))
         self.ctx = MachineContext(
@@ -267,6 +275,13 @@ class ManagerService:
         machine = self._machines.get(computation_id)
         if machine is None:
             raise NotFoundError(f"computation {computation_id!r} is not running")
+        if self._leaving:
+            # Its QMP session and pidfd are being let go of: this daemon could no longer
+            # tell when QEMU ends.
+            raise UnavailableError(
+                "the manager is shutting down and leaves its VMs running for the next start "
+                f"(MANAGER_SHUTDOWN_STOPS_VMS=false): stop {computation_id!r} once it is back"
+            )
         await machine.stop(StopReason.STOP)
 
     # -- shutdown --------------------------------------------------------------------------
@@ -274,7 +289,19 @@ class ManagerService:
     def begin_shutdown(self) -> None:
         """New Runs are refused from now on, and VMs still starting are stopped now: no client
         could use a VM that becomes ready while the daemon stops, and the in-flight grace
-        would otherwise be spent waiting for it."""
+        would otherwise be spent waiting for it. Subscribers hear it first
+        (`manager-shutdown`/`starting`), so the vm-stop events that follow read as the
+        shutdown's."""
+        if not self._closing:
+            self.bus.publish(
+                shutdown_notice(
+                    "starting",
+                    {
+                        "stops_vms": self.settings.service.SHUTDOWN_STOPS_VMS,
+                        "computations": sorted(self._machines),
+                    },
+                )
+            )
         self._closing = True
         for machine in list(self._machines.values()):
             if machine.state in (VmState.ADMITTED, VmState.STARTING):
@@ -288,7 +315,10 @@ class ManagerService:
                 *(m.stop(StopReason.SHUTDOWN) for m in machines), return_exceptions=True
             )
         else:
+            self._leaving = True
             for machine in machines:
+                if machine.ttl_timer is not None:  # the next start re-arms it from the record
+                    machine.ttl_timer.cancel()
                 if machine.state in (VmState.RUNNING, VmState.PAUSED):
                     machine.log.info(
                         "VM left running for the next start (MANAGER_SHUTDOWN_STOPS_VMS=false)",
@@ -298,6 +328,20 @@ class ManagerService:
                     if machine.process is not None:
                         await machine.process.detach()
         await self.tasks.join(timeout=self.qemu.STOP_TIMEOUT + 5)
+
+    def end_streams(self) -> None:
+        """After `shutdown`: the last word of every Events stream (`manager-shutdown`/
+        `complete`, naming the VMs left running), which then ends once its queue is sent; and
+        of every Logs follower of a VM left running. Streams opened later end at once (after
+        a replay or tail). The daemon's exit then waits on no stream's VM."""
+        left = sorted(self._machines)
+        self.bus.close(shutdown_notice("complete", {"left_running": left}))
+        self.ctx.consoles.end_followers(
+            notice_line(
+                "the manager is shutting down and leaves this VM running; "
+                "follow it again once the manager is back"
+            )
+        )
 
     # -- attestation policy (confidential launch: vm/attestation.py) ---------------------------
 

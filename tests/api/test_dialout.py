@@ -39,6 +39,7 @@ from tests.support.computations_server import (
 from tests.support.daemon_process import Daemon
 from tests.support.harness import Manager, base_env, run_request, running_manager
 from tests.support.streams import read_agent
+from tests.support.waiting import wait_for
 
 WAIT = 20.0
 
@@ -453,6 +454,25 @@ async def test_computations_from_the_stream_survive_a_daemon_restart(tmp_path: P
             await server.wait_for(
                 event_for("survivor", "vm-stop", "complete"), WAIT, "vm-stop", lines_before
             )
+            # The control plane hears the daemon go, as Events subscribers do (a seed-era
+            # server takes the notice's empty computation id). Once the stream counts as
+            # connected: a shutdown sends what is buffered only on a connected stream.
+            await wait_for(
+                lambda: daemon.log.read_text().count('"dial-out connected"') >= 2,
+                "the dial-out to reconnect",
+                WAIT,
+            )
+            assert await daemon.terminate() == 0
+            notice = await server.wait_for(
+                lambda m: (
+                    m.get("agent_event", {}).get("event_type") == "manager-shutdown"
+                    and m["agent_event"].get("status") == "complete"
+                ),
+                WAIT,
+                "manager-shutdown",
+                lines_before,
+            )
+            assert details(notice) == {"left_running": []}
         finally:
             if daemon.process is not None and daemon.process.poll() is None:
                 assert await daemon.terminate() == 0

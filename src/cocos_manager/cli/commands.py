@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 from collections.abc import Sequence
 
@@ -27,6 +28,7 @@ from cocos_manager.cli.output import (
 )
 from cocos_manager.cli.request import CliError, request_from_files, request_from_manifest
 from cocos_manager.config import TlsConfigError, channel_credentials
+from cocos_manager.events import MANAGER_SHUTDOWN
 from cocos_manager.proto import manager_pb2 as pb
 from cocos_manager.proto import manager_pb2_grpc as pb_grpc
 
@@ -66,6 +68,10 @@ async def _stop(options: argparse.Namespace) -> int:
     return 0
 
 
+STREAM_ENDED = 3
+"""Exit status of `events` when the manager ended the stream (it shuts down)."""
+
+
 async def _events(options: argparse.Namespace) -> int:
     async with _channel(options) as channel:
         request = pb.EventsRequest(computation_id=options.computation_id or "")
@@ -73,13 +79,35 @@ async def _events(options: argparse.Namespace) -> int:
             request.since = options.since
         stream = pb_grpc.ManagerServiceStub(channel).Events(request)
         count = 0
+        last: pb.ClientStreamMessage | None = None
+        last_seq = options.since
         async for message in stream:
             print_message(message, options.json)
+            last = message
+            if message.seq:  # 0: a notice of this stream (events-lost), not a published one
+                last_seq = message.seq
             count += 1
             if options.count and count >= options.count:
                 stream.cancel()
-                break
-    return 0
+                return 0
+    # Only the manager ends a stream, when it shuts down: that is no success for a follower.
+    print(f"cocos-manager-cli: events: {stream_end(last, last_seq)}", file=sys.stderr)
+    return STREAM_ENDED
+
+
+def stream_end(last: pb.ClientStreamMessage | None, last_seq: int | None) -> str:
+    """Why the stream ended (the manager's `manager-shutdown` notice, its last message, says
+    which VMs it left running), and how to go on from where it ended."""
+    event = last.agent_event if last is not None else None
+    if event is not None and event.event_type == MANAGER_SHUTDOWN and event.status == "complete":
+        left = json.loads(event.details or b"{}").get("left_running") or []
+        words = "the manager shut down and ended the stream"
+        words += f"; VMs left running: {', '.join(left)}" if left else "; no VM left running"
+    else:
+        words = "the manager ended the stream without saying why"
+    if last_seq:
+        words += f"; once it is back, resume with --since {last_seq}"
+    return words
 
 
 async def _attestation_policy(options: argparse.Namespace) -> int:
@@ -197,7 +225,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     stop.add_argument("computation_id", help="the id given to run")
     events = sub.add_parser(
-        "events", parents=[common], help="follow events until Ctrl-C", formatter_class=formatter
+        "events",
+        parents=[common],
+        help="follow events until Ctrl-C (exit status 3 when the manager ends the stream: it "
+        "shut down)",
+        formatter_class=formatter,
     )
     events.add_argument("computation_id", nargs="?", help="only this computation")
     events.add_argument(

@@ -13,12 +13,18 @@ if TYPE_CHECKING:
     from cocos_manager.events.bus import log_message as log_message
     from cocos_manager.events.console import ConsoleArchive as ConsoleArchive
     from cocos_manager.events.console import ConsoleLog as ConsoleLog
+    from cocos_manager.events.console import notice_line as notice_line
     from cocos_manager.events.console_limit import ConsoleLogLimiter as ConsoleLogLimiter
     from cocos_manager.events.messages import MANAGER_ORIGINATOR as MANAGER_ORIGINATOR
+    from cocos_manager.events.messages import MANAGER_SHUTDOWN as MANAGER_SHUTDOWN
     from cocos_manager.events.messages import manager_event as manager_event
+    from cocos_manager.events.messages import shutdown_notice as shutdown_notice
 
 # Each public name and the module it lives in.
 HOMES = {
+    "MANAGER_SHUTDOWN": "messages",
+    "shutdown_notice": "messages",
+    "notice_line": "console",
     "EventBus": "bus",
     "log_message": "bus",
     "Subscription": "bus",

@@ -92,6 +92,7 @@ class EventBus:
         self._seq = first_seq - 1
         self._room: dict[str, asyncio.Future[None]] = {}
         self._closed = False
+        self._last: pb.ClientStreamMessage | None = None  # close()'s final notice
         self.published = 0
         self.dropped = 0
         self.hold_wakeups = 0
@@ -139,6 +140,9 @@ class EventBus:
                 f"(MANAGER_EVENTS_MAX_SUBSCRIBERS={self._max_subscribers})"
             )
         replay = None if since is None else self._replay(computation_id, since)
+        last = self._last
+        if last is not None and not any(message is last for message in replay or ()):
+            replay = [*(replay or ()), last]  # a stream opened after the close learns why
         subscription = Subscription(
             self, computation_id, self._queue_size, self._queue_bytes, replay
         )
@@ -170,11 +174,11 @@ class EventBus:
             out.append(
                 manager_event(computation_id, EVENTS_LOST, "replay", {"lost": lost, "since": since})
             )
-        if computation_id:
+        if computation_id:  # its own and the manager-wide messages, as Subscription.wants
             out += (
                 item.message
                 for item in self._history
-                if item.seq > since and item.computation_id == computation_id
+                if item.seq > since and item.computation_id in (computation_id, "")
             )
         else:
             out += (item.message for item in self._history if item.seq > since)
@@ -211,9 +215,10 @@ class EventBus:
 
     # -- publishing -------------------------------------------------------------------------
 
-    def publish(self, message: pb.ClientStreamMessage) -> None:
+    def publish(self, message: pb.ClientStreamMessage, *, past_bounds: bool = False) -> None:
         """Never blocks and never raises: callers are Run, Stop and QEMU supervision.
-        Sets `message.seq`; the message must not be changed afterwards."""
+        Sets `message.seq`; the message must not be changed afterwards. `past_bounds`: queued
+        even in a full queue (the shutdown's last word, once)."""
         self._seq += 1
         message.seq = self._seq
         self.published += 1
@@ -223,7 +228,9 @@ class EventBus:
         self._retain_item(item)
         lost = 0
         for subscription in self._subscribers:
-            if subscription.wants(item.computation_id) and not subscription.offer(item):
+            if subscription.wants(item.computation_id) and not subscription.offer(
+                item, past_bounds
+            ):
                 lost += 1
         if lost:
             self.dropped += lost
@@ -303,7 +310,12 @@ class EventBus:
                 backlog=subscription.qsize(),
             )
 
-    def close(self) -> None:
+    def close(self, last: pb.ClientStreamMessage | None = None) -> None:
+        """Ends every stream after what it has queued. `last` (the shutdown's final notice) is
+        published first, and reaches every stream that wants it even past its bounds."""
+        if last is not None:
+            self.publish(last, past_bounds=True)
+            self._last = last
         self._closed = True
         for subscription in list(self._subscribers):
             subscription.close()

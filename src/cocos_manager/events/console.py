@@ -60,6 +60,11 @@ def lost_line(count: int) -> ConsoleLine:
     )
 
 
+def notice_line(text: str) -> ConsoleLine:
+    """The manager's own word to followers (not kept in the log): why their stream ends."""
+    return ConsoleLine(time.time_ns(), LOST_LEVEL, f"cocos-manager: {text}")
+
+
 class _Follower:
     """One follower's queue: lines, or a count of lines lost at that point; None ends it.
     Bounded in lines and in bytes; the first line always fits (the console cut it to its
@@ -99,10 +104,12 @@ class _Follower:
             self.bytes -= item.size
         return item
 
-    def end(self) -> None:
+    def end(self, last: ConsoleLine | None = None) -> None:
         if self.lost:
             self.items.append(self.lost)
             self.lost = 0
+        if last is not None:
+            self.items.append(last)
         self.items.append(None)
         self.wake.set()
 
@@ -119,6 +126,7 @@ class ConsoleLog:
         self._followers: set[_Follower] = set()
         self.dropped = 0  # lines pushed out of the ring by newer ones
         self.ended_at: float | None = None  # monotonic time of close()
+        self._unfollowed: ConsoleLine | None = None  # set by end_followers: its last word
 
     @property
     def closed(self) -> bool:
@@ -165,8 +173,8 @@ class ConsoleLog:
         missed or repeated between the two."""
         backlog = self.tail(count)
         follower = _Follower(self.max_bytes)
-        if self.closed:
-            follower.end()
+        if self.closed or self._unfollowed is not None:
+            follower.end(self._unfollowed)
         else:
             self._followers.add(follower)
         try:
@@ -186,6 +194,15 @@ class ConsoleLog:
     @property
     def follower_count(self) -> int:
         return len(self._followers)
+
+    def end_followers(self, last: ConsoleLine) -> None:
+        """The log lives on but nobody may follow it any more (the manager shuts down and
+        leaves the VM running): followers get what is queued and `last`, then their stream
+        ends; later ones get the tail and `last`."""
+        self._unfollowed = last
+        for follower in self._followers:
+            follower.end(last)
+        self._followers.clear()
 
     def close(self, now: float | None = None) -> None:
         """The VM ended: followers get what is queued, then their stream ends."""
@@ -261,6 +278,11 @@ class ConsoleArchive:
 
     def live_logs(self) -> list[ConsoleLog]:
         return list(self._live.values())
+
+    def end_followers(self, last: ConsoleLine) -> None:
+        """Every live log's followers end with `last` (ConsoleLog.end_followers)."""
+        for log in self._live.values():
+            log.end_followers(last)
 
     def close(self, log: ConsoleLog) -> None:
         """The VM of `log` ended: its followers finish and it is kept for the post-mortem.

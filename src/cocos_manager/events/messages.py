@@ -12,6 +12,10 @@ from cocos_manager.proto import manager_pb2 as pb
 
 MANAGER_ORIGINATOR = "manager"
 EVENTS_LOST = "events-lost"
+MANAGER_SHUTDOWN = "manager-shutdown"
+"""The manager's own notices of its shutdown: computation id empty (they concern every
+computation, and reach every stream, filtered or not); `starting` before any VM is stopped,
+`complete` as the last message of every Events stream."""
 
 
 def _now() -> Timestamp:
@@ -34,6 +38,11 @@ def manager_event(
             status=status,
         )
     )
+
+
+def shutdown_notice(status: str, details: dict[str, Any]) -> pb.ClientStreamMessage:
+    """`manager-shutdown` with `status` (`starting`, `complete`): see MANAGER_SHUTDOWN."""
+    return manager_event("", MANAGER_SHUTDOWN, status, details)
 
 
 def log_message(computation_id: str, level: str, message: str) -> pb.ClientStreamMessage:

@@ -99,13 +99,19 @@ class Subscription:
         return self._bytes
 
     def wants(self, computation_id: str) -> bool:
-        return not self.computation_id or self.computation_id == computation_id
+        """Its computation's messages, and the manager-wide ones (no computation id: the
+        shutdown notices) whatever its filter."""
+        return not self.computation_id or computation_id in (self.computation_id, "")
 
-    def offer(self, item: Published) -> bool:
+    def offer(self, item: Published, past_bounds: bool = False) -> bool:
         if self._closed:
             return True
-        if self._items and (
-            len(self._items) >= self._max_messages or self._bytes + item.size > self._max_bytes
+        if (
+            not past_bounds
+            and self._items
+            and (
+                len(self._items) >= self._max_messages or self._bytes + item.size > self._max_bytes
+            )
         ):
             if self.dropped == 0:
                 _log.warning(

@@ -88,7 +88,7 @@ class Machine:
         # A CreateVm'd VM: what its agent is handed through the 9p shares (no manifest).
         self.agent_settings: AgentSettings | None = None
         self.expires_at: float | None = None
-        self.ttl_timer: asyncio.TimerHandle | None = None
+        self.ttl_timer: ttl.Alarm | None = None
         self.start_task: asyncio.Task[None] | None = None
         self.released: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._releasing: asyncio.Task[None] | None = None
