@@ -23,7 +23,8 @@ lint: install
 	$(VENV)/bin/mypy
 	PYTHONPATH=src $(TOOLS_VENV)/bin/lint-imports
 
-# The test guest (Debian cloud kernel + busybox initramfs playing the agent); cached.
+# The test guest (Debian cloud kernel + busybox initramfs playing the agent) and its 9p flavour
+# (Debian's generic kernel, for CreateVm'd VMs) in GUEST_DIR/9p; cached.
 guest: install
 	@bash scripts/build-test-guest.sh $(GUEST_DIR)
 

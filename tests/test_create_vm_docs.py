@@ -10,9 +10,9 @@ import shlex
 from pathlib import Path
 
 import pytest
-from cocos_manager.config.unknown_variables import UPSTREAM_MAIN_ONLY, known_variables
 
 from cocos_manager.check import check_unknown_variables
+from cocos_manager.config.unknown import UPSTREAM_MAIN_ONLY, known_variables
 from tests.support.harness import Manager, running_manager
 from tests.support.readme import README, REPO
 from tests.support.upstream_client import GRPCURL

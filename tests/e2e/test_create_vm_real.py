@@ -1,6 +1,7 @@
 """End to end, today's Cocos: a client built from upstream's manager.proto alone (grpcurl
 -proto tests/support/upstream_proto/manager.proto) drives the real daemon, real QEMU (TCG) and
-the real test guest (Debian's generic kernel, which has 9p).
+the real test guest in its 9p flavour (build/guest/9p: Debian's generic kernel, which has
+9p; the Run beside it boots the same image: one /init for both flavours).
 
 CreateVm -> the guest mounts its two 9p shares and serves what it was handed: its
 AGENT_CVM_ID, its certificate, the kernel parameter of aa_kbs_params (a second guest, handed
@@ -24,7 +25,7 @@ import pytest
 
 from cocos_manager.proto import manager_pb2 as pb
 from cocos_manager.proto import manager_pb2_grpc as pb_grpc
-from tests.e2e.test_real_vm import BOOT_TIMEOUT, start_daemon, stop_daemon
+from tests.e2e.test_real_vm import BOOT_TIMEOUT, guest_images, start_daemon, stop_daemon
 from tests.support.harness import run_request
 from tests.support.upstream_client import b64, upstream_call
 from tests.test_create_vm import AWS_SECRET, CA, CERT, KEY, full_request, sections
@@ -54,9 +55,12 @@ def read_agent_port(port: int, deadline: float) -> str:
 
 async def test_upstream_client_drives_a_real_guest(tmp_path: Path) -> None:
     root = tmp_path / "daemon"
+    kernel, rootfs = guest_images("9p")  # Debian's generic kernel: it has 9p
     daemon = await asyncio.to_thread(
         start_daemon,
         root,
+        MANAGER_QEMU_DISK_IMG_KERNEL_FILE=str(kernel),
+        MANAGER_QEMU_DISK_IMG_ROOTFS_FILE=str(rootfs),
         MANAGER_LOG_LEVEL="debug",
         MANAGER_QEMU_OVMF_VERSION="edk2-stable202302",
         MANAGER_EOS_VERSION="eos-e2e",

@@ -65,10 +65,11 @@ pytestmark = pytest.mark.timeout(300)
 # -- environment ---------------------------------------------------------------------------
 
 
-def guest_images() -> tuple[Path, Path]:
-    """The test guest. Missing = a failure naming the command that builds it, never a skip."""
+def guest_images(flavour: str = "") -> tuple[Path, Path]:
+    """The test guest (flavour "9p": the one with Debian's generic kernel, which has 9p).
+    Missing = a failure naming the command that builds it, never a skip."""
     configured = Path(os.environ.get("TEST_GUEST_DIR") or "build/guest")
-    guest = configured if configured.is_absolute() else REPO / configured
+    guest = (configured if configured.is_absolute() else REPO / configured) / flavour
     kernel, rootfs = guest / "bzImage", guest / "rootfs.cpio.gz"
     missing = [str(path) for path in (kernel, rootfs) if not path.is_file()]
     if missing:

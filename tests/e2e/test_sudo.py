@@ -112,10 +112,11 @@ def workdir(account: Account) -> Iterator[Path]:
     """Owned by the user (pytest's tmp_path is under root's 0700 directory); the guest copied
     in, as the user may not read build/guest in general."""
     root = Path(tempfile.mkdtemp(prefix="cocos-sudo-"))
-    kernel, rootfs = guest_images()
-    (root / "guest").mkdir()
-    shutil.copy(kernel, root / "guest" / "bzImage")
-    shutil.copy(rootfs, root / "guest" / "rootfs.cpio.gz")
+    for flavour in ("", "9p"):  # 9p: the guest of CreateVm'd VMs
+        kernel, rootfs = guest_images(flavour)
+        (root / "guest" / flavour).mkdir(parents=True, exist_ok=True)
+        shutil.copy(kernel, root / "guest" / flavour / "bzImage")
+        shutil.copy(rootfs, root / "guest" / flavour / "rootfs.cpio.gz")
     for path in [root, *root.rglob("*")]:
         os.chown(path, account.uid, account.gid)
     try:
@@ -488,8 +489,12 @@ async def test_create_vm_through_sudo_reads_and_removes_its_shares(
     from tests.support.upstream_client import upstream_call
     from tests.test_create_vm import CERT, full_request, sections
 
+    ninep = {
+        "MANAGER_QEMU_DISK_IMG_KERNEL_FILE": str(workdir / "guest" / "9p" / "bzImage"),
+        "MANAGER_QEMU_DISK_IMG_ROOTFS_FILE": str(workdir / "guest" / "9p" / "rootfs.cpio.gz"),
+    }
     with sudoers(nopasswd_rule(account)):
-        async with user_daemon(account, workdir) as daemon:
+        async with user_daemon(account, workdir, ninep) as daemon:
             address = f"127.0.0.1:{daemon.port}"
             created = (await upstream_call(address, "CreateVm", full_request())).json
             (shares,) = [name for name in daemon.vm_files() if name.startswith("shares-")]
