@@ -223,7 +223,8 @@ def check_sched_weight(settings: Settings) -> Check:
 
 
 def log_startup_warnings(settings: Settings, log: Any, host: Host | None = None) -> None:
-    """Each start-up finding that is not a pass, once, as a JSON log line."""
+    """Each start-up finding that is a warn or a fail, once, as a JSON log line (an info is
+    about a feature the settings do not ask for: no warning)."""
     for check in startup_checks(settings, host):
-        if check.status != "pass":
+        if check.status in ("warn", "fail"):
             log.warning(check.detail, check=check.name, status=check.status)
