@@ -212,7 +212,7 @@ say "running: cocos-manager-cli run --id $ID --algorithm data/algorithm.py --dat
 bg_wait "$CLI" run --address "$ADDRESS" --json --id "$ID" --name "Cocos Manager demo" \
     --algorithm "$DEMO/data/algorithm.py" --dataset "$DEMO/data/dataset.csv" \
     >"$DEMO/run.json" 2>"$DEMO/run.err" || fail "Run failed: $(cat "$DEMO/run.err")"
-AGENT_PORT=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["agentPort"])' "$DEMO/run.json") \
+AGENT_PORT=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["agent_port"])' "$DEMO/run.json") \
     || fail "cannot read the agent port from the Run answer: $(cat "$DEMO/run.json")"
 QEMU_PID=$(pgrep -P "$DAEMON_PID" -f -- "hostfwd=tcp::$AGENT_PORT-" | head -n1 || true)
 say "Run answered: the agent's port 7002 in the guest is forwarded to host port $AGENT_PORT"

@@ -37,7 +37,8 @@ from cocos_manager.config.dialout import DialOutConfig, dialout_config
 # Re-exported: daemon.py names the error the dial-out refuses start-up with here.
 from cocos_manager.config.dialout import DialOutConfigError as DialOutConfigError
 from cocos_manager.config.settings import ServiceSettings
-from cocos_manager.config.tls import TlsConfigError
+from cocos_manager.config.tls import TlsConfigError, TlsMode
+from cocos_manager.config.tls_failures import DIAL_OUT, likely_cause
 from cocos_manager.errors import ManagerError
 from cocos_manager.events.messages import manager_event
 from cocos_manager.proto import manager_pb2 as pb
@@ -131,6 +132,8 @@ class DialOut:
         self._inflight: dict[str, int] = {}
         self._failures_seen: dict[str, int] = {}
         self._untap = service.bus.tap(self._on_bus_message)
+        metrics.register_dialout()
+        self._registered = True
         metrics.dialout_connected.set(0)
         metrics.dialout_buffered.set(0)
 
@@ -163,6 +166,9 @@ class DialOut:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._runner
         self._set_connected(False, "closed")
+        if self._registered:  # no dial-out any more: its series go with it
+            self._registered = False
+            self._metrics.unregister_dialout()
         if self._health is not None:
             await self._health.set(HEALTH_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
 
@@ -348,12 +354,23 @@ class DialOut:
                 self._buffer.popleft()
                 self._sent(bounded)
 
+    def _retrying(self, reason: str) -> None:
+        """Said once per outage, with what a TLS failure likely means (as the CLI says it)."""
+        self._said_down = True
+        likely = likely_cause(
+            reason,
+            tls=self.config.mode is not TlsMode.PLAINTEXT,
+            client_certificate=self.config.mode is TlsMode.MTLS,
+            words=DIAL_OUT,
+        )
+        extra = {"likely": likely} if likely else {}
+        _log.warning("dial-out retrying", url=self.config.target, error=reason, **extra)
+
     def _set_connected(self, connected: bool, reason: str = "") -> None:
         if connected == self.connected:
             # Never connected yet: the first failure is said too (a wrong URL must show).
             if not connected and reason and not self._said_down and not self._closing.is_set():
-                self._said_down = True
-                _log.warning("dial-out retrying", url=self.config.target, error=reason)
+                self._retrying(reason)
             return
         self.connected = connected
         self._metrics.dialout_connected.set(1 if connected else 0)
@@ -362,8 +379,7 @@ class DialOut:
             self._said_down = False
             _log.info("dial-out connected", url=self.config.target, buffered=len(self._buffer))
         elif not self._closing.is_set():
-            self._said_down = True
-            _log.warning("dial-out retrying", url=self.config.target, error=reason)
+            self._retrying(reason)
         self._report_health()
 
     def _report_health(self) -> None:
