@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 GUEST_DIR ?= build/guest
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint proto guest demo demo-dialout bench clean
+.PHONY: install run test lint proto guest demo demo-dialout bench clean settings-table
 
 install:
 	@scripts/setup.sh
@@ -14,6 +14,11 @@ run: install
 
 proto: install
 	scripts/gen-proto.sh
+
+# The README's table of every setting, from config/settings.py and config/settings_help.py
+# (tests/test_settings_table.py fails when it is stale).
+settings-table: install
+	$(PY) -m cocos_manager.config.settings_table README.md
 
 lint: install
 	$(VENV)/bin/ruff check src tests scripts
