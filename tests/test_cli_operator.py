@@ -195,3 +195,16 @@ async def test_json_uses_the_proto_field_names(manager: Manager, tmp_path: Path)
     complete = messages[-1]["agent_event"]
     assert complete["event_type"] == "vm-provision" and complete["computation_id"] == "snake"
     assert "agent_port" in complete["details"] and "guest_cid" not in complete["details"]
+
+
+async def test_a_refused_subscription_is_not_announced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with running_manager(tmp_path, monkeypatch, MANAGER_EVENTS_MAX_SUBSCRIBERS="1") as m:
+        held = m.service.subscribe()  # the one subscription allowed
+        try:
+            code, _, err = await cli("events", "-a", m.address)
+        finally:
+            m.service.bus.unsubscribe(held)
+    assert code == 1 and "RESOURCE_EXHAUSTED" in err, err
+    assert "subscribed" not in err

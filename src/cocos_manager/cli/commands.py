@@ -81,6 +81,9 @@ async def _events(options: argparse.Namespace) -> int:
         # The server sends the headers once the subscription is registered: from here on
         # nothing published is missed (a script may start its Run after this line).
         await stream.initial_metadata()
+        if stream.done():  # refused (e.g. RESOURCE_EXHAUSTED): headers and status came at once
+            async for _ in stream:  # raises the status, as any failed call does
+                pass
         which = (
             f"computation {options.computation_id}"
             if options.computation_id

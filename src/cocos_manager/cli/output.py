@@ -90,7 +90,7 @@ def _describe_stream_message(message: pb.ClientStreamMessage) -> str:
     if kind == "agent_log":
         log = message.agent_log
         return printable(f"[{log.computation_id}] log {log.level}: {log.message}")
-    return json_format.MessageToJson(message, indent=None)
+    return json_format.MessageToJson(message, indent=None, preserving_proto_field_name=True)
 
 
 def _time(stamp: Timestamp, timespec: str = "seconds") -> str:
