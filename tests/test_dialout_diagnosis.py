@@ -58,6 +58,8 @@ async def test_tls_failures_of_the_dial_out_say_what_they_likely_mean(
         in (no_certificate["likely"])
     )
     assert "not signed by the CA you trust: set MANAGER_GRPC_URL_CA_CERTS" in distrust["likely"]
+    # Whose certificate that was: gRPC's error does not say.
+    assert distrust["certificate"] == "subject CN=computations, issuer CN=computations CA"
     assert (
         "speaks plaintext, not TLS: unset MANAGER_GRPC_URL_CA_CERTS" in (tls_to_plaintext["likely"])
     )

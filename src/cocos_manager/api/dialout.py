@@ -32,13 +32,13 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2
 
-from cocos_manager.config.dialout import DialOutConfig, dialout_config
+from cocos_manager.config.dialout import DialOutConfig, dialout_config, target_host_port
 
 # Re-exported: daemon.py names the error the dial-out refuses start-up with here.
 from cocos_manager.config.dialout import DialOutConfigError as DialOutConfigError
 from cocos_manager.config.settings import ServiceSettings
 from cocos_manager.config.tls import TlsConfigError, TlsMode
-from cocos_manager.config.tls_failures import DIAL_OUT, likely_cause
+from cocos_manager.config.tls_failures import DIAL_OUT, likely_cause, presented_certificate
 from cocos_manager.errors import ManagerError
 from cocos_manager.events.messages import manager_event
 from cocos_manager.proto import manager_pb2 as pb
@@ -120,6 +120,7 @@ class DialOut:
         self.attempts = 0  # failed ones
         self.pauses: list[float] = []  # the first back-off pauses, for tests and debugging
         self.last_error = ""
+        self._rejected: str | None = None  # the server certificate gRPC did not trust
         self._health: health.aio.HealthServicer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._health_updates: set[asyncio.Future[None]] = set()
@@ -299,6 +300,7 @@ class DialOut:
                 call.cancel()
                 return f"no connection within MANAGER_GRPC_TIMEOUT ({self.config.timeout:g}s)"
             except grpc.aio.AioRpcError as error:
+                await self._note_rejected_certificate(error)
                 return _describe(error)
             reader = asyncio.ensure_future(self._read(call))
             writer = asyncio.ensure_future(self._write(call))
@@ -354,6 +356,15 @@ class DialOut:
                 self._buffer.popleft()
                 self._sent(bounded)
 
+    async def _note_rejected_certificate(self, error: grpc.aio.AioRpcError) -> None:
+        """The certificate gRPC rejected, named for the next "dial-out retrying" line (once
+        per outage: not a handshake of our own per retry)."""
+        if self._said_down or "CERTIFICATE_VERIFY_FAILED" not in (error.details() or ""):
+            return
+        where = target_host_port(self.config.target)
+        if where is not None:
+            self._rejected = await presented_certificate(*where, timeout=self.config.timeout)
+
     def _retrying(self, reason: str) -> None:
         """Said once per outage, with what a TLS failure likely means (as the CLI says it)."""
         self._said_down = True
@@ -364,6 +375,9 @@ class DialOut:
             words=DIAL_OUT,
         )
         extra = {"likely": likely} if likely else {}
+        if self._rejected and "CERTIFICATE_VERIFY_FAILED" in reason:
+            extra["certificate"] = self._rejected  # whose certificate was not trusted
+        self._rejected = None
         _log.warning("dial-out retrying", url=self.config.target, error=reason, **extra)
 
     def _set_connected(self, connected: bool, reason: str = "") -> None:

@@ -41,6 +41,11 @@ def _host_port(target: str) -> tuple[str, int] | None:
     return host.lower(), int(port)
 
 
+def target_host_port(target: str) -> tuple[str, int] | None:
+    """The host and port a `host:port` (or `dns:///host:port`) dial-out target names."""
+    return _host_port(target)
+
+
 def _is_local(host: str) -> bool:
     if host in _LOCAL_HOSTS:
         return True

@@ -69,3 +69,35 @@ def likely_cause(
         "the server closed the connection during the TLS handshake: it likely does not accept "
         + words.other_certificate
     )
+
+
+async def presented_certificate(host: str, port: int, timeout: float = 5.0) -> str | None:
+    """Who the server at host:port says it is: its certificate's subject and issuer, read in
+    a handshake of our own that verifies nothing and sends nothing after it (gRPC core rejects
+    a certificate without saying whose it was). None when it cannot be read."""
+    import asyncio
+    import ssl
+
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=context, server_hostname=host or None),
+            timeout,
+        )
+    except (OSError, TimeoutError, ssl.SSLError):
+        return None
+    try:
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    finally:
+        writer.close()
+    if not der:
+        return None
+    from cryptography import x509
+
+    certificate = x509.load_der_x509_certificate(der)
+    return (
+        f"subject {certificate.subject.rfc4514_string()}, "
+        f"issuer {certificate.issuer.rfc4514_string()}"
+    )
