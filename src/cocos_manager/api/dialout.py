@@ -363,7 +363,7 @@ class DialOut:
             return
         where = target_host_port(self.config.target)
         if where is not None:
-            self._rejected = await presented_certificate(*where, timeout=self.config.timeout)
+            self._rejected = await presented_certificate(*where, min(self.config.timeout, 5.0))
 
     def _retrying(self, reason: str) -> None:
         """Said once per outage, with what a TLS failure likely means (as the CLI says it)."""
