@@ -43,10 +43,12 @@ def _print_qemu_cmd(settings: Settings, as_json: bool, original: bool) -> int:
 
 def _check(settings: Settings, as_json: bool, verbose: bool) -> int:
     from cocos_manager.check import run_checks
-    from cocos_manager.host.check_result import exit_code, render
+    from cocos_manager.host.check_result import exit_code, hidden_note, render
 
     checks = run_checks(settings)
     print(render(checks, as_json, verbose))
+    if not as_json and (note := hidden_note(checks, verbose)):
+        print(f"cocos-manager check: {note}", file=sys.stderr)
     return exit_code(checks)
 
 

@@ -31,15 +31,20 @@ def render(checks: Iterable[Check], as_json: bool, verbose: bool = False) -> str
     if as_json:
         return json.dumps([c.as_dict() for c in checks], indent=2)
     shown = [c for c in checks if verbose or c.status != "info"]
-    hidden = len(checks) - len(shown)
     width = max((len(c.name) for c in shown), default=0)
-    lines = [f"{c.status.upper():4}  {c.name:{width}}  {c.detail}" for c in shown]
-    if hidden:
-        lines.append(
-            f"({hidden} info line{'s' if hidden > 1 else ''} about features the settings do not "
-            "ask for: --verbose shows them)"
-        )
-    return "\n".join(lines)
+    return "\n".join(f"{c.status.upper():4}  {c.name:{width}}  {c.detail}" for c in shown)
+
+
+def hidden_note(checks: Iterable[Check], verbose: bool) -> str:
+    """For stderr, so that stdout stays one check per line: how many info lines were left
+    out, and how to see them ("" when none were)."""
+    hidden = 0 if verbose else sum(1 for c in checks if c.status == "info")
+    if not hidden:
+        return ""
+    return (
+        f"{hidden} info line{'s' if hidden > 1 else ''} about features the settings do not ask "
+        "for: --verbose shows them"
+    )
 
 
 def exit_code(checks: Iterable[Check]) -> int:
