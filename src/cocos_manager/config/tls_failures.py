@@ -27,8 +27,9 @@ CLI = ClientVocabulary(
     drop_tls="leave out --ca, --cert and --key (and COCOS_MANAGER_CA, _CERT, _KEY)",
     trust_its_ca="pass the CA that signed it with --ca (without --ca the system's trust store "
     "is used)",
-    use_tls="pass --ca CA.pem (and --cert/--key if it requires client certificates)",
-    give_certs="pass --cert and --key",
+    use_tls="pass --ca CA.pem (and --cert/--key if it requires client certificates; or set "
+    "COCOS_MANAGER_CA, _CERT, _KEY)",
+    give_certs="pass --cert and --key (or set COCOS_MANAGER_CERT and COCOS_MANAGER_KEY)",
     other_certificate="your certificate (--cert must be signed by the CA in the server's "
     "MANAGER_GRPC_CLIENT_CA_CERTS)",
 )
