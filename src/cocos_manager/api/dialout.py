@@ -32,13 +32,17 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2
 
-from cocos_manager.config.dialout import DialOutConfig, dialout_config, target_host_port
+from cocos_manager.config.dialout import (
+    DialOutConfig,
+    dialout_config,
+    rejected_certificate,
+    retry_fields,
+)
 
 # Re-exported: daemon.py names the error the dial-out refuses start-up with here.
 from cocos_manager.config.dialout import DialOutConfigError as DialOutConfigError
 from cocos_manager.config.settings import ServiceSettings
-from cocos_manager.config.tls import TlsConfigError, TlsMode
-from cocos_manager.config.tls_failures import DIAL_OUT, likely_cause, presented_certificate
+from cocos_manager.config.tls import TlsConfigError
 from cocos_manager.errors import ManagerError
 from cocos_manager.events.messages import manager_event
 from cocos_manager.proto import manager_pb2 as pb
@@ -357,26 +361,14 @@ class DialOut:
                 self._sent(bounded)
 
     async def _note_rejected_certificate(self, error: grpc.aio.AioRpcError) -> None:
-        """The certificate gRPC rejected, named for the next "dial-out retrying" line (once
-        per outage: not a handshake of our own per retry)."""
-        if self._said_down or "CERTIFICATE_VERIFY_FAILED" not in (error.details() or ""):
-            return
-        where = target_host_port(self.config.target)
-        if where is not None:
-            self._rejected = await presented_certificate(*where, min(self.config.timeout, 5.0))
+        """Whose certificate gRPC rejected, for the next "dial-out retrying" line."""
+        if not self._said_down:  # once per outage, not a handshake of our own per retry
+            self._rejected = await rejected_certificate(error.details() or "", self.config)
 
     def _retrying(self, reason: str) -> None:
         """Said once per outage, with what a TLS failure likely means (as the CLI says it)."""
         self._said_down = True
-        likely = likely_cause(
-            reason,
-            tls=self.config.mode is not TlsMode.PLAINTEXT,
-            client_certificate=self.config.mode is TlsMode.MTLS,
-            words=DIAL_OUT,
-        )
-        extra = {"likely": likely} if likely else {}
-        if self._rejected and "CERTIFICATE_VERIFY_FAILED" in reason:
-            extra["certificate"] = self._rejected  # whose certificate was not trusted
+        extra = retry_fields(reason, self.config.mode, self._rejected)
         self._rejected = None
         _log.warning("dial-out retrying", url=self.config.target, error=reason, **extra)
 
