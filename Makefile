@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 GUEST_DIR ?= build/guest
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint proto guest demo demo-dialout bench clean
+.PHONY: install run test lint proto guest demo demo-dialout bench clean settings-table
 
 install:
 	@TOOLS_VENV=$(TOOLS_VENV) scripts/setup.sh
@@ -16,6 +16,11 @@ run: install
 
 proto: install
 	scripts/gen-proto.sh
+
+# The README's table of every setting, from config/settings.py and config/settings_help.py
+# (tests/test_settings_table.py fails when it is stale).
+settings-table: install
+	$(PY) -m cocos_manager.config.settings_table README.md
 
 lint: install
 	$(VENV)/bin/ruff check src tests scripts

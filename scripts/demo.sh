@@ -169,6 +169,9 @@ ADDRESS=127.0.0.1:$GRPC_PORT
 # -- 2. the daemon ---------------------------------------------------------------------------
 say "starting the daemon on $ADDRESS: QEMU under TCG (no KVM, no SEV), 1 vCPU, 512M,"
 say "  manifest through fw_cfg; log in ${DEMO#"$ROOT"/}/daemon.log"
+say "  each VM's VNC display and agent port on 127.0.0.1 only (MANAGER_QEMU_VNC_ADDR,"
+say "  MANAGER_QEMU_HOST_FWD_ADDR; README: \"What is exposed\"): VNC at 127.0.0.1:5900+N, N the"
+say "  vnc_display of the vm-provision event (from elsewhere: an SSH tunnel)"
 (
     cd "$DEMO"
     export MANAGER_LOG_LEVEL=info
@@ -185,6 +188,10 @@ say "  manifest through fw_cfg; log in ${DEMO#"$ROOT"/}/daemon.log"
     export MANAGER_QEMU_DISK_IMG_ROOTFS_FILE=$GUEST_DIR/rootfs.cpio.gz
     export MANAGER_QEMU_TMP_FILE_LOC=$DEMO/vms
     export MANAGER_QEMU_VSOCK_VNC=60
+    # As the README's "What is exposed" says: the VM's screen (VNC, no password) and the
+    # agent's forwarded port on loopback only, not on every interface.
+    export MANAGER_QEMU_VNC_ADDR=127.0.0.1
+    export MANAGER_QEMU_HOST_FWD_ADDR=127.0.0.1
     # Nobody listens there; a trace collector that is down never slows the daemon.
     export COCOS_JAEGER_URL=http://127.0.0.1:$(free_port)/api/traces
     exec "$MANAGER" 3>&- 4>&-
@@ -201,8 +208,13 @@ say "the daemon is up (pid $DAEMON_PID)"
 say "following Events in the background: cocos-manager-cli events > ${DEMO#"$ROOT"/}/events.log"
 "$CLI" events --address "$ADDRESS" >"$DEMO/events.log" 2>&1 3>&- 4>&- &
 EVENTS_PID=$!
-sleep 1
-kill -0 "$EVENTS_PID" 2>/dev/null || fail "cocos-manager-cli events exited: $(cat "$DEMO/events.log")"
+# The CLI says "subscribed" on stderr once nothing published can be missed any more.
+for _ in $(seq 1 100); do
+    grep -q "subscribed" "$DEMO/events.log" && break
+    kill -0 "$EVENTS_PID" 2>/dev/null || fail "cocos-manager-cli events exited: $(cat "$DEMO/events.log")"
+    sleep 0.1
+done
+grep -q "subscribed" "$DEMO/events.log" || fail "cocos-manager-cli events did not subscribe: $(cat "$DEMO/events.log")"
 
 # -- 4. a computation ------------------------------------------------------------------------
 printf 'x,y\n1,2\n3,4\n' >"$DEMO/data/dataset.csv"
@@ -212,9 +224,9 @@ say "running: cocos-manager-cli run --id $ID --algorithm data/algorithm.py --dat
 bg_wait "$CLI" run --address "$ADDRESS" --json --id "$ID" --name "Cocos Manager demo" \
     --algorithm "$DEMO/data/algorithm.py" --dataset "$DEMO/data/dataset.csv" \
     >"$DEMO/run.json" 2>"$DEMO/run.err" || fail "Run failed: $(cat "$DEMO/run.err")"
-AGENT_PORT=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["agentPort"])' "$DEMO/run.json") \
+AGENT_PORT=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["agent_port"])' "$DEMO/run.json") \
     || fail "cannot read the agent port from the Run answer: $(cat "$DEMO/run.json")"
-QEMU_PID=$(pgrep -P "$DAEMON_PID" -f -- "hostfwd=tcp::$AGENT_PORT-" | head -n1 || true)
+QEMU_PID=$(pgrep -P "$DAEMON_PID" -f -- "hostfwd=tcp:127.0.0.1:$AGENT_PORT-" | head -n1 || true)
 say "Run answered: the agent's port 7002 in the guest is forwarded to host port $AGENT_PORT"
 say "  (QEMU pid ${QEMU_PID:-?}; per-VM files in ${DEMO#"$ROOT"/}/vms: $(ls "$DEMO/vms" | wc -l))"
 

@@ -91,9 +91,8 @@ async def main() -> None:
     guest = Path(os.environ.get("GUEST_DIR", ROOT / "build" / "guest"))
     guest = guest if guest.is_absolute() else ROOT / guest
     DEMO.mkdir(parents=True, exist_ok=True)
-    data, algo = DEMO / "iris.csv", DEMO / "lin_reg.py"
-    data.write_text("sepal_length,sepal_width,petal_length,petal_width\n5.1,3.5,1.4,0.2\n")
-    algo.write_text("print('linear regression')\n")
+    # The files the README's dial-out example names.
+    data, algo = ROOT / "docs" / "examples" / "iris.csv", ROOT / "docs" / "examples" / "lin_reg.py"
 
     server = ComputationsServer(DEMO / "computations.log", seed_request=(str(data), str(algo)))
     await server.start()

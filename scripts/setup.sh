@@ -6,6 +6,18 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 venv=${VENV:-$root/.venv}
 say() { printf 'setup: %s\n' "$*"; }
 
+# pip, without its "WARNING: Location '...' is ignored" lines: a pip configuration that names
+# index or find-links locations which do not exist (common on build hosts) makes pip say so
+# for every package, burying what matters. Everything else pip says, and its exit status,
+# pass through.
+pip_quietly() {
+  { "$venv/bin/pip" "$@" 2>&1 1>&3 3>&- |
+      { grep -v -E "^WARNING: Location '[^']*' is ignored" >&2 || true; }; } 3>&1
+}
+
+# Sourced (the tests): the functions only.
+if [[ ${BASH_SOURCE[0]} != "$0" ]]; then return 0; fi
+
 packages=(python3 python3-venv python3-dev gcc qemu-system-x86 ovmf busybox-static cpio
           zstd xz-utils openssl systemd sudo procps
           libfaketime)  # tests: a daemon whose wall clock steps (tests/vm/test_ttl_clock_step.py)
@@ -27,9 +39,9 @@ stamp=$venv/.installed-$(sha256sum "$root/pyproject.toml" | cut -c1-16)
 if [ ! -f "$stamp" ]; then
   say "creating virtual environment $venv"
   python3 -m venv "$venv"
-  "$venv/bin/pip" install -q --upgrade pip
+  pip_quietly install -q --upgrade pip
   say "installing cocos-manager and its dev tools"
-  "$venv/bin/pip" install -q -e "$root[dev]"
+  pip_quietly install -q -e "$root[dev]"
   rm -f "$venv"/.installed-*
   touch "$stamp"
 fi

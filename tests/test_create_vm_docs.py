@@ -95,7 +95,7 @@ async def manager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ign
 
 async def test_the_readme_grpcurl_example_creates_and_removes(manager: Manager) -> None:
     command = (
-        "grpcurl -plaintext -import-path tests/support/upstream_proto -proto manager.proto \\\n"
+        ".venv/bin/grpcurl -plaintext -import-path tests/support/upstream_proto -proto manager.proto \\\n"
         "    -d @ localhost:7001 manager.ManagerService/CreateVm < docs/create-vm.json"
     )
     assert command in section()

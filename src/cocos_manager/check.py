@@ -13,10 +13,9 @@ daemon must reach SERVING fast. The QEMU probes (`-version`, `-object help`, `-d
 This module checks the service settings, files, directories and ports, and puts every probe
 together; the kernel and device probes are in host/probes.py, the QEMU ones in qemu/probes.py.
 
-What the daemon refuses to start with is in one list, STARTUP_REFUSALS: the daemon runs it
-before anything else (`refuse_startup`) and `check` turns each entry into its line, so the two
-cannot drift. The listeners are bound by `check` the same way the daemon binds them, and let
-go; the daemon binds them for real, later, refusing a failure with the same line.
+What the daemon refuses to start with is one list, STARTUP_REFUSALS, run by the daemon first
+(`refuse_startup`) and by `check` as its lines, so the two cannot drift (listeners: `check`
+binds them as the daemon will, and lets go).
 """
 
 from __future__ import annotations
@@ -394,7 +393,8 @@ def check_sched_weight(settings: Settings) -> Check:
 
 
 def log_startup_warnings(settings: Settings, log: Any, host: Host | None = None) -> None:
-    """Each start-up finding that is not a pass, once, as a JSON log line."""
+    """Each start-up finding that is a warn or a fail, once, as a JSON log line (an info is
+    about a feature the settings do not ask for: no warning)."""
     for check in startup_checks(settings, host):
-        if check.status != "pass":
+        if check.status in ("warn", "fail"):
             log.warning(check.detail, check=check.name, status=check.status)

@@ -44,12 +44,14 @@ def _print_qemu_cmd(settings: Settings, as_json: bool, original: bool) -> int:
     return 0
 
 
-def _check(settings: Settings, as_json: bool) -> int:
+def _check(settings: Settings, as_json: bool, verbose: bool) -> int:
     from cocos_manager.check import run_checks
-    from cocos_manager.host import exit_code, render
+    from cocos_manager.host import exit_code, hidden_note, render
 
     checks = run_checks(settings)
-    print(render(checks, as_json))
+    print(render(checks, as_json, verbose))
+    if not as_json and (note := hidden_note(checks, verbose)):
+        print(f"cocos-manager check: {note}", file=sys.stderr)
     return exit_code(checks)
 
 
@@ -75,11 +77,16 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser(
         "check",
         help="check this host against the settings; exit 1 when a Run cannot work",
-        description="One line per probe: pass, warn or fail, with what to do.",
+        description="One line per probe: pass, warn or fail, with what to do. Probes of "
+        "features the settings do not ask for (SEV on a TCG host, TDX on AMD) are info lines, "
+        "shown with --verbose.",
     )
     check.add_argument(
-        "--json", action="store_true", help="print a JSON list of {name, status, detail}"
+        "--json",
+        action="store_true",
+        help="print a JSON list of {name, status, detail} (info lines included)",
     )
+    check.add_argument("--verbose", "-v", action="store_true", help="also show the info lines")
     return parser
 
 
@@ -90,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if options.command == "check":
             # Impossible combinations stop it; what QEMU or the host lacks is its report.
             check_settings(settings.qemu)
-            return _check(settings, options.json)
+            return _check(settings, options.json, options.verbose)
         check_confidential_launch(settings.qemu)  # SNP/TDX asked for and QEMU lacks it: refuse
         if options.command == "print-qemu-cmd":
             return _print_qemu_cmd(settings, options.json, options.original)

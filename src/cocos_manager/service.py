@@ -369,7 +369,7 @@ class ManagerService:
                     m.id,
                     state=state,
                     host_port=m.resources.host_port,
-                    guest_cid=m.resources.guest_cid,
+                    guest_cid=0 if m.fw_cfg else m.resources.guest_cid,  # no vsock device
                     vnc_display=m.resources.vnc_display,
                     pid=m.process.pid if m.process is not None else None,
                     started_at=m.started_at,

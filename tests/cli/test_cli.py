@@ -46,7 +46,7 @@ async def test_run_from_files_hashes_them_with_sha3(manager: Manager, tmp_path: 
     code, out, err = await cli(manager, "run", "--id", "files", "--algorithm", str(algorithm),
                                "--dataset", str(dataset), "--json")  # fmt: skip
     assert code == 0, err
-    port = int(json.loads(out)["agentPort"])
+    port = int(json.loads(out)["agent_port"])
     manifest = await asyncio.to_thread(agent_manifest, port)
     assert manifest["algorithms"]["hash"] == list(hashlib.sha3_256(algorithm.read_bytes()).digest())  # type: ignore[index]
     assert manifest["datasets"][0]["hash"] == list(hashlib.sha3_256(dataset.read_bytes()).digest())  # type: ignore[index]
@@ -81,10 +81,11 @@ async def test_events_follow_the_stream(manager: Manager, tmp_path: Path) -> Non
     assert code == 0
     lines = [json.loads(line) for line in out.splitlines()]
     assert len(lines) == 3
-    assert lines[0]["agentEvent"]["eventType"] == "vm-provision"
-    assert lines[0]["agentEvent"]["status"] == "starting"
+    assert lines[0]["agent_event"]["event_type"] == "vm-provision"
+    assert lines[0]["agent_event"]["status"] == "starting"
     assert all(
-        (line.get("agentEvent") or line.get("agentLog"))["computationId"] == "ev" for line in lines
+        (line.get("agent_event") or line.get("agent_log"))["computation_id"] == "ev"
+        for line in lines
     )
 
 
@@ -128,7 +129,7 @@ async def test_list_as_a_table_and_as_json(manager: Manager, tmp_path: Path) -> 
     assert cells[2:6] == [
         str(alpha.process.pid),
         str(alpha.resources.host_port),
-        str(alpha.resources.guest_cid),
+        "-",  # the harness's VMs are on fw_cfg: no vsock device, no guest CID
         f":{alpha.resources.vnc_display}",
     ]
     assert cells[6].endswith("Z") and cells[7:] == ["-", "no"]
@@ -137,8 +138,8 @@ async def test_list_as_a_table_and_as_json(manager: Manager, tmp_path: Path) -> 
     code, out, _ = await cli(manager, "list", "--json")
     assert code == 0
     doc = json.loads(out)
-    assert [c["computationId"] for c in doc["computations"]] == ["alpha", "beta"]
-    assert doc["computations"][0]["agentPort"] == str(alpha.resources.host_port)
+    assert [c["computation_id"] for c in doc["computations"]] == ["alpha", "beta"]
+    assert doc["computations"][0]["agent_port"] == str(alpha.resources.host_port)
 
 
 async def test_logs_tail_follow_and_json(manager: Manager, tmp_path: Path) -> None:
@@ -231,8 +232,8 @@ async def test_event_details_are_printed_decoded(manager: Manager, tmp_path: Pat
     (code, out, _), (text_code, text, _) = await as_json, await as_text
     assert code == 0 and text_code == 0
     # vm-provision starting, then in-progress with {"pid": N} as details.
-    event = json.loads(out.splitlines()[1])["agentEvent"]
-    assert (event["eventType"], event["status"]) == ("vm-provision", "in-progress")
+    event = json.loads(out.splitlines()[1])["agent_event"]
+    assert (event["event_type"], event["status"]) == ("vm-provision", "in-progress")
     assert isinstance(event["details"]["pid"], int)  # JSON, not base64
     line = text.splitlines()[1]
     assert line.split(" ", 1)[1].startswith("[d] event manager/vm-provision: in-progress {")

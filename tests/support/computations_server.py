@@ -13,14 +13,17 @@ defines the same `manager.*` names, which one protobuf descriptor pool cannot ho
 Stdout carries one JSON document per line: {"listening": port} once serving, then
 {"connected": peer}, {"received": message, "peer": peer} (message as protobuf's JSON mapping
 with the proto's field names), {"sent": request_id, "peer": peer}, {"ended": peer, "why": ...}.
-Stdin takes JSON lines {"push": ComputationRunReq as JSON}: the request goes to the Manager
-connected last, or to the next one to connect; {"stall": true} stops reading what Managers
-send (flow control then holds them back), {"stall": false} resumes. End of stdin stops the
-server.
+When stdin is a pipe (a test drives it), it takes JSON lines {"push": ComputationRunReq as
+JSON}: the request goes to the Manager connected last, or to the next one to connect;
+{"stall": true} stops reading what Managers send (flow control then holds them back),
+{"stall": false} resumes; end of stdin stops the server. Otherwise (a terminal, /dev/null, a
+file, no stdin at all: an operator running the README's example) stdin is not read, and
+Ctrl-C or SIGTERM stops the server.
 
 `--seed-request` pushes the seed's own test server's request on every connection (id "1", one
 dataset and the algorithm hashed with SHA3-256, agent port 7002, log level debug), as
-`go run ./test/computations/main.go <data> <algo>` does.
+`go run ./test/computations/main.go <data> <algo>` does; the two files are read (and hashed)
+at start: one that cannot be read stops the server with one line naming it.
 
 `ComputationsServer` (below) drives such a process from a test's event loop.
 """
@@ -37,6 +40,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable
@@ -89,19 +93,14 @@ def emit(document: Message) -> None:
     sys.stdout.flush()
 
 
-def seed_request(pb: ModuleType, data: Path, algo: Path, attested_tls: bool) -> Any:
+def seed_request(pb: ModuleType, hashes: tuple[bytes, bytes], attested_tls: bool) -> Any:
+    data_hash, algo_hash = hashes
     return pb.ComputationRunReq(
         id="1",
         name="sample computation",
         description="sample description",
-        datasets=[
-            pb.Dataset(
-                id="1", provider="provider1", hash=hashlib.sha3_256(data.read_bytes()).digest()
-            )
-        ],
-        algorithm=pb.Algorithm(
-            id="1", provider="provider1", hash=hashlib.sha3_256(algo.read_bytes()).digest()
-        ),
+        datasets=[pb.Dataset(id="1", provider="provider1", hash=data_hash)],
+        algorithm=pb.Algorithm(id="1", provider="provider1", hash=algo_hash),
         result_consumers=["consumer1"],
         agent_config=pb.AgentConfig(port="7002", log_level="debug", attested_tls=attested_tls),
     )
@@ -128,9 +127,8 @@ async def serve(options: argparse.Namespace) -> None:
             peer = context.peer()
             outgoing: asyncio.Queue[Any] = asyncio.Queue()
             emit({"connected": peer})
-            if options.seed_request:
-                data, algo = (Path(p) for p in options.seed_request)
-                outgoing.put_nowait(seed_request(pb, data, algo, options.attested_tls))
+            if options.seed_hashes:
+                outgoing.put_nowait(seed_request(pb, options.seed_hashes, options.attested_tls))
             sessions.append(outgoing)
             dispatch()
 
@@ -176,13 +174,17 @@ async def serve(options: argparse.Namespace) -> None:
     else:
         port = server.add_insecure_port(address)
     await server.start()
-    emit({"listening": port})
-
     loop = asyncio.get_running_loop()
-    stdin = asyncio.StreamReader(limit=64 * 1024 * 1024)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    emit({"listening": port})  # after the handlers: a signal from now on stops it cleanly
+    if not _stdin_is_a_pipe():
+        await stop.wait()
+        await server.stop(0)
+        return
+    stdin = asyncio.StreamReader(limit=64 * 1024 * 1024)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
 
     async def control() -> None:
         while line := await stdin.readline():
@@ -200,6 +202,21 @@ async def serve(options: argparse.Namespace) -> None:
     await server.stop(0)
 
 
+def _stdin_is_a_pipe() -> bool:
+    try:
+        mode = os.fstat(0).st_mode
+    except OSError:  # no stdin at all
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
+def _hash_file(parser: argparse.ArgumentParser, path: str) -> bytes:
+    try:
+        return hashlib.sha3_256(Path(path).read_bytes()).digest()
+    except OSError as error:
+        parser.error(f"--seed-request: {path}: {error.strerror}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
@@ -212,6 +229,10 @@ def main() -> None:
     options = parser.parse_args()
     if bool(options.cert) != bool(options.key):
         parser.error("--cert and --key go together")
+    options.seed_hashes = None
+    if options.seed_request:
+        data, algo = options.seed_request
+        options.seed_hashes = (_hash_file(parser, data), _hash_file(parser, algo))
     options.pem = None
     if options.cert:
         client_ca = Path(options.client_ca).read_bytes() if options.client_ca else None

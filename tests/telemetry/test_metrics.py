@@ -143,13 +143,35 @@ async def test_the_global_metrics_have_every_series_and_nothing_else() -> None:
         "manager_run_failures",
         "manager_events_dropped",
         "manager_agent_messages",
-        # dial-out (MANAGER_GRPC_URL)
+    }
+    assert isinstance(METRICS, Metrics)
+
+
+async def test_the_dial_out_series_exist_only_with_a_dial_out() -> None:
+    """Without MANAGER_GRPC_URL there is nothing to be connected to: a
+    manager_dialout_connected of 0 would read as "the dial-out is down" and page someone."""
+    metrics = Metrics()
+    server = await start_metrics_server(0, "127.0.0.1", metrics)
+    assert server is not None
+    dialout = {
         "manager_dialout_connected",
         "manager_dialout_buffered",
         "manager_dialout_dropped",
         "manager_dialout_requests",
     }
-    assert isinstance(METRICS, Metrics)
+    try:
+        off = await asyncio.to_thread(_scrape_text, server)
+        assert not {f.name for f in text_string_to_metric_families(off)} & dialout
+        metrics.register_dialout()
+        metrics.dialout_connected.set(1)
+        on = await asyncio.to_thread(_scrape_text, server)
+        assert {f.name for f in text_string_to_metric_families(on)} >= dialout
+        assert "manager_dialout_connected 1.0" in on
+        metrics.unregister_dialout()
+        after = await asyncio.to_thread(_scrape_text, server)
+        assert not {f.name for f in text_string_to_metric_families(after)} & dialout
+    finally:
+        await server.close()
 
 
 async def test_off_without_a_port_and_closed_means_closed() -> None:

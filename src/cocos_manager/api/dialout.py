@@ -41,7 +41,14 @@ from grpc_health.v1 import health, health_pb2
 from cocos_manager.api.dialout_buffer import OutgoingBuffer
 from cocos_manager.api.dialout_requests import Complaints
 from cocos_manager.api.dialout_runs import RunRequests
-from cocos_manager.config import DialOutConfig, ServiceSettings, TlsConfigError, dialout_config
+from cocos_manager.config import (
+    DialOutConfig,
+    ServiceSettings,
+    TlsConfigError,
+    dialout_config,
+    rejected_certificate,
+    retry_fields,
+)
 
 # Re-exported: daemon.py names the error the dial-out refuses start-up with here.
 from cocos_manager.config import DialOutConfigError as DialOutConfigError
@@ -126,12 +133,15 @@ class DialOut:
         self.attempts = 0  # failed ones
         self.pauses: list[float] = []  # the first back-off pauses, for tests and debugging
         self.last_error = ""
+        self._rejected: str | None = None  # the server certificate gRPC did not trust
         self._health: health.aio.HealthServicer | None = None
         self._health_updates: set[asyncio.Future[None]] = set()
         self._runner: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()
         self._call: Any = None
         self._untap = service.bus.tap(self._on_bus_message)
+        metrics.register_dialout()
+        self._registered = True
         metrics.dialout_connected.set(0)
 
     @property
@@ -173,6 +183,9 @@ class DialOut:
             await asyncio.gather(self._runner, return_exceptions=True)  # _runner_ended said it
         self._complaints.flush()
         self._set_connected(False, "closed")
+        if self._registered:  # no dial-out any more: its series go with it
+            self._registered = False
+            self._metrics.unregister_dialout()
         if self._health is not None:
             with contextlib.suppress(Exception):
                 await self._health.set(HEALTH_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -249,6 +262,7 @@ class DialOut:
                 call.cancel()
                 return f"no connection within MANAGER_GRPC_TIMEOUT ({self.config.timeout:g}s)"
             except grpc.aio.AioRpcError as error:
+                await self._note_rejected_certificate(error)
                 return _describe(error)
             reader = asyncio.ensure_future(self._read(call))
             writer = asyncio.ensure_future(self._write(call))
@@ -302,12 +316,23 @@ class DialOut:
                 return f"write failed: {error!r}"
             self._buffer.sent(message)
 
+    async def _note_rejected_certificate(self, error: grpc.aio.AioRpcError) -> None:
+        """Whose certificate gRPC rejected, for the next "dial-out retrying" line."""
+        if not self._said_down:  # once per outage, not a handshake of our own per retry
+            self._rejected = await rejected_certificate(error.details() or "", self.config)
+
+    def _retrying(self, reason: str) -> None:
+        """Said once per outage, with what a TLS failure likely means (as the CLI says it)."""
+        self._said_down = True
+        extra = retry_fields(reason, self.config.mode, self._rejected)
+        self._rejected = None
+        _log.warning("dial-out retrying", url=self.config.target, error=reason, **extra)
+
     def _set_connected(self, connected: bool, reason: str = "") -> None:
         if connected == self.connected:
             # Never connected yet: the first failure is said too (a wrong URL must show).
             if not connected and reason and not self._said_down and not self._closing.is_set():
-                self._said_down = True
-                _log.warning("dial-out retrying", url=self.config.target, error=reason)
+                self._retrying(reason)
             return
         self.connected = connected
         self._metrics.dialout_connected.set(1 if connected else 0)
@@ -316,8 +341,7 @@ class DialOut:
             self._said_down = False
             _log.info("dial-out connected", url=self.config.target, buffered=len(self._buffer))
         elif not self._closing.is_set():
-            self._said_down = True
-            _log.warning("dial-out retrying", url=self.config.target, error=reason)
+            self._retrying(reason)
         self._report_health()
 
     def _report_health(self) -> None:

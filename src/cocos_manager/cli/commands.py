@@ -6,6 +6,10 @@ original's test server did. `stop` stops a computation; `events` follows the str
 `attestation-policy` prints the expected launch measurement document of a confidential VM.
 `list` shows the computations the manager holds; `logs` a computation's console.
 `create-vm`, `remove-vm` and `cvm-info` speak today's upstream control plane (cvm.py).
+
+Where the manager is and how to reach it: --address/-a, --ca, --cert, --key, or the variables
+COCOS_MANAGER_ADDR, COCOS_MANAGER_CA, COCOS_MANAGER_CERT, COCOS_MANAGER_KEY (an option wins).
+JSON output uses the proto's field names (snake_case), as grpcurl prints them.
 """
 
 from __future__ import annotations
@@ -13,18 +17,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import grpc
-from google.protobuf import json_format
 
+from cocos_manager import __version__
 from cocos_manager.cli import cvm
 from cocos_manager.cli.output import (
     computation_table,
     console_line,
     explain_connection_failure,
     print_message,
+    proto_json,
 )
 from cocos_manager.cli.request import CliError, request_from_files, request_from_manifest
 from cocos_manager.config import TlsConfigError, channel_credentials
@@ -78,6 +86,22 @@ async def _events(options: argparse.Namespace) -> int:
         if options.since is not None:
             request.since = options.since
         stream = pb_grpc.ManagerServiceStub(channel).Events(request)
+        # The server sends the headers once the subscription is registered: from here on
+        # nothing published is missed (a script may start its Run after this line).
+        await stream.initial_metadata()
+        if stream.done():  # refused (e.g. RESOURCE_EXHAUSTED): headers and status came at once
+            async for _ in stream:  # raises the status, as any failed call does
+                pass
+        which = (
+            f"computation {options.computation_id}"
+            if options.computation_id
+            else "every computation"
+        )
+        print(
+            f"cocos-manager-cli: subscribed to the events of {which} at {options.address}",
+            file=sys.stderr,
+            flush=True,
+        )
         count = 0
         last: pb.ClientStreamMessage | None = None
         last_seq = options.since
@@ -129,7 +153,7 @@ async def _list(options: argparse.Namespace) -> int:
             pb.ListRequest(), timeout=options.timeout
         )
     if options.json:
-        print(json_format.MessageToJson(response, indent=None))
+        print(proto_json(response))
     elif response.computations:
         print(computation_table(response.computations))
     else:
@@ -147,7 +171,7 @@ async def _logs(options: argparse.Namespace) -> int:
         )
         async for log in stream:
             if options.json:
-                print(json_format.MessageToJson(log, indent=None), flush=True)
+                print(proto_json(log), flush=True)
             else:
                 print(console_line(log), flush=True)
     return 0
@@ -174,6 +198,18 @@ def _non_negative(text: str) -> int:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """Remembers which options take a value, in any subcommand (joined_values)."""
+
+    value_options: ClassVar[set[str]] = set()
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        if action.option_strings and action.nargs is None:
+            _Parser.value_options.update(action.option_strings)
+        return action
+
+
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help shows each option's default, where there is one worth showing."""
 
@@ -183,21 +219,36 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> _Parser:
     formatter = DefaultsHelpFormatter
-    common = argparse.ArgumentParser(add_help=False, formatter_class=formatter)
-    common.add_argument("--address", "-a", default="localhost:7001", help="manager host:port")
+    common = _Parser(add_help=False, formatter_class=formatter)
     common.add_argument(
-        "--ca", help="CA certificate (path or PEM) to verify the server; enables TLS"
+        "--address",
+        "-a",
+        help=f"manager host:port; ${ADDRESS_VARIABLE} when not given (default: {DEFAULT_ADDRESS})",
     )
-    common.add_argument("--cert", help="client certificate (path or PEM) for mutual TLS")
-    common.add_argument("--key", help="client private key (path or PEM) for mutual TLS")
+    common.add_argument(
+        "--ca",
+        help="CA certificate (path or PEM) to verify the server; enables TLS; "
+        f"${TLS_VARIABLES['ca']} when not given",
+    )
+    common.add_argument(
+        "--cert",
+        help=f"client certificate (path or PEM) for mutual TLS; ${TLS_VARIABLES['cert']} when not given",
+    )
+    common.add_argument(
+        "--key",
+        help=f"client private key (path or PEM) for mutual TLS; ${TLS_VARIABLES['key']} when not given",
+    )
     common.add_argument("--timeout", type=float, default=300.0, help="seconds (run, stop)")
     common.add_argument("--json", action="store_true", help="print messages as JSON lines")
 
-    parser = argparse.ArgumentParser(
-        prog="cocos-manager-cli", description=__doc__, formatter_class=formatter
+    parser = _Parser(
+        prog="cocos-manager-cli",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser(
         "run", parents=[common], help="run a computation", formatter_class=formatter
@@ -272,8 +323,55 @@ COMMANDS = {
 }
 
 
+DEFAULT_ADDRESS = "localhost:7001"
+ADDRESS_VARIABLE = "COCOS_MANAGER_ADDR"
+TLS_VARIABLES = {"ca": "COCOS_MANAGER_CA", "cert": "COCOS_MANAGER_CERT", "key": "COCOS_MANAGER_KEY"}
+
+
+def from_environment(options: argparse.Namespace, environ: Mapping[str, str]) -> None:
+    """An option left out takes its COCOS_MANAGER_* variable (an empty one counts as unset),
+    and `address_source` says where the address came from, for a failed connection's hint."""
+    if options.address:
+        options.address_source = "--address"
+    elif environ.get(ADDRESS_VARIABLE):
+        options.address, options.address_source = environ[ADDRESS_VARIABLE], ADDRESS_VARIABLE
+    else:
+        options.address, options.address_source = DEFAULT_ADDRESS, "the default"
+    for option, variable in TLS_VARIABLES.items():
+        if not getattr(options, option) and environ.get(variable):
+            setattr(options, option, environ[variable])
+
+
+_NEGATIVE = re.compile(r"-\.?[0-9]")  # -5s, -1, -.5: a negative value, never an option
+
+
+def joined_values(argv: Sequence[str], parser: _Parser) -> list[str]:
+    """`--ttl -5s` as `--ttl=-5s`: argparse takes a value like -5s (not a plain number) for
+    an option and answers "expected one argument"; joined, the negative value reaches its
+    check, which says what is wrong with it. No option of this CLI starts with a digit."""
+    takes_value = parser.value_options
+    out: list[str] = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            out.extend(args[i:])
+            break
+        following = args[i + 1] if i + 1 < len(args) else None
+        if arg in takes_value and following is not None and _NEGATIVE.match(following):
+            out.append(f"{arg}={following}" if arg.startswith("--") else f"{arg}{following}")
+            i += 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    options = _parser().parse_args(argv)
+    parser = _parser()
+    options = parser.parse_args(joined_values(sys.argv[1:] if argv is None else argv, parser))
+    from_environment(options, os.environ)
     try:
         return asyncio.run(COMMANDS[options.command](options))
     except CliError as error:

@@ -92,7 +92,7 @@ def commands(channel: Channel) -> dict[str, Command]:
 
 
 def add_parsers(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    sub: argparse._SubParsersAction[Any],
     common: argparse.ArgumentParser,
     formatter: type[argparse.HelpFormatter],
 ) -> None:

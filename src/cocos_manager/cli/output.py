@@ -14,6 +14,7 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from cocos_manager.config import CLI, likely_cause
 from cocos_manager.proto import manager_pb2 as pb
 
 
@@ -26,11 +27,20 @@ def _decoded_details(details: bytes) -> Any:
         return text
 
 
+def proto_json(message: Any) -> str:
+    """One line of protobuf JSON with the proto's own field names (snake_case), as grpcurl
+    prints them: the one convention for every JSON this project prints."""
+    return json.dumps(
+        json_format.MessageToDict(message, preserving_proto_field_name=True),
+        separators=(",", ":"),
+    )
+
+
 def print_message(message: Any, as_json: bool) -> None:
     if as_json:
-        doc = json_format.MessageToDict(message)
+        doc = json_format.MessageToDict(message, preserving_proto_field_name=True)
         if isinstance(message, pb.ClientStreamMessage) and message.agent_event.details:
-            doc["agentEvent"]["details"] = _decoded_details(message.agent_event.details)
+            doc["agent_event"]["details"] = _decoded_details(message.agent_event.details)
         print(json.dumps(doc, separators=(",", ":")), flush=True)
     else:
         print(describe(message), flush=True)
@@ -80,7 +90,7 @@ def _describe_stream_message(message: pb.ClientStreamMessage) -> str:
     if kind == "agent_log":
         log = message.agent_log
         return printable(f"[{log.computation_id}] log {log.level}: {log.message}")
-    return json_format.MessageToJson(message, indent=None)
+    return json_format.MessageToJson(message, indent=None, preserving_proto_field_name=True)
 
 
 def _time(stamp: Timestamp, timespec: str = "seconds") -> str:
@@ -100,7 +110,7 @@ def computation_table(computations: Sequence[pb.ComputationInfo]) -> str:
                 c.state,
                 str(c.pid) if c.pid else "-",
                 c.agent_port,
-                str(c.guest_cid),
+                str(c.guest_cid) if c.guest_cid else "-",  # 0: no vsock device (fw_cfg)
                 f":{c.vnc_display}",
                 _time(c.started_at) if c.HasField("started_at") else "-",
                 _time(c.expires_at) if c.HasField("expires_at") else "-",
@@ -120,36 +130,22 @@ def console_line(log: pb.AgentLog) -> str:
 
 
 def explain_connection_failure(error: grpc.aio.AioRpcError, options: argparse.Namespace) -> str:
-    """What a failed connection likely means, and what to pass; "" when it is not one.
-
-    gRPC reports three different TLS mistakes the same way ("Socket closed": the server hung
-    up during the handshake), so what the client sent tells them apart.
-    """
+    """What a failed connection likely means, and what to pass; "" when it is not one."""
     if error.code() is not grpc.StatusCode.UNAVAILABLE:
         return ""
     details = error.details() or ""
     tls = bool(options.ca or options.cert or options.key)
-    if "WRONG_VERSION_NUMBER" in details or "HTTP_REQUEST" in details:
-        return "the server speaks plaintext, not TLS: leave out --ca, --cert and --key"
-    if "CERTIFICATE_VERIFY_FAILED" in details:
-        return (
-            "the server's certificate is not signed by the CA you trust: pass the CA that "
-            "signed it with --ca (without --ca the system's trust store is used)"
-        )
-    if "Socket closed" not in details and "Connection reset" not in details:
-        return ""
-    if not tls:
-        return (
-            "the server closed the connection during set-up: it likely speaks TLS; pass "
-            "--ca CA.pem (and --cert/--key if it requires client certificates)"
-        )
-    if not options.cert:
-        return (
-            "the server closed the connection during the TLS handshake: it likely requires a "
-            "client certificate (mutual TLS); pass --cert and --key"
-        )
-    return (
-        "the server closed the connection during the TLS handshake: it likely does not accept "
-        "your certificate (--cert must be signed by the CA in the server's "
-        "MANAGER_GRPC_CLIENT_CA_CERTS)"
+    cause = likely_cause(details, tls=tls, client_certificate=bool(options.cert), words=CLI)
+    if cause:
+        return cause
+    source = getattr(options, "address_source", "--address")
+    where = f"{options.address} (from {source})"
+    change = (
+        "point the CLI at the manager with --address HOST:PORT or COCOS_MANAGER_ADDR (the "
+        "daemon listens on MANAGER_GRPC_HOST:MANAGER_GRPC_PORT, port 7001 by default)"
     )
+    if "Connection refused" in details:
+        return f"nothing accepts connections at {where}: is the daemon running? Or {change}"
+    if "DNS resolution failed" in details or "Name or service not known" in details:
+        return f"cannot resolve the host of {where}: {change}"
+    return ""

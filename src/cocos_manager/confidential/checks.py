@@ -95,7 +95,7 @@ def check_confidential_launch(
 
 # -- host readiness (for `cocos-manager check`) --------------------------------------------
 
-CheckResult = tuple[str, str, str]  # (name, "pass" | "warn" | "fail", detail with what to do)
+CheckResult = tuple[str, str, str]  # (name, "pass" | "info" | "warn" | "fail", detail)
 
 
 def _read_param(path: Path) -> str | None:
@@ -116,8 +116,8 @@ def confidential_host_checks(
     which: Callable[[str], str | None] = shutil.which,
 ) -> list[CheckResult]:
     """Whether this host and QEMU can launch what the settings ask for. What the settings ask
-    for and the host lacks is a failure; the rest is said as a warning or a pass, so an
-    operator also learns what the host could do."""
+    for and the host lacks is a failure (with the fix, and the setting that turns the feature
+    off); what they do not ask for is `info`: what the host could do, no advice."""
     mode = launch_mode(q)
     wants_snp = mode in (LaunchMode.SNP_SEED, LaunchMode.SNP_UPSTREAM)
     wants_sev = mode in (LaunchMode.SEV, LaunchMode.SEV_UPSTREAM)
@@ -125,11 +125,21 @@ def confidential_host_checks(
     amd = sys_root / "sys/module/kvm_amd/parameters"
     intel = sys_root / "sys/module/kvm_intel/parameters"
     results: list[CheckResult] = []
+    off = (
+        "MANAGER_QEMU_ENABLE_SEV_SNP=false"
+        if wants_snp
+        else "MANAGER_QEMU_ENABLE_SEV=false"
+        if wants_sev
+        else "MANAGER_QEMU_ENABLE_TDX=false"
+    )
 
-    def add(name: str, ok: bool, wanted: bool, good: str, bad: str) -> None:
-        results.append(
-            (name, "pass" if ok else ("fail" if wanted else "warn"), good if ok else bad)
-        )
+    def add(name: str, ok: bool, wanted: bool, good: str, bad: str, fix: str) -> None:
+        if ok:
+            results.append((name, "pass", good))
+        elif wanted:
+            results.append((name, "fail", f"{bad}: {fix}; or set {off} (no confidential VM)"))
+        else:  # not asked for: what the host lacks, said without advice
+            results.append((name, "info", f"{bad} (not asked for by the settings)"))
 
     sev = _read_param(amd / "sev")
     add(
@@ -137,8 +147,8 @@ def confidential_host_checks(
         _enabled(sev),
         wants_sev or wants_snp,
         "SEV is enabled in KVM",
-        "SEV is off or kvm_amd is not loaded (/sys/module/kvm_amd/parameters/sev): enable SEV "
-        "in the BIOS, load kvm_amd with sev=1",
+        "SEV is off or kvm_amd is not loaded (/sys/module/kvm_amd/parameters/sev)",
+        "enable SEV in the BIOS, load kvm_amd with sev=1",
     )
     snp = _read_param(amd / "sev_snp")
     add(
@@ -146,9 +156,8 @@ def confidential_host_checks(
         _enabled(snp),
         wants_snp,
         "SEV-SNP is enabled in KVM",
-        "SEV-SNP is off (/sys/module/kvm_amd/parameters/sev_snp): enable SNP and SMEE in the "
-        "BIOS, a host kernel 6.11 or later, kvm_amd sev_snp=1; or set "
-        "MANAGER_QEMU_ENABLE_SEV_SNP=false",
+        "SEV-SNP is off (/sys/module/kvm_amd/parameters/sev_snp)",
+        "enable SNP and SMEE in the BIOS, a host kernel 6.11 or later, kvm_amd sev_snp=1",
     )
     dev_sev = sys_root / "dev/sev"
     add(
@@ -156,7 +165,8 @@ def confidential_host_checks(
         dev_sev.exists(),
         wants_sev or wants_snp,
         "the SEV firmware device exists",
-        "/dev/sev is missing: the ccp module and SEV firmware are not loaded",
+        "/dev/sev is missing",
+        "load the ccp module and the SEV firmware",
     )
     tdx = _read_param(intel / "tdx")
     add(
@@ -164,8 +174,8 @@ def confidential_host_checks(
         _enabled(tdx),
         wants_tdx,
         "TDX is enabled in KVM",
-        "TDX is off (/sys/module/kvm_intel/parameters/tdx): a TDX-capable CPU and BIOS, a host "
-        "kernel 6.16 or later, kvm_intel tdx=1; or set MANAGER_QEMU_ENABLE_TDX=false",
+        "TDX is off (/sys/module/kvm_intel/parameters/tdx)",
+        "a TDX-capable CPU and BIOS, a host kernel 6.16 or later, kvm_intel tdx=1",
     )
     binary = qemu_binary(q, which)
     known = qemu_object_types(binary) if binary else frozenset()
@@ -175,15 +185,16 @@ def confidential_host_checks(
         "sev-snp-guest" in known and "memory-backend-memfd" in known,
         mode is LaunchMode.SNP_UPSTREAM,
         f"{version} knows sev-snp-guest and memory-backend-memfd",
-        f"{version} lacks upstream SEV-SNP: install QEMU 9.1 or later (Debian: "
-        "bookworm-backports qemu-system-x86)",
+        f"{version} lacks upstream SEV-SNP",
+        "install QEMU 9.1 or later (Debian: bookworm-backports qemu-system-x86)",
     )
     add(
         "QEMU tdx-guest",
         "tdx-guest" in known,
         wants_tdx,
         f"{version} knows tdx-guest",
-        f"{version} lacks tdx-guest: TDX needs QEMU 10.1 or later",
+        f"{version} lacks tdx-guest",
+        "TDX needs QEMU 10.1 or later",
     )
     if mode is LaunchMode.SNP_SEED:
         results.append(

@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from cocos_manager.config.dialout import DialOutConfig as DialOutConfig
     from cocos_manager.config.dialout import DialOutConfigError as DialOutConfigError
     from cocos_manager.config.dialout import dialout_config as dialout_config
+    from cocos_manager.config.dialout import rejected_certificate as rejected_certificate
+    from cocos_manager.config.dialout import retry_fields as retry_fields
     from cocos_manager.config.go_parse import DurationRangeError as DurationRangeError
     from cocos_manager.config.go_parse import parse_go_duration as parse_go_duration
     from cocos_manager.config.settings import PortRange as PortRange
@@ -29,10 +31,16 @@ if TYPE_CHECKING:
     from cocos_manager.config.tls import channel_credentials as channel_credentials
     from cocos_manager.config.tls import describe_mode as describe_mode
     from cocos_manager.config.tls import server_credentials as server_credentials
+    from cocos_manager.config.tls_failures import CLI as CLI
+    from cocos_manager.config.tls_failures import likely_cause as likely_cause
     from cocos_manager.config.unknown import unknown_variables as unknown_variables
 
 # Each public name and the module it lives in.
 HOMES = {
+    "likely_cause": "tls_failures",
+    "CLI": "tls_failures",
+    "retry_fields": "dialout",
+    "rejected_certificate": "dialout",
     "AgentChannel": "choices",
     "GuestHaltAction": "choices",
     "LogLevel": "choices",

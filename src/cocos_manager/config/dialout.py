@@ -10,6 +10,7 @@ import grpc
 
 from cocos_manager.config.settings import ServiceSettings
 from cocos_manager.config.tls import TlsMode, describe_dialout_mode, dialout_credentials
+from cocos_manager.config.tls_failures import DIAL_OUT, likely_cause, presented_certificate
 
 _LOCAL_HOSTS = {"localhost", "", "0.0.0.0", "::"}
 
@@ -83,3 +84,32 @@ def dialout_config(service: ServiceSettings) -> DialOutConfig | None:
         credentials=credentials,
         description=describe_dialout_mode(mode, service),
     )
+
+
+# -- what a failed connection of the dial-out likely means ------------------------------------
+
+
+def retry_fields(reason: str, mode: TlsMode, rejected: str | None) -> dict[str, str]:
+    """The fields a "dial-out retrying" line adds to gRPC's words: the likely cause of a TLS
+    failure (as the CLI says it, in MANAGER_GRPC_* terms) and whose certificate was rejected."""
+    fields = {}
+    likely = likely_cause(
+        reason,
+        tls=mode is not TlsMode.PLAINTEXT,
+        client_certificate=mode is TlsMode.MTLS,
+        words=DIAL_OUT,
+    )
+    if likely:
+        fields["likely"] = likely
+    if rejected and "CERTIFICATE_VERIFY_FAILED" in reason:
+        fields["certificate"] = rejected
+    return fields
+
+
+async def rejected_certificate(details: str, config: DialOutConfig) -> str | None:
+    """The computations server's certificate, when gRPC did not trust it (its error never
+    says whose it was): read within 5 s in a handshake of our own that verifies nothing."""
+    where = _host_port(config.target)
+    if "CERTIFICATE_VERIFY_FAILED" not in details or where is None:
+        return None
+    return await presented_certificate(*where, min(config.timeout, 5.0))

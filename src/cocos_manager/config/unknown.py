@@ -17,6 +17,11 @@ EXTRA_KNOWN_VARIABLES = frozenset(
         "MANAGER_GRPC_CLIENT_KEY",
         "MANAGER_GRPC_ATTESTED_TLS",
         "MANAGER_GRPC_MANIFEST",
+        # cocos-manager-cli's own (cli/commands.py): where the manager is, its TLS files.
+        "COCOS_MANAGER_ADDR",
+        "COCOS_MANAGER_CA",
+        "COCOS_MANAGER_CERT",
+        "COCOS_MANAGER_KEY",
     }
 )
 

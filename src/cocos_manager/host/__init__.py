@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from cocos_manager.host.check_result import Check as Check
     from cocos_manager.host.check_result import Status as Status
     from cocos_manager.host.check_result import exit_code as exit_code
+    from cocos_manager.host.check_result import hidden_note as hidden_note
     from cocos_manager.host.check_result import render as render
     from cocos_manager.host.listeners import LISTEN_OPTIONS as LISTEN_OPTIONS
     from cocos_manager.host.listeners import ListenRefusedError as ListenRefusedError
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 
 # Each public name and the module it lives in.
 HOMES = {
+    "hidden_note": "check_result",
     "probe_state_lock": "state_lock",
     "probe_grpc_listen": "listeners",
     "listen_address": "listeners",

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cocos_manager.config import AgentChannel, Settings
-from cocos_manager.host.check_result import Check
+from cocos_manager.host.check_result import Check, Status
 
 KVM_GET_API_VERSION = 0xAE00
 KVM_CREATE_VM = 0xAE01
@@ -191,6 +191,7 @@ def check_sev(settings: Settings, host: Host) -> list[Check]:
                 + (f"; this host offers {', '.join(have)}" if have else ""),
             )
         )
-    if tdx is not None:
-        checks.append(Check("tdx", "pass", f"kvm_intel tdx={'Y' if tdx else 'N'} (report only)"))
+    if tdx is not None:  # what the host offers; the confidential checks judge a TDX launch
+        status: Status = "pass" if q.ENABLE_TDX and tdx else "info"
+        checks.append(Check("tdx", status, f"kvm_intel tdx={'Y' if tdx else 'N'} (report only)"))
     return checks

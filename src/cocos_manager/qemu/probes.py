@@ -97,8 +97,10 @@ def check_qemu(settings: Settings, run: Runner = run_probe) -> list[Check]:
     missing = [(name, kind, var) for name, kind, known, var in needed if name not in known]
     for name, kind, variable in missing:
         fix = {
-            "MANAGER_QEMU_ENABLE_SEV_SNP": "this QEMU cannot launch SEV-SNP with the original's "
-            "flags (AMD's fork has them): set MANAGER_QEMU_ENABLE_SEV_SNP=false",
+            "MANAGER_QEMU_ENABLE_SEV_SNP": "MANAGER_QEMU_SEV_SNP_SYNTAX=seed writes AMD's SNP "
+            "fork's objects, which this QEMU lacks: use AMD's fork, or "
+            "MANAGER_QEMU_SEV_SNP_SYNTAX=upstream with QEMU 9.1 or later, or set "
+            "MANAGER_QEMU_ENABLE_SEV_SNP=false (no confidential VM)",
             "MANAGER_QEMU_ENABLE_SEV": "set MANAGER_QEMU_ENABLE_SEV=false",
             "MANAGER_QEMU_AGENT_CHANNEL": "set MANAGER_QEMU_AGENT_CHANNEL=fw_cfg",
             "MANAGER_QEMU_MACHINE": "set MANAGER_QEMU_MACHINE (e.g. q35)",

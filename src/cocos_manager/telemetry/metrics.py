@@ -93,26 +93,50 @@ class Metrics:
             registry=self.registry,
         )
         # -- dial-out to a computations server (api/dialout.py) --
+        # Made here, registered only while a dial-out exists (register_dialout): without
+        # MANAGER_GRPC_URL there is nothing to be connected to, and a 0 would read as "down".
         self.dialout_connected = Gauge(
             "manager_dialout_connected",
             "1 while the Process stream to MANAGER_GRPC_URL is up, 0 while it is retried.",
-            registry=self.registry,
+            registry=None,
         )
         self.dialout_buffered = Gauge(
             "manager_dialout_buffered",
             "Messages waiting to be sent up the Process stream.",
-            registry=self.registry,
+            registry=None,
         )
         self.dialout_dropped = Counter(
             "manager_dialout_dropped",
             "Messages for the Process stream lost because its buffer was full.",
-            registry=self.registry,
+            registry=None,
         )
         self.dialout_requests = Counter(
             "manager_dialout_requests",
             "Messages received on the Process stream, by outcome (ok, failed, undecodable).",
             ("outcome",),
-            registry=self.registry,
+            registry=None,
+        )
+        self._dialouts = 0
+
+    def register_dialout(self) -> None:
+        """A dial-out exists: its series are exported (counted: tests make several)."""
+        self._dialouts += 1
+        if self._dialouts == 1:
+            for series in self._dialout_series():
+                self.registry.register(series)
+
+    def unregister_dialout(self) -> None:
+        self._dialouts -= 1
+        if self._dialouts == 0:
+            for series in self._dialout_series():
+                self.registry.unregister(series)
+
+    def _dialout_series(self) -> tuple[Gauge | Counter, ...]:
+        return (
+            self.dialout_connected,
+            self.dialout_buffered,
+            self.dialout_dropped,
+            self.dialout_requests,
         )
 
     def observe_request(self, method: str, code: str, seconds: float) -> None:

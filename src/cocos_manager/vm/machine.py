@@ -167,9 +167,15 @@ class Machine:
         machine = cls(ctx, computation_id, lease)
         try:
             machine._set_state(VmState.ADMITTED, (PROVISION, "starting"), {})
-        except (ResourceExhaustedError, FailedPreconditionError):
+        except (ResourceExhaustedError, FailedPreconditionError) as error:
             lease.release()
             ctx.consoles.discard(machine.console)
+            # The record could not be written (a full MANAGER_STATE_DIR): a failed start like
+            # any other, told on Events (and up the dial-out) as vm-provision starting/failed.
+            machine.log.warning("computation failed to start", error=str(error))
+            failed = {"reason": StopReason.FAILED.value, "error": str(error)}
+            ctx.bus.publish(manager_event(computation_id, PROVISION, "starting", None))
+            ctx.bus.publish(manager_event(computation_id, PROVISION, "failed", failed))
             raise
         return machine
 
