@@ -232,7 +232,8 @@ async def test_a_starting_record_needs_the_command_line_too(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """PID and start time match a live process, but it is not what the daemon exec'd: not
-    signalled (before, a starting record was identified by start time alone, and killed)."""
+    signalled (before, a starting record was identified by start time alone, and killed), and
+    its record kept for the operator, whom an error line tells."""
     with stranger() as other:
         identity = process_identity(other.pid)
         assert identity is not None
@@ -243,9 +244,9 @@ async def test_a_starting_record_needs_the_command_line_too(
             async with running_manager(tmp_path, monkeypatch) as m:
                 assert m.service.computations() == {}
         assert other.poll() is None, "a process not proven ours was signalled"
-        assert list((tmp_path / "state").glob("vm-*")) == []
-        cleaned = [e["event"] for e in logs if e["event"].startswith("VM record cleaned up")]
-        assert cleaned and "not the command line the daemon exec'd" in cleaned[0]
+        assert len(list((tmp_path / "state").glob("vm-*.json"))) == 1
+        (kept,) = [e for e in logs if e["event"].startswith("VM not re-adopted")]
+        assert kept["log_level"] == "error" and kept["pid"] == other.pid
 
 
 # -- garbage, in a real daemon ------------------------------------------------------------------

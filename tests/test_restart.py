@@ -265,7 +265,8 @@ async def test_same_start_time_but_another_command_line_is_never_signalled(
     daemon: Daemon, tmp_path: Path
 ) -> None:
     """PID and start time match, the command line does not: not provably ours, so it is
-    neither adopted nor signalled (as a recycled PID); its record and files are dropped."""
+    neither adopted nor signalled; its record and files stay for the operator (the error line
+    naming it: tests/test_readoption.py)."""
     await daemon.stub.Run(run_request("edited"))
     pid = pid_of(tmp_path, "edited")
     await daemon.kill()
@@ -277,7 +278,8 @@ async def test_same_start_time_but_another_command_line_is_never_signalled(
     path.write_text(json.dumps(doc))
     try:
         await daemon.start()
-        assert records(tmp_path) == [] and vm_files(tmp_path) == []
+        assert [r["computation_id"] for r in records(tmp_path)] == ["edited"]
+        assert len(vm_files(tmp_path)) == 5
         assert process_identity(pid) == identity, "a process not proven ours was signalled"
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await daemon.stub.Stop(pb.StopRequest(computation_id="edited"))

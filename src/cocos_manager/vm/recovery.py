@@ -2,8 +2,10 @@
 
 As libvirt does on reconnect, and stricter: a VM is kept only if its Run had answered, its
 process is provably the recorded one (PID, start time and command line — a PID alone can be
-reused) and its QMP monitor still answers. On any doubt the VM is killed and its files and
-record removed rather than risk a VM nobody tracks. See docs/decisions.md, "Restarts".
+reused) and its QMP monitor still answers. A QEMU proven ours that cannot be kept is killed
+and its files and record removed rather than risk a VM nobody tracks; a live process that is
+not proven ours is never signalled, and its record and files are kept and named in an error
+line, so an operator can find it. See docs/decisions.md, "Restarts".
 
 Nothing is signalled on a record's word alone: a record of another boot (its PID and start
 time belong to a process table that no longer exists) is cleaned without signalling, and a
@@ -102,24 +104,36 @@ def started_as_recorded(record: VmRecord, cmdline: Sequence[str]) -> bool:
     return any(record.uuid in part for part in common)
 
 
-def _identity_doubt(record: VmRecord) -> str:
-    """Why the recorded process must not be signalled, or "" when it may be."""
-    if record.boot_id != current_boot_id():
-        return (
-            f"it was written in another boot ({record.boot_id or 'unknown'}): its pid "
-            f"{record.pid} is not its QEMU any more; nothing signalled"
-        )
-    if not record.pid or record.state == VmState.RUNNING.value:
-        return ""  # running: QemuProcess.adopt compares the exact command line
-    identity = process_identity(record.pid)
-    if identity is None or identity[0] != record.start_time:
-        return ""  # gone, or another start time: adopt() refuses it, the usual way
-    if not started_as_recorded(record, identity[1]):
-        return (
-            f"pid {record.pid} has its start time but not the command line the daemon "
-            "exec'd: left alone"
-        )
-    return ""
+def _proven(record: VmRecord, cmdline: Sequence[str]) -> bool:
+    """Whether a live command line, of the process with the recorded PID and start time, is
+    the recorded QEMU's: the exact one read once QEMU answered, or, where none was recorded
+    (a VM still starting; a record an earlier version wrote after an adoption), the argv the
+    daemon exec'd, as `started_as_recorded` matches it."""
+    if record.cmdline:
+        return list(cmdline) == record.cmdline
+    return started_as_recorded(record, cmdline)
+
+
+def _leave_running(ctx: MachineContext, record: VmRecord, cmdline: Sequence[str]) -> None:
+    """A live process with the recorded PID and start time (so the very process the record
+    names) whose command line is not the recorded one: not provably ours, so neither adopted
+    nor signalled. Its record and files stay, so an operator can find it; once it has ended
+    the next start cleans them. Its guest CID is not handed out again meanwhile (its port
+    and display are refused by the probes while it holds them)."""
+    ctx.pools.cids.shun(record.guest_cid)
+    _log.error(
+        "VM not re-adopted: a live process has the recorded PID and start time but not the "
+        "recorded command line, so it is neither adopted nor signalled; its record and files "
+        f"are kept. If it is the VM's QEMU, end it with `kill {record.pid}` (then `kill -9 "
+        f"{record.pid}` if it lingers); the next start of the daemon then removes them",
+        computation_id=record.computation_id,
+        pid=record.pid,
+        agent_port=record.host_port,
+        vnc_display=record.vnc_display,
+        guest_cid=record.guest_cid,
+        command=" ".join(cmdline)[:500],
+        record=str(ctx.store.directory / f"vm-{record.uuid}.*.json"),
+    )
 
 
 def _kill_unrecorded(record: VmRecord) -> list[int]:
@@ -160,27 +174,27 @@ async def _recover_one(ctx: MachineContext, record: VmRecord, *, taken: bool) ->
     running = record.state == VmState.RUNNING.value or paused
     process: QemuProcess | None = None
     files = _files(ctx, record)
-    if doubt := _identity_doubt(record):
+    if record.boot_id != current_boot_id():
         files.remove()
         ctx.store.remove(record.uuid)
-        log.warning(f"VM record cleaned up: {doubt}")
+        log.warning(
+            f"VM record cleaned up: it was written in another boot ({record.boot_id or 'unknown'}"
+            f"): its pid {record.pid} is not its QEMU any more; nothing signalled"
+        )
         return None
-    if record.pid:
-        # A starting record: the live command line was just checked against the argv; adopt()
-        # re-checks it, and the start time, with the pidfd held.
-        live = None if running else (process_identity(record.pid) or (0, None))[1]
+    identity = process_identity(record.pid) if record.pid else None
+    if identity is not None and identity[0] == record.start_time:
+        if not _proven(record, identity[1]):
+            _leave_running(ctx, record, identity[1])
+            return None
         try:
-            process = QemuProcess.adopt(
-                record.pid, record.argv, record.start_time, record.cmdline if running else live
-            )
+            # adopt() re-checks the start time and this command line with the pidfd held.
+            process = QemuProcess.adopt(record.pid, record.argv, record.start_time, identity[1])
         except ProcessLookupError:
             process = None
     reason = ""
-    if process is None and record.pid and process_identity(record.pid) is not None:
-        reason = (
-            f"pid {record.pid} is alive but is not the recorded QEMU (start time or command "
-            "line differ): left alone"
-        )
+    if process is None and identity is not None:
+        reason = f"its QEMU is gone (pid {record.pid} is now another process's: left alone)"
     elif process is None:
         reason = "its QEMU is gone"
     elif not running:
