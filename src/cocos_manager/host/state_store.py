@@ -66,6 +66,9 @@ class VmRecord:
     # For humans reading the directory only: recovery derives every path from `uuid` and the
     # settings, so an edited record cannot make the daemon delete someone else's file.
     files: dict[str, str] = field(default_factory=dict)
+    # MANAGER_QEMU_TMP_FILE_LOC (absolute) when the VM was launched: its files are there even
+    # if the setting changed since. Trusted only once recovery has checked the directory.
+    tmp_dir: str = ""
     expires_at: float | None = None  # TTL deadline, seconds since the epoch
     boot_id: str = field(default_factory=current_boot_id)  # the boot its PID belongs to
     version: int = RECORD_VERSION
@@ -124,6 +127,9 @@ def validate_record(doc: object, name_uuid: str | None = None) -> VmRecord:
             raise BadRecordError(f"{name}: not a list of strings")
     if not isinstance(doc.get("files", {}), dict):
         raise BadRecordError("files: not an object")
+    tmp_dir = doc.get("tmp_dir", "")
+    if not isinstance(tmp_dir, str) or (tmp_dir and not os.path.isabs(tmp_dir)):
+        raise BadRecordError(f"tmp_dir: {tmp_dir!r} is not an absolute path")
     expires_at = doc.get("expires_at")
     if expires_at is not None and (
         type(expires_at) not in (int, float) or not math.isfinite(expires_at)

@@ -32,7 +32,7 @@ from cocos_manager.host.state_store import (
 from cocos_manager.qemu.argv import VmResources
 from cocos_manager.qemu.process import QemuProcess
 from cocos_manager.telemetry.logging import get_logger
-from cocos_manager.vm.files import VmFiles, vm_paths
+from cocos_manager.vm.files import VmFiles, launch_dir_problem, launched_paths
 from cocos_manager.vm.lifecycle import MachineContext, VmState
 from cocos_manager.vm.listing import started_at_from_ticks
 from cocos_manager.vm.machine import Machine
@@ -65,7 +65,7 @@ async def recover(ctx: MachineContext, machines: dict[str, Machine]) -> None:
                     pid=record.pid,
                     error=repr(error),
                 )
-                _files(ctx, record).remove()
+                _files(ctx, record)[0].remove()
                 ctx.store.remove(record.uuid)
                 continue
             if machine is not None:
@@ -74,13 +74,18 @@ async def recover(ctx: MachineContext, machines: dict[str, Machine]) -> None:
     await asyncio.gather(*(recover_id(group) for group in by_id.values()))
 
 
-def _files(ctx: MachineContext, record: VmRecord) -> VmFiles:
-    """The VM's files by the settings' rules for its (validated) UUID; `record.files` is for
-    humans only, so an edited record cannot point the clean-up at another file."""
+def _files(ctx: MachineContext, record: VmRecord) -> tuple[VmFiles, str]:
+    """The VM's files where it was launched, and why they are not to be touched ("" when they
+    may be). The directory is the recorded MANAGER_QEMU_TMP_FILE_LOC, so a VM survives a
+    change of the setting; one other than the current setting is used only once checked
+    (launch_dir_problem), and the names in it come from the settings' rules for the
+    (validated) UUID, so an edited record cannot point the clean-up at another file. A
+    record older than the field: the setting's directory, as before."""
     q = ctx.settings.qemu
-    return VmFiles(
-        directory=Path(q.TMP_FILE_LOC), paths=vm_paths(q, record.uuid, with_manifest=True)
-    )
+    where = record.tmp_dir or q.TMP_FILE_LOC
+    if where != q.TMP_FILE_LOC and (problem := launch_dir_problem(where)):
+        return VmFiles(directory=Path(where)), problem
+    return VmFiles(Path(where), launched_paths(q, record.uuid, where, record.files)), ""
 
 
 def started_as_recorded(record: VmRecord, cmdline: Sequence[str]) -> bool:
@@ -173,7 +178,17 @@ async def _recover_one(ctx: MachineContext, record: VmRecord, *, taken: bool) ->
     paused = record.state == VmState.PAUSED.value
     running = record.state == VmState.RUNNING.value or paused
     process: QemuProcess | None = None
-    files = _files(ctx, record)
+    files, files_problem = _files(ctx, record)
+    if files_problem:
+        log.error(
+            "VM files not touched: the directory it was launched in (MANAGER_QEMU_TMP_FILE_LOC "
+            f"then) is not one the daemon may use: {files_problem}. They stay there; its QEMU, "
+            "if it is alive and ours, is kept running without its QMP monitor (Stop ends it by "
+            "signal)",
+            launch_dir=record.tmp_dir,
+            agent_port=record.host_port,
+            vnc_display=record.vnc_display,
+        )
     if record.boot_id != current_boot_id():
         files.remove()
         ctx.store.remove(record.uuid)
@@ -201,7 +216,7 @@ async def _recover_one(ctx: MachineContext, record: VmRecord, *, taken: bool) ->
         reason = f"it was {record.state} when the daemon stopped"
     elif taken:
         reason = "another VM holds its computation id"
-    else:
+    elif not files_problem:  # a socket in a directory not proven ours is not asked
         try:
             # MANAGER_QEMU_ADOPT_TIMEOUT: bounded, so one wedged QEMU cannot hold start-up past
             # systemd's TimeoutStartSec; the probes of all VMs run at once.
@@ -222,7 +237,12 @@ async def _recover_one(ctx: MachineContext, record: VmRecord, *, taken: bool) ->
         return None
     assert process is not None
     machine = adopt_machine(ctx, record, process, files)
-    log.info("VM re-adopted after restart", agent_port=record.host_port)
+    moved = str(files.directory) != ctx.settings.qemu.TMP_FILE_LOC
+    log.info(
+        "VM re-adopted after restart",
+        agent_port=record.host_port,
+        **({"launch_dir": str(files.directory)} if moved else {}),
+    )
     return machine
 
 
