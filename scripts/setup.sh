@@ -7,7 +7,7 @@ venv=${VENV:-$root/.venv}
 say() { printf 'setup: %s\n' "$*"; }
 
 packages=(python3 python3-venv python3-dev gcc qemu-system-x86 ovmf busybox-static cpio
-          zstd xz-utils openssl systemd sudo procps)
+          zstd xz-utils openssl systemd sudo procps strace)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -16,6 +16,7 @@ from cocos_manager.host.state_store import process_identity
 from cocos_manager.proto import manager_pb2 as pb
 from tests.support.daemon_process import Daemon
 from tests.support.harness import base_env, run_request
+from tests.support.records import newest_record_path
 from tests.test_restart import alive, pid_of, records, vm_files, wait_until_gone
 
 
@@ -72,7 +73,7 @@ async def test_a_live_process_not_proven_ours_is_named_at_error_level_and_kept(
         pid = pid_of(tmp_path, "doubt")
         (record,) = records(tmp_path)
         await d.kill()
-        path = next((tmp_path / "state").glob("vm-*.json"))
+        path = newest_record_path(tmp_path / "state")
         doc = json.loads(path.read_text())
         doc["cmdline"] = [*doc["cmdline"], "-name", "not-the-recorded-one"]
         path.write_text(json.dumps(doc))
@@ -115,7 +116,7 @@ async def test_a_record_an_earlier_version_wrote_after_adoption_is_adopted(
         await d.stub.Run(run_request("upgraded"))
         pid = pid_of(tmp_path, "upgraded")
         assert await d.terminate() == 0
-        path = next((tmp_path / "state").glob("vm-*.json"))
+        path = newest_record_path(tmp_path / "state")
         doc = json.loads(path.read_text())
         doc["cmdline"] = []
         path.write_text(json.dumps(doc))

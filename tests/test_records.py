@@ -30,6 +30,7 @@ from cocos_manager.vm.lifecycle import VmState
 from cocos_manager.vm.recovery import started_as_recorded
 from tests.support.daemon_process import Daemon
 from tests.support.harness import base_env, run_request, running_manager
+from tests.support.records import newest_records
 
 DAEMON = Path(sys.executable).with_name("cocos-manager")
 U = "0b7b3f0e-2f4c-4c1e-9b64-1f0a3c2d4e5f"
@@ -279,7 +280,8 @@ async def test_daemon_starts_with_garbage_records_and_sets_each_aside_once(
         log = d.log.read_text()
         assert "Traceback" not in log
         assert log.count("VM record set aside") == 6
-        assert sorted(p.suffix for p in state.glob("vm-*")) == [".bad"] * 6 + [".json"]
+        assert sorted(p.suffix for p in state.glob("vm-*.bad")) == [".bad"] * 6
+        assert [r["computation_id"] for r in newest_records(state)] == ["after-garbage"]
         await d.stub.Stop(pb.StopRequest(computation_id="after-garbage"))
         await d.kill()
         await d.start()  # no second round of complaints, no restart loop

@@ -16,6 +16,7 @@ import pytest
 from cocos_manager.proto import manager_pb2 as pb
 from tests.support.daemon_process import Daemon
 from tests.support.harness import base_env, run_request
+from tests.support.records import newest_record_path
 from tests.test_readoption import listed, log_lines
 from tests.test_restart import alive, pid_of, records, wait_until_gone
 
@@ -80,7 +81,7 @@ async def test_a_launch_dir_the_daemon_may_not_use_is_left_and_the_vm_kept(
             launched.symlink_to(tmp_path / "vms-real")
             where = str(launched)
         else:
-            path = next((tmp_path / "state").glob("vm-*.json"))
+            path = newest_record_path(tmp_path / "state")
             doc = json.loads(path.read_text())
             uuid = doc["uuid"]
             for name in os.listdir(launched):  # the attacker's copy of the names

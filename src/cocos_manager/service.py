@@ -246,6 +246,7 @@ class ManagerService:
                     if machine.process is not None:
                         await machine.process.detach()
         await self.tasks.join(timeout=self.qemu.STOP_TIMEOUT + 5)
+        await asyncio.to_thread(self._store.close)  # the records left for the next start
 
     # -- attestation policy (confidential launch: attestation.py) ---------------------------
 

@@ -23,6 +23,7 @@ from cocos_manager.qemu.process import QemuProcess
 from cocos_manager.qemu.qmp import qmp_args
 from cocos_manager.vm.files import WouldCopy, prepare_vm_files
 from cocos_manager.vm.lifecycle import START_ATTEMPTS
+from cocos_manager.vm.record import record_error
 
 if TYPE_CHECKING:
     from cocos_manager.vm.machine import Machine
@@ -37,6 +38,13 @@ async def prepare_files(machine: Machine, manifest: bytes) -> None:
     still makes are removed once it ends."""
     q = machine.ctx.settings.qemu
     vm_manifest = manifest if machine.fw_cfg else None
+    with _tracer.start_as_current_span("record-durable"):
+        try:
+            # No file before the record that names it is on the disk: after a power cut the
+            # next start finds and removes every file by its record.
+            await machine.ctx.store.durable(machine.uuid)
+        except OSError as error:
+            raise record_error(machine.ctx.store.directory, error) from None
     with _tracer.start_as_current_span("prepare-files"):
         try:
             machine.files = prepare_vm_files(q, machine.uuid, vm_manifest, copy_shared=False)
