@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +39,7 @@ from cocos_manager.vm.files import check_images
 from cocos_manager.vm.lifecycle import MachineContext, StopReason, VmState
 from cocos_manager.vm.listing import computation_info
 from cocos_manager.vm.machine import Machine
+from cocos_manager.vm.orphans import hold_tmp_dir
 from cocos_manager.vm.recovery import recover
 from cocos_manager.vm.resources import Pool, Pools
 
@@ -74,6 +76,7 @@ class ManagerService:
         self._closing = False
         self._release_hooks: list[Callable[[int], object]] = []
         self._store = StateStore(Path(settings.service.STATE_DIR))
+        self._tmp_lock: int | None = None  # flock on TMP_FILE_LOC (vm/orphans.py)
         self.ctx = MachineContext(
             settings=settings,
             executable=executable,
@@ -206,7 +209,15 @@ class ManagerService:
     # -- restart ---------------------------------------------------------------------------
 
     async def recover(self) -> None:
-        await recover(self.ctx, self._machines)
+        tmp = Path(self.qemu.TMP_FILE_LOC)
+        self._tmp_lock = hold_tmp_dir(tmp)
+        if self._tmp_lock is None:
+            _log.warning(
+                "MANAGER_QEMU_TMP_FILE_LOC is held by another process (another cocos-manager?): "
+                "QEMUs and per-VM files there that no VM record names are not looked for",
+                tmp_file_loc=str(tmp),
+            )
+        await recover(self.ctx, self._machines, sweep=self._tmp_lock is not None)
         METRICS.vms_running.set(len(self._machines))
 
     # -- Stop ------------------------------------------------------------------------------
@@ -247,6 +258,9 @@ class ManagerService:
                         await machine.process.detach()
         await self.tasks.join(timeout=self.qemu.STOP_TIMEOUT + 5)
         await asyncio.to_thread(self._store.close)  # the records left for the next start
+        if self._tmp_lock is not None:
+            os.close(self._tmp_lock)
+            self._tmp_lock = None
 
     # -- attestation policy (confidential launch: attestation.py) ---------------------------
 

@@ -32,6 +32,7 @@ from cocos_manager.host.state_store import (
 from cocos_manager.qemu.argv import VmResources
 from cocos_manager.qemu.process import QemuProcess
 from cocos_manager.telemetry.logging import get_logger
+from cocos_manager.vm import orphans
 from cocos_manager.vm.files import VmFiles, launch_dir_problem, launched_paths
 from cocos_manager.vm.lifecycle import MachineContext, VmState
 from cocos_manager.vm.listing import started_at_from_ticks
@@ -40,8 +41,10 @@ from cocos_manager.vm.machine import Machine
 _log = get_logger()
 
 
-async def recover(ctx: MachineContext, machines: dict[str, Machine]) -> None:
-    """Adopted VMs are added to `machines`; everything else of the records is removed."""
+async def recover(ctx: MachineContext, machines: dict[str, Machine], *, sweep: bool) -> None:
+    """Adopted VMs are added to `machines`; everything else of the records is removed. With
+    `sweep` (the daemon holds TMP_FILE_LOC alone), QEMUs and files there that no record
+    names are ended and removed (orphans.py)."""
     try:
         ctx.store.open()
     except OSError as error:
@@ -72,6 +75,9 @@ async def recover(ctx: MachineContext, machines: dict[str, Machine]) -> None:
                 machines[machine.id] = machine
 
     await asyncio.gather(*(recover_id(group) for group in by_id.values()))
+    if sweep:
+        known = {record.uuid for group in by_id.values() for record in group}
+        await orphans.sweep(Path(ctx.settings.qemu.TMP_FILE_LOC), known)
 
 
 def _files(ctx: MachineContext, record: VmRecord) -> tuple[VmFiles, str]:
@@ -141,12 +147,13 @@ def _leave_running(ctx: MachineContext, record: VmRecord, cmdline: Sequence[str]
     )
 
 
-def _kill_unrecorded(record: VmRecord) -> list[int]:
+def _kill_unrecorded(record: VmRecord) -> dict[int, int]:
     """A daemon killed while QEMU was being spawned left a record with the command line but no
     pid: the QEMU (or the sudo or wrapper running it) is found by that command line, which
     names the VM's UUID, and killed, as any VM still starting is. The pidfd is opened first
-    and the command line checked again with it held, so a recycled pid is never hit."""
-    killed = []
+    and the command line checked again with it held, so a recycled pid is never hit. Returns
+    pid -> pidfd of those signalled, for _wait_gone."""
+    killed = {}
     for pid, _, cmdline in live_processes():
         if not started_as_recorded(record, cmdline):
             continue
@@ -158,20 +165,49 @@ def _kill_unrecorded(record: VmRecord) -> list[int]:
             again = process_identity(pid)
             if again is not None and started_as_recorded(record, again[1]):
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-                killed.append(pid)
+                killed[pid], pidfd = pidfd, -1
         except OSError:
             pass
         finally:
-            os.close(pidfd)
+            if pidfd >= 0:
+                os.close(pidfd)
     return killed
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+async def _wait_gone(pidfds: dict[int, int], timeout: float = 5.0) -> list[int]:
+    """Until each signalled process has ended (its pidfd readable), at most `timeout`: the
+    VM's files are removed and its numbers reused only once its QEMU is gone (a SIGKILL is
+    delivered when the process next runs, later on a loaded host). Returns those still
+    alive; closes the pidfds."""
+    loop = asyncio.get_running_loop()
+    waits = []
+    for pidfd in pidfds.values():
+        ended: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(pidfd, _resolve, ended)
+        waits.append(ended)
+    try:
+        await asyncio.wait(waits, timeout=timeout)
+    finally:
+        for pidfd in pidfds.values():
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+    return [pid for pid, ended in zip(pidfds, waits, strict=True) if not ended.done()]
 
 
 async def _recover_one(ctx: MachineContext, record: VmRecord, *, taken: bool) -> Machine | None:
     log = _log.bind(computation_id=record.computation_id, pid=record.pid)
     spawning = not record.pid and record.argv and record.boot_id == current_boot_id()
     if spawning and (killed := _kill_unrecorded(record)):
+        alive = await _wait_gone(killed)
         log.warning(
-            "QEMU spawned as the daemon died, found by its command line: killed", pids=killed
+            "QEMU spawned as the daemon died, found by its command line: killed",
+            pids=list(killed),
+            **({"still_alive": alive} if alive else {}),
         )
     # A VM kept paused for inspection (MANAGER_QEMU_ON_GUEST_HALT=keep) is kept across a
     # restart too: its Run had answered, as a running one's.

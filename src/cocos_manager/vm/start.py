@@ -38,13 +38,6 @@ async def prepare_files(machine: Machine, manifest: bytes) -> None:
     still makes are removed once it ends."""
     q = machine.ctx.settings.qemu
     vm_manifest = manifest if machine.fw_cfg else None
-    with _tracer.start_as_current_span("record-durable"):
-        try:
-            # No file before the record that names it is on the disk: after a power cut the
-            # next start finds and removes every file by its record.
-            await machine.ctx.store.durable(machine.uuid)
-        except OSError as error:
-            raise record_error(machine.ctx.store.directory, error) from None
     with _tracer.start_as_current_span("prepare-files"):
         try:
             machine.files = prepare_vm_files(q, machine.uuid, vm_manifest, copy_shared=False)
@@ -60,6 +53,19 @@ async def prepare_files(machine: Machine, manifest: bytes) -> None:
             with contextlib.suppress(BaseException):
                 machine.files = await preparing
             raise
+
+
+async def record_durable(machine: Machine) -> None:
+    """Before the Run answers: the VM's record is on the disk, so a VM its client knows of is
+    one the next start finds by its record, even after a power cut. Its fsyncs began at the
+    admission, in a thread (host/record_sync.py), and overlap QEMU's start, so this wait is
+    usually over at once (make bench, `records.durable`). Files made before it are named by
+    no durable record for that moment: recovery's sweep (vm/orphans.py) finds them."""
+    with _tracer.start_as_current_span("record-durable"):
+        try:
+            await machine.ctx.store.durable(machine.uuid)
+        except OSError as error:
+            raise record_error(machine.ctx.store.directory, error) from None
 
 
 def vm_command(machine: Machine, listener: socket.socket, payload: bytes) -> list[str]:
