@@ -51,6 +51,7 @@ class RecordSync:
         self._in_flight: dict[str, _Pending] = {}
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._on_disk: set[str] = set()  # keys with at least one version durable
 
     def submit(self, key: str, newest: Path, superseded: Path | None) -> None:
         """`newest` was just written; `superseded` (if any) goes once `newest` is durable."""
@@ -70,11 +71,13 @@ class RecordSync:
                 self._sync({key: late})
 
     def waiter(self, key: str) -> Future[None]:
-        """Done once the newest version submitted for `key` so far is durable."""
+        """Done once some version of `key` is durable: any one names the VM's UUID and launch
+        directory, which is what the next boot's clean-up needs. Usually at once: the first
+        version's fsyncs began when it was written."""
         future: Future[None] = Future()
         with self._lock:
-            entry = self._pending.get(key) or self._in_flight.get(key)
-            if entry is None:
+            entry = self._in_flight.get(key) or self._pending.get(key)
+            if key in self._on_disk or entry is None:
                 future.set_result(None)
             else:
                 entry.waiters.append(future)
@@ -86,6 +89,7 @@ class RecordSync:
         with self._lock:
             entry = self._pending.pop(key, None)
             in_flight = self._in_flight.get(key)
+            self._on_disk.discard(key)
         paths = [] if in_flight is None else list(in_flight.superseded)  # names never reused
         if entry is not None:
             _settle(entry.waiters, None)
@@ -110,10 +114,12 @@ class RecordSync:
 
     def _sync(self, batch: dict[str, _Pending]) -> None:
         failed: dict[str, OSError] = {}
+        removed = set()
         for key, entry in batch.items():
             try:
                 fd = os.open(entry.newest, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:  # removed meanwhile: nothing to keep
+                removed.add(key)
                 continue
             except OSError as error:
                 failed[key] = error
@@ -137,6 +143,9 @@ class RecordSync:
             if problem is None:
                 for path in entry.superseded:
                     path.unlink(missing_ok=True)
+                if key not in removed:
+                    with self._lock:
+                        self._on_disk.add(key)
             else:  # the older version stays: it is the one a power cut would leave
                 _log.error(
                     "VM record not made durable", path=str(entry.newest), error=problem.strerror

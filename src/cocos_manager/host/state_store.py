@@ -245,9 +245,8 @@ class StateStore:
         self._sync.submit(record.uuid, path, superseded)
 
     async def durable(self, vm_uuid: str) -> None:
-        """Returns once the newest version of the record is on the disk (about 13 ms of two
-        fsyncs in a thread): a VM's files are made only then, so a power cut never leaves a
-        file without the record that names it. Raises the OSError of a failed fsync."""
+        """Returns once a version of the record is on the disk (two fsyncs in a thread, begun
+        when its first version was written). Raises the OSError of a failed fsync."""
         await asyncio.shield(asyncio.wrap_future(self._sync.waiter(vm_uuid)))
 
     def remove(self, vm_uuid: str) -> None:
