@@ -13,7 +13,7 @@ from pathlib import Path
 from cocos_manager.proto import manager_pb2 as pb
 from tests.support.daemon_process import Daemon
 from tests.support.harness import base_env, run_request
-from tests.support.records import newest_record_paths
+from tests.support.records import newest_record_paths, newest_records
 from tests.test_readoption import listed, log_lines
 from tests.test_restart import alive, pid_of, vm_files, wait_until_gone
 
@@ -72,22 +72,31 @@ async def test_files_of_a_lost_record_without_a_qemu_are_removed(tmp_path: Path)
 async def test_a_daemon_sharing_tmp_file_loc_leaves_the_other_daemons_vms(
     tmp_path: Path,
 ) -> None:
+    """Two daemons, two state directories, one TMP_FILE_LOC: neither sweeps, whichever
+    started first and however often either restarts."""
     first = Daemon(env=base_env(tmp_path), log=tmp_path / "first.log")
     env = {**base_env(tmp_path), "MANAGER_STATE_DIR": str(tmp_path / "state-2")}
+    env["MANAGER_QEMU_VSOCK_VNC"] = str(int(env["MANAGER_QEMU_VSOCK_VNC"]) + 20)
     second = Daemon(env=env, log=tmp_path / "second.log")
+    pids: list[int] = []
     await first.start()
     try:
         await first.stub.Run(run_request("first's"))
-        pid = pid_of(tmp_path, "first's")
+        pids.append(pid_of(tmp_path, "first's"))
         await second.start()
-        assert alive(pid) and len(vm_files(tmp_path)) == 5
-        warned = [
-            r for r in log_lines(second) if "held by another process" in str(r.get("message"))
-        ]
+        await second.stub.Run(run_request("second's"))
+        pids.append(next(int(str(r["pid"])) for r in newest_records(tmp_path / "state-2")))
+        warned = [r for r in log_lines(second) if "held by another" in str(r.get("message"))]
         assert warned and warned[0]["level"] == "warn"
+        await first.kill()  # the first restarts while the second runs: no sweep either
+        await first.start()
+        assert all(alive(pid) for pid in pids) and len(vm_files(tmp_path)) == 10
+        assert await listed(first) == ["first's"]
         await first.stub.Stop(pb.StopRequest(computation_id="first's"))
+        await second.stub.Stop(pb.StopRequest(computation_id="second's"))
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         await second.terminate()
         await first.terminate()

@@ -39,7 +39,7 @@ from cocos_manager.vm.files import check_images
 from cocos_manager.vm.lifecycle import MachineContext, StopReason, VmState
 from cocos_manager.vm.listing import computation_info
 from cocos_manager.vm.machine import Machine
-from cocos_manager.vm.orphans import hold_tmp_dir
+from cocos_manager.vm.orphans import hold_tmp_dir, share_tmp_dir
 from cocos_manager.vm.recovery import recover
 from cocos_manager.vm.resources import Pool, Pools
 
@@ -210,14 +210,16 @@ class ManagerService:
 
     async def recover(self) -> None:
         tmp = Path(self.qemu.TMP_FILE_LOC)
-        self._tmp_lock = hold_tmp_dir(tmp)
-        if self._tmp_lock is None:
+        self._tmp_lock, alone = await asyncio.to_thread(hold_tmp_dir, tmp)
+        if not alone:
             _log.warning(
                 "MANAGER_QEMU_TMP_FILE_LOC is held by another process (another cocos-manager?): "
                 "QEMUs and per-VM files there that no VM record names are not looked for",
                 tmp_file_loc=str(tmp),
             )
-        await recover(self.ctx, self._machines, sweep=self._tmp_lock is not None)
+        await recover(self.ctx, self._machines, sweep=alone)
+        if alone and self._tmp_lock is not None:
+            share_tmp_dir(self._tmp_lock)
         METRICS.vms_running.set(len(self._machines))
 
     # -- Stop ------------------------------------------------------------------------------

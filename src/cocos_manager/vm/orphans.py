@@ -7,9 +7,9 @@ UUID under TMP_FILE_LOC (`bzImage-UUID`, `qmp-UUID.sock`, ...). Once the records
 recovered, a live process whose command line names such a file of a UUID no record holds is
 a QEMU of ours that nobody tracks: it is ended (its computation cannot be resumed: its id,
 TTL and numbers were in the record) and an error line names it; files of such UUIDs are
-removed. Only by a daemon that holds TMP_FILE_LOC alone (`flock` on the directory, held for
-its lifetime): two daemons with separate state directories may share one TMP_FILE_LOC, and
-each other's VMs have no record in the other's directory.
+removed. Only by a daemon alone on TMP_FILE_LOC (`hold_tmp_dir`): two daemons with separate state
+directories may share one TMP_FILE_LOC, and each other's VMs have no record in the other's
+directory.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import asyncio
 import fcntl
 import os
 import re
+import time
 from pathlib import Path
 
 from cocos_manager.errors import QemuStopFailedError
@@ -31,27 +32,49 @@ _UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 _NAME = rf"(?:bzImage-|rootfs\.cpio-|OVMF_VARS-|agent-config-|qmp-)({_UUID})(?:\.gz|\.fd|\.json|\.sock)?"
 
 
-def hold_tmp_dir(tmp: Path) -> int | None:
-    """An exclusive `flock` on TMP_FILE_LOC itself (no file added to it), kept until the
-    daemon exits (the descriptor is close-on-exec: no QEMU inherits it); None when another
-    process holds it. The directory is made now if missing, so that it is held from the
-    start (a daemon that made it at its first Run could lose it to a later one)."""
+def hold_tmp_dir(tmp: Path) -> tuple[int | None, bool]:
+    """A `flock` on TMP_FILE_LOC itself (no file added to it), kept until the daemon exits
+    (close-on-exec: no QEMU inherits it), and whether this daemon is alone on it. Every
+    daemon holds it shared for its lifetime; one that can take it exclusively at start has
+    no other daemon beside it and may sweep (holding it exclusively meanwhile, then shared:
+    `share_tmp_dir`). A daemon that cannot even take it shared within a few seconds (another
+    is sweeping for that long) goes on without it: (None, False). The directory is made now
+    if missing, so that it is held from the start."""
     try:
         tmp.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
-        return None
+        return None, False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd, True
     except OSError:
-        os.close(fd)
-        return None
-    return fd
+        pass
+    for _ in range(100):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return fd, False
+        except OSError:
+            time.sleep(0.1)
+    os.close(fd)
+    return None, False
+
+
+def share_tmp_dir(fd: int) -> None:
+    """After the sweep: the exclusive hold becomes shared, so other daemons may start beside
+    this one (and, seeing it, never sweep its VMs)."""
+    fcntl.flock(fd, fcntl.LOCK_SH)
 
 
 def _named_uuids(tmp: str, argv: list[str]) -> set[str]:
-    pattern = re.compile(rf"(?:^|[=,]){re.escape(tmp)}/{_NAME}(?:$|,)")
-    return {found for arg in argv for found in pattern.findall(arg)}
+    """The UUIDs of which the command line names two per-VM files or more (a QEMU names its
+    kernel and its rootfs at least; a `less` of one file is not a QEMU)."""
+    pattern = re.compile(rf"(?:^|[=,])({re.escape(tmp)}/{_NAME})(?:$|,)")
+    files: dict[str, set[str]] = {}
+    for arg in argv:
+        for path, vm_uuid in pattern.findall(arg):
+            files.setdefault(vm_uuid, set()).add(path)
+    return {vm_uuid for vm_uuid, paths in files.items() if len(paths) >= 2}
 
 
 def _found(tmp: str, known: set[str]) -> dict[str, list[tuple[int, int, list[str]]]]:
