@@ -6,14 +6,16 @@ another daemon shares MANAGER_QEMU_TMP_FILE_LOC: its VMs have no record here."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 from cocos_manager.proto import manager_pb2 as pb
 from tests.support.daemon_process import Daemon
 from tests.support.harness import base_env, run_request
-from tests.support.records import newest_record_paths, newest_records
+from tests.support.records import newest_record_path, newest_record_paths, newest_records
 from tests.test_readoption import listed, log_lines
 from tests.test_restart import alive, pid_of, vm_files, wait_until_gone
 
@@ -100,3 +102,27 @@ async def test_a_daemon_sharing_tmp_file_loc_leaves_the_other_daemons_vms(
                 os.kill(pid, signal.SIGKILL)
         await second.terminate()
         await first.terminate()
+
+
+async def test_a_qemu_of_a_record_cleaned_as_gone_is_ended_too(tmp_path: Path) -> None:
+    """The record's PID is gone (as a sudo that died under its QEMU would be), but a QEMU
+    naming the VM's files lives on: the record is cleaned, and that QEMU is no VM's now."""
+    d = Daemon(env=base_env(tmp_path), log=tmp_path / "daemon.log")
+    await d.start()
+    try:
+        await d.stub.Run(run_request("wrapped"))
+        pid = pid_of(tmp_path, "wrapped")
+        await d.kill()
+        gone = subprocess.Popen(["true"])  # noqa: ASYNC220
+        gone.wait()
+        path = newest_record_path(tmp_path / "state")
+        doc = json.loads(path.read_text())
+        doc["pid"] = gone.pid
+        path.write_text(json.dumps(doc))
+        await d.start()
+        await wait_until_gone(pid)
+        assert await listed(d) == [] and vm_files(tmp_path) == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        await d.terminate()

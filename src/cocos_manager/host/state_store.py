@@ -258,6 +258,10 @@ class StateStore:
         if generation is not None:
             self._path(vm_uuid, generation).unlink(missing_ok=True)
 
+    def uuids(self) -> set[str]:
+        """The VMs with a record here now."""
+        return set(self._generation)
+
     def flush(self, timeout: float = 10.0) -> bool:
         """Blocks until every version written so far is durable (tests, and the shutdown
         through close); False if `timeout` ran out."""

@@ -75,9 +75,8 @@ async def recover(ctx: MachineContext, machines: dict[str, Machine], *, sweep: b
                 machines[machine.id] = machine
 
     await asyncio.gather(*(recover_id(group) for group in by_id.values()))
-    if sweep:
-        known = {record.uuid for group in by_id.values() for record in group}
-        await orphans.sweep(Path(ctx.settings.qemu.TMP_FILE_LOC), known)
+    if sweep:  # the records kept: a QEMU naming the files of one just cleaned is no VM's
+        await orphans.sweep(Path(ctx.settings.qemu.TMP_FILE_LOC), ctx.store.uuids())
 
 
 def _files(ctx: MachineContext, record: VmRecord) -> tuple[VmFiles, str]:
