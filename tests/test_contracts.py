@@ -246,13 +246,7 @@ async def test_run_and_stop_spans_are_children_of_the_rpc_span_in_the_callers_tr
     for server in (run, stop):
         assert server.parent is not None and server.parent.span_id == CALLER_SPAN
         assert server.parent.is_remote
-    assert children_of(spans, run) == [
-        "validate",
-        "prepare-files",
-        "start-qemu",
-        "handover",
-        "record-durable",
-    ]
+    assert children_of(spans, run) == ["validate", "prepare-files", "start-qemu", "handover"]
     assert children_of(spans, stop) == ["stop"]
     for name in ("validate", "prepare-files", "start-qemu", "handover", "stop"):
         child = by_name[name]

@@ -3,10 +3,9 @@ and of the state directory before the version it replaces goes, docs/decisions.m
 
 Two daemons of the same settings, real QEMU, Runs alternating between them: one keeps its
 records on the disk the bench runs on, the other on tmpfs (/dev/shm), where fsync returns at
-once. The difference is what the fsyncs cost a Run (a Run waits for its admission version
-before its files are made; the later versions are made durable in the background). Beside it
-in the JSON: one save awaited until durable, by the daemon's StateStore in this process, on
-the disk and on tmpfs.
+once. The difference is what the fsyncs cost a Run (no Run waits for them: they run in a
+thread and contend only for the disk and the CPUs). Beside it in the JSON: one save awaited
+until durable, by the daemon's StateStore in this process, on the disk and on tmpfs.
 """
 
 from __future__ import annotations

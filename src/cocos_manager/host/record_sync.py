@@ -5,11 +5,12 @@ A record version is written whole on the loop (a crash of the daemon alone loses
 page cache survives it). What a power cut can lose is a version not yet on the disk, so the
 version it replaces is kept until the new one is: one thread fsyncs each new file, then the
 directory once for all of them (its new entries), and only then unlinks the versions they
-supersede. At any instant a power cut leaves at least one complete version of every record.
-The two fsyncs cost about 13 ms on the build machines' ext4 (virtio disk): on the loop, four
-times per Run, they would stall everything else; here they overlap, one directory fsync
-serves a whole burst, and a Run waits only for its admission version (before its files
-exist), in `StateStore.durable`.
+supersede. At any instant a power cut leaves at least one complete version of every record
+whose first version has been made durable (within one fsync round of its admission; the files
+of one younger than that are found by UUID at the next start, vm/orphans.py). The two fsyncs
+cost about 5-13 ms on the build machines' ext4 (virtio disk), hundreds under load: on the
+loop, four times per Run, they would stall everything else; here they overlap, one directory
+fsync serves a whole burst, and no Run waits for them.
 """
 
 from __future__ import annotations

@@ -194,7 +194,6 @@ class Machine:
                         raise
                     taken.swap(self, Conflict(error.conflict), attempt, error)  # or raises
                     self._failing = False
-            await vm_start.record_durable(self)
             self._not_stopping()
             self.expires_at = ttl.expires_at(self.ttl)
             self._set_state(VmState.RUNNING, (PROVISION, "complete"), self.details())

@@ -23,7 +23,6 @@ from cocos_manager.qemu.process import QemuProcess
 from cocos_manager.qemu.qmp import qmp_args
 from cocos_manager.vm.files import WouldCopy, prepare_vm_files
 from cocos_manager.vm.lifecycle import START_ATTEMPTS
-from cocos_manager.vm.record import record_error
 
 if TYPE_CHECKING:
     from cocos_manager.vm.machine import Machine
@@ -53,19 +52,6 @@ async def prepare_files(machine: Machine, manifest: bytes) -> None:
             with contextlib.suppress(BaseException):
                 machine.files = await preparing
             raise
-
-
-async def record_durable(machine: Machine) -> None:
-    """Before the Run answers: the VM's record is on the disk, so a VM its client knows of is
-    one the next start finds by its record, even after a power cut. Its fsyncs began at the
-    admission, in a thread (host/record_sync.py), and overlap QEMU's start, so this wait is
-    usually over at once (make bench, `records.durable`). Files made before it are named by
-    no durable record for that moment: recovery's sweep (vm/orphans.py) finds them."""
-    with _tracer.start_as_current_span("record-durable"):
-        try:
-            await machine.ctx.store.durable(machine.uuid)
-        except OSError as error:
-            raise record_error(machine.ctx.store.directory, error) from None
 
 
 def vm_command(machine: Machine, listener: socket.socket, payload: bytes) -> list[str]:
