@@ -43,8 +43,14 @@ def hold_tmp_dir(tmp: Path) -> tuple[int | None, bool]:
     try:
         tmp.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return None, False
+    except OSError as error:
+        _log.warning(
+            "MANAGER_QEMU_TMP_FILE_LOC cannot be opened at start: QEMUs and per-VM files "
+            "there that no VM record names are not looked for",
+            tmp_file_loc=str(tmp),
+            error=error.strerror,
+        )
+        return None, True  # nothing to sweep there, and no other daemon to warn of
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return fd, True
