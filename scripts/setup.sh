@@ -19,7 +19,7 @@ pip_quietly() {
 if [[ ${BASH_SOURCE[0]} != "$0" ]]; then return 0; fi
 
 packages=(python3 python3-venv python3-dev gcc qemu-system-x86 ovmf busybox-static cpio
-          zstd xz-utils openssl systemd sudo procps
+          zstd xz-utils openssl systemd sudo procps strace
           libfaketime)  # tests: a daemon whose wall clock steps (tests/vm/test_ttl_clock_step.py)
 missing=()
 for p in "${packages[@]}"; do

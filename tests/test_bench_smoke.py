@@ -38,6 +38,7 @@ FIGURES: dict[str, tuple[bool, bool]] = {
     "footprint.rss_idle": (True, True),
     "footprint.rss_supervising": (True, False),
     "footprint.cpu_supervising": (False, False),
+    "records.durable": (True, False),
 }
 
 

@@ -81,11 +81,11 @@ def starts(log: Path) -> list[dict[str, object]]:
 
 def pids_recorded(state: Path) -> list[int]:
     """PIDs in the daemon's VM records: a record names its QEMU once it is STARTING."""
-    pids = []
-    for path in state.glob("vm-*.json"):
+    pids = set()
+    for path in state.glob("vm-*.json"):  # two versions of one record for a moment: one PID
         with contextlib.suppress(OSError, ValueError):  # being written or replaced right now
-            pids.append(int(json.loads(path.read_text())["pid"]))
-    return [pid for pid in pids if pid]
+            pids.add(int(json.loads(path.read_text())["pid"]))
+    return sorted(pid for pid in pids if pid)
 
 
 def pid_alive(pid: int) -> bool:

@@ -22,6 +22,8 @@ OVMF and the test guest (build/guest) wherever QEMU itself matters:
 5. crash          SIGKILL of QEMU to `vm-exit` on the Events stream, vs a parent's waitpid.
 6. footprint      exec to health SERVING and idle RSS (vs a bare grpc.aio health server), and
                   RSS / CPU while supervising 50 VMs (stand-in QEMU, tests/support/fake_qemu.py).
+7. records        Run latency with the VM records made durable (fsync) on the disk, vs the same
+                  daemon settings with the state directory on tmpfs, Runs alternating.
 
 Output: a table on stdout and one JSON document, also written to build/bench/latest.json
 (progress on stderr). `events-server` and `agent-feeder` are the helper processes of figure 4.

@@ -24,11 +24,12 @@ from scripts.bench.figures.burst import fig_burst
 from scripts.bench.figures.crash import fig_crash
 from scripts.bench.figures.events import fig_events
 from scripts.bench.figures.footprint import fig_footprint
+from scripts.bench.figures.records import fig_records
 from scripts.bench.figures.run import fig_image_size, fig_run_overhead
 from scripts.bench.report import Figure, table
 from tests.support.daemon_process import free_port
 
-FIGURES = ("run", "image", "burst", "events", "crash", "footprint")
+FIGURES = ("run", "image", "burst", "events", "crash", "footprint", "records")
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,9 @@ async def run_figures(
             )
         if "footprint" in wanted:
             await fig_footprint(work, jaeger_port, fake_cfg, plan.reps, plan.supervise, figures)
+        if "records" in wanted:
+            per_rep = max(2, plan.per_rep // 2)
+            await fig_records(small_cfg, work, jaeger_port, plan.reps, per_rep, figures)
     finally:
         await asyncio.gather(*(d.close() for d in daemons), return_exceptions=True)
     return figures, details

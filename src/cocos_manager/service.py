@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -56,7 +57,9 @@ from cocos_manager.vm import (
     check_images,
     computation_info,
     cvm_info,
+    hold_tmp_dir,
     recover,
+    share_tmp_dir,
 )
 
 _tracer = trace.get_tracer("cocos_manager.service")
@@ -93,6 +96,7 @@ class ManagerService:
         self._leaving = False  # shutdown detaches the VMs (MANAGER_SHUTDOWN_STOPS_VMS=false)
         self._release_hooks: list[Callable[[int], object]] = []
         self._store = StateStore(Path(settings.service.STATE_DIR))
+        self._tmp_lock: int | None = None  # flock on TMP_FILE_LOC (vm/orphans.py)
         self.ctx = MachineContext(
             settings=settings,
             executable=executable,
@@ -266,7 +270,17 @@ class ManagerService:
     # -- restart ---------------------------------------------------------------------------
 
     async def recover(self) -> None:
-        await recover(self.ctx, self._machines)
+        tmp = Path(self.qemu.TMP_FILE_LOC)
+        self._tmp_lock, alone = await asyncio.to_thread(hold_tmp_dir, tmp)
+        if not alone:
+            _log.warning(
+                "MANAGER_QEMU_TMP_FILE_LOC is held by another process (another cocos-manager?): "
+                "QEMUs and per-VM files there that no VM record names are not looked for",
+                tmp_file_loc=str(tmp),
+            )
+        await recover(self.ctx, self._machines, sweep=alone and self._tmp_lock is not None)
+        if alone and self._tmp_lock is not None:
+            share_tmp_dir(self._tmp_lock)
         METRICS.vms_running.set(len(self._machines))
 
     # -- Stop ------------------------------------------------------------------------------
@@ -328,6 +342,10 @@ class ManagerService:
                     if machine.process is not None:
                         await machine.process.detach()
         await self.tasks.join(timeout=self.qemu.STOP_TIMEOUT + 5)
+        await asyncio.to_thread(self._store.close)  # the records left for the next start
+        if self._tmp_lock is not None:
+            os.close(self._tmp_lock)
+            self._tmp_lock = None
 
     def end_streams(self) -> None:
         """After `shutdown`: the last word of every Events stream (`manager-shutdown`/

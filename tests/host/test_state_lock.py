@@ -15,6 +15,7 @@ from cocos_manager.host.state_store import process_identity
 from cocos_manager.proto import manager_pb2 as pb
 from tests.support.daemon_process import Daemon
 from tests.support.harness import base_env, run_request
+from tests.support.records import newest_records
 
 
 def test_a_second_lock_on_the_same_directory_is_refused(tmp_path: Path) -> None:
@@ -52,7 +53,7 @@ async def test_a_second_daemon_exits_and_leaves_the_first_alone(
     first: Daemon, tmp_path: Path
 ) -> None:
     await first.stub.Run(run_request("mine"))
-    records = sorted((tmp_path / "state").glob("vm-*.json"))
+    records = newest_records(tmp_path / "state")
     files = sorted(os.listdir(tmp_path / "vms"))
     assert len(records) == 1 and files
     assert first.process is not None
@@ -77,7 +78,7 @@ async def test_a_second_daemon_exits_and_leaves_the_first_alone(
 
     # Nothing of the first was touched: its VM, record and files are there, and Stop works.
     assert process_identity(qemu_pids[0]) is not None
-    assert sorted((tmp_path / "state").glob("vm-*.json")) == records
+    assert newest_records(tmp_path / "state") == records
     assert sorted(os.listdir(tmp_path / "vms")) == files
     await first.stub.Stop(pb.StopRequest(computation_id="mine"))
     assert process_identity(qemu_pids[0]) is None or _state(qemu_pids[0]) == "Z"

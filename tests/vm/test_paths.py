@@ -4,7 +4,6 @@ directory (with the same directories) re-adopts its VMs and cleans up their file
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 from cocos_manager.proto import manager_pb2 as pb
 from tests.support.daemon_process import Daemon
 from tests.support.harness import base_env, run_request
+from tests.support.records import newest_records
 
 
 def cmdline(pid: int) -> list[str]:
@@ -36,7 +36,7 @@ async def test_a_restart_from_another_directory_finds_its_vms(
     try:
         await daemon.stub.Run(run_request("keep"))
         state, vms = first_cwd / "state", first_cwd / "vms"
-        (record,) = [json.loads(p.read_text()) for p in state.glob("vm-*.json")]
+        (record,) = newest_records(state)
         pid = int(record["pid"])
         paths = [arg for arg in cmdline(pid) if "vms" in arg]
         assert paths and all(str(vms) in arg for arg in paths), paths

@@ -30,6 +30,7 @@ from cocos_manager.vm.lifecycle import VmState
 from cocos_manager.vm.recovery import started_as_recorded
 from tests.support.daemon_process import Daemon
 from tests.support.harness import base_env, run_request, running_manager
+from tests.support.records import newest_records
 
 DAEMON = Path(sys.executable).with_name("cocos-manager")
 U = "0b7b3f0e-2f4c-4c1e-9b64-1f0a3c2d4e5f"
@@ -118,6 +119,8 @@ NONSENSE: list[tuple[str, object]] = [
     ("port as bool", good_doc(host_port=True)),
     ("cid 2 (the host)", good_doc(guest_cid=2)),
     ("negative display", good_doc(vnc_display=-1)),
+    ("relative launch directory", good_doc(tmp_dir="vms")),
+    ("launch directory not text", good_doc(tmp_dir=["/vms"])),
     ("empty id", good_doc(computation_id="")),
     ("id not a string", good_doc(computation_id=7)),
     ("argv not strings", good_doc(argv=["qemu", 3])),
@@ -232,7 +235,8 @@ async def test_a_starting_record_needs_the_command_line_too(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """PID and start time match a live process, but it is not what the daemon exec'd: not
-    signalled (before, a starting record was identified by start time alone, and killed)."""
+    signalled (before, a starting record was identified by start time alone, and killed), and
+    its record kept for the operator, whom an error line tells."""
     with stranger() as other:
         identity = process_identity(other.pid)
         assert identity is not None
@@ -243,9 +247,9 @@ async def test_a_starting_record_needs_the_command_line_too(
             async with running_manager(tmp_path, monkeypatch) as m:
                 assert m.service.computations() == {}
         assert other.poll() is None, "a process not proven ours was signalled"
-        assert list((tmp_path / "state").glob("vm-*")) == []
-        cleaned = [e["event"] for e in logs if e["event"].startswith("VM record cleaned up")]
-        assert cleaned and "not the command line the daemon exec'd" in cleaned[0]
+        assert len(list((tmp_path / "state").glob("vm-*.json"))) == 1
+        (kept,) = [e for e in logs if e["event"].startswith("VM not re-adopted")]
+        assert kept["log_level"] == "error" and kept["pid"] == other.pid
 
 
 # -- garbage, in a real daemon ------------------------------------------------------------------
@@ -276,7 +280,8 @@ async def test_daemon_starts_with_garbage_records_and_sets_each_aside_once(
         log = d.log.read_text()
         assert "Traceback" not in log
         assert log.count("VM record set aside") == 6
-        assert sorted(p.suffix for p in state.glob("vm-*")) == [".bad"] * 6 + [".json"]
+        assert sorted(p.suffix for p in state.glob("vm-*.bad")) == [".bad"] * 6
+        assert [r["computation_id"] for r in newest_records(state)] == ["after-garbage"]
         await d.stub.Stop(pb.StopRequest(computation_id="after-garbage"))
         await d.kill()
         await d.start()  # no second round of complaints, no restart loop

@@ -26,6 +26,7 @@ from cocos_manager.telemetry.metrics import METRICS
 from tests.support.daemon_process import Daemon
 from tests.support.harness import base_env, run_request
 from tests.support.harness import test_tracer_provider as tracer_provider
+from tests.support.records import newest_record_path, newest_records
 from tests.support.waiting import GUARD, subscribed, wait_for
 
 
@@ -39,17 +40,17 @@ async def daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
 
 
 def records(tmp_path: Path) -> list[dict[str, object]]:
-    return [json.loads(p.read_text()) for p in sorted((tmp_path / "state").glob("vm-*.json"))]
+    return newest_records(tmp_path / "state")
 
 
 def recorded_pids(tmp_path: Path) -> list[int]:
     """PIDs the records name so far (a record names its QEMU from STARTING on); a record
     being written right now is read on the next poll."""
-    pids = []
+    pids = set()
     for path in (tmp_path / "state").glob("vm-*.json"):
         with contextlib.suppress(OSError, ValueError):
-            pids.append(int(json.loads(path.read_text())["pid"]))
-    return [pid for pid in pids if pid]
+            pids.add(int(json.loads(path.read_text())["pid"]))
+    return sorted(pid for pid in pids if pid)
 
 
 def pid_of(tmp_path: Path, computation_id: str) -> int:
@@ -128,7 +129,7 @@ async def test_a_reused_pid_is_never_adopted_nor_killed(daemon: Daemon, tmp_path
     await wait_until_gone(pid)
     stranger = subprocess.Popen(["sleep", "60"])  # noqa: ASYNC220
     try:
-        path = next((tmp_path / "state").glob("vm-*.json"))
+        path = newest_record_path(tmp_path / "state")
         doc = json.loads(path.read_text())
         doc["pid"] = stranger.pid  # as if the PID had been recycled by an unrelated process
         path.write_text(json.dumps(doc))
@@ -227,6 +228,7 @@ def test_newest_readable_version_wins_after_a_crash(tmp_path: Path) -> None:
     store.save(record)
     record.state = "running"
     store.save(record)
+    assert store.flush()  # version 1 is unlinked once version 2 is on the disk
     assert [p.name for p in (tmp_path / "s").iterdir()] == [f"vm-{U}.2.json"]
     (tmp_path / "s" / f"vm-{U}.3.json").write_text('{"half')  # a crash writing version 3
     fresh = StateStore(tmp_path / "s")
@@ -265,11 +267,12 @@ async def test_same_start_time_but_another_command_line_is_never_signalled(
     daemon: Daemon, tmp_path: Path
 ) -> None:
     """PID and start time match, the command line does not: not provably ours, so it is
-    neither adopted nor signalled (as a recycled PID); its record and files are dropped."""
+    neither adopted nor signalled; its record and files stay for the operator (the error line
+    naming it: tests/vm/test_readoption.py)."""
     await daemon.stub.Run(run_request("edited"))
     pid = pid_of(tmp_path, "edited")
     await daemon.kill()
-    path = next((tmp_path / "state").glob("vm-*.json"))
+    path = newest_record_path(tmp_path / "state")
     doc = json.loads(path.read_text())
     identity = process_identity(pid)
     assert identity is not None and doc["start_time"] == identity[0]  # the same process ...
@@ -277,7 +280,8 @@ async def test_same_start_time_but_another_command_line_is_never_signalled(
     path.write_text(json.dumps(doc))
     try:
         await daemon.start()
-        assert records(tmp_path) == [] and vm_files(tmp_path) == []
+        assert [r["computation_id"] for r in records(tmp_path)] == ["edited"]
+        assert len(vm_files(tmp_path)) == 5
         assert process_identity(pid) == identity, "a process not proven ours was signalled"
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await daemon.stub.Stop(pb.StopRequest(computation_id="edited"))

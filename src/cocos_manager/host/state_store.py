@@ -3,8 +3,10 @@
 A record is written before anything of the VM exists on disk and removed only once all of it
 is gone, so after any crash every per-VM file and process is accounted for. A record names
 its process by PID *and* identity (start time and command line): a PID alone can be reused.
-Writes are atomic renames; fsync is skipped on purpose, since VMs do not survive the power
-loss that it would protect against.
+Each version is written whole under a new name and made durable (fsync of the file and the
+directory, in record_sync.py) before the version it replaces is unlinked, so a power cut at
+any instant leaves a complete version of every record: after it, recovery cleans the VM's
+files by it (its QEMU died with the host).
 
 Records are not trusted blindly (docs/decisions.md, "Restarts: the records are not trusted"): the
 directory must be private to the daemon's user, every field is checked on load (a record that
@@ -15,6 +17,7 @@ names the boot it was written in.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from cocos_manager.errors import FailedPreconditionError
+from cocos_manager.host.record_sync import RecordSync
 from cocos_manager.telemetry import get_logger
 
 RECORD_VERSION = 1
@@ -66,6 +70,9 @@ class VmRecord:
     # For humans reading the directory only: recovery derives every path from `uuid` and the
     # settings, so an edited record cannot make the daemon delete someone else's file.
     files: dict[str, str] = field(default_factory=dict)
+    # MANAGER_QEMU_TMP_FILE_LOC (absolute) when the VM was launched: its files are there even
+    # if the setting changed since. Trusted only once recovery has checked the directory.
+    tmp_dir: str = ""
     expires_at: float | None = None  # TTL deadline, seconds since the epoch
     boot_id: str = field(default_factory=current_boot_id)  # the boot its PID belongs to
     # What the VM was launched with, for AttestationPolicy (vm/launch.py owns the shape and
@@ -127,6 +134,9 @@ def validate_record(doc: object, name_uuid: str | None = None) -> VmRecord:
             raise BadRecordError(f"{name}: not a list of strings")
     if not isinstance(doc.get("files", {}), dict):
         raise BadRecordError("files: not an object")
+    tmp_dir = doc.get("tmp_dir", "")
+    if not isinstance(tmp_dir, str) or (tmp_dir and not os.path.isabs(tmp_dir)):
+        raise BadRecordError(f"tmp_dir: {tmp_dir!r} is not an absolute path")
     expires_at = doc.get("expires_at")
     if expires_at is not None and (
         type(expires_at) not in (int, float) or not math.isfinite(expires_at)
@@ -189,13 +199,18 @@ class StateStore:
 
     A new version is written under a new name before the old one is unlinked, rather than
     renamed over it: ext4 flushes a file renamed over another (auto_da_alloc), which cost
-    each Run 1.5-3.5 ms (make bench); a new name and an unlink cost 0.4 ms. After a crash in
-    between, the newest version that parses wins.
+    each Run 1.5-3.5 ms (make bench); a new name and an unlink cost 0.4 ms. The old one is
+    unlinked once the new one is durable (record_sync.py), so for a moment both are there;
+    after a crash in between, the newest version that parses wins.
     """
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self._generation: dict[str, int] = {}
+        # One counter for all records: a name is never written twice in a run, so a version
+        # the sync thread unlinks late can never be a newer record's (a UUID used again).
+        self._last_generation = 0
+        self._sync = RecordSync(directory)
 
     def open(self) -> None:
         """Creates the directory if missing; refuses one another user could write to, since
@@ -213,7 +228,8 @@ class StateStore:
         doc = {name: getattr(record, name) for name in _RECORD_FIELDS}  # shallow: dumped now
         data = json.dumps(doc, separators=(",", ":")).encode()
         previous = self._generation.get(record.uuid)
-        generation = (previous or 0) + 1
+        self._last_generation += 1
+        generation = self._last_generation
         path = self._path(record.uuid, generation)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         try:
@@ -231,13 +247,35 @@ class StateStore:
             raise
         os.close(fd)
         self._generation[record.uuid] = generation
-        if previous is not None:
-            self._path(record.uuid, previous).unlink(missing_ok=True)
+        superseded = None if previous is None else self._path(record.uuid, previous)
+        self._sync.submit(record.uuid, path, superseded)
+
+    async def durable(self, vm_uuid: str) -> None:
+        """Returns once a version of the record is on the disk (two fsyncs in a thread, begun
+        when its first version was written). Raises the OSError of a failed fsync."""
+        await asyncio.shield(asyncio.wrap_future(self._sync.waiter(vm_uuid)))
 
     def remove(self, vm_uuid: str) -> None:
+        """Not made durable: a record a power cut brings back is of another boot, and the
+        next start cleans up after it."""
         generation = self._generation.pop(vm_uuid, None)
+        for path in self._sync.forget(vm_uuid):
+            path.unlink(missing_ok=True)
         if generation is not None:
             self._path(vm_uuid, generation).unlink(missing_ok=True)
+
+    def uuids(self) -> set[str]:
+        """The VMs with a record here now."""
+        return set(self._generation)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Blocks until every version written so far is durable (tests, and the shutdown
+        through close); False if `timeout` ran out."""
+        return self._sync.flush(timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """At shutdown: the records left for the next start (VMs left running) are durable."""
+        self._sync.close(timeout)
 
     @staticmethod
     def _parse_name(path: Path) -> tuple[str, int]:
@@ -287,6 +325,7 @@ class StateStore:
                         for _, older in found[index + 1 :]:
                             older.unlink(missing_ok=True)
                     self._generation[record.uuid] = generation
+                    self._last_generation = max(self._last_generation, generation)
                     break
         return records
 

@@ -142,6 +142,10 @@ class QemuProcess:
         if not same or process.exited.done():
             process._close_pidfd()
             raise ProcessLookupError(pid)
+        assert identity is not None
+        # The command line just proven: the record written after this adoption must carry it,
+        # or the next start could not prove the process ours again.
+        process.start_time, process.cmdline = identity
         return process
 
     async def check_qmp(self, qmp_path: Path, timeout: float, *, paused: bool = False) -> None:

@@ -19,12 +19,16 @@ if TYPE_CHECKING:
     from cocos_manager.vm.lifecycle import VmState as VmState
     from cocos_manager.vm.listing import computation_info as computation_info
     from cocos_manager.vm.machine import Machine as Machine
+    from cocos_manager.vm.orphans import hold_tmp_dir as hold_tmp_dir
+    from cocos_manager.vm.orphans import share_tmp_dir as share_tmp_dir
     from cocos_manager.vm.recovery import recover as recover
     from cocos_manager.vm.resources import Pool as Pool
     from cocos_manager.vm.resources import Pools as Pools
 
 # Each public name and the module it lives in.
 HOMES = {
+    "share_tmp_dir": "orphans",
+    "hold_tmp_dir": "orphans",
     "room_per_vm": "files",
     "cvm_info": "info",
     "computation_policy_json": "attestation",

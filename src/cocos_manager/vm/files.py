@@ -173,6 +173,40 @@ def vm_paths(q: QemuSettings, vm_uuid: str, *, with_manifest: bool) -> dict[str,
     return paths
 
 
+def launch_dir_problem(where: str) -> str:
+    """Why a VM's recorded launch directory (MANAGER_QEMU_TMP_FILE_LOC when it was launched,
+    since changed) is not one whose files the daemon may delete or whose QMP socket it may
+    trust; "" when it is. As for every path the daemon derives: absolute and normalised, a
+    real directory (not a symlink), the daemon's own and writable by nobody else."""
+    if not os.path.isabs(where) or os.path.normpath(where) != where:
+        return f"{where!r} is not an absolute, normalised path"
+    try:
+        info = os.lstat(where)
+    except OSError as error:
+        return f"{where!r}: {error.strerror}"
+    if not stat.S_ISDIR(info.st_mode):
+        return f"{where!r} is not a directory"
+    if info.st_uid != os.geteuid():
+        return f"{where!r} is owned by uid {info.st_uid}, not by the daemon's uid {os.geteuid()}"
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"{where!r} is writable by group or others (mode {stat.S_IMODE(info.st_mode):04o})"
+    return ""
+
+
+def launched_paths(
+    q: QemuSettings, vm_uuid: str, where: str, recorded: dict[str, str]
+) -> dict[str, Path]:
+    """A VM's files in the directory it was launched in (checked by launch_dir_problem): the
+    names the settings give, and those the record lists that are directly in that directory
+    and name the VM's UUID (a file another setting made, say the OVMF vars copy)."""
+    paths = vm_paths(q.model_copy(update={"TMP_FILE_LOC": where}), vm_uuid, with_manifest=True)
+    for name, text in recorded.items():
+        path = Path(text)
+        if name not in paths and path.parent == Path(where) and vm_uuid in path.name:
+            paths[name] = path
+    return paths
+
+
 def check_tmp_dir(q: QemuSettings) -> Path:
     """Creates TMP_FILE_LOC if missing."""
     tmp = Path(q.TMP_FILE_LOC)

@@ -54,6 +54,7 @@ def record_of(machine: RecordedVm) -> VmRecord:
         guest_cid=r.guest_cid,
         vnc_display=r.vnc_display,
         files={name: str(path) for name, path in files.items()},
+        tmp_dir=str(machine.files.directory if machine.files is not None else q.TMP_FILE_LOC),
         expires_at=machine.expires_at,
         launch=machine.launch,
     )

@@ -2,8 +2,10 @@
 
 As libvirt does on reconnect, and stricter: a VM is kept only if its Run had answered, its
 process is provably the recorded one (PID, start time and command line — a PID alone can be
-reused) and its QMP monitor still answers. On any doubt the VM is killed and its files and
-record removed rather than risk a VM nobody tracks. See docs/decisions.md, "Restarts".
+reused) and its QMP monitor still answers. A QEMU proven ours that cannot be kept is killed
+and its files and record removed rather than risk a VM nobody tracks; a live process that is
+not proven ours is never signalled, and its record and files are kept and named in an error
+line, so an operator can find it. See docs/decisions.md, "Restarts".
 
 Nothing is signalled on a record's word alone: a record of another boot (its PID and start
 time belong to a process table that no longer exists) is cleaned without signalling, and a
@@ -24,7 +26,8 @@ from cocos_manager.errors import FailedPreconditionError, QemuStopFailedError
 from cocos_manager.host import VmRecord, current_boot_id, live_processes, process_identity
 from cocos_manager.qemu import QemuProcess, VmResources
 from cocos_manager.telemetry import get_logger
-from cocos_manager.vm.files import VmFiles, shares_dir, vm_paths
+from cocos_manager.vm import orphans
+from cocos_manager.vm.files import VmFiles, launch_dir_problem, launched_paths, shares_dir
 from cocos_manager.vm.lifecycle import MachineContext, VmState
 from cocos_manager.vm.listing import started_at_from_ticks
 from cocos_manager.vm.machine import Machine
@@ -32,8 +35,10 @@ from cocos_manager.vm.machine import Machine
 _log = get_logger()
 
 
-async def recover(ctx: MachineContext, machines: dict[str, Machine]) -> None:
-    """Adopted VMs are added to `machines`; everything else of the records is removed."""
+async def recover(ctx: MachineContext, machines: dict[str, Machine], *, sweep: bool) -> None:
+    """Adopted VMs are added to `machines`; everything else of the records is removed. With
+    `sweep` (the daemon holds TMP_FILE_LOC alone), QEMUs and files there that no record
+    names are ended and removed (orphans.py)."""
     try:
         ctx.store.open()
     except OSError as error:
@@ -57,26 +62,32 @@ async def recover(ctx: MachineContext, machines: dict[str, Machine]) -> None:
                     pid=record.pid,
                     error=repr(error),
                 )
-                _files(ctx, record).remove()
+                _files(ctx, record)[0].remove()
                 ctx.store.remove(record.uuid)
                 continue
             if machine is not None:
                 machines[machine.id] = machine
 
     await asyncio.gather(*(recover_id(group) for group in by_id.values()))
+    if sweep:  # the records kept: a QEMU naming the files of one just cleaned is no VM's
+        await orphans.sweep(Path(ctx.settings.qemu.TMP_FILE_LOC), ctx.store.uuids())
 
 
-def _files(ctx: MachineContext, record: VmRecord) -> VmFiles:
-    """The VM's files by the settings' rules for its (validated) UUID; `record.files` is for
-    humans only, so an edited record cannot point the clean-up at another file. The shares
-    of a CreateVm'd VM are always among them (the record does not say which kind it was):
-    removed with the rest, whichever way it ends."""
+def _files(ctx: MachineContext, record: VmRecord) -> tuple[VmFiles, str]:
+    """The VM's files where it was launched, and why they are not to be touched ("" when they
+    may be). The directory is the recorded MANAGER_QEMU_TMP_FILE_LOC, so a VM survives a
+    change of the setting; one other than the current setting is used only once checked
+    (launch_dir_problem), and the names in it come from the settings' rules for the
+    (validated) UUID, so an edited record cannot point the clean-up at another file. A
+    record older than the field: the setting's directory, as before. The shares of a
+    CreateVm'd VM are always among them (the record does not say which kind it was)."""
     q = ctx.settings.qemu
-    return VmFiles(
-        directory=Path(q.TMP_FILE_LOC),
-        paths=vm_paths(q, record.uuid, with_manifest=True),
-        shares=shares_dir(q, record.uuid),
-    )
+    where = record.tmp_dir or q.TMP_FILE_LOC
+    if where != q.TMP_FILE_LOC and (problem := launch_dir_problem(where)):
+        return VmFiles(directory=Path(where)), problem
+    shares = Path(where) / shares_dir(q, record.uuid).name
+    paths = launched_paths(q, record.uuid, where, record.files)
+    return VmFiles(Path(where), paths, shares=shares), ""
 
 
 def started_as_recorded(record: VmRecord, cmdline: Sequence[str]) -> bool:
@@ -100,32 +111,45 @@ def started_as_recorded(record: VmRecord, cmdline: Sequence[str]) -> bool:
     return any(record.uuid in part for part in common)
 
 
-def _identity_doubt(record: VmRecord) -> str:
-    """Why the recorded process must not be signalled, or "" when it may be."""
-    if record.boot_id != current_boot_id():
-        return (
-            f"it was written in another boot ({record.boot_id or 'unknown'}): its pid "
-            f"{record.pid} is not its QEMU any more; nothing signalled"
-        )
-    if not record.pid or record.state == VmState.RUNNING.value:
-        return ""  # running: QemuProcess.adopt compares the exact command line
-    identity = process_identity(record.pid)
-    if identity is None or identity[0] != record.start_time:
-        return ""  # gone, or another start time: adopt() refuses it, the usual way
-    if not started_as_recorded(record, identity[1]):
-        return (
-            f"pid {record.pid} has its start time but not the command line the daemon "
-            "exec'd: left alone"
-        )
-    return ""
+def _proven(record: VmRecord, cmdline: Sequence[str]) -> bool:
+    """Whether a live command line, of the process with the recorded PID and start time, is
+    the recorded QEMU's: the exact one read once QEMU answered, or, where none was recorded
+    (a VM still starting; a record an earlier version wrote after an adoption), the argv the
+    daemon exec'd, as `started_as_recorded` matches it."""
+    if record.cmdline:
+        return list(cmdline) == record.cmdline
+    return started_as_recorded(record, cmdline)
 
 
-def _kill_unrecorded(record: VmRecord) -> list[int]:
+def _leave_running(ctx: MachineContext, record: VmRecord, cmdline: Sequence[str]) -> None:
+    """A live process with the recorded PID and start time (so the very process the record
+    names) whose command line is not the recorded one: not provably ours, so neither adopted
+    nor signalled. Its record and files stay, so an operator can find it; once it has ended
+    the next start cleans them. Its guest CID is not handed out again meanwhile (its port
+    and display are refused by the probes while it holds them)."""
+    ctx.pools.cids.shun(record.guest_cid)
+    _log.error(
+        "VM not re-adopted: a live process has the recorded PID and start time but not the "
+        "recorded command line, so it is neither adopted nor signalled; its record and files "
+        f"are kept. If it is the VM's QEMU, end it with `kill {record.pid}` (then `kill -9 "
+        f"{record.pid}` if it lingers); the next start of the daemon then removes them",
+        computation_id=record.computation_id,
+        pid=record.pid,
+        agent_port=record.host_port,
+        vnc_display=record.vnc_display,
+        guest_cid=record.guest_cid,
+        command=" ".join(cmdline)[:500],
+        record=str(ctx.store.directory / f"vm-{record.uuid}.*.json"),
+    )
+
+
+def _kill_unrecorded(record: VmRecord) -> dict[int, int]:
     """A daemon killed while QEMU was being spawned left a record with the command line but no
     pid: the QEMU (or the sudo or wrapper running it) is found by that command line, which
     names the VM's UUID, and killed, as any VM still starting is. The pidfd is opened first
-    and the command line checked again with it held, so a recycled pid is never hit."""
-    killed = []
+    and the command line checked again with it held, so a recycled pid is never hit. Returns
+    pid -> pidfd of those signalled, for _wait_gone."""
+    killed = {}
     for pid, _, cmdline in live_processes():
         if not started_as_recorded(record, cmdline):
             continue
@@ -137,55 +161,94 @@ def _kill_unrecorded(record: VmRecord) -> list[int]:
             again = process_identity(pid)
             if again is not None and started_as_recorded(record, again[1]):
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-                killed.append(pid)
+                killed[pid], pidfd = pidfd, -1
         except OSError:
             pass
         finally:
-            os.close(pidfd)
+            if pidfd >= 0:
+                os.close(pidfd)
     return killed
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+async def _wait_gone(pidfds: dict[int, int], timeout: float = 5.0) -> list[int]:
+    """Until each signalled process has ended (its pidfd readable), at most `timeout`: the
+    VM's files are removed and its numbers reused only once its QEMU is gone (a SIGKILL is
+    delivered when the process next runs, later on a loaded host). Returns those still
+    alive; closes the pidfds."""
+    loop = asyncio.get_running_loop()
+    waits = []
+    for pidfd in pidfds.values():
+        ended: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(pidfd, _resolve, ended)
+        waits.append(ended)
+    try:
+        await asyncio.wait(waits, timeout=timeout)
+    finally:
+        for pidfd in pidfds.values():
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+    return [pid for pid, ended in zip(pidfds, waits, strict=True) if not ended.done()]
 
 
 async def _recover_one(ctx: MachineContext, record: VmRecord, *, taken: bool) -> Machine | None:
     log = _log.bind(computation_id=record.computation_id, pid=record.pid)
     spawning = not record.pid and record.argv and record.boot_id == current_boot_id()
     if spawning and (killed := _kill_unrecorded(record)):
+        alive = await _wait_gone(killed)
         log.warning(
-            "QEMU spawned as the daemon died, found by its command line: killed", pids=killed
+            "QEMU spawned as the daemon died, found by its command line: killed",
+            pids=list(killed),
+            **({"still_alive": alive} if alive else {}),
         )
     # A VM kept paused for inspection (MANAGER_QEMU_ON_GUEST_HALT=keep) is kept across a
     # restart too: its Run had answered, as a running one's.
     paused = record.state == VmState.PAUSED.value
     running = record.state == VmState.RUNNING.value or paused
     process: QemuProcess | None = None
-    files = _files(ctx, record)
-    if doubt := _identity_doubt(record):
+    files, files_problem = _files(ctx, record)
+    if files_problem:
+        log.error(
+            "VM files not touched: the directory it was launched in (MANAGER_QEMU_TMP_FILE_LOC "
+            f"then) is not one the daemon may use: {files_problem}. They stay there; its QEMU, "
+            "if it is alive and ours, is kept running without its QMP monitor (Stop ends it by "
+            "signal)",
+            launch_dir=record.tmp_dir,
+            agent_port=record.host_port,
+            vnc_display=record.vnc_display,
+        )
+    if record.boot_id != current_boot_id():
         files.remove()
         ctx.store.remove(record.uuid)
-        log.warning(f"VM record cleaned up: {doubt}")
+        log.warning(
+            f"VM record cleaned up: it was written in another boot ({record.boot_id or 'unknown'}"
+            f"): its pid {record.pid} is not its QEMU any more; nothing signalled"
+        )
         return None
-    if record.pid:
-        # A starting record: the live command line was just checked against the argv; adopt()
-        # re-checks it, and the start time, with the pidfd held.
-        live = None if running else (process_identity(record.pid) or (0, None))[1]
+    identity = process_identity(record.pid) if record.pid else None
+    if identity is not None and identity[0] == record.start_time:
+        if not _proven(record, identity[1]):
+            _leave_running(ctx, record, identity[1])
+            return None
         try:
-            process = QemuProcess.adopt(
-                record.pid, record.argv, record.start_time, record.cmdline if running else live
-            )
+            # adopt() re-checks the start time and this command line with the pidfd held.
+            process = QemuProcess.adopt(record.pid, record.argv, record.start_time, identity[1])
         except ProcessLookupError:
             process = None
     reason = ""
-    if process is None and record.pid and process_identity(record.pid) is not None:
-        reason = (
-            f"pid {record.pid} is alive but is not the recorded QEMU (start time or command "
-            "line differ): left alone"
-        )
+    if process is None and identity is not None:
+        reason = f"its QEMU is gone (pid {record.pid} is now another process's: left alone)"
     elif process is None:
         reason = "its QEMU is gone"
     elif not running:
         reason = f"it was {record.state} when the daemon stopped"
     elif taken:
         reason = "another VM holds its computation id"
-    else:
+    elif not files_problem:  # a socket in a directory not proven ours is not asked
         try:
             # MANAGER_QEMU_ADOPT_TIMEOUT: bounded, so one wedged QEMU cannot hold start-up past
             # systemd's TimeoutStartSec; the probes of all VMs run at once.
@@ -206,7 +269,12 @@ async def _recover_one(ctx: MachineContext, record: VmRecord, *, taken: bool) ->
         return None
     assert process is not None
     machine = adopt_machine(ctx, record, process, files)
-    log.info("VM re-adopted after restart", agent_port=record.host_port)
+    moved = str(files.directory) != ctx.settings.qemu.TMP_FILE_LOC
+    log.info(
+        "VM re-adopted after restart",
+        agent_port=record.host_port,
+        **({"launch_dir": str(files.directory)} if moved else {}),
+    )
     return machine
 
 

@@ -1,0 +1,160 @@
+"""After a restart, what no record accounts for: a QEMU or per-VM files in
+MANAGER_QEMU_TMP_FILE_LOC whose record is lost (set aside as `.bad`, emptied by a power cut
+before it was durable, deleted by hand). See docs/decisions.md, "Restarts: a lost record".
+
+Every per-VM file name, and the command line of every QEMU the daemon starts, names the VM's
+UUID under TMP_FILE_LOC (`bzImage-UUID`, `qmp-UUID.sock`, ...). Once the records are
+recovered, a live process whose command line names such a file of a UUID no record holds is
+a QEMU of ours that nobody tracks: it is ended (its computation cannot be resumed: its id,
+TTL and numbers were in the record) and an error line names it; files of such UUIDs are
+removed. Only by a daemon alone on TMP_FILE_LOC (`hold_tmp_dir`): two daemons with separate state
+directories may share one TMP_FILE_LOC, and each other's VMs have no record in the other's
+directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import re
+import time
+from pathlib import Path
+
+from cocos_manager.errors import QemuStopFailedError
+from cocos_manager.host import live_processes
+from cocos_manager.qemu import QemuProcess
+from cocos_manager.telemetry import get_logger
+
+_log = get_logger()
+_UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+# The per-VM file names (qemu/argv.py vm_file_paths, vm/files.py vm_paths).
+_NAME = rf"(?:bzImage-|rootfs\.cpio-|OVMF_VARS-|agent-config-|qmp-)({_UUID})(?:\.gz|\.fd|\.json|\.sock)?"
+
+
+def hold_tmp_dir(tmp: Path) -> tuple[int | None, bool]:
+    """A `flock` on TMP_FILE_LOC itself (no file added to it), kept until the daemon exits
+    (close-on-exec: no QEMU inherits it), and whether this daemon is alone on it. Every
+    daemon holds it shared for its lifetime; one that can take it exclusively at start has
+    no other daemon beside it and may sweep (holding it exclusively meanwhile, then shared:
+    `share_tmp_dir`). A daemon that cannot even take it shared within a few seconds (another
+    is sweeping for that long) goes on without it: (None, False). The directory is made now
+    if missing, so that it is held from the start."""
+    try:
+        tmp.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as error:
+        _log.warning(
+            "MANAGER_QEMU_TMP_FILE_LOC cannot be opened at start: QEMUs and per-VM files "
+            "there that no VM record names are not looked for",
+            tmp_file_loc=str(tmp),
+            error=error.strerror,
+        )
+        return None, True  # nothing to sweep there, and no other daemon to warn of
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd, True
+    except OSError:
+        pass
+    for _ in range(100):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return fd, False
+        except OSError:
+            time.sleep(0.1)
+    os.close(fd)
+    return None, False
+
+
+def share_tmp_dir(fd: int) -> None:
+    """After the sweep: the exclusive hold becomes shared, so other daemons may start beside
+    this one (and, seeing it, never sweep its VMs)."""
+    fcntl.flock(fd, fcntl.LOCK_SH)
+
+
+def _named_uuids(tmp: str, argv: list[str]) -> set[str]:
+    """The UUIDs of which the command line names two per-VM files or more (a QEMU names its
+    kernel and its rootfs at least; a `less` of one file is not a QEMU)."""
+    pattern = re.compile(rf"(?:^|[=,])({re.escape(tmp)}/{_NAME})(?:$|,)")
+    files: dict[str, set[str]] = {}
+    for arg in argv:
+        for path, vm_uuid in pattern.findall(arg):
+            files.setdefault(vm_uuid, set()).add(path)
+    return {vm_uuid for vm_uuid, paths in files.items() if len(paths) >= 2}
+
+
+def _found(tmp: str, known: set[str]) -> dict[str, list[tuple[int, int, list[str]]]]:
+    """UUID -> (pid, start time, argv) of the live processes naming its files; sudo's
+    child QEMU is left to its sudo (ended through it, as QemuProcess does)."""
+    by_uuid: dict[str, list[tuple[int, int, list[str]]]] = {}
+    for pid, start_time, argv in live_processes():
+        for vm_uuid in _named_uuids(tmp, argv) - known:
+            by_uuid.setdefault(vm_uuid, []).append((pid, start_time, argv))
+    for found in by_uuid.values():
+        if any(os.path.basename(argv[0]) == "sudo" for _, _, argv in found):
+            found[:] = [f for f in found if os.path.basename(f[2][0]) == "sudo"]
+    return by_uuid
+
+
+def _option(argv: list[str], pattern: str) -> str:
+    for arg in argv:
+        if match := re.search(pattern, arg):
+            return match.group(1)
+    return ""
+
+
+async def sweep(tmp: Path, known: set[str]) -> None:
+    """Ends the QEMUs and removes the files under `tmp` of UUIDs not in `known`."""
+    where = str(tmp)
+    found = await asyncio.to_thread(_found, where, known)
+    for vm_uuid, processes in sorted(found.items()):
+        for pid, start_time, argv in processes:
+            await _end(vm_uuid, pid, start_time, argv)
+    try:
+        names = os.listdir(tmp)
+    except OSError:
+        return
+    for name in sorted(names):
+        match = re.fullmatch(_NAME, name)
+        if match is None or match.group(1) in known:
+            continue
+        try:
+            os.unlink(tmp / name)
+        except FileNotFoundError:
+            continue
+        except OSError as error:
+            _log.warning("cannot remove a per-VM file", path=str(tmp / name), error=error.strerror)
+            continue
+        _log.warning(
+            "per-VM file of no VM record removed (its record was lost)",
+            path=str(tmp / name),
+            uuid=match.group(1),
+        )
+
+
+async def _end(vm_uuid: str, pid: int, start_time: int, argv: list[str]) -> None:
+    details = {
+        "uuid": vm_uuid,
+        "pid": pid,
+        "agent_port": _option(argv, r"hostfwd=tcp:[^:]*:(\d+)-"),
+        "vnc_display": _option(argv, r"^:(\d+)$") if "-vnc" in argv else "",
+    }
+    try:
+        process = QemuProcess.adopt(pid, argv, start_time, argv)
+    except ProcessLookupError:
+        return  # ended meanwhile
+    process.kill_now()
+    try:
+        await process.terminate(0)
+    except QemuStopFailedError as error:
+        _log.error(
+            "QEMU of a lost VM record could not be ended: end it by hand",
+            error=str(error),
+            **details,
+        )
+        return
+    _log.error(
+        "QEMU of a lost VM record ended: no record named it (set aside as .bad, or lost), so "
+        "its computation could not be resumed; its files are removed",
+        **details,
+    )
