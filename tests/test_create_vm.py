@@ -96,7 +96,7 @@ async def test_create_hands_the_agent_its_settings_and_remove_leaves_nothing(
     manager: Manager,
 ) -> None:
     created = (await upstream_call(manager.address, "CreateVm", full_request())).json
-    cvm_id = created["cvm_id"]
+    cvm_id = created["cvmId"]
     assert uuid.UUID(cvm_id).version == 4 and str(uuid.UUID(cvm_id)) == cvm_id
     port = int(created["forwardedPort"])
     assert created["forwardedPort"] == str(port)
@@ -170,7 +170,7 @@ async def test_without_certificates_the_environment_names_none(manager: Manager)
     assert handed["/etc/cocos/environment"] == (
         "AGENT_LOG_LEVEL=\n"
         "AGENT_CVM_GRPC_URL=cvms:7001\n"
-        f"AGENT_CVM_ID={created['cvm_id']}\n"
+        f"AGENT_CVM_ID={created['cvmId']}\n"
         "AGENT_CERTS_TOKEN=\n"
         "AGENT_CVM_CA_URL=\n"
     )
@@ -178,7 +178,7 @@ async def test_without_certificates_the_environment_names_none(manager: Manager)
     assert handed["/proc/cmdline"] == "console=ttyS0 quiet\n"
     (shares,) = (manager.tmp / "vms").glob("shares-*")
     assert list((shares / "certs").iterdir()) == []
-    await upstream_call(manager.address, "RemoveVm", {"cvm_id": created["cvm_id"]})
+    await upstream_call(manager.address, "RemoveVm", {"cvm_id": created["cvmId"]})
     assert leftovers(manager) == []
 
 
@@ -214,7 +214,7 @@ async def test_a_go_form_ttl_removes_the_vm_and_its_shares(manager: Manager) -> 
     assert listed[0].HasField("expires_at")
     await wait_for(lambda: manager.service.computations() == {}, "the TTL to remove the VM", 20)
     assert leftovers(manager) == []
-    gone = await upstream_call(manager.address, "CVMInfo", {"id": created["cvm_id"]})
+    gone = await upstream_call(manager.address, "CVMInfo", {"id": created["cvmId"]})
     assert "NotFound" in gone.err
 
 
@@ -228,9 +228,9 @@ async def test_on_the_vsock_channel_there_is_no_vsock_device_and_no_hand_over(
     ) as manager:
         created = (await upstream_call(manager.address, "CreateVm", full_request())).json
         (machine,) = manager.service.computations().values()
-        assert machine.id == created["cvm_id"] and machine.process is not None
+        assert machine.id == created["cvmId"] and machine.process is not None
         assert not any("vhost-vsock" in arg for arg in machine.process.argv)
-        await upstream_call(manager.address, "RemoveVm", {"cvm_id": created["cvm_id"]})
+        await upstream_call(manager.address, "RemoveVm", {"cvm_id": created["cvmId"]})
         assert leftovers(manager) == []
 
 
@@ -254,7 +254,7 @@ async def test_run_and_create_share_one_daemon(manager: Manager) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await manager.stub.Stop(pb.StopRequest(computation_id="classic"))
     assert caught.value.code() is grpc.StatusCode.NOT_FOUND
-    await manager.stub.Stop(pb.StopRequest(computation_id=created["cvm_id"]))
+    await manager.stub.Stop(pb.StopRequest(computation_id=created["cvmId"]))
     assert leftovers(manager) == []
 
 
@@ -268,7 +268,7 @@ async def test_max_vms_is_resource_exhausted_and_leaves_nothing(
         assert "MANAGER_MAX_VMS" in answer.err
         assert len(list((tmp_path / "vms").glob("shares-*"))) == 1
         assert len(list((tmp_path / "state").glob("vm-*.json"))) == 1
-        await upstream_call(manager.address, "RemoveVm", {"cvm_id": first["cvm_id"]})
+        await upstream_call(manager.address, "RemoveVm", {"cvm_id": first["cvmId"]})
         assert leftovers(manager) == []
 
 
@@ -280,7 +280,7 @@ async def test_attestation_policy_binds_the_environment_and_measures_the_vm_s_li
     the VM was launched with, aa_kbs_params' parameter included."""
     async with running_manager(tmp_path, monkeypatch, **snp_env(tmp_path)) as manager:
         created = (await upstream_call(manager.address, "CreateVm", full_request())).json
-        cvm_id = created["cvm_id"]
+        cvm_id = created["cvmId"]
         handed = sections(await asyncio.to_thread(fetch_agent_port, int(created["forwardedPort"])))
         environment = handed["/etc/cocos/environment"].encode()
         answer = (await upstream_call(manager.address, "AttestationPolicy", {"id": cvm_id})).json
@@ -340,7 +340,7 @@ async def test_cli_create_vm_with_upstream_flags(manager: Manager, tmp_path: Pat
     )  # fmt: skip
     assert code == 0, err
     created = json.loads(out)
-    cvm_id, port = created["cvm_id"], int(created["forwardedPort"])
+    cvm_id, port = created["cvm_id"], int(created["forwarded_port"])
     handed = sections(await asyncio.to_thread(fetch_agent_port, port))
     assert "AGENT_CVM_GRPC_SERVER_CA_CERTS=/etc/certs/ca.pem\n" in handed["/etc/cocos/environment"]
     assert "AWS_REGION=eu-1\n" in handed["/etc/cocos/environment"]
@@ -371,12 +371,12 @@ async def test_remove_vm_presses_the_power_button_first_when_a_grace_is_set(
     ) as manager:
         created = (await upstream_call(manager.address, "CreateVm", full_request())).json
         # Per-VM metrics follow vm_pids: the VM is among them.
-        assert [vm_id for vm_id, _ in manager.service.vm_pids()] == [created["cvm_id"]]
-        removed = await upstream_call(manager.address, "RemoveVm", {"cvm_id": created["cvm_id"]})
+        assert [vm_id for vm_id, _ in manager.service.vm_pids()] == [created["cvmId"]]
+        removed = await upstream_call(manager.address, "RemoveVm", {"cvm_id": created["cvmId"]})
         assert removed.code == 0, removed.err
-        request = pb.LogsRequest(computation_id=created["cvm_id"])
+        request = pb.LogsRequest(computation_id=created["cvmId"])
         lines = [line.message async for line in manager.stub.Logs(request, timeout=5)]
-        assert f"BOOTED {created['cvm_id']}" in "\n".join(lines)
+        assert f"BOOTED {created['cvmId']}" in "\n".join(lines)
         assert "reboot: Power down" in lines
         assert not any("terminating on signal" in line for line in lines)
         assert leftovers(manager) == []
@@ -400,7 +400,7 @@ async def test_a_full_tmp_file_loc_is_resource_exhausted_and_keeps_no_share(
             statvfs = os.statvfs(vms)
             assert statvfs.f_bfree == statvfs.f_blocks
             created = (await upstream_call(manager.address, "CreateVm", full_request())).json
-            await upstream_call(manager.address, "RemoveVm", {"cvm_id": created["cvm_id"]})
+            await upstream_call(manager.address, "RemoveVm", {"cvm_id": created["cvmId"]})
             assert leftovers(manager) == []
 
 
@@ -433,9 +433,9 @@ async def test_shares_under_a_path_with_commas(
     async with running_manager(tmp_path, monkeypatch, MANAGER_QEMU_TMP_FILE_LOC=str(vms)) as m:
         created = (await upstream_call(m.address, "CreateVm", full_request())).json
         handed = sections(await asyncio.to_thread(fetch_agent_port, int(created["forwardedPort"])))
-        assert f"AGENT_CVM_ID={created['cvm_id']}\n" in handed["/etc/cocos/environment"]
+        assert f"AGENT_CVM_ID={created['cvmId']}\n" in handed["/etc/cocos/environment"]
         (machine,) = m.service.computations().values()
         assert machine.process is not None
         assert any(",,ms/shares-" in arg for arg in machine.process.argv)
-        await upstream_call(m.address, "RemoveVm", {"cvm_id": created["cvm_id"]})
+        await upstream_call(m.address, "RemoveVm", {"cvm_id": created["cvmId"]})
         assert os.listdir(vms) == []
