@@ -34,12 +34,15 @@ from cocos_manager.proto import manager_pb2 as pb
 from cocos_manager.qemu.argv import Executable
 from cocos_manager.telemetry.logging import get_logger
 from cocos_manager.telemetry.metrics import METRICS
+from cocos_manager.vm import pause as vm_pause
 from cocos_manager.vm.files import check_images
+from cocos_manager.vm.inspect import vm_info
 from cocos_manager.vm.lifecycle import MachineContext, StopReason, VmState
 from cocos_manager.vm.listing import computation_info
 from cocos_manager.vm.machine import Machine
 from cocos_manager.vm.recovery import recover
 from cocos_manager.vm.resources import Pool, Pools
+from cocos_manager.vm.size import requested_size
 
 _tracer = trace.get_tracer("cocos_manager.service")
 _log = get_logger()
@@ -71,6 +74,7 @@ class ManagerService:
         self.pools = Pools.from_settings(self.qemu)
         self.tasks = TaskSet()
         self._machines: dict[str, Machine] = {}
+        self._ended: dict[str, pb.GetResponse] = {}  # Get of VMs that ended, while retained
         self._closing = False
         self._release_hooks: list[Callable[[int], object]] = []
         self._store = StateStore(Path(settings.service.STATE_DIR))
@@ -139,10 +143,12 @@ class ManagerService:
         try:
             with _tracer.start_as_current_span("validate"):
                 manifest = await validated_manifest(request)
+                size = requested_size(request, self.qemu)
                 self._admit_check(request.id)
                 check_images(self.qemu)
             machine = self._admit(request.id)
             machine.ttl = effective_ttl(request, self.settings)
+            machine.size = size
         except ManagerError as error:
             METRICS.run_failures.labels(reason=error.reason).inc()
             raise
@@ -199,6 +205,10 @@ class ManagerService:
     def _released(self, machine: Machine) -> None:
         if self._machines.get(machine.id) is machine:
             del self._machines[machine.id]
+            info = vm_info(machine)
+            info.ClearField("files")  # removed with the VM
+            self._ended[machine.id] = info
+            self._prune_ended()
         METRICS.vms_running.set(len(self._machines))
         for hook in self._release_hooks:
             hook(machine.resources.guest_cid)
@@ -211,11 +221,44 @@ class ManagerService:
 
     # -- Stop ------------------------------------------------------------------------------
 
-    async def stop(self, computation_id: str) -> None:
+    async def stop(self, computation_id: str, *, force: bool = False) -> None:
         machine = self._machines.get(computation_id)
         if machine is None:
             raise NotFoundError(f"computation {computation_id!r} is not running")
-        await machine.stop(StopReason.STOP)
+        await machine.stop(StopReason.STOP, force=force)
+
+    # -- Pause, Resume, Get (vm/pause.py, vm/inspect.py) --------------------------------
+
+    def _held(self, computation_id: str) -> Machine:
+        machine = self._machines.get(computation_id)
+        if machine is None:
+            raise NotFoundError(f"computation {computation_id!r} is not running")
+        return machine
+
+    async def pause(self, computation_id: str) -> None:
+        await vm_pause.pause(self._held(computation_id))
+
+    async def resume(self, computation_id: str) -> None:
+        await vm_pause.resume(self._held(computation_id))
+
+    def get(self, computation_id: str) -> pb.GetResponse:
+        """A held VM, else one that ended while its console is still kept (the same
+        retention, MANAGER_LOG_RETENTION and MANAGER_LOG_RETAINED_VMS)."""
+        machine = self._machines.get(computation_id)
+        if machine is not None:
+            return vm_info(machine)
+        self._prune_ended()
+        ended = self._ended.get(computation_id)
+        if ended is None:
+            raise NotFoundError(
+                f"computation {computation_id!r} is not running and no record of its end is kept"
+            )
+        return ended
+
+    def _prune_ended(self) -> None:
+        kept = set(self.ctx.consoles.retained)
+        for computation_id in [i for i in self._ended if i not in kept]:
+            del self._ended[computation_id]
 
     # -- shutdown --------------------------------------------------------------------------
 
@@ -262,6 +305,7 @@ class ManagerService:
             machine.resources,
             machine.process.argv,
             computation_id,
+            machine.size,
         )
 
     # -- operator queries: List, Logs, per-VM metrics --------------------------------------

@@ -16,6 +16,8 @@ stdout, exits on SIGTERM. FAKE_QEMU_MODE changes its behaviour:
                   as KVM's emulation failure or a panic does: a STOP event (and GUEST_PANICKED
                   for STATUS guest-panicked) on that session; query-status says STATUS from
                   then on, and `cont` resumes it (RESUME event). The process stays alive.
+                  (In every mode QMP `stop` pauses the guest as QEMU does: STOP event, status
+                  "paused"; `cont` resumes it.)
 `-version` and `-object help` answer like QEMU 10 (the objects: FAKE_QEMU_OBJECTS, comma
 separated, default an upstream QEMU's confidential-computing ones), for the start-up probes.
   halt-on-ready:STATUS  as halt-after, but at once behind the first query-status answer
@@ -155,6 +157,10 @@ def qmp_session(conn: socket.socket) -> None:
             elif command == "cont":
                 RUN_STATE["status"] = "running"
                 conn.sendall(event("RESUME"))
+                reply = {"return": {}}
+            elif command == "stop":  # as QEMU: run state "paused", a STOP event before the return
+                RUN_STATE["status"] = "paused"
+                conn.sendall(event("STOP"))
                 reply = {"return": {}}
             elif command == "system_powerdown":
                 if os.environ.get("FAKE_QEMU_MODE") != "ignore-powerdown":

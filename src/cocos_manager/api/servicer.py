@@ -42,7 +42,7 @@ class ManagerServicer(pb_grpc.ManagerServiceServicer):
         self, request: pb.StopRequest, context: grpc.aio.ServicerContext
     ) -> pb.StopResponse:
         try:
-            await self._service.stop(request.computation_id)
+            await self._service.stop(request.computation_id, force=request.force)
         except Exception as error:
             await _abort(context, error, "Stop")
             raise
@@ -104,3 +104,38 @@ class ManagerServicer(pb_grpc.ManagerServiceServicer):
             return
         async for line in console.follow(request.tail):
             yield line.to_pb(computation_id)
+
+    async def Pause(
+        self, request: pb.PauseRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PauseResponse:
+        try:
+            await self._service.pause(_required_id(request.computation_id))
+        except Exception as error:
+            await _abort(context, error, "Pause")
+            raise
+        return pb.PauseResponse()
+
+    async def Resume(
+        self, request: pb.ResumeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ResumeResponse:
+        try:
+            await self._service.resume(_required_id(request.computation_id))
+        except Exception as error:
+            await _abort(context, error, "Resume")
+            raise
+        return pb.ResumeResponse()
+
+    async def Get(
+        self, request: pb.GetRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetResponse:
+        try:
+            return self._service.get(_required_id(request.computation_id))
+        except Exception as error:
+            await _abort(context, error, "Get")
+            raise
+
+
+def _required_id(computation_id: str) -> str:
+    if not computation_id:
+        raise InvalidArgumentError("computation_id: required")
+    return computation_id

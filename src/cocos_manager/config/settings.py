@@ -23,6 +23,7 @@ from cocos_manager.config.choices import (
     TRACING_OFF,
     AgentChannel,
     GuestHaltAction,
+    LogFormat,
     LogLevel,
     SnpSyntax,
     tracing_off,
@@ -40,6 +41,7 @@ from cocos_manager.config.go_parse import (
 
 # Re-exported: resources.py and the tests name the range type with the settings it belongs to.
 from cocos_manager.config.go_parse import PortRange as PortRange
+from cocos_manager.config.sizes import parse_optional_memory_mib
 
 FIRST_GUEST_CID = 3
 MAX_VNC_DISPLAY = 65535 - 5900
@@ -121,6 +123,13 @@ class QemuSettings(BaseSettings):
     # After a restart, how long a re-adopted VM's QMP monitor may take to answer (all VMs are
     # probed at once); one that does not is killed. Bounded: start-up must not wait on a wedge.
     ADOPT_TIMEOUT: GoDuration = 10.0
+    # The most a Run may ask for (ComputationRunReq.vcpus / memory_mib): docs/decisions.md,
+    # "Per-Run size". 0 / unset = the default size (SMP_COUNT, MEMORY_SIZE) is also the
+    # ceiling: a client can make its VM smaller, never bigger, until the operator says so.
+    MAX_SMP: GoInt = 0
+    MAX_MEMORY_PER_VM: Annotated[
+        int | None, NoDecode, BeforeValidator(parse_optional_memory_mib)
+    ] = None  # in MiB; written as QEMU sizes are (8G, 4096M)
 
     # Hardening for real hosts (exposure and QEMU's environment): docs/decisions.md,
     # "Hardening: exposure" and "Hardening: QEMU's environment".
@@ -177,6 +186,13 @@ class QemuSettings(BaseSettings):
                 ) from None
         return value
 
+    @field_validator("MAX_SMP")
+    @classmethod
+    def _max_smp(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError("must be 0 (the default size is the ceiling) or more")
+        return value
+
     @field_validator("VSOCK_GUEST_CID")
     @classmethod
     def _guest_cid(cls, value: int) -> int:
@@ -198,6 +214,7 @@ class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MANAGER_", **_COMMON)
 
     LOG_LEVEL: LogLevel = LogLevel.INFO
+    LOG_FORMAT: LogFormat = LogFormat.JSON  # the port's own: text for a person at a terminal
     GRPC_HOST: str = ""
     GRPC_PORT: GoInt = 7001
     GRPC_SERVER_CERT: str = ""

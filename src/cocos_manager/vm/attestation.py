@@ -36,7 +36,7 @@ from cocos_manager.confidential.modes import (
 )
 from cocos_manager.config.settings import QemuSettings
 from cocos_manager.errors import FailedPreconditionError
-from cocos_manager.qemu.argv import VmResources, derive_vm_settings
+from cocos_manager.qemu.argv import VmResources, VmSize, derive_vm_settings
 
 DOCUMENT_VERSION = 1
 
@@ -204,14 +204,18 @@ def _hex(value: str | None) -> str | None:
 
 
 def computation_policy_json(
-    q: QemuSettings, resources: VmResources, argv: Sequence[str], computation_id: str
+    q: QemuSettings,
+    resources: VmResources,
+    argv: Sequence[str],
+    computation_id: str,
+    size: VmSize | None = None,
 ) -> bytes:
     """The AttestationPolicy answer for a running VM: its own settings (base settings and the
     resources it was given), what its QEMU got on its command line, and which QEMU that is.
     Blocking (hashes the firmware, kernel and initrd): run it in a worker thread."""
     binary = qemu_binary(q)
     document = attestation_policy_document(
-        derive_vm_settings(q, resources),
+        derive_vm_settings(q, resources, size),  # its own vCPUs: measured, one VMSA each
         computation_id=computation_id,
         binding=launched_binding(argv),
         qemu_version=qemu_version(binary) if binary else "",

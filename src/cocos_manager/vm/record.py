@@ -38,6 +38,10 @@ def record_of(machine: Machine) -> VmRecord:
         vnc_display=r.vnc_display,
         files={name: str(path) for name, path in files.items()},
         expires_at=machine.expires_at,
+        operator_paused=machine.operator_paused,
+        vcpus=machine.size.vcpus,
+        memory_mib=machine.size.memory_mib,
+        settings=dict(machine.launch_settings),
     )
     if machine.process is not None:
         record.pid, record.start_time = machine.process.pid, machine.process.start_time

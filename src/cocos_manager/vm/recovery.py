@@ -27,7 +27,7 @@ from cocos_manager.host.state_store import (
     live_processes,
     process_identity,
 )
-from cocos_manager.qemu.argv import VmResources
+from cocos_manager.qemu.argv import VmResources, VmSize
 from cocos_manager.qemu.process import QemuProcess
 from cocos_manager.telemetry.logging import get_logger
 from cocos_manager.vm.files import VmFiles, vm_paths
@@ -222,5 +222,9 @@ def adopt_machine(
     machine = Machine(ctx, record.computation_id, lease, files=files, process=process, adopted=True)
     machine.started_at = started_at_from_ticks(record.start_time) or machine.started_at
     machine.expires_at = record.expires_at
-    machine.readopted(paused=record.state == VmState.PAUSED.value)
+    machine.size = VmSize(record.vcpus, record.memory_mib)
+    machine.launch_settings = dict(record.settings)
+    machine.readopted(
+        paused=record.state == VmState.PAUSED.value, by_operator=record.operator_paused
+    )
     return machine

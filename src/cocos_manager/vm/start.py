@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING
 from opentelemetry import trace
 
 from cocos_manager.agent.vsock import HandoverAborted, HandoverTimeout, send_manifest
+from cocos_manager.config.env_text import env_values
 from cocos_manager.errors import HandoverFailedError, HandoverTimeoutError, QemuExitedError
 from cocos_manager.host import workers
-from cocos_manager.qemu.argv import VmResources, vm_args
+from cocos_manager.qemu.argv import VmResources, derive_vm_settings, vm_args
 from cocos_manager.qemu.failures import Conflict, conflicts_exhausted
 from cocos_manager.qemu.process import QemuProcess
 from cocos_manager.qemu.qmp import qmp_args
@@ -55,13 +56,17 @@ async def prepare_files(machine: Machine, manifest: bytes) -> None:
 
 
 def vm_command(machine: Machine, listener: socket.socket, payload: bytes) -> list[str]:
-    """`payload`: the manifest, bound into attestation with MANAGER_QEMU_BIND_MANIFEST."""
+    """`payload`: the manifest, bound into attestation with MANAGER_QEMU_BIND_MANIFEST. The
+    settings the line is built from are kept with it (Get shows them)."""
     assert machine.files is not None
+    q = machine.ctx.settings.qemu
+    machine.launch_settings = env_values(derive_vm_settings(q, machine.resources, machine.size))
     args = vm_args(
         machine.ctx.settings.qemu,
         machine.resources,
         manifest_file=machine.files.manifest,
         manifest=payload,
+        size=machine.size,
     )
     return machine.ctx.executable.vm_command(
         [*args, *qmp_args(listener)], keep_fds=(listener.fileno(),)

@@ -1,0 +1,33 @@
+"""Settings written back as the environment text that would give them, by variable name: how
+Get shows the settings a VM was launched with (and how its record keeps them)."""
+
+from __future__ import annotations
+
+import enum
+
+from pydantic_settings import BaseSettings
+
+from cocos_manager.config.go_parse import go_duration_text
+from cocos_manager.config.settings import env_name
+
+
+def value_text(value: object) -> str:
+    """Booleans as Go writes them, durations (floats) as Go durations, lists comma-joined."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, enum.Enum):
+        return str(value.value)
+    if isinstance(value, float):
+        return go_duration_text(value)
+    if isinstance(value, tuple | list):
+        return ",".join(str(item) for item in value)
+    return str(value)
+
+
+def env_values(settings: BaseSettings) -> dict[str, str]:
+    model = type(settings)
+    return {
+        env_name(model, field): value_text(getattr(settings, field)) for field in model.model_fields
+    }
