@@ -205,10 +205,7 @@ class ManagerService:
     def _released(self, machine: Machine) -> None:
         if self._machines.get(machine.id) is machine:
             del self._machines[machine.id]
-            info = vm_info(machine)
-            info.ClearField("files")  # removed with the VM
-            self._ended[machine.id] = info
-            self._prune_ended()
+            self._keep_ended(machine)
         METRICS.vms_running.set(len(self._machines))
         for hook in self._release_hooks:
             hook(machine.resources.guest_cid)
@@ -254,6 +251,17 @@ class ManagerService:
                 f"computation {computation_id!r} is not running and no record of its end is kept"
             )
         return ended
+
+    def _keep_ended(self, machine: Machine) -> None:
+        """Get's answer for a VM that ended; never in the way of the release it runs in."""
+        try:
+            info = vm_info(machine)
+        except Exception as error:
+            machine.log.error("cannot keep the ended VM for Get", error=repr(error))
+            return
+        info.ClearField("files")  # removed with the VM
+        self._ended[machine.id] = info
+        self._prune_ended()
 
     def _prune_ended(self) -> None:
         kept = set(self.ctx.consoles.retained)
