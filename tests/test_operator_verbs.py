@@ -341,3 +341,34 @@ async def test_the_size_is_kept_across_a_restart(tmp_path: Path) -> None:
     finally:
         if daemon.process is not None and daemon.process.poll() is None:
             await daemon.terminate()
+
+
+async def test_a_pause_whose_record_was_not_written_is_found_paused_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    """The daemon SIGKILLed after QEMU took the QMP `stop` but before the record said so: the
+    record says running, QEMU says paused. Re-adopted paused (not killed as a wedged VM)."""
+    daemon = Daemon(env=base_env(tmp_path), log=tmp_path / "daemon.log")
+    await daemon.start()
+    try:
+        await daemon.stub.Run(run_request("window"))
+        await daemon.stub.Pause(pb.PauseRequest(computation_id="window"))
+        await daemon.kill()
+        (path,) = (tmp_path / "state").glob("vm-*.json")
+        record = json.loads(path.read_text())
+        assert (record["state"], record["operator_paused"]) == ("paused", True)
+        record.update(state="running", operator_paused=False)  # as it was before the pause
+        path.write_text(json.dumps(record))
+        await daemon.start()
+        (info,) = (await daemon.stub.List(pb.ListRequest())).computations
+        assert (info.computation_id, info.state, info.adopted) == ("window", "paused", True)
+        assert (await daemon.stub.Get(pb.GetRequest(computation_id="window"))).paused_by == (
+            "operator"
+        )
+        await daemon.stub.Resume(pb.ResumeRequest(computation_id="window"))
+        (info,) = (await daemon.stub.List(pb.ListRequest())).computations
+        assert info.state == "running"
+        await daemon.stub.Stop(pb.StopRequest(computation_id="window"))
+    finally:
+        if daemon.process is not None and daemon.process.poll() is None:
+            await daemon.terminate()

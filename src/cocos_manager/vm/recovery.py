@@ -29,6 +29,7 @@ from cocos_manager.host.state_store import (
 )
 from cocos_manager.qemu.argv import VmResources, VmSize
 from cocos_manager.qemu.process import QemuProcess
+from cocos_manager.qemu.qmp import QmpError
 from cocos_manager.telemetry.logging import get_logger
 from cocos_manager.vm.files import VmFiles, vm_paths
 from cocos_manager.vm.lifecycle import MachineContext, VmState
@@ -192,7 +193,12 @@ async def _recover_one(ctx: MachineContext, record: VmRecord, *, taken: bool) ->
             # MANAGER_QEMU_ADOPT_TIMEOUT: bounded, so one wedged QEMU cannot hold start-up past
             # systemd's TimeoutStartSec; the probes of all VMs run at once.
             timeout = ctx.settings.qemu.ADOPT_TIMEOUT
-            await process.check_qmp(files.qmp_socket, timeout=timeout, paused=paused)
+            # Any status answers: a running record whose QEMU says "paused" is a Pause whose
+            # QMP stop landed but whose record the daemon died before writing.
+            await process.check_qmp(files.qmp_socket, timeout=timeout, paused=True)
+            if not paused and await _paused_unrecorded(process, timeout):
+                log.warning("VM found paused by a Pause its record missed: kept paused")
+                record.state, record.operator_paused = VmState.PAUSED.value, True
         except Exception as error:
             reason = f"its QMP monitor does not answer ({error!r})"
     if reason:
@@ -210,6 +216,20 @@ async def _recover_one(ctx: MachineContext, record: VmRecord, *, taken: bool) ->
     machine = adopt_machine(ctx, record, process, files)
     log.info("VM re-adopted after restart", agent_port=record.host_port)
     return machine
+
+
+async def _paused_unrecorded(process: QemuProcess, timeout: float) -> bool:
+    """For a running record: True if QEMU's run state is "paused" (only a QMP `stop`, i.e. a
+    Pause, puts it there); QmpError for any other state than running, as before."""
+    assert process.monitor is not None
+    status = await asyncio.wait_for(process.monitor.query_status(), timeout)
+    if status == "paused":
+        return True
+    if status != "running":
+        monitor, process.monitor = process.monitor, None  # not kept: as check_qmp refusing
+        await monitor.close()
+        raise QmpError(f"QEMU reports VM status {status!r} instead of 'running'")
+    return False
 
 
 def adopt_machine(
