@@ -51,6 +51,7 @@ async def test_pause_resume_and_show(tmp_path: Path, monkeypatch: pytest.MonkeyP
         assert lines["vcpus"].strip() == "2" and lines["memory"].strip() == "1024 MiB"
         assert lines["ttl"].strip() == "1m30s"
         assert lines["confidential"].strip() == "none"
+        assert lines["guest cid"].strip() == "- (fw_cfg: no vsock device)"  # the harness's channel
         assert "-smp 2,maxcpus=64" in lines["qemu"]
         code, out, _ = await cli(m, "show", "c1", "--json")
         doc = json.loads(out)

@@ -229,6 +229,8 @@ async def test_get_says_what_list_says_and_how_the_vm_was_launched(
         await m.stub.Stop(pb.StopRequest(computation_id="info"))
         ended = await m.stub.Get(pb.GetRequest(computation_id="info"))
         assert (ended.computation.state, ended.computation.pid) == ("ended", 0)
+        assert got.computation.HasField("expires_at")
+        assert not ended.computation.HasField("expires_at")
         assert ended.last_exit.reason == "stop"
         assert (ended.last_exit.event_type, ended.last_exit.status) == ("vm-stop", "complete")
         assert ended.last_exit.HasField("ended_at")

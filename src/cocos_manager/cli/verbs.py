@@ -74,6 +74,13 @@ def _time(stamp: Timestamp) -> str:
     return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+def _guest_cid(vm: pb.GetResponse) -> str:
+    """A VM on the fw_cfg channel has no vsock device: a CID would mean nothing."""
+    if vm.settings.get("MANAGER_QEMU_AGENT_CHANNEL") == "fw_cfg" or not vm.computation.guest_cid:
+        return "- (fw_cfg: no vsock device)"
+    return str(vm.computation.guest_cid)
+
+
 def vm_report(vm: pb.GetResponse, *, argv_lines: bool = False) -> str:
     """`show`: one fact a line, as virsh dominfo; `argv_lines` (--verbose) adds QEMU's
     command line one argument a line and every setting the VM was launched with."""
@@ -84,7 +91,7 @@ def vm_report(vm: pb.GetResponse, *, argv_lines: bool = False) -> str:
         ("state", state),
         ("pid", str(c.pid) if c.pid else "-"),
         ("agent port", c.agent_port),
-        ("guest cid", str(c.guest_cid)),
+        ("guest cid", _guest_cid(vm)),
         ("vnc display", f":{c.vnc_display}"),
         ("started", _time(c.started_at) if c.HasField("started_at") else "-"),
         ("expires", _time(c.expires_at) if c.HasField("expires_at") else "-"),

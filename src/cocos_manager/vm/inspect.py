@@ -41,7 +41,7 @@ def machine_info(machine: Machine) -> pb.ComputationInfo:
         vnc_display=r.vnc_display,
         pid=None if ended or machine.process is None else machine.process.pid,
         started_at=machine.started_at,
-        expires_at=machine.expires_at,
+        expires_at=None if ended else machine.expires_at,  # no deadline for what has ended
         adopted=machine.adopted,
     )
 
