@@ -4,6 +4,7 @@ Get shows the settings a VM was launched with (and how its record keeps them).""
 from __future__ import annotations
 
 import enum
+import functools
 
 from pydantic_settings import BaseSettings
 
@@ -26,8 +27,11 @@ def value_text(value: object) -> str:
     return str(value)
 
 
+@functools.cache
+def _names(model: type[BaseSettings]) -> tuple[tuple[str, str], ...]:
+    """(field, variable name) of a model, worked out once: this runs at every VM start."""
+    return tuple((field, env_name(model, field)) for field in model.model_fields)
+
+
 def env_values(settings: BaseSettings) -> dict[str, str]:
-    model = type(settings)
-    return {
-        env_name(model, field): value_text(getattr(settings, field)) for field in model.model_fields
-    }
+    return {name: value_text(getattr(settings, field)) for field, name in _names(type(settings))}
