@@ -374,3 +374,25 @@ async def test_a_pause_whose_record_was_not_written_is_found_paused_after_a_rest
     finally:
         if daemon.process is not None and daemon.process.poll() is None:
             await daemon.terminate()
+
+
+async def test_a_resume_whose_record_was_not_written_is_found_running_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    """The other window: QEMU took the `cont`, the record still says paused by the operator."""
+    daemon = Daemon(env=base_env(tmp_path), log=tmp_path / "daemon.log")
+    await daemon.start()
+    try:
+        await daemon.stub.Run(run_request("thawed"))
+        await daemon.kill()
+        (path,) = (tmp_path / "state").glob("vm-*.json")
+        record = json.loads(path.read_text())
+        record.update(state="paused", operator_paused=True)  # as it was before the resume
+        path.write_text(json.dumps(record))
+        await daemon.start()
+        (info,) = (await daemon.stub.List(pb.ListRequest())).computations
+        assert (info.computation_id, info.state, info.adopted) == ("thawed", "running", True)
+        await daemon.stub.Stop(pb.StopRequest(computation_id="thawed"))
+    finally:
+        if daemon.process is not None and daemon.process.poll() is None:
+            await daemon.terminate()

@@ -199,6 +199,9 @@ async def _recover_one(ctx: MachineContext, record: VmRecord, *, taken: bool) ->
             if not paused and await _paused_unrecorded(process, timeout):
                 log.warning("VM found paused by a Pause its record missed: kept paused")
                 record.state, record.operator_paused = VmState.PAUSED.value, True
+            elif record.operator_paused and await _resumed_unrecorded(process, timeout):
+                log.warning("VM found running after a Resume its record missed: running")
+                record.state, record.operator_paused = VmState.RUNNING.value, False
         except Exception as error:
             reason = f"its QMP monitor does not answer ({error!r})"
     if reason:
@@ -230,6 +233,13 @@ async def _paused_unrecorded(process: QemuProcess, timeout: float) -> bool:
         await monitor.close()
         raise QmpError(f"QEMU reports VM status {status!r} instead of 'running'")
     return False
+
+
+async def _resumed_unrecorded(process: QemuProcess, timeout: float) -> bool:
+    """For a record paused by Pause: True if QEMU runs (a Resume's `cont` landed, its record
+    did not)."""
+    assert process.monitor is not None
+    return await asyncio.wait_for(process.monitor.query_status(), timeout) == "running"
 
 
 def adopt_machine(
