@@ -396,3 +396,21 @@ async def test_a_resume_whose_record_was_not_written_is_found_running_after_a_re
     finally:
         if daemon.process is not None and daemon.process.poll() is None:
             await daemon.terminate()
+
+
+async def test_a_stop_during_a_pause_does_not_wait_for_a_power_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Stop that lands while a Pause's QMP stop is in flight: the guest is being frozen, so
+    the long grace is not waited (the Pause then fails: the VM is being stopped)."""
+    monkeypatch.setenv("FAKE_QEMU_MODE", "slow-stop:1")  # under the 2 s power-button call
+    async with running_manager(tmp_path, monkeypatch, **LONG_GRACE) as m:
+        await m.stub.Run(run_request("race"))
+        machine = m.service.computations()["race"]
+        pause = asyncio.ensure_future(m.stub.Pause(pb.PauseRequest(computation_id="race")))
+        await wait_for(lambda: machine.pausing, "the Pause's QMP stop in flight")
+        await asyncio.wait_for(m.stub.Stop(pb.StopRequest(computation_id="race")), BOUND)
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await pause
+        assert raised.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+        assert processes_mentioning(str(tmp_path / "vms")) == []

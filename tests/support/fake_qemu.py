@@ -24,6 +24,8 @@ separated, default an upstream QEMU's confidential-computing ones), for the star
                   (which still says running): a guest that fails at its first instruction
   ignore-powerdown  ignore QMP system_powerdown (otherwise: "reboot: Power down", exit 0,
                   as a guest that handles the ACPI power button)
+  slow-stop:S     answer QMP `stop` only after S seconds (and ignore system_powerdown, as
+                  ignore-powerdown): a Pause still in flight when a Stop comes
   ignore-quit     accept QMP quit and go on running (otherwise: exit 0, as QEMU)
   output-helper   start a helper process that inherits QEMU's stdout and stderr and keeps them
                   open for 30 s after QEMU has ended (as a `-netdev tap` ifup script that starts
@@ -159,11 +161,16 @@ def qmp_session(conn: socket.socket) -> None:
                 conn.sendall(event("RESUME"))
                 reply = {"return": {}}
             elif command == "stop":  # as QEMU: run state "paused", a STOP event before the return
+                slow = os.environ.get("FAKE_QEMU_MODE", "")
+                if slow.startswith("slow-stop:"):
+                    time.sleep(float(slow.split(":")[1]))
                 RUN_STATE["status"] = "paused"
                 conn.sendall(event("STOP"))
                 reply = {"return": {}}
             elif command == "system_powerdown":
-                if os.environ.get("FAKE_QEMU_MODE") != "ignore-powerdown":
+                if not os.environ.get("FAKE_QEMU_MODE", "").startswith(
+                    ("ignore-powerdown", "slow-stop:")
+                ):
                     conn.sendall(b'{"return": {}}\r\n')
                     say(sys.stdout, "reboot: Power down\r\n")
                     os._exit(0)

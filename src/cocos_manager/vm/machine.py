@@ -100,6 +100,7 @@ class Machine:
         self.spawning_argv: list[str] = []  # the command line of the QEMU being spawned
         self.halt: dict[str, Any] | None = None  # QEMU's words when it halted the guest
         self.operator_paused = False  # paused by a Pause request (vm/pause.py)
+        self.pausing = False  # a Pause's QMP stop is in flight
         self.forced = asyncio.Event()  # a forced Stop: no power-down grace, or no more of it
         self.size = VmSize()  # vCPUs and memory the Run asked for (vm/size.py)
         self.launch_settings: dict[str, str] = {}  # MANAGER_QEMU_* as this VM got them

@@ -69,16 +69,25 @@ async def _command(machine: Machine, command: str) -> None:
             f"computation {machine.id!r}: QEMU refused {command!r}: {error}"
         ) from None
     except (QmpClosed, TimeoutError) as error:
+        if machine.state in (VmState.STOPPING, VmState.RELEASED):  # QEMU ended by a Stop
+            raise FailedPreconditionError(f"computation {machine.id!r} is being stopped") from None
         raise UnavailableError(
             f"computation {machine.id!r}: QEMU did not answer {command!r} ({error!r})"
         ) from None
 
 
 async def _pause(machine: Machine) -> None:
-    await _command(machine, "stop")
+    """While QMP `stop` is in flight, and after it if a Stop came meanwhile, the guest is
+    (being) frozen: a release gives it no power-down grace it could not use."""
+    machine.pausing = True
+    try:
+        await _command(machine, "stop")
+    finally:
+        machine.pausing = False
     if machine.state is VmState.RUNNING:
         machine.paused_by_operator({"reason": "pause"})
-    elif machine.state is not VmState.PAUSED:  # a Stop came meanwhile
+    elif machine.state is not VmState.PAUSED:  # a Stop came meanwhile; QEMU paused anyway
+        machine.operator_paused = True
         raise FailedPreconditionError(f"computation {machine.id!r} is being stopped")
 
 

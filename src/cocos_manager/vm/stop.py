@@ -47,7 +47,7 @@ def powerdown_grace(machine: Machine) -> float:
     process = machine.process
     if process is None or process.monitor is None or machine.forced.is_set():
         return 0.0
-    if machine.halt is not None or machine.operator_paused:
+    if machine.halt is not None or machine.operator_paused or machine.pausing:
         return 0.0
     return machine.ctx.settings.qemu.POWERDOWN_GRACE
 
