@@ -23,6 +23,7 @@ from cocos_manager.confidential.argv import host_data
 from cocos_manager.proto import manager_pb2 as pb
 from tests.confidential.test_attestation import SEV_SNP_MEASURE, snp_env
 from tests.support.harness import Manager, run_request, running_manager
+from tests.support.records import newest_record_path, newest_record_paths
 from tests.support.upstream_client import b64, upstream_call
 from tests.support.waiting import wait_for
 
@@ -133,7 +134,7 @@ async def test_create_hands_the_agent_its_settings_and_remove_leaves_nothing(
     listed = await manager.stub.List(pb.ListRequest())
     assert [c.computation_id for c in listed.computations] == [cvm_id]
     assert listed.computations[0].agent_port == str(port)
-    (record,) = (manager.tmp / "state").glob("vm-*.json")
+    record = newest_record_path(manager.tmp / "state")
     text = record.read_text()
     assert "key-bytes" not in text and AWS_SECRET not in text and "token-1" not in text
     files = json.loads(text)["files"]
@@ -267,7 +268,7 @@ async def test_max_vms_is_resource_exhausted_and_leaves_nothing(
         assert answer.code != 0 and "ResourceExhausted" in answer.err
         assert "MANAGER_MAX_VMS" in answer.err
         assert len(list((tmp_path / "vms").glob("shares-*"))) == 1
-        assert len(list((tmp_path / "state").glob("vm-*.json"))) == 1
+        assert len(newest_record_paths(tmp_path / "state")) == 1
         await upstream_call(manager.address, "RemoveVm", {"cvm_id": first["cvmId"]})
         assert leftovers(manager) == []
 
@@ -351,7 +352,7 @@ async def test_cli_create_vm_with_upstream_flags(manager: Manager, tmp_path: Pat
 
     code, out, err = await cli(manager, "cvm-info", cvm_id)
     assert code == 0, err
-    assert json.loads(out)["kernelCmd"] == "console=ttyS0 quiet agent.aa_kbc_params=type=sample"
+    assert json.loads(out)["kernel_cmd"] == "console=ttyS0 quiet agent.aa_kbc_params=type=sample"
     code, out, err = await cli(manager, "create-vm", "--server-url", "x", "--client-key", "/nope")
     assert code == 2 and "--client-key" in err and "/nope" in err
     code, out, err = await cli(manager, "remove-vm", cvm_id)

@@ -29,7 +29,7 @@ def test_wire_field_numbers() -> None:
 
     assert numbers(pb.ComputationRunReq) == {
         "id": 1, "name": 2, "description": 3, "datasets": 4, "algorithm": 5,
-        "result_consumers": 6, "agent_config": 7, "ttl": 8,
+        "result_consumers": 6, "agent_config": 7, "ttl": 8, "vcpus": 9, "memory_mib": 10,
     }  # fmt: skip
     assert numbers(pb.Dataset) == numbers(pb.Algorithm) == {"provider": 1, "id": 2, "hash": 3}
     assert numbers(pb.AgentConfig) == {
@@ -48,7 +48,7 @@ def test_wire_field_numbers() -> None:
     }  # fmt: skip
     oneof = pb.ClientStreamMessage.DESCRIPTOR.oneofs_by_name["message"]
     assert [f.name for f in oneof.fields] == ["agent_log", "agent_event", "run_res"]
-    assert numbers(pb.StopRequest) == {"computation_id": 1}
+    assert numbers(pb.StopRequest) == {"computation_id": 1, "force": 2}
     assert numbers(pb.EventsRequest) == {"computation_id": 1, "since": 2}
     # Operator queries.
     assert numbers(pb.ListResponse) == {"computations": 1}
@@ -57,3 +57,14 @@ def test_wire_field_numbers() -> None:
         "pid": 6, "started_at": 7, "expires_at": 8, "adopted": 9,
     }  # fmt: skip
     assert numbers(pb.LogsRequest) == {"computation_id": 1, "tail": 2, "follow": 3}
+    # Operator verbs: Pause, Resume, Get.
+    for request in (pb.PauseRequest, pb.ResumeRequest, pb.GetRequest):
+        assert numbers(request) == {"computation_id": 1}
+    assert numbers(pb.GetResponse) == {
+        "computation": 1, "qemu_argv": 2, "files": 3, "settings": 4, "confidential_mode": 5,
+        "binding": 6, "ttl": 7, "vcpus": 8, "memory_mib": 9, "paused_by": 10, "last_exit": 11,
+    }  # fmt: skip
+    assert numbers(pb.VmExit) == {
+        "reason": 1, "event_type": 2, "status": 3, "exit": 4, "error": 5, "ended_at": 6,
+        "last_lines": 7,
+    }  # fmt: skip

@@ -247,7 +247,7 @@ def note_signal(sig: signal.Signals) -> None:
 
 
 async def run_daemon(settings: Settings) -> int:
-    configure_logging(settings.service.LOG_LEVEL)
+    configure_logging(settings.service.LOG_LEVEL, log_format=settings.service.LOG_FORMAT)
     # One daemon per state directory (host/state_lock.py), before recovery or anything else.
     try:
         hold_state_lock(settings)  # held until this process exits

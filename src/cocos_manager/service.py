@@ -28,7 +28,6 @@ from cocos_manager.config import Settings
 from cocos_manager.errors import (
     AbortedError,
     AlreadyExistsError,
-    InvalidArgumentError,
     ManagerError,
     NotFoundError,
     ResourceExhaustedError,
@@ -44,9 +43,10 @@ from cocos_manager.events import (
 )
 from cocos_manager.host import StateStore, TaskSet
 from cocos_manager.proto import manager_pb2 as pb
-from cocos_manager.qemu import Executable
+from cocos_manager.qemu import Executable, QemuProcess
 from cocos_manager.telemetry import METRICS, get_logger
 from cocos_manager.vm import (
+    EndedVms,
     Machine,
     MachineContext,
     Pool,
@@ -55,11 +55,15 @@ from cocos_manager.vm import (
     StopReason,
     VmState,
     check_images,
-    computation_info,
     cvm_info,
     hold_tmp_dir,
+    machine_info,
+    pause_vm,
     recover,
+    requested_size,
+    resume_vm,
     share_tmp_dir,
+    vm_info,
 )
 
 _tracer = trace.get_tracer("cocos_manager.service")
@@ -108,6 +112,7 @@ class ManagerService:
             on_released=self._released,
             consoles=ConsoleArchive.from_settings(settings.service),
         )
+        self._ended = EndedVms(self.ctx.consoles)  # Get of VMs that ended, while retained
 
     def on_release(self, hook: Callable[[int], object]) -> None:
         """Called with the guest CID whenever a VM's resources are released."""
@@ -162,10 +167,12 @@ class ManagerService:
         try:
             with _tracer.start_as_current_span("validate"):
                 manifest = await validated_manifest(request)
+                size = requested_size(request, self.qemu)
                 self._admit_check(request.id)
                 check_images(self.qemu)
             machine = self._admit(request.id)
             machine.ttl = effective_ttl(request, self.settings)
+            machine.size = size
         except ManagerError as error:
             METRICS.run_failures.labels(reason=error.reason).inc()
             raise
@@ -229,19 +236,9 @@ class ManagerService:
         await self._start(machine, agent.environment)
         return pb.CreateRes(forwarded_port=str(machine.resources.host_port), cvm_id=cvm_id)
 
-    async def remove_vm(self, cvm_id: str) -> None:
-        if not cvm_id:
-            raise InvalidArgumentError("cvm_id: required")
-        await self.stop(cvm_id)
-
     def cvm_info(self, vm_id: str) -> pb.CVMInfoRes:
         """Of that VM, as its QEMU was launched (a VM of Run too: one id space)."""
-        if not vm_id:
-            raise InvalidArgumentError("id: required")
-        machine = self._machines.get(vm_id)
-        if machine is None or machine.process is None:
-            raise NotFoundError(f"computation {vm_id!r} is not running")
-        return cvm_info(vm_id, machine.process.argv, self.settings)
+        return cvm_info(vm_id, self._spawned(vm_id).argv, self.settings)
 
     def _admit_check(self, computation_id: str) -> None:
         if self._closing:
@@ -263,6 +260,7 @@ class ManagerService:
     def _released(self, machine: Released) -> None:
         if self._machines.get(machine.id) is machine:
             del self._machines[machine.id]
+            self._ended.keep(machine)
         METRICS.vms_running.set(len(self._machines))
         for hook in self._release_hooks:
             hook(machine.resources.guest_cid)
@@ -285,10 +283,8 @@ class ManagerService:
 
     # -- Stop ------------------------------------------------------------------------------
 
-    async def stop(self, computation_id: str) -> None:
-        machine = self._machines.get(computation_id)
-        if machine is None:
-            raise NotFoundError(f"computation {computation_id!r} is not running")
+    async def stop(self, computation_id: str, *, force: bool = False) -> None:
+        machine = self._held(computation_id)
         if self._leaving:
             # Its QMP session and pidfd are being let go of: this daemon could no longer
             # tell when QEMU ends.
@@ -296,7 +292,32 @@ class ManagerService:
                 "the manager is shutting down and leaves its VMs running for the next start "
                 f"(MANAGER_SHUTDOWN_STOPS_VMS=false): stop {computation_id!r} once it is back"
             )
-        await machine.stop(StopReason.STOP)
+        await machine.stop(StopReason.STOP, force=force)
+
+    # -- Pause, Resume, Get (vm/pause.py, vm/inspect.py) --------------------------------
+
+    def _held(self, computation_id: str) -> Machine:
+        machine = self._machines.get(computation_id)
+        if machine is None:
+            raise NotFoundError(f"computation {computation_id!r} is not running")
+        return machine
+
+    def _spawned(self, computation_id: str) -> QemuProcess:
+        process = self._held(computation_id).process
+        if process is None:
+            raise NotFoundError(f"computation {computation_id!r} is not running")
+        return process
+
+    async def pause(self, computation_id: str) -> None:
+        await pause_vm(self._held(computation_id))
+
+    async def resume(self, computation_id: str) -> None:
+        await resume_vm(self._held(computation_id))
+
+    def get(self, computation_id: str) -> pb.GetResponse:
+        """A held VM, else one that ended while its console is still kept."""
+        machine = self._machines.get(computation_id)
+        return vm_info(machine) if machine is not None else self._ended.get(computation_id)
 
     # -- shutdown --------------------------------------------------------------------------
 
@@ -367,35 +388,20 @@ class ManagerService:
         """The JSON document a verifier checks this computation's attestation report with."""
         from cocos_manager.vm import computation_policy_json
 
-        machine = self._machines.get(computation_id)
-        if machine is None or machine.process is None:
-            raise NotFoundError(f"computation {computation_id!r} is not running")
+        process = self._spawned(computation_id)
+        launch = self._machines[computation_id].launch
         return await asyncio.to_thread(
-            computation_policy_json, machine.launch, machine.process.argv, computation_id
+            computation_policy_json, launch, process.argv, computation_id
         )
 
     # -- operator queries: List, Logs, per-VM metrics --------------------------------------
 
     def list_computations(self) -> list[pb.ComputationInfo]:
-        infos = []
-        for m in sorted(self._machines.values(), key=lambda m: m.id):
-            if m.state is None or m.state is VmState.RELEASED:
-                continue
-            state = "starting" if m.state in (VmState.ADMITTED, VmState.STARTING) else m.state.value
-            infos.append(
-                computation_info(
-                    m.id,
-                    state=state,
-                    host_port=m.resources.host_port,
-                    guest_cid=0 if m.fw_cfg else m.resources.guest_cid,  # no vsock device
-                    vnc_display=m.resources.vnc_display,
-                    pid=m.process.pid if m.process is not None else None,
-                    started_at=m.started_at,
-                    expires_at=m.expires_at,
-                    adopted=m.adopted,
-                )
-            )
-        return infos
+        return [
+            machine_info(m)
+            for m in sorted(self._machines.values(), key=lambda m: m.id)
+            if m.state not in (None, VmState.RELEASED)
+        ]
 
     def console(self, computation_id: str) -> ConsoleLog:
         log = self.ctx.consoles.get(computation_id)

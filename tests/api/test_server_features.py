@@ -57,6 +57,9 @@ async def test_reflection_describes_the_api(manager: Manager) -> None:
         "Events": (".manager.EventsRequest", ".manager.ClientStreamMessage", True),
         "List": (".manager.ListRequest", ".manager.ListResponse", False),
         "Logs": (".manager.LogsRequest", ".manager.AgentLog", True),
+        "Pause": (".manager.PauseRequest", ".manager.PauseResponse", False),
+        "Resume": (".manager.ResumeRequest", ".manager.ResumeResponse", False),
+        "Get": (".manager.GetRequest", ".manager.GetResponse", False),
         "AttestationPolicy": (
             ".manager.AttestationPolicyRequest",
             ".manager.AttestationPolicyResponse",

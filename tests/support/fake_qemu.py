@@ -17,12 +17,16 @@ stdout, exits on SIGTERM. FAKE_QEMU_MODE changes its behaviour:
                   as KVM's emulation failure or a panic does: a STOP event (and GUEST_PANICKED
                   for STATUS guest-panicked) on that session; query-status says STATUS from
                   then on, and `cont` resumes it (RESUME event). The process stays alive.
+                  (In every mode QMP `stop` pauses the guest as QEMU does: STOP event, status
+                  "paused"; `cont` resumes it.)
 `-version` and `-object help` answer like QEMU 10 (the objects: FAKE_QEMU_OBJECTS, comma
 separated, default an upstream QEMU's confidential-computing ones), for the start-up probes.
   halt-on-ready:STATUS  as halt-after, but at once behind the first query-status answer
                   (which still says running): a guest that fails at its first instruction
   ignore-powerdown  ignore QMP system_powerdown (otherwise: "reboot: Power down", exit 0,
                   as a guest that handles the ACPI power button)
+  slow-stop:S     answer QMP `stop` only after S seconds (and ignore system_powerdown, as
+                  ignore-powerdown): a Pause still in flight when a Stop comes
   ignore-quit     accept QMP quit and go on running (otherwise: exit 0, as QEMU)
   chatty:N:SIZE[:RATE]  a chatty guest: after BOOTED, print N lines of SIZE characters each
                   (numbered, RATE lines a second; no RATE: as fast as the pipe takes them),
@@ -171,8 +175,17 @@ def qmp_session(conn: socket.socket) -> None:
                 RUN_STATE["status"] = "running"
                 conn.sendall(event("RESUME"))
                 reply = {"return": {}}
+            elif command == "stop":  # as QEMU: run state "paused", a STOP event before the return
+                slow = os.environ.get("FAKE_QEMU_MODE", "")
+                if slow.startswith("slow-stop:"):
+                    time.sleep(float(slow.split(":")[1]))
+                RUN_STATE["status"] = "paused"
+                conn.sendall(event("STOP"))
+                reply = {"return": {}}
             elif command == "system_powerdown":
-                if os.environ.get("FAKE_QEMU_MODE") != "ignore-powerdown":
+                if not os.environ.get("FAKE_QEMU_MODE", "").startswith(
+                    ("ignore-powerdown", "slow-stop:")
+                ):
                     conn.sendall(b'{"return": {}}\r\n')
                     say(sys.stdout, "reboot: Power down\r\n")
                     os._exit(0)

@@ -129,6 +129,11 @@ NONSENSE: list[tuple[str, object]] = [
     ("other version", good_doc(version=99)),
     ("expires never", good_doc(expires_at="never")),
     ("deep nesting", "[" * 100000 + "]" * 100000),
+    ("operator_paused as text", good_doc(operator_paused="yes")),
+    ("negative vcpus", good_doc(vcpus=-1)),
+    ("memory as text", good_doc(memory_mib="4G")),
+    ("settings not strings", good_doc(settings={"MANAGER_QEMU_SMP_COUNT": 4})),
+    ("settings a list", good_doc(settings=["a"])),
 ]
 
 

@@ -43,7 +43,7 @@ class ManagerServicer(pb_grpc.ManagerServiceServicer):
         self, request: pb.StopRequest, context: grpc.aio.ServicerContext
     ) -> pb.StopResponse:
         try:
-            await self._service.stop(request.computation_id)
+            await self._service.stop(request.computation_id, force=request.force)
         except Exception as error:
             await _abort(context, error, "Stop")
             raise
@@ -125,7 +125,7 @@ class ManagerServicer(pb_grpc.ManagerServiceServicer):
         self, request: pb.RemoveReq, context: grpc.aio.ServicerContext
     ) -> empty_pb2.Empty:
         try:
-            await self._service.remove_vm(request.cvm_id)
+            await self._service.stop(_required_id(request.cvm_id, "cvm_id"))
         except Exception as error:
             await _abort(context, error, "RemoveVm")
             raise
@@ -135,7 +135,42 @@ class ManagerServicer(pb_grpc.ManagerServiceServicer):
         self, request: pb.CVMInfoReq, context: grpc.aio.ServicerContext
     ) -> pb.CVMInfoRes:
         try:
-            return self._service.cvm_info(request.id)
+            return self._service.cvm_info(_required_id(request.id, "id"))
         except Exception as error:
             await _abort(context, error, "CVMInfo")
             raise
+
+    async def Pause(
+        self, request: pb.PauseRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PauseResponse:
+        try:
+            await self._service.pause(_required_id(request.computation_id))
+        except Exception as error:
+            await _abort(context, error, "Pause")
+            raise
+        return pb.PauseResponse()
+
+    async def Resume(
+        self, request: pb.ResumeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ResumeResponse:
+        try:
+            await self._service.resume(_required_id(request.computation_id))
+        except Exception as error:
+            await _abort(context, error, "Resume")
+            raise
+        return pb.ResumeResponse()
+
+    async def Get(
+        self, request: pb.GetRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetResponse:
+        try:
+            return self._service.get(_required_id(request.computation_id))
+        except Exception as error:
+            await _abort(context, error, "Get")
+            raise
+
+
+def _required_id(value: str, field: str = "computation_id") -> str:
+    if not value:
+        raise InvalidArgumentError(f"{field}: required")
+    return value

@@ -4,7 +4,8 @@
 lists of numbers), or dataset and algorithm files that it hashes with SHA3-256 as the
 original's test server did. `stop` stops a computation; `events` follows the stream;
 `attestation-policy` prints the expected launch measurement document of a confidential VM.
-`list` shows the computations the manager holds; `logs` a computation's console.
+`list` shows the computations the manager holds; `logs` a computation's console; `show`
+everything about one of them; `pause` and `resume` freeze and thaw its guest.
 `create-vm`, `remove-vm` and `cvm-info` speak today's upstream control plane (cvm.py).
 
 Where the manager is and how to reach it: --address/-a, --ca, --cert, --key, or the variables
@@ -24,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import grpc
+from google.protobuf import json_format
 
 from cocos_manager import __version__
 from cocos_manager.cli import cvm
@@ -35,7 +37,8 @@ from cocos_manager.cli.output import (
     proto_json,
 )
 from cocos_manager.cli.request import CliError, request_from_files, request_from_manifest
-from cocos_manager.config import TlsConfigError, channel_credentials
+from cocos_manager.cli.verbs import vm_report, watch_power_off
+from cocos_manager.config import TlsConfigError, channel_credentials, memory_mib
 from cocos_manager.events import MANAGER_SHUTDOWN
 from cocos_manager.proto import manager_pb2 as pb
 from cocos_manager.proto import manager_pb2_grpc as pb_grpc
@@ -60,6 +63,10 @@ async def _run(options: argparse.Namespace) -> int:
         raise CliError("run: give --manifest FILE, or --id with --algorithm (and --dataset)")
     if options.ttl is not None:
         request.ttl = options.ttl
+    if options.vcpus is not None:
+        request.vcpus = options.vcpus
+    if options.memory is not None:
+        request.memory_mib = options.memory
     async with _channel(options) as channel:
         response = await pb_grpc.ManagerServiceStub(channel).Run(request, timeout=options.timeout)
     print_message(response, options.json)
@@ -68,9 +75,16 @@ async def _run(options: argparse.Namespace) -> int:
 
 async def _stop(options: argparse.Namespace) -> int:
     async with _channel(options) as channel:
-        await pb_grpc.ManagerServiceStub(channel).Stop(
-            pb.StopRequest(computation_id=options.computation_id), timeout=options.timeout
-        )
+        stub = pb_grpc.ManagerServiceStub(channel)
+        watch = None if options.force else await watch_power_off(stub, options.computation_id)
+        try:
+            await stub.Stop(
+                pb.StopRequest(computation_id=options.computation_id, force=options.force),
+                timeout=options.timeout,
+            )
+        finally:
+            if watch is not None:
+                watch.cancel()
     if not options.json:
         print(f"computation {options.computation_id} stopped")
     return 0
@@ -78,6 +92,38 @@ async def _stop(options: argparse.Namespace) -> int:
 
 STREAM_ENDED = 3
 """Exit status of `events` when the manager ended the stream (it shuts down)."""
+
+
+async def _pause(options: argparse.Namespace) -> int:
+    async with _channel(options) as channel:
+        await pb_grpc.ManagerServiceStub(channel).Pause(
+            pb.PauseRequest(computation_id=options.computation_id), timeout=options.timeout
+        )
+    if not options.json:
+        print(f"computation {options.computation_id} paused")
+    return 0
+
+
+async def _resume(options: argparse.Namespace) -> int:
+    async with _channel(options) as channel:
+        await pb_grpc.ManagerServiceStub(channel).Resume(
+            pb.ResumeRequest(computation_id=options.computation_id), timeout=options.timeout
+        )
+    if not options.json:
+        print(f"computation {options.computation_id} resumed")
+    return 0
+
+
+async def _show(options: argparse.Namespace) -> int:
+    async with _channel(options) as channel:
+        response = await pb_grpc.ManagerServiceStub(channel).Get(
+            pb.GetRequest(computation_id=options.computation_id), timeout=options.timeout
+        )
+    if options.json:
+        print(json_format.MessageToJson(response, indent=None, preserving_proto_field_name=True))
+    else:
+        print(vm_report(response, argv_lines=options.verbose))
+    return 0
 
 
 async def _events(options: argparse.Namespace) -> int:
@@ -188,6 +234,27 @@ def _seq(text: str) -> int:
     return value
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be 1 or more: {text!r}")
+    return value
+
+
+def _memory(text: str) -> int:
+    """MiB, as ComputationRunReq.memory_mib; written as QEMU's -m sizes are (4096, 4G)."""
+    try:
+        value = memory_mib(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if not 0 < value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be 1 MiB or more: {text!r}")
+    return value
+
+
 def _non_negative(text: str) -> int:
     try:
         value = int(text)
@@ -271,10 +338,41 @@ def _parser() -> _Parser:
     run.add_argument(
         "--ttl", help="stop the VM this long after it runs (Go duration: 20s, 90m, 1h30m)"
     )
+    run.add_argument(
+        "--vcpus", type=_positive, help="vCPUs of this VM (default: MANAGER_QEMU_SMP_COUNT)"
+    )
+    run.add_argument(
+        "--memory",
+        type=_memory,
+        metavar="SIZE",
+        help="memory of this VM: MiB, or with M, G (4G); default: MANAGER_QEMU_MEMORY_SIZE",
+    )
     stop = sub.add_parser(
         "stop", parents=[common], help="stop a computation", formatter_class=formatter
     )
     stop.add_argument("computation_id", help="the id given to run")
+    stop.add_argument(
+        "--force",
+        action="store_true",
+        help="do not wait for the guest to power off (MANAGER_QEMU_POWERDOWN_GRACE): end QEMU "
+        "at once; also cuts short a stop already waiting",
+    )
+    for verb, text in (
+        ("pause", "freeze a running computation's guest (QMP stop)"),
+        ("resume", "let a paused computation's guest run again (QMP cont)"),
+    ):
+        verb_parser = sub.add_parser(verb, parents=[common], help=text, formatter_class=formatter)
+        verb_parser.add_argument("computation_id")
+    show = sub.add_parser(
+        "show",
+        parents=[common],
+        help="everything about one computation (also for a while after it ended)",
+        formatter_class=formatter,
+    )
+    show.add_argument("computation_id")
+    show.add_argument(
+        "--verbose", "-v", action="store_true", help="QEMU's command line one argument a line"
+    )
     events = sub.add_parser(
         "events",
         parents=[common],
@@ -319,6 +417,9 @@ COMMANDS = {
     "attestation-policy": _attestation_policy,
     "list": _list,
     "logs": _logs,
+    "pause": _pause,
+    "resume": _resume,
+    "show": _show,
     **cvm.commands(_channel),
 }
 

@@ -83,7 +83,12 @@ def commands(channel: Channel) -> dict[str, Command]:
                 pb.CVMInfoReq(id=options.cvm_id), timeout=options.timeout
             )
         sys.stdout.write(
-            json_format.MessageToJson(response, indent=2, always_print_fields_with_no_presence=True)
+            json_format.MessageToJson(
+                response,
+                indent=2,
+                always_print_fields_with_no_presence=True,
+                preserving_proto_field_name=True,
+            )
             + "\n"
         )
         return 0

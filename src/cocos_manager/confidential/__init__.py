@@ -23,12 +23,14 @@ if TYPE_CHECKING:
     from cocos_manager.confidential.modes import firmware_file as firmware_file
     from cocos_manager.confidential.modes import launch_mode as launch_mode
     from cocos_manager.confidential.modes import launched_binding as launched_binding
+    from cocos_manager.confidential.modes import launched_mode as launched_mode
     from cocos_manager.confidential.modes import qemu_binary as qemu_binary
     from cocos_manager.confidential.modes import qemu_version as qemu_version
     from cocos_manager.confidential.modes import uses_bios as uses_bios
 
 # Each public name and the module it lives in.
 HOMES = {
+    "launched_mode": "modes",
     "confidential_args": "argv",
     "escape_option": "argv",
     "pflash_drives": "argv",

@@ -128,3 +128,16 @@ def launched_binding(argv: Sequence[str]) -> dict[str, str]:
             if isinstance(obj, dict) and isinstance(obj.get("mrconfigid"), str):
                 found["mrconfigid"] = obj["mrconfigid"]
     return found
+
+
+def launched_mode(argv: Sequence[str]) -> str:
+    """The confidential launch a running VM's QEMU actually got (its argv): "sev-snp", "sev",
+    "tdx", or "none"; the settings may have changed since."""
+    for arg in argv:
+        if arg.startswith("sev-snp-guest,") or '"sev-snp-guest"' in arg:
+            return "sev-snp"
+        if arg.startswith("sev-guest,") or '"sev-guest"' in arg:
+            return "sev"
+        if arg.startswith("tdx-guest,") or '"tdx-guest"' in arg:
+            return "tdx"
+    return "none"

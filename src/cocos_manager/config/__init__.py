@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from cocos_manager.config.choices import AgentChannel as AgentChannel
     from cocos_manager.config.choices import GuestHaltAction as GuestHaltAction
+    from cocos_manager.config.choices import LogFormat as LogFormat
     from cocos_manager.config.choices import LogLevel as LogLevel
     from cocos_manager.config.choices import SnpSyntax as SnpSyntax
     from cocos_manager.config.choices import tracing_off as tracing_off
@@ -18,7 +19,9 @@ if TYPE_CHECKING:
     from cocos_manager.config.dialout import dialout_config as dialout_config
     from cocos_manager.config.dialout import rejected_certificate as rejected_certificate
     from cocos_manager.config.dialout import retry_fields as retry_fields
+    from cocos_manager.config.env_text import env_values as env_values
     from cocos_manager.config.go_parse import DurationRangeError as DurationRangeError
+    from cocos_manager.config.go_parse import go_duration_text as go_duration_text
     from cocos_manager.config.go_parse import parse_go_duration as parse_go_duration
     from cocos_manager.config.settings import PortRange as PortRange
     from cocos_manager.config.settings import QemuSettings as QemuSettings
@@ -26,6 +29,7 @@ if TYPE_CHECKING:
     from cocos_manager.config.settings import Settings as Settings
     from cocos_manager.config.settings import SettingsError as SettingsError
     from cocos_manager.config.settings import load_settings as load_settings
+    from cocos_manager.config.sizes import memory_mib as memory_mib
     from cocos_manager.config.tls import TlsConfigError as TlsConfigError
     from cocos_manager.config.tls import TlsMode as TlsMode
     from cocos_manager.config.tls import channel_credentials as channel_credentials
@@ -37,6 +41,10 @@ if TYPE_CHECKING:
 
 # Each public name and the module it lives in.
 HOMES = {
+    "go_duration_text": "go_parse",
+    "env_values": "env_text",
+    "memory_mib": "sizes",
+    "LogFormat": "choices",
     "likely_cause": "tls_failures",
     "CLI": "tls_failures",
     "retry_fields": "dialout",

@@ -40,3 +40,10 @@ class LogLevel(StrEnum):
     INFO = "info"
     WARN = "warn"
     ERROR = "error"
+
+
+class LogFormat(StrEnum):
+    """MANAGER_LOG_FORMAT: how the daemon writes its log lines."""
+
+    JSON = "json"  # one JSON object a line, the original's keys: for journald, Loki, jq
+    TEXT = "text"  # "time level message key=value ...": for a person at a terminal

@@ -166,3 +166,28 @@ def parse_port_range(value: object) -> PortRange | None:
             if 1 <= first <= last <= 65535:
                 return PortRange(first, last)
     raise ValueError("expected a port range FIRST-LAST within 1-65535, such as 6100-6200")
+
+
+def go_duration_text(seconds: float) -> str:
+    """Seconds written as Go's Duration.String() writes them ("20s", "1m30s", "1h0m0s",
+    "500ms"), so a value printed back reads as the operator would have written it."""
+    nanos = round(seconds * 1e9)
+    if nanos == 0:
+        return "0s"
+    sign, nanos = ("-", -nanos) if nanos < 0 else ("", nanos)
+    if nanos < 1_000_000_000:
+        for unit, size in (("ms", 1_000_000), ("µs", 1_000), ("ns", 1)):
+            if nanos >= size:
+                return f"{sign}{_trim(nanos / size)}{unit}"
+    hours, rest = divmod(nanos, 3_600_000_000_000)
+    minutes, rest = divmod(rest, 60_000_000_000)
+    text = f"{_trim(rest / 1e9)}s"
+    if hours or minutes:
+        text = f"{minutes}m{text}"
+    if hours:
+        text = f"{hours}h{text}"
+    return sign + text
+
+
+def _trim(value: float) -> str:
+    return f"{value:.9f}".rstrip("0").rstrip(".")

@@ -16,7 +16,13 @@ from typing import Annotated
 from pydantic import BeforeValidator, Field, ValidationError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from cocos_manager.config.choices import AgentChannel, GuestHaltAction, LogLevel, SnpSyntax
+from cocos_manager.config.choices import (
+    AgentChannel,
+    GuestHaltAction,
+    LogFormat,
+    LogLevel,
+    SnpSyntax,
+)
 from cocos_manager.config.go_parse import GoBool, GoInt, UInt64, parse_name_list, parse_port_range
 
 # Re-exported: vm/resources.py and the tests name the range type with the settings it belongs to.
@@ -38,6 +44,7 @@ from cocos_manager.config.kinds import (
     VncDisplay,
     ZeroOrMore,
 )
+from cocos_manager.config.sizes import parse_optional_memory_mib
 
 # The original's -append value: one argv element that includes the two double quotes.
 ORIGINAL_KERNEL_CMDLINE = '"earlyprintk=serial console=ttyS0"'
@@ -112,6 +119,13 @@ class QemuSettings(BaseSettings):
     # After a restart, how long a re-adopted VM's QMP monitor may take to answer (all VMs are
     # probed at once); one that does not is killed. Bounded: start-up must not wait on a wedge.
     ADOPT_TIMEOUT: NonNegativeDuration = 10.0
+    # The most a Run may ask for (ComputationRunReq.vcpus / memory_mib): docs/decisions.md,
+    # "Per-Run size". 0 / unset = the default size (SMP_COUNT, MEMORY_SIZE) is also the
+    # ceiling: a client can make its VM smaller, never bigger, until the operator says so.
+    MAX_SMP: Annotated[GoInt, AtLeast(0, "must be 0 (the default size is the ceiling) or more")] = 0
+    MAX_MEMORY_PER_VM: Annotated[
+        int | None, NoDecode, BeforeValidator(parse_optional_memory_mib)
+    ] = None  # in MiB; written as QEMU sizes are (8G, 4096M)
 
     # Hardening for real hosts (exposure and QEMU's environment): docs/decisions.md,
     # "Hardening: exposure" and "Hardening: QEMU's environment".
@@ -145,6 +159,7 @@ class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MANAGER_", **_COMMON)
 
     LOG_LEVEL: LogLevel = LogLevel.INFO
+    LOG_FORMAT: LogFormat = LogFormat.JSON  # the port's own: text for a person at a terminal
     GRPC_HOST: str = ""
     GRPC_PORT: Port = 7001
     GRPC_SERVER_CERT: str = ""

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 HELP: dict[str, str] = {
     # -- service --------------------------------------------------------------------------------
+    "MANAGER_LOG_FORMAT": "`json` (one JSON object a line, for journald and Loki) or `text` (for a "
+    "person at a terminal)",
     "MANAGER_LOG_LEVEL": "`debug`, `info`, `warn` or `error`: the daemon's JSON log lines",
     "MANAGER_GRPC_HOST": "address the gRPC API listens on; empty = every interface (anyone "
     "reaching it can run VMs: `127.0.0.1`, or TLS)",
@@ -149,6 +151,10 @@ HELP: dict[str, str] = {
     "MANAGER_QEMU_TDX_ID": "id of the tdx-guest object",
     "MANAGER_QEMU_OVMF_VERSION": "upstream Cocos's: the firmware's version, as CVMInfo reports it "
     "(not read from the firmware)",
+    "MANAGER_QEMU_MAX_SMP": "the most vCPUs a Run may ask for (`vcpus`); `0` = `MANAGER_QEMU_SMP_COUNT` "
+    "is the ceiling",
+    "MANAGER_QEMU_MAX_MEMORY_PER_VM": "the most memory a Run may ask for (`memory_mib`), written as QEMU "
+    "sizes (`8G`); unset = `MANAGER_QEMU_MEMORY_SIZE` is the ceiling",
     "MANAGER_QEMU_TDX_QUOTE_GENERATION_SOCKET": "the host's quote generation service: a UNIX "
     "socket path or `vsock:CID:PORT`",
 }

@@ -79,6 +79,12 @@ class VmRecord:
     # checks it where it is used); None in records of daemons before it was kept.
     launch: dict[str, Any] | None = None
     version: int = RECORD_VERSION
+    # Added with Pause and Get: a pause the operator asked for (not QEMU's halt), the size its
+    # Run asked for (0 = the settings'), and the MANAGER_QEMU_* settings it was launched with.
+    operator_paused: bool = False
+    vcpus: int = 0
+    memory_mib: int = 0
+    settings: dict[str, str] = field(default_factory=dict)
 
 
 class BadRecordError(ValueError):
@@ -142,6 +148,7 @@ def validate_record(doc: object, name_uuid: str | None = None) -> VmRecord:
         type(expires_at) not in (int, float) or not math.isfinite(expires_at)
     ):
         raise BadRecordError(f"expires_at: {expires_at!r} is not a time")
+    _check_additions(doc)
     boot_id = doc.get("boot_id", "")  # missing: a boot nobody can vouch for, never signalled
     if not isinstance(boot_id, str):
         raise BadRecordError(f"boot_id: {boot_id!r} is not a string")
@@ -150,6 +157,20 @@ def validate_record(doc: object, name_uuid: str | None = None) -> VmRecord:
     if launch is not None and not isinstance(launch, dict):
         raise BadRecordError("launch: not an object")
     return VmRecord(**doc)
+
+
+def _check_additions(doc: dict[str, Any]) -> None:
+    """The fields added with Pause and Get; a record written before them has none."""
+    if type(doc.get("operator_paused", False)) is not bool:
+        raise BadRecordError(f"operator_paused: {doc['operator_paused']!r} is not a boolean")
+    for name in ("vcpus", "memory_mib"):
+        doc.setdefault(name, 0)
+        _int_in(doc, name, 0, 2**32 - 1)
+    settings = doc.get("settings", {})
+    if not isinstance(settings, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in settings.items()
+    ):
+        raise BadRecordError("settings: not an object of strings")
 
 
 _RECORD_FIELDS = tuple(f.name for f in fields(VmRecord))

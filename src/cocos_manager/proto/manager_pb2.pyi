@@ -11,7 +11,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ComputationRunReq(_message.Message):
-    __slots__ = ("id", "name", "description", "datasets", "algorithm", "result_consumers", "agent_config", "ttl")
+    __slots__ = ("id", "name", "description", "datasets", "algorithm", "result_consumers", "agent_config", "ttl", "vcpus", "memory_mib")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
@@ -20,6 +20,8 @@ class ComputationRunReq(_message.Message):
     RESULT_CONSUMERS_FIELD_NUMBER: _ClassVar[int]
     AGENT_CONFIG_FIELD_NUMBER: _ClassVar[int]
     TTL_FIELD_NUMBER: _ClassVar[int]
+    VCPUS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_MIB_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     description: str
@@ -28,7 +30,9 @@ class ComputationRunReq(_message.Message):
     result_consumers: _containers.RepeatedScalarFieldContainer[str]
     agent_config: AgentConfig
     ttl: str
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., datasets: _Optional[_Iterable[_Union[Dataset, _Mapping]]] = ..., algorithm: _Optional[_Union[Algorithm, _Mapping]] = ..., result_consumers: _Optional[_Iterable[str]] = ..., agent_config: _Optional[_Union[AgentConfig, _Mapping]] = ..., ttl: _Optional[str] = ...) -> None: ...
+    vcpus: int
+    memory_mib: int
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., datasets: _Optional[_Iterable[_Union[Dataset, _Mapping]]] = ..., algorithm: _Optional[_Union[Algorithm, _Mapping]] = ..., result_consumers: _Optional[_Iterable[str]] = ..., agent_config: _Optional[_Union[AgentConfig, _Mapping]] = ..., ttl: _Optional[str] = ..., vcpus: _Optional[int] = ..., memory_mib: _Optional[int] = ...) -> None: ...
 
 class Dataset(_message.Message):
     __slots__ = ("provider", "id", "hash")
@@ -79,10 +83,12 @@ class RunResponse(_message.Message):
     def __init__(self, agent_port: _Optional[str] = ..., computation_id: _Optional[str] = ...) -> None: ...
 
 class StopRequest(_message.Message):
-    __slots__ = ("computation_id",)
+    __slots__ = ("computation_id", "force")
     COMPUTATION_ID_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
     computation_id: str
-    def __init__(self, computation_id: _Optional[str] = ...) -> None: ...
+    force: bool
+    def __init__(self, computation_id: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class StopResponse(_message.Message):
     __slots__ = ()
@@ -257,3 +263,94 @@ class CVMInfoRes(_message.Message):
     kernel_cmd: str
     eos_version: str
     def __init__(self, id: _Optional[str] = ..., ovmf_version: _Optional[str] = ..., cpu_num: _Optional[int] = ..., cpu_type: _Optional[str] = ..., kernel_cmd: _Optional[str] = ..., eos_version: _Optional[str] = ...) -> None: ...
+
+class PauseRequest(_message.Message):
+    __slots__ = ("computation_id",)
+    COMPUTATION_ID_FIELD_NUMBER: _ClassVar[int]
+    computation_id: str
+    def __init__(self, computation_id: _Optional[str] = ...) -> None: ...
+
+class PauseResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ResumeRequest(_message.Message):
+    __slots__ = ("computation_id",)
+    COMPUTATION_ID_FIELD_NUMBER: _ClassVar[int]
+    computation_id: str
+    def __init__(self, computation_id: _Optional[str] = ...) -> None: ...
+
+class ResumeResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetRequest(_message.Message):
+    __slots__ = ("computation_id",)
+    COMPUTATION_ID_FIELD_NUMBER: _ClassVar[int]
+    computation_id: str
+    def __init__(self, computation_id: _Optional[str] = ...) -> None: ...
+
+class GetResponse(_message.Message):
+    __slots__ = ("computation", "qemu_argv", "files", "settings", "confidential_mode", "binding", "ttl", "vcpus", "memory_mib", "paused_by", "last_exit")
+    class FilesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class SettingsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class BindingEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    COMPUTATION_FIELD_NUMBER: _ClassVar[int]
+    QEMU_ARGV_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENTIAL_MODE_FIELD_NUMBER: _ClassVar[int]
+    BINDING_FIELD_NUMBER: _ClassVar[int]
+    TTL_FIELD_NUMBER: _ClassVar[int]
+    VCPUS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_MIB_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_BY_FIELD_NUMBER: _ClassVar[int]
+    LAST_EXIT_FIELD_NUMBER: _ClassVar[int]
+    computation: ComputationInfo
+    qemu_argv: _containers.RepeatedScalarFieldContainer[str]
+    files: _containers.ScalarMap[str, str]
+    settings: _containers.ScalarMap[str, str]
+    confidential_mode: str
+    binding: _containers.ScalarMap[str, str]
+    ttl: str
+    vcpus: int
+    memory_mib: int
+    paused_by: str
+    last_exit: VmExit
+    def __init__(self, computation: _Optional[_Union[ComputationInfo, _Mapping]] = ..., qemu_argv: _Optional[_Iterable[str]] = ..., files: _Optional[_Mapping[str, str]] = ..., settings: _Optional[_Mapping[str, str]] = ..., confidential_mode: _Optional[str] = ..., binding: _Optional[_Mapping[str, str]] = ..., ttl: _Optional[str] = ..., vcpus: _Optional[int] = ..., memory_mib: _Optional[int] = ..., paused_by: _Optional[str] = ..., last_exit: _Optional[_Union[VmExit, _Mapping]] = ...) -> None: ...
+
+class VmExit(_message.Message):
+    __slots__ = ("reason", "event_type", "status", "exit", "error", "ended_at", "last_lines")
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    EVENT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    EXIT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ENDED_AT_FIELD_NUMBER: _ClassVar[int]
+    LAST_LINES_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    event_type: str
+    status: str
+    exit: str
+    error: str
+    ended_at: _timestamp_pb2.Timestamp
+    last_lines: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, reason: _Optional[str] = ..., event_type: _Optional[str] = ..., status: _Optional[str] = ..., exit: _Optional[str] = ..., error: _Optional[str] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_lines: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -65,6 +65,21 @@ class ManagerServiceStub:
                 request_serializer=manager__pb2.LogsRequest.SerializeToString,
                 response_deserializer=manager__pb2.AgentLog.FromString,
                 _registered_method=True)
+        self.Pause = channel.unary_unary(
+                '/manager.ManagerService/Pause',
+                request_serializer=manager__pb2.PauseRequest.SerializeToString,
+                response_deserializer=manager__pb2.PauseResponse.FromString,
+                _registered_method=True)
+        self.Resume = channel.unary_unary(
+                '/manager.ManagerService/Resume',
+                request_serializer=manager__pb2.ResumeRequest.SerializeToString,
+                response_deserializer=manager__pb2.ResumeResponse.FromString,
+                _registered_method=True)
+        self.Get = channel.unary_unary(
+                '/manager.ManagerService/Get',
+                request_serializer=manager__pb2.GetRequest.SerializeToString,
+                response_deserializer=manager__pb2.GetResponse.FromString,
+                _registered_method=True)
         self.CreateVm = channel.unary_unary(
                 '/manager.ManagerService/CreateVm',
                 request_serializer=manager__pb2.CreateReq.SerializeToString,
@@ -124,6 +139,29 @@ class ManagerServiceServicer:
     def Logs(self, request, context):
         """A computation's console: QEMU's output and the agent's logs, the last `tail` lines kept,
         then new ones while `follow`. Also answers for a while after the VM ended (post-mortem).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Pause(self, request, context):
+        """Freeze a running computation's guest (QMP stop, as virsh suspend): state "paused",
+        event vm-paused. Its QEMU, numbers and files stay; a paused VM is kept across a restart.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Resume(self, request, context):
+        """Let a paused guest run again (QMP cont, as virsh resume): state "running", vm-resumed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Get(self, request, context):
+        """Everything about one computation: what List says, and how its VM was launched. Also
+        answers for a while after the VM ended (state "ended"), with how it ended.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -190,6 +228,21 @@ def add_ManagerServiceServicer_to_server(servicer, server):
                     servicer.Logs,
                     request_deserializer=manager__pb2.LogsRequest.FromString,
                     response_serializer=manager__pb2.AgentLog.SerializeToString,
+            ),
+            'Pause': grpc.unary_unary_rpc_method_handler(
+                    servicer.Pause,
+                    request_deserializer=manager__pb2.PauseRequest.FromString,
+                    response_serializer=manager__pb2.PauseResponse.SerializeToString,
+            ),
+            'Resume': grpc.unary_unary_rpc_method_handler(
+                    servicer.Resume,
+                    request_deserializer=manager__pb2.ResumeRequest.FromString,
+                    response_serializer=manager__pb2.ResumeResponse.SerializeToString,
+            ),
+            'Get': grpc.unary_unary_rpc_method_handler(
+                    servicer.Get,
+                    request_deserializer=manager__pb2.GetRequest.FromString,
+                    response_serializer=manager__pb2.GetResponse.SerializeToString,
             ),
             'CreateVm': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateVm,
@@ -369,6 +422,87 @@ class ManagerService:
             '/manager.ManagerService/Logs',
             manager__pb2.LogsRequest.SerializeToString,
             manager__pb2.AgentLog.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Pause(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/manager.ManagerService/Pause',
+            manager__pb2.PauseRequest.SerializeToString,
+            manager__pb2.PauseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/manager.ManagerService/Resume',
+            manager__pb2.ResumeRequest.SerializeToString,
+            manager__pb2.ResumeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Get(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/manager.ManagerService/Get',
+            manager__pb2.GetRequest.SerializeToString,
+            manager__pb2.GetResponse.FromString,
             options,
             channel_credentials,
             insecure,

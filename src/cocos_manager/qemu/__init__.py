@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from cocos_manager.qemu.argv import Executable as Executable
     from cocos_manager.qemu.argv import QemuNotFoundError as QemuNotFoundError
     from cocos_manager.qemu.argv import VmResources as VmResources
+    from cocos_manager.qemu.argv import VmSize as VmSize
     from cocos_manager.qemu.argv import cvm_args as cvm_args
     from cocos_manager.qemu.argv import derive_vm_settings as derive_vm_settings
     from cocos_manager.qemu.argv import effective_base_args as effective_base_args
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 
 # Each public name and the module it lives in.
 HOMES = {
+    "VmSize": "argv",
     "cvm_args": "argv",
     "option_values": "argv",
     "derive_vm_settings": "argv",

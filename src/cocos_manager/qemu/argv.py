@@ -113,13 +113,19 @@ def fw_cfg_args(manifest_file: Path) -> list[str]:
 
 
 def vm_args(
-    q: QemuSettings, vm: VmResources, *, manifest_file: Path | None, manifest: bytes
+    q: QemuSettings,
+    vm: VmResources,
+    *,
+    manifest_file: Path | None,
+    manifest: bytes,
+    size: VmSize | None = None,
 ) -> list[str]:
     """One VM's arguments: the base line derived for this VM as the original did, no
     vhost-vsock device on the fw_cfg channel (the manifest goes as a fw_cfg file instead),
     and `manifest` bound into attestation with MANAGER_QEMU_BIND_MANIFEST."""
     fw_cfg = q.AGENT_CHANNEL == "fw_cfg"
-    args = qemu_args(derive_vm_settings(q, vm), vsock_device=not fw_cfg, manifest=manifest)
+    derived = derive_vm_settings(q, vm, size)
+    args = qemu_args(derived, vsock_device=not fw_cfg, manifest=manifest)
     if fw_cfg and manifest_file is not None:
         args += fw_cfg_args(manifest_file)
     return args
@@ -153,12 +159,13 @@ def cvm_args(
     env_dir: Path,
     kernel_parameter: str,
     payload: bytes,
+    size: VmSize | None = None,
 ) -> list[str]:
     """A CreateVm'd VM's arguments: the base line derived for this VM, no vhost-vsock device
     and no manifest (its agent fetches its work itself), `kernel_parameter` appended to the
     kernel command line, the two shares last (as upstream), and `payload` (the environment
     file) bound into attestation with MANAGER_QEMU_BIND_MANIFEST."""
-    derived = derive_vm_settings(q, vm)
+    derived = derive_vm_settings(q, vm, size)
     if kernel_parameter:
         derived = derived.model_copy(
             update={"KERNEL_CMDLINE": f"{derived.KERNEL_CMDLINE} {kernel_parameter}"}
@@ -230,6 +237,15 @@ class VmResources:
     vnc_display: int
 
 
+@dataclass(frozen=True, slots=True)
+class VmSize:
+    """The size a Run asked for; 0 = the settings' MANAGER_QEMU_SMP_COUNT / _MEMORY_SIZE.
+    Checked against the operator's ceilings before it gets here (vm/size.py)."""
+
+    vcpus: int = 0
+    memory_mib: int = 0
+
+
 def vm_file_paths(q: QemuSettings, vm_uuid: str) -> dict[str, Path]:
     """The original's per-VM file names under TMP_FILE_LOC."""
     tmp = Path(q.TMP_FILE_LOC)
@@ -242,8 +258,12 @@ def vm_file_paths(q: QemuSettings, vm_uuid: str) -> dict[str, Path]:
     return paths
 
 
-def derive_vm_settings(q: QemuSettings, vm: VmResources) -> QemuSettings:
-    """The base settings as the original rewrote them for one VM."""
+def derive_vm_settings(
+    q: QemuSettings, vm: VmResources, size: VmSize | None = None
+) -> QemuSettings:
+    """The base settings as the original rewrote them for one VM, and the size its Run asked
+    for (-smp, -m and an SNP memory backend follow SMP_COUNT and MEMORY_SIZE, as does the
+    launch measurement: one place, so they cannot disagree)."""
     paths = vm_file_paths(q, vm.uuid)
     update: dict[str, object] = {
         "NETDEV_ID": f"{q.NETDEV_ID}-{vm.uuid}",
@@ -257,4 +277,8 @@ def derive_vm_settings(q: QemuSettings, vm: VmResources) -> QemuSettings:
     }
     if "ovmf_vars" in paths:
         update["OVMF_VARS_FILE"] = str(paths["ovmf_vars"])
+    if size is not None and size.vcpus:
+        update["SMP_COUNT"] = size.vcpus
+    if size is not None and size.memory_mib:
+        update["MEMORY_SIZE"] = f"{size.memory_mib}M"
     return q.model_copy(update=update)

@@ -12,6 +12,9 @@ if TYPE_CHECKING:
     from cocos_manager.vm.files import check_images as check_images
     from cocos_manager.vm.files import room_per_vm as room_per_vm
     from cocos_manager.vm.info import cvm_info as cvm_info
+    from cocos_manager.vm.inspect import EndedVms as EndedVms
+    from cocos_manager.vm.inspect import machine_info as machine_info
+    from cocos_manager.vm.inspect import vm_info as vm_info
     from cocos_manager.vm.lifecycle import PROVISION as PROVISION
     from cocos_manager.vm.lifecycle import MachineContext as MachineContext
     from cocos_manager.vm.lifecycle import Released as Released
@@ -21,12 +24,21 @@ if TYPE_CHECKING:
     from cocos_manager.vm.machine import Machine as Machine
     from cocos_manager.vm.orphans import hold_tmp_dir as hold_tmp_dir
     from cocos_manager.vm.orphans import share_tmp_dir as share_tmp_dir
+    from cocos_manager.vm.pause import pause_vm as pause_vm
+    from cocos_manager.vm.pause import resume_vm as resume_vm
     from cocos_manager.vm.recovery import recover as recover
     from cocos_manager.vm.resources import Pool as Pool
     from cocos_manager.vm.resources import Pools as Pools
+    from cocos_manager.vm.size import requested_size as requested_size
 
 # Each public name and the module it lives in.
 HOMES = {
+    "EndedVms": "inspect",
+    "machine_info": "inspect",
+    "vm_info": "inspect",
+    "resume_vm": "pause",
+    "requested_size": "size",
+    "pause_vm": "pause",
     "share_tmp_dir": "orphans",
     "hold_tmp_dir": "orphans",
     "room_per_vm": "files",

@@ -11,7 +11,7 @@ import enum
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from cocos_manager.agent import Connect
 from cocos_manager.config import Settings
@@ -62,6 +62,16 @@ class StopReason(enum.Enum):
     TTL = "ttl"  # the computation's time to live ran out
     FAILED = "failed"  # the start failed
     HALTED = "halted"  # QEMU reported the guest halted (internal error, panic, I/O error)
+
+
+@dataclass(frozen=True)
+class VmEnd:
+    """How a VM ended, as its final event said it (for Get, after the VM is gone)."""
+
+    reason: StopReason
+    event: tuple[str, str]
+    details: dict[str, Any]
+    at: float
 
 
 class StateError(Exception):

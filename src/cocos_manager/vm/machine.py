@@ -35,7 +35,14 @@ from cocos_manager.errors import (
     ResourceExhaustedError,
 )
 from cocos_manager.events import manager_event
-from cocos_manager.qemu import Conflict, QemuProcess, VmResources, qemu_environment, qmp_listener
+from cocos_manager.qemu import (
+    Conflict,
+    QemuProcess,
+    VmResources,
+    VmSize,
+    qemu_environment,
+    qmp_listener,
+)
 from cocos_manager.telemetry import get_logger
 from cocos_manager.vm import record as vm_record
 from cocos_manager.vm import start as vm_start
@@ -51,6 +58,7 @@ from cocos_manager.vm.lifecycle import (
     STOP,
     MachineContext,
     StopReason,
+    VmEnd,
     VmState,
     check_transition,
 )
@@ -98,6 +106,12 @@ class Machine:
         self.halt: dict[str, Any] | None = None  # QEMU's words when it halted the guest
         # What it was launched with, for AttestationPolicy (launch.py; kept in its record)
         self.launch: dict[str, Any] | None = None
+        self.operator_paused = False  # paused by a Pause request (vm/pause.py)
+        self.pausing = False  # a Pause's QMP stop is in flight
+        self.forced = asyncio.Event()  # a forced Stop: no power-down grace, or no more of it
+        self.size = VmSize()  # vCPUs and memory the Run asked for (vm/size.py)
+        self.launch_settings: dict[str, str] = {}  # MANAGER_QEMU_* as this VM got them
+        self.ended: VmEnd | None = None  # how it ended, once released (for Get)
         self.log = _log.bind(computation_id=computation_id)
         self.output = VmOutput(
             computation_id, self.console, ctx.bus, ctx.settings.service, self.log
@@ -298,12 +312,22 @@ class Machine:
 
     def resumed(self) -> None:
         self.halt = None  # running again: a later Stop powers it down as any other
+        self.operator_paused = False
         self._set_state(VmState.RUNNING, (RESUMED, "complete"), self.details())
+
+    def paused_by_operator(self, details: dict[str, Any]) -> None:
+        """A Pause request froze the guest (vm/pause.py): the same state as a kept halt, told
+        apart by `operator_paused` (and status complete: nothing went wrong)."""
+        self.operator_paused = True
+        self._set_state(VmState.PAUSED, (PAUSED, "complete"), {**self.details(), **details})
 
     # -- stop --------------------------------------------------------------------------------
 
-    async def stop(self, reason: StopReason) -> None:
-        """Returns once everything of the VM is released, whatever state it was in."""
+    async def stop(self, reason: StopReason, *, force: bool = False) -> None:
+        """Returns once everything of the VM is released, whatever state it was in. `force`:
+        no power-down grace; a release already waiting on it stops waiting."""
+        if force:
+            self.forced.set()
         if self.state in (VmState.ADMITTED, VmState.STARTING) and self._failing:
             # The start is already failing on its own: its error stands; no retry after this.
             self.stop_reason = self.stop_reason or reason
@@ -362,7 +386,9 @@ class Machine:
             if self.ttl_timer is not None:
                 self.ttl_timer.cancel()
             self.ctx.consoles.close(self.console)
-            self._set_state(VmState.RELEASED, vm_stop.final_event(self, reason), details)
+            final = vm_stop.final_event(self, reason)
+            self.ended = VmEnd(reason, final, details, time.time())
+            self._set_state(VmState.RELEASED, final, details)
             self.ctx.on_released(self)
             if not self.released.done():
                 self.released.set_result(None)
@@ -374,14 +400,17 @@ class Machine:
 
     # -- adoption ----------------------------------------------------------------------------
 
-    def readopted(self, *, paused: bool) -> None:
+    def readopted(self, *, paused: bool, by_operator: bool = False) -> None:
         """Supervision and state of a VM recovery.adopt_machine proved to be the recorded one."""
         process = self.process
         assert process is not None
         process.exited.add_done_callback(lambda _: self._on_exit(process))
         self._guest.watch(process)
         details = {**self.details(), "readopted": True}
-        if paused:
+        if paused and by_operator:
+            self.operator_paused = True
+            self._set_state(VmState.PAUSED, (PAUSED, "complete"), {**details, "reason": "pause"})
+        elif paused:
             self.halt = {"qemu_status": "paused before the restart"}
             self._set_state(VmState.PAUSED, (PAUSED, "failed"), details)
         else:

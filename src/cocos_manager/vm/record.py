@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from cocos_manager.errors import FailedPreconditionError, ResourceExhaustedError
 from cocos_manager.host import VmRecord
-from cocos_manager.qemu import QemuProcess, VmResources
+from cocos_manager.qemu import QemuProcess, VmResources, VmSize
 from cocos_manager.vm.files import VmFiles, vm_paths
 from cocos_manager.vm.lifecycle import MachineContext, VmState
 
@@ -30,6 +30,9 @@ class RecordedVm(Protocol):
     expires_at: float | None
     spawning_argv: list[str]
     launch: dict[str, Any] | None
+    operator_paused: bool
+    size: VmSize
+    launch_settings: dict[str, str]
 
     @property
     def uuid(self) -> str: ...
@@ -57,6 +60,10 @@ def record_of(machine: RecordedVm) -> VmRecord:
         tmp_dir=str(machine.files.directory if machine.files is not None else q.TMP_FILE_LOC),
         expires_at=machine.expires_at,
         launch=machine.launch,
+        operator_paused=machine.operator_paused,
+        vcpus=machine.size.vcpus,
+        memory_mib=machine.size.memory_mib,
+        settings=dict(machine.launch_settings),
     )
     if machine.process is not None:
         record.pid, record.start_time = machine.process.pid, machine.process.start_time

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from cocos_manager.errors import FailedPreconditionError, QemuStopFailedError
 from cocos_manager.host import VmRecord, current_boot_id, live_processes, process_identity
-from cocos_manager.qemu import QemuProcess, VmResources
+from cocos_manager.qemu import QemuProcess, QmpError, VmResources, VmSize
 from cocos_manager.telemetry import get_logger
 from cocos_manager.vm import orphans
 from cocos_manager.vm.files import VmFiles, launch_dir_problem, launched_paths, shares_dir
@@ -253,7 +253,15 @@ async def _recover_one(ctx: MachineContext, record: VmRecord, *, taken: bool) ->
             # MANAGER_QEMU_ADOPT_TIMEOUT: bounded, so one wedged QEMU cannot hold start-up past
             # systemd's TimeoutStartSec; the probes of all VMs run at once.
             timeout = ctx.settings.qemu.ADOPT_TIMEOUT
-            await process.check_qmp(files.qmp_socket, timeout=timeout, paused=paused)
+            # Any status answers: a running record whose QEMU says "paused" is a Pause whose
+            # QMP stop landed but whose record the daemon died before writing.
+            await process.check_qmp(files.qmp_socket, timeout=timeout, paused=True)
+            if not paused and await _paused_unrecorded(process, timeout):
+                log.warning("VM found paused by a Pause its record missed: kept paused")
+                record.state, record.operator_paused = VmState.PAUSED.value, True
+            elif record.operator_paused and await _resumed_unrecorded(process, timeout):
+                log.warning("VM found running after a Resume its record missed: running")
+                record.state, record.operator_paused = VmState.RUNNING.value, False
         except Exception as error:
             reason = f"its QMP monitor does not answer ({error!r})"
     if reason:
@@ -278,6 +286,27 @@ async def _recover_one(ctx: MachineContext, record: VmRecord, *, taken: bool) ->
     return machine
 
 
+async def _paused_unrecorded(process: QemuProcess, timeout: float) -> bool:
+    """For a running record: True if QEMU's run state is "paused" (only a QMP `stop`, i.e. a
+    Pause, puts it there); QmpError for any other state than running, as before."""
+    assert process.monitor is not None
+    status = await asyncio.wait_for(process.monitor.query_status(), timeout)
+    if status == "paused":
+        return True
+    if status != "running":
+        monitor, process.monitor = process.monitor, None  # not kept: as check_qmp refusing
+        await monitor.close()
+        raise QmpError(f"QEMU reports VM status {status!r} instead of 'running'")
+    return False
+
+
+async def _resumed_unrecorded(process: QemuProcess, timeout: float) -> bool:
+    """For a record paused by Pause: True if QEMU runs (a Resume's `cont` landed, its record
+    did not)."""
+    assert process.monitor is not None
+    return await asyncio.wait_for(process.monitor.query_status(), timeout) == "running"
+
+
 def adopt_machine(
     ctx: MachineContext, record: VmRecord, process: QemuProcess, files: VmFiles
 ) -> Machine:
@@ -289,5 +318,9 @@ def adopt_machine(
     machine.started_at = started_at_from_ticks(record.start_time) or machine.started_at
     machine.expires_at = record.expires_at
     machine.launch = record.launch
-    machine.readopted(paused=record.state == VmState.PAUSED.value)
+    machine.size = VmSize(record.vcpus, record.memory_mib)
+    machine.launch_settings = dict(record.settings)
+    machine.readopted(
+        paused=record.state == VmState.PAUSED.value, by_operator=record.operator_paused
+    )
     return machine

@@ -16,12 +16,14 @@ from opentelemetry import trace
 
 from cocos_manager.agent import AgentSettings, HandoverAborted, HandoverTimeout, send_manifest
 from cocos_manager.confidential import LaunchMode, launch_mode
+from cocos_manager.config import env_values
 from cocos_manager.errors import HandoverFailedError, HandoverTimeoutError, QemuExitedError
 from cocos_manager.host import start_pool
 from cocos_manager.qemu import (
     Conflict,
     QemuProcess,
     VmResources,
+    VmSize,
     conflicts_exhausted,
     cvm_args,
     derive_vm_settings,
@@ -54,6 +56,8 @@ class StartingVm(Protocol):
     log: Any
     launch: dict[str, Any] | None
     agent_settings: AgentSettings | None
+    size: VmSize
+    launch_settings: dict[str, str]
 
     @property
     def uuid(self) -> str: ...
@@ -95,7 +99,7 @@ async def note_launch(machine: StartingVm) -> None:
     spawned (the record naming that QEMU carries it): a CreateVm'd VM's kernel command line
     with its own parameter. Hashing firmware, kernel and initrd takes a worker thread, so
     only a confidential launch pays it."""
-    q = derive_vm_settings(machine.ctx.settings.qemu, machine.resources)
+    q = derive_vm_settings(machine.ctx.settings.qemu, machine.resources, machine.size)
     agent = machine.agent_settings
     if agent is not None and agent.kernel_parameter:
         q = q.model_copy(update={"KERNEL_CMDLINE": f"{q.KERNEL_CMDLINE} {agent.kernel_parameter}"})
@@ -115,8 +119,11 @@ def needs_handover(machine: StartingVm) -> bool:
 
 def vm_command(machine: StartingVm, listener: socket.socket, payload: bytes) -> list[str]:
     """`payload`: the manifest (a CreateVm'd VM: its environment file), bound into
-    attestation with MANAGER_QEMU_BIND_MANIFEST."""
+    attestation with MANAGER_QEMU_BIND_MANIFEST. The settings the line is built from are kept
+    with it (Get shows them)."""
     assert machine.files is not None
+    q = machine.ctx.settings.qemu
+    machine.launch_settings = env_values(derive_vm_settings(q, machine.resources, machine.size))
     agent = machine.agent_settings
     if agent is not None:
         assert machine.files.shares is not None
@@ -127,6 +134,7 @@ def vm_command(machine: StartingVm, listener: socket.socket, payload: bytes) -> 
             env_dir=machine.files.shares / ENV_SUBDIR,
             kernel_parameter=agent.kernel_parameter,
             payload=payload,
+            size=machine.size,
         )
     else:
         args = vm_args(
@@ -134,6 +142,7 @@ def vm_command(machine: StartingVm, listener: socket.socket, payload: bytes) -> 
             machine.resources,
             manifest_file=machine.files.manifest,
             manifest=payload,
+            size=machine.size,
         )
     return machine.ctx.executable.vm_command(
         [*args, *qmp_args(listener)], keep_fds=(listener.fileno(),)

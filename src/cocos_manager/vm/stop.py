@@ -13,10 +13,11 @@ from typing import Any, Protocol
 
 from opentelemetry import trace
 
+from cocos_manager.config import go_duration_text
 from cocos_manager.errors import QemuStopFailedError
 from cocos_manager.qemu import ExitInfo, QemuProcess, QmpClosed, QmpError
 from cocos_manager.vm import ttl
-from cocos_manager.vm.lifecycle import EXIT, PROVISION, STOP, MachineContext, StopReason
+from cocos_manager.vm.lifecycle import EXIT, PROVISION, STOP, MachineContext, StopReason, VmState
 
 _tracer = trace.get_tracer("cocos_manager.machine")
 
@@ -32,13 +33,35 @@ class EndingVm(Protocol):
     error: BaseException | None
     stop_failure: QemuStopFailedError | None
     log: Any
+    state: VmState | None
+    forced: asyncio.Event
+    operator_paused: bool
+    pausing: bool
 
 
 def stop_details(machine: EndingVm, reason: StopReason) -> dict[str, Any]:
-    """The STOPPING event's details: why, and for a TTL the deadline."""
+    """The STOPPING event's details: why, for a TTL the deadline, and how long the guest is
+    given to power off when it is (`cocos-manager-cli stop` tells the operator)."""
+    details: dict[str, Any] = {"reason": reason.value}
     if reason is StopReason.TTL and machine.expires_at is not None:
-        return ttl.stop_details(machine.expires_at)  # the deadline that ran out
-    return {"reason": reason.value}
+        details = ttl.stop_details(machine.expires_at)  # the deadline that ran out
+    if machine.forced.is_set():
+        details["force"] = True
+    elif machine.state is VmState.RUNNING and (grace := powerdown_grace(machine)):
+        details["powerdown_grace"] = go_duration_text(grace)
+    return details
+
+
+def powerdown_grace(machine: EndingVm) -> float:
+    """Seconds the guest is given to power off on ACPI's power button; 0 = none: turned off,
+    a forced Stop, a guest that cannot see the button (halted by QEMU, paused by Pause: it
+    is not resumed to power off)."""
+    process = machine.process
+    if process is None or process.monitor is None or machine.forced.is_set():
+        return 0.0
+    if machine.halt is not None or machine.operator_paused or machine.pausing:
+        return 0.0
+    return machine.ctx.settings.qemu.POWERDOWN_GRACE
 
 
 async def end_process(
@@ -71,18 +94,35 @@ async def end_process(
 
 async def power_off(machine: EndingVm, process: QemuProcess) -> ExitInfo:
     """ACPI power-down first when a grace is set (the guest shuts down cleanly), then
-    SIGTERM, then SIGKILL after STOP_TIMEOUT."""
+    SIGTERM, then SIGKILL after STOP_TIMEOUT. A forced Stop skips the grace, or ends the
+    wait for it when it comes while the grace runs."""
     q = machine.ctx.settings.qemu
-    if q.POWERDOWN_GRACE > 0 and process.monitor is not None and machine.halt is None:
+    if (grace := powerdown_grace(machine)) > 0 and process.monitor is not None:
         try:
             await asyncio.wait_for(process.monitor.execute("system_powerdown"), 2.0)
-            await asyncio.wait_for(asyncio.shield(process.exited), q.POWERDOWN_GRACE)
+            await _exit_or_force(machine, process, grace)
         except (TimeoutError, QmpClosed, QmpError) as error:
             if not process.exited.done():
                 machine.log.info("guest did not power down in time", error=repr(error))
         else:
-            machine.log.info("guest powered down", grace=q.POWERDOWN_GRACE)
+            if process.exited.done():
+                machine.log.info("guest powered down", grace=grace)
+            else:
+                machine.log.info("forced stop: the power-down grace is cut short")
     return await process.terminate(q.STOP_TIMEOUT)
+
+
+async def _exit_or_force(machine: EndingVm, process: QemuProcess, grace: float) -> None:
+    """Until QEMU exits or a forced Stop comes; TimeoutError after `grace` seconds."""
+    forced = asyncio.ensure_future(machine.forced.wait())
+    try:
+        done, _ = await asyncio.wait(
+            (process.exited, forced), timeout=grace, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        forced.cancel()
+    if not done:
+        raise TimeoutError(f"no power-off in {go_duration_text(grace)}")
 
 
 def final_event(machine: EndingVm, reason: StopReason) -> tuple[str, str]:
