@@ -90,7 +90,7 @@ async def test_sigkill_then_restart_readopts_and_stops(daemon: Daemon, tmp_path:
 
     await daemon.start()
     assert [r["computation_id"] for r in records(tmp_path)] == ["keep"]
-    assert len(vm_files(tmp_path)) == 5  # only the survivor's files remain
+    assert len(vm_files(tmp_path)) == 6  # only the survivor's files remain (console included)
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await daemon.stub.Run(run_request("keep"))
     assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS

@@ -43,6 +43,7 @@ from cocos_manager.config.go_parse import PortRange as PortRange
 
 FIRST_GUEST_CID = 3
 MAX_VNC_DISPLAY = 65535 - 5900
+MIN_CONSOLE_FILE_BYTES = 256 * 1024
 
 # The original's -append value: one argv element that includes the two double quotes.
 ORIGINAL_KERNEL_CMDLINE = '"earlyprintk=serial console=ttyS0"'
@@ -224,6 +225,9 @@ class ServiceSettings(BaseSettings):
     AGENT_MAX_CONNECTIONS_PER_CID: GoInt = 4  # 0 = no limit
     CONSOLE_LINES_PER_SECOND: GoInt = 50  # 0 = no limit
     CONSOLE_LINES_BURST: GoInt = 200
+    # Disk of each VM's console file (both halves of its rotation): docs/decisions.md,
+    # "The console survives the daemon".
+    CONSOLE_FILE_BYTES: GoInt = 8 * 1024 * 1024
     # The daemon's session against its guests' in the scheduler: sched_weight.py.
     AUTOGROUP_NICE: GoInt = -10
 
@@ -312,6 +316,16 @@ class ServiceSettings(BaseSettings):
     def _zero_or_more(cls, value: int) -> int:
         if value < 0:
             raise ValueError("must be 0 or more")
+        return value
+
+    @field_validator("CONSOLE_FILE_BYTES")
+    @classmethod
+    def _console_file(cls, value: int) -> int:
+        if value < MIN_CONSOLE_FILE_BYTES:
+            raise ValueError(
+                f"must be {MIN_CONSOLE_FILE_BYTES} (256 KiB) or more: each half of the "
+                "rotation holds a longest line (64 KiB) and then some"
+            )
         return value
 
     @field_validator("AUTOGROUP_NICE")

@@ -17,6 +17,11 @@ _ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|[ -/]+[0-~]|[@-Z\\-_])")
 MAX_LINE = 64 * 1024
 
 
+def clean_line(raw: bytes) -> str:
+    """A line as logs and Logs show it: escapes and carriage returns gone, no trailing space."""
+    return _ANSI.sub("", raw.decode("utf-8", "replace")).replace("\r", "").rstrip()
+
+
 class LineReader(asyncio.Protocol):
     """Splits a pipe into lines for logs and Events; bounded memory per line."""
 
@@ -36,8 +41,7 @@ class LineReader(asyncio.Protocol):
             self._emit(raw)
 
     def _emit(self, raw: bytes) -> None:
-        text = _ANSI.sub("", raw.decode("utf-8", "replace")).replace("\r", "").rstrip()
-        if text:
+        if text := clean_line(raw):
             self._sink(self._stream, text)
 
     def eof_received(self) -> bool:

@@ -30,6 +30,12 @@ from cocos_manager.errors import (
 from cocos_manager.host.state_store import process_identity, process_start_time
 from cocos_manager.host.workers import pool as _workers
 from cocos_manager.qemu import sudo as sudo_stop
+from cocos_manager.qemu.console_file import (
+    ConsoleFiles,
+    ConsoleReader,
+    reap_when_done,
+    spawn_kept,
+)
 from cocos_manager.qemu.failures import (
     classify_start_failure,
     classify_sudo_refusal,
@@ -40,6 +46,7 @@ from cocos_manager.qemu.spawn import ExitInfo, kill_spawned, spawn
 from cocos_manager.telemetry.logging import get_logger
 
 LineCallback = Callable[[str, str], None]
+HistoryCallback = Callable[[str, str, int], None]
 TAIL_LINES = 20
 _log = get_logger()
 
@@ -64,6 +71,9 @@ class QemuProcess:
         self._tail: deque[tuple[str, str]] = deque(maxlen=TAIL_LINES)
         self._pipes: list[asyncio.Future[None]] = []
         self._attached: set[str] = set()
+        self.console_files: ConsoleFiles | None = None  # QEMU's output kept by a keeper
+        self._console: ConsoleReader | None = None
+        self._on_history: HistoryCallback | None = None
         self._loop = asyncio.get_running_loop()
         self.exited: asyncio.Future[ExitInfo] = self._loop.create_future()
         self.monitor: QmpMonitor | None = None  # QEMU's QMP session, once it answered
@@ -84,19 +94,21 @@ class QemuProcess:
         qmp_listener: socket.socket,
         on_line: LineCallback | None = None,
         env: dict[str, str] | None = None,
+        console: ConsoleFiles | None = None,
     ) -> QemuProcess:
         """Starts QEMU and returns its owner; a caller cancelled here has the process reaped,
         and one cancelled at its next await still holds it. Its output is connected by
-        `attach_output()`.
+        `attach_output()`: pipes to the daemon, or with `console` a keeper process and its
+        file, which outlive the daemon (console_file.py).
 
         Popen waits until the child has exec'd, and under a burst (32 TCG guests taking the
         CPUs) that wait was about 30 ms per VM with the event loop blocked: it runs in a
         worker thread, with the start time read there too, so spawns overlap (make bench).
         """
-        queued = _workers.submit(spawn, list(argv), qmp_listener.fileno(), env)
+        queued = _workers.submit(spawn_kept, spawn, list(argv), qmp_listener.fileno(), env, console)
         spawning = asyncio.wrap_future(queued)
         try:
-            popen, start_time = await asyncio.shield(spawning)
+            popen, start_time, keeper = await asyncio.shield(spawning)
         except asyncio.CancelledError:
             if queued.cancel():  # still waiting for a worker (a burst): nothing was spawned
                 raise
@@ -106,17 +118,25 @@ class QemuProcess:
             with contextlib.suppress(BaseException):
                 await asyncio.shield(cls._reap_spawned(spawning, argv))
             raise
+        if keeper is not None:
+            reap_when_done(keeper)
         try:
-            return cls(popen.pid, argv, popen=popen, on_line=on_line, start_time=start_time)
+            process = cls(popen.pid, argv, popen=popen, on_line=on_line, start_time=start_time)
         except BaseException:
             kill_spawned(popen)
             raise
+        process.console_files = console
+        return process
 
     @classmethod
     async def _reap_spawned(
-        cls, spawning: asyncio.Future[tuple[subprocess.Popen[bytes], int]], argv: Sequence[str]
+        cls,
+        spawning: asyncio.Future[Any],
+        argv: Sequence[str],
     ) -> None:
-        popen, start_time = await spawning
+        popen, start_time, keeper = await spawning
+        if keeper is not None:
+            reap_when_done(keeper)
         try:
             process = cls(popen.pid, argv, popen=popen, start_time=start_time)
         except BaseException:
@@ -129,6 +149,9 @@ class QemuProcess:
     async def attach_output(self) -> None:
         """Connects QEMU's stdout and stderr to the line callback."""
         assert self._popen is not None
+        if self.console_files is not None:
+            self._console = ConsoleReader(self.console_files, self._console_line, history=False)
+            return
         loop = asyncio.get_running_loop()
         for stream, pipe in (("stdout", self._popen.stdout), ("stderr", self._popen.stderr)):
             if pipe is None or pipe.closed:
@@ -180,6 +203,32 @@ class QemuProcess:
             open_running_monitor(qmp_path, paused=paused), timeout
         )
 
+    def follow_console(
+        self, files: ConsoleFiles, on_line: LineCallback, on_history: HistoryCallback
+    ) -> None:
+        """For an adopted VM: what its keeper wrote before (`on_history`), then its new lines
+        (`on_line`), as a VM started by this daemon has them."""
+        self.console_files, self._on_line, self._on_history = files, on_line, on_history
+        self._console = ConsoleReader(files, self._console_line, history=True)
+
+    async def history_read(self, timeout: float) -> None:
+        """Waits (up to `timeout`) until what the console file held at adoption is read: Logs
+        answered after that has the lines from before the restart."""
+        if self._console is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._console.caught_up), timeout)
+
+    def _console_line(self, stream: str, text: str, timestamp_ns: int, live: bool) -> None:
+        if live:
+            self._line(stream, text)
+        elif self._on_history is not None:
+            self._on_history(stream, text, timestamp_ns)
+
+    def close_console(self) -> None:
+        """Stops reading the console file (the daemon lets go of the VM, or it was released)."""
+        if self._console is not None:
+            self._console.close()
+
     def _line(self, stream: str, text: str) -> None:
         self._tail.append((stream, text))
         if self._on_line is not None:
@@ -201,6 +250,7 @@ class QemuProcess:
         (the monitor serves one client, which must be the next daemon's) and its pidfd."""
         if self.monitor is not None:
             await self.monitor.close()
+        self.close_console()
         self._close_pidfd()
 
     def _close_pidfd(self) -> None:
@@ -213,6 +263,8 @@ class QemuProcess:
         """After exit, the last lines may still be in the pipes: let them arrive. Never cancels
         the readers (as a timed-out gather would): a process that inherited QEMU's output can
         hold it open past any wait, and its lines still belong to the VM."""
+        if self._console is not None:
+            await self._console.drain(timeout)
         if pending := [pipe for pipe in self._pipes if not pipe.done()]:
             await asyncio.wait(pending, timeout=timeout)
 

@@ -20,6 +20,7 @@ from cocos_manager.events.console import ConsoleArchive
 from cocos_manager.host.state_store import StateStore
 from cocos_manager.host.tasks import TaskSet
 from cocos_manager.qemu.argv import Executable
+from cocos_manager.qemu.console_file import ConsoleFiles
 from cocos_manager.qemu.process import LineCallback, QemuProcess
 from cocos_manager.vm.resources import Pools
 
@@ -84,6 +85,7 @@ class Launcher(Protocol):
         qmp_listener: socket.socket,
         on_line: LineCallback,
         env: dict[str, str] | None,
+        console: ConsoleFiles | None = None,
     ) -> QemuProcess: ...
 
 

@@ -239,6 +239,7 @@ class Machine:
                     qmp_listener=listener,
                     on_line=self.output.line,
                     env=qemu_environment(self.ctx.settings.qemu),
+                    console=self.files.console(self.ctx.settings.service.CONSOLE_FILE_BYTES),
                 )
             finally:
                 listener.close()
@@ -353,6 +354,8 @@ class Machine:
             self.log.error("QEMU could not be stopped", error=str(error))
         finally:
             self.output.note_suppressed()
+            if process is not None:
+                process.close_console()
             if self.files is not None:
                 self.files.remove()
             self.lease.release()
@@ -377,6 +380,9 @@ class Machine:
         assert process is not None
         process.exited.add_done_callback(lambda _: self._on_exit(process))
         self._guest.watch(process)
+        if self.files is not None:  # QEMU's lines from before the restart, then the new ones
+            files = self.files.console(self.ctx.settings.service.CONSOLE_FILE_BYTES)
+            process.follow_console(files, self.output.line, self.output.history)
         details = {**self.details(), "readopted": True}
         if paused:
             self.halt = {"qemu_status": "paused before the restart"}
