@@ -104,21 +104,26 @@ def spawn_kept(
     return popen, start_time, keeper
 
 
-def reap_when_done(keeper: subprocess.Popen[bytes]) -> None:
-    """The keeper is the daemon's child: reaped once it ends, never left a zombie."""
+def reap_when_done(keeper: subprocess.Popen[bytes]) -> asyncio.Future[None]:
+    """The keeper is the daemon's child: reaped once it ends, never left a zombie (done then)."""
     loop = asyncio.get_running_loop()
+    reaped: asyncio.Future[None] = loop.create_future()
     try:
         pidfd = os.pidfd_open(keeper.pid)
     except ProcessLookupError:
         keeper.poll()
-        return
+        reaped.set_result(None)
+        return reaped
 
     def ended() -> None:
         loop.remove_reader(pidfd)
         os.close(pidfd)
         keeper.poll()
+        if not reaped.done():
+            reaped.set_result(None)
 
     loop.add_reader(pidfd, ended)
+    return reaped
 
 
 def _open(path: Path) -> int | None:

@@ -73,6 +73,7 @@ class QemuProcess:
         self._attached: set[str] = set()
         self.console_files: ConsoleFiles | None = None  # QEMU's output kept by a keeper
         self._console: ConsoleReader | None = None
+        self._keeper_reaped: asyncio.Future[None] | None = None  # a keeper this daemon started
         self._on_history: HistoryCallback | None = None
         self._loop = asyncio.get_running_loop()
         self.exited: asyncio.Future[ExitInfo] = self._loop.create_future()
@@ -118,14 +119,13 @@ class QemuProcess:
             with contextlib.suppress(BaseException):
                 await asyncio.shield(cls._reap_spawned(spawning, argv))
             raise
-        if keeper is not None:
-            reap_when_done(keeper)
+        keeper_reaped = reap_when_done(keeper) if keeper is not None else None
         try:
             process = cls(popen.pid, argv, popen=popen, on_line=on_line, start_time=start_time)
         except BaseException:
             kill_spawned(popen)
             raise
-        process.console_files = console
+        process.console_files, process._keeper_reaped = console, keeper_reaped
         return process
 
     @classmethod
@@ -265,6 +265,11 @@ class QemuProcess:
         hold it open past any wait, and its lines still belong to the VM."""
         if self._console is not None:
             await self._console.drain(timeout)
+            if self._console.ended.done() and self._keeper_reaped is not None:
+                # Its last record written, the keeper ends at once: reaped before the release
+                # goes on (a daemon exiting right after would leave it a zombie of init's).
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self._keeper_reaped), timeout)
         if pending := [pipe for pipe in self._pipes if not pipe.done()]:
             await asyncio.wait(pending, timeout=timeout)
 
