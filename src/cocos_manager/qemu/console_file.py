@@ -15,7 +15,9 @@ where the lines went missing.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import errno
 import os
 import subprocess
 import sys
@@ -23,15 +25,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from cocos_manager.errors import FailedPreconditionError, ResourceExhaustedError
 from cocos_manager.qemu import console_keeper
-from cocos_manager.qemu.failures import launch_failure
 from cocos_manager.qemu.output import clean_line
+from cocos_manager.telemetry.logging import get_logger
 
 POLL_INTERVAL = 0.1
 DRAIN_INTERVAL = 0.01
 CHUNK = 256 * 1024
 _STREAMS = {b"O": "stdout", b"E": "stderr"}
 
+_log = get_logger()
+FILE_MODE = console_keeper.FILE_MODE
 ConsoleSink = Callable[[str, str, int, bool], None]
 """(stream, text, timestamp_ns, live): live is False for lines printed before the daemon
 took the VM over (its history: the console, not Events nor the daemon's log)."""
@@ -57,6 +62,63 @@ def dropped_note(count: int) -> str:
 
 
 Spawner = Callable[..., tuple[subprocess.Popen[bytes], int]]
+KeeperStart = concurrent.futures.Future[subprocess.Popen[bytes]]
+
+# The keepers are started in a thread of their own, beside QEMU's spawn in the start workers:
+# a Run never waits for its keeper (make bench), and a burst's keepers never queue ahead of
+# its QEMUs.
+_keepers = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="keeper")
+
+
+def _start_keeper(
+    console: ConsoleFiles, file_fd: int, out_r: int, err_r: int
+) -> subprocess.Popen[bytes]:
+    try:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-I",
+                "-S",
+                console_keeper.__file__,
+                str(console.path),
+                str(console.max_bytes),
+                str(file_fd),
+                str(out_r),
+                str(err_r),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            pass_fds=(file_fd, out_r, err_r),
+            start_new_session=True,  # outlives the daemon, as QEMU does
+        )
+    finally:
+        for fd in (file_fd, out_r, err_r):
+            os.close(fd)
+
+
+def fresh_file(console: ConsoleFiles) -> int:
+    """An empty console file for one QEMU, the daemon's own and private, handed to its keeper
+    open: a keeper never opens it by name, so one that starts late never writes into the file
+    of a later attempt, nor makes a file for a VM already released (it checks that the name
+    is still its file)."""
+    try:
+        for path in (console.path, console.rotated):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        fd = os.open(console.path, flags, FILE_MODE)
+    except OSError as error:
+        where = f"MANAGER_QEMU_TMP_FILE_LOC: cannot make {str(console.path)!r}"
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ResourceExhaustedError(f"{where}: no space left") from None
+        raise FailedPreconditionError(f"{where}: {error.strerror}") from None
+    try:
+        os.fchmod(fd, FILE_MODE)  # the mode set, whatever the umask
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def spawn_kept(
@@ -65,47 +127,59 @@ def spawn_kept(
     qmp_fd: int,
     env: dict[str, str] | None,
     console: ConsoleFiles | None,
-) -> tuple[subprocess.Popen[bytes], int, subprocess.Popen[bytes] | None]:
-    """In a worker thread: the keeper, then QEMU (by `spawner`, spawn.spawn) with its output
-    going to the keeper's pipes. The daemon keeps no end of them, so a QEMU whose spawn fails
-    leaves the keeper at end of file, and it ends. Without `console`: pipes to the daemon."""
+) -> tuple[subprocess.Popen[bytes], int, KeeperStart | None]:
+    """In a worker thread: QEMU (by `spawner`, spawn.spawn) with its output going to pipes,
+    then the VM's keeper, handed their other ends, started in the keepers' thread while the
+    Run goes on (what QEMU prints meanwhile waits in the pipes). The daemon keeps no end of
+    them once the keeper has its own. Without `console`: pipes to the daemon."""
     if console is None:
         return (*spawner(argv, qmp_fd, env), None)
+    file_fd = fresh_file(console)
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     try:
-        try:
-            keeper = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-I",
-                    "-S",
-                    console_keeper.__file__,
-                    str(console.path),
-                    str(console.max_bytes),
-                    str(out_r),
-                    str(err_r),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                pass_fds=(out_r, err_r),
-                start_new_session=True,  # outlives the daemon, as QEMU does
-            )
-        except OSError as error:
-            raise launch_failure([sys.executable], error) from None
-        finally:
-            os.close(out_r)
-            os.close(err_r)
         popen, start_time = spawner(argv, qmp_fd, env, stdout=out_w, stderr=err_w)
+    except BaseException:
+        for fd in (file_fd, out_r, err_r):
+            os.close(fd)
+        raise
     finally:
         os.close(out_w)
         os.close(err_w)
+    try:
+        keeper: KeeperStart | None = _keepers.submit(_start_keeper, console, file_fd, out_r, err_r)
+    except RuntimeError:  # the interpreter is shutting down; QEMU is the caller's all the same
+        for fd in (file_fd, out_r, err_r):
+            os.close(fd)
+        keeper = None
     return popen, start_time, keeper
 
 
+def reap_keeper(started: KeeperStart) -> asyncio.Future[None]:
+    """Done once the keeper has ended and been reaped (it is the daemon's child: never left a
+    zombie). A keeper that could not start is logged: that VM's output is lost."""
+    reaped: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def finish(_: object = None) -> None:
+        if not reaped.done():
+            reaped.set_result(None)
+
+    def on_started(start: asyncio.Future[subprocess.Popen[bytes]]) -> None:
+        if start.cancelled() or (error := start.exception()) is not None:
+            _log.error(
+                "the console keeper could not start: this VM's console is not kept",
+                error=repr(error) if not start.cancelled() else "cancelled",
+            )
+            finish()
+            return
+        reap_when_done(start.result()).add_done_callback(finish)
+
+    asyncio.wrap_future(started).add_done_callback(on_started)
+    return reaped
+
+
 def reap_when_done(keeper: subprocess.Popen[bytes]) -> asyncio.Future[None]:
-    """The keeper is the daemon's child: reaped once it ends, never left a zombie (done then)."""
+    """Done once `keeper` has ended and been reaped."""
     loop = asyncio.get_running_loop()
     reaped: asyncio.Future[None] = loop.create_future()
     try:

@@ -1,6 +1,7 @@
 """A VM's console keeper: holds QEMU's stdout and stderr and writes them to a bounded file.
 
-Run as its own process (`python -I -S console_keeper.py FILE MAX_BYTES STDOUT_FD STDERR_FD`)
+Run as its own process (`python -I -S console_keeper.py FILE MAX_BYTES FILE_FD STDOUT_FD
+STDERR_FD`: FILE made and opened by the daemon, the other ends of QEMU's output pipes)
 in a session of its own, so it outlives a daemon SIGKILLed, stopped with its VMs left
 running, or upgraded: QEMU's output never goes to a pipe the daemon holds, and nothing QEMU
 prints is lost while no daemon runs (libvirt's virtlogd and podman's conmon do the same).
@@ -40,51 +41,70 @@ class Sink:
     """The file and its rotation; a write that fails (a full disk) drops the line, counted
     by the gap in sequence numbers, and the keeper goes on reading: QEMU never blocks on it."""
 
-    def __init__(self, path: str, max_bytes: int) -> None:
+    def __init__(self, path: str, max_bytes: int, fd: int) -> None:
         self.path = path
         self.half = max(1, max_bytes // 2)
         self.seq = 0
-        self.fd = -1
+        self.fd = fd  # the file the daemon made for this QEMU, handed over open
         self.size = 0
-        self.released = False  # the daemon removed the file: the VM is gone, nothing is kept
-        self._open()
-
-    def _open(self) -> None:
-        self.fd = os.open(
-            self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE
-        )
-        os.fchmod(self.fd, FILE_MODE)  # the mode set, whatever the umask
-        self.size = os.fstat(self.fd).st_size
-        if self.size == 0:
+        # The daemon removed the file, or made a new one for another QEMU of the VM: nothing
+        # is written any more (the pipes are still read to their end: QEMU never blocks).
+        self.released = not self._ours()
+        if self.released:
+            os.close(self.fd)
+            self.fd = -1
+        else:
             self._write(b"V", FORMAT_VERSION)
 
+    def _ours(self) -> bool:
+        try:
+            return os.stat(self.path).st_ino == os.fstat(self.fd).st_ino
+        except OSError:
+            return False
+
     def _rotate(self) -> None:
-        os.close(self.fd)
-        self.fd = -1
-        if not os.path.exists(self.path):  # never a file again once the VM's files are gone
+        if not self._ours():  # never a file again once the VM's files are gone
+            os.close(self.fd)
+            self.fd = -1
             self.released = True
             return
+        os.close(self.fd)
+        self.fd = -1
         try:
             os.replace(self.path, self.path + ".1")
-        except OSError:
-            os.unlink(self.path)  # no rename: the oldest lines go all the same
-        self._open()
+            self.fd = os.open(
+                self.path,
+                os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                FILE_MODE,
+            )
+        except OSError:  # removed meanwhile: released
+            self.released = True
+            return
+        os.fchmod(self.fd, FILE_MODE)  # the mode set, whatever the umask
+        self.size = 0
+        if not os.path.exists(self.path + ".1"):  # the daemon removed the VM's files meanwhile
+            os.close(self.fd)
+            self.fd = -1
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            self.released = True
+            return
+        self._write(b"V", FORMAT_VERSION)
 
     def _write(self, tag: bytes, payload: bytes) -> bool:
+        if self.released:
+            return False
         record = b"%d %d %s %s\n" % (self.seq, time.time_ns(), tag, payload)
         try:
             if self.size and self.size + len(record) > self.half:
                 self._rotate()
-            if self.released:
-                return False
+                if self.released:
+                    return False
             view = memoryview(record)
             while view:
                 written = os.write(self.fd, view)
                 view = view[written:]
-        except OSError:
-            if self.fd < 0 and not self.released:
-                with contextlib.suppress(OSError):
-                    self._open()
+        except OSError:  # a full disk: this line is dropped, counted by the gap
             return False
         self.size += len(record)
         return True
@@ -100,10 +120,10 @@ class Sink:
 def main(argv: list[str]) -> int:
     for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_IGN)
-    path, max_bytes = argv[1], int(argv[2])
-    streams = {int(argv[3]): b"O", int(argv[4]): b"E"}
+    path, max_bytes, fd = argv[1], int(argv[2]), int(argv[3])
+    streams = {int(argv[4]): b"O", int(argv[5]): b"E"}
     partial = {fd: b"" for fd in streams}
-    sink = Sink(path, max_bytes)
+    sink = Sink(path, max_bytes, fd)
     poller = select.poll()
     for fd in streams:
         poller.register(fd, select.POLLIN)

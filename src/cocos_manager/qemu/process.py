@@ -33,7 +33,7 @@ from cocos_manager.qemu import sudo as sudo_stop
 from cocos_manager.qemu.console_file import (
     ConsoleFiles,
     ConsoleReader,
-    reap_when_done,
+    reap_keeper,
     spawn_kept,
 )
 from cocos_manager.qemu.failures import (
@@ -119,7 +119,7 @@ class QemuProcess:
             with contextlib.suppress(BaseException):
                 await asyncio.shield(cls._reap_spawned(spawning, argv))
             raise
-        keeper_reaped = reap_when_done(keeper) if keeper is not None else None
+        keeper_reaped = reap_keeper(keeper) if keeper is not None else None
         try:
             process = cls(popen.pid, argv, popen=popen, on_line=on_line, start_time=start_time)
         except BaseException:
@@ -136,7 +136,7 @@ class QemuProcess:
     ) -> None:
         popen, start_time, keeper = await spawning
         if keeper is not None:
-            reap_when_done(keeper)
+            reap_keeper(keeper)
         try:
             process = cls(popen.pid, argv, popen=popen, start_time=start_time)
         except BaseException:
