@@ -103,7 +103,7 @@ async def restart(daemon: Daemon, kind: str) -> None:
 
 
 def qemu_pid(daemon: Daemon) -> int:
-    (vm,) = [c for c in daemon.children() if "fake_qemu" in " ".join(c.cmdline())]
+    (vm,) = daemon.vm_children()
     return vm.pid
 
 
