@@ -48,6 +48,7 @@ from cocos_manager.telemetry.logging import get_logger
 LineCallback = Callable[[str, str], None]
 HistoryCallback = Callable[[str, str, int], None]
 TAIL_LINES = 20
+KEEPER_END_WAIT = 3.0  # a keeper's interpreter starting on a loaded host: 0.2 s typically
 _log = get_logger()
 
 
@@ -135,13 +136,13 @@ class QemuProcess:
         argv: Sequence[str],
     ) -> None:
         popen, start_time, keeper = await spawning
-        if keeper is not None:
-            reap_keeper(keeper)
+        keeper_reaped = reap_keeper(keeper) if keeper is not None else None
         try:
             process = cls(popen.pid, argv, popen=popen, start_time=start_time)
         except BaseException:
             kill_spawned(popen)
             raise
+        process._keeper_reaped = keeper_reaped
         process.close_pipes()
         process.kill_now()
         await process.terminate(0)
@@ -265,11 +266,15 @@ class QemuProcess:
         hold it open past any wait, and its lines still belong to the VM."""
         if self._console is not None:
             await self._console.drain(timeout)
-            if self._console.ended.done() and self._keeper_reaped is not None:
-                # Its last record written, the keeper ends at once: reaped before the release
-                # goes on (a daemon exiting right after would leave it a zombie of init's).
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(self._keeper_reaped), timeout)
+        if self._keeper_reaped is not None and self.exited.done():
+            # QEMU's output ended with it, so its keeper ends at once, or as soon as it has
+            # started (a QEMU that died within milliseconds): reaped before the release goes
+            # on, so a failed Run leaves no process behind and a daemon exiting right after no
+            # zombie of init's. Only a keeper whose pipes another process holds is not waited.
+            held = self._console is not None and not self._console.ended.done()
+            bound = timeout if held else max(timeout, KEEPER_END_WAIT)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._keeper_reaped), bound)
         if pending := [pipe for pipe in self._pipes if not pipe.done()]:
             await asyncio.wait(pending, timeout=timeout)
 
