@@ -11,6 +11,7 @@ post-mortem, which has the whole console.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from pathlib import Path
 
@@ -96,4 +97,13 @@ async def test_a_real_guests_console_survives_a_restart_of_the_daemon(
             assert not any(line.startswith("cocos-manager:") for line in ended)
             assert second.vm_files() == []
     finally:
+        await stop_vm(second, cid)  # (a failed assertion above left it running)
         stop_daemon(second)
+
+
+async def stop_vm(daemon: Daemon, computation_id: str) -> None:
+    """The VM outlives a SIGTERM here: stopped first, whatever the test got to."""
+    async with grpc.aio.insecure_channel(daemon.address) as channel:
+        stub = pb_grpc.ManagerServiceStub(channel)
+        with contextlib.suppress(grpc.aio.AioRpcError):  # NOT_FOUND: stopped already
+            await stub.Stop(pb.StopRequest(computation_id=computation_id), timeout=120)
