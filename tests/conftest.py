@@ -48,10 +48,19 @@ def no_process_left_behind(tmp_path: Path) -> Iterator[None]:
     """A test whose VMs outlive it leaks: fail it, and kill them so later tests start clean."""
     yield
     leftovers = processes_mentioning(str(tmp_path))
+    named = {pid: _cmdline(pid) for pid in leftovers}
     for pid in leftovers:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    assert not leftovers, f"processes left running by this test: {leftovers}"
+    assert not leftovers, f"processes left running by this test: {named}"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return cmdline.read().replace(b"\0", b" ").decode(errors="replace")[:200]
+    except OSError:
+        return "?"
 
 
 # -- property tests: new inputs on each commit, reproducibly ------------------------------------

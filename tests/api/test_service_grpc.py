@@ -36,7 +36,8 @@ async def test_run_answers_with_the_forwarded_port_and_stop_cleans_up(manager: M
     assert manifest["id"] == "c1"
     assert manifest["agent_config"]["attested_tls"] is True
     assert len(manifest["algorithms"]["hash"]) == 32
-    assert len(vm_files(manager)) == 5  # kernel, rootfs, vars, manifest, qmp socket
+    # kernel, rootfs, vars, manifest, qmp socket, console file
+    assert len(vm_files(manager)) == 6
     process = manager.service.computations()["c1"].process
     assert process is not None
     await manager.stub.Stop(pb.StopRequest(computation_id="c1"))
@@ -143,7 +144,7 @@ async def test_two_vms_get_distinct_ports_displays_and_files(manager: Manager) -
     assert {ra.vnc_display, rb.vnc_display} == {VNC_BASE, VNC_BASE + 1}
     assert json.loads(await asyncio.to_thread(read_agent, int(a.agent_port)))["id"] == "a"
     assert json.loads(await asyncio.to_thread(read_agent, int(b.agent_port)))["id"] == "b"
-    assert len(vm_files(manager)) == 10
+    assert len(vm_files(manager)) == 12
 
 
 async def test_events_carry_provision_and_serial_output(manager: Manager) -> None:

@@ -255,12 +255,24 @@ class UserDaemon:
         return await asyncio.to_thread(self.process.wait, 60)
 
     def vm_processes(self) -> dict[str, list[int]]:
-        """sudo and QEMU processes of this daemon's VMs (their command lines name vms/)."""
+        """sudo and QEMU processes of this daemon's VMs (their command lines name vms/; not
+        the console keepers: `keepers()`)."""
         found: dict[str, list[int]] = {"sudo": [], "qemu": []}
+        keepers = self.keepers()
         for pid in processes_mentioning(str(self.vms)):
             with contextlib.suppress(OSError):
                 name = Path(f"/proc/{pid}/comm").read_text().strip()
-                found["sudo" if name == "sudo" else "qemu"].append(pid)
+                if pid not in keepers:
+                    found["sudo" if name == "sudo" else "qemu"].append(pid)
+        return found
+
+    def keepers(self) -> list[int]:
+        """The VMs' console keepers (the daemon user's, holding root QEMU's output)."""
+        found = []
+        for pid in processes_mentioning(str(self.vms)):
+            with contextlib.suppress(OSError):
+                if b"console_keeper" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    found.append(pid)
         return found
 
 
@@ -419,14 +431,21 @@ async def test_run_stop_exit_readopt_shutdown(account: Account, workdir: Path) -
             await daemon.stub.Stop(pb.StopRequest(computation_id="frozen"), timeout=60)
             assert daemon.vm_processes() == {"sudo": [], "qemu": []}
 
-            # Daemon SIGKILL + restart: re-adopted, then stopped.
+            # Daemon SIGKILL + restart: re-adopted, then stopped. Root's QEMU wrote its console
+            # to the keeper's pipes: Logs after the restart has the boot from before it.
+            events = await watch(daemon, "s3")
             await daemon.stub.Run(run_request("s3"), timeout=BOOT_TIMEOUT)
+            await events.wait_for("BOOTED s3", booted("s3"), BOOT_TIMEOUT)
+            await events.close()
             before = daemon.vm_processes()
             await daemon.kill()
             await daemon.start()
             listed = await daemon.stub.List(pb.ListRequest())
             assert [(c.computation_id, c.adopted) for c in listed.computations] == [("s3", True)]
             assert daemon.vm_processes() == before
+            request = pb.LogsRequest(computation_id="s3")
+            history = [line.message async for line in daemon.stub.Logs(request, timeout=10)]
+            assert any(line.endswith("BOOTED s3") for line in history), history[-5:]
             await daemon.stub.Stop(pb.StopRequest(computation_id="s3"), timeout=60)
             assert daemon.vm_processes() == {"sudo": [], "qemu": []}
 
@@ -436,6 +455,7 @@ async def test_run_stop_exit_readopt_shutdown(account: Account, workdir: Path) -
             assert await daemon.terminate() == 0
             assert daemon.vm_processes() == {"sudo": [], "qemu": []}
             assert daemon.vm_files() == []
+            await wait_for(lambda: daemon.keepers() == [], "the console keepers to end", 5)
 
 
 def same_file(a: str, b: str) -> bool:

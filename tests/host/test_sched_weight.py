@@ -66,7 +66,7 @@ async def test_the_daemon_session_outweighs_its_vms_and_the_vms_keep_the_default
     weighed = cpu_cgroup() is None
     assert autogroup_nice(daemon.pid) == (-10 if weighed else 0)
     await daemon.stub.Run(run_request("weighed"))
-    [qemu] = [child.pid for child in daemon.children()]  # the VM's (stand-in) QEMU
+    [qemu] = [child.pid for child in daemon.vm_children()]  # the VM's (stand-in) QEMU
     assert os.getsid(qemu) == qemu  # a session of its own...
     assert autogroup_nice(qemu) == 0  # ...at the default weight
     await daemon.stub.Stop(pb.StopRequest(computation_id="weighed"))

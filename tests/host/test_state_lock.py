@@ -57,11 +57,7 @@ async def test_a_second_daemon_exits_and_leaves_the_first_alone(
     files = sorted(os.listdir(tmp_path / "vms"))
     assert len(records) == 1 and files
     assert first.process is not None
-    qemu_pids = [
-        int(pid)
-        for pid in os.listdir("/proc")
-        if pid.isdigit() and _parent(int(pid)) == first.process.pid
-    ]
+    qemu_pids = [child.pid for child in first.vm_children()]
     assert len(qemu_pids) == 1
 
     second = Daemon(env=base_env(tmp_path), log=tmp_path / "second.log")

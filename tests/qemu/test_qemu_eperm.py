@@ -25,7 +25,7 @@ from cocos_manager.qemu import sudo as sudo_stop
 from cocos_manager.qemu.argv import Executable
 from cocos_manager.qemu.failures import classify_sudo_refusal
 from tests.support.harness import run_request, running_manager
-from tests.support.processes import processes_mentioning
+from tests.support.processes import is_console_keeper, processes_mentioning
 from tests.support.waiting import unavailable, wait_for
 
 
@@ -56,7 +56,9 @@ async def test_a_qemu_nothing_stops_is_released_and_stop_says_why(
     monkeypatch.setattr(sudo_stop, "GIVE_UP_AFTER", 0.5)
     async with running_manager(tmp_path, monkeypatch, FAKE_QEMU_MODE="ignore-quit") as m:
         await m.stub.Run(run_request("c1"))
-        (pid,) = processes_mentioning(str(tmp_path / "vms"))
+        (pid,) = [  # the VM's QEMU (its console keeper names the folder too)
+            pid for pid in processes_mentioning(str(tmp_path / "vms")) if not is_console_keeper(pid)
+        ]
         refuse_signals(monkeypatch)
         try:
             with pytest.raises(grpc.aio.AioRpcError) as failure:
@@ -69,7 +71,8 @@ async def test_a_qemu_nothing_stops_is_released_and_stop_says_why(
             assert not any((tmp_path / "state").glob("*.json"))
         finally:
             os.kill(pid, signal.SIGKILL)
-            await wait_for(lambda: pid not in processes_mentioning(str(tmp_path)), "its end")
+            # Its console keeper ends with it (at the end of QEMU's output).
+            await wait_for(lambda: not processes_mentioning(str(tmp_path)), "its end")
 
 
 def test_sudo_command_keeps_the_qmp_descriptor() -> None:

@@ -35,9 +35,9 @@ async def test_a_qemu_spawned_as_the_daemon_died_is_found_by_the_next_start(
     spawned_pids: list[int] = []
 
     def held_spawn(
-        argv: list[str], qmp_fd: int, env: dict[str, str] | None
+        argv: list[str], qmp_fd: int, env: dict[str, str] | None, **pipes: int
     ) -> tuple[subprocess.Popen[bytes], int]:
-        result = real_spawn(argv, qmp_fd, env)
+        result = real_spawn(argv, qmp_fd, env, **pipes)
         spawned_pids.append(result[0].pid)
         loop.call_soon_threadsafe(spawned.set_result, None)
         go_on.wait(30)

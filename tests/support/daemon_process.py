@@ -142,6 +142,16 @@ class Daemon:
         except psutil.NoSuchProcess:
             return []
 
+    def vm_children(self) -> list[psutil.Process]:
+        """The daemon's QEMUs (or what runs them: sudo, a wrapper), not the VMs' console
+        keepers, which are its children too."""
+        found = []
+        for child in self.children():
+            with contextlib.suppress(psutil.Error):
+                if not any(arg.endswith("console_keeper.py") for arg in child.cmdline()):
+                    found.append(child)
+        return found
+
     def zombies_and_live(self) -> tuple[int, int]:
         """(zombies, live) among the daemon's descendants."""
         zombies = live = 0

@@ -34,6 +34,10 @@ separated, default an upstream QEMU's confidential-computing ones), for the star
   output-helper   start a helper process that inherits QEMU's stdout and stderr and keeps them
                   open for 30 s after QEMU has ended (as a `-netdev tap` ifup script that starts
                   a daemon does); its command line names the marker fake-qemu-output-helper
+A chatty guest, for the console's tests:
+  FAKE_QEMU_TICK=S              print "tick N" (N = 0, 1, ...) on stdout every S seconds
+  FAKE_QEMU_BURST=N             on SIGUSR1, print N lines "burst I" padded to 100 bytes, then
+                                "burst done" (a guest flooding its console)
 Two more knobs for fault tests:
   FAKE_QEMU_START_LOG=FILE      append one JSON line per start (pid, hostfwd port, VNC display),
                                 so a test can tell whether QEMU was started at all, and how often
@@ -322,6 +326,19 @@ def start_output_helper(args: list[str]) -> None:
     HELD.append(write_end)
 
 
+def tick(seconds: float) -> None:
+    count = 0
+    while True:
+        say(sys.stdout, f"tick {count}\n")
+        count += 1
+        time.sleep(seconds)
+
+
+def burst(lines: int) -> None:
+    text = "".join(f"burst {i} ".ljust(99, "x") + "\n" for i in range(lines))
+    say(sys.stdout, text + "burst done\n")
+
+
 def bind(port: int, what: str) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -445,6 +462,10 @@ def main() -> None:
     say(sys.stdout, f"\x1b[2J\x1b[01;01HBOOTED {identity}\r\n")
     if mode.startswith("chatty:"):
         chatter(*mode.split(":")[1:])
+    if lines := int(os.environ.get("FAKE_QEMU_BURST", "0")):
+        signal.signal(signal.SIGUSR1, lambda *_: burst(lines))
+    if seconds := float(os.environ.get("FAKE_QEMU_TICK", "0")):
+        threading.Thread(target=tick, args=(seconds,), daemon=True).start()
     if mode.startswith("exit-after:"):
         _, seconds, code = mode.split(":")
         time.sleep(float(seconds))

@@ -85,7 +85,8 @@ def base_env(tmp: Path) -> dict[str, str]:
         "MANAGER_GRPC_HOST": "127.0.0.1",
         "MANAGER_GRPC_PORT": "0",
         # QEMU gets a minimal environment: the stand-in's knobs must be passed on by name.
-        "MANAGER_QEMU_PASS_ENV": "FAKE_QEMU_MODE,FAKE_QEMU_SQUAT,FAKE_QEMU_START_LOG,FAKE_QEMU_TAKEN_CIDS",
+        "MANAGER_QEMU_PASS_ENV": "FAKE_QEMU_MODE,FAKE_QEMU_SQUAT,FAKE_QEMU_START_LOG,"
+        "FAKE_QEMU_TAKEN_CIDS,FAKE_QEMU_TICK,FAKE_QEMU_BURST",
         **fake_images(tmp / "img"),
     }
 

@@ -72,6 +72,9 @@ class FakeProcess:
     async def wait_output(self, timeout: float = 1.0) -> None:
         return None
 
+    def close_console(self) -> None:
+        return None
+
     async def end_outlived(self) -> bool:
         return False
 

@@ -92,3 +92,12 @@ def gone_within(pid: int, seconds: float, *, kill: bool = False) -> bool:
         return bool(readable)
     finally:
         os.close(pidfd)
+
+
+def is_console_keeper(pid: int) -> bool:
+    """A VM's console keeper (it names the VM folder, as its QEMU does)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return b"console_keeper" in cmdline.read()
+    except OSError:
+        return False

@@ -10,10 +10,10 @@ QEMU, at the exact instants where a start used to lose track of its VM:
 Each instant is reached by what marks it, never by sleeping: the manifest connection's close
 (the stand-in agent kills QEMU there and blocks the loop until QEMU has ended, so the exit is
 there before the manager looks again); QEMU's end, seen through a pidfd (the Stop is made
-from that callback); the event loop's connect_read_pipe, which the manager calls only for a
-just-spawned QEMU's stdout and stderr (intercepted in this loop to cancel the Run, and in a
-daemon subprocess by a sitecustomize on its PYTHONPATH to SIGKILL it). No manager code is
-patched: only asyncio's primitive, at the instant the manager reaches it.
+from that callback); QemuProcess.attach_output, which the manager calls only for a
+just-spawned QEMU's output (its console file: intercepted in this loop to cancel the Run, and
+in a daemon subprocess by a sitecustomize on its PYTHONPATH to SIGKILL it), the one manager
+method patched, and only to act at the instant the manager reaches it.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import pytest
 from cocos_manager.agent.vsock import Connect
 from cocos_manager.errors import ManagerError
 from cocos_manager.proto import manager_pb2 as pb
+from cocos_manager.qemu.process import QemuProcess
 from tests.support.daemon_process import Daemon
 from tests.support.harness import (
     FAKE_QEMU,
@@ -89,10 +90,13 @@ def qemu_pids(vms: Path) -> list[int]:
 async def kill_helpers(vms: Path) -> None:
     """The output helpers outlive their QEMU on purpose (FAKE_QEMU_MODE=output-helper)."""
     helpers = [pid for pid in processes_mentioning(str(vms)) if HELPER_MARKER in _cmdline(pid)]
+    keepers = [pid for pid in processes_mentioning(str(vms)) if "console_keeper" in _cmdline(pid)]
     for pid in helpers:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     await asyncio.gather(*map(ended, helpers))
+    # The console keepers held QEMU's output with them: they end at its end of file.
+    await asyncio.wait_for(asyncio.gather(*map(ended, keepers)), 10)
 
 
 def ended(pid: int) -> asyncio.Future[None]:
@@ -359,32 +363,34 @@ async def test_stop_during_a_failing_starts_teardown_answers_once_all_is_release
 # -- 3. right after the spawn: a cancelled Run, a killed daemon ---------------------------------
 
 
-@pytest.mark.parametrize("pipe", [1, 2], ids=["stdout", "stderr"])
+@pytest.mark.parametrize("when", ["before", "after"])
 async def test_a_run_cancelled_while_qemu_output_is_connected_leaves_no_qemu(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pipe: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str
 ) -> None:
     """The Run is cancelled (its caller went away) at the instant the manager connects the new
-    QEMU's stdout, or its stderr: that QEMU is gone when the Run ends, and the id is free."""
+    QEMU's output (its console file's reader), just before or just after: that QEMU is gone
+    when the Run ends, and the id is free."""
     vms = tmp_path / "vms"
-    loop = asyncio.get_running_loop()
-    connect_read_pipe = loop.connect_read_pipe
+    attach_output = QemuProcess.attach_output
     calls = 0
     run: asyncio.Future[pb.RunResponse] | None = None
 
-    async def cancel_the_run_here(factory: Any, source: Any) -> Any:
+    async def cancel_the_run_here(process: QemuProcess) -> None:
         nonlocal calls
         calls += 1
-        if calls == pipe and run is not None:
+        if when == "before" and run is not None:
             run.cancel()
-        return await connect_read_pipe(factory, source)
+        await attach_output(process)
+        if when == "after" and run is not None:
+            run.cancel()
 
     async with manager(tmp_path, monkeypatch) as m:
-        monkeypatch.setattr(loop, "connect_read_pipe", cancel_the_run_here)
+        monkeypatch.setattr(QemuProcess, "attach_output", cancel_the_run_here)
         run = asyncio.ensure_future(m.service.run(run_request("cancelled")))
         with pytest.raises(asyncio.CancelledError):
             await run
-        monkeypatch.setattr(loop, "connect_read_pipe", connect_read_pipe)
-        assert calls >= pipe, "the manager never connected QEMU's output"
+        monkeypatch.setattr(QemuProcess, "attach_output", attach_output)
+        assert calls == 1, "the manager never connected QEMU's output"
         assert qemu_pids(vms) == [], "the cancelled Run left its QEMU running, nobody's"
         assert m.service.computations() == {}
         assert vm_records(tmp_path / "state") == []
@@ -392,15 +398,17 @@ async def test_a_run_cancelled_while_qemu_output_is_connected_leaves_no_qemu(
 
 
 CRASH_HOOK = """
-import asyncio.base_events, os, signal
+import os, signal
+
+from cocos_manager.qemu.process import QemuProcess
 
 
-async def _die(self, protocol_factory, pipe):
+async def _die(self):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-# The daemon's first connect_read_pipe is for the QEMU it has just spawned.
-asyncio.base_events.BaseEventLoop.connect_read_pipe = _die
+# The daemon connects the output of the QEMU it has just spawned.
+QemuProcess.attach_output = _die
 """
 
 

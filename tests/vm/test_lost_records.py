@@ -40,7 +40,7 @@ async def test_a_qemu_whose_record_is_lost_is_ended_and_its_files_removed(
         await d.start()
         await wait_until_gone(lost)
         assert alive(kept) and await listed(d) == ["kept"]
-        assert len(vm_files(tmp_path)) == 5 and all(lost_uuid not in n for n in vm_files(tmp_path))
+        assert len(vm_files(tmp_path)) == 6 and all(lost_uuid not in n for n in vm_files(tmp_path))
         (line,) = [
             r for r in log_lines(d) if "QEMU of a lost VM record ended" in str(r.get("message"))
         ]
@@ -92,7 +92,7 @@ async def test_a_daemon_sharing_tmp_file_loc_leaves_the_other_daemons_vms(
         assert warned and warned[0]["level"] == "warn"
         await first.kill()  # the first restarts while the second runs: no sweep either
         await first.start()
-        assert all(alive(pid) for pid in pids) and len(vm_files(tmp_path)) == 10
+        assert all(alive(pid) for pid in pids) and len(vm_files(tmp_path)) == 12
         assert await listed(first) == ["first's"]
         await first.stub.Stop(pb.StopRequest(computation_id="first's"))
         await second.stub.Stop(pb.StopRequest(computation_id="second's"))

@@ -83,7 +83,7 @@ async def test_a_live_process_not_proven_ours_is_named_at_error_level_and_kept(
         assert process_identity(pid) == identity, "a process not proven ours was signalled"
         assert await listed(d) == []
         assert [r["computation_id"] for r in records(tmp_path)] == ["doubt"]
-        assert len(vm_files(tmp_path)) == 5, "the files that find it were deleted"
+        assert len(vm_files(tmp_path)) == 6, "the files that find it were deleted"
         (line,) = [r for r in log_lines(d) if "not re-adopted" in str(r.get("message"))]
         assert line["level"] == "error"
         assert line["pid"] == pid and line["agent_port"] == int(reply.agent_port)

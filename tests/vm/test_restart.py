@@ -91,7 +91,7 @@ async def test_sigkill_then_restart_readopts_and_stops(daemon: Daemon, tmp_path:
 
     await daemon.start()
     assert [r["computation_id"] for r in records(tmp_path)] == ["keep"]
-    assert len(vm_files(tmp_path)) == 5  # only the survivor's files remain
+    assert len(vm_files(tmp_path)) == 6  # only the survivor's files remain (console included)
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await daemon.stub.Run(run_request("keep"))
     assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
@@ -281,7 +281,7 @@ async def test_same_start_time_but_another_command_line_is_never_signalled(
     try:
         await daemon.start()
         assert [r["computation_id"] for r in records(tmp_path)] == ["edited"]
-        assert len(vm_files(tmp_path)) == 5
+        assert len(vm_files(tmp_path)) == 6
         assert process_identity(pid) == identity, "a process not proven ours was signalled"
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await daemon.stub.Stop(pb.StopRequest(computation_id="edited"))

@@ -29,7 +29,7 @@ async def launched_then_moved(tmp_path: Path) -> tuple[Daemon, int]:
     await d.start()
     await d.stub.Run(run_request("moved"))
     pid = pid_of(tmp_path, "moved")
-    assert len(os.listdir(tmp_path / "vms")) == 5
+    assert len(os.listdir(tmp_path / "vms")) == 6  # with the console file
     assert await d.terminate() == 0
     d.env["MANAGER_QEMU_TMP_FILE_LOC"] = str(tmp_path / "vms-new")
     return d, pid

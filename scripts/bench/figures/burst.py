@@ -79,7 +79,7 @@ async def daemon_burst(
             displays.append(detail["vnc_display"])
     argv_ports, argv_displays = set(), set()
     argvs = []
-    for child in daemon.children():
+    for child in daemon.vm_children():  # QEMUs, not their console keepers
         with contextlib.suppress(psutil.Error):
             argvs.append(child.cmdline())
             line = " ".join(argvs[-1])

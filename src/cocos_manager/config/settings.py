@@ -46,6 +46,8 @@ from cocos_manager.config.kinds import (
 )
 from cocos_manager.config.sizes import parse_optional_memory_mib
 
+MIN_CONSOLE_FILE_BYTES = 256 * 1024
+
 # The original's -append value: one argv element that includes the two double quotes.
 ORIGINAL_KERNEL_CMDLINE = '"earlyprintk=serial console=ttyS0"'
 
@@ -188,6 +190,16 @@ class ServiceSettings(BaseSettings):
     AGENT_MAX_CONNECTIONS_PER_CID: ZeroOrMore = 4  # 0 = no limit
     CONSOLE_LINES_PER_SECOND: ZeroOrMore = 50  # 0 = no limit
     CONSOLE_LINES_BURST: PositiveInt = 200
+    # Disk of each VM's console file (both halves of its rotation): docs/decisions.md,
+    # "The console survives the daemon".
+    CONSOLE_FILE_BYTES: Annotated[
+        GoInt,
+        AtLeast(
+            MIN_CONSOLE_FILE_BYTES,
+            f"must be {MIN_CONSOLE_FILE_BYTES} (256 KiB) or more: each half of the "
+            "rotation holds a longest line (64 KiB) and then some",
+        ),
+    ] = 8 * 1024 * 1024
     # The daemon's session against its guests' in the scheduler: host/sched_weight.py.
     AUTOGROUP_NICE: Nice = -10
 

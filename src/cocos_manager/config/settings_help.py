@@ -47,6 +47,8 @@ HELP: dict[str, str] = {
     "(`0`: no limit)",
     "MANAGER_CONSOLE_LINES_PER_SECOND": "QEMU console lines per VM in the daemon's log "
     "(`0`: no limit); the rest is counted as suppressed; Events and Logs still get every line",
+    "MANAGER_CONSOLE_FILE_BYTES": "disk of each VM's console file, kept by a process of the VM's own "
+    "across daemon restarts; the oldest half goes first (`262144` or more)",
     "MANAGER_CONSOLE_LINES_BURST": "console lines per VM logged at once before the rate applies",
     "MANAGER_AUTOGROUP_NICE": "the scheduling weight of the daemon's session against its "
     "guests' (needs `CAP_SYS_NICE`, root cpu cgroup); `0` leaves the default",

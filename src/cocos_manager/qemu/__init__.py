@@ -21,14 +21,16 @@ if TYPE_CHECKING:
     from cocos_manager.qemu.argv import shell_line as shell_line
     from cocos_manager.qemu.argv import vm_args as vm_args
     from cocos_manager.qemu.argv import vm_file_paths as vm_file_paths
+    from cocos_manager.qemu.console_file import ConsoleFiles as ConsoleFiles
+    from cocos_manager.qemu.console_file import read_history as read_history
     from cocos_manager.qemu.environment import qemu_environment as qemu_environment
     from cocos_manager.qemu.failures import Conflict as Conflict
     from cocos_manager.qemu.failures import conflicts_exhausted as conflicts_exhausted
-    from cocos_manager.qemu.output import LineCallback as LineCallback
     from cocos_manager.qemu.probes import Runner as Runner
     from cocos_manager.qemu.probes import check_qemu as check_qemu
     from cocos_manager.qemu.probes import check_sudo as check_sudo
     from cocos_manager.qemu.probes import run_probe as run_probe
+    from cocos_manager.qemu.process import LineCallback as LineCallback
     from cocos_manager.qemu.process import QemuProcess as QemuProcess
     from cocos_manager.qemu.qmp import QmpClosed as QmpClosed
     from cocos_manager.qemu.qmp import QmpError as QmpError
@@ -38,6 +40,8 @@ if TYPE_CHECKING:
 
 # Each public name and the module it lives in.
 HOMES = {
+    "read_history": "console_file",
+    "ConsoleFiles": "console_file",
     "VmSize": "argv",
     "cvm_args": "argv",
     "option_values": "argv",
@@ -54,7 +58,7 @@ HOMES = {
     "qemu_environment": "environment",
     "Conflict": "failures",
     "conflicts_exhausted": "failures",
-    "LineCallback": "output",
+    "LineCallback": "process",
     "check_qemu": "probes",
     "check_sudo": "probes",
     "run_probe": "probes",

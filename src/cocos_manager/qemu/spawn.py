@@ -39,16 +39,22 @@ class ExitInfo:
 
 
 def spawn(
-    argv: list[str], qmp_fd: int, env: dict[str, str] | None
+    argv: list[str],
+    qmp_fd: int,
+    env: dict[str, str] | None,
+    *,
+    stdout: int = subprocess.PIPE,
+    stderr: int = subprocess.PIPE,
 ) -> tuple[subprocess.Popen[bytes], int]:
     """In a worker thread. Popen (vfork+exec) rather than asyncio's subprocess: exits are
-    watched through a pidfd for children and adopted processes alike."""
+    watched through a pidfd for children and adopted processes alike. `stdout`, `stderr`:
+    pipes to the daemon, or to the VM's console keeper (console_file.py)."""
     try:
         popen = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stdout=stdout,
+            stderr=stderr,
             pass_fds=(qmp_fd,),
             start_new_session=True,  # a Ctrl-C or a daemon crash does not take the VMs along
             env=env,

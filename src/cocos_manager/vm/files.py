@@ -20,7 +20,7 @@ from pathlib import Path
 from cocos_manager.confidential import uses_bios
 from cocos_manager.config import QemuSettings
 from cocos_manager.errors import FailedPreconditionError, ManagerError, ResourceExhaustedError
-from cocos_manager.qemu import vm_file_paths
+from cocos_manager.qemu import ConsoleFiles, vm_file_paths
 from cocos_manager.telemetry import get_logger
 
 _FICLONE = 0x40049409  # linux/fs.h
@@ -146,6 +146,10 @@ class VmFiles:
     def manifest(self) -> Path | None:
         return self.paths.get("manifest")
 
+    def console(self, max_bytes: int) -> ConsoleFiles:
+        """QEMU's output as its keeper writes it (console_file.py), MAX_BYTES at most."""
+        return ConsoleFiles(self.paths["console"], max_bytes)
+
     def remove(self) -> None:
         """Best effort, never raises: it runs on every release path, where an error would hide
         the real one or keep the VM's numbers held. A read-only TMP_FILE_LOC answers EROFS even
@@ -168,6 +172,8 @@ def vm_paths(q: QemuSettings, vm_uuid: str, *, with_manifest: bool) -> dict[str,
     tmp = Path(q.TMP_FILE_LOC)
     paths = vm_file_paths(q, vm_uuid)
     paths["qmp"] = tmp / f"qmp-{vm_uuid}.sock"
+    paths["console"] = tmp / f"console-{vm_uuid}.log"  # written by the VM's console keeper
+    paths["console_rotated"] = tmp / f"console-{vm_uuid}.log.1"
     if with_manifest:
         paths["manifest"] = tmp / f"agent-config-{vm_uuid}.json"
     return paths
@@ -239,7 +245,8 @@ def prepare_vm_files(
             files.paths["manifest"] = planned["manifest"]
             with os.fdopen(_create_private(str(planned["manifest"])), "wb") as out:
                 out.write(manifest)
-        files.paths["qmp"] = planned["qmp"]
+        for name in ("qmp", "console", "console_rotated"):
+            files.paths[name] = planned[name]
     except OSError as error:
         files.remove()
         raise _storage_error("MANAGER_QEMU_TMP_FILE_LOC", tmp, error) from None

@@ -17,7 +17,7 @@ from cocos_manager.agent import Connect
 from cocos_manager.config import Settings
 from cocos_manager.events import ConsoleArchive, EventBus
 from cocos_manager.host import StateStore, TaskSet
-from cocos_manager.qemu import Executable, LineCallback, QemuProcess, VmResources
+from cocos_manager.qemu import ConsoleFiles, Executable, LineCallback, QemuProcess, VmResources
 from cocos_manager.vm.resources import Pools
 
 PROVISION = "vm-provision"
@@ -106,6 +106,7 @@ class Launcher(Protocol):
         qmp_listener: socket.socket,
         on_line: LineCallback,
         env: dict[str, str] | None,
+        console: ConsoleFiles | None = None,
     ) -> QemuProcess: ...
 
 

@@ -256,6 +256,7 @@ class Machine:
                     qmp_listener=listener,
                     on_line=self.output.line,
                     env=qemu_environment(self.ctx.settings.qemu),
+                    console=self.files.console(self.ctx.settings.service.CONSOLE_FILE_BYTES),
                 )
             finally:
                 listener.close()
@@ -380,6 +381,8 @@ class Machine:
             self.log.error("QEMU could not be stopped", error=str(error))
         finally:
             self.output.note_suppressed()
+            if process is not None:
+                process.close_console()
             if self.files is not None:
                 self.files.remove()
             self.lease.release()
@@ -406,6 +409,11 @@ class Machine:
         assert process is not None
         process.exited.add_done_callback(lambda _: self._on_exit(process))
         self._guest.watch(process)
+        # QEMU's lines from before the restart, then the new ones (none from a directory the
+        # daemon may not use: nothing there is read, recovery.py)
+        if self.files is not None and "console" in self.files.paths:
+            files = self.files.console(self.ctx.settings.service.CONSOLE_FILE_BYTES)
+            process.follow_console(files, self.output.line, self.output.history)
         details = {**self.details(), "readopted": True}
         if paused and by_operator:
             self.operator_paused = True

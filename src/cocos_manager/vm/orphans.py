@@ -25,11 +25,15 @@ from cocos_manager.errors import QemuStopFailedError
 from cocos_manager.host import live_processes
 from cocos_manager.qemu import QemuProcess
 from cocos_manager.telemetry import get_logger
+from cocos_manager.vm.files import remove_shares
 
 _log = get_logger()
 _UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 # The per-VM file names (qemu/argv.py vm_file_paths, vm/files.py vm_paths).
 _NAME = rf"(?:bzImage-|rootfs\.cpio-|OVMF_VARS-|agent-config-|qmp-)({_UUID})(?:\.gz|\.fd|\.json|\.sock)?"
+# Files and directories of a VM that QEMU's command line does not name: its console file (the
+# keeper's, vm/files.py) and a CreateVm'd VM's shares.
+_UNNAMED = rf"console-({_UUID})\.log(?:\.1)?|shares-({_UUID})"
 
 
 def hold_tmp_dir(tmp: Path) -> tuple[int | None, bool]:
@@ -115,8 +119,14 @@ async def sweep(tmp: Path, known: set[str]) -> None:
     except OSError:
         return
     for name in sorted(names):
-        match = re.fullmatch(_NAME, name)
-        if match is None or match.group(1) in known:
+        match = re.fullmatch(_NAME, name) or re.fullmatch(_UNNAMED, name)
+        if match is None:
+            continue
+        vm_uuid = next(group for group in match.groups() if group)
+        if vm_uuid in known:
+            continue
+        if name.startswith("shares-"):
+            remove_shares(tmp / name)  # never follows a symlink in its place
             continue
         try:
             os.unlink(tmp / name)
@@ -128,7 +138,7 @@ async def sweep(tmp: Path, known: set[str]) -> None:
         _log.warning(
             "per-VM file of no VM record removed (its record was lost)",
             path=str(tmp / name),
-            uuid=match.group(1),
+            uuid=vm_uuid,
         )
 
 

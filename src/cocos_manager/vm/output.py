@@ -9,7 +9,26 @@ from __future__ import annotations
 from typing import Any
 
 from cocos_manager.config import ServiceSettings
-from cocos_manager.events import ConsoleLog, ConsoleLogLimiter, EventBus, log_message
+from cocos_manager.events import (
+    ConsoleArchive,
+    ConsoleLog,
+    ConsoleLogLimiter,
+    EventBus,
+    log_message,
+)
+from cocos_manager.qemu import ConsoleFiles, read_history
+
+
+def level_of(stream: str) -> str:
+    return "info" if stream == "stdout" else "warn"
+
+
+def keep_post_mortem(consoles: ConsoleArchive, computation_id: str, files: ConsoleFiles) -> None:
+    """A VM that ended while no daemon ran (found so after a restart): its console file
+    becomes its ended console, readable with Logs for the retention as any ended VM's."""
+    log = consoles.open(computation_id)
+    read_history(files, lambda stream, text, stamp, _: log.append(level_of(stream), text, stamp))
+    consoles.close(log)
 
 
 class VmOutput:
@@ -28,7 +47,7 @@ class VmOutput:
         self._limit = ConsoleLogLimiter.from_settings(settings)
 
     def line(self, stream: str, text: str) -> None:
-        level = "info" if stream == "stdout" else "warn"
+        level = level_of(stream)
         self._console.append(level, text)
         if self._limit.allow():
             self.note_suppressed()
@@ -37,6 +56,12 @@ class VmOutput:
             else:
                 self._log.warning(text, source="qemu-stderr")
         self._bus.publish(log_message(self._id, level, text))
+
+    def history(self, stream: str, text: str, timestamp_ns: int) -> None:
+        """A line QEMU printed before this daemon took the VM over (read from its console
+        file): the console has it, at the time it was printed; Events and the daemon's log
+        had it from the daemon of that time, or never will (it ran while none did)."""
+        self._console.append(level_of(stream), text, timestamp_ns)
 
     def note_suppressed(self) -> None:
         """Logs how many lines the limit held back since the last note (also when the VM ends)."""

@@ -31,6 +31,7 @@ from cocos_manager.vm.files import VmFiles, launch_dir_problem, launched_paths, 
 from cocos_manager.vm.lifecycle import MachineContext, VmState
 from cocos_manager.vm.listing import started_at_from_ticks
 from cocos_manager.vm.machine import Machine
+from cocos_manager.vm.output import keep_post_mortem
 
 _log = get_logger()
 
@@ -271,12 +272,16 @@ async def _recover_one(ctx: MachineContext, record: VmRecord, *, taken: bool) ->
                 await process.terminate(0)
             except QemuStopFailedError as error:
                 log.error("QEMU could not be stopped", error=str(error))
+        if not taken and not files_problem:  # what it printed, for Logs' post-mortem
+            bound = ctx.settings.service.CONSOLE_FILE_BYTES
+            keep_post_mortem(ctx.consoles, record.computation_id, files.console(bound))
         files.remove()
         ctx.store.remove(record.uuid)
         log.warning(f"VM record cleaned up: {reason}")
         return None
     assert process is not None
     machine = adopt_machine(ctx, record, process, files)
+    await process.history_read(ctx.settings.qemu.ADOPT_TIMEOUT)
     moved = str(files.directory) != ctx.settings.qemu.TMP_FILE_LOC
     log.info(
         "VM re-adopted after restart",

@@ -1,0 +1,374 @@
+"""A VM's console file: its keeper started with QEMU, and the file read back and followed.
+
+QEMU's stdout and stderr go to pipes held by a keeper process of their own
+(console_keeper.py), never by the daemon: a daemon SIGKILLed, stopped with its VMs left
+running, or upgraded loses none of QEMU's lines, and the next one reads what was printed
+before and while it was away, then follows. See docs/decisions.md, "The console survives
+the daemon".
+
+The file is read by polling (a read at end of file and a stat, every POLL_INTERVAL): it
+works for any file system and any writer, root's QEMU behind sudo included, and costs the
+loop two system calls per VM per interval. A gap in the sequence numbers is told as one line,
+where the lines went missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import errno
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cocos_manager.errors import FailedPreconditionError, ResourceExhaustedError
+from cocos_manager.qemu import console_keeper
+from cocos_manager.qemu.output import clean_line
+from cocos_manager.telemetry import get_logger
+
+POLL_INTERVAL = 0.1
+DRAIN_INTERVAL = 0.01
+CHUNK = 256 * 1024
+_STREAMS = {b"O": "stdout", b"E": "stderr"}
+
+_log = get_logger()
+FILE_MODE = console_keeper.FILE_MODE
+ConsoleSink = Callable[[str, str, int, bool], None]
+"""(stream, text, timestamp_ns, live): live is False for lines printed before the daemon
+took the VM over (its history: the console, not Events nor the daemon's log)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleFiles:
+    """Where one VM's console is kept, and the bound of its disk (both files together)."""
+
+    path: Path
+    max_bytes: int
+
+    @property
+    def rotated(self) -> Path:
+        return self.path.with_name(self.path.name + ".1")
+
+
+def dropped_note(count: int) -> str:
+    return (
+        f"cocos-manager: {count} console lines dropped "
+        "(the console file is bounded by MANAGER_CONSOLE_FILE_BYTES)"
+    )
+
+
+Spawner = Callable[..., tuple[subprocess.Popen[bytes], int]]
+KeeperStart = concurrent.futures.Future[subprocess.Popen[bytes]]
+
+# The keepers are started in a thread of their own, beside QEMU's spawn in the start workers:
+# a Run never waits for its keeper (make bench), and a burst's keepers never queue ahead of
+# its QEMUs.
+_keepers = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="keeper")
+
+
+def _start_keeper(
+    console: ConsoleFiles, file_fd: int, out_r: int, err_r: int
+) -> subprocess.Popen[bytes]:
+    try:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-I",
+                "-S",
+                console_keeper.__file__,
+                str(console.path),
+                str(console.max_bytes),
+                str(file_fd),
+                str(out_r),
+                str(err_r),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            pass_fds=(file_fd, out_r, err_r),
+            start_new_session=True,  # outlives the daemon, as QEMU does
+        )
+    finally:
+        for fd in (file_fd, out_r, err_r):
+            os.close(fd)
+
+
+def fresh_file(console: ConsoleFiles) -> int:
+    """An empty console file for one QEMU, the daemon's own and private, handed to its keeper
+    open: a keeper never opens it by name, so one that starts late never writes into the file
+    of a later attempt, nor makes a file for a VM already released (it checks that the name
+    is still its file)."""
+    try:
+        for path in (console.path, console.rotated):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        fd = os.open(console.path, flags, FILE_MODE)
+    except OSError as error:
+        where = f"MANAGER_QEMU_TMP_FILE_LOC: cannot make {str(console.path)!r}"
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ResourceExhaustedError(f"{where}: no space left") from None
+        raise FailedPreconditionError(f"{where}: {error.strerror}") from None
+    try:
+        os.fchmod(fd, FILE_MODE)  # the mode set, whatever the umask
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def spawn_kept(
+    spawner: Spawner,
+    argv: list[str],
+    qmp_fd: int,
+    env: dict[str, str] | None,
+    console: ConsoleFiles | None,
+) -> tuple[subprocess.Popen[bytes], int, KeeperStart | None]:
+    """In a worker thread: QEMU (by `spawner`, spawn.spawn) with its output going to pipes,
+    then the VM's keeper, handed their other ends, started in the keepers' thread while the
+    Run goes on (what QEMU prints meanwhile waits in the pipes). The daemon keeps no end of
+    them once the keeper has its own. Without `console`: pipes to the daemon."""
+    if console is None:
+        return (*spawner(argv, qmp_fd, env), None)
+    file_fd = fresh_file(console)
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    try:
+        popen, start_time = spawner(argv, qmp_fd, env, stdout=out_w, stderr=err_w)
+    except BaseException:
+        for fd in (file_fd, out_r, err_r):
+            os.close(fd)
+        raise
+    finally:
+        os.close(out_w)
+        os.close(err_w)
+    try:
+        keeper: KeeperStart | None = _keepers.submit(_start_keeper, console, file_fd, out_r, err_r)
+    except RuntimeError:  # the interpreter is shutting down; QEMU is the caller's all the same
+        for fd in (file_fd, out_r, err_r):
+            os.close(fd)
+        keeper = None
+    return popen, start_time, keeper
+
+
+def reap_keeper(started: KeeperStart) -> asyncio.Future[None]:
+    """Done once the keeper has ended and been reaped (it is the daemon's child: never left a
+    zombie). A keeper that could not start is logged: that VM's output is lost."""
+    reaped: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def finish(_: object = None) -> None:
+        if not reaped.done():
+            reaped.set_result(None)
+
+    def on_started(start: asyncio.Future[subprocess.Popen[bytes]]) -> None:
+        if start.cancelled() or (error := start.exception()) is not None:
+            _log.error(
+                "the console keeper could not start: this VM's console is not kept",
+                error=repr(error) if not start.cancelled() else "cancelled",
+            )
+            finish()
+            return
+        reap_when_done(start.result()).add_done_callback(finish)
+
+    asyncio.wrap_future(started).add_done_callback(on_started)
+    return reaped
+
+
+def reap_when_done(keeper: subprocess.Popen[bytes]) -> asyncio.Future[None]:
+    """Done once `keeper` has ended and been reaped."""
+    loop = asyncio.get_running_loop()
+    reaped: asyncio.Future[None] = loop.create_future()
+    try:
+        pidfd = os.pidfd_open(keeper.pid)
+    except ProcessLookupError:
+        keeper.poll()
+        reaped.set_result(None)
+        return reaped
+
+    def ended() -> None:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+        keeper.poll()
+        if not reaped.done():
+            reaped.set_result(None)
+
+    loop.add_reader(pidfd, ended)
+    return reaped
+
+
+def _open(path: Path) -> int | None:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
+
+
+class RecordParser:
+    """Records to lines: a line read before (a file read again after a rotation) is skipped,
+    and a gap in the sequence numbers becomes one line saying how many were dropped."""
+
+    def __init__(self, sink: ConsoleSink) -> None:
+        self.sink = sink
+        self.live = True
+        self.ended = False  # the keeper's last record was read
+        self._next = 0  # the sequence number of the next line
+        self._buf = b""
+
+    def feed(self, data: bytes) -> None:
+        records = (self._buf + data).split(b"\n")
+        self._buf = records.pop()
+        for record in records:
+            self._record(record)
+
+    def next_file(self) -> None:
+        """What is left of a file read to its end is a torn record (a keeper killed while
+        writing it): never joined to the next file's first."""
+        self._buf = b""
+
+    def _record(self, record: bytes) -> None:
+        parts = record.split(b" ", 3)
+        if len(parts) != 4:
+            return  # not a record (a torn write): skipped
+        seq_text, stamp_text, tag, payload = parts
+        if tag == b"X":
+            self.ended = True
+            return
+        stream = _STREAMS.get(tag)
+        if stream is None:
+            return  # the version, or a record of a later format: not a line
+        try:
+            seq, stamp = int(seq_text), int(stamp_text)
+        except ValueError:
+            return
+        if seq < self._next:
+            return
+        if seq > self._next:
+            self.sink("stderr", dropped_note(seq - self._next), stamp, self.live)
+        self._next = seq + 1
+        if text := clean_line(payload):
+            self.sink(stream, text, stamp, self.live)
+
+
+def read_history(files: ConsoleFiles, sink: ConsoleSink) -> None:
+    """Everything the console files hold, oldest first (a VM whose QEMU ended while no
+    daemon ran: its post-mortem). At most `files.max_bytes`, by the keeper's bound."""
+    parser = RecordParser(sink)
+    parser.live = False
+    for path in (files.rotated, files.path):
+        with contextlib.suppress(FileNotFoundError):
+            parser.feed(path.read_bytes()[: files.max_bytes])
+            parser.next_file()
+
+
+class ConsoleReader:
+    """Reads a console file from its oldest line, then follows it across rotations until the
+    keeper's last record (or close()). `history`: what is in the files when reading starts
+    was printed before this daemon took the VM over."""
+
+    def __init__(self, files: ConsoleFiles, sink: ConsoleSink, *, history: bool) -> None:
+        self._files = files
+        self._fds: list[int] = []  # oldest first; the last one is the file being written
+        self._parser = RecordParser(sink)
+        self._parser.live = not history
+        self._interval = POLL_INTERVAL
+        self._poke = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        self.ended: asyncio.Future[None] = loop.create_future()
+        self.caught_up: asyncio.Future[None] = loop.create_future()  # all read that was there
+        self._task = asyncio.ensure_future(self._run())
+
+    async def drain(self, timeout: float) -> None:
+        """Waits up to `timeout` for the keeper's last record (QEMU has ended): reading faster
+        meanwhile. Never cancels the reading, so a later call still gets the rest."""
+        self._interval = DRAIN_INTERVAL
+        self._poke.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.ended), timeout)
+
+    def close(self) -> None:
+        if not self._task.done():
+            self._task.cancel()
+        self._close_fds()
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        try:
+            self._open_files(skip=None)
+            while True:
+                if self._read_chunk():
+                    await asyncio.sleep(0)  # a long history: let the loop breathe
+                    continue
+                if self._parser.ended:
+                    return
+                if self._advance():
+                    continue
+                self._parser.live = True  # caught up: from here on every line is new
+                if not self.caught_up.done():
+                    self.caught_up.set_result(None)
+                self._poke.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._poke.wait(), self._interval)
+        finally:
+            self._close_fds()
+            for future in (self.ended, self.caught_up):
+                if not future.done():
+                    future.set_result(None)
+
+    def _open_files(self, skip: int | None) -> None:
+        """FILE.1 then FILE, opened as one consistent pair (a rotation between the two opens
+        is seen and retried); `skip`: the inode just read to its end (now FILE.1)."""
+        for _ in range(5):
+            old, new = _open(self._files.rotated), _open(self._files.path)
+            fds = [fd for fd in (old, new) if fd is not None]
+            if old is None or _inode(self._files.rotated) == os.fstat(old).st_ino:
+                break
+            for fd in fds:
+                os.close(fd)
+        if old is not None and os.fstat(old).st_ino == skip:
+            os.close(old)
+            fds.remove(old)
+        self._fds = fds
+        self._parser.next_file()
+
+    def _advance(self) -> bool:
+        """At the end of the file read: on to the next one, if there is one (a rotation)."""
+        if len(self._fds) > 1:
+            os.close(self._fds.pop(0))
+            self._parser.next_file()
+            return True
+        current = self._fds[0] if self._fds else None
+        inode = _inode(self._files.path)
+        if inode is None:
+            return False  # between the keeper's rename and its new file, or removed
+        if current is not None and inode == os.fstat(current).st_ino:
+            return False
+        skip = os.fstat(current).st_ino if current is not None else None
+        self._close_fds()
+        self._open_files(skip)
+        return True
+
+    def _read_chunk(self) -> bool:
+        if not self._fds:
+            return False
+        data = os.read(self._fds[0], CHUNK)
+        if not data:
+            return False
+        self._parser.feed(data)
+        return True
+
+    def _close_fds(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []

@@ -1,0 +1,249 @@
+"""The console survives the daemon: no line QEMU prints is lost across a daemon SIGKILL or a
+SIGTERM that leaves the VMs running (an upgrade), Logs after the restart has the lines from
+before it and follows the new ones, an ended VM's console is kept for its post-mortem, and the
+disk a chatty guest fills is bounded (docs/decisions.md, "The console survives the daemon").
+
+The real daemon and real restarts, with the stand-in QEMU as the chatty guest: it prints
+"tick N" every TICK seconds, and a burst of lines on SIGUSR1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cocos_manager.proto import manager_pb2 as pb
+from cocos_manager.proto import manager_pb2_grpc as pb_grpc
+from tests.support.daemon_process import Daemon
+from tests.support.harness import base_env, run_request
+from tests.support.waiting import wait_for
+
+TICK = "0.05"
+WAIT = 30.0
+_TICK = re.compile(r"^tick (\d+)$")
+
+
+def settings(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {
+        **base_env(tmp_path),
+        "MANAGER_SHUTDOWN_STOPS_VMS": "false",
+        "FAKE_QEMU_TICK": TICK,
+        **extra,
+    }
+
+
+@pytest.fixture
+async def daemons() -> AsyncIterator[list[Daemon]]:
+    """Every daemon a test starts; whatever still runs at its end is stopped with its VMs
+    (they outlive a SIGTERM here: each is stopped first)."""
+    started: list[Daemon] = []
+    yield started
+    for daemon in started:
+        if daemon.process is not None and daemon.process.poll() is None:
+            for vm in (await daemon.stub.List(pb.ListRequest(), timeout=5)).computations:
+                await daemon.stub.Stop(pb.StopRequest(computation_id=vm.computation_id))
+            await daemon.terminate()
+
+
+async def start(daemons: list[Daemon], env: dict[str, str], log: Path) -> Daemon:
+    daemon = Daemon(env=env, log=log)
+    daemons.append(daemon)
+    await daemon.start()
+    return daemon
+
+
+def ticks(messages: list[str]) -> list[int]:
+    return [int(m.group(1)) for line in messages if (m := _TICK.match(line))]
+
+
+async def logs(stub: pb_grpc.ManagerServiceStub, computation_id: str) -> list[str]:
+    stream = stub.Logs(pb.LogsRequest(computation_id=computation_id), timeout=10)
+    return [line.message async for line in stream]
+
+
+async def follow_until(
+    stub: pb_grpc.ManagerServiceStub,
+    computation_id: str,
+    done: Callable[[list[str]], bool],
+    what: str,
+) -> list[str]:
+    """Logs with follow: every line until `done` holds of them all (the history included)."""
+    seen: list[str] = []
+    stream = stub.Logs(pb.LogsRequest(computation_id=computation_id, follow=True))
+
+    async def read() -> None:
+        async for line in stream:
+            seen.append(line.message)
+            if done(seen):
+                return
+        raise AssertionError(f"Logs ended before {what}: {seen[-5:]}")
+
+    try:
+        await asyncio.wait_for(read(), WAIT)
+    except TimeoutError:
+        raise AssertionError(f"Logs never showed {what}; it had {seen[-5:]}") from None
+    finally:
+        stream.cancel()
+    return seen
+
+
+async def restart(daemon: Daemon, kind: str) -> None:
+    if kind == "sigkill":
+        await daemon.kill()
+    else:
+        assert await daemon.terminate() == 0
+    await daemon.start()
+
+
+def qemu_pid(daemon: Daemon) -> int:
+    (vm,) = daemon.vm_children()
+    return vm.pid
+
+
+def console_files(tmp_path: Path) -> list[Path]:
+    return sorted((tmp_path / "vms").glob("console-*"))
+
+
+@pytest.mark.parametrize("kind", ["sigkill", "sigterm"])
+async def test_no_console_line_is_lost_across_a_restart_and_logs_follows_on(
+    tmp_path: Path, daemons: list[Daemon], kind: str
+) -> None:
+    daemon = await start(daemons, settings(tmp_path), tmp_path / "daemon.log")
+    await daemon.stub.Run(run_request("chatty"), timeout=WAIT)
+    before = await follow_until(
+        daemon.stub, "chatty", lambda seen: len(ticks(seen)) >= 5, "five ticks"
+    )
+    await restart(daemon, kind)
+
+    history = await logs(daemon.stub, "chatty")
+    assert "BOOTED chatty" in history, f"Logs after the restart lost the lines before: {history}"
+    assert ticks(history)[: len(ticks(before))] == ticks(before)
+    at_restart = max(ticks(history))
+    seen = await follow_until(
+        daemon.stub,
+        "chatty",
+        lambda seen: max(ticks(seen), default=-1) >= at_restart + 10,
+        "ticks printed after the restart",
+    )
+    numbers = ticks(seen)
+    assert numbers == list(range(numbers[-1] + 1)), "a console line was lost or repeated"
+    assert seen[0] == "BOOTED chatty"
+
+
+async def test_the_post_mortem_of_a_vm_that_ran_across_a_restart_has_all_of_its_console(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    daemon = await start(daemons, settings(tmp_path), tmp_path / "daemon.log")
+    await daemon.stub.Run(run_request("across"), timeout=WAIT)
+    await follow_until(daemon.stub, "across", lambda seen: len(ticks(seen)) >= 3, "ticks")
+    await restart(daemon, "sigkill")
+    at_restart = max(ticks(await logs(daemon.stub, "across")))
+    await follow_until(
+        daemon.stub,
+        "across",
+        lambda seen: max(ticks(seen), default=-1) >= at_restart + 5,
+        "ticks after the restart",
+    )
+    await daemon.stub.Stop(pb.StopRequest(computation_id="across"), timeout=WAIT)
+
+    ended = await logs(daemon.stub, "across")
+    numbers = ticks(ended)
+    assert ended[0] == "BOOTED across"
+    assert numbers == list(range(numbers[-1] + 1)) and numbers[-1] >= at_restart + 5
+    assert "cocos-manager" not in " ".join(ended)  # nothing dropped, nothing lost
+    assert console_files(tmp_path) == [], "the console file outlived its VM"
+
+
+async def test_a_vm_that_ended_while_no_daemon_ran_keeps_its_console_for_the_post_mortem(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    daemon = await start(daemons, settings(tmp_path), tmp_path / "daemon.log")
+    await daemon.stub.Run(run_request("gone"), timeout=WAIT)
+    await follow_until(daemon.stub, "gone", lambda seen: len(ticks(seen)) >= 3, "ticks")
+    pid = qemu_pid(daemon)
+    await daemon.kill()
+    os.kill(pid, signal.SIGTERM)  # the stand-in's last words, on stderr, with no daemon
+    await wait_for(lambda: not os.path.exists(f"/proc/{pid}/cmdline"), "QEMU's end")
+    await daemon.start()
+
+    assert list((await daemon.stub.List(pb.ListRequest(), timeout=5)).computations) == []
+    try:
+        ended = await logs(daemon.stub, "gone")
+    except grpc.aio.AioRpcError as error:
+        raise AssertionError(f"no post-mortem: Logs answered {error.code().name}") from None
+    assert ended[0] == "BOOTED gone"
+    assert ended[-1] == "qemu-system-x86_64: terminating on signal 15"
+    numbers = ticks(ended)
+    assert numbers == list(range(numbers[-1] + 1))
+    assert console_files(tmp_path) == []
+
+
+async def test_a_flooding_guest_fills_at_most_the_bound_and_the_drop_is_counted(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    bound = 256 * 1024
+    lines = 20_000  # of 100 bytes: 2 MB, eight times the bound
+    env = settings(
+        tmp_path,
+        FAKE_QEMU_TICK="0",
+        FAKE_QEMU_BURST=str(lines),
+        MANAGER_CONSOLE_FILE_BYTES=str(bound),
+        MANAGER_LOG_HISTORY_LINES=str(10 * lines),
+        MANAGER_LOG_HISTORY_BYTES=str(64 * 1024 * 1024),
+    )
+    daemon = await start(daemons, env, tmp_path / "daemon.log")
+    await daemon.stub.Run(run_request("flood"), timeout=WAIT)
+    await follow_until(daemon.stub, "flood", lambda seen: "BOOTED flood" in seen, "BOOTED")
+    pid = qemu_pid(daemon)
+    await daemon.kill()
+    os.kill(pid, signal.SIGUSR1)  # the flood, while no daemon runs
+
+    def flooded() -> bool:
+        return any(b"burst done" in path.read_bytes() for path in console_files(tmp_path))
+
+    await wait_for(flooded, "the flood in the console file", WAIT)
+    on_disk = sum(path.stat().st_size for path in console_files(tmp_path))
+    assert on_disk <= bound, f"{on_disk} bytes of console on disk, bound {bound}"
+
+    await daemon.start()
+    history = await logs(daemon.stub, "flood")
+    note = re.fullmatch(r"cocos-manager: (\d+) console lines dropped \(.*\)", history[0])
+    assert note, f"the drop is not told first: {history[:2]}"
+    dropped = int(note.group(1))
+    # Line 0 was BOOTED, line 1 + i is "burst i": the first kept is the one after the drop.
+    assert history[1].startswith(f"burst {dropped - 1} "), history[1]
+    assert history[-1] == "burst done"
+    assert len(history) - 1 == lines + 2 - dropped  # every line after the drop is there
+    assert dropped > lines // 2  # the bound held 2 MB to a fraction
+
+    # While the daemon runs, the bound holds too.
+    os.kill(pid, signal.SIGUSR1)
+    floods: list[str] = []
+
+    async def two_floods() -> bool:
+        floods[:] = await logs(daemon.stub, "flood")
+        return floods.count("burst done") == 2
+
+    for _ in range(int(WAIT / 0.1)):
+        if await two_floods():
+            break
+        await asyncio.sleep(0.1)
+    assert floods.count("burst done") == 2, f"the second flood never came: {floods[-2:]}"
+    on_disk = sum(path.stat().st_size for path in console_files(tmp_path))
+    assert on_disk <= bound, f"{on_disk} bytes of console on disk, bound {bound}"
+
+
+async def test_a_console_bound_too_small_for_a_line_is_refused_at_start(tmp_path: Path) -> None:
+    env = settings(tmp_path, MANAGER_CONSOLE_FILE_BYTES="65536")
+    daemon = Daemon(env=env, log=tmp_path / "daemon.log")
+    with pytest.raises(RuntimeError):
+        await daemon.start(timeout=20)
+    assert "MANAGER_CONSOLE_FILE_BYTES" in daemon.log_tail()
+    assert not (tmp_path / "state").exists() or not list((tmp_path / "state").glob("vm-*"))
