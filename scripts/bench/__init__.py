@@ -22,6 +22,8 @@ OVMF and the test guest (build/guest) wherever QEMU itself matters:
 5. crash          SIGKILL of QEMU to `vm-exit` on the Events stream, vs a parent's waitpid.
 6. footprint      exec to health SERVING and idle RSS (vs a bare grpc.aio health server), and
                   RSS / CPU while supervising 50 VMs (stand-in QEMU, tests/support/fake_qemu.py).
+7. fleet          a daemon supervising 200 VMs (stand-in QEMU) beside one supervising 1: RSS,
+                  idle CPU, List latency, a Run among them, Events fan-out to 16 subscribers.
 
 Output: a table on stdout and one JSON document, also written to build/bench/latest.json
 (progress on stderr). `events-server` and `agent-feeder` are the helper processes of figure 4.
