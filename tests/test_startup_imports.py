@@ -1,5 +1,5 @@
 """The daemon's start-up loads what its settings use, when they use it (docs/decisions.md,
-"Start-up: load what the settings use, when they use it"): the Jaeger exporter's thrift
+"Start-up and the bench's targets"): the Jaeger exporter's thrift
 library (about 40 modules: its IDL parser, protocols and transports) is loaded on the export
 thread at the first export, not by importing the daemon."""
 

@@ -35,7 +35,7 @@ def jaeger_thrift() -> ModuleType:
 
     thriftpy2 (its IDL parser, protocols and transports: about 40 modules) is imported here,
     on the export thread at the first export, not at the daemon's start-up (docs/decisions.md,
-    "Start-up: load what the settings use, when they use it")."""
+    "Start-up and the bench's targets")."""
     from thriftpy2 import load_fp
 
     source = resources.files("cocos_manager.telemetry").joinpath("jaeger.thrift")
