@@ -24,6 +24,8 @@ OVMF and the test guest (build/guest) wherever QEMU itself matters:
                   RSS / CPU while supervising 50 VMs (stand-in QEMU, tests/support/fake_qemu.py).
 7. records        Run latency with the VM records made durable (fsync) on the disk, vs the same
                   daemon settings with the state directory on tmpfs, Runs alternating.
+8. fleet          a daemon supervising 200 VMs (stand-in QEMU) beside one supervising 1: RSS,
+                  idle CPU, List latency, a Run among them, Events fan-out to 16 subscribers.
 
 Output: a table on stdout and one JSON document, also written to build/bench/latest.json
 (progress on stderr). `events-server` and `agent-feeder` are the helper processes of figure 4.

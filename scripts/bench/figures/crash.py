@@ -48,6 +48,6 @@ async def fig_crash(daemon: BenchDaemon, reps: int, figures: list[Figure]) -> No
             values=detect,
             baseline=base,
             baseline_label="SIGKILL to waitpid() in the parent of a directly started QEMU",
-            target=("value", "<=", 100.0),
+            target=("ratio", "<=", 1.3),
         )
     )

@@ -188,7 +188,7 @@ async def fig_events(
             values=rates["managed"],
             baseline=rates["bare"],
             baseline_label="bare grpc.aio server-stream of the same messages",
-            target=("ratio", ">=", 0.5),
+            target=("ratio", ">=", 0.9),
             note="framed agent protocol over a socketpair into AgentEventListener.serve of a "
             "ManagerService (tracing interceptor on), to an Events subscriber in another process",
             extra={"messages": count, "delivery": lost},
@@ -202,9 +202,10 @@ async def fig_events(
             values=p99s["managed"],
             baseline=p99s["bare"],
             baseline_label="bare grpc.aio server-stream",
-            note="informational: the issue sets no latency target. The agent is a process of its "
-            "own, so each message also waits for two processes to be scheduled, which the bare "
-            "server (making its messages itself) does not",
+            target=("ratio", "<=", 1.2),
+            note="the agent is a process of its own, so each message also waits for two "
+            "processes to be scheduled, which the bare server (making its messages itself) "
+            "does not",
             extra={
                 "messages": latency_count,
                 "p50_ms": summary(p50s["managed"]),

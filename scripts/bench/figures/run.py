@@ -18,6 +18,9 @@ from scripts.bench.common import OVMF_VARS, REPO, Images, MiB, is_sparse, log
 from scripts.bench.daemon import BenchDaemon
 from scripts.bench.report import Figure, percentile, summary
 
+# The p50 is the figure a client feels on every Run; the p95 keeps its looser bound.
+RUN_TARGETS = {"p50": 1.05, "p95": 1.25}
+
 
 async def fig_run_overhead(
     daemon: BenchDaemon, reps: int, per_rep: int, figures: list[Figure], details: dict[str, Any]
@@ -54,7 +57,7 @@ async def fig_run_overhead(
                 values=values,
                 baseline=base,
                 baseline_label=base_label,
-                target=("ratio", "<=", 1.25),
+                target=("ratio", "<=", RUN_TARGETS[key]),
                 extra={
                     "runs_per_repetition": per_rep,
                     "added_ms": summary([v - b for v, b in zip(values, base, strict=True)]),

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import urllib.error
-import urllib.request
 from collections.abc import Mapping, Sequence
 from functools import cache
 from importlib import resources
@@ -21,8 +20,6 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanKind, StatusCode
-from thriftpy2 import load_fp
-from thriftpy2.utils import serialize
 
 SERVICE_NAME = "manager"
 EXPORT_TIMEOUT = 5.0
@@ -34,7 +31,13 @@ _I64_MAX = (1 << 63) - 1
 
 @cache
 def jaeger_thrift() -> ModuleType:
-    """The jaeger.thrift IDL shipped in this package, loaded as a thriftpy2 module."""
+    """The jaeger.thrift IDL shipped in this package, loaded as a thriftpy2 module.
+
+    thriftpy2 (its IDL parser, protocols and transports: about 40 modules) is imported here,
+    on the export thread at the first export, not at the daemon's start-up (docs/decisions.md,
+    "Start-up and the bench's targets")."""
+    from thriftpy2 import load_fp
+
     source = resources.files("cocos_manager.telemetry").joinpath("jaeger.thrift")
     return load_fp(io.StringIO(source.read_text(encoding="utf-8")), module_name="jaeger_thrift")
 
@@ -154,6 +157,8 @@ class JaegerThriftExporter(SpanExporter):
         for span in spans:
             by_resource.setdefault(id(span.resource), (span.resource, []))[1].append(span)
         jaeger = jaeger_thrift()
+        from thriftpy2.utils import serialize  # loaded by jaeger_thrift() above
+
         return [
             serialize(
                 jaeger.Batch(
@@ -165,6 +170,8 @@ class JaegerThriftExporter(SpanExporter):
         ]
 
     def _post(self, body: bytes) -> None:
+        import urllib.request  # http.client and friends: on the export thread, when first used
+
         request = urllib.request.Request(self._url, data=body, headers=self._headers, method="POST")
         with urllib.request.urlopen(request, timeout=self._timeout) as response:
             response.read()
