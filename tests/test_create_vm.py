@@ -192,6 +192,9 @@ async def test_without_certificates_the_environment_names_none(manager: Manager)
         ("agent_log_level", "info\nAGENT_CVM_ID=forged", "agent_log_level"),
         ("aws_region", "eu\rAWS_REGION=x", "aws_region"),
         ("agent_cvm_server_url", "cvms:7001\\", "agent_cvm_server_url"),
+        # A leading quote opens a value that swallows the next lines up to its match.
+        ("agent_log_level", "'info", "agent_log_level"),
+        ("aws_region", '"eu', "aws_region"),
         ("aa_kbs_params", "type=sample init=/bin/sh", "aa_kbs_params"),
         ("aa_kbs_params", 'a"b', "aa_kbs_params"),
         ("aa_kbs_params", "x" * 3000, "aa_kbs_params"),

@@ -64,12 +64,18 @@ class AgentSettings:
 
 
 def _check_line(name: str, value: str) -> None:
-    """One line of systemd's EnvironmentFile=: no line break, and no trailing backslash,
-    which joins the next line (AGENT_CVM_ID's, say) into this value."""
+    """One line of systemd's EnvironmentFile=: no line break; no trailing backslash, which
+    joins the next line (AGENT_CVM_ID's, say) into this value; no leading quote, which opens
+    a quoted value that runs on across the following lines to the next such quote."""
     if any(ch in value for ch in "\n\r\0"):
         raise InvalidArgumentError(
             f"{name}: line breaks and NUL are not allowed (each setting is one line of the "
             "agent's environment file)"
+        )
+    if value[:1] in ("'", '"'):
+        raise InvalidArgumentError(
+            f"{name}: a leading quote is not allowed (the agent's environment file would read "
+            "it as the start of a quoted value running on across the following lines)"
         )
     if value.endswith("\\"):
         raise InvalidArgumentError(
