@@ -287,7 +287,7 @@ class Machine:
     async def _reap(self, process: QemuProcess) -> None:
         """The per-attempt guard: this attempt's QEMU is gone before anything is reused. Shielded,
         so a second cancellation cannot leave it running; the release reaps it again if so."""
-        process.close_pipes()
+        process.output.close_pipes()
         process.kill_now()
         try:
             await asyncio.shield(process.terminate(0))
@@ -382,7 +382,7 @@ class Machine:
         finally:
             self.output.note_suppressed()
             if process is not None:
-                process.close_console()
+                process.output.close_console()
             if self.files is not None:
                 self.files.remove()
             self.lease.release()
@@ -413,7 +413,7 @@ class Machine:
         # daemon may not use: nothing there is read, recovery.py)
         if self.files is not None and "console" in self.files.paths:
             files = self.files.console(self.ctx.settings.service.CONSOLE_FILE_BYTES)
-            process.follow_console(files, self.output.line, self.output.history)
+            process.output.follow_console(files, self.output.line, self.output.history)
         details = {**self.details(), "readopted": True}
         if paused and by_operator:
             self.operator_paused = True

@@ -86,7 +86,7 @@ async def end_process(
         with _tracer.start_as_current_span("stop"):
             info = await power_off(machine, process)
         return {"exit": info.describe(), **(machine.halt or {})}
-    process.close_pipes()
+    process.output.close_pipes()
     process.kill_now()
     await process.terminate(0)
     return {}
