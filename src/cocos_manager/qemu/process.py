@@ -151,6 +151,12 @@ class QemuProcess:
     def tail(self, stream: str | None = None) -> list[str]:
         return self.output.tail(stream)
 
+    def close_pipes(self) -> None:
+        self.output.close_pipes()
+
+    def close_console(self) -> None:
+        self.output.close_console()
+
     async def wait_output(self, timeout: float = 1.0) -> None:
         await self.output.wait(timeout)
 
@@ -167,7 +173,7 @@ class QemuProcess:
         (the monitor serves one client, which must be the next daemon's) and its pidfd."""
         if self.monitor is not None:
             await self.monitor.close()
-        self.output.close_console()
+        self.close_console()
         self._close_pidfd()
 
     def _close_pidfd(self) -> None:
@@ -340,7 +346,7 @@ async def reap_spawned(spawning: asyncio.Future[Any], argv: Sequence[str]) -> No
         kill_spawned(popen)
         raise
     process.output.keeper_reaped = keeper_reaped
-    process.output.close_pipes()
+    process.close_pipes()
     process.kill_now()
     await process.terminate(0)
 
