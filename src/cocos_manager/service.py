@@ -33,14 +33,7 @@ from cocos_manager.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from cocos_manager.events import (
-    ConsoleArchive,
-    ConsoleLog,
-    EventBus,
-    Subscription,
-    notice_line,
-    shutdown_notice,
-)
+from cocos_manager.events import ConsoleArchive, ConsoleLog, EventBus, Subscription
 from cocos_manager.host import StateStore, TaskSet
 from cocos_manager.proto import manager_pb2 as pb
 from cocos_manager.qemu import Executable, QemuProcess
@@ -54,8 +47,11 @@ from cocos_manager.vm import (
     Released,
     StopReason,
     VmState,
+    announce_shutdown,
+    append_agent_log,
     check_images,
     cvm_info,
+    end_streams,
     hold_tmp_dir,
     machine_info,
     pause_vm,
@@ -63,6 +59,8 @@ from cocos_manager.vm import (
     requested_size,
     resume_vm,
     share_tmp_dir,
+    stop_or_leave,
+    stop_starting,
     vm_info,
 )
 
@@ -125,11 +123,7 @@ class ManagerService:
             log = message.agent_log
             machine = self._machines.get(log.computation_id)
             if machine is not None:
-                stamp = None
-                if log.HasField("timestamp"):
-                    with contextlib.suppress(ValueError):  # outside years 1-9999: ours then
-                        stamp = log.timestamp.ToNanoseconds()
-                machine.console.append(log.level, log.message, stamp)
+                append_agent_log(machine.console, log)
         self.bus.publish(message)
 
     # -- queries ---------------------------------------------------------------------------
@@ -322,46 +316,18 @@ class ManagerService:
     # -- shutdown --------------------------------------------------------------------------
 
     def begin_shutdown(self) -> None:
-        """New Runs are refused from now on, and VMs still starting are stopped now: no client
-        could use a VM that becomes ready while the daemon stops, and the in-flight grace
-        would otherwise be spent waiting for it. Subscribers hear it first
-        (`manager-shutdown`/`starting`), so the vm-stop events that follow read as the
-        shutdown's."""
+        """New Runs are refused from now on; the shutdown is announced and VMs still starting
+        are stopped now (vm/shutdown.py)."""
         if not self._closing:
-            self.bus.publish(
-                shutdown_notice(
-                    "starting",
-                    {
-                        "stops_vms": self.settings.service.SHUTDOWN_STOPS_VMS,
-                        "computations": sorted(self._machines),
-                    },
-                )
-            )
+            announce_shutdown(self.ctx, sorted(self._machines))
         self._closing = True
-        for machine in list(self._machines.values()):
-            if machine.state in (VmState.ADMITTED, VmState.STARTING):
-                self.tasks.spawn(machine.stop(StopReason.SHUTDOWN), name=f"stop:{machine.id}")
+        stop_starting(self.ctx, self._machines.values())
 
     async def shutdown(self, stop_vms: bool = True) -> None:
         self._closing = True
-        machines = list(self._machines.values())
-        if stop_vms:
-            await asyncio.gather(
-                *(m.stop(StopReason.SHUTDOWN) for m in machines), return_exceptions=True
-            )
-        else:
+        if not stop_vms:
             self._leaving = True
-            for machine in machines:
-                if machine.ttl_timer is not None:  # the next start re-arms it from the record
-                    machine.ttl_timer.cancel()
-                if machine.state in (VmState.RUNNING, VmState.PAUSED):
-                    machine.log.info(
-                        "VM left running for the next start (MANAGER_SHUTDOWN_STOPS_VMS=false)",
-                        state=machine.state.value,
-                        **machine.details(),
-                    )
-                    if machine.process is not None:
-                        await machine.process.detach()
+        await stop_or_leave(list(self._machines.values()), stop_vms)
         await self.tasks.join(timeout=self.qemu.STOP_TIMEOUT + 5)
         await asyncio.to_thread(self._store.close)  # the records left for the next start
         if self._tmp_lock is not None:
@@ -369,18 +335,10 @@ class ManagerService:
             self._tmp_lock = None
 
     def end_streams(self) -> None:
-        """After `shutdown`: the last word of every Events stream (`manager-shutdown`/
-        `complete`, naming the VMs left running), which then ends once its queue is sent; and
-        of every Logs follower of a VM left running. Streams opened later end at once (after
-        a replay or tail). The daemon's exit then waits on no stream's VM."""
-        left = sorted(self._machines)
-        self.bus.close(shutdown_notice("complete", {"left_running": left}))
-        self.ctx.consoles.end_followers(
-            notice_line(
-                "the manager is shutting down and leaves this VM running; "
-                "follow it again once the manager is back"
-            )
-        )
+        """After `shutdown`: the last word of every Events stream and Logs follower
+        (vm/shutdown.py). Streams opened later end at once (after a replay or tail). The
+        daemon's exit then waits on no stream's VM."""
+        end_streams(self.ctx, sorted(self._machines))
 
     # -- attestation policy (confidential launch: vm/attestation.py) ---------------------------
 

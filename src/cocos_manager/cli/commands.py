@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import re
 import sys
@@ -25,202 +24,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import grpc
-from google.protobuf import json_format
 
 from cocos_manager import __version__
-from cocos_manager.cli import cvm
-from cocos_manager.cli.output import (
-    computation_table,
-    console_line,
-    explain_connection_failure,
-    print_message,
-    proto_json,
-)
-from cocos_manager.cli.request import CliError, request_from_files, request_from_manifest
-from cocos_manager.cli.verbs import vm_report, watch_power_off
-from cocos_manager.config import TlsConfigError, channel_credentials, memory_mib
-from cocos_manager.events import MANAGER_SHUTDOWN
-from cocos_manager.proto import manager_pb2 as pb
-from cocos_manager.proto import manager_pb2_grpc as pb_grpc
-
-
-def _channel(options: argparse.Namespace) -> grpc.aio.Channel:
-    if options.ca or options.cert or options.key:
-        try:
-            credentials = channel_credentials(options.ca, options.cert, options.key)
-        except TlsConfigError as error:
-            raise CliError(str(error)) from None
-        return grpc.aio.secure_channel(options.address, credentials)
-    return grpc.aio.insecure_channel(options.address)
-
-
-async def _run(options: argparse.Namespace) -> int:
-    if options.manifest:
-        request = request_from_manifest(options.manifest)
-    elif options.algorithm and options.id:
-        request = request_from_files(options)
-    else:
-        raise CliError("run: give --manifest FILE, or --id with --algorithm (and --dataset)")
-    if options.ttl is not None:
-        request.ttl = options.ttl
-    if options.vcpus is not None:
-        request.vcpus = options.vcpus
-    if options.memory is not None:
-        request.memory_mib = options.memory
-    async with _channel(options) as channel:
-        response = await pb_grpc.ManagerServiceStub(channel).Run(request, timeout=options.timeout)
-    print_message(response, options.json)
-    return 0
-
-
-async def _stop(options: argparse.Namespace) -> int:
-    async with _channel(options) as channel:
-        stub = pb_grpc.ManagerServiceStub(channel)
-        watch = None if options.force else await watch_power_off(stub, options.computation_id)
-        try:
-            await stub.Stop(
-                pb.StopRequest(computation_id=options.computation_id, force=options.force),
-                timeout=options.timeout,
-            )
-        finally:
-            if watch is not None:
-                watch.cancel()
-    if not options.json:
-        print(f"computation {options.computation_id} stopped")
-    return 0
-
-
-STREAM_ENDED = 3
-"""Exit status of `events` when the manager ended the stream (it shuts down)."""
-
-
-async def _pause(options: argparse.Namespace) -> int:
-    async with _channel(options) as channel:
-        await pb_grpc.ManagerServiceStub(channel).Pause(
-            pb.PauseRequest(computation_id=options.computation_id), timeout=options.timeout
-        )
-    if not options.json:
-        print(f"computation {options.computation_id} paused")
-    return 0
-
-
-async def _resume(options: argparse.Namespace) -> int:
-    async with _channel(options) as channel:
-        await pb_grpc.ManagerServiceStub(channel).Resume(
-            pb.ResumeRequest(computation_id=options.computation_id), timeout=options.timeout
-        )
-    if not options.json:
-        print(f"computation {options.computation_id} resumed")
-    return 0
-
-
-async def _show(options: argparse.Namespace) -> int:
-    async with _channel(options) as channel:
-        response = await pb_grpc.ManagerServiceStub(channel).Get(
-            pb.GetRequest(computation_id=options.computation_id), timeout=options.timeout
-        )
-    if options.json:
-        print(json_format.MessageToJson(response, indent=None, preserving_proto_field_name=True))
-    else:
-        print(vm_report(response, argv_lines=options.verbose))
-    return 0
-
-
-async def _events(options: argparse.Namespace) -> int:
-    async with _channel(options) as channel:
-        request = pb.EventsRequest(computation_id=options.computation_id or "")
-        if options.since is not None:
-            request.since = options.since
-        stream = pb_grpc.ManagerServiceStub(channel).Events(request)
-        # The server sends the headers once the subscription is registered: from here on
-        # nothing published is missed (a script may start its Run after this line).
-        await stream.initial_metadata()
-        if stream.done():  # refused (e.g. RESOURCE_EXHAUSTED): headers and status came at once
-            async for _ in stream:  # raises the status, as any failed call does
-                pass
-        which = (
-            f"computation {options.computation_id}"
-            if options.computation_id
-            else "every computation"
-        )
-        print(
-            f"cocos-manager-cli: subscribed to the events of {which} at {options.address}",
-            file=sys.stderr,
-            flush=True,
-        )
-        count = 0
-        last: pb.ClientStreamMessage | None = None
-        last_seq = options.since
-        async for message in stream:
-            print_message(message, options.json)
-            last = message
-            if message.seq:  # 0: a notice of this stream (events-lost), not a published one
-                last_seq = message.seq
-            count += 1
-            if options.count and count >= options.count:
-                stream.cancel()
-                return 0
-    # Only the manager ends a stream, when it shuts down: that is no success for a follower.
-    print(f"cocos-manager-cli: events: {stream_end(last, last_seq)}", file=sys.stderr)
-    return STREAM_ENDED
-
-
-def stream_end(last: pb.ClientStreamMessage | None, last_seq: int | None) -> str:
-    """Why the stream ended (the manager's `manager-shutdown` notice, its last message, says
-    which VMs it left running), and how to go on from where it ended."""
-    event = last.agent_event if last is not None else None
-    if event is not None and event.event_type == MANAGER_SHUTDOWN and event.status == "complete":
-        left = json.loads(event.details or b"{}").get("left_running") or []
-        words = "the manager shut down and ended the stream"
-        words += f"; VMs left running: {', '.join(left)}" if left else "; no VM left running"
-    else:
-        words = "the manager ended the stream without saying why"
-    if last_seq:
-        words += f"; once it is back, resume with --since {last_seq}"
-    return words
-
-
-async def _attestation_policy(options: argparse.Namespace) -> int:
-    async with _channel(options) as channel:
-        response = await pb_grpc.ManagerServiceStub(channel).AttestationPolicy(
-            pb.AttestationPolicyRequest(computation_id=options.computation_id),
-            timeout=options.timeout,
-        )
-    sys.stdout.write(response.info.decode())
-    return 0
-
-
-# -- operator queries: list, logs ---------------------------------------------------------
-
-
-async def _list(options: argparse.Namespace) -> int:
-    async with _channel(options) as channel:
-        response = await pb_grpc.ManagerServiceStub(channel).List(
-            pb.ListRequest(), timeout=options.timeout
-        )
-    if options.json:
-        print(proto_json(response))
-    elif response.computations:
-        print(computation_table(response.computations))
-    else:
-        print("no computations")
-    return 0
-
-
-async def _logs(options: argparse.Namespace) -> int:
-    request = pb.LogsRequest(
-        computation_id=options.computation_id, tail=options.lines, follow=options.follow
-    )
-    async with _channel(options) as channel:
-        stream = pb_grpc.ManagerServiceStub(channel).Logs(
-            request, timeout=None if options.follow else options.timeout
-        )
-        async for log in stream:
-            if options.json:
-                print(proto_json(log), flush=True)
-            else:
-                print(console_line(log), flush=True)
-    return 0
+from cocos_manager.cli import calls, cvm
+from cocos_manager.cli.output import explain_connection_failure
+from cocos_manager.cli.request import CliError
+from cocos_manager.config import memory_mib
 
 
 def _seq(text: str) -> int:
@@ -411,16 +220,16 @@ def _parser() -> _Parser:
 
 
 COMMANDS = {
-    "run": _run,
-    "stop": _stop,
-    "events": _events,
-    "attestation-policy": _attestation_policy,
-    "list": _list,
-    "logs": _logs,
-    "pause": _pause,
-    "resume": _resume,
-    "show": _show,
-    **cvm.commands(_channel),
+    "run": calls.run,
+    "stop": calls.stop,
+    "events": calls.events,
+    "attestation-policy": calls.attestation_policy,
+    "list": calls.list_computations,
+    "logs": calls.logs,
+    "pause": calls.pause,
+    "resume": calls.resume,
+    "show": calls.show,
+    **cvm.commands(calls.open_channel),
 }
 
 

@@ -30,13 +30,13 @@ if TYPE_CHECKING:
     from cocos_manager.qemu.probes import check_qemu as check_qemu
     from cocos_manager.qemu.probes import check_sudo as check_sudo
     from cocos_manager.qemu.probes import run_probe as run_probe
-    from cocos_manager.qemu.process import LineCallback as LineCallback
     from cocos_manager.qemu.process import QemuProcess as QemuProcess
     from cocos_manager.qemu.qmp import QmpClosed as QmpClosed
     from cocos_manager.qemu.qmp import QmpError as QmpError
     from cocos_manager.qemu.qmp import qmp_args as qmp_args
     from cocos_manager.qemu.qmp import qmp_listener as qmp_listener
     from cocos_manager.qemu.spawn import ExitInfo as ExitInfo
+    from cocos_manager.qemu.streams import LineCallback as LineCallback
 
 # Each public name and the module it lives in.
 HOMES = {
@@ -58,7 +58,7 @@ HOMES = {
     "qemu_environment": "environment",
     "Conflict": "failures",
     "conflicts_exhausted": "failures",
-    "LineCallback": "process",
+    "LineCallback": "streams",
     "check_qemu": "probes",
     "check_sudo": "probes",
     "run_probe": "probes",

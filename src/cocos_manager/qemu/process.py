@@ -4,8 +4,8 @@ Its exit is noticed at once through a pidfd on the event loop (no polling, no th
 VM), a child is reaped right then (the original left zombies), and signals
 go through the pidfd so a recycled PID can never be hit. Readiness is QEMU's own: the QMP
 monitor on a socket the daemon created and handed over, answering `query-status`. Its output
-is split into lines in qemu_output.py; where a signal is not permitted (QEMU behind sudo),
-the ways around it are in sudo_stop.py.
+is read in streams.py (QemuOutput); where a signal is not permitted (QEMU behind sudo),
+the ways around it are in sudo.py.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ import os
 import signal
 import socket
 import subprocess
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +28,13 @@ from cocos_manager.errors import (
 )
 from cocos_manager.host import process_identity, process_start_time, start_pool
 from cocos_manager.qemu import sudo as sudo_stop
-from cocos_manager.qemu.console_file import ConsoleFiles, ConsoleReader, reap_keeper, spawn_kept
+from cocos_manager.qemu.console_file import ConsoleFiles, reap_keeper, spawn_kept
 from cocos_manager.qemu.failures import classify_start_failure, classify_sudo_refusal
-from cocos_manager.qemu.output import LineReader
 from cocos_manager.qemu.qmp import QmpError, QmpMonitor, open_running_monitor
 from cocos_manager.qemu.spawn import ExitInfo, kill_spawned, spawn
+from cocos_manager.qemu.streams import LineCallback, QemuOutput
 from cocos_manager.telemetry import get_logger
 
-LineCallback = Callable[[str, str], None]
-HistoryCallback = Callable[[str, str, int], None]
-TAIL_LINES = 20
-KEEPER_END_WAIT = 3.0  # a keeper's interpreter starting on a loaded host: 0.2 s typically
 _log = get_logger()
 
 
@@ -59,16 +54,9 @@ class QemuProcess:
         self.wrapped = bool(self.argv) and os.path.basename(self.argv[0]) == "sudo"
         self._qmp_path: Path | None = None
         self._popen = popen
-        self._on_line = on_line
-        self._tail: deque[tuple[str, str]] = deque(maxlen=TAIL_LINES)
-        self._pipes: list[asyncio.Future[None]] = []
-        self._attached: set[str] = set()
-        self.console_files: ConsoleFiles | None = None  # QEMU's output kept by a keeper
-        self._console: ConsoleReader | None = None
-        self._keeper_reaped: asyncio.Future[None] | None = None  # a keeper this daemon started
-        self._on_history: HistoryCallback | None = None
         self._loop = asyncio.get_running_loop()
         self.exited: asyncio.Future[ExitInfo] = self._loop.create_future()
+        self.output = QemuOutput(popen, on_line, self.exited)  # its stdout and stderr
         self.monitor: QmpMonitor | None = None  # QEMU's QMP session, once it answered
         self._pidfd: int | None = os.pidfd_open(pid)
         # The command line is read once QEMU answers (reading it mid-exec stalls the loop).
@@ -91,7 +79,7 @@ class QemuProcess:
     ) -> QemuProcess:
         """Starts QEMU and returns its owner; a caller cancelled here has the process reaped,
         and one cancelled at its next await still holds it. Its output is connected by
-        `attach_output()`: pipes to the daemon, or with `console` a keeper process and its
+        `attach_output()` (streams.py): pipes to the daemon, or with `console` a keeper process and its
         file, which outlive the daemon (console_file.py).
 
         Popen waits until the child has exec'd, and under a burst (32 TCG guests taking the
@@ -111,7 +99,7 @@ class QemuProcess:
             # run as sudo's child, and a SIGKILLed sudo would leave it running, nobody's. Shielded
             # as a whole, so a second cancellation cannot drop the spawned process either.
             with contextlib.suppress(BaseException):
-                await asyncio.shield(cls._reap_spawned(spawning, argv))
+                await asyncio.shield(reap_spawned(spawning, argv))
             raise
         keeper_reaped = reap_keeper(keeper) if keeper is not None else None
         try:
@@ -119,53 +107,8 @@ class QemuProcess:
         except BaseException:
             kill_spawned(popen)
             raise
-        process.console_files, process._keeper_reaped = console, keeper_reaped
+        process.output.console_files, process.output.keeper_reaped = console, keeper_reaped
         return process
-
-    @classmethod
-    async def _reap_spawned(
-        cls,
-        spawning: asyncio.Future[Any],
-        argv: Sequence[str],
-    ) -> None:
-        popen, start_time, keeper = await spawning
-        keeper_reaped = reap_keeper(keeper) if keeper is not None else None
-        try:
-            process = cls(popen.pid, argv, popen=popen, start_time=start_time)
-        except BaseException:
-            kill_spawned(popen)
-            raise
-        process._keeper_reaped = keeper_reaped
-        process.close_pipes()
-        process.kill_now()
-        await process.terminate(0)
-
-    async def attach_output(self) -> None:
-        """Connects QEMU's stdout and stderr to the line callback."""
-        assert self._popen is not None
-        if self.console_files is not None:
-            self._console = ConsoleReader(self.console_files, self._console_line, history=False)
-            return
-        loop = asyncio.get_running_loop()
-        for stream, pipe in (("stdout", self._popen.stdout), ("stderr", self._popen.stderr)):
-            if pipe is None or pipe.closed:
-                continue
-            reader = LineReader(stream, self._line)
-            self._pipes.append(reader.closed)
-            try:
-                await loop.connect_read_pipe(lambda r=reader: r, pipe)  # type: ignore[misc]
-            except BaseException:
-                pipe.close()
-                reader.connection_lost(None)
-                raise
-            self._attached.add(stream)
-
-    def close_pipes(self) -> None:
-        """Pipes never attached (a start cancelled in attach_output) are closed here."""
-        if self._popen is not None:
-            for stream, pipe in (("stdout", self._popen.stdout), ("stderr", self._popen.stderr)):
-                if pipe is not None and stream not in self._attached:
-                    pipe.close()
 
     @classmethod
     def adopt(
@@ -201,39 +144,21 @@ class QemuProcess:
             open_running_monitor(qmp_path, paused=paused), timeout
         )
 
-    def follow_console(
-        self, files: ConsoleFiles, on_line: LineCallback, on_history: HistoryCallback
-    ) -> None:
-        """For an adopted VM: what its keeper wrote before (`on_history`), then its new lines
-        (`on_line`), as a VM started by this daemon has them."""
-        self.console_files, self._on_line, self._on_history = files, on_line, on_history
-        self._console = ConsoleReader(files, self._console_line, history=True)
-
-    async def history_read(self, timeout: float) -> None:
-        """Waits (up to `timeout`) until what the console file held at adoption is read: Logs
-        answered after that has the lines from before the restart."""
-        if self._console is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._console.caught_up), timeout)
-
-    def _console_line(self, stream: str, text: str, timestamp_ns: int, live: bool) -> None:
-        if live:
-            self._line(stream, text)
-        elif self._on_history is not None:
-            self._on_history(stream, text, timestamp_ns)
-
-    def close_console(self) -> None:
-        """Stops reading the console file (the daemon lets go of the VM, or it was released)."""
-        if self._console is not None:
-            self._console.close()
-
-    def _line(self, stream: str, text: str) -> None:
-        self._tail.append((stream, text))
-        if self._on_line is not None:
-            self._on_line(stream, text)
+    async def attach_output(self) -> None:
+        """Connects QEMU's stdout and stderr to the line callback (QemuOutput.attach)."""
+        await self.output.attach()
 
     def tail(self, stream: str | None = None) -> list[str]:
-        return [text for s, text in self._tail if stream is None or s == stream]
+        return self.output.tail(stream)
+
+    def close_pipes(self) -> None:
+        self.output.close_pipes()
+
+    def close_console(self) -> None:
+        self.output.close_console()
+
+    async def wait_output(self, timeout: float = 1.0) -> None:
+        await self.output.wait(timeout)
 
     # -- exit ----------------------------------------------------------------------------
 
@@ -257,29 +182,6 @@ class QemuProcess:
             os.close(self._pidfd)
             self._pidfd = None
 
-    async def wait_output(self, timeout: float = 1.0) -> None:
-        """After exit, the last lines may still be in the pipes: let them arrive. Never cancels
-        the readers (as a timed-out gather would): a process that inherited QEMU's output can
-        hold it open past any wait, and its lines still belong to the VM."""
-        if self._console is not None:
-            await self._console.drain(timeout)
-        if self._keeper_reaped is not None and self.exited.done():
-            # QEMU's output ended with it, so its keeper ends at once, or as soon as it has
-            # started (a QEMU that died within milliseconds): reaped before the release goes
-            # on, so a failed Run leaves no process behind and a daemon exiting right after no
-            # zombie of init's. Only a keeper whose pipes another process holds is not waited.
-            held = self._console is not None and not self._console.ended.done()
-            bound = timeout if held else max(timeout, KEEPER_END_WAIT)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._keeper_reaped), bound)
-        if pending := [pipe for pipe in self._pipes if not pipe.done()]:
-            await asyncio.wait(pending, timeout=timeout)
-
-    def failure_text(self) -> str:
-        """QEMU's own words, for a status message: its stderr, else whatever it printed."""
-        lines = self.tail("stderr") or self.tail()
-        return "; ".join(lines[-5:]) if lines else "(QEMU printed nothing)"
-
     # -- readiness -----------------------------------------------------------------------
 
     async def exited_at_start(
@@ -293,7 +195,7 @@ class QemuProcess:
         if refusal is not None:
             return sudo_stop.sudo_refused(self.argv, *refusal)
         return QemuExitedError(
-            f"QEMU exited {during} ({exit_text}): {self.failure_text()}",
+            f"QEMU exited {during} ({exit_text}): {self.output.failure_text()}",
             exit=exit_text,
             stderr=stderr,
             conflict=(c.value if (c := classify_start_failure(stderr)) else None),
@@ -337,19 +239,8 @@ class QemuProcess:
 
     # -- stopping ------------------------------------------------------------------------
 
-    def _signal(self, sig: int, pidfd: int | None = None) -> bool:
-        """True when delivered (or the process is gone); False when not permitted (EPERM: a
-        process of another user, such as root's QEMU behind sudo)."""
-        pidfd = self._pidfd if pidfd is None else pidfd
-        if pidfd is None:
-            return True
-        try:
-            signal.pidfd_send_signal(pidfd, sig)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return True
+    def _signal(self, sig: int) -> bool:
+        return signal_pidfd(self._pidfd, sig)
 
     def send_signal(self, sig: int) -> None:
         self._signal(sig)
@@ -357,20 +248,6 @@ class QemuProcess:
     def qemu_pids(self) -> list[int]:
         """The processes that are QEMU: this one, or sudo's descendants when wrapped."""
         return sudo_stop.descendants(self.pid) if self.wrapped else [self.pid]
-
-    def _kill_pids(self, pids: Sequence[int]) -> bool:
-        """SIGKILL through pidfds (a PID that ended and was reused is never hit)."""
-        delivered = True
-        for pid in pids:
-            try:
-                pidfd = os.pidfd_open(pid)
-            except ProcessLookupError:
-                continue
-            try:
-                delivered = self._signal(signal.SIGKILL, pidfd) and delivered
-            finally:
-                os.close(pidfd)
-        return delivered
 
     async def _quit(self) -> bool:
         return await sudo_stop.quit_over_qmp(self.monitor, self._qmp_path, self.pid)
@@ -395,7 +272,7 @@ class QemuProcess:
         pids = self.qemu_pids()
         if not pids:  # sudo has not started QEMU yet, or QEMU is gone: sudo is ours to kill
             return self._signal(signal.SIGKILL)
-        if self._kill_pids(pids):
+        if kill_pids(pids):
             return True
         if await sudo_stop.sudo_kill(pids, self.pid):
             return True
@@ -453,7 +330,51 @@ class QemuProcess:
         if self.wrapped:
             # Never SIGKILL sudo here: QEMU, started or about to be, would live on, orphaned.
             # QEMU is killed where permitted (a root daemon); sudo relays a SIGTERM otherwise.
-            self._kill_pids(self.qemu_pids())
+            kill_pids(self.qemu_pids())
             self.send_signal(signal.SIGTERM)
         else:
             self.send_signal(signal.SIGKILL)
+
+
+async def reap_spawned(spawning: asyncio.Future[Any], argv: Sequence[str]) -> None:
+    """A QEMU spawned for a start that was cancelled meanwhile: ended as a failed start is."""
+    popen, start_time, keeper = await spawning
+    keeper_reaped = reap_keeper(keeper) if keeper is not None else None
+    try:
+        process = QemuProcess(popen.pid, argv, popen=popen, start_time=start_time)
+    except BaseException:
+        kill_spawned(popen)
+        raise
+    process.output.keeper_reaped = keeper_reaped
+    process.close_pipes()
+    process.kill_now()
+    await process.terminate(0)
+
+
+def signal_pidfd(pidfd: int | None, sig: int) -> bool:
+    """True when delivered (or the process is gone); False when not permitted (EPERM: a
+    process of another user, such as root's QEMU behind sudo)."""
+    if pidfd is None:
+        return True
+    try:
+        signal.pidfd_send_signal(pidfd, sig)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return True
+
+
+def kill_pids(pids: Sequence[int]) -> bool:
+    """SIGKILL through pidfds (a PID that ended and was reused is never hit)."""
+    delivered = True
+    for pid in pids:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            delivered = signal_pidfd(pidfd, signal.SIGKILL) and delivered
+        finally:
+            os.close(pidfd)
+    return delivered

@@ -24,11 +24,16 @@ if TYPE_CHECKING:
     from cocos_manager.vm.machine import Machine as Machine
     from cocos_manager.vm.orphans import hold_tmp_dir as hold_tmp_dir
     from cocos_manager.vm.orphans import share_tmp_dir as share_tmp_dir
+    from cocos_manager.vm.output import append_agent_log as append_agent_log
     from cocos_manager.vm.pause import pause_vm as pause_vm
     from cocos_manager.vm.pause import resume_vm as resume_vm
     from cocos_manager.vm.recovery import recover as recover
     from cocos_manager.vm.resources import Pool as Pool
     from cocos_manager.vm.resources import Pools as Pools
+    from cocos_manager.vm.shutdown import announce_shutdown as announce_shutdown
+    from cocos_manager.vm.shutdown import end_streams as end_streams
+    from cocos_manager.vm.shutdown import stop_or_leave as stop_or_leave
+    from cocos_manager.vm.shutdown import stop_starting as stop_starting
     from cocos_manager.vm.size import requested_size as requested_size
 
 # Each public name and the module it lives in.
@@ -38,6 +43,11 @@ HOMES = {
     "vm_info": "inspect",
     "resume_vm": "pause",
     "requested_size": "size",
+    "append_agent_log": "output",
+    "announce_shutdown": "shutdown",
+    "end_streams": "shutdown",
+    "stop_or_leave": "shutdown",
+    "stop_starting": "shutdown",
     "pause_vm": "pause",
     "share_tmp_dir": "orphans",
     "hold_tmp_dir": "orphans",

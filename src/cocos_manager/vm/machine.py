@@ -26,7 +26,6 @@ from typing import Any
 from opentelemetry import trace
 
 from cocos_manager.agent import AgentSettings
-from cocos_manager.confidential import launched_binding
 from cocos_manager.config import AgentChannel
 from cocos_manager.errors import (
     FailedPreconditionError,
@@ -40,7 +39,6 @@ from cocos_manager.qemu import (
     QemuProcess,
     VmResources,
     VmSize,
-    qemu_environment,
     qmp_listener,
 )
 from cocos_manager.telemetry import get_logger
@@ -133,14 +131,7 @@ class Machine:
         return self.ctx.settings.qemu.AGENT_CHANNEL is AgentChannel.FW_CFG
 
     def details(self) -> dict[str, Any]:
-        r = self.resources
-        details: dict[str, Any] = {"agent_port": r.host_port, "vnc_display": r.vnc_display}
-        if not self.fw_cfg:
-            details["guest_cid"] = r.guest_cid
-        if self.process is not None:
-            details["pid"] = self.process.pid
-            details.update(launched_binding(self.process.argv))  # host_data / mrconfigid
-        return details
+        return vm_start.details(self)
 
     # -- the one place the state changes -----------------------------------------------------
 
@@ -184,12 +175,7 @@ class Machine:
         except (ResourceExhaustedError, FailedPreconditionError) as error:
             lease.release()
             ctx.consoles.discard(machine.console)
-            # The record could not be written (a full MANAGER_STATE_DIR): a failed start like
-            # any other, told on Events (and up the dial-out) as vm-provision starting/failed.
-            machine.log.warning("computation failed to start", error=str(error))
-            failed = {"reason": StopReason.FAILED.value, "error": str(error)}
-            ctx.bus.publish(manager_event(computation_id, PROVISION, "starting", None))
-            ctx.bus.publish(manager_event(computation_id, PROVISION, "failed", failed))
+            vm_start.tell_admission_failed(machine, error)
             raise
         return machine
 
@@ -214,7 +200,7 @@ class Machine:
             self._not_stopping()
             self.expires_at = ttl.expires_at(self.ttl)
             self._set_state(VmState.RUNNING, (PROVISION, "complete"), self.details())
-            self.arm_ttl()
+            vm_start.arm_ttl(self)
         except BaseException as error:
             self._failing = True
             cancelled = isinstance(error, asyncio.CancelledError)
@@ -225,13 +211,6 @@ class Machine:
                 self.stop_reason = StopReason.CLIENT if cancelled else StopReason.FAILED
             await asyncio.shield(self._release(self.stop_reason))
             raise
-
-    def arm_ttl(self) -> None:
-        if self.expires_at is not None:
-            self.ttl_timer = ttl.arm(self.expires_at, self._ttl_expired)
-
-    def _ttl_expired(self) -> None:
-        self.ctx.tasks.spawn(self.stop(StopReason.TTL), name=f"ttl:{self.id}")
 
     def _not_stopping(self) -> None:
         """A Stop that came while this start was between two awaits wins over the start."""
@@ -251,13 +230,7 @@ class Machine:
                 # being started leaves a record by which the next start finds that QEMU.
                 self.spawning_argv = argv
                 self._save_record()
-                process = await self.ctx.launch(
-                    argv,
-                    qmp_listener=listener,
-                    on_line=self.output.line,
-                    env=qemu_environment(self.ctx.settings.qemu),
-                    console=self.files.console(self.ctx.settings.service.CONSOLE_FILE_BYTES),
-                )
+                process = await vm_start.launch(self, argv, listener)
             finally:
                 listener.close()
             self.process = process
@@ -271,7 +244,7 @@ class Machine:
                 self._guest.watch(process)
             except BaseException:
                 self._failing = True
-                await self._reap(process)
+                await vm_start.reap_attempt(self, process)
                 raise
         try:
             if vm_start.needs_handover(self):
@@ -281,21 +254,8 @@ class Machine:
                 raise await process.exited_at_start("right after start-up")
         except BaseException:
             self._failing = True
-            await self._reap(process)
+            await vm_start.reap_attempt(self, process)
             raise
-
-    async def _reap(self, process: QemuProcess) -> None:
-        """The per-attempt guard: this attempt's QEMU is gone before anything is reused. Shielded,
-        so a second cancellation cannot leave it running; the release reaps it again if so."""
-        process.close_pipes()
-        process.kill_now()
-        try:
-            await asyncio.shield(process.terminate(0))
-        except QemuStopFailedError as error:  # the start's own error is the one to answer
-            self.stop_failure = error
-            self.log.error("QEMU could not be stopped", error=str(error))
-        if self.process is process:
-            self.process = None
 
     # -- exit --------------------------------------------------------------------------------
 
@@ -365,30 +325,13 @@ class Machine:
         return self._releasing
 
     async def _teardown(self, reason: StopReason) -> None:
-        details: dict[str, Any] = {"reason": reason.value}
-        if self.error is not None:
-            details["error"] = str(self.error)
-        elif reason is StopReason.CLIENT:
-            details["error"] = "cancelled"
+        details = vm_stop.release_details(self, reason)
         process = self.process
         try:
             if process is not None:
-                details.update(await vm_stop.end_process(self, process, reason, ran=self._ran))
-        except QemuStopFailedError as error:
-            # Never STOPPING for ever: the VM is released and the Stop told (FAILED_PRECONDITION).
-            self.stop_failure = error
-            details["error"] = str(error)
-            self.log.error("QEMU could not be stopped", error=str(error))
+                details.update(await vm_stop.end_or_tell(self, process, reason, ran=self._ran))
         finally:
-            self.output.note_suppressed()
-            if process is not None:
-                process.close_console()
-            if self.files is not None:
-                self.files.remove()
-            self.lease.release()
-            if self.ttl_timer is not None:
-                self.ttl_timer.cancel()
-            self.ctx.consoles.close(self.console)
+            vm_stop.let_go(self, process)
             final = vm_stop.final_event(self, reason)
             self.ended = VmEnd(reason, final, details, time.time())
             self._set_state(VmState.RELEASED, final, details)
@@ -409,11 +352,7 @@ class Machine:
         assert process is not None
         process.exited.add_done_callback(lambda _: self._on_exit(process))
         self._guest.watch(process)
-        # QEMU's lines from before the restart, then the new ones (none from a directory the
-        # daemon may not use: nothing there is read, recovery.py)
-        if self.files is not None and "console" in self.files.paths:
-            files = self.files.console(self.ctx.settings.service.CONSOLE_FILE_BYTES)
-            process.follow_console(files, self.output.line, self.output.history)
+        vm_start.follow_console(self, process)
         details = {**self.details(), "readopted": True}
         if paused and by_operator:
             self.operator_paused = True
@@ -426,4 +365,4 @@ class Machine:
         if process.exited.done():  # died between the identity check and now
             self._on_exit(process)
         else:
-            self.arm_ttl()
+            vm_start.arm_ttl(self)

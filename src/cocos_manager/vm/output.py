@@ -6,6 +6,7 @@ Every line reaches Events and the console; the daemon's log takes them at a boun
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from cocos_manager.config import ServiceSettings
@@ -16,6 +17,7 @@ from cocos_manager.events import (
     EventBus,
     log_message,
 )
+from cocos_manager.proto import manager_pb2 as pb
 from cocos_manager.qemu import ConsoleFiles, read_history
 
 
@@ -29,6 +31,15 @@ def keep_post_mortem(consoles: ConsoleArchive, computation_id: str, files: Conso
     log = consoles.open(computation_id)
     read_history(files, lambda stream, text, stamp, _: log.append(level_of(stream), text, stamp))
     consoles.close(log)
+
+
+def append_agent_log(console: ConsoleLog, log: pb.AgentLog) -> None:
+    """An agent's log line to its VM's console (Logs), at the time the agent gave it."""
+    stamp = None
+    if log.HasField("timestamp"):
+        with contextlib.suppress(ValueError):  # outside years 1-9999: ours then
+            stamp = log.timestamp.ToNanoseconds()
+    console.append(log.level, log.message, stamp)
 
 
 class VmOutput:

@@ -281,7 +281,7 @@ async def _recover_one(ctx: MachineContext, record: VmRecord, *, taken: bool) ->
         return None
     assert process is not None
     machine = adopt_machine(ctx, record, process, files)
-    await process.history_read(ctx.settings.qemu.ADOPT_TIMEOUT)
+    await process.output.history_read(ctx.settings.qemu.ADOPT_TIMEOUT)
     moved = str(files.directory) != ctx.settings.qemu.TMP_FILE_LOC
     log.info(
         "VM re-adopted after restart",

@@ -15,9 +15,15 @@ from typing import Any, Protocol
 from opentelemetry import trace
 
 from cocos_manager.agent import AgentSettings, HandoverAborted, HandoverTimeout, send_manifest
-from cocos_manager.confidential import LaunchMode, launch_mode
+from cocos_manager.confidential import LaunchMode, launch_mode, launched_binding
 from cocos_manager.config import env_values
-from cocos_manager.errors import HandoverFailedError, HandoverTimeoutError, QemuExitedError
+from cocos_manager.errors import (
+    HandoverFailedError,
+    HandoverTimeoutError,
+    QemuExitedError,
+    QemuStopFailedError,
+)
+from cocos_manager.events import manager_event
 from cocos_manager.host import start_pool
 from cocos_manager.qemu import (
     Conflict,
@@ -27,9 +33,11 @@ from cocos_manager.qemu import (
     conflicts_exhausted,
     cvm_args,
     derive_vm_settings,
+    qemu_environment,
     qmp_args,
     vm_args,
 )
+from cocos_manager.vm import ttl
 from cocos_manager.vm.files import (
     CERTS_SUBDIR,
     ENV_SUBDIR,
@@ -40,7 +48,8 @@ from cocos_manager.vm.files import (
     write_shares,
 )
 from cocos_manager.vm.launch import Launch, launch_of
-from cocos_manager.vm.lifecycle import START_ATTEMPTS, MachineContext
+from cocos_manager.vm.lifecycle import PROVISION, START_ATTEMPTS, MachineContext, StopReason
+from cocos_manager.vm.output import VmOutput
 from cocos_manager.vm.resources import Lease
 
 _tracer = trace.get_tracer("cocos_manager.machine")
@@ -58,6 +67,14 @@ class StartingVm(Protocol):
     agent_settings: AgentSettings | None
     size: VmSize
     launch_settings: dict[str, str]
+    id: str
+    process: QemuProcess | None
+    stop_failure: QemuStopFailedError | None
+    output: VmOutput
+    expires_at: float | None
+    ttl_timer: ttl.Alarm | None
+
+    async def stop(self, reason: StopReason, *, force: bool = False) -> None: ...
 
     @property
     def uuid(self) -> str: ...
@@ -65,6 +82,70 @@ class StartingVm(Protocol):
     def resources(self) -> VmResources: ...
     @property
     def fw_cfg(self) -> bool: ...
+
+
+def details(machine: StartingVm) -> dict[str, Any]:
+    """What each of the VM's events and log lines names it by: its numbers and its QEMU."""
+    r = machine.resources
+    details: dict[str, Any] = {"agent_port": r.host_port, "vnc_display": r.vnc_display}
+    if not machine.fw_cfg:
+        details["guest_cid"] = r.guest_cid
+    if machine.process is not None:
+        details["pid"] = machine.process.pid
+        details.update(launched_binding(machine.process.argv))  # host_data / mrconfigid
+    return details
+
+
+def tell_admission_failed(machine: StartingVm, error: Exception) -> None:
+    """The record could not be written (a full MANAGER_STATE_DIR): a failed start like any
+    other, told on Events (and up the dial-out) as vm-provision starting/failed."""
+    machine.log.warning("computation failed to start", error=str(error))
+    failed = {"reason": StopReason.FAILED.value, "error": str(error)}
+    machine.ctx.bus.publish(manager_event(machine.id, PROVISION, "starting", None))
+    machine.ctx.bus.publish(manager_event(machine.id, PROVISION, "failed", failed))
+
+
+async def launch(machine: StartingVm, argv: list[str], listener: socket.socket) -> QemuProcess:
+    """This attempt's QEMU spawned, its output to the VM's lines (through its console keeper)."""
+    assert machine.files is not None
+    return await machine.ctx.launch(
+        argv,
+        qmp_listener=listener,
+        on_line=machine.output.line,
+        env=qemu_environment(machine.ctx.settings.qemu),
+        console=machine.files.console(machine.ctx.settings.service.CONSOLE_FILE_BYTES),
+    )
+
+
+async def reap_attempt(machine: StartingVm, process: QemuProcess) -> None:
+    """The per-attempt guard: this attempt's QEMU is gone before anything is reused. Shielded,
+    so a second cancellation cannot leave it running; the release reaps it again if so."""
+    process.close_pipes()
+    process.kill_now()
+    try:
+        await asyncio.shield(process.terminate(0))
+    except QemuStopFailedError as error:  # the start's own error is the one to answer
+        machine.stop_failure = error
+        machine.log.error("QEMU could not be stopped", error=str(error))
+    if machine.process is process:
+        machine.process = None
+
+
+def arm_ttl(machine: StartingVm) -> None:
+    """The TTL's alarm (vm/ttl.py), which stops the VM when its deadline comes."""
+    if machine.expires_at is not None:
+        machine.ttl_timer = ttl.arm(
+            machine.expires_at,
+            lambda: machine.ctx.tasks.spawn(machine.stop(StopReason.TTL), name=f"ttl:{machine.id}"),
+        )
+
+
+def follow_console(machine: StartingVm, process: QemuProcess) -> None:
+    """For a re-adopted VM: QEMU's lines from before the restart, then the new ones (none from
+    a directory the daemon may not use: nothing there is read, recovery.py)."""
+    if machine.files is not None and "console" in machine.files.paths:
+        files = machine.files.console(machine.ctx.settings.service.CONSOLE_FILE_BYTES)
+        process.output.follow_console(files, machine.output.line, machine.output.history)
 
 
 async def prepare_files(machine: StartingVm, manifest: bytes) -> None:

@@ -15,9 +15,13 @@ from opentelemetry import trace
 
 from cocos_manager.config import go_duration_text
 from cocos_manager.errors import QemuStopFailedError
+from cocos_manager.events import ConsoleLog
 from cocos_manager.qemu import ExitInfo, QemuProcess, QmpClosed, QmpError
 from cocos_manager.vm import ttl
+from cocos_manager.vm.files import VmFiles
 from cocos_manager.vm.lifecycle import EXIT, PROVISION, STOP, MachineContext, StopReason, VmState
+from cocos_manager.vm.output import VmOutput
+from cocos_manager.vm.resources import Lease
 
 _tracer = trace.get_tracer("cocos_manager.machine")
 
@@ -37,6 +41,11 @@ class EndingVm(Protocol):
     forced: asyncio.Event
     operator_paused: bool
     pausing: bool
+    output: VmOutput
+    files: VmFiles | None
+    lease: Lease
+    ttl_timer: ttl.Alarm | None
+    console: ConsoleLog
 
 
 def stop_details(machine: EndingVm, reason: StopReason) -> dict[str, Any]:
@@ -62,6 +71,43 @@ def powerdown_grace(machine: EndingVm) -> float:
     if machine.halt is not None or machine.operator_paused or machine.pausing:
         return 0.0
     return machine.ctx.settings.qemu.POWERDOWN_GRACE
+
+
+def release_details(machine: EndingVm, reason: StopReason) -> dict[str, Any]:
+    """The RELEASED event's details, before what the end of QEMU adds."""
+    details: dict[str, Any] = {"reason": reason.value}
+    if machine.error is not None:
+        details["error"] = str(machine.error)
+    elif reason is StopReason.CLIENT:
+        details["error"] = "cancelled"
+    return details
+
+
+async def end_or_tell(
+    machine: EndingVm, process: QemuProcess, reason: StopReason, *, ran: bool
+) -> dict[str, Any]:
+    """end_process, or the error of a QEMU that could not be stopped: never STOPPING for
+    ever, the VM is released and the Stop told (FAILED_PRECONDITION)."""
+    try:
+        return await end_process(machine, process, reason, ran=ran)
+    except QemuStopFailedError as error:
+        machine.stop_failure = error
+        machine.log.error("QEMU could not be stopped", error=str(error))
+        return {"error": str(error)}
+
+
+def let_go(machine: EndingVm, process: QemuProcess | None) -> None:
+    """Everything the VM holds but its record and its state: console reading, files, numbers,
+    TTL timer, console (kept as an ended VM's)."""
+    machine.output.note_suppressed()
+    if process is not None:
+        process.close_console()
+    if machine.files is not None:
+        machine.files.remove()
+    machine.lease.release()
+    if machine.ttl_timer is not None:
+        machine.ttl_timer.cancel()
+    machine.ctx.consoles.close(machine.console)
 
 
 async def end_process(

@@ -1,0 +1,124 @@
+"""One QEMU process's output: its pipes to the daemon, or the file its console keeper writes
+(console_file.py), as lines to the VM's callback; the last few kept for a failed start's
+message. Owned by the QemuProcess (its `output`), which keeps to starting and stopping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from cocos_manager.qemu.console_file import ConsoleFiles, ConsoleReader
+from cocos_manager.qemu.output import LineReader
+
+LineCallback = Callable[[str, str], None]
+HistoryCallback = Callable[[str, str, int], None]
+TAIL_LINES = 20
+KEEPER_END_WAIT = 3.0  # a keeper's interpreter starting on a loaded host: 0.2 s typically
+
+
+class QemuOutput:
+    def __init__(
+        self,
+        popen: subprocess.Popen[bytes] | None,
+        on_line: LineCallback | None,
+        exited: asyncio.Future[Any],
+    ) -> None:
+        self._popen = popen
+        self._on_line = on_line
+        self._exited = exited
+        self._tail: deque[tuple[str, str]] = deque(maxlen=TAIL_LINES)
+        self._pipes: list[asyncio.Future[None]] = []
+        self._attached: set[str] = set()
+        self.console_files: ConsoleFiles | None = None  # QEMU's output kept by a keeper
+        self._console: ConsoleReader | None = None
+        self.keeper_reaped: asyncio.Future[None] | None = None  # a keeper this daemon started
+        self._on_history: HistoryCallback | None = None
+
+    async def attach(self) -> None:
+        """Connects QEMU's stdout and stderr to the line callback."""
+        assert self._popen is not None
+        if self.console_files is not None:
+            self._console = ConsoleReader(self.console_files, self._console_line, history=False)
+            return
+        loop = asyncio.get_running_loop()
+        for stream, pipe in (("stdout", self._popen.stdout), ("stderr", self._popen.stderr)):
+            if pipe is None or pipe.closed:
+                continue
+            reader = LineReader(stream, self._line)
+            self._pipes.append(reader.closed)
+            try:
+                await loop.connect_read_pipe(lambda r=reader: r, pipe)  # type: ignore[misc]
+            except BaseException:
+                pipe.close()
+                reader.connection_lost(None)
+                raise
+            self._attached.add(stream)
+
+    def close_pipes(self) -> None:
+        """Pipes never attached (a start cancelled in attach) are closed here."""
+        if self._popen is not None:
+            for stream, pipe in (("stdout", self._popen.stdout), ("stderr", self._popen.stderr)):
+                if pipe is not None and stream not in self._attached:
+                    pipe.close()
+
+    def follow_console(
+        self, files: ConsoleFiles, on_line: LineCallback, on_history: HistoryCallback
+    ) -> None:
+        """For an adopted VM: what its keeper wrote before (`on_history`), then its new lines
+        (`on_line`), as a VM started by this daemon has them."""
+        self.console_files, self._on_line, self._on_history = files, on_line, on_history
+        self._console = ConsoleReader(files, self._console_line, history=True)
+
+    async def history_read(self, timeout: float) -> None:
+        """Waits (up to `timeout`) until what the console file held at adoption is read: Logs
+        answered after that has the lines from before the restart."""
+        if self._console is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._console.caught_up), timeout)
+
+    def _console_line(self, stream: str, text: str, timestamp_ns: int, live: bool) -> None:
+        if live:
+            self._line(stream, text)
+        elif self._on_history is not None:
+            self._on_history(stream, text, timestamp_ns)
+
+    def close_console(self) -> None:
+        """Stops reading the console file (the daemon lets go of the VM, or it was released)."""
+        if self._console is not None:
+            self._console.close()
+
+    def _line(self, stream: str, text: str) -> None:
+        self._tail.append((stream, text))
+        if self._on_line is not None:
+            self._on_line(stream, text)
+
+    def tail(self, stream: str | None = None) -> list[str]:
+        return [text for s, text in self._tail if stream is None or s == stream]
+
+    async def wait(self, timeout: float = 1.0) -> None:
+        """After exit, the last lines may still be in the pipes: let them arrive. Never cancels
+        the readers (as a timed-out gather would): a process that inherited QEMU's output can
+        hold it open past any wait, and its lines still belong to the VM."""
+        if self._console is not None:
+            await self._console.drain(timeout)
+        if self.keeper_reaped is not None and self._exited.done():
+            # QEMU's output ended with it, so its keeper ends at once, or as soon as it has
+            # started (a QEMU that died within milliseconds): reaped before the release goes
+            # on, so a failed Run leaves no process behind and a daemon exiting right after no
+            # zombie of init's. Only a keeper whose pipes another process holds is not waited.
+            held = self._console is not None and not self._console.ended.done()
+            bound = timeout if held else max(timeout, KEEPER_END_WAIT)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.keeper_reaped), bound)
+        if pending := [pipe for pipe in self._pipes if not pipe.done()]:
+            await asyncio.wait(pending, timeout=timeout)
+
+    def failure_text(self) -> str:
+        """QEMU's own words, for a status message: its stderr, else whatever it printed."""
+        lines = self.tail("stderr") or self.tail()
+        return "; ".join(lines[-5:]) if lines else "(QEMU printed nothing)"
