@@ -250,3 +250,20 @@ async def test_deadline_during_run_cleans_up(
             lambda: not m.service.computations() and not children(str(m.tmp)), "the release"
         )
         assert m.service.computations() == {} and vm_files(m) == [] and children(str(m.tmp)) == []
+
+
+@pytest.mark.parametrize("rpc", ["Stop", "AttestationPolicy", "Pause", "Resume", "Get"])
+async def test_an_empty_id_is_invalid_argument_on_every_verb(manager: Manager, rpc: str) -> None:
+    """No id is the client's mistake, named, whichever verb (Stop and AttestationPolicy said
+    NOT_FOUND for "" while the newer verbs said INVALID_ARGUMENT)."""
+    request = {
+        "Stop": pb.StopRequest,
+        "AttestationPolicy": pb.AttestationPolicyRequest,
+        "Pause": pb.PauseRequest,
+        "Resume": pb.ResumeRequest,
+        "Get": pb.GetRequest,
+    }[rpc]()
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await getattr(manager.stub, rpc)(request)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "computation_id: required" in (raised.value.details() or "")

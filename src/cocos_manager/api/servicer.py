@@ -43,7 +43,7 @@ class ManagerServicer(pb_grpc.ManagerServiceServicer):
         self, request: pb.StopRequest, context: grpc.aio.ServicerContext
     ) -> pb.StopResponse:
         try:
-            await self._service.stop(request.computation_id, force=request.force)
+            await self._service.stop(_required_id(request.computation_id), force=request.force)
         except Exception as error:
             await _abort(context, error, "Stop")
             raise
@@ -72,7 +72,7 @@ class ManagerServicer(pb_grpc.ManagerServiceServicer):
         self, request: pb.AttestationPolicyRequest, context: grpc.aio.ServicerContext
     ) -> pb.AttestationPolicyResponse:
         try:
-            info = await self._service.attestation_policy(request.computation_id)
+            info = await self._service.attestation_policy(_required_id(request.computation_id))
         except Exception as error:
             await _abort(context, error, "AttestationPolicy")
             raise
