@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import pwd
 import re
@@ -38,7 +39,6 @@ from tests.e2e.test_real_vm import (
     EventWatch,
     booted,
     daemon_env,
-    free_port,
     guest_images,
     manager_event,
 )
@@ -54,6 +54,7 @@ pytestmark = pytest.mark.timeout(600)
 USER = "cocos-test-sudo" + os.environ.get("PYTEST_XDIST_WORKER", "").removeprefix("gw")
 EXE = str(Path(sys.executable).with_name("cocos-manager"))
 CAP_DAC_READ_SEARCH = 1 << 2
+START_GUARD = 120.0
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ class UserDaemon:
 
     account: Account
     root: Path
-    port: int = field(default_factory=free_port)
+    port: int = 0  # the daemon picks it (MANAGER_GRPC_PORT=0) and says which at each start
     process: subprocess.Popen[bytes] | None = None
     channel: grpc.aio.Channel | None = None
     starts: int = 0
@@ -166,7 +167,10 @@ class UserDaemon:
             self.root,
             {
                 "MANAGER_GRPC_HOST": "127.0.0.1",
-                "MANAGER_GRPC_PORT": str(self.port),
+                # Its own pick: a port chosen here and let go was sometimes taken by another
+                # test's VM (host ports are the kernel's picks too) before the daemon bound it,
+                # and the daemon refused to start ("daemon exited at start").
+                "MANAGER_GRPC_PORT": "0",
                 "MANAGER_QEMU_USE_SUDO": "true",
                 "MANAGER_QEMU_DISK_IMG_KERNEL_FILE": str(self.root / "guest" / "bzImage"),
                 "MANAGER_QEMU_DISK_IMG_ROOTFS_FILE": str(self.root / "guest" / "rootfs.cpio.gz"),
@@ -208,6 +212,7 @@ class UserDaemon:
         self.starts += 1
         log = self.root / "daemon.log"
         with open(log, "ab") as out:
+            earlier = out.tell()  # a restart's log follows the earlier runs' lines
             self.process = subprocess.Popen(  # noqa: ASYNC220
                 self.as_user(EXE),
                 env=self.env(),
@@ -216,9 +221,12 @@ class UserDaemon:
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
+        # A hang guard only: a daemon importing its modules as another user on a host loaded
+        # by parallel tests (and their VMs) took over 30 s to say its first line.
+        deadline = time.monotonic() + START_GUARD
+        self.port = await self.listening_port(earlier, deadline)
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.port}")
         health = health_pb2_grpc.HealthStub(self.channel)
-        deadline = time.monotonic() + 30
         while True:
             if self.process.poll() is not None:
                 raise AssertionError(f"daemon exited at start:\n{self.log_tail()}")
@@ -231,6 +239,22 @@ class UserDaemon:
         fields = proc_status(self.process.pid)
         assert fields["Uid"].split()[:2] == [str(self.account.uid)] * 2
         assert int(fields["CapEff"], 16) == CAP_DAC_READ_SEARCH  # no CAP_KILL, nothing else
+
+    async def listening_port(self, offset: int, deadline: float) -> int:
+        """The port of the daemon's start-up line ("... listening at", its `grpc` field)."""
+        assert self.process is not None
+        while True:
+            with open(self.root / "daemon.log", "rb") as log:
+                log.seek(offset)
+                for line in log.read().splitlines():
+                    with contextlib.suppress(ValueError):
+                        entry = json.loads(line)
+                        if isinstance(entry, dict) and (address := entry.get("grpc")):
+                            return int(address.rpartition(":")[2])
+            if self.process.poll() is not None:
+                raise AssertionError(f"daemon exited at start:\n{self.log_tail()}")
+            assert time.monotonic() < deadline, f"no start-up line\n{self.log_tail()}"
+            await asyncio.sleep(0.05)
 
     def log_tail(self) -> str:
         with contextlib.suppress(OSError):
@@ -256,14 +280,17 @@ class UserDaemon:
 
     def vm_processes(self) -> dict[str, list[int]]:
         """sudo and QEMU processes of this daemon's VMs (their command lines name vms/; not
-        the console keepers: `keepers()`)."""
+        the console keepers: `keepers()`), each told apart by its own command line. The
+        keepers used to be listed first, in a scan of their own: one started between the two
+        scans was taken for QEMU, and a test then took sudo for alone while its child had
+        not exec'd QEMU yet (two "sudo"), or killed sudo before QEMU ever ran."""
         found: dict[str, list[int]] = {"sudo": [], "qemu": []}
-        keepers = self.keepers()
         for pid in processes_mentioning(str(self.vms)):
             with contextlib.suppress(OSError):
+                if b"console_keeper" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    continue
                 name = Path(f"/proc/{pid}/comm").read_text().strip()
-                if pid not in keepers:
-                    found["sudo" if name == "sudo" else "qemu"].append(pid)
+                found["sudo" if name == "sudo" else "qemu"].append(pid)
         return found
 
     def keepers(self) -> list[int]:
