@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import pwd
@@ -44,7 +45,7 @@ from tests.e2e.test_real_vm import (
 )
 from tests.support.daemon_process import clean_environ
 from tests.support.harness import FAKE_QEMU, run_request
-from tests.support.processes import processes_mentioning
+from tests.support.processes import gone_within, processes_mentioning
 from tests.support.waiting import subscribed, unavailable, wait_for
 
 pytestmark = pytest.mark.timeout(600)
@@ -393,6 +394,53 @@ async def test_a_qemu_that_a_sudo_ended_at_start_left_running_is_ended(
             assert "QEMU outlived sudo" in (workdir / "daemon.log").read_text()
             listed = await daemon.stub.List(pb.ListRequest())
             assert list(listed.computations) == []
+
+
+async def test_a_qemu_spawned_through_sudo_as_the_daemon_died_is_ended_by_the_next_start(
+    account: Account, workdir: Path
+) -> None:
+    """The daemon killed while sudo was starting QEMU: its record names the command line and
+    no PID yet (tests/qemu/test_spawn_crash.py). The next start finds sudo and root's QEMU by
+    that command line; SIGKILLing both, as it did, killed sudo only (root's QEMU refuses the
+    daemon's signals, and a killed sudo relays nothing), and QEMU ran on, untracked. Here
+    another daemon shares MANAGER_QEMU_TMP_FILE_LOC, so no sweep of lost records steps in:
+    the record's own clean-up must end it, through sudo as a Stop does."""
+    fake = str(FAKE_QEMU)
+    rule = (
+        f"{account.name} ALL=(root) NOPASSWD: {fake}, {account.kill}\n"
+        f"Defaults!{fake} closefrom_override\n"
+        f'Defaults!{fake} env_keep += "FAKE_QEMU_MODE"\n'
+    )
+    env = {
+        "MANAGER_QEMU_BIN_PATH": fake,
+        "MANAGER_QEMU_PASS_ENV": "FAKE_QEMU_MODE",
+        "FAKE_QEMU_MODE": "no-qmp",  # still starting when the daemon dies
+        "MANAGER_QEMU_START_TIMEOUT": "60s",
+    }
+    with sudoers(rule):
+        async with user_daemon(account, workdir, env) as daemon:
+            run = asyncio.ensure_future(daemon.stub.Run(run_request("spawning"), timeout=90))
+            await wait_for(lambda: daemon.vm_processes()["qemu"], "the stand-in QEMU under sudo")
+            [qemu] = daemon.vm_processes()["qemu"]
+            await daemon.kill()  # closing its channel ends the call
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
+                await run
+            # The record as it was while sudo was being spawned: the command line, no PID.
+            for path in (workdir / "state").glob("vm-*.json"):
+                record = json.loads(path.read_text())
+                record.update(state="admitted", pid=0, start_time=0, cmdline=[])
+                path.write_text(json.dumps(record))
+            # Another daemon on the same MANAGER_QEMU_TMP_FILE_LOC (it holds it shared).
+            held = os.open(daemon.vms, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                fcntl.flock(held, fcntl.LOCK_SH)
+                await daemon.start()
+                tracked = await daemon.stub.List(pb.ListRequest())
+                assert list(tracked.computations) == []
+                assert gone_within(qemu, 30), f"root's QEMU {qemu} runs on, untracked"
+                assert daemon.vm_processes() == {"sudo": [], "qemu": []}
+            finally:
+                os.close(held)
 
 
 async def test_run_stop_exit_readopt_shutdown(account: Account, workdir: Path) -> None:
