@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -425,6 +425,13 @@ async def test_the_daemon_refuses_half_a_client_tls_configuration_at_start(
 # -- the daemon as a process: health and restart survival -----------------------------------
 
 
+def shutdown_notice_of(status: str) -> Callable[[Message], bool]:
+    return lambda m: (
+        m.get("agent_event", {}).get("event_type") == "manager-shutdown"
+        and m["agent_event"].get("status") == status
+    )
+
+
 async def test_computations_from_the_stream_survive_a_daemon_restart(tmp_path: Path) -> None:
     async with computations_server(tmp_path) as server:
         daemon = Daemon(
@@ -455,27 +462,24 @@ async def test_computations_from_the_stream_survive_a_daemon_restart(tmp_path: P
                 event_for("survivor", "vm-stop", "complete"), WAIT, "vm-stop", lines_before
             )
             # The control plane hears the daemon go, as Events subscribers do (a seed-era
-            # server takes the notice's empty computation id). Once the stream counts as
-            # connected: a shutdown sends what is buffered only on a connected stream.
+            # server takes the notice's empty computation id). Once the stream is up again: a
+            # shutdown while the dial-out is still dialling has no stream to send on.
             await wait_for(
                 lambda: daemon.log.read_text().count('"dial-out connected"') >= 2,
                 "the dial-out to reconnect",
                 WAIT,
             )
             assert await daemon.terminate() == 0
-            # The shutdown's first notice goes up the stream. Its last one ("complete", after
-            # the VMs stopped) may still be lost: the dial-out's flush at close can cancel a
-            # write in flight (known, docs/decisions.md "Shutdown and the streams").
-            notice = await server.wait_for(
-                lambda m: (
-                    m.get("agent_event", {}).get("event_type") == "manager-shutdown"
-                    and m["agent_event"].get("status") == "starting"
-                ),
-                WAIT,
-                "manager-shutdown",
-                lines_before,
+            # The shutdown's first notice and its last one, after the VMs stopped: the dial-out
+            # ends the stream only once the server has read everything before its end.
+            starting = await server.wait_for(
+                shutdown_notice_of("starting"), WAIT, "manager-shutdown starting", lines_before
             )
-            assert details(notice)["stops_vms"] is True
+            assert details(starting)["stops_vms"] is True
+            complete = await server.wait_for(
+                shutdown_notice_of("complete"), WAIT, "manager-shutdown complete", lines_before
+            )
+            assert details(complete) == {"left_running": []}
         finally:
             if daemon.process is not None and daemon.process.poll() is None:
                 assert await daemon.terminate() == 0

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import json
 import os
 import pwd
 import re
@@ -38,13 +40,12 @@ from tests.e2e.test_real_vm import (
     EventWatch,
     booted,
     daemon_env,
-    free_port,
     guest_images,
     manager_event,
 )
 from tests.support.daemon_process import clean_environ
 from tests.support.harness import FAKE_QEMU, run_request
-from tests.support.processes import processes_mentioning
+from tests.support.processes import gone_within, processes_mentioning
 from tests.support.waiting import subscribed, unavailable, wait_for
 
 pytestmark = pytest.mark.timeout(600)
@@ -54,6 +55,7 @@ pytestmark = pytest.mark.timeout(600)
 USER = "cocos-test-sudo" + os.environ.get("PYTEST_XDIST_WORKER", "").removeprefix("gw")
 EXE = str(Path(sys.executable).with_name("cocos-manager"))
 CAP_DAC_READ_SEARCH = 1 << 2
+START_GUARD = 120.0
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,7 @@ class UserDaemon:
 
     account: Account
     root: Path
-    port: int = field(default_factory=free_port)
+    port: int = 0  # the daemon picks it (MANAGER_GRPC_PORT=0) and says which at each start
     process: subprocess.Popen[bytes] | None = None
     channel: grpc.aio.Channel | None = None
     starts: int = 0
@@ -166,7 +168,10 @@ class UserDaemon:
             self.root,
             {
                 "MANAGER_GRPC_HOST": "127.0.0.1",
-                "MANAGER_GRPC_PORT": str(self.port),
+                # Its own pick: a port chosen here and let go was sometimes taken by another
+                # test's VM (host ports are the kernel's picks too) before the daemon bound it,
+                # and the daemon refused to start ("daemon exited at start").
+                "MANAGER_GRPC_PORT": "0",
                 "MANAGER_QEMU_USE_SUDO": "true",
                 "MANAGER_QEMU_DISK_IMG_KERNEL_FILE": str(self.root / "guest" / "bzImage"),
                 "MANAGER_QEMU_DISK_IMG_ROOTFS_FILE": str(self.root / "guest" / "rootfs.cpio.gz"),
@@ -208,6 +213,7 @@ class UserDaemon:
         self.starts += 1
         log = self.root / "daemon.log"
         with open(log, "ab") as out:
+            earlier = out.tell()  # a restart's log follows the earlier runs' lines
             self.process = subprocess.Popen(  # noqa: ASYNC220
                 self.as_user(EXE),
                 env=self.env(),
@@ -216,9 +222,12 @@ class UserDaemon:
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
+        # A hang guard only: a daemon importing its modules as another user on a host loaded
+        # by parallel tests (and their VMs) took over 30 s to say its first line.
+        deadline = time.monotonic() + START_GUARD
+        self.port = await self.listening_port(earlier, deadline)
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.port}")
         health = health_pb2_grpc.HealthStub(self.channel)
-        deadline = time.monotonic() + 30
         while True:
             if self.process.poll() is not None:
                 raise AssertionError(f"daemon exited at start:\n{self.log_tail()}")
@@ -231,6 +240,22 @@ class UserDaemon:
         fields = proc_status(self.process.pid)
         assert fields["Uid"].split()[:2] == [str(self.account.uid)] * 2
         assert int(fields["CapEff"], 16) == CAP_DAC_READ_SEARCH  # no CAP_KILL, nothing else
+
+    async def listening_port(self, offset: int, deadline: float) -> int:
+        """The port of the daemon's start-up line ("... listening at", its `grpc` field)."""
+        assert self.process is not None
+        while True:
+            with open(self.root / "daemon.log", "rb") as log:
+                log.seek(offset)
+                for line in log.read().splitlines():
+                    with contextlib.suppress(ValueError):
+                        entry = json.loads(line)
+                        if isinstance(entry, dict) and (address := entry.get("grpc")):
+                            return int(address.rpartition(":")[2])
+            if self.process.poll() is not None:
+                raise AssertionError(f"daemon exited at start:\n{self.log_tail()}")
+            assert time.monotonic() < deadline, f"no start-up line\n{self.log_tail()}"
+            await asyncio.sleep(0.05)
 
     def log_tail(self) -> str:
         with contextlib.suppress(OSError):
@@ -256,14 +281,17 @@ class UserDaemon:
 
     def vm_processes(self) -> dict[str, list[int]]:
         """sudo and QEMU processes of this daemon's VMs (their command lines name vms/; not
-        the console keepers: `keepers()`)."""
+        the console keepers: `keepers()`), each told apart by its own command line. The
+        keepers used to be listed first, in a scan of their own: one started between the two
+        scans was taken for QEMU, and a test then took sudo for alone while its child had
+        not exec'd QEMU yet (two "sudo"), or killed sudo before QEMU ever ran."""
         found: dict[str, list[int]] = {"sudo": [], "qemu": []}
-        keepers = self.keepers()
         for pid in processes_mentioning(str(self.vms)):
             with contextlib.suppress(OSError):
+                if b"console_keeper" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    continue
                 name = Path(f"/proc/{pid}/comm").read_text().strip()
-                if pid not in keepers:
-                    found["sudo" if name == "sudo" else "qemu"].append(pid)
+                found["sudo" if name == "sudo" else "qemu"].append(pid)
         return found
 
     def keepers(self) -> list[int]:
@@ -366,6 +394,53 @@ async def test_a_qemu_that_a_sudo_ended_at_start_left_running_is_ended(
             assert "QEMU outlived sudo" in (workdir / "daemon.log").read_text()
             listed = await daemon.stub.List(pb.ListRequest())
             assert list(listed.computations) == []
+
+
+async def test_a_qemu_spawned_through_sudo_as_the_daemon_died_is_ended_by_the_next_start(
+    account: Account, workdir: Path
+) -> None:
+    """The daemon killed while sudo was starting QEMU: its record names the command line and
+    no PID yet (tests/qemu/test_spawn_crash.py). The next start finds sudo and root's QEMU by
+    that command line; SIGKILLing both, as it did, killed sudo only (root's QEMU refuses the
+    daemon's signals, and a killed sudo relays nothing), and QEMU ran on, untracked. Here
+    another daemon shares MANAGER_QEMU_TMP_FILE_LOC, so no sweep of lost records steps in:
+    the record's own clean-up must end it, through sudo as a Stop does."""
+    fake = str(FAKE_QEMU)
+    rule = (
+        f"{account.name} ALL=(root) NOPASSWD: {fake}, {account.kill}\n"
+        f"Defaults!{fake} closefrom_override\n"
+        f'Defaults!{fake} env_keep += "FAKE_QEMU_MODE"\n'
+    )
+    env = {
+        "MANAGER_QEMU_BIN_PATH": fake,
+        "MANAGER_QEMU_PASS_ENV": "FAKE_QEMU_MODE",
+        "FAKE_QEMU_MODE": "no-qmp",  # still starting when the daemon dies
+        "MANAGER_QEMU_START_TIMEOUT": "60s",
+    }
+    with sudoers(rule):
+        async with user_daemon(account, workdir, env) as daemon:
+            run = asyncio.ensure_future(daemon.stub.Run(run_request("spawning"), timeout=90))
+            await wait_for(lambda: daemon.vm_processes()["qemu"], "the stand-in QEMU under sudo")
+            [qemu] = daemon.vm_processes()["qemu"]
+            await daemon.kill()  # closing its channel ends the call
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
+                await run
+            # The record as it was while sudo was being spawned: the command line, no PID.
+            for path in (workdir / "state").glob("vm-*.json"):
+                record = json.loads(path.read_text())
+                record.update(state="admitted", pid=0, start_time=0, cmdline=[])
+                path.write_text(json.dumps(record))
+            # Another daemon on the same MANAGER_QEMU_TMP_FILE_LOC (it holds it shared).
+            held = os.open(daemon.vms, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                fcntl.flock(held, fcntl.LOCK_SH)
+                await daemon.start()
+                tracked = await daemon.stub.List(pb.ListRequest())
+                assert list(tracked.computations) == []
+                assert gone_within(qemu, 30), f"root's QEMU {qemu} runs on, untracked"
+                assert daemon.vm_processes() == {"sudo": [], "qemu": []}
+            finally:
+                os.close(held)
 
 
 async def test_run_stop_exit_readopt_shutdown(account: Account, workdir: Path) -> None:

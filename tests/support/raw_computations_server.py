@@ -24,11 +24,13 @@ PROCESS_METHOD = "/manager.ManagerService/Process"
 
 class RawComputationsServer:
     """`push` bytes to the stream connected last (or the next one); `received` holds what the
-    Manager sent, decoded. `reading=False`: the server never reads, and HTTP/2 flow control
-    holds the Manager's writes back."""
+    Manager sent, decoded. `reading=False`: the server reads nothing until `read_again()`,
+    and HTTP/2 flow control holds the Manager's writes back."""
 
     def __init__(self, *, reading: bool = True) -> None:
-        self.reading = reading
+        self._reading = asyncio.Event()
+        if reading:
+            self._reading.set()
         self.port = 0
         self.connections = 0
         self.sent = 0  # messages the server's gRPC took (flow control let through)
@@ -87,13 +89,16 @@ class RawComputationsServer:
             self._changed.set()
 
     async def _read(self, requests: AsyncIterator[bytes], outgoing: asyncio.Queue[Any]) -> None:
-        if not self.reading:
-            await asyncio.Event().wait()  # never: flow control holds the Manager back
+        await self._reading.wait()  # meanwhile flow control holds the Manager back
         with contextlib.suppress(Exception):
             async for raw in requests:
                 self.received.append(pb.ClientStreamMessage.FromString(raw))
                 self._changed.set()
         outgoing.put_nowait(None)  # the Manager half-closed: end our side too
+
+    def read_again(self) -> None:
+        """A server created with `reading=False` reads its streams from now on."""
+        self._reading.set()
 
     async def wait_for(
         self, condition: Callable[[], object], what: str, timeout: float = 20.0

@@ -139,6 +139,7 @@ class DialOut:
         self._runner: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()
         self._call: Any = None
+        self._streaming = False  # a session's call is up (connected or not yet SETTLEd)
         self._untap = service.bus.tap(self._on_bus_message)
         metrics.register_dialout()
         self._registered = True
@@ -166,21 +167,23 @@ class DialOut:
         self._set_connected(False, f"the dial-out stopped: {error!r}")
 
     async def close(self) -> None:
-        """Waits for requests in flight, sends what is buffered (while connected, for at most
-        SHUTDOWN_FLUSH), half-closes the stream and closes the channel. Never raises: the
-        daemon's shutdown goes on whatever happened to the stream."""
+        """Waits for requests in flight, then sends what is buffered and ends the stream: the
+        writer half-closes it after the last message, and the session ends when the server
+        ends its side, having read them all (for at most SHUTDOWN_FLUSH; at once when no
+        stream is up). Then closes the channel. Never raises: the daemon's shutdown goes on
+        whatever happened to the stream."""
         try:
-            await self._flush()
+            await self._requests.settle(SHUTDOWN_FLUSH)
         except Exception:
-            _log.exception("dial-out: flushing at shutdown failed")
-        self._closing.set()
-        if self.connected and self._call is not None:  # the server sees the stream end cleanly
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._call.done_writing(), 1)
-        self._untap()
+            _log.exception("dial-out: requests in flight at shutdown failed")
+        self._buffer.finish()
+        self._closing.set()  # no session after this one
         if self._runner is not None:
+            if self._streaming:
+                await asyncio.wait({self._runner}, timeout=SHUTDOWN_FLUSH)
             self._runner.cancel()
             await asyncio.gather(self._runner, return_exceptions=True)  # _runner_ended said it
+        self._untap()
         self._complaints.flush()
         self._set_connected(False, "closed")
         if self._registered:  # no dial-out any more: its series go with it
@@ -189,16 +192,6 @@ class DialOut:
         if self._health is not None:
             with contextlib.suppress(Exception):
                 await self._health.set(HEALTH_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
-
-    async def _flush(self) -> None:
-        await self._requests.settle(SHUTDOWN_FLUSH)
-        if self.connected and self._buffer:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._drained(), SHUTDOWN_FLUSH)
-
-    async def _drained(self) -> None:
-        while self._buffer and self.connected:  # noqa: ASYNC110 (the writer signals nothing)
-            await asyncio.sleep(0.01)
 
     # -- the outgoing buffer -----------------------------------------------------------------
 
@@ -264,6 +257,7 @@ class DialOut:
             except grpc.aio.AioRpcError as error:
                 await self._note_rejected_certificate(error)
                 return _describe(error)
+            self._streaming = True
             reader = asyncio.ensure_future(self._read(call))
             writer = asyncio.ensure_future(self._write(call))
             # The reader may be waiting for room, not reading: the call's own end still shows.
@@ -281,7 +275,7 @@ class DialOut:
                 await asyncio.gather(*tasks, return_exceptions=True)
                 call.cancel()
         finally:
-            self._call = None
+            self._call, self._streaming = None, False
             with contextlib.suppress(Exception):
                 await channel.close(grace=None)
 
@@ -301,6 +295,8 @@ class DialOut:
         timeout = self.config.timeout
         while True:
             message = await self._buffer.next()
+            if message is None:  # shutting down, and everything was sent
+                return await _half_close(call)
             # Not wait_for: a write held by flow control does not end when cancelled, and
             # wait_for would wait for it. The session's end cancels the call, which ends it.
             write = asyncio.ensure_future(call.write(message))
@@ -361,6 +357,18 @@ def _retrieve(future: asyncio.Future[None]) -> None:
     """Marks an abandoned write's outcome as seen: it ended with its stream."""
     if not future.cancelled():
         future.exception()
+
+
+async def _half_close(call: Any) -> str:
+    """The end of the stream after the last message. A write done only says that gRPC took
+    the message; the server's side may still hold it unread, and a call cancelled then loses
+    it. A server ends its side once it has read everything up to the half-close, so the
+    session ends then (close() bounds the wait)."""
+    try:
+        await call.done_writing()
+    except Exception as error:  # the call ended meanwhile
+        return f"half-close failed: {error!r}"
+    return await _ended(call)
 
 
 async def _ended(call: Any) -> str:

@@ -35,6 +35,7 @@ class OutgoingBuffer:
         self.open_requests = 0  # read, not answered yet: each holds a place for its answer
         self._queued = asyncio.Event()
         self._room = asyncio.Event()  # set when a place or a request slot is freed
+        self.finishing = False
         self.dropped = 0  # in the current overflow burst
         self.dropped_total = 0
         metrics.dialout_buffered.set(0)
@@ -95,12 +96,21 @@ class OutgoingBuffer:
             self._room.clear()
             await self._room.wait()
 
-    async def next(self) -> pb.ClientStreamMessage:
-        """The oldest message, left in place until `sent` (a failed write sends it again)."""
+    async def next(self) -> pb.ClientStreamMessage | None:
+        """The oldest message, left in place until `sent` (a failed write sends it again);
+        None once `finish` was called and nothing is left."""
         while not self._messages:
+            if self.finishing:
+                return None
             self._queued.clear()
             await self._queued.wait()
         return self._messages[0]
+
+    def finish(self) -> None:
+        """At shutdown: the writer, once it has sent the last message, is told so by `next`
+        rather than waiting for more, and ends the stream (dialout.py)."""
+        self.finishing = True
+        self._queued.set()
 
     def sent(self, message: pb.ClientStreamMessage) -> None:
         if self._messages and self._messages[0] is message:

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from cocos_manager.errors import FailedPreconditionError, QemuStopFailedError
 from cocos_manager.host import VmRecord, current_boot_id, live_processes, process_identity
@@ -144,68 +144,53 @@ def _leave_running(ctx: MachineContext, record: VmRecord, cmdline: Sequence[str]
     )
 
 
-def _kill_unrecorded(record: VmRecord) -> dict[int, int]:
+def _unrecorded(record: VmRecord) -> list[tuple[int, int, list[str]]]:
     """A daemon killed while QEMU was being spawned left a record with the command line but no
-    pid: the QEMU (or the sudo or wrapper running it) is found by that command line, which
-    names the VM's UUID, and killed, as any VM still starting is. The pidfd is opened first
-    and the command line checked again with it held, so a recycled pid is never hit. Returns
-    pid -> pidfd of those signalled, for _wait_gone."""
-    killed = {}
-    for pid, _, cmdline in live_processes():
-        if not started_as_recorded(record, cmdline):
-            continue
+    pid: (pid, start time, command line) of the processes running that command line, which
+    names the VM's UUID (QEMU, or the wrapper or sudo running it). Behind sudo, sudo alone:
+    its QEMU is root's, out of reach of the daemon's signals, and is ended through it, as
+    QemuProcess ends any VM behind sudo. Reads /proc: off the loop."""
+    found = [
+        (pid, start_time, cmdline)
+        for pid, start_time, cmdline in live_processes()
+        if started_as_recorded(record, cmdline)
+    ]
+    if any(os.path.basename(cmdline[0]) == "sudo" for _, _, cmdline in found):
+        found = [entry for entry in found if os.path.basename(entry[2][0]) == "sudo"]
+    return found
+
+
+async def _end_unrecorded(record: VmRecord, log: Any) -> None:
+    """Ends the QEMU of a record that names no pid, as a VM still starting is ended (kill_now,
+    terminate): SIGKILL where the daemon may signal it; behind sudo, the SIGTERM sudo relays,
+    then `sudo -n kill`. A SIGKILL to sudo as well, as before, ended sudo alone (it relays
+    nothing) and root's QEMU ran on, untracked. Returns once each has ended, so its files are
+    removed and its numbers reused only then (a SIGKILL takes effect when the process next
+    runs, later on a loaded host); one that cannot be ended is named in an error line."""
+    found = await asyncio.to_thread(_unrecorded, record)
+    ended = []
+    for pid, start_time, cmdline in found:
         try:
-            pidfd = os.pidfd_open(pid)
-        except OSError:
+            # adopt() re-checks the start time and command line with the pidfd held: a pid
+            # reused meanwhile is never signalled.
+            process = QemuProcess.adopt(pid, cmdline, start_time, cmdline)
+        except ProcessLookupError:
             continue
+        process.kill_now()
         try:
-            again = process_identity(pid)
-            if again is not None and started_as_recorded(record, again[1]):
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-                killed[pid], pidfd = pidfd, -1
-        except OSError:
-            pass
-        finally:
-            if pidfd >= 0:
-                os.close(pidfd)
-    return killed
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
-async def _wait_gone(pidfds: dict[int, int], timeout: float = 5.0) -> list[int]:
-    """Until each signalled process has ended (its pidfd readable), at most `timeout`: the
-    VM's files are removed and its numbers reused only once its QEMU is gone (a SIGKILL is
-    delivered when the process next runs, later on a loaded host). Returns those still
-    alive; closes the pidfds."""
-    loop = asyncio.get_running_loop()
-    waits = []
-    for pidfd in pidfds.values():
-        ended: asyncio.Future[None] = loop.create_future()
-        loop.add_reader(pidfd, _resolve, ended)
-        waits.append(ended)
-    try:
-        await asyncio.wait(waits, timeout=timeout)
-    finally:
-        for pidfd in pidfds.values():
-            loop.remove_reader(pidfd)
-            os.close(pidfd)
-    return [pid for pid, ended in zip(pidfds, waits, strict=True) if not ended.done()]
+            await process.terminate(0)
+        except QemuStopFailedError as error:
+            log.error("QEMU spawned as the daemon died could not be ended", error=str(error))
+            continue
+        ended.append(pid)
+    if ended:
+        log.warning("QEMU spawned as the daemon died, found by its command line: ended", pids=ended)
 
 
 async def _recover_one(ctx: MachineContext, record: VmRecord, *, taken: bool) -> Machine | None:
     log = _log.bind(computation_id=record.computation_id, pid=record.pid)
-    spawning = not record.pid and record.argv and record.boot_id == current_boot_id()
-    if spawning and (killed := _kill_unrecorded(record)):
-        alive = await _wait_gone(killed)
-        log.warning(
-            "QEMU spawned as the daemon died, found by its command line: killed",
-            pids=list(killed),
-            **({"still_alive": alive} if alive else {}),
-        )
+    if not record.pid and record.argv and record.boot_id == current_boot_id():
+        await _end_unrecorded(record, log)
     # A VM kept paused for inspection (MANAGER_QEMU_ON_GUEST_HALT=keep) is kept across a
     # restart too: its Run had answered, as a running one's.
     paused = record.state == VmState.PAUSED.value
