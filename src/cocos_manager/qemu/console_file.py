@@ -295,6 +295,11 @@ class ConsoleReader:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(self.ended), timeout)
 
+    def poke(self) -> None:
+        """Reads now: the keeper has ended, so its last record is in the file (a drain would
+        otherwise find it at its next poll, up to DRAIN_INTERVAL later)."""
+        self._poke.set()
+
     def close(self) -> None:
         if not self._task.done():
             self._task.cancel()
