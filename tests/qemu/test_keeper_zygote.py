@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from cocos_manager.qemu import console_file, console_keeper
+from cocos_manager.qemu import console_file, console_keeper, keeper_zygote
 from cocos_manager.qemu.console_file import ConsoleFiles, fresh_file
 from cocos_manager.qemu.keeper_zygote import Keeper, KeeperZygote
+from tests.support.processes import gone_within
 
 BOUND = 256 * 1024
 
@@ -109,3 +110,34 @@ def test_without_a_zygote_the_keeper_is_started_directly(
     keeper = console_file._start_keeper(pipes.files, *pipes.handed())
     assert keeper.popen is not None  # the daemon's own child, as before the zygote
     assert pipes.finish(keeper, b"direct\n") == [b"V 1", b"O direct", b"E qemu: done", b"X "]
+
+
+def test_a_stuck_zygote_is_ended_and_the_keeper_started_directly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A zygote that stops answering (here SIGSTOPped) is SIGKILLed after the answer's
+    timeout; nothing was forked, so the caller starts the keeper, and the next keeper gets a
+    new zygote."""
+    monkeypatch.setattr(keeper_zygote, "ANSWER_TIMEOUT", 0.5)
+    zygote = KeeperZygote(console_keeper.__file__)
+    try:
+        first = Pipes(ConsoleFiles(tmp_path / "console-1.log", BOUND))
+        kept = zygote.start(str(first.files.path), BOUND, first.handed())
+        first.close_ours()
+        assert kept is not None
+        stuck = parent_of(kept.pid)
+        os.kill(stuck, signal.SIGSTOP)
+        second = Pipes(ConsoleFiles(tmp_path / "console-2.log", BOUND))
+        assert zygote.start(str(second.files.path), BOUND, second.handed()) is None
+        assert gone_within(stuck, 10), "the stuck zygote was left"
+        third = Pipes(ConsoleFiles(tmp_path / "console-3.log", BOUND))
+        again = zygote.start(str(third.files.path), BOUND, third.handed())
+        third.close_ours()
+        assert again is not None and parent_of(again.pid) != stuck
+        assert first.finish(kept, b"one\n")[1] == b"O one"
+        assert third.finish(again, b"three\n")[1] == b"O three"
+        second.close_ours()
+        os.close(second.out_w)
+        os.close(second.err_w)
+    finally:
+        zygote.close()
