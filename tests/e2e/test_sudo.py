@@ -45,7 +45,7 @@ from tests.e2e.test_real_vm import (
 )
 from tests.support.daemon_process import clean_environ
 from tests.support.harness import FAKE_QEMU, run_request
-from tests.support.processes import gone_within, processes_mentioning
+from tests.support.processes import console_keepers, gone_within, processes_mentioning
 from tests.support.waiting import subscribed, unavailable, wait_for
 
 pytestmark = pytest.mark.timeout(600)
@@ -296,12 +296,7 @@ class UserDaemon:
 
     def keepers(self) -> list[int]:
         """The VMs' console keepers (the daemon user's, holding root QEMU's output)."""
-        found = []
-        for pid in processes_mentioning(str(self.vms)):
-            with contextlib.suppress(OSError):
-                if b"console_keeper" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    found.append(pid)
-        return found
+        return console_keepers(str(self.vms))
 
 
 @contextlib.asynccontextmanager

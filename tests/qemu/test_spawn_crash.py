@@ -7,7 +7,7 @@ and the QEMU runs on untracked, holding its port, CID and VNC display. The on-di
 that instant is reproduced by snapshotting the records while the spawn is held in the thread
 and putting the snapshot back before the restart.
 
-QEMU's console keeper (qemu/console_keeper.py) names the VM's folder too: it ends on its own
+QEMU's console keeper (qemu/console_keeper.py) holds a file in the VM's folder: it ends on its own
 once its QEMU is gone and the pipes run dry, which on a loaded host can be after the restart
 has finished. It is no QEMU, and the check tells the two apart: it used to count a keeper
 still on its way out as "QEMU runs untracked" (now and then under load). The keeper is held
@@ -29,16 +29,13 @@ import pytest
 from cocos_manager.qemu import process as qemu_process
 from tests.support.harness import run_request, running_manager
 from tests.support.processes import (
+    console_keepers,
     gone_within,
     is_console_keeper,
     kill_and_reap,
     processes_mentioning,
 )
 from tests.support.waiting import wait_for
-
-
-def keepers(vms: str) -> list[int]:
-    return [pid for pid in processes_mentioning(vms) if is_console_keeper(pid)]
 
 
 def records_on_disk(state: Path) -> dict[str, bytes]:
@@ -82,8 +79,8 @@ async def test_a_qemu_spawned_as_the_daemon_died_is_found_by_the_next_start(
             await run
             monkeypatch.setattr(qemu_process, "spawn", real_spawn)
         assert processes_mentioning(vms), "SHUTDOWN_STOPS_VMS=false left the VM running"
-        await wait_for(lambda: keepers(vms), "QEMU's console keeper")
-        [keeper] = keepers(vms)
+        await wait_for(lambda: console_keepers(vms), "QEMU's console keeper")
+        [keeper] = console_keepers(vms)
         os.kill(keeper, signal.SIGSTOP)  # slow to notice its QEMU's end, as under load
         for path in state.glob("vm-*.json"):
             path.unlink()

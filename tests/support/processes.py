@@ -94,8 +94,25 @@ def gone_within(pid: int, seconds: float, *, kill: bool = False) -> bool:
         os.close(pidfd)
 
 
+def console_keepers(folder: str) -> list[int]:
+    """The live console keepers of VMs in `folder`: started alone, a keeper names its file
+    there; forked by the keeper zygote, it has the zygote's command line and holds its file
+    open."""
+    found = []
+    for pid in processes_mentioning("console_keeper.py"):
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "keeper-zygote":
+                continue
+            if folder in Path(f"/proc/{pid}/cmdline").read_text(errors="replace") or any(
+                os.readlink(f"/proc/{pid}/fd/{fd}").startswith(folder)
+                for fd in os.listdir(f"/proc/{pid}/fd")
+            ):
+                found.append(pid)
+    return found
+
+
 def is_console_keeper(pid: int) -> bool:
-    """A VM's console keeper (it names the VM folder, as its QEMU does)."""
+    """A VM's console keeper, or the zygote that forks them."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
             return b"console_keeper" in cmdline.read()

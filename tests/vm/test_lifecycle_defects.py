@@ -46,7 +46,7 @@ from tests.support.harness import (
     running_manager,
     vnc_display,
 )
-from tests.support.processes import gone_within, processes_mentioning
+from tests.support.processes import console_keepers, gone_within, processes_mentioning
 
 HELPER_MARKER = "fake-qemu-output-helper"
 
@@ -90,7 +90,7 @@ def qemu_pids(vms: Path) -> list[int]:
 async def kill_helpers(vms: Path) -> None:
     """The output helpers outlive their QEMU on purpose (FAKE_QEMU_MODE=output-helper)."""
     helpers = [pid for pid in processes_mentioning(str(vms)) if HELPER_MARKER in _cmdline(pid)]
-    keepers = [pid for pid in processes_mentioning(str(vms)) if "console_keeper" in _cmdline(pid)]
+    keepers = console_keepers(str(vms))
     for pid in helpers:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)

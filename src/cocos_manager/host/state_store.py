@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from cocos_manager.errors import FailedPreconditionError
-from cocos_manager.host.record_sync import RecordSync
+from cocos_manager.host.record_sync import RecordSync, unlink, unlink_soon
 from cocos_manager.telemetry import get_logger
 
 RECORD_VERSION = 1
@@ -279,11 +279,17 @@ class StateStore:
     def remove(self, vm_uuid: str) -> None:
         """Not made durable: a record a power cut brings back is of another boot, and the
         next start cleans up after it."""
+        unlink(self._forget(vm_uuid))
+
+    def remove_soon(self, vm_uuid: str) -> asyncio.Future[None]:
+        """remove(), the record this store's no more at once and its files unlinked in a
+        thread (record_sync.unlink_soon): done once they are gone."""
+        return unlink_soon(self._forget(vm_uuid))
+
+    def _forget(self, vm_uuid: str) -> list[Path]:
         generation = self._generation.pop(vm_uuid, None)
-        for path in self._sync.forget(vm_uuid):
-            path.unlink(missing_ok=True)
-        if generation is not None:
-            self._path(vm_uuid, generation).unlink(missing_ok=True)
+        paths = self._sync.forget(vm_uuid)
+        return paths if generation is None else [*paths, self._path(vm_uuid, generation)]
 
     def uuids(self) -> set[str]:
         """The VMs with a record here now."""

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from cocos_manager.errors import FailedPreconditionError, ResourceExhaustedError
 from cocos_manager.qemu import console_keeper
+from cocos_manager.qemu.keeper_zygote import Keeper, KeeperZygote
 from cocos_manager.qemu.output import clean_line
 from cocos_manager.telemetry import get_logger
 
@@ -62,19 +63,21 @@ def dropped_note(count: int) -> str:
 
 
 Spawner = Callable[..., tuple[subprocess.Popen[bytes], int]]
-KeeperStart = concurrent.futures.Future[subprocess.Popen[bytes]]
+KeeperStart = concurrent.futures.Future[Keeper]
 
 # The keepers are started in a thread of their own, beside QEMU's spawn in the start workers:
 # a Run never waits for its keeper (make bench), and a burst's keepers never queue ahead of
-# its QEMUs.
+# its QEMUs. Forked by the zygote (keeper_zygote.py); started directly when it cannot.
 _keepers = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="keeper")
+_zygote = KeeperZygote(console_keeper.__file__)
 
 
-def _start_keeper(
-    console: ConsoleFiles, file_fd: int, out_r: int, err_r: int
-) -> subprocess.Popen[bytes]:
+def _start_keeper(console: ConsoleFiles, file_fd: int, out_r: int, err_r: int) -> Keeper:
     try:
-        return subprocess.Popen(
+        forked = _zygote.start(str(console.path), console.max_bytes, (file_fd, out_r, err_r))
+        if forked is not None:
+            return forked
+        popen = subprocess.Popen(
             [
                 sys.executable,
                 "-I",
@@ -92,6 +95,7 @@ def _start_keeper(
             pass_fds=(file_fd, out_r, err_r),
             start_new_session=True,  # outlives the daemon, as QEMU does
         )
+        return Keeper(popen.pid, os.pidfd_open(popen.pid), popen)  # not reaped before that
     finally:
         for fd in (file_fd, out_r, err_r):
             os.close(fd)
@@ -156,7 +160,7 @@ def spawn_kept(
 
 
 def reap_keeper(started: KeeperStart) -> asyncio.Future[None]:
-    """Done once the keeper has ended and been reaped (it is the daemon's child: never left a
+    """Done once the keeper has ended (and, the daemon's child, been reaped: never left a
     zombie). A keeper that could not start is logged: that VM's output is lost."""
     reaped: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -164,7 +168,7 @@ def reap_keeper(started: KeeperStart) -> asyncio.Future[None]:
         if not reaped.done():
             reaped.set_result(None)
 
-    def on_started(start: asyncio.Future[subprocess.Popen[bytes]]) -> None:
+    def on_started(start: asyncio.Future[Keeper]) -> None:
         if start.cancelled() or (error := start.exception()) is not None:
             _log.error(
                 "the console keeper could not start: this VM's console is not kept",
@@ -178,25 +182,20 @@ def reap_keeper(started: KeeperStart) -> asyncio.Future[None]:
     return reaped
 
 
-def reap_when_done(keeper: subprocess.Popen[bytes]) -> asyncio.Future[None]:
-    """Done once `keeper` has ended and been reaped."""
+def reap_when_done(keeper: Keeper) -> asyncio.Future[None]:
+    """Done once `keeper` has ended (its pidfd readable), reaped if it is the daemon's child."""
     loop = asyncio.get_running_loop()
     reaped: asyncio.Future[None] = loop.create_future()
-    try:
-        pidfd = os.pidfd_open(keeper.pid)
-    except ProcessLookupError:
-        keeper.poll()
-        reaped.set_result(None)
-        return reaped
 
     def ended() -> None:
-        loop.remove_reader(pidfd)
-        os.close(pidfd)
-        keeper.poll()
+        loop.remove_reader(keeper.pidfd)
+        os.close(keeper.pidfd)
+        if keeper.popen is not None:
+            keeper.popen.poll()
         if not reaped.done():
             reaped.set_result(None)
 
-    loop.add_reader(pidfd, ended)
+    loop.add_reader(keeper.pidfd, ended)
     return reaped
 
 
@@ -295,6 +294,11 @@ class ConsoleReader:
         self._poke.set()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(self.ended), timeout)
+
+    def poke(self) -> None:
+        """Reads now: the keeper has ended, so its last record is in the file (a drain would
+        otherwise find it at its next poll, up to DRAIN_INTERVAL later)."""
+        self._poke.set()
 
     def close(self) -> None:
         if not self._task.done():

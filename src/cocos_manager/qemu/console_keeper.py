@@ -20,6 +20,18 @@ TAG O: a line of QEMU's stdout, E: of its stderr (PAYLOAD: the line's bytes, no 
 cut at MAX_LINE); V: the format version (PAYLOAD "1"), first in every file; X: the
 keeper's last record, both pipes ended. SEQ counts O and E lines from 0.
 
+Started per VM in one of two ways, with the same file and the same behaviour: as its own
+interpreter (the command line above), or forked from the daemon's keeper zygote
+(`python -I -S console_keeper.py --zygote SOCKET_FD`, keeper_zygote.py): one small process
+that receives each VM's descriptors over a unix socket (SCM_RIGHTS) and forks a keeper for
+it, so a burst of Runs pays a fork per VM instead of an interpreter's start-up beside its
+QEMU. A forked keeper is in a session of its own too, and sends the daemon its own pidfd
+before anything else: the daemon watches its end as it watches a keeper it started, and
+learns that a keeper exists even if the zygote dies right after the fork. The zygote is no
+child of the daemon (it forks itself away at start, so a dead one is never the daemon's
+zombie) and ends when the daemon's end of the socket closes (the daemon's exit, SIGKILL
+included); its keepers live on, as all keepers do.
+
 Standard library only, and nothing imported from the daemon: it runs from this file alone.
 """
 
@@ -29,6 +41,7 @@ import contextlib
 import os
 import select
 import signal
+import socket
 import sys
 import time
 
@@ -117,11 +130,11 @@ class Sink:
         self._write(b"X", b"")
 
 
-def main(argv: list[str]) -> int:
+def keep(path: str, max_bytes: int, fd: int, out_fd: int, err_fd: int) -> int:
+    """Reads QEMU's two pipes to their end, writing every line to the file."""
     for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_IGN)
-    path, max_bytes, fd = argv[1], int(argv[2]), int(argv[3])
-    streams = {int(argv[4]): b"O", int(argv[5]): b"E"}
+    streams = {out_fd: b"O", err_fd: b"E"}
     partial = {fd: b"" for fd in streams}
     sink = Sink(path, max_bytes, fd)
     poller = select.poll()
@@ -151,6 +164,79 @@ def main(argv: list[str]) -> int:
                 sink.line(tag, raw)
     sink.end()
     return 0
+
+
+def _name(name: bytes) -> None:
+    """What `ps` and /proc/PID/comm show: a forked keeper has the zygote's command line."""
+    with contextlib.suppress(OSError), open("/proc/self/comm", "wb") as comm:
+        comm.write(name)
+
+
+def _reap(*_: object) -> None:
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+
+
+def _forked_keeper(channel: socket.socket, request: bytes, fds: list[int]) -> int:
+    """In the forked child: its pidfd to the daemon first (the answer), then the keeper."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    os.setsid()  # outlives the daemon and the zygote, as QEMU does
+    _name(b"console-keeper")
+    try:
+        pidfd = os.pidfd_open(os.getpid())
+        try:
+            socket.send_fds(channel, [b"%d" % os.getpid()], [pidfd])
+        finally:
+            os.close(pidfd)
+    except OSError:  # the daemon is gone: the VM's lines are kept all the same
+        pass
+    channel.close()
+    max_bytes, path = request.split(b"\0", 1)
+    return keep(os.fsdecode(path), int(max_bytes), *fds)
+
+
+def zygote(channel_fd: int) -> int:
+    """Forks a keeper for every request (`MAX_BYTES\0PATH`, with the file's descriptor and
+    the two pipes') until the daemon's end of the socket closes."""
+    if os.fork():
+        os._exit(0)  # the daemon reaps this one at once; init (or a subreaper) has the zygote
+    for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, _reap)  # its keepers: never left zombies
+    _name(b"keeper-zygote")
+    channel = socket.socket(fileno=channel_fd)
+    pidfd = os.pidfd_open(os.getpid())
+    socket.send_fds(channel, [b"%d" % os.getpid()], [pidfd])  # the daemon may end it
+    os.close(pidfd)
+    while True:
+        try:
+            request, fds, _, _ = socket.recv_fds(channel, 8192, 3)
+        except OSError:
+            return 0
+        if not request:
+            return 0  # the daemon closed its end: its exit
+        try:
+            if len(fds) != 3:
+                raise ValueError("three descriptors expected")
+            if os.fork() == 0:  # the child never returns into this loop
+                code = 1
+                try:
+                    code = _forked_keeper(channel, request, fds)
+                finally:
+                    os._exit(code)
+        except (OSError, ValueError):  # no fork (no memory, a process limit): the daemon
+            with contextlib.suppress(OSError):  # starts this keeper itself
+                channel.send(b"E")
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
+def main(argv: list[str]) -> int:
+    if argv[1] == "--zygote":
+        return zygote(int(argv[2]))
+    return keep(argv[1], int(argv[2]), int(argv[3]), int(argv[4]), int(argv[5]))
 
 
 if __name__ == "__main__":

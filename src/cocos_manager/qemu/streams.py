@@ -87,6 +87,10 @@ class QemuOutput:
         elif self._on_history is not None:
             self._on_history(stream, text, timestamp_ns)
 
+    def _poke_console(self) -> None:
+        if self._console is not None:
+            self._console.poke()
+
     def close_console(self) -> None:
         """Stops reading the console file (the daemon lets go of the VM, or it was released)."""
         if self._console is not None:
@@ -105,6 +109,8 @@ class QemuOutput:
         the readers (as a timed-out gather would): a process that inherited QEMU's output can
         hold it open past any wait, and its lines still belong to the VM."""
         if self._console is not None:
+            if self.keeper_reaped is not None:
+                self.keeper_reaped.add_done_callback(lambda _: self._poke_console())
             await self._console.drain(timeout)
         if self.keeper_reaped is not None and self._exited.done():
             # QEMU's output ended with it, so its keeper ends at once, or as soon as it has

@@ -142,9 +142,7 @@ class Machine:
         self.history.append(new)
         self.log.info(f"VM {new.value}", previous=old.value if old else None, **details)
         try:
-            if new is VmState.RELEASED:
-                self.ctx.store.remove(self.uuid)
-            else:
+            if new is not VmState.RELEASED:  # released: the record goes after the event
                 self.ctx.store.save(vm_record.record_of(self))
         except OSError as error:
             if old is None or new is VmState.STARTING:
@@ -335,9 +333,11 @@ class Machine:
             final = vm_stop.final_event(self, reason)
             self.ended = VmEnd(reason, final, details, time.time())
             self._set_state(VmState.RELEASED, final, details)
+            # An unlink on ext4 can wait milliseconds for the journal: after the final event.
+            gone = self.ctx.store.remove_soon(self.uuid)
             self.ctx.on_released(self)
-            if not self.released.done():
-                self.released.set_result(None)
+            gone.add_done_callback(lambda _: vm_stop.settle(self.released))
+        await asyncio.shield(gone)
 
     @property
     def _ran(self) -> bool:

@@ -171,6 +171,12 @@ async def _exit_or_force(machine: EndingVm, process: QemuProcess, grace: float) 
         raise TimeoutError(f"no power-off in {go_duration_text(grace)}")
 
 
+def settle(released: asyncio.Future[None]) -> None:
+    """`Machine.released` resolved, once the record's files are gone too."""
+    if not released.done():
+        released.set_result(None)
+
+
 def final_event(machine: EndingVm, reason: StopReason) -> tuple[str, str]:
     """The RELEASED event's type and status: how the VM ended, as the client sees it."""
     if reason is StopReason.HALTED:

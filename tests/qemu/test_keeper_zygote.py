@@ -1,0 +1,143 @@
+"""The keeper zygote with real processes and real pipes (no daemon): keepers forked by one
+zygote write the same file as a keeper started alone, outlive the zygote, a zygote gone is
+made again at the next keeper, and a zygote that cannot start leaves the keeper to the
+caller's direct start."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from cocos_manager.qemu import console_file, console_keeper, keeper_zygote
+from cocos_manager.qemu.console_file import ConsoleFiles, fresh_file
+from cocos_manager.qemu.keeper_zygote import Keeper, KeeperZygote
+from tests.support.processes import gone_within
+
+BOUND = 256 * 1024
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def comm(pid: int) -> str:
+    return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
+class Pipes:
+    """A stand-in QEMU's stdout and stderr: the write ends here, the read ends for a keeper."""
+
+    def __init__(self, files: ConsoleFiles) -> None:
+        self.files = files
+        self.file_fd = fresh_file(files)
+        self.out_r, self.out_w = os.pipe()
+        self.err_r, self.err_w = os.pipe()
+
+    def handed(self) -> tuple[int, int, int]:
+        return (self.file_fd, self.out_r, self.err_r)
+
+    def close_ours(self) -> None:
+        for fd in self.handed():
+            os.close(fd)
+
+    def finish(self, keeper: Keeper, text: bytes) -> list[bytes]:
+        """Prints `text` on stdout, ends the output and returns the file's records' tags and
+        payloads once the keeper has ended."""
+        os.write(self.out_w, text)
+        os.write(self.err_w, b"qemu: done\n")
+        os.close(self.out_w)
+        os.close(self.err_w)
+        assert keeper.wait(10), "the keeper did not end at the end of its pipes"
+        return [line.split(b" ", 2)[2] for line in self.files.path.read_bytes().splitlines()]
+
+
+def test_keepers_are_forked_by_one_zygote_and_outlive_it(tmp_path: Path) -> None:
+    zygote = KeeperZygote(console_keeper.__file__)
+    try:
+        first, second = (Pipes(ConsoleFiles(tmp_path / f"console-{i}.log", BOUND)) for i in (1, 2))
+        kept = []
+        for pipes in (first, second):
+            keeper = zygote.start(str(pipes.files.path), BOUND, pipes.handed())
+            pipes.close_ours()
+            assert keeper is not None and keeper.popen is None
+            kept.append(keeper)
+        parent = parent_of(kept[0].pid)
+        assert parent == parent_of(kept[1].pid) != os.getpid()  # the zygote's, not ours
+        assert comm(parent) == "keeper-zygote" and comm(kept[0].pid) == "console-keeper"
+        assert os.getsid(kept[0].pid) == kept[0].pid  # a session of its own, as QEMU's
+
+        os.kill(parent, signal.SIGKILL)  # the zygote dies: its keepers go on
+        assert first.finish(kept[0], b"one\n") == [b"V 1", b"O one", b"E qemu: done", b"X "]
+
+        third = Pipes(ConsoleFiles(tmp_path / "console-3.log", BOUND))
+        again = zygote.start(str(third.files.path), BOUND, third.handed())
+        third.close_ours()
+        assert again is not None and again.popen is None, "no zygote made again"
+        assert parent_of(again.pid) not in (parent, os.getpid())
+        assert second.finish(kept[1], b"two\n")[1] == b"O two"
+        assert third.finish(again, b"three\n")[1] == b"O three"
+    finally:
+        zygote.close()
+
+
+def test_a_zygote_ends_when_the_daemon_lets_go_of_it(tmp_path: Path) -> None:
+    zygote = KeeperZygote(console_keeper.__file__)
+    pipes = Pipes(ConsoleFiles(tmp_path / "console-1.log", BOUND))
+    keeper = zygote.start(str(pipes.files.path), BOUND, pipes.handed())
+    pipes.close_ours()
+    assert keeper is not None
+    parent = parent_of(keeper.pid)
+    pidfd = os.pidfd_open(parent)
+    try:
+        zygote.close()  # as the daemon's exit, SIGKILL included, closes its end
+        assert Keeper(parent, pidfd).wait(10), "the zygote outlived its daemon"
+    finally:
+        os.close(pidfd)
+    assert pipes.finish(keeper, b"after\n")[1] == b"O after"
+
+
+def test_without_a_zygote_the_keeper_is_started_directly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A zygote that cannot start (here: no such script) never costs the VM its console."""
+    broken = KeeperZygote(str(tmp_path / "missing.py"))
+    pipes = Pipes(ConsoleFiles(tmp_path / "console-1.log", BOUND))
+    assert broken.start(str(pipes.files.path), BOUND, pipes.handed()) is None
+    monkeypatch.setattr(console_file, "_zygote", broken)
+    keeper = console_file._start_keeper(pipes.files, *pipes.handed())
+    assert keeper.popen is not None  # the daemon's own child, as before the zygote
+    assert pipes.finish(keeper, b"direct\n") == [b"V 1", b"O direct", b"E qemu: done", b"X "]
+
+
+def test_a_stuck_zygote_is_ended_and_the_keeper_started_directly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A zygote that stops answering (here SIGSTOPped) is SIGKILLed after the answer's
+    timeout; nothing was forked, so the caller starts the keeper, and the next keeper gets a
+    new zygote."""
+    monkeypatch.setattr(keeper_zygote, "ANSWER_TIMEOUT", 0.5)
+    zygote = KeeperZygote(console_keeper.__file__)
+    try:
+        first = Pipes(ConsoleFiles(tmp_path / "console-1.log", BOUND))
+        kept = zygote.start(str(first.files.path), BOUND, first.handed())
+        first.close_ours()
+        assert kept is not None
+        stuck = parent_of(kept.pid)
+        os.kill(stuck, signal.SIGSTOP)
+        second = Pipes(ConsoleFiles(tmp_path / "console-2.log", BOUND))
+        assert zygote.start(str(second.files.path), BOUND, second.handed()) is None
+        assert gone_within(stuck, 10), "the stuck zygote was left"
+        third = Pipes(ConsoleFiles(tmp_path / "console-3.log", BOUND))
+        again = zygote.start(str(third.files.path), BOUND, third.handed())
+        third.close_ours()
+        assert again is not None and parent_of(again.pid) != stuck
+        assert first.finish(kept, b"one\n")[1] == b"O one"
+        assert third.finish(again, b"three\n")[1] == b"O three"
+        second.close_ours()
+        os.close(second.out_w)
+        os.close(second.err_w)
+    finally:
+        zygote.close()
