@@ -13,6 +13,7 @@ import asyncio
 import os
 import re
 import signal
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -183,6 +184,52 @@ async def test_a_vm_that_ended_while_no_daemon_ran_keeps_its_console_for_the_pos
     numbers = ticks(ended)
     assert numbers == list(range(numbers[-1] + 1))
     assert console_files(tmp_path) == []
+
+
+async def test_get_shows_a_vm_that_ended_while_no_daemon_ran_as_ended(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """Get answered NOT_FOUND for it while Logs had its console: now it is an ended VM, with
+    what is known of its end (when, from its console file; its last lines). List and CVMInfo
+    treat it as any ended VM: not listed, NOT_FOUND."""
+    daemon = await start(daemons, settings(tmp_path), tmp_path / "daemon.log")
+    await daemon.stub.Run(run_request("gone"), timeout=WAIT)
+    await follow_until(daemon.stub, "gone", lambda seen: len(ticks(seen)) >= 3, "ticks")
+    pid = qemu_pid(daemon)
+    await daemon.kill()
+    killed_at = time.time()
+    os.kill(pid, signal.SIGTERM)
+    await wait_for(lambda: not os.path.exists(f"/proc/{pid}/cmdline"), "QEMU's end")
+    await daemon.start()
+
+    try:
+        vm = await daemon.stub.Get(pb.GetRequest(computation_id="gone"), timeout=5)
+    except grpc.aio.AioRpcError as error:
+        raise AssertionError(f"Get answered {error.code().name}") from None
+    assert vm.computation.state == "ended" and vm.computation.pid == 0
+    assert not vm.computation.HasField("expires_at") and not vm.files
+    assert vm.computation.started_at.ToSeconds() <= killed_at
+    assert "-machine" in vm.qemu_argv
+    assert vm.settings["MANAGER_QEMU_AGENT_CHANNEL"] == "fw_cfg"
+    end = vm.last_exit
+    assert (end.reason, end.exit) == ("recovery", "ended while the manager was down")
+    assert (end.event_type, end.status) == ("", "")  # nothing was published of it
+    assert killed_at <= end.ended_at.ToNanoseconds() / 1e9 <= time.time()
+    assert end.last_lines[-1] == "qemu-system-x86_64: terminating on signal 15"
+    assert list((await daemon.stub.List(pb.ListRequest(), timeout=5)).computations) == []
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await daemon.stub.CVMInfo(pb.CVMInfoReq(id="gone"), timeout=5)
+    assert refused.value.code() is grpc.StatusCode.NOT_FOUND
+
+    # As one that ended while the daemon ran: the same three answers.
+    await daemon.stub.Run(run_request("stopped"), timeout=WAIT)
+    await daemon.stub.Stop(pb.StopRequest(computation_id="stopped"), timeout=WAIT)
+    stopped = await daemon.stub.Get(pb.GetRequest(computation_id="stopped"), timeout=5)
+    assert stopped.computation.state == "ended" and stopped.last_exit.reason == "stop"
+    assert list((await daemon.stub.List(pb.ListRequest(), timeout=5)).computations) == []
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await daemon.stub.CVMInfo(pb.CVMInfoReq(id="stopped"), timeout=5)
+    assert refused.value.code() is grpc.StatusCode.NOT_FOUND
 
 
 async def test_a_flooding_guest_fills_at_most_the_bound_and_the_drop_is_counted(

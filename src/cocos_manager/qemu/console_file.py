@@ -222,6 +222,7 @@ class RecordParser:
         self.sink = sink
         self.live = True
         self.ended = False  # the keeper's last record was read
+        self.last_stamp: int | None = None  # of the last record read: its end, once `ended`
         self._next = 0  # the sequence number of the next line
         self._buf = b""
 
@@ -243,6 +244,8 @@ class RecordParser:
         seq_text, stamp_text, tag, payload = parts
         if tag == b"X":
             self.ended = True
+            with contextlib.suppress(ValueError):
+                self.last_stamp = int(stamp_text)
             return
         stream = _STREAMS.get(tag)
         if stream is None:
@@ -256,19 +259,23 @@ class RecordParser:
         if seq > self._next:
             self.sink("stderr", dropped_note(seq - self._next), stamp, self.live)
         self._next = seq + 1
+        self.last_stamp = stamp
         if text := clean_line(payload):
             self.sink(stream, text, stamp, self.live)
 
 
-def read_history(files: ConsoleFiles, sink: ConsoleSink) -> None:
+def read_history(files: ConsoleFiles, sink: ConsoleSink) -> int | None:
     """Everything the console files hold, oldest first (a VM whose QEMU ended while no
-    daemon ran: its post-mortem). At most `files.max_bytes`, by the keeper's bound."""
+    daemon ran: its post-mortem). At most `files.max_bytes`, by the keeper's bound. Returns
+    when QEMU ended as far as the file tells (ns since the epoch): the keeper's last record,
+    written once both pipes closed; else (a keeper killed first) its last line; else None."""
     parser = RecordParser(sink)
     parser.live = False
     for path in (files.rotated, files.path):
         with contextlib.suppress(FileNotFoundError):
             parser.feed(path.read_bytes()[: files.max_bytes])
             parser.next_file()
+    return parser.last_stamp
 
 
 class ConsoleReader:

@@ -7,6 +7,9 @@ Every line reaches Events and the console; the daemon's log takes them at a boun
 from __future__ import annotations
 
 import contextlib
+import time
+from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 from cocos_manager.config import ServiceSettings
@@ -25,12 +28,35 @@ def level_of(stream: str) -> str:
     return "info" if stream == "stdout" else "warn"
 
 
-def keep_post_mortem(consoles: ConsoleArchive, computation_id: str, files: ConsoleFiles) -> None:
+POST_MORTEM_LINES = 20
+"""The last console lines Get shows of a VM found ended at a restart (as QemuOutput keeps
+them of one that exits while watched)."""
+
+
+@dataclass(frozen=True)
+class PostMortem:
+    """What the console file tells of a VM's end: when (seconds since the epoch: the keeper's
+    last record, else its last line, else the moment it was read) and its last lines."""
+
+    ended_at: float
+    last_lines: list[str]
+
+
+def keep_post_mortem(
+    consoles: ConsoleArchive, computation_id: str, files: ConsoleFiles
+) -> PostMortem:
     """A VM that ended while no daemon ran (found so after a restart): its console file
     becomes its ended console, readable with Logs for the retention as any ended VM's."""
     log = consoles.open(computation_id)
-    read_history(files, lambda stream, text, stamp, _: log.append(level_of(stream), text, stamp))
+    tail: deque[str] = deque(maxlen=POST_MORTEM_LINES)
+
+    def line(stream: str, text: str, stamp: int, _: bool) -> None:
+        log.append(level_of(stream), text, stamp)
+        tail.append(text)
+
+    end = read_history(files, line)
     consoles.close(log)
+    return PostMortem(end / 1e9 if end is not None else time.time(), list(tail))
 
 
 def append_agent_log(console: ConsoleLog, log: pb.AgentLog) -> None:
