@@ -10,6 +10,7 @@ The real daemon and real restarts, with the stand-in QEMU as the chatty guest: i
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -24,6 +25,7 @@ from cocos_manager.proto import manager_pb2 as pb
 from cocos_manager.proto import manager_pb2_grpc as pb_grpc
 from tests.support.daemon_process import Daemon
 from tests.support.harness import base_env, run_request
+from tests.support.processes import gone_within, processes_mentioning
 from tests.support.waiting import wait_for
 
 TICK = "0.05"
@@ -230,6 +232,82 @@ async def test_get_shows_a_vm_that_ended_while_no_daemon_ran_as_ended(
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await daemon.stub.CVMInfo(pb.CVMInfoReq(id="stopped"), timeout=5)
     assert refused.value.code() is grpc.StatusCode.NOT_FOUND
+
+
+KEEPER_LOST = "cocos-manager: the console keeper"
+
+
+def keeper_of(tmp_path: Path) -> int:
+    (pid,) = [
+        p
+        for p in processes_mentioning(str(tmp_path / "vms"))
+        if b"/console_keeper.py\0" in Path(f"/proc/{p}/cmdline").read_bytes()
+    ]
+    return pid
+
+
+def keeper_warnings(log: Path) -> list[dict[str, object]]:
+    found = []
+    for line in log.read_text(errors="replace").splitlines():
+        doc = json.loads(line) if line.startswith("{") else {}
+        if doc.get("level") == "warn" and str(doc["message"]).startswith("the console keeper"):
+            found.append(doc)
+    return found
+
+
+async def event_with(stream: AsyncIterator[pb.ClientStreamMessage], text: str) -> str:
+    async def read() -> str:
+        async for message in stream:
+            if message.agent_log.message.startswith(text):
+                return message.agent_log.level
+        raise AssertionError("Events ended")
+
+    return await asyncio.wait_for(read(), WAIT)
+
+
+@pytest.mark.parametrize("when", ["running", "while-down", "after-adoption"])
+async def test_a_killed_console_keeper_is_told_once_while_qemu_runs(
+    tmp_path: Path, daemons: list[Daemon], when: str
+) -> None:
+    """Killing a VM's keeper lost its console silently. Now the daemon notices (its child
+    reaped; an adopted VM's keeper watched by its pidfd, or found gone at adoption) and, as
+    for the console's other losses, says so: a warning in its log, once, and a `warn` line
+    on Logs and Events. A VM that ends normally says nothing of the kind."""
+    log = tmp_path / "daemon.log"
+    daemon = await start(daemons, settings(tmp_path), log)
+    await daemon.stub.Run(run_request("kept"), timeout=WAIT)
+    await follow_until(daemon.stub, "kept", lambda seen: len(ticks(seen)) >= 3, "ticks")
+    qemu, keeper = qemu_pid(daemon), keeper_of(tmp_path)
+    if when == "while-down":
+        await daemon.kill()
+        assert gone_within(keeper, WAIT, kill=True)
+        await daemon.start()
+    elif when == "after-adoption":
+        await restart(daemon, "sigkill")
+        await follow_until(daemon.stub, "kept", lambda seen: len(ticks(seen)) >= 6, "ticks")
+    events = daemon.stub.Events(pb.EventsRequest(computation_id="kept", since=0))
+    if when != "while-down":
+        assert gone_within(keeper, WAIT, kill=True)
+    try:
+        assert await event_with(events, KEEPER_LOST) == "warn"
+    finally:
+        events.cancel()
+    seen = await follow_until(
+        daemon.stub, "kept", lambda seen: any(KEEPER_LOST in s for s in seen), "the loss"
+    )
+    told = next(s for s in seen if KEEPER_LOST in s)
+    assert "gone while QEMU runs: QEMU's output from now on is lost" in told
+    if when == "after-adoption":  # found by its command line, watched by its pidfd
+        assert f"keeper (pid {keeper})" in told
+    assert not gone_within(qemu, 0), "QEMU was not left running"
+    (warning,) = keeper_warnings(log)
+    assert warning["computation_id"] == "kept"
+
+    await daemon.stub.Run(run_request("ends"), timeout=WAIT)
+    await daemon.stub.Stop(pb.StopRequest(computation_id="ends"), timeout=WAIT)
+    await daemon.stub.Stop(pb.StopRequest(computation_id="kept"), timeout=WAIT)
+    assert len(keeper_warnings(log)) == 1
+    assert not [s for s in await logs(daemon.stub, "ends") if KEEPER_LOST in s]
 
 
 async def test_a_flooding_guest_fills_at_most_the_bound_and_the_drop_is_counted(

@@ -300,13 +300,21 @@ class ConsoleReader:
         meanwhile. Never cancels the reading, so a later call still gets the rest."""
         self._interval = DRAIN_INTERVAL
         self._poke.set()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self.ended), timeout)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.ended), timeout)
+        finally:  # no last record (a keeper killed): polled as before, not 100 times a second
+            self._interval = POLL_INTERVAL
 
     def close(self) -> None:
         if not self._task.done():
             self._task.cancel()
         self._close_fds()
+
+    @property
+    def last_record_read(self) -> bool:
+        """The keeper's last record was read: it ended because QEMU's output did."""
+        return self._parser.ended
 
     # -- reading ---------------------------------------------------------------------------
 

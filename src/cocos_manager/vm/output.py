@@ -100,6 +100,15 @@ class VmOutput:
         had it from the daemon of that time, or never will (it ran while none did)."""
         self._console.append(level_of(stream), text, timestamp_ns)
 
+    def lost(self, text: str) -> None:
+        """A loss of the console itself (its keeper gone): once, at warning level in the
+        daemon's log whatever its rate limit, and where Logs and Events readers are told of
+        the console's other losses (a `warn` line "cocos-manager: ...")."""
+        self._log.warning(text)
+        notice = f"cocos-manager: {text}"
+        self._console.append("warn", notice)
+        self._bus.publish(log_message(self._id, "warn", notice))
+
     def note_suppressed(self) -> None:
         """Logs how many lines the limit held back since the last note (also when the VM ends)."""
         if note := self._limit.suppressed_note():
