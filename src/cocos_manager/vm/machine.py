@@ -239,7 +239,6 @@ class Machine:
                 self._not_stopping()
                 self._set_state(VmState.STARTING, (PROVISION, "in-progress"), {"pid": process.pid})
                 process.exited.add_done_callback(lambda _: self._on_exit(process))
-                process.output.on_keeper_lost = self.output.lost
                 await process.attach_output()
                 await process.wait_ready(qmp_path, timeout)
                 self._guest.watch(process)

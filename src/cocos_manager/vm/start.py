@@ -114,6 +114,7 @@ async def launch(machine: StartingVm, argv: list[str], listener: socket.socket) 
         on_line=machine.output.line,
         env=qemu_environment(machine.ctx.settings.qemu),
         console=machine.files.console(machine.ctx.settings.service.CONSOLE_FILE_BYTES),
+        on_keeper_lost=machine.output.lost,
     )
 
 
