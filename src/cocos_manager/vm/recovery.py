@@ -77,8 +77,14 @@ async def recover(
                 machines[machine.id] = machine
 
     await asyncio.gather(*(recover_id(group) for group in by_id.values()))
-    if sweep:  # the records kept: a QEMU naming the files of one just cleaned is no VM's
-        await orphans.sweep(Path(ctx.settings.qemu.TMP_FILE_LOC), ctx.store.uuids())
+    current = ctx.settings.qemu.TMP_FILE_LOC
+    known = (
+        ctx.store.uuids()
+    )  # the records kept: a QEMU naming the files of one just cleaned is no VM's
+    if sweep:
+        await orphans.sweep(Path(current), known)
+    recorded = {r.tmp_dir for group in by_id.values() for r in group if r.uuid in known}
+    await orphans.sweep_former(ctx.store.directory, current, recorded, known)
 
 
 def _files(ctx: MachineContext, record: VmRecord) -> tuple[VmFiles, str]:
