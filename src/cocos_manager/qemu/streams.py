@@ -35,15 +35,12 @@ LAST_RECORD_WAIT = 2.0
 def find_keeper(files: ConsoleFiles, since: int) -> int | None:
     """The PID of the keeper writing `files` (an adopted VM's: not this daemon's child), found
     by its command line, which names the file; None when it is gone. Only watched, never
-    signalled. `since`: its QEMU's start time (the keeper starts after it). Reads /proc: off
-    the loop."""
-    path = str(files.path)
+    signalled. `since`: its QEMU's start time (the keeper starts after it). The keeper's
+    script is matched by its name only: one started by an earlier version of the daemon,
+    installed elsewhere, is the VM's keeper all the same. Reads /proc: off the loop."""
+    path, script = str(files.path), os.path.basename(console_keeper.__file__)
     for pid, _, cmdline in live_processes(since):
-        if (
-            len(cmdline) >= 5
-            and cmdline[-5] == path
-            and cmdline[-6:-5] == [console_keeper.__file__]
-        ):
+        if len(cmdline) >= 6 and cmdline[-5] == path and os.path.basename(cmdline[-6]) == script:
             return pid
     return None
 
