@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from cocos_manager.host.state_lock import StateLock
+from cocos_manager.telemetry.grpc_log import HEADER
 from tests.support.certs import issue
 from tests.support.daemon_process import clean_environ, free_port
 from tests.support.harness import base_env
@@ -225,3 +227,17 @@ def test_an_unreachable_trace_collector_warns_and_names_no_credentials(tmp_path:
         collector.listen()
         _, lines = check(env)
     assert lines["tracing"]["status"] == "pass", lines["tracing"]
+
+
+def test_a_held_grpc_port_fails_without_grpc_core_noise_on_stderr(tmp_path: Path) -> None:
+    """gRPC core logged its failed bind on check's stderr ("E1207 ... add_port.cc:83] Failed
+    to add port to server ..."), beside the FAIL line that already says it; what else is on
+    stderr still gets there."""
+    env = settings_env(tmp_path)
+    with grpc_port_held(tmp_path, env):
+        done = subprocess.run(
+            [EXE, "check"], env=clean_environ() | env, capture_output=True, text=True, timeout=120
+        )
+    assert re.search(r"^FAIL\s+grpc-listen\s", done.stdout, re.M), done.stdout
+    assert not [line for line in done.stderr.splitlines() if HEADER.match(line)], done.stderr
+    assert "--verbose shows them" in done.stderr  # check's own stderr line is kept

@@ -197,7 +197,7 @@ async def test_a_bad_ttl_is_refused_before_anything_starts(
         assert await listed(m) == {}
         assert not started.exists()  # QEMU was never started
         assert processes_mentioning(str(tmp_path)) == []
-        assert not list((tmp_path / "state").glob("*"))  # no VM record
+        assert not list((tmp_path / "state").glob("vm-*"))  # no VM record
         assert not (tmp_path / "vms").exists() or not list((tmp_path / "vms").iterdir())
         # And the same id runs with a good TTL (nothing of the refused Run is in the way).
         request.ttl = "1h"

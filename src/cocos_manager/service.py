@@ -270,7 +270,9 @@ class ManagerService:
                 "QEMUs and per-VM files there that no VM record names are not looked for",
                 tmp_file_loc=str(tmp),
             )
-        await recover(self.ctx, self._machines, sweep=alone and self._tmp_lock is not None)
+        await recover(
+            self.ctx, self._machines, self._ended, sweep=alone and self._tmp_lock is not None
+        )
         if alone and self._tmp_lock is not None:
             share_tmp_dir(self._tmp_lock)
         METRICS.vms_running.set(len(self._machines))

@@ -82,3 +82,32 @@ async def test_size_options_are_checked_before_sending(
                                  "--vcpus", "9")  # fmt: skip
         assert code == 1 and "INVALID_ARGUMENT" in err and "MANAGER_QEMU_MAX_SMP" in err
         assert m.service.computations() == {}
+
+
+async def test_every_json_answer_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`cvm-info --json` printed upstream's indented JSON over several lines, unlike every
+    other --json; the unary verbs now share one shape (cli/calls.py, `unary`)."""
+    async with running_manager(tmp_path, monkeypatch) as m:
+        algorithm = tmp_path / "algo"
+        algorithm.write_bytes(b"x")
+        code, out, err = await cli(m, "run", "--id", "c1", "--algorithm", str(algorithm), "--json")
+        assert code == 0, err
+        assert len(out.splitlines()) == 1 and json.loads(out)["computation_id"] == "c1"
+        for verb in (["cvm-info", "c1"], ["show", "c1"], ["list"]):
+            code, out, err = await cli(m, *verb, "--json")
+            assert code == 0, err
+            assert len(out.splitlines()) == 1, (verb, out)
+            json.loads(out)
+        code, out, _ = await cli(m, "cvm-info", "c1", "--json")
+        assert json.loads(out)["id"] == "c1" and json.loads(out)["cpu_num"] >= 1
+        code, out, _ = await cli(m, "cvm-info", "c1")  # upstream's look without --json
+        assert out.startswith("{\n  ") and json.loads(out)["id"] == "c1"
+        for verb in ("pause", "resume"):  # no fields in the answer: nothing, as stop --json
+            code, out, err = await cli(m, verb, "c1", "--json")
+            assert (code, out) == (0, ""), err
+        code, out, _ = await cli(m, "pause", "c1")
+        assert out == "computation c1 paused\n"
+        code, out, err = await cli(m, "remove-vm", "c1")
+        assert (code, out) == (0, "virtual machine c1 removed\n"), err

@@ -10,9 +10,11 @@ The real daemon and real restarts, with the stand-in QEMU as the chatty guest: i
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from cocos_manager.proto import manager_pb2 as pb
 from cocos_manager.proto import manager_pb2_grpc as pb_grpc
 from tests.support.daemon_process import Daemon
 from tests.support.harness import base_env, run_request
+from tests.support.processes import console_keepers, gone_within
 from tests.support.waiting import wait_for
 
 TICK = "0.05"
@@ -183,6 +186,124 @@ async def test_a_vm_that_ended_while_no_daemon_ran_keeps_its_console_for_the_pos
     numbers = ticks(ended)
     assert numbers == list(range(numbers[-1] + 1))
     assert console_files(tmp_path) == []
+
+
+async def test_get_shows_a_vm_that_ended_while_no_daemon_ran_as_ended(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """Get answered NOT_FOUND for it while Logs had its console: now it is an ended VM, with
+    what is known of its end (when, from its console file; its last lines). List and CVMInfo
+    treat it as any ended VM: not listed, NOT_FOUND."""
+    daemon = await start(daemons, settings(tmp_path), tmp_path / "daemon.log")
+    await daemon.stub.Run(run_request("gone"), timeout=WAIT)
+    await follow_until(daemon.stub, "gone", lambda seen: len(ticks(seen)) >= 3, "ticks")
+    pid = qemu_pid(daemon)
+    await daemon.kill()
+    killed_at = time.time()
+    os.kill(pid, signal.SIGTERM)
+    await wait_for(lambda: not os.path.exists(f"/proc/{pid}/cmdline"), "QEMU's end")
+    await daemon.start()
+
+    try:
+        vm = await daemon.stub.Get(pb.GetRequest(computation_id="gone"), timeout=5)
+    except grpc.aio.AioRpcError as error:
+        raise AssertionError(f"Get answered {error.code().name}") from None
+    assert vm.computation.state == "ended" and vm.computation.pid == 0
+    assert not vm.computation.HasField("expires_at") and not vm.files
+    assert vm.computation.started_at.ToSeconds() <= killed_at
+    assert "-machine" in vm.qemu_argv
+    assert vm.settings["MANAGER_QEMU_AGENT_CHANNEL"] == "fw_cfg"
+    end = vm.last_exit
+    assert (end.reason, end.exit) == ("recovery", "ended while the manager was down")
+    assert (end.event_type, end.status) == ("", "")  # nothing was published of it
+    assert killed_at <= end.ended_at.ToNanoseconds() / 1e9 <= time.time()
+    assert end.last_lines[-1] == "qemu-system-x86_64: terminating on signal 15"
+    assert list((await daemon.stub.List(pb.ListRequest(), timeout=5)).computations) == []
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await daemon.stub.CVMInfo(pb.CVMInfoReq(id="gone"), timeout=5)
+    assert refused.value.code() is grpc.StatusCode.NOT_FOUND
+
+    # As one that ended while the daemon ran: the same three answers.
+    await daemon.stub.Run(run_request("stopped"), timeout=WAIT)
+    await daemon.stub.Stop(pb.StopRequest(computation_id="stopped"), timeout=WAIT)
+    stopped = await daemon.stub.Get(pb.GetRequest(computation_id="stopped"), timeout=5)
+    assert stopped.computation.state == "ended" and stopped.last_exit.reason == "stop"
+    assert list((await daemon.stub.List(pb.ListRequest(), timeout=5)).computations) == []
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await daemon.stub.CVMInfo(pb.CVMInfoReq(id="stopped"), timeout=5)
+    assert refused.value.code() is grpc.StatusCode.NOT_FOUND
+
+
+KEEPER_LOST = "cocos-manager: the console keeper"
+
+
+def keeper_of(tmp_path: Path) -> int:
+    (pid,) = console_keepers(str(tmp_path / "vms"))
+    return pid
+
+
+def keeper_warnings(log: Path) -> list[dict[str, object]]:
+    found = []
+    for line in log.read_text(errors="replace").splitlines():
+        doc = json.loads(line) if line.startswith("{") else {}
+        if doc.get("level") == "warn" and str(doc["message"]).startswith("the console keeper"):
+            found.append(doc)
+    return found
+
+
+async def event_with(stream: AsyncIterator[pb.ClientStreamMessage], text: str) -> str:
+    async def read() -> str:
+        async for message in stream:
+            if message.agent_log.message.startswith(text):
+                return message.agent_log.level
+        raise AssertionError("Events ended")
+
+    return await asyncio.wait_for(read(), WAIT)
+
+
+@pytest.mark.parametrize("when", ["running", "while-down", "after-adoption"])
+async def test_a_killed_console_keeper_is_told_once_while_qemu_runs(
+    tmp_path: Path, daemons: list[Daemon], when: str
+) -> None:
+    """Killing a VM's keeper lost its console silently. Now the daemon notices (its child
+    reaped; an adopted VM's keeper watched by its pidfd, or found gone at adoption) and, as
+    for the console's other losses, says so: a warning in its log, once, and a `warn` line
+    on Logs and Events. A VM that ends normally says nothing of the kind."""
+    log = tmp_path / "daemon.log"
+    daemon = await start(daemons, settings(tmp_path), log)
+    await daemon.stub.Run(run_request("kept"), timeout=WAIT)
+    await follow_until(daemon.stub, "kept", lambda seen: len(ticks(seen)) >= 3, "ticks")
+    qemu, keeper = qemu_pid(daemon), keeper_of(tmp_path)
+    if when == "while-down":
+        await daemon.kill()
+        assert gone_within(keeper, WAIT, kill=True)
+        await daemon.start()
+    elif when == "after-adoption":
+        await restart(daemon, "sigkill")
+        await follow_until(daemon.stub, "kept", lambda seen: len(ticks(seen)) >= 6, "ticks")
+    events = daemon.stub.Events(pb.EventsRequest(computation_id="kept", since=0))
+    if when != "while-down":
+        assert gone_within(keeper, WAIT, kill=True)
+    try:
+        assert await event_with(events, KEEPER_LOST) == "warn"
+    finally:
+        events.cancel()
+    seen = await follow_until(
+        daemon.stub, "kept", lambda seen: any(KEEPER_LOST in s for s in seen), "the loss"
+    )
+    told = next(s for s in seen if KEEPER_LOST in s)
+    assert "gone while QEMU runs: QEMU's output from now on is lost" in told
+    if when == "after-adoption":  # found by the file it holds, watched by its pidfd
+        assert f"keeper (pid {keeper})" in told
+    assert not gone_within(qemu, 0), "QEMU was not left running"
+    (warning,) = keeper_warnings(log)
+    assert warning["computation_id"] == "kept"
+
+    await daemon.stub.Run(run_request("ends"), timeout=WAIT)
+    await daemon.stub.Stop(pb.StopRequest(computation_id="ends"), timeout=WAIT)
+    await daemon.stub.Stop(pb.StopRequest(computation_id="kept"), timeout=WAIT)
+    assert len(keeper_warnings(log)) == 1
+    assert not [s for s in await logs(daemon.stub, "ends") if KEEPER_LOST in s]
 
 
 async def test_a_flooding_guest_fills_at_most_the_bound_and_the_drop_is_counted(

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import io
+import os
 from typing import Any
 
-from cocos_manager.telemetry.grpc_log import Pump, prepare_environment
+import pytest
+
+from cocos_manager.telemetry.grpc_log import Pump, grpc_core_silenced, prepare_environment
 
 FAILURE = [
     "I1130 05:01:40.512492    9515 ssl_transport_security.cc:2563] Handshake failed with "
@@ -84,3 +87,19 @@ def test_the_handshaker_tracer_is_added_to_grpc_trace() -> None:
     assert env["GRPC_TRACE"] == "api,tcp,handshaker"
     prepare_environment(env)
     assert env["GRPC_TRACE"] == "api,tcp,handshaker"
+
+
+def test_silenced_drops_grpc_core_records_and_passes_the_rest(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """check's bind probe: gRPC core's record of a failed bind (with its continuation lines)
+    is dropped; anything else written to fd 2 meanwhile still reaches stderr."""
+    with grpc_core_silenced():
+        os.write(
+            2,
+            b"E1207 11:19:01.388420    1097 add_port.cc:83] Failed to add port to server\n"
+            b"=== Source Location Trace: ===\n"
+            b"not gRPC's\n",
+        )
+    err = capfd.readouterr().err
+    assert err == "not gRPC's\n"

@@ -5,11 +5,14 @@ another daemon shares MANAGER_QEMU_TMP_FILE_LOC: its VMs have no record here."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 from cocos_manager.proto import manager_pb2 as pb
@@ -125,4 +128,74 @@ async def test_a_qemu_of_a_record_cleaned_as_gone_is_ended_too(tmp_path: Path) -
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+        await d.terminate()
+
+
+async def test_a_lost_record_after_a_change_of_tmp_file_loc_still_ends_its_qemu(
+    tmp_path: Path,
+) -> None:
+    """The sweep looked only in the current MANAGER_QEMU_TMP_FILE_LOC: a VM launched before
+    the setting changed, whose record was then lost, ran on, nobody's. The daemon lists every
+    directory it launched VMs in (MANAGER_STATE_DIR/launch-dirs) and sweeps the former
+    ones too; a process naming such files in a directory it never used is left alone."""
+    state, old, new = tmp_path / "state", tmp_path / "vms", tmp_path / "vms-2"
+    d = Daemon(env=base_env(tmp_path), log=tmp_path / "daemon.log")
+    await d.start()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    stranger_uuid = "0b7e5a3c-2f4d-4e8a-9c1b-7d6e5f4a3b2c"
+    stranger = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import time; time.sleep(120)",
+        f"{elsewhere}/bzImage-{stranger_uuid}", f"{elsewhere}/rootfs.cpio-{stranger_uuid}.gz",
+    )  # fmt: skip
+    try:
+        await d.stub.Run(run_request("lost"))
+        lost = pid_of(tmp_path, "lost")
+        await d.kill()
+        (lost_uuid,) = newest_record_paths(state)
+        for path in state.glob("vm-*.json"):
+            path.write_bytes(b"")  # what a power cut leaves of a record never fsynced
+        d.env["MANAGER_QEMU_TMP_FILE_LOC"] = str(new)
+        await d.start()
+        await wait_until_gone(lost)
+        assert os.listdir(old) == []
+        (line,) = [
+            r for r in log_lines(d) if "QEMU of a lost VM record ended" in str(r.get("message"))
+        ]
+        assert line["pid"] == lost and line["uuid"] == lost_uuid
+        # Swept whole and named by no record: looked for no more.
+        assert json.loads((state / "launch-dirs").read_text()) == [str(new)]
+        assert stranger.returncode is None, "a process the daemon never launched was ended"
+    finally:
+        stranger.kill()
+        await stranger.wait()
+        await d.terminate()
+
+
+async def test_a_former_tmp_file_loc_another_process_holds_is_not_swept(tmp_path: Path) -> None:
+    """Another daemon may use the directory now (it holds a shared flock on it for its life):
+    its VMs have no record here, so nothing there is touched, and it stays listed."""
+    state, old, new = tmp_path / "state", tmp_path / "vms", tmp_path / "vms-2"
+    d = Daemon(env=base_env(tmp_path), log=tmp_path / "daemon.log")
+    await d.start()
+    try:
+        await d.stub.Run(run_request("theirs"))
+        pid = pid_of(tmp_path, "theirs")
+        await d.kill()
+        for path in state.glob("vm-*.json"):
+            path.write_bytes(b"")
+        d.env["MANAGER_QEMU_TMP_FILE_LOC"] = str(new)
+        held = os.open(old, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(held, fcntl.LOCK_SH)
+            await d.start()
+            assert alive(pid) and len(os.listdir(old)) > 1
+            assert json.loads((state / "launch-dirs").read_text()) == [str(new), str(old)]
+            assert [r for r in log_lines(d) if "not swept" in str(r.get("message"))]
+        finally:
+            os.close(held)
+        await d.terminate()
+        await d.start()  # let go of: swept now
+        await wait_until_gone(pid)
+    finally:
         await d.terminate()

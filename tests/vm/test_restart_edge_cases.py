@@ -20,14 +20,15 @@ from tests.test_faults import tmpfs
 async def test_a_vm_whose_record_could_not_name_its_qemu_is_not_lost_on_restart(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """MANAGER_STATE_DIR has room for the admission record only: every later version (the one
+    """MANAGER_STATE_DIR has room for the admission record only (and the list of launch directories): every later version (the one
     naming QEMU's PID) fails with ENOSPC. A VM whose record does not name its QEMU cannot be
     found by the next start: either the Run fails, or the VM is still tracked after a
     restart; never a QEMU running that no daemon knows of."""
     vms = str(tmp_path / "vms")
     leave = {"MANAGER_SHUTDOWN_STOPS_VMS": "false"}
     try:
-        with tmpfs(tmp_path / "state", "4k"):
+        # One page for the list of launch directories (host/launch_dirs.py), one for the record.
+        with tmpfs(tmp_path / "state", "8k"):
             async with running_manager(tmp_path, monkeypatch, **leave) as m:
                 try:
                     await m.stub.Run(run_request("full"))
@@ -35,7 +36,7 @@ async def test_a_vm_whose_record_could_not_name_its_qemu_is_not_lost_on_restart(
                     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                     assert "MANAGER_STATE_DIR" in (error.details() or "")
                     assert processes_mentioning(vms) == []
-                    assert sorted(os.listdir(tmp_path / "state")) == [], "no record left"
+                    assert list((tmp_path / "state").glob("vm-*")) == [], "no record left"
                     return
             async with running_manager(tmp_path, monkeypatch, **leave) as again:
                 tracked = again.service.computations()

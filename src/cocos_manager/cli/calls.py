@@ -6,11 +6,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import grpc
-from google.protobuf import json_format
+from google.protobuf.message import Message
 
-from cocos_manager.cli.output import computation_table, console_line, print_message, proto_json
+from cocos_manager.cli.output import (
+    computation_table,
+    console_line,
+    describe,
+    print_message,
+    proto_json,
+)
 from cocos_manager.cli.request import CliError, request_from_files, request_from_manifest
 from cocos_manager.cli.verbs import vm_report, watch_power_off
 from cocos_manager.config import TlsConfigError, channel_credentials
@@ -29,6 +37,25 @@ def open_channel(options: argparse.Namespace) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(options.address)
 
 
+async def unary(
+    options: argparse.Namespace,
+    call: Callable[[pb_grpc.ManagerServiceStub], Any],
+    request: Message,
+    done_text: Callable[[Any], str],
+) -> int:
+    """Every verb that asks once and prints once: `call` picks the stub's method, given
+    `request` with the common --timeout. The answer is `done_text` of it, or with --json one
+    JSON line (proto_json, as every --json of the CLI); an answer with no fields (Pause,
+    Resume, RemoveVm) prints nothing with --json, as stop's."""
+    async with open_channel(options) as channel:
+        response = await call(pb_grpc.ManagerServiceStub(channel))(request, timeout=options.timeout)
+    if not options.json:
+        print(done_text(response), flush=True)
+    elif response.DESCRIPTOR.fields:
+        print(proto_json(response), flush=True)
+    return 0
+
+
 async def run(options: argparse.Namespace) -> int:
     if options.manifest:
         request = request_from_manifest(options.manifest)
@@ -42,10 +69,7 @@ async def run(options: argparse.Namespace) -> int:
         request.vcpus = options.vcpus
     if options.memory is not None:
         request.memory_mib = options.memory
-    async with open_channel(options) as channel:
-        response = await pb_grpc.ManagerServiceStub(channel).Run(request, timeout=options.timeout)
-    print_message(response, options.json)
-    return 0
+    return await unary(options, lambda stub: stub.Run, request, describe)
 
 
 async def stop(options: argparse.Namespace) -> int:
@@ -70,35 +94,32 @@ STREAM_ENDED = 3
 
 
 async def pause(options: argparse.Namespace) -> int:
-    async with open_channel(options) as channel:
-        await pb_grpc.ManagerServiceStub(channel).Pause(
-            pb.PauseRequest(computation_id=options.computation_id), timeout=options.timeout
-        )
-    if not options.json:
-        print(f"computation {options.computation_id} paused")
-    return 0
+    computation_id = options.computation_id
+    return await unary(
+        options,
+        lambda stub: stub.Pause,
+        pb.PauseRequest(computation_id=computation_id),
+        lambda _: f"computation {computation_id} paused",
+    )
 
 
 async def resume(options: argparse.Namespace) -> int:
-    async with open_channel(options) as channel:
-        await pb_grpc.ManagerServiceStub(channel).Resume(
-            pb.ResumeRequest(computation_id=options.computation_id), timeout=options.timeout
-        )
-    if not options.json:
-        print(f"computation {options.computation_id} resumed")
-    return 0
+    computation_id = options.computation_id
+    return await unary(
+        options,
+        lambda stub: stub.Resume,
+        pb.ResumeRequest(computation_id=computation_id),
+        lambda _: f"computation {computation_id} resumed",
+    )
 
 
 async def show(options: argparse.Namespace) -> int:
-    async with open_channel(options) as channel:
-        response = await pb_grpc.ManagerServiceStub(channel).Get(
-            pb.GetRequest(computation_id=options.computation_id), timeout=options.timeout
-        )
-    if options.json:
-        print(json_format.MessageToJson(response, indent=None, preserving_proto_field_name=True))
-    else:
-        print(vm_report(response, argv_lines=options.verbose))
-    return 0
+    return await unary(
+        options,
+        lambda stub: stub.Get,
+        pb.GetRequest(computation_id=options.computation_id),
+        lambda response: vm_report(response, argv_lines=options.verbose),
+    )
 
 
 async def events(options: argparse.Namespace) -> int:
@@ -166,17 +187,14 @@ async def attestation_policy(options: argparse.Namespace) -> int:
 
 
 async def list_computations(options: argparse.Namespace) -> int:
-    async with open_channel(options) as channel:
-        response = await pb_grpc.ManagerServiceStub(channel).List(
-            pb.ListRequest(), timeout=options.timeout
-        )
-    if options.json:
-        print(proto_json(response))
-    elif response.computations:
-        print(computation_table(response.computations))
-    else:
-        print("no computations")
-    return 0
+    return await unary(
+        options,
+        lambda stub: stub.List,
+        pb.ListRequest(),
+        lambda response: (
+            computation_table(response.computations) if response.computations else "no computations"
+        ),
+    )
 
 
 async def logs(options: argparse.Namespace) -> int:

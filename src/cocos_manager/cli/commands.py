@@ -229,7 +229,7 @@ COMMANDS = {
     "pause": calls.pause,
     "resume": calls.resume,
     "show": calls.show,
-    **cvm.commands(calls.open_channel),
+    **cvm.COMMANDS,
 }
 
 

@@ -5,20 +5,16 @@ work here: certificate and key flags take file paths, whose bytes are sent."""
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-import grpc
 from google.protobuf import json_format
 
-from cocos_manager.cli.output import print_message
+from cocos_manager.cli.calls import unary
 from cocos_manager.cli.request import CliError
 from cocos_manager.proto import manager_pb2 as pb
-from cocos_manager.proto import manager_pb2_grpc as pb_grpc
 
-Channel = Callable[[argparse.Namespace], grpc.aio.Channel]
 Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 
 
@@ -50,50 +46,47 @@ def create_request(options: argparse.Namespace) -> pb.CreateReq:
     )
 
 
-def commands(channel: Channel) -> dict[str, Command]:
-    """The three commands, each on a channel made from the common options."""
+async def create_vm(options: argparse.Namespace) -> int:
+    return await unary(
+        options,
+        lambda stub: stub.CreateVm,
+        create_request(options),
+        lambda response: (
+            f"virtual machine created with id {response.cvm_id} and port {response.forwarded_port}"
+        ),
+    )
 
-    async def create_vm(options: argparse.Namespace) -> int:
-        request = create_request(options)
-        async with channel(options) as ch:
-            response = await pb_grpc.ManagerServiceStub(ch).CreateVm(
-                request, timeout=options.timeout
-            )
-        if options.json:
-            print_message(response, True)
-        else:
-            print(
-                f"virtual machine created with id {response.cvm_id} and port "
-                f"{response.forwarded_port}"
-            )
-        return 0
 
-    async def remove_vm(options: argparse.Namespace) -> int:
-        async with channel(options) as ch:
-            await pb_grpc.ManagerServiceStub(ch).RemoveVm(
-                pb.RemoveReq(cvm_id=options.cvm_id), timeout=options.timeout
-            )
-        if not options.json:
-            print(f"virtual machine {options.cvm_id} removed")
-        return 0
+async def remove_vm(options: argparse.Namespace) -> int:
+    return await unary(
+        options,
+        lambda stub: stub.RemoveVm,
+        pb.RemoveReq(cvm_id=options.cvm_id),
+        lambda _: f"virtual machine {options.cvm_id} removed",
+    )
 
-    async def cvm_info(options: argparse.Namespace) -> int:
-        async with channel(options) as ch:
-            response = await pb_grpc.ManagerServiceStub(ch).CVMInfo(
-                pb.CVMInfoReq(id=options.cvm_id), timeout=options.timeout
-            )
-        sys.stdout.write(
-            json_format.MessageToJson(
-                response,
-                indent=2,
-                always_print_fields_with_no_presence=True,
-                preserving_proto_field_name=True,
-            )
-            + "\n"
-        )
-        return 0
 
-    return {"create-vm": create_vm, "remove-vm": remove_vm, "cvm-info": cvm_info}
+def _cvm_info_text(response: pb.CVMInfoRes) -> str:
+    """Without --json: every field, indented, as upstream's cocos-cli prints it."""
+    return json_format.MessageToJson(
+        response,
+        indent=2,
+        always_print_fields_with_no_presence=True,
+        preserving_proto_field_name=True,
+    )
+
+
+async def cvm_info(options: argparse.Namespace) -> int:
+    return await unary(
+        options, lambda stub: stub.CVMInfo, pb.CVMInfoReq(id=options.cvm_id), _cvm_info_text
+    )
+
+
+COMMANDS: dict[str, Command] = {
+    "create-vm": create_vm,
+    "remove-vm": remove_vm,
+    "cvm-info": cvm_info,
+}
 
 
 def add_parsers(

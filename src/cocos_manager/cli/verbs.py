@@ -109,7 +109,7 @@ def vm_report(vm: pb.GetResponse, *, argv_lines: bool = False) -> str:
         rows += [
             ("ended", _time(e.ended_at)),
             ("  reason", e.reason),
-            ("  event", f"{e.event_type} {e.status}"),
+            ("  event", f"{e.event_type} {e.status}".strip() or "- (none published)"),
             ("  exit", e.exit or "-"),
         ]
         if e.error:

@@ -12,6 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
+from cocos_manager.telemetry import grpc_core_silenced
+
 LISTEN_OPTIONS: list[tuple[str, int]] = [
     # gRPC sets SO_REUSEPORT by default: a second daemon would then share the port with the
     # first one, and each would get half of the connections.
@@ -40,8 +42,10 @@ def grpc_listen_refusal(host: str, port: int, error: object) -> str:
 
 def probe_grpc_listen(host: str, port: int) -> None:
     """Binds host:port as the daemon's server does, and lets it go; ListenRefusedError with
-    the daemon's own line when it cannot. Blocking: for `cocos-manager check`, not the loop."""
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    the daemon's own line when it cannot. Blocking: for `cocos-manager check`, not the loop.
+    gRPC core's own line about the failed bind is kept off check's stderr: the FAIL line
+    says it."""
+    with ThreadPoolExecutor(max_workers=1) as pool, grpc_core_silenced():
         server = grpc.server(pool, options=LISTEN_OPTIONS)
         try:
             server.add_insecure_port(listen_address(host, port))

@@ -221,6 +221,7 @@ class RecordParser:
         self.sink = sink
         self.live = True
         self.ended = False  # the keeper's last record was read
+        self.last_stamp: int | None = None  # of the last record read: its end, once `ended`
         self._next = 0  # the sequence number of the next line
         self._buf = b""
 
@@ -242,6 +243,8 @@ class RecordParser:
         seq_text, stamp_text, tag, payload = parts
         if tag == b"X":
             self.ended = True
+            with contextlib.suppress(ValueError):
+                self.last_stamp = int(stamp_text)
             return
         stream = _STREAMS.get(tag)
         if stream is None:
@@ -255,19 +258,23 @@ class RecordParser:
         if seq > self._next:
             self.sink("stderr", dropped_note(seq - self._next), stamp, self.live)
         self._next = seq + 1
+        self.last_stamp = stamp
         if text := clean_line(payload):
             self.sink(stream, text, stamp, self.live)
 
 
-def read_history(files: ConsoleFiles, sink: ConsoleSink) -> None:
+def read_history(files: ConsoleFiles, sink: ConsoleSink) -> int | None:
     """Everything the console files hold, oldest first (a VM whose QEMU ended while no
-    daemon ran: its post-mortem). At most `files.max_bytes`, by the keeper's bound."""
+    daemon ran: its post-mortem). At most `files.max_bytes`, by the keeper's bound. Returns
+    when QEMU ended as far as the file tells (ns since the epoch): the keeper's last record,
+    written once both pipes closed; else (a keeper killed first) its last line; else None."""
     parser = RecordParser(sink)
     parser.live = False
     for path in (files.rotated, files.path):
         with contextlib.suppress(FileNotFoundError):
             parser.feed(path.read_bytes()[: files.max_bytes])
             parser.next_file()
+    return parser.last_stamp
 
 
 class ConsoleReader:
@@ -292,8 +299,11 @@ class ConsoleReader:
         meanwhile. Never cancels the reading, so a later call still gets the rest."""
         self._interval = DRAIN_INTERVAL
         self._poke.set()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self.ended), timeout)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.ended), timeout)
+        finally:  # no last record (a keeper killed): polled as before, not 100 times a second
+            self._interval = POLL_INTERVAL
 
     def poke(self) -> None:
         """Reads now: the keeper has ended, so its last record is in the file (a drain would
@@ -304,6 +314,11 @@ class ConsoleReader:
         if not self._task.done():
             self._task.cancel()
         self._close_fds()
+
+    @property
+    def last_record_read(self) -> bool:
+        """The keeper's last record was read: it ended because QEMU's output did."""
+        return self._parser.ended
 
     # -- reading ---------------------------------------------------------------------------
 

@@ -48,6 +48,8 @@ import time
 MAX_LINE = 64 * 1024
 FORMAT_VERSION = b"1"
 FILE_MODE = 0o600
+KEEPER_NAME = b"console-keeper"  # /proc/PID/comm of a forked keeper
+ZYGOTE_NAME = b"keeper-zygote"  # and of the zygote
 
 
 class Sink:
@@ -182,7 +184,7 @@ def _forked_keeper(channel: socket.socket, request: bytes, fds: list[int]) -> in
     """In the forked child: its pidfd to the daemon first (the answer), then the keeper."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     os.setsid()  # outlives the daemon and the zygote, as QEMU does
-    _name(b"console-keeper")
+    _name(KEEPER_NAME)
     try:
         pidfd = os.pidfd_open(os.getpid())
         try:
@@ -204,7 +206,7 @@ def zygote(channel_fd: int) -> int:
     for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, _reap)  # its keepers: never left zombies
-    _name(b"keeper-zygote")
+    _name(ZYGOTE_NAME)
     channel = socket.socket(fileno=channel_fd)
     pidfd = os.pidfd_open(os.getpid())
     socket.send_fds(channel, [b"%d" % os.getpid()], [pidfd])  # the daemon may end it

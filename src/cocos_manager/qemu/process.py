@@ -16,7 +16,7 @@ import os
 import signal
 import socket
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,11 +76,13 @@ class QemuProcess:
         on_line: LineCallback | None = None,
         env: dict[str, str] | None = None,
         console: ConsoleFiles | None = None,
+        on_keeper_lost: Callable[[str], None] | None = None,
     ) -> QemuProcess:
         """Starts QEMU and returns its owner; a caller cancelled here has the process reaped,
         and one cancelled at its next await still holds it. Its output is connected by
         `attach_output()` (streams.py): pipes to the daemon, or with `console` a keeper process and its
-        file, which outlive the daemon (console_file.py).
+        file, which outlive the daemon (console_file.py); `on_keeper_lost` is told if that
+        keeper is gone while QEMU runs.
 
         Popen waits until the child has exec'd, and under a burst (32 TCG guests taking the
         CPUs) that wait was about 30 ms per VM with the event loop blocked: it runs in a
@@ -108,6 +110,7 @@ class QemuProcess:
             kill_spawned(popen)
             raise
         process.output.console_files, process.output.keeper_reaped = console, keeper_reaped
+        process.output.on_keeper_lost = on_keeper_lost
         return process
 
     @classmethod

@@ -1,17 +1,25 @@
 """One QEMU process's output: its pipes to the daemon, or the file its console keeper writes
 (console_file.py), as lines to the VM's callback; the last few kept for a failed start's
 message. Owned by the QemuProcess (its `output`), which keeps to starting and stopping.
+
+A keeper that ends while QEMU runs (killed, OOM) takes the console with it: QEMU's further
+output goes nowhere. Its end is watched (one this daemon started: its pidfd; an adopted VM's:
+found by its command line or the file it holds, then its pidfd) and, unless its last record says QEMU's output ended,
+told once through `on_keeper_lost`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import subprocess
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from cocos_manager.host import live_processes
+from cocos_manager.qemu import console_keeper
 from cocos_manager.qemu.console_file import ConsoleFiles, ConsoleReader
 from cocos_manager.qemu.output import LineReader
 
@@ -19,6 +27,48 @@ LineCallback = Callable[[str, str], None]
 HistoryCallback = Callable[[str, str, int], None]
 TAIL_LINES = 20
 KEEPER_END_WAIT = 3.0  # a keeper's interpreter starting on a loaded host: 0.2 s typically
+LAST_RECORD_WAIT = 2.0
+"""How long a keeper's end waits for its last record to be read (the file is polled every
+100 ms) before it counts as a loss."""
+
+
+def find_keeper(files: ConsoleFiles, since: int) -> int | None:
+    """The PID of the keeper writing `files` (an adopted VM's: not this daemon's child); None
+    when it is gone. Only watched, never signalled. `since`: its QEMU's start time (the keeper
+    starts after it). A keeper started alone names the file on its command line; one forked
+    by the keeper zygote has the zygote's command line and is known by the file it holds
+    open (the zygote itself holds none for longer than a fork). The keeper's script is
+    matched by its name only: one started by an earlier version of the daemon, installed
+    elsewhere, is the VM's keeper all the same. Reads /proc: off the loop."""
+    path, script = str(files.path), os.path.basename(console_keeper.__file__)
+    for pid, _, cmdline in live_processes(since):
+        if not any(os.path.basename(arg) == script for arg in cmdline):
+            continue
+        if len(cmdline) >= 6 and cmdline[-5] == path and os.path.basename(cmdline[-6]) == script:
+            return pid
+        if _holds_open(pid, path) and not _is_zygote(pid):
+            return pid
+    return None
+
+
+def _holds_open(pid: int, path: str) -> bool:
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == path:
+                return True
+    return False
+
+
+def _is_zygote(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as comm:
+            return comm.read().strip() == console_keeper.ZYGOTE_NAME
+    except OSError:
+        return False
 
 
 class QemuOutput:
@@ -38,12 +88,19 @@ class QemuOutput:
         self._console: ConsoleReader | None = None
         self.keeper_reaped: asyncio.Future[None] | None = None  # a keeper this daemon started
         self._on_history: HistoryCallback | None = None
+        # Told once, with the words, when the keeper is gone while QEMU runs (set by the VM).
+        self.on_keeper_lost: Callable[[str], None] | None = None
+        self._keeper_watch: asyncio.Task[None] | None = None
 
     async def attach(self) -> None:
         """Connects QEMU's stdout and stderr to the line callback."""
         assert self._popen is not None
         if self.console_files is not None:
             self._console = ConsoleReader(self.console_files, self._console_line, history=False)
+            if self.keeper_reaped is not None:
+                self._keeper_watch = asyncio.ensure_future(
+                    self._watch_keeper(self.keeper_reaped, None)
+                )
             return
         loop = asyncio.get_running_loop()
         for stream, pipe in (("stdout", self._popen.stdout), ("stderr", self._popen.stderr)):
@@ -67,12 +124,63 @@ class QemuOutput:
                     pipe.close()
 
     def follow_console(
-        self, files: ConsoleFiles, on_line: LineCallback, on_history: HistoryCallback
+        self,
+        files: ConsoleFiles,
+        on_line: LineCallback,
+        on_history: HistoryCallback,
+        qemu_start_time: int,
     ) -> None:
         """For an adopted VM: what its keeper wrote before (`on_history`), then its new lines
-        (`on_line`), as a VM started by this daemon has them."""
+        (`on_line`), as a VM started by this daemon has them; its keeper watched from here on
+        (`qemu_start_time`: the keeper started after its QEMU)."""
         self.console_files, self._on_line, self._on_history = files, on_line, on_history
         self._console = ConsoleReader(files, self._console_line, history=True)
+        self._keeper_watch = asyncio.ensure_future(self._watch_adopted_keeper(qemu_start_time))
+
+    async def _watch_adopted_keeper(self, since: int) -> None:
+        assert self.console_files is not None
+        loop = asyncio.get_running_loop()
+        pid = await asyncio.to_thread(find_keeper, self.console_files, since)
+        pidfd = None
+        if pid is not None:
+            with contextlib.suppress(OSError):
+                pidfd = os.pidfd_open(pid)
+        if pidfd is None:  # gone already (while no daemon ran)
+            await self._keeper_ended(None)
+            return
+        ended: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:
+            if not ended.done():
+                ended.set_result(None)
+
+        loop.add_reader(pidfd, readable)
+        try:
+            await ended
+        finally:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+        await self._keeper_ended(pid)
+
+    async def _watch_keeper(self, reaped: asyncio.Future[None], pid: int | None) -> None:
+        await asyncio.shield(reaped)
+        await self._keeper_ended(pid)
+
+    async def _keeper_ended(self, pid: int | None) -> None:
+        """Its last record, written once both pipes ended, says QEMU's output ended with it;
+        none while QEMU runs is a console lost."""
+        console = self._console
+        if console is None:
+            return
+        await console.drain(LAST_RECORD_WAIT)
+        if console.last_record_read or self._exited.done() or self._keeper_watch is None:
+            return
+        who = f"the console keeper (pid {pid})" if pid else "the console keeper"
+        if self.on_keeper_lost is not None:
+            self.on_keeper_lost(
+                f"{who} of this VM is gone while QEMU runs: QEMU's output from now on is lost "
+                "(Logs, Events and the daemon's log get no more of its console)"
+            )
 
     async def history_read(self, timeout: float) -> None:
         """Waits (up to `timeout`) until what the console file held at adoption is read: Logs
@@ -95,6 +203,9 @@ class QemuOutput:
         """Stops reading the console file (the daemon lets go of the VM, or it was released)."""
         if self._console is not None:
             self._console.close()
+        watch, self._keeper_watch = self._keeper_watch, None
+        if watch is not None:
+            watch.cancel()
 
     def _line(self, stream: str, text: str) -> None:
         self._tail.append((stream, text))

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from cocos_manager.telemetry.grpc_log import capture_grpc_core_log as capture_grpc_core_log
+    from cocos_manager.telemetry.grpc_log import grpc_core_silenced as grpc_core_silenced
     from cocos_manager.telemetry.logging import configure_logging as configure_logging
     from cocos_manager.telemetry.logging import get_logger as get_logger
     from cocos_manager.telemetry.metrics import METRICS as METRICS
@@ -34,6 +35,7 @@ HOMES = {
     "probe_metrics_listen": "metrics",
     "probe_collector": "tracing",
     "capture_grpc_core_log": "grpc_log",
+    "grpc_core_silenced": "grpc_log",
     "configure_logging": "logging",
     "get_logger": "logging",
     "METRICS": "metrics",

@@ -23,7 +23,9 @@ import os
 import re
 import select
 import sys
+import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -196,3 +198,37 @@ def capture_grpc_core_log() -> None:
         thread.join(1.0)
 
     atexit.register(restore)
+
+
+class _Dropped:
+    """A log that keeps nothing: the caller of `grpc_core_silenced` tells the failure itself."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **fields: None
+
+
+@contextlib.contextmanager
+def grpc_core_silenced() -> Iterator[None]:
+    """For a short synchronous gRPC call in a command that is not the daemon (`check`'s bind
+    probe), whose failure the caller reports in its own words: gRPC core's record of it
+    ("E1207 ... add_port.cc:83] Failed to add port ...") would be noise beside that line.
+    Meanwhile fd 2 goes to a temporary file; gRPC core's records there are dropped, anything
+    else goes on to stderr unchanged. Not for the daemon, whose fd 2 is already the Pump's."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all: nothing to keep quiet
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            pump = Pump(sys.stderr, _Dropped())
+            for line in held.read().decode("utf-8", errors="replace").splitlines():
+                pump.line(line)
+            pump.flush()

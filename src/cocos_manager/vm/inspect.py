@@ -10,18 +10,24 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from cocos_manager.confidential import launched_binding, launched_mode
-from cocos_manager.config import go_duration_text, memory_mib
+from cocos_manager.config import QemuSettings, go_duration_text, memory_mib
 from cocos_manager.errors import NotFoundError
 from cocos_manager.events import ConsoleArchive
+from cocos_manager.host import VmRecord
 from cocos_manager.proto import manager_pb2 as pb
 from cocos_manager.vm.lifecycle import VmEnd, VmState
-from cocos_manager.vm.listing import computation_info
+from cocos_manager.vm.listing import computation_info, started_at_from_ticks
 
 if TYPE_CHECKING:
     from cocos_manager.vm.machine import Machine
+    from cocos_manager.vm.output import PostMortem
 
 ENDED = "ended"
 """Get's state of a VM that is no longer held (List does not show it)."""
+RECOVERY = "recovery"
+"""VmExit's reason for a VM the daemon's start found ended, or ended (vm/recovery.py)."""
+DOWN = "ended while the manager was down"
+"""VmExit's exit for a VM whose QEMU ended while no daemon ran: how, nobody saw."""
 
 
 def listed_state(machine: Machine) -> str:
@@ -49,12 +55,21 @@ def machine_info(machine: Machine) -> pb.ComputationInfo:
 
 
 def _size(machine: Machine) -> tuple[int, int]:
+    return _launched_size(
+        machine.launch_settings,
+        machine.size.vcpus,
+        machine.size.memory_mib,
+        machine.ctx.settings.qemu,
+    )
+
+
+def _launched_size(
+    launched: dict[str, str], asked_vcpus: int, asked_mib: int, q: QemuSettings
+) -> tuple[int, int]:
     """vCPUs and MiB as launched: the settings it got, else its request, else the settings."""
-    launched = machine.launch_settings
-    q = machine.ctx.settings.qemu
-    vcpus = launched.get("MANAGER_QEMU_SMP_COUNT") or str(machine.size.vcpus or q.SMP_COUNT)
+    vcpus = launched.get("MANAGER_QEMU_SMP_COUNT") or str(asked_vcpus or q.SMP_COUNT)
     memory = launched.get("MANAGER_QEMU_MEMORY_SIZE") or (
-        f"{machine.size.memory_mib}M" if machine.size.memory_mib else q.MEMORY_SIZE
+        f"{asked_mib}M" if asked_mib else q.MEMORY_SIZE
     )
     try:
         return int(vcpus), memory_mib(memory)
@@ -103,6 +118,40 @@ def vm_info(machine: Machine) -> pb.GetResponse:
     return response
 
 
+def record_info(
+    record: VmRecord, q: QemuSettings, exit_text: str, post_mortem: PostMortem
+) -> pb.GetResponse:
+    """Get of a VM the daemon's start found ended (its QEMU gone: `exit_text` is DOWN) or
+    ended itself (why, in recovery's words), told from its record and its console file as
+    Get tells any ended VM. No final event was published of it: event_type and status are
+    empty."""
+    argv = record.argv or record.cmdline  # as exec'd, as Get says of a held VM
+    fw_cfg = record.settings.get("MANAGER_QEMU_AGENT_CHANNEL", q.AGENT_CHANNEL.value) == "fw_cfg"
+    vcpus, memory = _launched_size(record.settings, record.vcpus, record.memory_mib, q)
+    response = pb.GetResponse(
+        computation=computation_info(
+            record.computation_id,
+            state=ENDED,
+            host_port=record.host_port,
+            guest_cid=0 if fw_cfg else record.guest_cid,
+            vnc_display=record.vnc_display,
+            pid=None,
+            started_at=started_at_from_ticks(record.start_time),
+            expires_at=None,
+            adopted=False,
+        ),
+        qemu_argv=argv,
+        settings=record.settings,
+        confidential_mode=launched_mode(argv),
+        binding=launched_binding(argv),
+        vcpus=vcpus,
+        memory_mib=memory,
+        last_exit=pb.VmExit(reason=RECOVERY, exit=exit_text, last_lines=post_mortem.last_lines),
+    )
+    response.last_exit.ended_at.FromNanoseconds(int(post_mortem.ended_at * 1e9))
+    return response
+
+
 def _halt_status(machine: Machine) -> str:
     halt = machine.halt or {}
     return str(halt.get("qemu_status", "halted"))
@@ -125,6 +174,11 @@ class EndedVms:
             return
         info.ClearField("files")  # removed with the VM
         self._ended[machine.id] = info
+        self._prune()
+
+    def keep_found(self, info: pb.GetResponse) -> None:
+        """A VM found ended at the daemon's start (record_info); its console is kept first."""
+        self._ended[info.computation.computation_id] = info
         self._prune()
 
     def get(self, computation_id: str) -> pb.GetResponse:

@@ -107,6 +107,7 @@ class Launcher(Protocol):
         on_line: LineCallback,
         env: dict[str, str] | None,
         console: ConsoleFiles | None = None,
+        on_keeper_lost: Callable[[str], None] | None = None,
     ) -> QemuProcess: ...
 
 

@@ -10,6 +10,13 @@ TTL and numbers were in the record) and an error line names it; files of such UU
 removed. Only by a daemon alone on TMP_FILE_LOC (`hold_tmp_dir`): two daemons with separate state
 directories may share one TMP_FILE_LOC, and each other's VMs have no record in the other's
 directory.
+
+The same is done in every directory the setting named before (`sweep_former`): the daemon
+lists each one in its state directory before it launches a VM there (host/launch_dirs.py),
+so a lost record of a VM launched before the setting changed does not leave its QEMU
+running, nobody's. A former directory is swept only while no daemon holds it and only if it
+is still the daemon's own and private (launch_dir_problem), and is dropped from the list
+once nothing of the daemon's is left there.
 """
 
 from __future__ import annotations
@@ -22,10 +29,10 @@ import time
 from pathlib import Path
 
 from cocos_manager.errors import QemuStopFailedError
-from cocos_manager.host import live_processes
+from cocos_manager.host import live_processes, load_launch_dirs, save_launch_dirs
 from cocos_manager.qemu import QemuProcess
 from cocos_manager.telemetry import get_logger
-from cocos_manager.vm.files import remove_shares
+from cocos_manager.vm.files import launch_dir_problem, remove_shares
 
 _log = get_logger()
 _UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
@@ -107,17 +114,19 @@ def _option(argv: list[str], pattern: str) -> str:
     return ""
 
 
-async def sweep(tmp: Path, known: set[str]) -> None:
-    """Ends the QEMUs and removes the files under `tmp` of UUIDs not in `known`."""
+async def sweep(tmp: Path, known: set[str]) -> bool:
+    """Ends the QEMUs and removes the files under `tmp` of UUIDs not in `known`; False when a
+    QEMU could not be ended (the next start looks again)."""
     where = str(tmp)
     found = await asyncio.to_thread(_found, where, known)
+    ended = True
     for vm_uuid, processes in sorted(found.items()):
         for pid, start_time, argv in processes:
-            await _end(vm_uuid, pid, start_time, argv)
+            ended = await _end(vm_uuid, pid, start_time, argv) and ended
     try:
         names = os.listdir(tmp)
     except OSError:
-        return
+        return ended
     for name in sorted(names):
         match = re.fullmatch(_NAME, name) or re.fullmatch(_UNNAMED, name)
         if match is None:
@@ -140,9 +149,82 @@ async def sweep(tmp: Path, known: set[str]) -> None:
             path=str(tmp / name),
             uuid=vm_uuid,
         )
+    return ended
 
 
-async def _end(vm_uuid: str, pid: int, start_time: int, argv: list[str]) -> None:
+def _hold_alone(where: str) -> int | None:
+    """An exclusive flock on a former launch directory (as hold_tmp_dir takes the current one),
+    or None when another daemon holds it: then its VMs may be there, with no record here."""
+    try:
+        fd = os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _former_problem(where: str) -> str | None:
+    """None when the directory is gone; else why it may not be swept ("" when it may)."""
+    if not os.path.lexists(where):
+        return None
+    return launch_dir_problem(where)
+
+
+async def sweep_former(state_dir: Path, current: str, recorded: set[str], known: set[str]) -> None:
+    """Sweeps each directory the list names besides `current` (swept, or not, by the caller)
+    as `sweep` does the current one, then saves the list: `current` added before any VM is
+    launched there, a former one dropped once it is gone, or swept whole and named by no
+    record (`recorded`: the launch directories of the records kept)."""
+    listed = await asyncio.to_thread(load_launch_dirs, state_dir)
+    keep = [current]
+    # A record's directory is one too (a record written before the list was kept).
+    for where in [*listed, *sorted(recorded - set(listed))]:
+        if where in keep or not where:
+            continue
+        problem = _former_problem(where)
+        if problem is None:
+            continue  # removed: nothing of ours can be there any more
+        if problem:
+            _log.error(
+                "former MANAGER_QEMU_TMP_FILE_LOC not swept: it is not one the daemon may use "
+                f"({problem}); QEMUs and files there of lost VM records are not looked for",
+                launch_dir=where,
+            )
+            keep.append(where)
+            continue
+        fd = _hold_alone(where)
+        if fd is None:
+            _log.warning(
+                "former MANAGER_QEMU_TMP_FILE_LOC not swept: another process (another "
+                "cocos-manager?) holds it; QEMUs and files there of lost VM records are not "
+                "looked for",
+                launch_dir=where,
+            )
+            keep.append(where)
+            continue
+        try:
+            ended = await sweep(Path(where), known)
+        finally:
+            os.close(fd)
+        if not ended or where in recorded:
+            keep.append(where)
+    if keep != listed:
+        try:
+            await asyncio.to_thread(save_launch_dirs, state_dir, keep)
+        except OSError as error:
+            _log.error(
+                "cannot save the list of MANAGER_QEMU_TMP_FILE_LOC directories: a VM whose "
+                "record is lost after the setting changes would not be found",
+                path=str(state_dir),
+                error=error.strerror,
+            )
+
+
+async def _end(vm_uuid: str, pid: int, start_time: int, argv: list[str]) -> bool:
     details = {
         "uuid": vm_uuid,
         "pid": pid,
@@ -152,7 +234,7 @@ async def _end(vm_uuid: str, pid: int, start_time: int, argv: list[str]) -> None
     try:
         process = QemuProcess.adopt(pid, argv, start_time, argv)
     except ProcessLookupError:
-        return  # ended meanwhile
+        return True  # ended meanwhile
     process.kill_now()
     try:
         await process.terminate(0)
@@ -162,9 +244,10 @@ async def _end(vm_uuid: str, pid: int, start_time: int, argv: list[str]) -> None
             error=str(error),
             **details,
         )
-        return
+        return False
     _log.error(
         "QEMU of a lost VM record ended: no record named it (set aside as .bad, or lost), so "
         "its computation could not be resumed; its files are removed",
         **details,
     )
+    return True

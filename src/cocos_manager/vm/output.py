@@ -7,6 +7,9 @@ Every line reaches Events and the console; the daemon's log takes them at a boun
 from __future__ import annotations
 
 import contextlib
+import time
+from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 from cocos_manager.config import ServiceSettings
@@ -25,12 +28,35 @@ def level_of(stream: str) -> str:
     return "info" if stream == "stdout" else "warn"
 
 
-def keep_post_mortem(consoles: ConsoleArchive, computation_id: str, files: ConsoleFiles) -> None:
+POST_MORTEM_LINES = 20
+"""The last console lines Get shows of a VM found ended at a restart (as QemuOutput keeps
+them of one that exits while watched)."""
+
+
+@dataclass(frozen=True)
+class PostMortem:
+    """What the console file tells of a VM's end: when (seconds since the epoch: the keeper's
+    last record, else its last line, else the moment it was read) and its last lines."""
+
+    ended_at: float
+    last_lines: list[str]
+
+
+def keep_post_mortem(
+    consoles: ConsoleArchive, computation_id: str, files: ConsoleFiles
+) -> PostMortem:
     """A VM that ended while no daemon ran (found so after a restart): its console file
     becomes its ended console, readable with Logs for the retention as any ended VM's."""
     log = consoles.open(computation_id)
-    read_history(files, lambda stream, text, stamp, _: log.append(level_of(stream), text, stamp))
+    tail: deque[str] = deque(maxlen=POST_MORTEM_LINES)
+
+    def line(stream: str, text: str, stamp: int, _: bool) -> None:
+        log.append(level_of(stream), text, stamp)
+        tail.append(text)
+
+    end = read_history(files, line)
     consoles.close(log)
+    return PostMortem(end / 1e9 if end is not None else time.time(), list(tail))
 
 
 def append_agent_log(console: ConsoleLog, log: pb.AgentLog) -> None:
@@ -73,6 +99,15 @@ class VmOutput:
         file): the console has it, at the time it was printed; Events and the daemon's log
         had it from the daemon of that time, or never will (it ran while none did)."""
         self._console.append(level_of(stream), text, timestamp_ns)
+
+    def lost(self, text: str) -> None:
+        """A loss of the console itself (its keeper gone): once, at warning level in the
+        daemon's log whatever its rate limit, and where Logs and Events readers are told of
+        the console's other losses (a `warn` line "cocos-manager: ...")."""
+        self._log.warning(text)
+        notice = f"cocos-manager: {text}"
+        self._console.append("warn", notice)
+        self._bus.publish(log_message(self._id, "warn", notice))
 
     def note_suppressed(self) -> None:
         """Logs how many lines the limit held back since the last note (also when the VM ends)."""

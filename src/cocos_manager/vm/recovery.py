@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,18 +29,22 @@ from cocos_manager.qemu import QemuProcess, QmpError, VmResources, VmSize
 from cocos_manager.telemetry import get_logger
 from cocos_manager.vm import orphans
 from cocos_manager.vm.files import VmFiles, launch_dir_problem, launched_paths, shares_dir
+from cocos_manager.vm.inspect import DOWN, EndedVms, record_info
 from cocos_manager.vm.lifecycle import MachineContext, VmState
 from cocos_manager.vm.listing import started_at_from_ticks
 from cocos_manager.vm.machine import Machine
-from cocos_manager.vm.output import keep_post_mortem
+from cocos_manager.vm.output import PostMortem, keep_post_mortem
 
 _log = get_logger()
 
 
-async def recover(ctx: MachineContext, machines: dict[str, Machine], *, sweep: bool) -> None:
-    """Adopted VMs are added to `machines`; everything else of the records is removed. With
-    `sweep` (the daemon holds TMP_FILE_LOC alone), QEMUs and files there that no record
-    names are ended and removed (orphans.py)."""
+async def recover(
+    ctx: MachineContext, machines: dict[str, Machine], ended: EndedVms, *, sweep: bool
+) -> None:
+    """Adopted VMs are added to `machines`; everything else of the records is removed, and
+    what ended of them (its QEMU gone, or ended here) is kept in `ended` for Get, as long as
+    its console for Logs. With `sweep` (the daemon holds TMP_FILE_LOC alone), QEMUs and
+    files there that no record names are ended and removed (orphans.py)."""
     try:
         ctx.store.open()
     except OSError as error:
@@ -55,7 +60,9 @@ async def recover(ctx: MachineContext, machines: dict[str, Machine], *, sweep: b
     async def recover_id(group: list[VmRecord]) -> None:
         for record in group:
             try:
-                machine = await _recover_one(ctx, record, taken=record.computation_id in machines)
+                machine = await _recover_one(
+                    ctx, record, ended, taken=record.computation_id in machines
+                )
             except Exception as error:  # never a traceback nor a restart loop over one record
                 _log.error(
                     "VM record could not be recovered; dropped without signalling",
@@ -70,8 +77,14 @@ async def recover(ctx: MachineContext, machines: dict[str, Machine], *, sweep: b
                 machines[machine.id] = machine
 
     await asyncio.gather(*(recover_id(group) for group in by_id.values()))
-    if sweep:  # the records kept: a QEMU naming the files of one just cleaned is no VM's
-        await orphans.sweep(Path(ctx.settings.qemu.TMP_FILE_LOC), ctx.store.uuids())
+    current = ctx.settings.qemu.TMP_FILE_LOC
+    known = (
+        ctx.store.uuids()
+    )  # the records kept: a QEMU naming the files of one just cleaned is no VM's
+    if sweep:
+        await orphans.sweep(Path(current), known)
+    recorded = {r.tmp_dir for group in by_id.values() for r in group if r.uuid in known}
+    await orphans.sweep_former(ctx.store.directory, current, recorded, known)
 
 
 def _files(ctx: MachineContext, record: VmRecord) -> tuple[VmFiles, str]:
@@ -187,7 +200,9 @@ async def _end_unrecorded(record: VmRecord, log: Any) -> None:
         log.warning("QEMU spawned as the daemon died, found by its command line: ended", pids=ended)
 
 
-async def _recover_one(ctx: MachineContext, record: VmRecord, *, taken: bool) -> Machine | None:
+async def _recover_one(
+    ctx: MachineContext, record: VmRecord, ended: EndedVms, *, taken: bool
+) -> Machine | None:
     log = _log.bind(computation_id=record.computation_id, pid=record.pid)
     if not record.pid and record.argv and record.boot_id == current_boot_id():
         await _end_unrecorded(record, log)
@@ -226,6 +241,7 @@ async def _recover_one(ctx: MachineContext, record: VmRecord, *, taken: bool) ->
         except ProcessLookupError:
             process = None
     reason = ""
+    gone = process is None
     if process is None and identity is not None:
         reason = f"its QEMU is gone (pid {record.pid} is now another process's: left alone)"
     elif process is None:
@@ -259,7 +275,8 @@ async def _recover_one(ctx: MachineContext, record: VmRecord, *, taken: bool) ->
                 log.error("QEMU could not be stopped", error=str(error))
         if not taken and not files_problem:  # what it printed, for Logs' post-mortem
             bound = ctx.settings.service.CONSOLE_FILE_BYTES
-            keep_post_mortem(ctx.consoles, record.computation_id, files.console(bound))
+            found = keep_post_mortem(ctx.consoles, record.computation_id, files.console(bound))
+            _keep_ended(ctx, record, ended, found, gone=gone, reason=reason)
         files.remove()
         ctx.store.remove(record.uuid)
         log.warning(f"VM record cleaned up: {reason}")
@@ -274,6 +291,31 @@ async def _recover_one(ctx: MachineContext, record: VmRecord, *, taken: bool) ->
         **({"launch_dir": str(files.directory)} if moved else {}),
     )
     return machine
+
+
+def _keep_ended(
+    ctx: MachineContext,
+    record: VmRecord,
+    ended: EndedVms,
+    found: PostMortem,
+    *,
+    gone: bool,
+    reason: str,
+) -> None:
+    """Get shows it ended, as any VM that ended while this daemon ran (Logs has its console):
+    its QEMU gone while no daemon ran, when its console file says; or ended here, now, and
+    why. Never in the way of the clean-up it runs in."""
+    if not gone:
+        found = PostMortem(time.time(), found.last_lines)
+    exit_text = DOWN if gone else f"ended at the manager's start: {reason}"
+    try:
+        ended.keep_found(record_info(record, ctx.settings.qemu, exit_text, found))
+    except Exception as error:
+        _log.error(
+            "cannot keep the ended VM for Get",
+            computation_id=record.computation_id,
+            error=repr(error),
+        )
 
 
 async def _paused_unrecorded(process: QemuProcess, timeout: float) -> bool:

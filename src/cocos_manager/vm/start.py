@@ -114,6 +114,7 @@ async def launch(machine: StartingVm, argv: list[str], listener: socket.socket) 
         on_line=machine.output.line,
         env=qemu_environment(machine.ctx.settings.qemu),
         console=machine.files.console(machine.ctx.settings.service.CONSOLE_FILE_BYTES),
+        on_keeper_lost=machine.output.lost,
     )
 
 
@@ -145,7 +146,10 @@ def follow_console(machine: StartingVm, process: QemuProcess) -> None:
     a directory the daemon may not use: nothing there is read, recovery.py)."""
     if machine.files is not None and "console" in machine.files.paths:
         files = machine.files.console(machine.ctx.settings.service.CONSOLE_FILE_BYTES)
-        process.output.follow_console(files, machine.output.line, machine.output.history)
+        process.output.on_keeper_lost = machine.output.lost
+        process.output.follow_console(
+            files, machine.output.line, machine.output.history, process.start_time
+        )
 
 
 async def prepare_files(machine: StartingVm, manifest: bytes) -> None:

@@ -1,0 +1,75 @@
+"""Every MANAGER_QEMU_TMP_FILE_LOC this state directory's daemon has launched VMs in, kept in
+`MANAGER_STATE_DIR/launch-dirs` (a JSON list of absolute paths).
+
+A VM whose record is lost is found by the per-VM file names its QEMU's command line gives
+under the directory it was launched in (vm/orphans.py). A record names its directory, but a
+lost record names nothing: after the setting changed, the daemon would look only in the new
+directory, and the VM's QEMU would run on, nobody's. So each directory is written here,
+durably, before the first VM is launched in it, and stays until nothing of the daemon's is
+left there. The state directory is the daemon's own and private (StateStore.open), like the
+records, which decide as much.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+from cocos_manager.telemetry import get_logger
+
+FILE_NAME = "launch-dirs"
+_MAX_BYTES = 1 << 20
+_log = get_logger()
+
+
+def load_launch_dirs(state_dir: Path) -> list[str]:
+    """The directories listed; [] when there is no list yet. A list that does not parse is
+    logged and replaced at the next save (what it named is then looked for no more)."""
+    path = state_dir / FILE_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as file:
+            doc = json.loads(file.read(_MAX_BYTES + 1))
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as error:
+        _log.error(
+            "list of former MANAGER_QEMU_TMP_FILE_LOC directories unreadable: replaced",
+            path=str(path),
+            error=getattr(error, "strerror", None) or str(error),
+        )
+        return []
+    if not isinstance(doc, list) or not all(isinstance(d, str) for d in doc):
+        _log.error("list of former MANAGER_QEMU_TMP_FILE_LOC directories not a list of paths: "
+                   "replaced", path=str(path))  # fmt: skip
+        return []
+    return list(dict.fromkeys(doc))
+
+
+def save_launch_dirs(state_dir: Path, dirs: list[str]) -> None:
+    """Written whole under a temporary name, made durable, renamed over the list, and the
+    directory made durable: a crash leaves the old list or the new one. Blocking (two
+    fsyncs): off the loop, and only when the list changes (a change of the setting)."""
+    path = state_dir / FILE_NAME
+    temporary = state_dir / f".{FILE_NAME}.tmp"
+    data = json.dumps(dirs, indent=1).encode() + b"\n"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise
+    os.close(fd)
+    os.replace(temporary, path)
+    directory = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
