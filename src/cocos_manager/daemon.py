@@ -11,6 +11,7 @@ still answers, so subscribers get every vm-stop; then end Events streams (`manag
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 from collections.abc import Callable
 
@@ -246,6 +247,14 @@ def note_signal(sig: signal.Signals) -> None:
         )
 
 
+def settle_start_up_heap() -> None:
+    """What start-up built (modules, classes, schemas, the service) lives as long as the
+    daemon: frozen, the collector never walks it again, and the collector (held off by `main`
+    while all that was made) runs from here on, for what the daemon makes while it serves."""
+    gc.freeze()
+    gc.enable()
+
+
 async def run_daemon(settings: Settings) -> int:
     configure_logging(settings.service.LOG_LEVEL, log_format=settings.service.LOG_FORMAT)
     # One daemon per state directory (host/state_lock.py), before recovery or anything else.
@@ -268,6 +277,7 @@ async def run_daemon(settings: Settings) -> int:
     runner = DaemonRunner(settings)
     try:
         await runner.setup()
+        settle_start_up_heap()
         if not stop.is_set():
             await runner.start()
             await stop.wait()
