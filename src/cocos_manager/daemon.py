@@ -125,7 +125,8 @@ class DaemonRunner:
             self.provider = setup_tracing(settings.service, settings.instance_id)
         service = ManagerService(settings, executable, self.bus, self._agent_connector)
         self.service = service
-        self.vm_collector = register_vm_metrics(service.vm_pids)
+        if settings.service.METRICS_PORT is not None:  # read at scrape time, by /metrics only
+            self.vm_collector = register_vm_metrics(service.vm_pids)
         # Made before recovery so re-adoptions are forwarded too (MANAGER_GRPC_URL).
         try:
             if self._dial_out:
