@@ -14,18 +14,12 @@ import asyncio
 import gc
 import signal
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from opentelemetry.sdk.trace import TracerProvider
 
 from cocos_manager.agent import AgentEventListener, Connect, vsock_connector
-from cocos_manager.api import (
-    DialOut,
-    DialOutConfigError,
-    Server,
-    TelemetryInterceptor,
-    build_server,
-    listen_address,
-)
+from cocos_manager.api import Server, TelemetryInterceptor, build_server, listen_address
 from cocos_manager.check import StartupRefusedError, log_startup_warnings, refuse_startup
 from cocos_manager.config import (
     AgentChannel,
@@ -63,6 +57,9 @@ from cocos_manager.telemetry import (
     start_metrics_server,
     unregister_vm_metrics,
 )
+
+if TYPE_CHECKING:
+    from cocos_manager.api import DialOut
 
 SHUTDOWN_GRACE = 10.0
 
@@ -128,11 +125,15 @@ class DaemonRunner:
         if settings.service.METRICS_PORT is not None:  # read at scrape time, by /metrics only
             self.vm_collector = register_vm_metrics(service.vm_pids)
         # Made before recovery so re-adoptions are forwarded too (MANAGER_GRPC_URL).
-        try:
-            if self._dial_out:
+        # Its settings were checked with the others (refuse_startup); its code (client, buffer,
+        # request decoding) is loaded only when there is a computations server to dial.
+        if self._dial_out and settings.service.GRPC_URL.strip():
+            from cocos_manager.api import DialOut, DialOutConfigError
+
+            try:
                 self.dialout = DialOut.configure(settings.service, service)
-        except DialOutConfigError as error:
-            raise StartupError(str(error)) from None
+            except DialOutConfigError as error:
+                raise StartupError(str(error)) from None
         try:
             await service.recover()
         except ManagerError as error:

@@ -2,8 +2,9 @@
 "Start-up and the bench's targets"): the Jaeger exporter's thrift
 library (about 40 modules: its IDL parser, protocols and transports) is loaded on the export
 thread at the first export, not by importing the daemon; prometheus-client (with `wsgiref`,
-`http.server`, `urllib.request`) only when /metrics is served. What a daemon holds once it
-serves is read by tests/support/serving_probe.py."""
+`http.server`, `urllib.request`) only when /metrics is served; the dial-out's modules only with
+MANAGER_GRPC_URL; server reflection at its first call. What a daemon holds once it serves is
+read by tests/support/serving_probe.py."""
 
 from __future__ import annotations
 
@@ -51,6 +52,14 @@ def test_a_daemon_without_metrics_port_serves_without_prometheus_client(tmp_path
     assert "cocos_manager" in loaded and "grpc" in loaded
     assert not {"prometheus_client", "wsgiref"} & loaded
     assert "http.server" not in found["modules"]
+
+
+def test_a_daemon_serves_without_the_dial_out_or_reflection_loaded(tmp_path: Path) -> None:
+    found = at_serving(tmp_path)
+    assert "cocos_manager.api.server" in found["modules"]
+    # (grpc's own __init__ imports the bare grpc_reflection package)
+    assert "grpc_reflection.v1alpha.reflection" not in found["modules"]
+    assert not [name for name in found["modules"] if name.startswith("cocos_manager.api.dialout")]
 
 
 def test_with_a_metrics_port_it_is_loaded_at_start(tmp_path: Path) -> None:
