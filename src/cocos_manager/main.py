@@ -89,6 +89,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # next to nothing and were a sixth of its CPU. It runs again once the daemon is built
     # (daemon.py, `run_daemon`), with what start-up made frozen out of its passes.
     gc.disable()
+    try:
+        return _main(argv)
+    finally:
+        gc.enable()
+
+
+def _main(argv: Sequence[str] | None) -> int:
     # Imported here, with the collector held: they are most of the start-up.
     from cocos_manager.confidential import (
         ConfidentialConfigError,
