@@ -26,8 +26,6 @@ Labels = tuple[str, ...]
 class Series:
     """One metric: its name, help text, label names, and a value per label set."""
 
-    kind = ""
-
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> None:
         self.name = name
         self.documentation = documentation
@@ -62,8 +60,6 @@ class _Point:
 
 
 class Counter(Series):
-    kind = "counter"
-
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> None:
         super().__init__(name, documentation, labelnames)
         self._values: dict[Labels, float] = {} if labelnames else {(): 0.0}
@@ -99,8 +95,6 @@ class Counter(Series):
 
 
 class Gauge(Counter):
-    kind = "gauge"
-
     def set(self, value: float) -> None:
         self.put((), value)
 
@@ -141,8 +135,6 @@ class _Observer:
 
 
 class Histogram(Series):
-    kind = "histogram"
-
     def __init__(
         self,
         name: str,
