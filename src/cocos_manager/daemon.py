@@ -11,20 +11,15 @@ still answers, so subscribers get every vm-stop; then end Events streams (`manag
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from opentelemetry.sdk.trace import TracerProvider
 
 from cocos_manager.agent import AgentEventListener, Connect, vsock_connector
-from cocos_manager.api import (
-    DialOut,
-    DialOutConfigError,
-    Server,
-    TelemetryInterceptor,
-    build_server,
-    listen_address,
-)
+from cocos_manager.api import Server, TelemetryInterceptor, build_server, listen_address
 from cocos_manager.check import StartupRefusedError, log_startup_warnings, refuse_startup
 from cocos_manager.config import (
     AgentChannel,
@@ -62,6 +57,9 @@ from cocos_manager.telemetry import (
     start_metrics_server,
     unregister_vm_metrics,
 )
+
+if TYPE_CHECKING:
+    from cocos_manager.api import DialOut
 
 SHUTDOWN_GRACE = 10.0
 
@@ -124,13 +122,18 @@ class DaemonRunner:
             self.provider = setup_tracing(settings.service, settings.instance_id)
         service = ManagerService(settings, executable, self.bus, self._agent_connector)
         self.service = service
-        self.vm_collector = register_vm_metrics(service.vm_pids)
+        if settings.service.METRICS_PORT is not None:  # read at scrape time, by /metrics only
+            self.vm_collector = register_vm_metrics(service.vm_pids)
         # Made before recovery so re-adoptions are forwarded too (MANAGER_GRPC_URL).
-        try:
-            if self._dial_out:
+        # Its settings were checked with the others (refuse_startup); its code (client, buffer,
+        # request decoding) is loaded only when there is a computations server to dial.
+        if self._dial_out and settings.service.GRPC_URL.strip():
+            from cocos_manager.api import DialOut, DialOutConfigError
+
+            try:
                 self.dialout = DialOut.configure(settings.service, service)
-        except DialOutConfigError as error:
-            raise StartupError(str(error)) from None
+            except DialOutConfigError as error:
+                raise StartupError(str(error)) from None
         try:
             await service.recover()
         except ManagerError as error:
@@ -246,6 +249,14 @@ def note_signal(sig: signal.Signals) -> None:
         )
 
 
+def settle_start_up_heap() -> None:
+    """What start-up built (modules, classes, schemas, the service) lives as long as the
+    daemon: frozen, the collector never walks it again, and the collector (held off by `main`
+    while all that was made) runs from here on, for what the daemon makes while it serves."""
+    gc.freeze()
+    gc.enable()
+
+
 async def run_daemon(settings: Settings) -> int:
     configure_logging(settings.service.LOG_LEVEL, log_format=settings.service.LOG_FORMAT)
     # One daemon per state directory (host/state_lock.py), before recovery or anything else.
@@ -268,6 +279,7 @@ async def run_daemon(settings: Settings) -> int:
     runner = DaemonRunner(settings)
     try:
         await runner.setup()
+        settle_start_up_heap()
         if not stop.is_set():
             await runner.start()
             await stop.wait()

@@ -125,7 +125,7 @@ async def test_requests_get_run_res_with_the_port_and_every_event_and_log(
             await server.wait_for(log_for(request.id, f"BOOTED {request.id}"), WAIT, "console")
         await until(lambda: dialout.connected, "connected")
         assert await dialout_health(manager) == 1  # SERVING
-        assert metrics.dialout_connected._value.get() == 1
+        assert metrics.dialout_connected.value() == 1
         # The same computations as any other: a local Stop, reported up the stream.
         await manager.service.stop("c-a")
         await server.wait_for(event_for("c-a", "vm-stop", "complete"), WAIT, "vm-stop")
@@ -213,7 +213,7 @@ async def test_a_restarted_server_is_reconnected_and_gets_what_happened_meanwhil
             await server.stop()
             await until(lambda: not dialout.connected, "the dial-out notices the drop")
             assert await dialout_health(manager) == 2  # NOT_SERVING
-            assert metrics.dialout_connected._value.get() == 0
+            assert metrics.dialout_connected.value() == 0
             # The VM lives on, and what happens to it meanwhile is kept for the server.
             assert "before" in manager.service.computations()
             await manager.service.stop("before")
@@ -259,7 +259,7 @@ async def test_the_buffer_is_bounded_and_what_overflows_is_counted_and_logged_on
             for i in range(20):
                 manager.service.bus.publish(log_message("burst", "info", f"line {i}"))
         assert dialout.dropped_total == 15
-        assert m.dialout_dropped._value.get() == 15
+        assert m.dialout_dropped.value() == 15
         full = [e for e in logs if e["event"].startswith("dial-out buffer full")]
         assert len(full) == 1
         await restarted.start()
@@ -288,10 +288,10 @@ async def test_a_server_that_stops_reading_slows_no_run_and_is_dialled_again(
         filler = "x" * 6000
         for i in range(1500):  # 9 MB: about twice what HTTP/2 flow control lets through unread
             manager.service.bus.publish(log_message("flood", "info", f"{filler} {i}"))
-        await until(lambda: metrics.dialout_buffered._value.get() > 300, "a backlog")
+        await until(lambda: metrics.dialout_buffered.value() > 300, "a backlog")
         response = await manager.stub.Run(run_request("meanwhile"), timeout=WAIT)
         assert response.computation_id == "meanwhile"
-        assert metrics.dialout_buffered._value.get() > 300, "Run waited for the stream"
+        assert metrics.dialout_buffered.value() > 300, "Run waited for the stream"
         # MANAGER_GRPC_TIMEOUT: a server that takes no message for that long is dialled again.
         await until(lambda: "took no message" in dialout.last_error, "the write timeout")
         await server.stall(False)

@@ -227,7 +227,7 @@ async def test_a_bug_while_reading_ends_the_session_and_the_stream_is_dialled_ag
             assert "a bug in decoding" in dialout.last_error
             server.push(run_request("after-the-bug").SerializeToString())
             await server.wait_for(lambda: server.run_res("after-the-bug"), "run_res")
-            assert dialout.connected and m.dialout_connected._value.get() == 1
+            assert dialout.connected and m.dialout_connected.value() == 1
             assert "after-the-bug" in manager.service.computations()
     finally:
         await server.stop()
@@ -245,7 +245,7 @@ async def test_a_burst_of_garbage_is_said_ten_times_then_counted(
                 server.push(*(TRUNCATED for _ in range(500)))
                 server.push(run_request("after-the-burst").SerializeToString())
                 await server.wait_for(lambda: server.run_res("after-the-burst"), "run_res")
-                undecodable = m.dialout_requests.labels(outcome="undecodable")._value.get()
+                undecodable = m.dialout_requests.labels(outcome="undecodable").value()
                 assert undecodable == 500
                 assert server.connections == 1 and dialout.connected
         said = [e for e in logs if e["event"].startswith("dial-out: undecodable")]

@@ -79,3 +79,19 @@ async def test_a_manifest_over_4_mb_is_accepted(manager: Manager) -> None:
     response = await manager.stub.Run(request)
     assert response.computation_id == "big"
     await manager.stub.Stop(pb.StopRequest(computation_id="big"))
+
+
+async def test_reflection_lists_itself_under_the_name_its_package_gives(manager: Manager) -> None:
+    """It is loaded at its first call (api/server.py, LazyReflection) under a name spelled out
+    there: the package's own."""
+    from grpc_reflection.v1alpha import reflection
+
+    from cocos_manager.api.server import REFLECTION_SERVICE
+
+    assert REFLECTION_SERVICE == reflection.SERVICE_NAME
+    stub = reflection_pb2_grpc.ServerReflectionStub(manager.channel)
+    call = stub.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+    )
+    names = [s.name async for r in call for s in r.list_services_response.service]
+    assert REFLECTION_SERVICE in names

@@ -190,3 +190,21 @@ async def test_a_taken_port_names_the_variable() -> None:
         port = taken.getsockname()[1]
         with pytest.raises(MetricsServerError, match=r"^MANAGER_METRICS_PORT: .*127\.0\.0\.1"):
             await start_metrics_server(port, "127.0.0.1", Metrics())
+
+
+def test_histogram_buckets_are_cumulative_and_inclusive() -> None:
+    """As prometheus-client's own Histogram: a value equal to a bound is in that bucket."""
+    metrics = Metrics()
+    for seconds in (0.005, 0.007, 2.0, 1000.0):
+        metrics.observe_request("m/M", "OK", seconds)
+    value = metrics.registry.get_sample_value
+    labels = {"method": "m/M", "code": "OK"}
+    bucket = "manager_request_duration_seconds_bucket"
+    assert value(bucket, {**labels, "le": "0.005"}) == 1
+    assert value(bucket, {**labels, "le": "0.01"}) == 2
+    assert value(bucket, {**labels, "le": "2.5"}) == 3
+    assert value(bucket, {**labels, "le": "300.0"}) == 3
+    assert value(bucket, {**labels, "le": "+Inf"}) == 4
+    assert value("manager_request_duration_seconds_count", labels) == 4
+    assert value("manager_request_duration_seconds_sum", labels) == 1002.012
+    assert value("manager_requests_total", labels) == 4

@@ -1,13 +1,19 @@
 """The daemon's start-up loads what its settings use, when they use it (docs/decisions.md,
 "Start-up and the bench's targets"): the Jaeger exporter's thrift
 library (about 40 modules: its IDL parser, protocols and transports) is loaded on the export
-thread at the first export, not by importing the daemon."""
+thread at the first export, not by importing the daemon; prometheus-client (with `wsgiref`,
+`http.server`, `urllib.request`) only when /metrics is served; the dial-out's modules only with
+MANAGER_GRPC_URL; server reflection at its first call. What a daemon holds once it serves is
+read by tests/support/serving_probe.py."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+from tests.support.serving_probe import at_serving, packages
 
 
 def loaded_after(code: str) -> set[str]:
@@ -38,3 +44,25 @@ def test_the_first_export_loads_it() -> None:
         "assert JaegerThriftExporter('http://127.0.0.1:9/api/traces').encode([span])"
     )
     assert "thriftpy2" in loaded
+
+
+def test_a_daemon_without_metrics_port_serves_without_prometheus_client(tmp_path: Path) -> None:
+    found = at_serving(tmp_path)
+    loaded = packages(found)
+    assert "cocos_manager" in loaded and "grpc" in loaded
+    assert not {"prometheus_client", "wsgiref"} & loaded
+    assert "http.server" not in found["modules"]
+
+
+def test_a_daemon_serves_without_the_dial_out_or_reflection_loaded(tmp_path: Path) -> None:
+    found = at_serving(tmp_path)
+    assert "cocos_manager.api.server" in found["modules"]
+    # (grpc's own __init__ imports the bare grpc_reflection package)
+    assert "grpc_reflection.v1alpha.reflection" not in found["modules"]
+    assert not [name for name in found["modules"] if name.startswith("cocos_manager.api.dialout")]
+
+
+def test_with_a_metrics_port_it_is_loaded_at_start(tmp_path: Path) -> None:
+    """/metrics is served from start-up on: what it needs is there before SERVING."""
+    found = at_serving(tmp_path, {"MANAGER_METRICS_PORT": "0", "MANAGER_METRICS_HOST": "127.0.0.1"})
+    assert "prometheus_client" in packages(found)

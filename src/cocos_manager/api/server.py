@@ -7,7 +7,6 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from cocos_manager.agent import MAX_FRAME
 from cocos_manager.api.servicer import ManagerServicer
@@ -20,6 +19,49 @@ from cocos_manager.proto import manager_pb2_grpc as pb_grpc
 from cocos_manager.service import ManagerService
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ManagerService"].full_name
+# grpc_reflection.v1alpha.reflection.SERVICE_NAME, spelled out so that naming it does not load
+# the reflection package (tests/api/test_server_features.py holds the two equal).
+REFLECTION_SERVICE = "grpc.reflection.v1alpha.ServerReflection"
+
+
+class _Handlers:
+    """Takes what generated `add_..._to_server` code registers, for a handler of one's own."""
+
+    def __init__(self) -> None:
+        self.generic: list[grpc.GenericRpcHandler] = []
+
+    def add_generic_rpc_handlers(self, handlers: tuple[grpc.GenericRpcHandler, ...]) -> None:
+        self.generic.extend(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        """Registered methods are a shortcut of gRPC's lookup; the generic handler serves
+        the same methods."""
+
+
+class LazyReflection(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """Server reflection (what grpcurl reads), its package and descriptor_pb2 loaded at its
+    first call rather than at every start: tools use it now and then, the daemon never."""
+
+    def __init__(self, service_names: tuple[str, ...]) -> None:
+        self._names = service_names
+        self._handlers: list[grpc.GenericRpcHandler] | None = None
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method = details.method or ""
+        if not method.startswith(f"/{REFLECTION_SERVICE}/"):
+            return None
+        if self._handlers is None:
+            from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+
+            taken = _Handlers()
+            servicer = reflection.aio.ReflectionServicer(self._names)
+            reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, taken)
+            self._handlers = taken.generic
+        for handler in self._handlers:
+            found = handler.service(details)
+            if found is not None:
+                return found
+        return None
 
 
 @dataclass
@@ -62,8 +104,8 @@ async def build_server(
     pb_grpc.add_ManagerServiceServicer_to_server(ManagerServicer(service), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    server.add_generic_rpc_handlers(
+        (LazyReflection((SERVICE_NAME, health.SERVICE_NAME, REFLECTION_SERVICE)),)
     )
     address = listen_address(host, port)
     if credentials is None:

@@ -11,6 +11,10 @@ register) and tests can make a fresh set. The service layer records through `MET
 
 Reasons are a small fixed vocabulary (RUN_FAILURE_REASONS); a free-form message as a label
 value would create a series per message.
+
+The series are kept as plain numbers (series.py) and prometheus-client is loaded when
+`registry` is first read (by /metrics, `check`, a test): a daemon without MANAGER_METRICS_PORT
+never loads it.
 """
 
 from __future__ import annotations
@@ -18,22 +22,15 @@ from __future__ import annotations
 import asyncio
 import threading
 from dataclasses import dataclass
-from wsgiref.simple_server import WSGIServer
-
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    disable_created_metrics,
-    start_http_server,
-)
+from typing import TYPE_CHECKING
 
 from cocos_manager.config import ServiceSettings
+from cocos_manager.telemetry.series import Counter, Gauge, Histogram, Series, SeriesCollector
 
-# Without this every counter and histogram also exports a *_created gauge per label set,
-# doubling the series for a timestamp nobody graphs. The switch is process-wide.
-disable_created_metrics()  # type: ignore[no-untyped-call]
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    from prometheus_client import CollectorRegistry
 
 # Run can take as long as a VM boot (MANAGER_QEMU_START_TIMEOUT, 60 s by default).
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -56,41 +53,36 @@ class MetricsServerError(Exception):
 
 
 class Metrics:
-    """The manager's series; one instance per registry."""
+    """The manager's series; one instance per registry. Only the manager's series are exported
+    (no *_created gauges, no process_* or python_* collectors a library might register)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry if registry is not None else CollectorRegistry()
+        self._registry = registry
+        self._exported = False
         self.requests = Counter(
             "manager_requests",
             "gRPC requests handled, by method and status code.",
             ("method", "code"),
-            registry=self.registry,
         )
         self.request_duration = Histogram(
             "manager_request_duration_seconds",
             "Time from a request's arrival to its status, by method and status code.",
             ("method", "code"),
             buckets=DURATION_BUCKETS,
-            registry=self.registry,
         )
-        self.vms_running = Gauge(
-            "manager_vms_running", "VMs whose QEMU process is running.", registry=self.registry
-        )
+        self.vms_running = Gauge("manager_vms_running", "VMs whose QEMU process is running.")
         self.run_failures = Counter(
             "manager_run_failures",
             "Run requests that did not leave a running VM, by reason.",
             ("reason",),
-            registry=self.registry,
         )
         self.events_dropped = Counter(
             "manager_events_dropped",
             "Events not delivered to a subscriber that could not keep up.",
-            registry=self.registry,
         )
         self.agent_messages = Counter(
             "manager_agent_messages",
             "Messages (events and logs) received from agents.",
-            registry=self.registry,
         )
         # -- dial-out to a computations server (api/dialout.py) --
         # Made here, registered only while a dial-out exists (register_dialout): without
@@ -98,46 +90,59 @@ class Metrics:
         self.dialout_connected = Gauge(
             "manager_dialout_connected",
             "1 while the Process stream to MANAGER_GRPC_URL is up, 0 while it is retried.",
-            registry=None,
         )
         self.dialout_buffered = Gauge(
             "manager_dialout_buffered",
             "Messages waiting to be sent up the Process stream.",
-            registry=None,
         )
         self.dialout_dropped = Counter(
             "manager_dialout_dropped",
             "Messages for the Process stream lost because its buffer was full.",
-            registry=None,
         )
         self.dialout_requests = Counter(
             "manager_dialout_requests",
             "Messages received on the Process stream, by outcome (ok, failed, undecodable).",
             ("outcome",),
-            registry=None,
         )
         self._dialouts = 0
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """The prometheus-client registry these series are exported through, made (and
+        prometheus-client imported) on first use."""
+        if self._registry is None:
+            from prometheus_client import CollectorRegistry
+
+            self._registry = CollectorRegistry()
+        if not self._exported:
+            self._registry.register(SeriesCollector(self._shown))
+            self._exported = True
+        return self._registry
 
     def register_dialout(self) -> None:
         """A dial-out exists: its series are exported (counted: tests make several)."""
         self._dialouts += 1
-        if self._dialouts == 1:
-            for series in self._dialout_series():
-                self.registry.register(series)
 
     def unregister_dialout(self) -> None:
         self._dialouts -= 1
-        if self._dialouts == 0:
-            for series in self._dialout_series():
-                self.registry.unregister(series)
 
-    def _dialout_series(self) -> tuple[Gauge | Counter, ...]:
-        return (
-            self.dialout_connected,
-            self.dialout_buffered,
-            self.dialout_dropped,
-            self.dialout_requests,
+    def _shown(self) -> tuple[Series, ...]:
+        shown: tuple[Series, ...] = (
+            self.requests,
+            self.request_duration,
+            self.vms_running,
+            self.run_failures,
+            self.events_dropped,
+            self.agent_messages,
         )
+        if self._dialouts > 0:
+            shown += (
+                self.dialout_connected,
+                self.dialout_buffered,
+                self.dialout_dropped,
+                self.dialout_requests,
+            )
+        return shown
 
     def observe_request(self, method: str, code: str, seconds: float) -> None:
         """One finished RPC; called by the telemetry interceptor."""
@@ -188,6 +193,8 @@ async def start_metrics_server(
 
 
 def _serve(port: int, host: str, registry: CollectorRegistry) -> MetricsServer:
+    from prometheus_client import start_http_server
+
     address = host or "0.0.0.0"
     try:
         server, thread = start_http_server(port, address, registry=registry)
@@ -205,6 +212,8 @@ def probe_metrics_listen(port: int | None, host: str = "") -> str:
     where it would serve, or MetricsServerError with the daemon's own line."""
     if port is None:
         return "MANAGER_METRICS_PORT unset: no /metrics"
+    from prometheus_client import CollectorRegistry
+
     served = _serve(port, host, CollectorRegistry())
     served._stop()
     return f"/metrics can be served on {served.host}:{port}"

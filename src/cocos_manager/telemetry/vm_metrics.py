@@ -18,12 +18,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-
-from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from typing import TYPE_CHECKING
 
 from cocos_manager.telemetry.metrics import METRICS
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -55,8 +56,11 @@ def process_usage(pid: int) -> ProcessUsage | None:
     return ProcessUsage((utime + stime) / CLOCK_TICKS, resident_pages * PAGE_SIZE)
 
 
-class VmCollector(Collector):
-    """manager_vm_cpu_seconds_total and manager_vm_resident_memory_bytes per computation."""
+class VmCollector:
+    """manager_vm_cpu_seconds_total and manager_vm_resident_memory_bytes per computation.
+
+    A collector as prometheus-client's registry calls it (`describe`, `collect`), loading
+    prometheus-client only when it is registered or read (metrics.py)."""
 
     def __init__(self, vms: VmPids) -> None:
         self._vms = vms
@@ -66,6 +70,8 @@ class VmCollector(Collector):
         yield from self._families()
 
     def _families(self) -> tuple[CounterMetricFamily, GaugeMetricFamily]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         return (
             CounterMetricFamily(
                 "manager_vm_cpu_seconds",
