@@ -36,7 +36,7 @@ async def close_with_a_late_reader(dialout: DialOut, server: RawComputationsServ
 
 
 def buffered(metrics: Metrics) -> float:
-    return float(metrics.dialout_buffered._value.get())
+    return float(metrics.dialout_buffered.value())
 
 
 @pytest.mark.parametrize("settled", [True, False], ids=["connected", "within-settle"])
