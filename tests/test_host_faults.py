@@ -138,7 +138,7 @@ async def test_a_full_state_dir_at_admission_is_resource_exhausted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     log = tmp_path / "starts"
-    with tmpfs(tmp_path / "state", "16k") as state:
+    with tmpfs(tmp_path / "state", "32k") as state:  # pages for launch-dirs and record versions
         async with running_manager(tmp_path, monkeypatch, FAKE_QEMU_START_LOG=str(log)) as m:
             filler = state / "filler"
             with (  # the tmpfs to its last byte
