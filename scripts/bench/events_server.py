@@ -121,7 +121,7 @@ async def _serve_managed(
     cid = service.computations()[computation_id].resources.guest_cid
     # The runner's own listener where the agent channel is vsock; wired as it wires it if not.
     listener = runner.agents or AgentEventListener(
-        service.computation_for_cid, service.publish_agent_message, pace=bus.wait_for_room
+        service.computation_for_cid, service.publish_agent_message, pace=bus.pace
     )
     manager_end, agent_end = socket.socketpair()
     manager_end.setblocking(False)

@@ -159,7 +159,7 @@ class DaemonRunner:
             agents = AgentEventListener(
                 service.computation_for_cid,
                 service.publish_agent_message,
-                pace=self.bus.wait_for_room,
+                pace=self.bus.pace,
                 max_per_cid=settings.service.AGENT_MAX_CONNECTIONS_PER_CID,
             )
             self.agents = agents

@@ -124,7 +124,9 @@ class ManagerService:
             machine = self._machines.get(log.computation_id)
             if machine is not None:
                 append_agent_log(machine.console, log)
-        self.bus.publish(message)
+            self.bus.publish(message, computation_id=log.computation_id)
+        else:
+            self.bus.publish(message)
 
     # -- queries ---------------------------------------------------------------------------
 

@@ -186,11 +186,15 @@ async def test_oversized_length_fails_before_the_payload_is_read(
 
 
 async def test_oversized_length_leaves_the_payload_unread() -> None:
+    """Frames are parsed out of whole reads, so the bytes of the read that brought the header
+    are taken; nothing past that read is."""
     reader = asyncio.StreamReader()
-    reader.feed_data(struct.pack("<II", 7, 0xFFFFFFFF) + b"payload")
+    payload = b"p" * (1 << 20)
+    reader.feed_data(struct.pack("<II", 7, 0xFFFFFFFF) + payload)
     with pytest.raises(AgentProtocolError):
         await collect((reader, AckSink()))
-    assert await reader.read(100) == b"payload"
+    left = await reader.read(len(payload))
+    assert len(left) >= len(payload) - (64 << 10)
 
 
 @pytest.mark.parametrize(
@@ -761,3 +765,24 @@ async def test_vsock_connector_reports_an_unreachable_cid_as_oserror() -> None:
         await asyncio.wait_for(connect(), GUARD)
     if raised.value.errno is None:  # wait_for's own TimeoutError
         pytest.skip("vsock connect does not fail fast on this host")
+
+
+async def test_a_read_is_acked_and_published_whole_when_the_wait_is_cancelled(
+    pair: tuple[Streams, Streams],
+) -> None:
+    """Frames are acked a read at a time; a pace wait after the first of them that is cancelled
+    (the VM released, the daemon stopping) still publishes the rest: nothing acked is lost."""
+    manager, agent = pair
+    published: list[ClientStreamMessage] = []
+    forever: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    await send(agent, b"".join(frame(i, log_message(f"m{i}")) for i in range(1, 6)), eof=False)
+    task = asyncio.ensure_future(
+        serve_agent_connection(*manager, "c", published.append, lambda _: forever)
+    )
+    while not published:
+        await asyncio.sleep(0.001)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, GUARD)
+    assert [m.agent_log.message for m in published] == [f"m{i}" for i in range(1, 6)]
+    assert await asyncio.wait_for(agent[0].read(), GUARD) == ack(*range(1, 6))

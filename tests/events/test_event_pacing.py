@@ -12,6 +12,8 @@ import struct
 from collections.abc import Coroutine
 from typing import Any
 
+import pytest
+
 from cocos_manager.agent.protocol import serve_agent_connection
 from cocos_manager.events.bus import EventBus
 from cocos_manager.events.subscription import Subscription
@@ -152,7 +154,51 @@ async def test_only_subscribers_of_that_computation_hold_it_back() -> None:
     assert returns_at_once(bus.wait_for_room("c1"))
 
 
-async def test_a_burst_reaches_a_slow_subscriber_without_losses() -> None:
+async def test_pace_asks_for_a_wait_only_while_a_subscriber_holds_the_agent_back() -> None:
+    """EventBus.pace, asked after every agent message, is a set lookup while nobody holds the
+    computation back, and wait_for_room when a subscriber does."""
+    bus = EventBus(queue_size=8)
+    subscription = bus.subscribe()
+    for i in range(4):  # exactly half full: not over
+        bus.publish(log(str(i)))
+        assert bus.pace("c1") is None
+    bus.publish(log("4"))
+    waiting = bus.pace("c1")
+    assert waiting is not None and bus.pace("c2") is None
+    held = asyncio.ensure_future(waiting)
+    await spin()
+    assert not held.done()
+    stream = aiter(subscription)
+    for _ in range(3):  # down to a quarter
+        await anext(stream)
+    await asyncio.wait_for(held, GUARD)
+    assert bus.pace("c1") is None
+
+
+async def test_pace_sees_a_subscriber_that_fills_up_after_nobody_held_the_agent() -> None:
+    bus = EventBus(queue_size=8)
+    first = bus.subscribe()
+    for i in range(5):
+        bus.publish(log(str(i)))
+    stream = aiter(first)
+    for _ in range(5):
+        await anext(stream)
+    assert bus.pace("c1") is None  # drained: nobody holds it back, forgotten
+    second = bus.subscribe()
+    for i in range(5):
+        bus.publish(log(str(i)))
+    for _ in range(5):  # the first one keeps up; the second one does not read
+        await anext(stream)
+    waiting = bus.pace("c1")
+    assert waiting is not None
+    held = asyncio.ensure_future(waiting)
+    await spin()
+    assert not held.done() and second.qsize() == 5
+    held.cancel()
+
+
+@pytest.mark.parametrize("pace", ["pace", "wait_for_room"])
+async def test_a_burst_reaches_a_slow_subscriber_without_losses(pace: str) -> None:
     bus = EventBus(queue_size=16)
     subscription: Subscription = bus.subscribe()
     manager_end, agent_end = socket.socketpair()
@@ -160,7 +206,7 @@ async def test_a_burst_reaches_a_slow_subscriber_without_losses() -> None:
     reader, writer = await asyncio.open_connection(sock=manager_end)
     count = 200
     serving = asyncio.ensure_future(
-        serve_agent_connection(reader, writer, "c1", bus.publish, bus.wait_for_room)
+        serve_agent_connection(reader, writer, "c1", bus.publish, getattr(bus, pace))
     )
     agent_reader, agent_writer = await asyncio.open_connection(sock=agent_end)
     agent_writer.write(b"".join(frame(i + 1, log(f"m{i}", "forged")) for i in range(count)))

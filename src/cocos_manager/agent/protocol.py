@@ -86,9 +86,14 @@ def _refusal(kind: str) -> str:
     return f"message carries {kind}; an agent may send only agent_log or agent_event"
 
 
+_READ_SIZE = 64 * 1024
+"""Bytes asked of the socket at a time: every complete frame in them is parsed in one go."""
+
+
 class _Acks:
-    """Acks of accepted frames, written together when the event loop comes round: one write
-    for all the frames of a read instead of a system call per frame. Flushed at the end."""
+    """Acks of accepted frames, written together: one write per read instead of a system call
+    per frame. Written two turns of the event loop later, so that what the read's messages
+    woke (an Events stream handing them to gRPC) goes first; flushed at the end."""
 
     def __init__(self, writer: AckWriter) -> None:
         self._writer = writer
@@ -97,9 +102,12 @@ class _Acks:
 
     def add(self, message_id: int) -> None:
         self._pending += _ACK.pack(message_id)
-        if not self._scheduled:
+
+    def schedule(self) -> None:
+        if self._pending and not self._scheduled:
             self._scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+            loop = asyncio.get_running_loop()
+            loop.call_soon(loop.call_soon, self.flush)
 
     def flush(self) -> None:
         self._scheduled = False
@@ -108,34 +116,66 @@ class _Acks:
             self._writer.write(pending)
 
 
-async def _read_framed(
-    reader: asyncio.StreamReader, writer: AckWriter, first: bytes
-) -> AsyncGenerator[ClientStreamMessage, None]:
-    acks = _Acks(writer)
+def _split_frames(
+    buffer: bytearray, acks: _Acks
+) -> tuple[list[ClientStreamMessage], int, AgentProtocolError | None]:
+    """The complete frames at the start of `buffer`, acked as they parse; how many bytes they
+    took; the contract breach that stopped the parse, if one did (the frames before it stand)."""
+    messages: list[ClientStreamMessage] = []
+    offset, end = 0, len(buffer)
+    unpack, header_size = _HEADER.unpack_from, _HEADER.size
     try:
-        while True:
-            if first:
-                header = first + await _read_exactly(reader, _HEADER.size - 1, "a frame header")
-                first = b""
-            else:
-                try:
-                    header = await reader.readexactly(_HEADER.size)
-                except asyncio.IncompleteReadError as error:
-                    if not error.partial:
-                        return  # EOF at a frame boundary
-                    raise AgentProtocolError(
-                        f"stream ended inside a frame header ({len(error.partial)} of "
-                        f"{_HEADER.size} bytes)"
-                    ) from None
-            message_id, length = _HEADER.unpack(header)
+        while end - offset >= header_size:
+            message_id, length = unpack(buffer, offset)
             if length > MAX_FRAME:
                 raise AgentProtocolError(
                     f"frame {message_id} claims {length} bytes (max {MAX_FRAME})"
                 )
-            message = _parse(await _read_exactly(reader, length, f"frame {message_id}"))
+            start = offset + header_size
+            if end - start < length:
+                break
+            messages.append(_parse(bytes(buffer[start : start + length])))
             acks.add(message_id)
-            await writer.drain()
-            yield message
+            offset = start + length
+    except AgentProtocolError as error:
+        return messages, offset, error
+    return messages, offset, None
+
+
+def _cut_short(buffer: bytearray) -> AgentProtocolError:
+    if len(buffer) < _HEADER.size:
+        return AgentProtocolError(
+            f"stream ended inside a frame header ({len(buffer)} of {_HEADER.size} bytes)"
+        )
+    message_id, length = _HEADER.unpack_from(buffer)
+    got = len(buffer) - _HEADER.size
+    return AgentProtocolError(f"stream ended inside frame {message_id} ({got} of {length} bytes)")
+
+
+async def _read_framed(
+    reader: asyncio.StreamReader, writer: AckWriter, first: bytes
+) -> AsyncGenerator[list[ClientStreamMessage], None]:
+    """Each read's complete frames as one batch. Holds at most one incomplete frame
+    (MAX_FRAME) and one read."""
+    acks = _Acks(writer)
+    buffer = bytearray(first)
+    try:
+        while True:
+            await writer.drain()  # an agent that reads no acks stops being read
+            chunk = await reader.read(_READ_SIZE)
+            if not chunk:
+                if buffer:
+                    raise _cut_short(buffer)
+                return  # EOF at a frame boundary
+            buffer += chunk
+            messages, used, error = _split_frames(buffer, acks)
+            if used:
+                del buffer[:used]
+            if messages:
+                acks.schedule()
+                yield messages
+            if error is not None:
+                raise error
     finally:
         acks.flush()
 
@@ -154,7 +194,7 @@ async def _read_varint(reader: asyncio.StreamReader) -> tuple[int, bytes]:
 
 async def _read_legacy(
     reader: asyncio.StreamReader, first: bytes
-) -> AsyncGenerator[ClientStreamMessage, None]:
+) -> AsyncGenerator[list[ClientStreamMessage], None]:
     while True:
         if not first:
             first = await reader.read(1)
@@ -172,7 +212,7 @@ async def _read_legacy(
         body = await _read_exactly(reader, length, "an unframed message")
         # Parsing the body as the field's own type is the same as parsing the whole record as a
         # ClientStreamMessage, without copying up to MAX_FRAME bytes to rebuild the record.
-        yield _parse_legacy(tag, body)
+        yield [_parse_legacy(tag, body)]
         first = b""
 
 
@@ -185,26 +225,38 @@ def _parse_legacy(tag: int, body: bytes) -> ClientStreamMessage:
         raise AgentProtocolError(f"payload is not a ClientStreamMessage: {error}") from None
 
 
-async def read_agent_messages(
+async def read_agent_batches(
     reader: asyncio.StreamReader, writer: AckWriter
-) -> AsyncGenerator[ClientStreamMessage, None]:
-    """Yields the agent's messages until EOF at a message boundary.
+) -> AsyncGenerator[list[ClientStreamMessage], None]:
+    """Yields the agent's messages, as many at a time as one read brought, until EOF at a
+    message boundary.
 
-    Raises AgentProtocolError on a contract breach; transport failures (OSError) pass through.
-    Framed messages are acked after they parse and before they are yielded: an ack means the
-    manager accepted the message, not that a client has seen it.
+    Raises AgentProtocolError on a contract breach (after yielding the messages before it);
+    transport failures (OSError) pass through. Framed messages are acked once they parse, the
+    write made after the batch was taken: an ack means the manager accepted the message, not
+    that a client has seen it.
     """
     first = await reader.read(1)
     if not first:
         return
-    messages = (
+    batches = (
         _read_legacy(reader, first)
         if first[0] in LEGACY_TAGS
         else _read_framed(reader, writer, first)
     )
-    async with contextlib.aclosing(messages):
-        async for message in messages:
-            yield message
+    async with contextlib.aclosing(batches):
+        async for batch in batches:
+            yield batch
+
+
+async def read_agent_messages(
+    reader: asyncio.StreamReader, writer: AckWriter
+) -> AsyncGenerator[ClientStreamMessage, None]:
+    """`read_agent_batches`, one message at a time."""
+    async with contextlib.aclosing(read_agent_batches(reader, writer)) as batches:
+        async for batch in batches:
+            for message in batch:
+                yield message
 
 
 AGENT_ORIGINATOR = "agent"
@@ -255,31 +307,42 @@ async def serve_agent_connection(
     writer: asyncio.StreamWriter,
     computation_id: str,
     publish: Callable[[ClientStreamMessage], None],
-    pace: Callable[[str], Awaitable[None]] | None = None,
+    pace: Callable[[str], Awaitable[None] | None] | None = None,
 ) -> int:
     """Publishes one agent connection's messages; returns how many were published.
 
     A misbehaving agent costs only its own connection: every failure is logged once and the
     connection closed, so nothing but cancellation escapes to the listener. `pace` (e.g.
-    EventBus.wait_for_room) is awaited after each message: while it waits, nothing more is
-    read, so a fast agent is slowed down through its socket instead of losing messages.
+    EventBus.pace) is asked after each message and what it returns, if anything, awaited:
+    while it waits, nothing more is read, so a fast agent is slowed down through its socket
+    instead of losing messages. The rest of a read's batch, already acked, is published even
+    when the wait is cancelled.
     """
     log = get_logger(computation_id=computation_id)
     published = forged = 0
     try:
-        async with contextlib.aclosing(read_agent_messages(reader, writer)) as messages:
-            async for message in messages:
-                if disown_manager(message):
-                    forged += 1
-                    if forged == 1:  # once per connection: a guest cannot flood the log
-                        log.warning(
-                            "agent event claimed originator 'manager'; rewritten to 'agent'",
-                            event_type=message.agent_event.event_type,
-                        )
-                publish(stamp(message, computation_id))
-                published += 1
-                if pace is not None:
-                    await pace(computation_id)
+        async with contextlib.aclosing(read_agent_batches(reader, writer)) as batches:
+            async for batch in batches:
+                for index, message in enumerate(batch):
+                    if _stamp(message, computation_id):
+                        forged += 1
+                        if forged == 1:  # once per connection: a guest cannot flood the log
+                            log.warning(
+                                "agent event claimed originator 'manager'; rewritten to 'agent'",
+                                event_type=message.agent_event.event_type,
+                            )
+                    publish(message)
+                    published += 1
+                    waiting = None if pace is None else pace(computation_id)
+                    if waiting is not None:
+                        try:
+                            await waiting
+                        except BaseException:
+                            for rest in batch[index + 1 :]:
+                                _stamp(rest, computation_id)
+                                publish(rest)
+                                published += 1
+                            raise
     except AgentProtocolError as error:
         log.warning("agent broke the event protocol; connection closed", reason=str(error))
     except OSError as error:
@@ -289,3 +352,17 @@ async def serve_agent_connection(
     finally:
         await close_writer(writer)
     return published
+
+
+def _stamp(message: ClientStreamMessage, computation_id: str) -> bool:
+    """`stamp` and `disown_manager` in one look at the message (it is on every agent message's
+    path); True if it disowned a claim to be the Manager."""
+    if message.WhichOneof("message") == "agent_log":
+        message.agent_log.computation_id = computation_id
+        return False
+    event = message.agent_event
+    event.computation_id = computation_id
+    if event.originator.strip().lower() != MANAGER_ORIGINATOR:
+        return False
+    event.originator = AGENT_ORIGINATOR
+    return True

@@ -174,7 +174,7 @@ class AgentEventListener:
         resolve_cid: Callable[[int], str | None],
         publish: Publish,
         port: int = AGENT_EVENTS_PORT,
-        pace: Callable[[str], Awaitable[None]] | None = None,
+        pace: Callable[[str], Awaitable[None] | None] | None = None,
         max_per_cid: int = DEFAULT_MAX_CONNECTIONS_PER_CID,
     ) -> None:
         """`max_per_cid` (MANAGER_AGENT_MAX_CONNECTIONS_PER_CID, 0 = no limit) bounds the

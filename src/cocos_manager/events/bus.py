@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from cocos_manager.errors import ResourceExhaustedError
@@ -91,6 +91,10 @@ class EventBus:
         self._first_seq = first_seq
         self._seq = first_seq - 1
         self._room: dict[str, asyncio.Future[None]] = {}
+        # Computations some subscriber may hold back: every one a subscriber holds back is in
+        # it (a subscription adds its computation when a message takes it over HOLD_ABOVE);
+        # `pace` removes those it finds nobody holds back.
+        self._backlogged: set[str] = set()
         self._closed = False
         self._last: pb.ClientStreamMessage | None = None  # close()'s final notice
         self.published = 0
@@ -196,6 +200,9 @@ class EventBus:
             return self._forgot_evictions
         return last > since
 
+    def backlogged(self, computation_id: str) -> None:
+        self._backlogged.add(computation_id)
+
     def drained(self, computation_id: str, subscription: Subscription) -> None:
         if computation_id in self._room and subscription.fill(computation_id) <= RELEASE_AT:
             self._wake(computation_id)
@@ -204,6 +211,8 @@ class EventBus:
         self._subscribers.discard(subscription)
         for computation_id in list(self._room):
             self._wake(computation_id)
+        for computation_id in list(self._backlogged):
+            self._held_back(computation_id)
 
     @property
     def subscriber_count(self) -> int:
@@ -215,16 +224,25 @@ class EventBus:
 
     # -- publishing -------------------------------------------------------------------------
 
-    def publish(self, message: pb.ClientStreamMessage, *, past_bounds: bool = False) -> None:
+    def publish(
+        self,
+        message: pb.ClientStreamMessage,
+        *,
+        past_bounds: bool = False,
+        computation_id: str | None = None,
+    ) -> None:
         """Never blocks and never raises: callers are Run, Stop and QEMU supervision.
         Sets `message.seq`; the message must not be changed afterwards. `past_bounds`: queued
-        even in a full queue (the shutdown's last word, once)."""
+        even in a full queue (the shutdown's last word, once). `computation_id`: the
+        message's own, when the caller has it at hand (agents' messages: one look less)."""
         self._seq += 1
         message.seq = self._seq
         self.published += 1
         for listener in self._taps:
             listener(message)
-        item = Published(message, computation_of(message), message.ByteSize())
+        if computation_id is None:
+            computation_id = computation_of(message)
+        item = Published(message, computation_id, message.ByteSize())
         self._retain_item(item)
         lost = 0
         for subscription in self._subscribers:
@@ -259,6 +277,19 @@ class EventBus:
             self._forgot_evictions = True
 
     # -- pacing -----------------------------------------------------------------------------
+
+    def pace(self, computation_id: str) -> Awaitable[None] | None:
+        """`wait_for_room` for an agent that has just published, or None when it need not
+        wait: a set lookup per message, where `wait_for_room` would look at every subscriber."""
+        if computation_id not in self._backlogged or not self._held_back(computation_id):
+            return None
+        return self.wait_for_room(computation_id)
+
+    def _held_back(self, computation_id: str) -> bool:
+        if any(s.holds_back(computation_id, HOLD_ABOVE) for s in self._subscribers):
+            return True
+        self._backlogged.discard(computation_id)
+        return False
 
     async def wait_for_room(self, computation_id: str) -> None:
         """For producers that can wait (agent connections): returns at once unless a

@@ -122,6 +122,7 @@ class ConsoleLog:
         self.max_lines = max(1, max_lines)
         self.max_bytes = max(1, max_bytes)
         self._lines: deque[ConsoleLine] = deque()
+        self._sizes: deque[int] = deque()  # each line's size, worked out once (it encodes)
         self._bytes = 0
         self._followers: set[_Follower] = set()
         self.dropped = 0  # lines pushed out of the ring by newer ones
@@ -150,12 +151,13 @@ class ConsoleLog:
                 line.timestamp_ns, level, text.encode()[:room].decode("utf-8", "ignore")
             )
             size = line.size
-        self._lines.append(line)
+        lines, sizes = self._lines, self._sizes
+        lines.append(line)
+        sizes.append(size)
         self._bytes += size
-        while len(self._lines) > self.max_lines or (
-            self._bytes > self.max_bytes and len(self._lines) > 1
-        ):
-            self._bytes -= self._lines.popleft().size
+        while len(lines) > self.max_lines or (self._bytes > self.max_bytes and len(lines) > 1):
+            lines.popleft()
+            self._bytes -= sizes.popleft()
             self.dropped += 1
         for follower in self._followers:
             follower.offer(line)

@@ -39,6 +39,9 @@ class Owner(Protocol):
     def drained(self, computation_id: str, subscription: Subscription) -> None:
         """One of this computation's messages left the queue: an agent held back may go on."""
 
+    def backlogged(self, computation_id: str) -> None:
+        """This computation's backlog here is over HOLD_ABOVE: its agents may have to wait."""
+
     def unsubscribe(self, subscription: Subscription) -> None: ...
 
 
@@ -51,6 +54,8 @@ class Subscription:
         "_bus",
         "_bytes",
         "_closed",
+        "_hold_bytes",
+        "_hold_messages",
         "_items",
         "_lost_last",
         "_lost_since",
@@ -76,6 +81,9 @@ class Subscription:
         self.computation_id = computation_id
         self._max_messages = max_messages
         self._max_bytes = max_bytes
+        # fill() > HOLD_ABOVE, without dividing, for the check on every queued message
+        self._hold_messages = max_messages * HOLD_ABOVE
+        self._hold_bytes = max_bytes * HOLD_ABOVE
         self._items: deque[Published] = deque()
         self._bytes = 0
         # computation id -> [queued messages, queued bytes]
@@ -142,10 +150,12 @@ class Subscription:
         self._bytes += item.size
         backlog = self._backlog.get(item.computation_id)
         if backlog is None:
-            self._backlog[item.computation_id] = [1, item.size]
+            backlog = self._backlog[item.computation_id] = [1, item.size]
         else:
             backlog[0] += 1
             backlog[1] += item.size
+        if backlog[0] > self._hold_messages or backlog[1] > self._hold_bytes:
+            self._bus.backlogged(item.computation_id)
         self._ready.set()
 
     def _take(self) -> pb.ClientStreamMessage:

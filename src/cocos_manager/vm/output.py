@@ -6,7 +6,6 @@ Every line reaches Events and the console; the daemon's log takes them at a boun
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -59,12 +58,20 @@ def keep_post_mortem(
     return PostMortem(end / 1e9 if end is not None else time.time(), list(tail))
 
 
+# The range protobuf's Timestamp.ToNanoseconds accepts: years 1 to 9999.
+_FIRST_SECOND, _LAST_SECOND = -62_135_596_800, 253_402_300_799
+
+
 def append_agent_log(console: ConsoleLog, log: pb.AgentLog) -> None:
-    """An agent's log line to its VM's console (Logs), at the time the agent gave it."""
+    """An agent's log line to its VM's console (Logs), at the time the agent gave it (outside
+    years 1-9999: ours). The arithmetic is ToNanoseconds' own, without its Python-level
+    checks (half of its cost on every agent line)."""
     stamp = None
     if log.HasField("timestamp"):
-        with contextlib.suppress(ValueError):  # outside years 1-9999: ours then
-            stamp = log.timestamp.ToNanoseconds()
+        given = log.timestamp
+        seconds, nanos = given.seconds, given.nanos
+        if _FIRST_SECOND <= seconds <= _LAST_SECOND and 0 <= nanos < 1_000_000_000:
+            stamp = seconds * 1_000_000_000 + nanos
     console.append(log.level, log.message, stamp)
 
 
