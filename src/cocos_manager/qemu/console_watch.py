@@ -30,6 +30,9 @@ IN_CLOEXEC = os.O_CLOEXEC
 MASK = IN_MODIFY | IN_MOVED_TO | IN_CREATE
 _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then len bytes of NUL-padded name
 _READ = 64 * 1024
+# Wake-ups are gathered this long: a guest flooding its console wakes its reader at most 100
+# times a second (each read takes all that is there), as the poll's drain did.
+GATHER = 0.01
 
 Wake = Callable[[], None]
 Key = tuple[int, bytes]  # watch descriptor, file name
@@ -58,6 +61,8 @@ class DirectoryWatch:
         self._fd = fd
         self._wds: dict[bytes, int] = {}  # directory -> watch descriptor
         self._wakes: dict[tuple[int, bytes], set[Wake]] = {}  # (wd, file name) -> readers
+        self._woken: set[Wake] = set()  # to wake at the end of the gathering
+        self._gathering: asyncio.TimerHandle | None = None
         loop.add_reader(fd, self._read)
 
     def add(self, paths: tuple[Path, ...], wake: Wake) -> list[Key] | None:
@@ -100,13 +105,15 @@ class DirectoryWatch:
         with contextlib.suppress(OSError):
             os.close(self._fd)
         self._fd = -1
+        if self._gathering is not None:
+            self._gathering.cancel()
 
     def _read(self) -> None:
         try:
             data = os.read(self._fd, _READ)
         except BlockingIOError:
             return
-        woken: set[Wake] = set()
+        woken = self._woken
         offset = 0
         while offset + _EVENT.size <= len(data):
             wd, mask, _, length = _EVENT.unpack_from(data, offset)
@@ -120,6 +127,12 @@ class DirectoryWatch:
                 woken.update(*(w for (kwd, _), w in self._wakes.items() if kwd == wd))
                 continue
             woken.update(self._wakes.get((wd, name), ()))
+        if woken and self._gathering is None:
+            self._gathering = self._loop.call_later(GATHER, self._wake)
+
+    def _wake(self) -> None:
+        self._gathering = None
+        woken, self._woken = self._woken, set()
         for wake in woken:
             wake()
 
