@@ -1,7 +1,8 @@
 """The daemon's start-up loads what its settings use, when they use it (docs/decisions.md,
 "Start-up and the bench's targets"): the Jaeger exporter's thrift
 library (about 40 modules: its IDL parser, protocols and transports) is loaded on the export
-thread at the first export, not by importing the daemon."""
+thread at the first export, not by importing the daemon; ctypes (for the console files'
+inotify watch) at the first VM's console, not at start-up."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ def test_importing_the_daemon_does_not_load_thrift() -> None:
     assert "cocos_manager" in loaded and "grpc" in loaded  # the probe saw the daemon's imports
     assert "thriftpy2" not in loaded
     assert "ply" not in loaded  # thriftpy2's IDL parser
+    assert "ctypes" not in loaded  # qemu/console_watch.py loads it for the first VM
 
 
 def test_the_first_export_loads_it() -> None:

@@ -5,7 +5,8 @@ times a second: 10-12 % of a CPU with 200 idle VMs (make bench, fleet). The kern
 instead: every VM's console is in the same directory, so one watch on it (writes, creations
 and renames: a keeper's appends and its rotations) and one descriptor for the daemon, whose
 events are handed to the reader of the file they name. The stdlib has no inotify, so it is
-called through ctypes; where it cannot be had (no inotify, its limits reached, a directory it
+called through ctypes, loaded at the first VM's watch (not at the daemon's start-up: about
+14 ms and 1 MiB, tests/telemetry/test_startup_imports.py); where it cannot be had (no inotify, its limits reached, a directory it
 cannot watch) `watch` says so and the reader polls as before.
 """
 
@@ -13,12 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
+import functools
 import os
 import struct
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 IN_MODIFY = 0x00000002
 IN_MOVED_TO = 0x00000080
@@ -38,18 +39,19 @@ Wake = Callable[[], None]
 Key = tuple[int, bytes]  # watch descriptor, file name
 
 
-def _libc() -> ctypes.CDLL | None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+@functools.cache
+def _libc() -> Any:
+    """libc with the three inotify calls typed, or None."""
+    import ctypes  # lazy: see the module docstring
+
+    try:  # the daemon's own symbols, libc's among them (find_library would run ldconfig)
+        libc = ctypes.CDLL(None, use_errno=True)
         libc.inotify_init1.argtypes = [ctypes.c_int]
         libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
         libc.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
     except (OSError, AttributeError):
         return None
     return libc
-
-
-_LIBC = _libc()
 
 
 class DirectoryWatch:
@@ -66,13 +68,13 @@ class DirectoryWatch:
         loop.add_reader(fd, self._read)
 
     def add(self, paths: tuple[Path, ...], wake: Wake) -> list[Key] | None:
-        assert _LIBC is not None
+        libc = _libc()
         keys = []
         for path in paths:
             directory = os.fsencode(path.parent)
             wd = self._wds.get(directory)
             if wd is None:
-                wd = _LIBC.inotify_add_watch(self._fd, directory, MASK)
+                wd = libc.inotify_add_watch(self._fd, directory, MASK)
                 if wd < 0:
                     return None
                 self._wds[directory] = wd
@@ -144,12 +146,13 @@ def watch(paths: tuple[Path, ...], wake: Wake) -> tuple[DirectoryWatch, list[Key
     """Calls `wake` (on the running loop) whenever one of `paths` is written, created or
     renamed into place, until `remove(keys, wake)`; None if the kernel cannot tell, and the
     caller must poll."""
-    if _LIBC is None:
+    libc = _libc()
+    if libc is None:
         return None
     loop = asyncio.get_running_loop()
     watcher = _watches.get(loop)
     if watcher is None:
-        fd = _LIBC.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
         if fd < 0:
             return None
         watcher = _watches[loop] = DirectoryWatch(loop, fd)
