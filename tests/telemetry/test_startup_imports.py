@@ -3,8 +3,9 @@
 library (about 40 modules: its IDL parser, protocols and transports) is loaded on the export
 thread at the first export, not by importing the daemon; prometheus-client (with `wsgiref`,
 `http.server`, `urllib.request`) only when /metrics is served; the dial-out's modules only with
-MANAGER_GRPC_URL; server reflection at its first call. What a daemon holds once it serves is
-read by tests/support/serving_probe.py."""
+MANAGER_GRPC_URL; server reflection at its first call; ctypes (for the console files' inotify
+watch) at the first VM's console. What a daemon holds once it serves is read by
+tests/support/serving_probe.py."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ def test_importing_the_daemon_does_not_load_thrift() -> None:
     assert "cocos_manager" in loaded and "grpc" in loaded  # the probe saw the daemon's imports
     assert "thriftpy2" not in loaded
     assert "ply" not in loaded  # thriftpy2's IDL parser
+    assert "ctypes" not in loaded  # qemu/console_watch.py loads it for the first VM
 
 
 def test_the_first_export_loads_it() -> None:

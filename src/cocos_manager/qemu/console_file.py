@@ -6,10 +6,10 @@ running, or upgraded loses none of QEMU's lines, and the next one reads what was
 before and while it was away, then follows. See docs/decisions.md, "The console survives
 the daemon".
 
-The file is read by polling (a read at end of file and a stat, every POLL_INTERVAL): it
-works for any file system and any writer, root's QEMU behind sudo included, and costs the
-loop two system calls per VM per interval. A gap in the sequence numbers is told as one line,
-where the lines went missing.
+The file is read when the kernel says it changed (console_watch.py: one inotify watch on the
+directory, whoever writes, root's QEMU behind sudo included), and by polling (a read at end
+of file and a stat, every POLL_INTERVAL) where it cannot say. A gap in the sequence numbers
+is told as one line, where the lines went missing.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cocos_manager.errors import FailedPreconditionError, ResourceExhaustedError
-from cocos_manager.qemu import console_keeper
+from cocos_manager.qemu import console_keeper, console_watch
 from cocos_manager.qemu.keeper_zygote import Keeper, KeeperZygote
 from cocos_manager.qemu.output import clean_line
 from cocos_manager.telemetry import get_logger
@@ -288,7 +288,8 @@ class ConsoleReader:
         self._parser = RecordParser(sink)
         self._parser.live = not history
         self._interval = POLL_INTERVAL
-        self._poke = asyncio.Event()
+        self._wake: asyncio.Future[None] | None = None
+        self._watch: tuple[console_watch.DirectoryWatch, list[console_watch.Key]] | None = None
         loop = asyncio.get_running_loop()
         self.ended: asyncio.Future[None] = loop.create_future()
         self.caught_up: asyncio.Future[None] = loop.create_future()  # all read that was there
@@ -298,7 +299,7 @@ class ConsoleReader:
         """Waits up to `timeout` for the keeper's last record (QEMU has ended): reading faster
         meanwhile. Never cancels the reading, so a later call still gets the rest."""
         self._interval = DRAIN_INTERVAL
-        self._poke.set()
+        self.poke()
         try:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self.ended), timeout)
@@ -307,8 +308,10 @@ class ConsoleReader:
 
     def poke(self) -> None:
         """Reads now: the keeper has ended, so its last record is in the file (a drain would
-        otherwise find it at its next poll, up to DRAIN_INTERVAL later)."""
-        self._poke.set()
+        otherwise find it at its next poll, up to DRAIN_INTERVAL later); also the inotify
+        watch's wake-up. A poke while reading is not needed: the reading goes on to the end."""
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
 
     def close(self) -> None:
         if not self._task.done():
@@ -324,6 +327,7 @@ class ConsoleReader:
 
     async def _run(self) -> None:
         try:
+            self._watch = console_watch.watch((self._files.path, self._files.rotated), self.poke)
             self._open_files(skip=None)
             while True:
                 if self._read_chunk():
@@ -336,14 +340,32 @@ class ConsoleReader:
                 self._parser.live = True  # caught up: from here on every line is new
                 if not self.caught_up.done():
                     self.caught_up.set_result(None)
-                self._poke.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._poke.wait(), self._interval)
+                await self._wait()
         finally:
+            if self._watch is not None:
+                self._watch[0].remove(self._watch[1], self.poke)
+                self._watch = None
             self._close_fds()
             for future in (self.ended, self.caught_up):
                 if not future.done():
                     future.set_result(None)
+
+    async def _wait(self) -> None:
+        """Until poked, or the next poll where the kernel does not tell (or a drain hurries).
+        A future and a timer: asyncio.wait_for made a task per wait, most of the loop's CPU
+        when every VM's console was polled."""
+        loop = asyncio.get_running_loop()
+        self._wake = loop.create_future()
+        watched = self._watch is not None and self._watch[0].watching(self._watch[1])
+        timer = None
+        if not watched or self._interval != POLL_INTERVAL:
+            timer = loop.call_later(self._interval, self.poke)
+        try:
+            await self._wake
+        finally:
+            self._wake = None
+            if timer is not None:
+                timer.cancel()
 
     def _open_files(self, skip: int | None) -> None:
         """FILE.1 then FILE, opened as one consistent pair (a rotation between the two opens

@@ -1,0 +1,86 @@
+"""A console reader is woken by the kernel (inotify on the console directory) rather than by
+its poll: with the poll made an hour long, a live QEMU's lines still arrive, across the
+keeper's rotations; where no watch can be had it polls; and the daemon's one inotify
+descriptor goes with its last reader. Real keeper processes and real pipes, no daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from cocos_manager.qemu import console_file, console_watch
+from cocos_manager.qemu.console_file import ConsoleFiles, ConsoleReader, spawn_kept
+from cocos_manager.qemu.spawn import spawn
+from tests.support.waiting import wait_for
+
+BOUND = 64 * 1024
+LINES = 2000  # 200 kB of lines: the keeper rotates its file several times
+
+
+def live_printer(quit_file: Path) -> list[str]:
+    """A stand-in QEMU that prints its lines, then stays alive (as a booted guest) until
+    `quit_file` exists: whatever the reader gets before that, it got while QEMU ran."""
+    script = (
+        "import os, sys, time\n"
+        f"for i in range({LINES}):\n"
+        "    sys.stdout.write(f'line {i} '.ljust(99, 'x') + '\\n')\n"
+        "sys.stdout.flush()\n"
+        "sys.stderr.write('qemu: ready\\n')\n"
+        "sys.stderr.flush()\n"
+        f"while not os.path.exists({str(quit_file)!r}): time.sleep(0.01)\n"
+    )
+    return ["python3", "-c", script]
+
+
+async def follow_live(tmp_path: Path) -> list[tuple[str, str]]:
+    """The lines a reader gets while the stand-in runs; then QEMU, its keeper and the reader
+    end."""
+    files = ConsoleFiles(tmp_path / "console-vm.log", BOUND)
+    quit_file = tmp_path / "quit"
+    seen: list[tuple[str, str]] = []
+    reader = ConsoleReader(
+        files, lambda stream, text, *_: seen.append((stream, text)), history=False
+    )
+    qmp = os.open("/dev/null", os.O_RDONLY)
+    try:
+        popen, _, keeper = spawn_kept(spawn, live_printer(quit_file), qmp, None, files)
+    finally:
+        os.close(qmp)
+    assert keeper is not None
+    try:
+        await wait_for(lambda: ("stderr", "qemu: ready") in seen, "QEMU's lines, read live", 60)
+        return list(seen)
+    finally:
+        quit_file.touch()
+        await asyncio.to_thread(popen.wait)
+        kept = await asyncio.wrap_future(keeper)
+        await asyncio.to_thread(kept.wait, 10)
+        await reader.drain(10)
+        reader.close()
+
+
+def numbers(lines: list[tuple[str, str]]) -> list[int]:
+    return [int(m.group(1)) for _, text in lines if (m := re.match(r"line (\d+) ", text))]
+
+
+async def test_a_live_qemus_lines_arrive_without_polling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(console_file, "POLL_INTERVAL", 3600.0)
+    seen = await follow_live(tmp_path)
+    got = numbers(seen)
+    assert got == sorted(got) and got[-1] == LINES - 1
+    assert not console_watch._watches, "the inotify descriptor outlived its last reader"
+
+
+async def test_without_a_watch_the_reader_polls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(console_watch, "watch", lambda *_: None)
+    seen = await follow_live(tmp_path)
+    got = numbers(seen)
+    assert got == sorted(got) and got[-1] == LINES - 1
