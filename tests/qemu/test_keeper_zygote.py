@@ -187,3 +187,45 @@ def test_a_keeper_that_cannot_answer_leaves_the_vm_to_one_direct_keeper(tmp_path
         assert first.finish(kept, b"one\n")[1] == b"O one"
     finally:
         zygote.close()
+
+
+# A zygote that reads its first request and ends without a word (SIGKILLed or OOM-killed
+# there); the ones made after it are the real one.
+_DYING_ZYGOTE = """
+import importlib.util, os, socket, sys
+if os.path.exists({marker!r}):
+    spec = importlib.util.spec_from_file_location("console_keeper", {real!r})
+    keeper = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(keeper)
+    sys.exit(keeper.main(sys.argv))
+open({marker!r}, "w").close()
+if os.fork():
+    os._exit(0)
+channel = socket.socket(fileno=int(sys.argv[2]))
+pidfd = os.pidfd_open(os.getpid())
+socket.send_fds(channel, [b"%d" % os.getpid()], [pidfd])
+socket.recv_fds(channel, 8192, 3)
+os._exit(0)
+"""
+
+
+def test_a_zygote_that_ended_with_the_request_is_made_again_for_it(tmp_path: Path) -> None:
+    """A zygote killed as a request reached it (queued before its end closed the socket) was
+    read as 'no zygote': that keeper was started directly and the zygote made only at the
+    next one (test_keepers_are_forked_by_one_zygote_and_outlive_it failed so under load)."""
+    script = tmp_path / "dying_zygote.py"
+    script.write_text(
+        _DYING_ZYGOTE.format(marker=str(tmp_path / "died"), real=console_keeper.__file__)
+    )
+    zygote = KeeperZygote(str(script))
+    try:
+        pipes = Pipes(ConsoleFiles(tmp_path / "console-1.log", BOUND))
+        keeper = zygote.start(str(pipes.files.path), BOUND, pipes.handed())
+        pipes.close_ours()
+        assert keeper is not None and keeper.popen is None, "no zygote made again"
+        assert (tmp_path / "died").exists()
+        made_again = parent_of(keeper.pid)
+        assert pipes.finish(keeper, b"one\n") == [b"V 1", b"O one", b"E qemu: done", b"X "]
+    finally:
+        zygote.close()
+    assert gone_within(made_again, 10), "the zygote outlived its end of file"
