@@ -83,12 +83,16 @@ class DaemonRunner:
         shutdown_grace: float = SHUTDOWN_GRACE,
         tracer_provider: TracerProvider | None = None,
         dial_out: bool = True,
+        freeze_start_up: bool = False,
     ) -> None:
         """`tracer_provider`: one the caller owns (tests keep one for the whole session, since
         OpenTelemetry's global provider can be set only once); otherwise the runner makes one
         from COCOS_JAEGER_URL and shuts it down in cleanup(). `dial_out=False`: no dial-out even
-        with MANAGER_GRPC_URL set (tests that make their own, with metrics of their own)."""
+        with MANAGER_GRPC_URL set (tests that make their own, with metrics of their own).
+        `freeze_start_up`: what was made until recovery is frozen out of the collector's passes
+        (run_daemon)."""
         self._dial_out = dial_out
+        self._freeze_start_up = freeze_start_up
         self.settings = settings
         self._agent_connector = agent_connector
         self._grace = shutdown_grace
@@ -134,6 +138,11 @@ class DaemonRunner:
                 self.dialout = DialOut.configure(settings.service, service)
             except DialOutConfigError as error:
                 raise StartupError(str(error)) from None
+        if self._freeze_start_up:
+            # Before recovery, not after: an adopted VM's objects (its Machine, process, console)
+            # hold reference cycles and end with the VM, while the daemon serves; frozen, they
+            # would never be collected (every VM adopted at start kept for the daemon's life).
+            gc.freeze()
         try:
             await service.recover()
         except ManagerError as error:
@@ -250,10 +259,10 @@ def note_signal(sig: signal.Signals) -> None:
 
 
 def settle_start_up_heap() -> None:
-    """What start-up built (modules, classes, schemas, the service) lives as long as the
-    daemon: frozen, the collector never walks it again, and the collector (held off by `main`
-    while all that was made) runs from here on, for what the daemon makes while it serves."""
-    gc.freeze()
+    """What start-up built before recovery (modules, classes, schemas, the service) lives as
+    long as the daemon and was frozen by `setup` (the collector never walks it again); the
+    collector, held off by `main` while all that was made, runs from here on, for what the
+    daemon makes while it serves, the VMs adopted at start included."""
     gc.enable()
 
 
@@ -276,7 +285,7 @@ async def run_daemon(settings: Settings) -> int:
         get_logger().warning("scheduling weight not raised: " + weight.detail)
     else:
         get_logger().info("scheduling weight: " + weight.detail, applied=weight.applied)
-    runner = DaemonRunner(settings)
+    runner = DaemonRunner(settings, freeze_start_up=True)
     try:
         await runner.setup()
         settle_start_up_heap()

@@ -5,8 +5,11 @@ caller's direct start."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -141,3 +144,88 @@ def test_a_stuck_zygote_is_ended_and_the_keeper_started_directly(
         os.close(second.err_w)
     finally:
         zygote.close()
+
+
+def holders(path: Path) -> list[int]:
+    """The processes holding `path` open."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            if any(
+                os.readlink(f"/proc/{pid}/fd/{fd}") == str(path)
+                for fd in os.listdir(f"/proc/{pid}/fd")
+            ):
+                found.append(int(pid))
+    return found
+
+
+def test_a_keeper_that_cannot_answer_leaves_the_vm_to_one_direct_keeper(tmp_path: Path) -> None:
+    """A forked keeper that cannot make its pidfd (the zygote's descriptor limit here; no
+    memory likewise) answered nothing and kept the pipes all the same: the daemon, past the
+    answer's timeout, started a second keeper on them (two keepers splitting QEMU's lines, two
+    version records in one file). It says so now and ends, leaving the VM to the direct start."""
+    zygote = KeeperZygote(console_keeper.__file__)
+    try:
+        first = Pipes(ConsoleFiles(tmp_path / "console-1.log", BOUND))
+        kept = zygote.start(str(first.files.path), BOUND, first.handed())
+        first.close_ours()
+        assert kept is not None
+        forker = parent_of(kept.pid)
+        held = {int(fd) for fd in os.listdir(f"/proc/{forker}/fd")}
+        free = [fd for fd in range(3, max(held) + 5) if fd not in held]
+        # Room for the request's three descriptors, none for the pidfd (lowest numbers first).
+        resource.prlimit(forker, resource.RLIMIT_NOFILE, (free[3], free[3]))
+        second = Pipes(ConsoleFiles(tmp_path / "console-2.log", BOUND))
+        assert zygote.start(str(second.files.path), BOUND, second.handed()) is None
+        keeper = console_file._start_keeper(second.files, *second.handed())
+        for _ in range(1000):  # the forked one, told to end, ends at once; not before the fix
+            if holders(second.files.path) == [keeper.pid]:
+                break
+            time.sleep(0.01)
+        assert holders(second.files.path) == [keeper.pid], "a second keeper holds the file"
+        assert second.finish(keeper, b"two\n") == [b"V 1", b"O two", b"E qemu: done", b"X "]
+        assert first.finish(kept, b"one\n")[1] == b"O one"
+    finally:
+        zygote.close()
+
+
+# A zygote that reads its first request and ends without a word (SIGKILLed or OOM-killed
+# there); the ones made after it are the real one.
+_DYING_ZYGOTE = """
+import importlib.util, os, socket, sys
+if os.path.exists({marker!r}):
+    spec = importlib.util.spec_from_file_location("console_keeper", {real!r})
+    keeper = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(keeper)
+    sys.exit(keeper.main(sys.argv))
+open({marker!r}, "w").close()
+if os.fork():
+    os._exit(0)
+channel = socket.socket(fileno=int(sys.argv[2]))
+pidfd = os.pidfd_open(os.getpid())
+socket.send_fds(channel, [b"%d" % os.getpid()], [pidfd])
+socket.recv_fds(channel, 8192, 3)
+os._exit(0)
+"""
+
+
+def test_a_zygote_that_ended_with_the_request_is_made_again_for_it(tmp_path: Path) -> None:
+    """A zygote killed as a request reached it (queued before its end closed the socket) was
+    read as 'no zygote': that keeper was started directly and the zygote made only at the
+    next one (test_keepers_are_forked_by_one_zygote_and_outlive_it failed so under load)."""
+    script = tmp_path / "dying_zygote.py"
+    script.write_text(
+        _DYING_ZYGOTE.format(marker=str(tmp_path / "died"), real=console_keeper.__file__)
+    )
+    zygote = KeeperZygote(str(script))
+    try:
+        pipes = Pipes(ConsoleFiles(tmp_path / "console-1.log", BOUND))
+        keeper = zygote.start(str(pipes.files.path), BOUND, pipes.handed())
+        pipes.close_ours()
+        assert keeper is not None and keeper.popen is None, "no zygote made again"
+        assert (tmp_path / "died").exists()
+        made_again = parent_of(keeper.pid)
+        assert pipes.finish(keeper, b"one\n") == [b"V 1", b"O one", b"E qemu: done", b"X "]
+    finally:
+        zygote.close()
+    assert gone_within(made_again, 10), "the zygote outlived its end of file"

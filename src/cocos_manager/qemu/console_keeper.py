@@ -187,12 +187,22 @@ def _forked_keeper(channel: socket.socket, request: bytes, fds: list[int]) -> in
     _name(KEEPER_NAME)
     try:
         pidfd = os.pidfd_open(os.getpid())
+    except OSError:  # no pidfd (out of descriptors or memory): no keeper the daemon can watch
+        pidfd = -1
+        try:
+            # As a failed fork: the daemon starts this keeper itself, on the same pipes (a
+            # keeper here as well would split QEMU's lines and the file with it).
+            channel.send(b"E")
+            return 1
+        except OSError:  # the daemon is gone: the VM's lines are kept all the same
+            pass
+    if pidfd >= 0:
         try:
             socket.send_fds(channel, [b"%d" % os.getpid()], [pidfd])
+        except OSError:  # the daemon is gone: the VM's lines are kept all the same
+            pass
         finally:
             os.close(pidfd)
-    except OSError:  # the daemon is gone: the VM's lines are kept all the same
-        pass
     channel.close()
     max_bytes, path = request.split(b"\0", 1)
     return keep(os.fsdecode(path), int(max_bytes), *fds)

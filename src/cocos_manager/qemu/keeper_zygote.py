@@ -50,6 +50,11 @@ class Keeper:
         return bool(select.select([self.pidfd], [], [], timeout)[0])
 
 
+class _GoneUnanswered(Exception):
+    """The zygote ended (killed, OOM-killed) with the request unanswered and no keeper forked
+    for it alive (a forked one answers first, and holds the socket until then)."""
+
+
 class KeeperZygote:
     def __init__(self, script: str) -> None:
         self._script = script
@@ -70,7 +75,10 @@ class KeeperZygote:
             except OSError:
                 self._drop()
                 continue
-            return self._answer(channel)
+            try:
+                return self._answer(channel)
+            except _GoneUnanswered:  # it took the request with it (killed, OOM): made again
+                continue
         return None
 
     def close(self) -> None:
@@ -78,9 +86,13 @@ class KeeperZygote:
         self._drop()
 
     def _answer(self, channel: socket.socket) -> Keeper | None:
+        """The keeper forked, or None (the zygote could not fork, or was stuck and ended);
+        _GoneUnanswered when the zygote ended without a word, no keeper of it alive."""
+        timed_out = False
         try:
             data, fds, _, _ = socket.recv_fds(channel, 64, 1)
         except TimeoutError:
+            timed_out = True
             # Stuck (stopped, swapped out): ended, then a keeper it may have forked still
             # answers (a forked keeper sends its pidfd first); nothing else can any more.
             if self._pidfd is not None:
@@ -99,6 +111,8 @@ class KeeperZygote:
             os.close(fd)
         if not data:  # end of file: the zygote is gone, and no keeper of it holds the socket
             self._drop()
+            if not timed_out:
+                raise _GoneUnanswered
         return None
 
     def _make(self) -> socket.socket | None:
