@@ -16,10 +16,9 @@ from cocos_manager.errors import FailedPreconditionError
 from cocos_manager.qemu.console_file import (
     ConsoleFiles,
     ConsoleReader,
-    fresh_file,
     read_history,
-    spawn_kept,
 )
+from cocos_manager.qemu.console_start import fresh_file, spawn_kept
 from cocos_manager.qemu.spawn import spawn
 from tests.support.waiting import wait_for
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from cocos_manager.qemu import console_file, console_watch
-from cocos_manager.qemu.console_file import ConsoleFiles, ConsoleReader, spawn_kept
+from cocos_manager.qemu.console_file import ConsoleFiles, ConsoleReader
+from cocos_manager.qemu.console_start import spawn_kept
 from cocos_manager.qemu.spawn import spawn
 from tests.support.waiting import wait_for
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from cocos_manager.qemu import console_file, console_keeper, keeper_zygote
-from cocos_manager.qemu.console_file import ConsoleFiles, fresh_file
+from cocos_manager.qemu import console_keeper, console_start, keeper_zygote
+from cocos_manager.qemu.console_file import ConsoleFiles
+from cocos_manager.qemu.console_start import fresh_file
 from cocos_manager.qemu.keeper_zygote import Keeper, KeeperZygote
 from tests.support.processes import gone_within
 
@@ -109,8 +110,8 @@ def test_without_a_zygote_the_keeper_is_started_directly(
     broken = KeeperZygote(str(tmp_path / "missing.py"))
     pipes = Pipes(ConsoleFiles(tmp_path / "console-1.log", BOUND))
     assert broken.start(str(pipes.files.path), BOUND, pipes.handed()) is None
-    monkeypatch.setattr(console_file, "_zygote", broken)
-    keeper = console_file._start_keeper(pipes.files, *pipes.handed())
+    monkeypatch.setattr(console_start, "_zygote", broken)
+    keeper = console_start._start_keeper(pipes.files, *pipes.handed())
     assert keeper.popen is not None  # the daemon's own child, as before the zygote
     assert pipes.finish(keeper, b"direct\n") == [b"V 1", b"O direct", b"E qemu: done", b"X "]
 
@@ -177,7 +178,7 @@ def test_a_keeper_that_cannot_answer_leaves_the_vm_to_one_direct_keeper(tmp_path
         resource.prlimit(forker, resource.RLIMIT_NOFILE, (free[3], free[3]))
         second = Pipes(ConsoleFiles(tmp_path / "console-2.log", BOUND))
         assert zygote.start(str(second.files.path), BOUND, second.handed()) is None
-        keeper = console_file._start_keeper(second.files, *second.handed())
+        keeper = console_start._start_keeper(second.files, *second.handed())
         for _ in range(1000):  # the forked one, told to end, ends at once; not before the fix
             if holders(second.files.path) == [keeper.pid]:
                 break

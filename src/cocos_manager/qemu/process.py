@@ -28,7 +28,8 @@ from cocos_manager.errors import (
 )
 from cocos_manager.host import process_identity, process_start_time, start_pool
 from cocos_manager.qemu import sudo as sudo_stop
-from cocos_manager.qemu.console_file import ConsoleFiles, reap_keeper, spawn_kept
+from cocos_manager.qemu.console_file import ConsoleFiles
+from cocos_manager.qemu.console_start import reap_keeper, spawn_kept
 from cocos_manager.qemu.failures import classify_start_failure, classify_sudo_refusal
 from cocos_manager.qemu.qmp import QmpError, QmpMonitor, open_running_monitor
 from cocos_manager.qemu.spawn import ExitInfo, kill_spawned, spawn
