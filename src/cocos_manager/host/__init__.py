@@ -13,8 +13,11 @@ if TYPE_CHECKING:
     from cocos_manager.host.check_result import exit_code as exit_code
     from cocos_manager.host.check_result import hidden_note as hidden_note
     from cocos_manager.host.check_result import render as render
+    from cocos_manager.host.launch_dirs import launch_dir_sharers as launch_dir_sharers
     from cocos_manager.host.launch_dirs import load_launch_dirs as load_launch_dirs
+    from cocos_manager.host.launch_dirs import mark_launch_dir as mark_launch_dir
     from cocos_manager.host.launch_dirs import save_launch_dirs as save_launch_dirs
+    from cocos_manager.host.launch_dirs import unmark_launch_dir as unmark_launch_dir
     from cocos_manager.host.listeners import LISTEN_OPTIONS as LISTEN_OPTIONS
     from cocos_manager.host.listeners import ListenRefusedError as ListenRefusedError
     from cocos_manager.host.listeners import grpc_listen_refusal as grpc_listen_refusal
@@ -43,6 +46,9 @@ if TYPE_CHECKING:
 HOMES = {
     "load_launch_dirs": "launch_dirs",
     "save_launch_dirs": "launch_dirs",
+    "mark_launch_dir": "launch_dirs",
+    "unmark_launch_dir": "launch_dirs",
+    "launch_dir_sharers": "launch_dirs",
     "hidden_note": "check_result",
     "probe_state_lock": "state_lock",
     "probe_grpc_listen": "listeners",

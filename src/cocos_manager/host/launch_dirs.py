@@ -8,11 +8,22 @@ directory, and the VM's QEMU would run on, nobody's. So each directory is writte
 durably, before the first VM is launched in it, and stays until nothing of the daemon's is
 left there. The state directory is the daemon's own and private (StateStore.open), like the
 records, which decide as much.
+
+The other way round, each launch directory says which state directories have launched VMs in
+it: an extended attribute per state directory on the directory itself (no file is added to
+it), `user.cocos-manager.state-dir.<hash of the path>` = the state directory's path, set
+durably before the first VM is launched there. A daemon sweeping a directory for its lost
+records' QEMUs cannot tell them from another daemon's VMs (which have no record here): while
+another state directory that still exists is named, it leaves the directory to that daemon.
+One attribute per state directory rather than one list: two daemons marking a directory at
+once each set their own, so neither mark can be lost to a read-modify-write race.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -21,6 +32,8 @@ from cocos_manager.telemetry import get_logger
 
 FILE_NAME = "launch-dirs"
 _MAX_BYTES = 1 << 20
+_MARK = "user.cocos-manager.state-dir."
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _log = get_logger()
 
 
@@ -73,3 +86,72 @@ def save_launch_dirs(state_dir: Path, dirs: list[str]) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def _own(state_dir: Path) -> str:
+    return os.path.realpath(state_dir)
+
+
+def _mark_name(own: str) -> str:
+    return _MARK + hashlib.sha256(own.encode()).hexdigest()[:16]
+
+
+def mark_launch_dir(where: Path | str, state_dir: Path) -> None:
+    """Names `state_dir` on the directory `where`, durably (the directory fsynced), unless
+    it is named already. Blocking; raises OSError (ENOTSUP where the file system takes no
+    user extended attributes)."""
+    own = _own(state_dir)
+    name = _mark_name(own)
+    fd = os.open(where, _DIR_FLAGS)
+    try:
+        try:
+            if os.getxattr(fd, name) == own.encode():
+                return
+        except OSError as error:
+            if error.errno != errno.ENODATA:
+                raise
+        os.setxattr(fd, name, own.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def unmark_launch_dir(where: Path | str, state_dir: Path) -> None:
+    """Takes `state_dir`'s name off `where` (nothing of its daemon is left there), if it can."""
+    with contextlib.suppress(OSError):
+        fd = os.open(where, _DIR_FLAGS)
+        try:
+            os.removexattr(fd, _mark_name(_own(state_dir)))
+        finally:
+            os.close(fd)
+
+
+def launch_dir_sharers(where: Path | str, state_dir: Path) -> list[str]:
+    """The state directories besides `state_dir` named on `where` that still exist (one
+    that cannot be looked at, say under another user's private directory, counts as
+    existing). Blocking; raises OSError (ENOTSUP where unsupported)."""
+    fd = os.open(where, _DIR_FLAGS)
+    try:
+        values = []
+        for name in os.listxattr(fd):
+            if name.startswith(_MARK):
+                try:
+                    values.append(os.getxattr(fd, name).decode(errors="replace"))
+                except OSError as error:
+                    if error.errno != errno.ENODATA:  # else removed meanwhile
+                        raise
+    finally:
+        os.close(fd)
+    own = os.stat(state_dir)
+    others = []
+    for value in values:
+        try:
+            info = os.stat(value)
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # gone: its daemon has no VM left to run
+        except OSError:
+            others.append(value)
+            continue
+        if (info.st_dev, info.st_ino) != (own.st_dev, own.st_ino):
+            others.append(value)
+    return sorted(set(others))

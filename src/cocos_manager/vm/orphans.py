@@ -9,30 +9,43 @@ a QEMU of ours that nobody tracks: it is ended (its computation cannot be resume
 TTL and numbers were in the record) and an error line names it; files of such UUIDs are
 removed. Only by a daemon alone on TMP_FILE_LOC (`hold_tmp_dir`): two daemons with separate state
 directories may share one TMP_FILE_LOC, and each other's VMs have no record in the other's
-directory.
+directory. Alone now is not enough: the other daemon may be down for a moment (a restart, its
+VMs left running), so a directory another state directory has launched VMs in (it says so,
+host/launch_dirs.py) is left to that daemon, with a warning (`_shared`).
 
 The same is done in every directory the setting named before (`sweep_former`): the daemon
 lists each one in its state directory before it launches a VM there (host/launch_dirs.py),
 so a lost record of a VM launched before the setting changed does not leave its QEMU
-running, nobody's. A former directory is swept only while no daemon holds it and only if it
-is still the daemon's own and private (launch_dir_problem), and is dropped from the list
-once nothing of the daemon's is left there.
+running, nobody's. A former directory is swept only while no daemon holds it, no other state
+directory has launched VMs in it, and it is still as the daemon made it: a real directory,
+the daemon's own, mode 0700 (`_former_problem`; a planted `/` or `/etc` in the list is never
+swept). It is dropped from the list once nothing of the daemon's is left there, or once it
+can never qualify (a relative path, a symlink, not a directory).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import os
 import re
+import stat
 import time
 from pathlib import Path
 
 from cocos_manager.errors import QemuStopFailedError
-from cocos_manager.host import live_processes, load_launch_dirs, save_launch_dirs
+from cocos_manager.host import (
+    launch_dir_sharers,
+    live_processes,
+    load_launch_dirs,
+    mark_launch_dir,
+    save_launch_dirs,
+    unmark_launch_dir,
+)
 from cocos_manager.qemu import QemuProcess
 from cocos_manager.telemetry import get_logger
-from cocos_manager.vm.files import launch_dir_problem, remove_shares
+from cocos_manager.vm.files import remove_shares
 
 _log = get_logger()
 _UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
@@ -167,20 +180,84 @@ def _hold_alone(where: str) -> int | None:
     return fd
 
 
-def _former_problem(where: str) -> str | None:
-    """None when the directory is gone; else why it may not be swept ("" when it may)."""
-    if not os.path.lexists(where):
+def _former_problem(where: str) -> tuple[str, bool] | None:
+    """None when the directory is gone; else why it may not be swept ("" when it may) and
+    whether it never can be (then it is dropped from the list). The daemon made it a real
+    directory of its own, mode 0700 (check_tmp_dir): anything else is not swept."""
+    if not os.path.isabs(where) or os.path.normpath(where) != where:
+        return f"{where!r} is not an absolute, normalised path", True
+    try:
+        info = os.lstat(where)
+    except (FileNotFoundError, NotADirectoryError):
         return None
-    return launch_dir_problem(where)
+    except OSError as error:
+        return f"{where!r}: {error.strerror}", False
+    if stat.S_ISLNK(info.st_mode):
+        return f"{where!r} is a symlink", True
+    if not stat.S_ISDIR(info.st_mode):
+        return f"{where!r} is not a directory", True
+    if info.st_uid != os.geteuid():
+        return (
+            f"{where!r} is owned by uid {info.st_uid}, not by the daemon's uid {os.geteuid()}",
+            False,
+        )
+    if stat.S_IMODE(info.st_mode) != 0o700:
+        return f"{where!r} has mode {stat.S_IMODE(info.st_mode):04o}, not 0700", False
+    return "", False
+
+
+async def _shared(state_dir: Path, where: str) -> list[str] | None:
+    """The other state directories, still there, that launched VMs in `where` (the warning
+    said); None when the directory cannot say (ENOTSUP: no user extended attributes)."""
+    try:
+        others = await asyncio.to_thread(launch_dir_sharers, where, state_dir)
+    except OSError as error:
+        if error.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            return None
+        others = [f"(cannot be read: {error.strerror})"]
+    if others:
+        _log.warning(
+            "MANAGER_QEMU_TMP_FILE_LOC not swept: another state directory (another "
+            "cocos-manager's) has launched VMs there, which have no record here; that daemon "
+            "looks for its own lost records' QEMUs and files there",
+            launch_dir=where,
+            other_state_dirs=others,
+        )
+    return others
+
+
+async def sweep_current(state_dir: Path, tmp: Path, known: set[str]) -> None:
+    """`sweep` of the current directory, unless another state directory has launched VMs
+    there. Where the directory cannot say (no extended attributes), swept as before: the
+    flock (`hold_tmp_dir`) alone tells whether another daemon is there."""
+    if not await _shared(state_dir, str(tmp)):
+        await sweep(tmp, known)
+
+
+async def _mark(state_dir: Path, current: str) -> None:
+    try:
+        await asyncio.to_thread(mark_launch_dir, current, state_dir)
+    except OSError as error:
+        unsupported = error.errno in (errno.ENOTSUP, errno.EOPNOTSUPP)
+        (_log.warning if unsupported else _log.error)(
+            "MANAGER_QEMU_TMP_FILE_LOC cannot be marked as used by this state directory: "
+            "another cocos-manager sharing it, started while this one is down, may end this "
+            "one's VMs there as lost records'",
+            tmp_file_loc=current,
+            error=error.strerror,
+        )
 
 
 async def sweep_former(state_dir: Path, current: str, recorded: set[str], known: set[str]) -> None:
     """Sweeps each directory the list names besides `current` (swept, or not, by the caller)
-    as `sweep` does the current one, then saves the list: `current` added before any VM is
-    launched there, a former one dropped once it is gone, or swept whole and named by no
-    record (`recorded`: the launch directories of the records kept)."""
+    as `sweep` does the current one, then saves the list: `current` added (and marked with
+    the state directory) before any VM is launched there, a former one dropped once it is
+    gone, can never be swept, or was swept whole and is named by no record (`recorded`: the
+    launch directories of the records kept)."""
+    await _mark(state_dir, current)
     listed = await asyncio.to_thread(load_launch_dirs, state_dir)
     keep = [current]
+    unsupported: list[str] = []
     # A record's directory is one too (a record written before the list was kept).
     for where in [*listed, *sorted(recorded - set(listed))]:
         if where in keep or not where:
@@ -188,12 +265,20 @@ async def sweep_former(state_dir: Path, current: str, recorded: set[str], known:
         problem = _former_problem(where)
         if problem is None:
             continue  # removed: nothing of ours can be there any more
-        if problem:
+        if problem[0]:
             _log.error(
                 "former MANAGER_QEMU_TMP_FILE_LOC not swept: it is not one the daemon may use "
-                f"({problem}); QEMUs and files there of lost VM records are not looked for",
+                f"({problem[0]}); QEMUs and files there of lost VM records are not looked for"
+                + ("; dropped from the list" if problem[1] else ""),
                 launch_dir=where,
             )
+            if not problem[1]:
+                keep.append(where)
+            continue
+        others = await _shared(state_dir, where)
+        if others is None or others:
+            if others is None:
+                unsupported.append(where)
             keep.append(where)
             continue
         fd = _hold_alone(where)
@@ -212,6 +297,15 @@ async def sweep_former(state_dir: Path, current: str, recorded: set[str], known:
             os.close(fd)
         if not ended or where in recorded:
             keep.append(where)
+        else:
+            await asyncio.to_thread(unmark_launch_dir, where, state_dir)
+    if unsupported:
+        _log.warning(
+            "former MANAGER_QEMU_TMP_FILE_LOC directories not swept: their file system takes "
+            "no extended attributes, so they cannot say whether another cocos-manager has "
+            "launched VMs there; QEMUs and files there of lost VM records are not looked for",
+            launch_dirs=unsupported,
+        )
     if keep != listed:
         try:
             await asyncio.to_thread(save_launch_dirs, state_dir, keep)

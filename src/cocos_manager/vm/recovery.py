@@ -82,7 +82,7 @@ async def recover(
         ctx.store.uuids()
     )  # the records kept: a QEMU naming the files of one just cleaned is no VM's
     if sweep:
-        await orphans.sweep(Path(current), known)
+        await orphans.sweep_current(ctx.store.directory, Path(current), known)
     recorded = {r.tmp_dir for group in by_id.values() for r in group if r.uuid in known}
     await orphans.sweep_former(ctx.store.directory, current, recorded, known)
 
