@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import threading
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,28 @@ async def test_without_a_watch_the_reader_polls(
     seen = await follow_live(tmp_path)
     got = numbers(seen)
     assert got == sorted(got) and got[-1] == LINES - 1
+
+
+async def test_the_inotify_descriptor_is_closed_off_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Closing an inotify descriptor waits for an RCU grace period (10-20 ms): on the loop,
+    the last VM's vm-exit after a SIGKILL waited for it. It is closed in a thread."""
+    files = ConsoleFiles(tmp_path / "console-vm.log", BOUND)
+    files.path.touch()
+    reader = ConsoleReader(files, lambda *_: None, history=False)
+    await wait_for(lambda: console_watch._watches, "the reader's watch")
+    watch_fd = next(iter(console_watch._watches.values()))._fd
+    closed_on: list[threading.Thread] = []
+    real_close = os.close
+
+    def recording(fd: int) -> None:
+        if fd == watch_fd:
+            closed_on.append(threading.current_thread())
+        real_close(fd)
+
+    monkeypatch.setattr(os, "close", recording)
+    reader.close()
+    await wait_for(lambda: closed_on, "the inotify descriptor closed")
+    assert closed_on[0] is not threading.current_thread()
+    assert not console_watch._watches

@@ -17,6 +17,7 @@ import contextlib
 import functools
 import os
 import struct
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,18 @@ def _libc() -> Any:
     except (OSError, AttributeError):
         return None
     return libc
+
+
+def close_aside(fd: int) -> None:
+    """Closes an inotify descriptor in a thread of its own: the kernel waits for an RCU grace
+    period when an inotify instance goes (10-20 ms here), which on the loop held up whatever
+    came next: the last VM's `vm-exit` after a SIGKILL waited for it (make bench, crash)."""
+    threading.Thread(target=_close, args=(fd,), name="inotify-close", daemon=True).start()
+
+
+def _close(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
 
 
 class DirectoryWatch:
@@ -104,8 +117,8 @@ class DirectoryWatch:
             del _watches[self._loop]
         with contextlib.suppress(ValueError, RuntimeError):  # fd gone, or the loop closed
             self._loop.remove_reader(self._fd)
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
+        if self._fd >= 0:
+            close_aside(self._fd)
         self._fd = -1
         if self._gathering is not None:
             self._gathering.cancel()
