@@ -172,4 +172,5 @@ async def test_a_line_written_just_before_a_rotation_is_read_from_the_rotated_fi
     reader.poke()
     await wait_for(lambda: len(seen) == 3, "the lines around the rotation")
     reader.close()
+    os.close(keeper.fd)
     assert seen[:2] == ["first", "before the rotation"]
