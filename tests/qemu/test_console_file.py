@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from cocos_manager.errors import FailedPreconditionError
+from cocos_manager.qemu import console_file, console_keeper
 from cocos_manager.qemu.console_file import (
     ConsoleFiles,
     ConsoleReader,
@@ -142,3 +143,34 @@ async def test_each_attempt_gets_a_fresh_file_and_a_bad_directory_is_named(
     assert files.path.stat().st_mode & 0o777 == 0o600
     with pytest.raises(FailedPreconditionError, match="MANAGER_QEMU_TMP_FILE_LOC"):
         fresh_file(ConsoleFiles(tmp_path / "missing" / "console-vm.log", BOUND))
+
+
+async def test_a_line_written_just_before_a_rotation_is_read_from_the_rotated_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The keeper writes a line and rotates between the reader's read at the end of FILE and
+    its look at FILE (two of the keeper's syscalls between two of the reader's, as under a
+    flood): the line is in FILE.1, which must be read to its end, not skipped as read."""
+    files = ConsoleFiles(tmp_path / "console-vm.log", 1000)
+    keeper = console_keeper.Sink(
+        str(files.path), files.max_bytes, os.open(files.path, os.O_WRONLY | os.O_CREAT, 0o600)
+    )
+    seen: list[str] = []
+    reader = ConsoleReader(files, lambda _, text, __, ___: seen.append(text), history=False)
+    keeper.line(b"O", b"first")
+    await wait_for(lambda: seen == ["first"], "the first line")
+    look = console_file._inode
+
+    def keeper_between(path: Path) -> int | None:
+        if keeper.seq != 1:
+            return look(path)
+        keeper.line(b"O", b"before the rotation")
+        keeper.line(b"O", b"rotating " + b"y" * 400)  # FILE -> FILE.1, then written to FILE
+        return look(path)
+
+    monkeypatch.setattr(console_file, "_inode", keeper_between)
+    reader.poke()
+    await wait_for(lambda: len(seen) == 3, "the lines around the rotation")
+    reader.close()
+    os.close(keeper.fd)
+    assert seen[:2] == ["first", "before the rotation"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cocos_manager.qemu import console_file, console_watch
+from cocos_manager.qemu import console_file, console_keeper, console_watch
 from cocos_manager.qemu.console_file import ConsoleFiles, ConsoleReader
 from cocos_manager.qemu.console_start import spawn_kept
 from cocos_manager.qemu.spawn import spawn
@@ -111,3 +111,34 @@ async def test_the_inotify_descriptor_is_closed_off_the_loop(
     await wait_for(lambda: closed_on, "the inotify descriptor closed")
     assert closed_on[0] is not threading.current_thread()
     assert not console_watch._watches
+
+
+async def test_a_directory_made_again_under_its_name_is_watched_anew(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TMP_FILE_LOC renamed away (or mounted over) and made again while a reader is alive: a
+    watch kept by the directory's name would follow the old inode, and a reader of the new
+    directory, never polled, would wait forever for its lines."""
+    monkeypatch.setattr(console_file, "POLL_INTERVAL", 3600.0)
+    where = tmp_path / "tmp"
+    where.mkdir()
+    first = ConsoleReader(ConsoleFiles(where / "console-a.log", BOUND), lambda *_: None,
+                          history=False)  # fmt: skip
+    await first.caught_up
+    where.rename(tmp_path / "tmp.old")
+    where.mkdir()
+    path = where / "console-b.log"
+    keeper = console_keeper.Sink(
+        str(path), BOUND, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    )
+    seen: list[str] = []
+    second = ConsoleReader(ConsoleFiles(path, BOUND), lambda _, text, *__: seen.append(text),
+                           history=False)  # fmt: skip
+    await second.caught_up
+    keeper.line(b"O", b"hello")
+    try:
+        await wait_for(lambda: seen == ["hello"], "the new directory's line")
+    finally:
+        first.close()
+        second.close()
+        os.close(keeper.fd)

@@ -250,6 +250,8 @@ class ConsoleReader:
             return False  # between the keeper's rename and its new file, or removed
         if current is not None and inode == os.fstat(current).st_ino:
             return False
+        if self._read_chunk():  # written just before the rotation, after the read at its end
+            return True
         skip = os.fstat(current).st_ino if current is not None else None
         self._close_fds()
         self._open_files(skip)

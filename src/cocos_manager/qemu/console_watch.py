@@ -84,13 +84,14 @@ class DirectoryWatch:
         libc = _libc()
         keys = []
         for path in paths:
+            # Asked again for each reader, not kept by name: a directory renamed away (or
+            # mounted over) and made again is another inode, whose watch is another one (the
+            # same inode's is given back as it is). A reader of the old one then polls.
             directory = os.fsencode(path.parent)
-            wd = self._wds.get(directory)
-            if wd is None:
-                wd = libc.inotify_add_watch(self._fd, directory, MASK)
-                if wd < 0:
-                    return None
-                self._wds[directory] = wd
+            wd = libc.inotify_add_watch(self._fd, directory, MASK)
+            if wd < 0:
+                return None
+            self._wds[directory] = wd
             keys.append((wd, os.fsencode(path.name)))
         for key in keys:
             self._wakes.setdefault(key, set()).add(wake)
