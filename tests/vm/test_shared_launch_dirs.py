@@ -28,7 +28,9 @@ from tests.vm.test_readoption import listed, log_lines
 from tests.vm.test_restart import alive
 
 
-async def _other_daemons_vm_while_it_is_down(tmp_path: Path, b_now_on: Path) -> None:
+async def _other_daemons_vm_while_it_is_down(
+    tmp_path: Path, b_now_on: Path, *, state_unseen: bool = False
+) -> None:
     shared = tmp_path / "vms"
     b = Daemon(env=base_env(tmp_path), log=tmp_path / "b.log")
     env_a = {
@@ -52,12 +54,21 @@ async def _other_daemons_vm_while_it_is_down(tmp_path: Path, b_now_on: Path) -> 
         await a.terminate()  # a restart: its VM left running
         assert alive(pid)
         b.env["MANAGER_QEMU_TMP_FILE_LOC"] = str(b_now_on)
+        state_a = tmp_path / "state-a"
+        if state_unseen:  # A's state directory on a file system not mounted now
+            state_a.rename(tmp_path / "state-a.away")
         await b.start()  # while A is down
+        if state_unseen:
+            (tmp_path / "state-a.away").rename(state_a)
         assert alive(pid), "the other daemon's live VM was ended as a lost record's"
         assert sorted(os.listdir(shared)) == files
         (warned,) = [r for r in log_lines(b) if "not swept" in str(r.get("message"))]
         assert warned["level"] == "warn" and warned["launch_dir"] == str(shared)
-        assert warned["other_state_dirs"] == [str(tmp_path / "state-a")]
+        (other,) = warned["other_state_dirs"]
+        if state_unseen:
+            assert other.startswith(f"{state_a} (not found; if it is gone for good: setfattr")
+        else:
+            assert other == str(state_a)
         await a.start()
         assert await listed(a) == ["a's"]
         await a.stub.Stop(pb.StopRequest(computation_id="a's"))
@@ -79,6 +90,12 @@ async def test_a_shared_tmp_file_loc_is_not_swept_while_the_other_daemon_is_down
     tmp_path: Path,
 ) -> None:
     await _other_daemons_vm_while_it_is_down(tmp_path, tmp_path / "vms")
+
+
+async def test_a_launch_dir_of_a_state_dir_not_found_now_is_not_swept(tmp_path: Path) -> None:
+    """A state directory named on the launch directory but not found (its file system not
+    mounted at that moment, another mount namespace) may have a daemon whose VMs run on."""
+    await _other_daemons_vm_while_it_is_down(tmp_path, tmp_path / "vms", state_unseen=True)
 
 
 async def test_a_former_launch_dir_not_as_the_daemon_made_it_is_never_swept(

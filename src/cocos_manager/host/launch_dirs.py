@@ -127,9 +127,11 @@ def unmark_launch_dir(where: Path | str, state_dir: Path) -> None:
 
 
 def launch_dir_sharers(where: Path | str, state_dir: Path) -> list[str]:
-    """The state directories besides `state_dir` named on `where` that still exist (one
-    that cannot be looked at, say under another user's private directory, counts as
-    existing). Blocking; raises OSError (ENOTSUP where unsupported)."""
+    """The state directories besides `state_dir` named on `where`. One that cannot be
+    looked at (say under another user's private directory) or is not found counts: a state
+    directory not found may be on a file system not mounted now, or in another mount
+    namespace, while its daemon's VMs run on (docs/decisions.md, "Restarts:
+    a lost record"). Blocking; raises OSError (ENOTSUP where unsupported)."""
     fd = os.open(where, _DIR_FLAGS)
     try:
         values = []
@@ -148,7 +150,10 @@ def launch_dir_sharers(where: Path | str, state_dir: Path) -> list[str]:
         try:
             info = os.stat(value)
         except (FileNotFoundError, NotADirectoryError):
-            continue  # gone: its daemon has no VM left to run
+            others.append(
+                f"{value} (not found; if it is gone for good: setfattr -x {_mark_name(value)} {where})"
+            )
+            continue
         except OSError:
             others.append(value)
             continue
