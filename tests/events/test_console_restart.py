@@ -10,6 +10,7 @@ The real daemon and real restarts, with the stand-in QEMU as the chatty guest: i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -112,6 +113,16 @@ def qemu_pid(daemon: Daemon) -> int:
 
 def console_files(tmp_path: Path) -> list[Path]:
     return sorted((tmp_path / "vms").glob("console-*"))
+
+
+def console_bytes(tmp_path: Path) -> list[bytes]:
+    """Each console file's bytes; a file the keeper renames (its rotation) between the
+    listing and the read is left out: it is read again on the next look."""
+    found = []
+    for path in console_files(tmp_path):
+        with contextlib.suppress(FileNotFoundError):
+            found.append(path.read_bytes())
+    return found
 
 
 @pytest.mark.parametrize("kind", ["sigkill", "sigterm"])
@@ -327,10 +338,10 @@ async def test_a_flooding_guest_fills_at_most_the_bound_and_the_drop_is_counted(
     os.kill(pid, signal.SIGUSR1)  # the flood, while no daemon runs
 
     def flooded() -> bool:
-        return any(b"burst done" in path.read_bytes() for path in console_files(tmp_path))
+        return any(b"burst done" in data for data in console_bytes(tmp_path))
 
     await wait_for(flooded, "the flood in the console file", WAIT)
-    on_disk = sum(path.stat().st_size for path in console_files(tmp_path))
+    on_disk = sum(len(data) for data in console_bytes(tmp_path))
     assert on_disk <= bound, f"{on_disk} bytes of console on disk, bound {bound}"
 
     await daemon.start()
@@ -357,7 +368,7 @@ async def test_a_flooding_guest_fills_at_most_the_bound_and_the_drop_is_counted(
             break
         await asyncio.sleep(0.1)
     assert floods.count("burst done") == 2, f"the second flood never came: {floods[-2:]}"
-    on_disk = sum(path.stat().st_size for path in console_files(tmp_path))
+    on_disk = sum(len(data) for data in console_bytes(tmp_path))
     assert on_disk <= bound, f"{on_disk} bytes of console on disk, bound {bound}"
 
 
