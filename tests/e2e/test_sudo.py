@@ -351,14 +351,9 @@ async def test_password_required_fails_fast_with_failed_precondition(
             assert line.startswith("FAIL") and "password is required" in line, line
 
 
-async def test_a_qemu_that_a_sudo_ended_at_start_left_running_is_ended(
-    account: Account, workdir: Path
-) -> None:
-    """sudo can end and leave the QEMU it started running, root's and init's child, out of
-    reach of the daemon's pidfd and signals: a SIGTERM in sudo's first milliseconds (the
-    daemon's own, for a Run cancelled or stopped at once) kills sudo and not its command, and
-    a SIGKILL never relays. The stand-in QEMU here never answers QMP, so the start is still
-    waiting when sudo goes; the Run must fail, and that QEMU must not outlive it."""
+def never_ready_under_sudo(account: Account) -> tuple[str, dict[str, str]]:
+    """The sudoers rule and the daemon's settings for the stand-in QEMU run through sudo in
+    its mode that never answers QMP: a start that is still waiting (the kill rule too)."""
     fake = str(FAKE_QEMU)
     rule = (
         f"{account.name} ALL=(root) NOPASSWD: {fake}, {account.kill}\n"
@@ -371,6 +366,18 @@ async def test_a_qemu_that_a_sudo_ended_at_start_left_running_is_ended(
         "FAKE_QEMU_MODE": "no-qmp",
         "MANAGER_QEMU_START_TIMEOUT": "60s",
     }
+    return rule, env
+
+
+async def test_a_qemu_that_a_sudo_ended_at_start_left_running_is_ended(
+    account: Account, workdir: Path
+) -> None:
+    """sudo can end and leave the QEMU it started running, root's and init's child, out of
+    reach of the daemon's pidfd and signals: a SIGTERM in sudo's first milliseconds (the
+    daemon's own, for a Run cancelled or stopped at once) kills sudo and not its command, and
+    a SIGKILL never relays. The stand-in QEMU here never answers QMP, so the start is still
+    waiting when sudo goes; the Run must fail, and that QEMU must not outlive it."""
+    rule, env = never_ready_under_sudo(account)
     with sudoers(rule):
         async with user_daemon(account, workdir, env) as daemon:
             run = asyncio.ensure_future(daemon.stub.Run(run_request("left"), timeout=90))
@@ -400,18 +407,7 @@ async def test_a_qemu_spawned_through_sudo_as_the_daemon_died_is_ended_by_the_ne
     daemon's signals, and a killed sudo relays nothing), and QEMU ran on, untracked. Here
     another daemon shares MANAGER_QEMU_TMP_FILE_LOC, so no sweep of lost records steps in:
     the record's own clean-up must end it, through sudo as a Stop does."""
-    fake = str(FAKE_QEMU)
-    rule = (
-        f"{account.name} ALL=(root) NOPASSWD: {fake}, {account.kill}\n"
-        f"Defaults!{fake} closefrom_override\n"
-        f'Defaults!{fake} env_keep += "FAKE_QEMU_MODE"\n'
-    )
-    env = {
-        "MANAGER_QEMU_BIN_PATH": fake,
-        "MANAGER_QEMU_PASS_ENV": "FAKE_QEMU_MODE",
-        "FAKE_QEMU_MODE": "no-qmp",  # still starting when the daemon dies
-        "MANAGER_QEMU_START_TIMEOUT": "60s",
-    }
+    rule, env = never_ready_under_sudo(account)  # still starting when the daemon dies
     with sudoers(rule):
         async with user_daemon(account, workdir, env) as daemon:
             run = asyncio.ensure_future(daemon.stub.Run(run_request("spawning"), timeout=90))
