@@ -5,16 +5,13 @@ never left off while it serves (docs/decisions.md, "Start-up and the bench's tar
 from __future__ import annotations
 
 import asyncio
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 from tests.support.daemon_process import Daemon
 from tests.support.harness import base_env, run_request
 from tests.support.logged_daemon import daemon_env
 from tests.support.processes import kill_and_reap, processes_mentioning
-from tests.support.serving_probe import at_serving
+from tests.support.serving_probe import at_serving, run_probe
 
 
 def test_the_collector_runs_while_the_daemon_serves_and_skips_what_start_up_made(
@@ -83,19 +80,10 @@ async def test_a_vm_adopted_at_start_is_freed_once_it_ended(tmp_path: Path) -> N
         await first.start()
         await first.stub.Run(run_request("adopted"))
         assert await first.terminate() == 0
-        done = await asyncio.to_thread(
-            subprocess.run,
-            [sys.executable, "-c", _ADOPTED_PROBE],
-            env=daemon_env(env),
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
+        found = await asyncio.to_thread(
+            run_probe, _ADOPTED_PROBE, daemon_env(env), tmp_path, '{"adopted"'
         )
-        lines = [line for line in done.stdout.splitlines() if line.startswith('{"adopted"')]
-        assert lines, done.stdout[-2000:] + done.stderr[-2000:]
-        assert json.loads(lines[-1]) == {"adopted": ["adopted"], "alive": 0}
+        assert found == {"adopted": ["adopted"], "alive": 0}
     finally:
         if first.process is not None and first.process.poll() is None:
             await first.kill()

@@ -37,16 +37,22 @@ sys.exit(main())
 def at_serving(tmp: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
     """`modules` (every name in sys.modules), `gc_enabled`, `frozen` (gc.get_freeze_count())
     of a daemon with the tests' base settings (and `env`) once it serves."""
+    return run_probe(_PROBE, daemon_env(base_env(tmp) | (env or {})), tmp, '{"modules"')
+
+
+def run_probe(script: str, env: dict[str, str], cwd: Path, marker: str) -> dict[str, Any]:
+    """`script` run in a fresh interpreter with `env`: the last line of its output starting
+    with `marker`, as JSON; the process must have ended with status 0."""
     done = subprocess.run(
-        [sys.executable, "-c", _PROBE],
-        env=daemon_env(base_env(tmp) | (env or {})),
-        cwd=tmp,
+        [sys.executable, "-c", script],
+        env=env,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
-    lines = [line for line in done.stdout.splitlines() if line.startswith('{"modules"')]
+    lines = [line for line in done.stdout.splitlines() if line.startswith(marker)]
     assert done.returncode == 0 and lines, done.stdout[-2000:] + done.stderr[-2000:]
     found: dict[str, Any] = json.loads(lines[-1])
     return found
