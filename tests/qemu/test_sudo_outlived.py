@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from cocos_manager.host.state_store import process_start_time
-from cocos_manager.qemu.sudo import outlived
+from cocos_manager.host.state_store import process_identity, process_start_time
+from cocos_manager.qemu.sudo import end_outlived, outlived
 
 
 @pytest.fixture
@@ -28,9 +28,13 @@ def ticks_now() -> int:
     return int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK"))
 
 
-def run(started: list[subprocess.Popen[bytes]], *argv: str) -> int:
-    process = subprocess.Popen(argv)  # `; :` keeps sh from exec'ing sleep: its cmdline stays
+def run(started: list[subprocess.Popen[bytes]], *argv: str, executable: str | None = None) -> int:
+    """Started, with its command line shown: Popen returns once exec has swapped the child's
+    memory, a moment before the kernel sets up its arguments (a loaded CI host read none)."""
+    process = subprocess.Popen(argv, executable=executable, stdin=subprocess.PIPE)  # sh waits
     started.append(process)
+    while process.poll() is None and process_identity(process.pid) is None:
+        time.sleep(0.001)
     return process.pid
 
 
@@ -38,7 +42,7 @@ def test_only_this_vms_command_started_after_its_sudo(
     started: list[subprocess.Popen[bytes]],
 ) -> None:
     vm, other = f"vm-{uuid.uuid4()}", f"vm-{uuid.uuid4()}"
-    script = "sleep 600; :"
+    script = "read -r line; :"
     before = run(started, "sh", "-c", script, vm)  # the same line, older than this VM's sudo
     while ticks_now() <= process_start_time(before):  # start times count 1/100 s ticks
         pass
@@ -49,3 +53,28 @@ def test_only_this_vms_command_started_after_its_sudo(
     argv = ["sudo", "-n", "-C", "5", "--", "/bin/sh", "-c", script, vm]
     assert sorted(outlived(argv, since)) == sorted(later)
     assert outlived(["sudo", "/bin/sh", "-c", script, vm], since) == []  # no "--": not ours
+
+
+async def test_a_command_sudo_had_not_yet_execd_is_waited_for_and_ended(
+    started: list[subprocess.Popen[bytes]],
+) -> None:
+    """sudo killed between its fork and its child's exec: the child shows sudo's command line
+    (left out: it is sudo's use_pty monitor's too) until it becomes QEMU a moment later. A
+    single look found nothing and QEMU ran on, nobody's."""
+    vm, script = f"vm-{uuid.uuid4()}", "read -r line; :"
+    argv = ["sudo", "-n", "-C", "5", "--", "/bin/sh", "-c", script, vm]
+    becomes = "import os, time; time.sleep(0.3); os.execv('/bin/sh', ['/bin/sh', '-c', %r, %r])"
+    child = run(started, "sudo", "-I", "-S", "-c", becomes % (script, vm), *argv[1:],
+                executable="/usr/bin/python3")  # fmt: skip
+    since = process_start_time(child)
+    assert outlived(argv, since) == []  # still "sudo"
+    ended: list[int] = []
+
+    async def quit_qemu() -> bool:
+        ended.extend(outlived(argv, since))
+        started[-1].kill()
+        return True
+
+    assert await end_outlived(argv, child, since, quit_qemu, session=True)
+    assert ended == [child]
+    assert started[-1].wait(5) == -9

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from cocos_manager.host.state_store import check_private_dir as check_private_dir
     from cocos_manager.host.state_store import current_boot_id as current_boot_id
     from cocos_manager.host.state_store import live_processes as live_processes
+    from cocos_manager.host.state_store import mid_exec as mid_exec
     from cocos_manager.host.state_store import process_identity as process_identity
     from cocos_manager.host.state_store import process_start_time as process_start_time
     from cocos_manager.host.tasks import TaskSet as TaskSet
@@ -71,6 +72,7 @@ HOMES = {
     "StateDirLockedError": "state_lock",
     "current_boot_id": "state_store",
     "live_processes": "state_store",
+    "mid_exec": "state_store",
     "process_identity": "state_store",
     "process_start_time": "state_store",
     "StateStore": "state_store",

@@ -35,6 +35,7 @@ from cocos_manager.host.record_sync import RecordSync, unlink, unlink_soon
 from cocos_manager.telemetry import get_logger
 
 RECORD_VERSION = 1
+_PF_KTHREAD = 0x00200000  # /proc/PID/stat flags: a kernel thread
 _log = get_logger()
 # The states a record can be saved in: machine.VmState without "released" (a released VM has
 # no record). Kept here, not imported, because vm/machine.py imports this module; a test checks
@@ -198,6 +199,27 @@ def live_processes(since: int = 0) -> Iterator[tuple[int, int, list[str]]]:
             continue
         if identity is not None and identity[0] >= since:
             yield int(entry), identity[0], identity[1]
+
+
+def mid_exec(since: int) -> list[int]:
+    """Processes started at or after `since` that have no command line yet: between exec's
+    swap of their memory and its setting up of their arguments. A parent's `Popen`, or sudo,
+    may already have seen such an exec succeed; it shows its command line a moment later.
+    Kernel threads, which never have one, are left out."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or process_start_time(int(entry)) < since:
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat_file:
+                fields = stat_file.read().rsplit(b")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                raw = cmdline.read()
+        except (OSError, IndexError):
+            continue
+        if not raw and fields[0] not in (b"Z", b"X") and not int(fields[6]) & _PF_KTHREAD:
+            found.append(int(entry))
+    return found
 
 
 def process_identity(pid: int) -> tuple[int, list[str]] | None:

@@ -14,11 +14,12 @@ import contextlib
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from cocos_manager.errors import QemuStopFailedError, SudoRefusedError
-from cocos_manager.host import live_processes
+from cocos_manager.host import live_processes, mid_exec
 from cocos_manager.qemu.failures import daemon_user, sudoers_lines
 from cocos_manager.qemu.qmp import QmpError, QmpMonitor
 from cocos_manager.telemetry import get_logger
@@ -29,6 +30,7 @@ _log = get_logger()
 SUDO_TERM_GRACE = 5.0  # a SIGTERM relayed by sudo, or QMP quit: QEMU exits within milliseconds
 SUDO_KILL_TIMEOUT = 5.0  # `sudo -n kill -KILL`
 GIVE_UP_AFTER = 10.0  # after every way to kill QEMU was tried: the VM is released anyway
+SETTLE = 1.0  # a command sudo had forked but not exec'd when it died: running QEMU by then
 
 
 def descendants(pid: int) -> list[int]:
@@ -57,16 +59,36 @@ def outlived(argv: Sequence[str], since: int) -> list[int]:
     Told apart by their command line, which ends with this VM's own QEMU arguments (ports,
     CID, files: no two VMs share them; an interpreter may come first, as for a script), and by
     a start no earlier than sudo's. Reads /proc: run it off the event loop."""
+    return _scan(argv, since)[0]
+
+
+def outlived_settled(argv: Sequence[str], since: int) -> list[int]:
+    """`outlived`, once sudo's command is past its exec: a sudo killed as it started QEMU may
+    leave its child between fork and exec, showing sudo's command line or, mid-exec, none; a
+    look then would find nothing while QEMU is a moment from running. Waits up to SETTLE."""
+    deadline = time.monotonic() + SETTLE
+    while True:
+        found, starting = _scan(argv, since)
+        if found or not (starting or mid_exec(since)) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.01)
+
+
+def _scan(argv: Sequence[str], since: int) -> tuple[list[int], bool]:
+    """(the command's processes, whether one of sudo's own ends with the command's arguments:
+    its child before exec, or its use_pty monitor)."""
     command = list(argv[argv.index("--") + 1 :]) if "--" in argv else []
     arguments = command[1:]
     if not arguments:
-        return []
-    found = []
+        return [], False
+    found, starting = [], False
     for pid, _, cmdline in live_processes(since):
-        ours = len(cmdline) > len(arguments) and cmdline[-len(arguments) :] == arguments
-        if ours and os.path.basename(cmdline[0]) != "sudo":  # not sudo's own (use_pty monitor)
-            found.append(pid)
-    return found
+        if len(cmdline) > len(arguments) and cmdline[-len(arguments) :] == arguments:
+            if os.path.basename(cmdline[0]) == "sudo":
+                starting = True
+            else:
+                found.append(pid)
+    return found, starting
 
 
 def _zombie(pid: int) -> bool:
@@ -167,7 +189,7 @@ async def end_outlived(
     else `quit` over a new session; gone within GIVE_UP_AFTER, or QemuStopFailedError names
     it. `pid` is sudo's. Returns whether there was one."""
     loop = asyncio.get_running_loop()
-    pids = await asyncio.to_thread(outlived, argv, since)
+    pids = await asyncio.to_thread(outlived_settled, argv, since)
     if not pids:
         return False
     _log.warning("QEMU outlived sudo: ending it", sudo_pid=pid, pids=pids)
