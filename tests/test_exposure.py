@@ -57,12 +57,15 @@ def test_per_vm_copies_and_manifest_are_0600_whatever_the_umask(
 
 
 def test_a_failed_copy_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(src: str, dst: str) -> None:
+    def broken(*_: object) -> None:
         raise OSError(errno.EIO, "Input/output error")
 
+    def no_reflink(*_: object) -> None:
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
     monkeypatch.setattr(vm_files.os, "link", broken)
-    monkeypatch.setattr(vm_files, "_reflink", broken)
-    monkeypatch.setattr(vm_files.shutil, "copyfile", broken)
+    monkeypatch.setattr(vm_files.fcntl, "ioctl", no_reflink)
+    monkeypatch.setattr(vm_files.os, "sendfile", broken)
     with pytest.raises(Exception, match="cannot write per-VM files"):
         vm_files.prepare_vm_files(_qemu(tmp_path), "u-2", None)
     assert list((tmp_path / "vms").iterdir()) == []

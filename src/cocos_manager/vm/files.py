@@ -67,34 +67,30 @@ def _create_private(path: str) -> int:
     return fd
 
 
-def _reflink(src: str, dst: str) -> None:
-    with open(src, "rb") as source, os.fdopen(_create_private(dst), "wb") as target:
+def _private_copy(src: str, dst: str) -> str:
+    """A private copy: a reflink where the file system shares extents, else the kernel's copy
+    into the same new file. One file made, not one per way tried: a failed reflink's file
+    unlinked and made again cost two more journalled metadata changes per Run on ext4."""
+    with open(src, "rb") as source:
+        fd = _create_private(dst)
         try:
-            fcntl.ioctl(target.fileno(), _FICLONE, source.fileno())
-        except OSError:
-            target.close()
+            try:
+                fcntl.ioctl(fd, _FICLONE, source.fileno())
+                return "reflink"
+            except OSError:
+                _sendfile_all(source.fileno(), fd)
+                return "copy"
+        except BaseException:
             os.unlink(dst)
             raise
+        finally:
+            os.close(fd)
 
 
-def _copy(src: str, dst: str) -> None:
-    # Made private first; copyfile then writes into that inode (keeping its mode) with the
-    # kernel's fast copy.
-    os.close(_create_private(dst))
-    try:
-        shutil.copyfile(src, dst)
-    except BaseException:
-        os.unlink(dst)
-        raise
-
-
-def _private_copy(src: str, dst: str) -> str:
-    try:
-        _reflink(src, dst)
-        return "reflink"
-    except OSError:
-        _copy(src, dst)
-        return "copy"
+def _sendfile_all(source: int, target: int) -> None:
+    size, offset = os.fstat(source).st_size, 0
+    while offset < size and (sent := os.sendfile(target, source, offset, size - offset)):
+        offset += sent
 
 
 class WouldCopy(Exception):
