@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from cocos_manager.host.processes import process_identity
 from cocos_manager.host.state_lock import LOCK_NAME, StateDirLockedError, StateLock
-from cocos_manager.host.state_store import process_identity
 from cocos_manager.proto import manager_pb2 as pb
 from tests.support.daemon_process import Daemon
 from tests.support.harness import base_env, run_request

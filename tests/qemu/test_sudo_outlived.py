@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from cocos_manager.host.state_store import process_identity, process_start_time
+from cocos_manager.host.processes import process_identity, process_start_time
 from cocos_manager.qemu.sudo import end_outlived, outlived
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cocos_manager.host.state_store import process_identity
+from cocos_manager.host.processes import process_identity
 from cocos_manager.proto import manager_pb2 as pb
 from tests.support.daemon_process import Daemon
 from tests.support.harness import base_env, run_request

@@ -18,12 +18,12 @@ import pytest
 from structlog.testing import capture_logs
 
 from cocos_manager.errors import FailedPreconditionError
+from cocos_manager.host.processes import process_identity
 from cocos_manager.host.state_store import (
     RECORD_STATES,
     StateStore,
     VmRecord,
     current_boot_id,
-    process_identity,
 )
 from cocos_manager.proto import manager_pb2 as pb
 from cocos_manager.vm.lifecycle import VmState

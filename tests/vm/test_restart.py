@@ -20,7 +20,8 @@ import pytest
 from cocos_manager.config.settings import load_settings
 from cocos_manager.daemon import DaemonRunner
 from cocos_manager.events.subscription import Subscription
-from cocos_manager.host.state_store import VmRecord, process_identity
+from cocos_manager.host.processes import process_identity
+from cocos_manager.host.state_store import VmRecord
 from cocos_manager.proto import manager_pb2 as pb
 from cocos_manager.telemetry.metrics import METRICS
 from tests.support.daemon_process import Daemon

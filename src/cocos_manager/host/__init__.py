@@ -27,6 +27,10 @@ if TYPE_CHECKING:
     from cocos_manager.host.probes import check_agent_channel as check_agent_channel
     from cocos_manager.host.probes import check_kvm as check_kvm
     from cocos_manager.host.probes import check_sev as check_sev
+    from cocos_manager.host.processes import live_processes as live_processes
+    from cocos_manager.host.processes import mid_exec as mid_exec
+    from cocos_manager.host.processes import process_identity as process_identity
+    from cocos_manager.host.processes import process_start_time as process_start_time
     from cocos_manager.host.sched_weight import raise_session_weight as raise_session_weight
     from cocos_manager.host.sched_weight import weight_check as weight_check
     from cocos_manager.host.state_lock import StateDirLockedError as StateDirLockedError
@@ -36,10 +40,6 @@ if TYPE_CHECKING:
     from cocos_manager.host.state_store import VmRecord as VmRecord
     from cocos_manager.host.state_store import check_private_dir as check_private_dir
     from cocos_manager.host.state_store import current_boot_id as current_boot_id
-    from cocos_manager.host.state_store import live_processes as live_processes
-    from cocos_manager.host.state_store import mid_exec as mid_exec
-    from cocos_manager.host.state_store import process_identity as process_identity
-    from cocos_manager.host.state_store import process_start_time as process_start_time
     from cocos_manager.host.tasks import TaskSet as TaskSet
     from cocos_manager.host.workers import start_pool as start_pool
 
@@ -71,10 +71,10 @@ HOMES = {
     "hold_state_lock": "state_lock",
     "StateDirLockedError": "state_lock",
     "current_boot_id": "state_store",
-    "live_processes": "state_store",
-    "mid_exec": "state_store",
-    "process_identity": "state_store",
-    "process_start_time": "state_store",
+    "live_processes": "processes",
+    "mid_exec": "processes",
+    "process_identity": "processes",
+    "process_start_time": "processes",
     "StateStore": "state_store",
     "VmRecord": "state_store",
     "TaskSet": "tasks",
