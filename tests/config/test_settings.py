@@ -350,3 +350,18 @@ def test_unknown_variables_get_the_closest_known_name() -> None:
         "MANAGER_WHATEVER": None,
     }
     assert {"COCOS_JAEGER_URL", "MANAGER_QEMU_VSOCK_VNC", "MANAGER_STATE_DIR"} <= known_variables()
+
+
+def test_settings_come_from_the_environment_only(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """As the original read them: an env file in the working directory is not read (the
+    models' one source of values is the environment)."""
+    (tmp_path / ".env").write_text("MANAGER_QEMU_CPU=from-dotenv\nMANAGER_GRPC_PORT=1234\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MANAGER_QEMU_CPU", raising=False)
+    monkeypatch.delenv("MANAGER_GRPC_PORT", raising=False)
+    settings = load_settings()
+    assert settings.qemu.CPU == "EPYC" and settings.service.GRPC_PORT == 7001
+    monkeypatch.setenv("MANAGER_QEMU_CPU", "from-env")
+    assert load_settings().qemu.CPU == "from-env"
