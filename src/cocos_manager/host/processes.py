@@ -19,12 +19,19 @@ def process_start_time(pid: int) -> int:
         return 0
 
 
-def live_processes(since: int = 0) -> Iterator[tuple[int, int, list[str]]]:
+def live_processes(since: int = 0, naming: str = "") -> Iterator[tuple[int, int, list[str]]]:
     """(pid, start time, argv) of each live process this user may see that started at or after
     `since` (clock ticks since boot): the start time first, the command line only of those that
-    pass. For finding a VM's QEMU by its command line; it reads all of /proc, so off the loop."""
+    pass. For finding a VM's QEMU by its command line; it reads all of /proc, so off the loop.
+
+    `naming`: only processes whose command line contains it, read first; the rest of the host's
+    processes cost one read each instead of two files opened and the whole line decoded (the
+    start-up sweep looks for the few QEMUs naming its directory among all of them)."""
+    needle = os.fsencode(naming)
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or (since and process_start_time(int(entry)) < since):
+            continue
+        if needle and needle not in _raw_cmdline(entry):
             continue
         try:
             identity = process_identity(int(entry))
@@ -32,6 +39,23 @@ def live_processes(since: int = 0) -> Iterator[tuple[int, int, list[str]]]:
             continue
         if identity is not None and identity[0] >= since:
             yield int(entry), identity[0], identity[1]
+
+
+def _raw_cmdline(pid: str) -> bytes:
+    """/proc/PID/cmdline as it is, b"" when it cannot be read (gone, hidden from this user)."""
+    try:
+        fd = os.open(f"/proc/{pid}/cmdline", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return b""
+    chunks = []
+    try:
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
 
 
 def mid_exec(since: int) -> list[int]:

@@ -111,7 +111,7 @@ def _found(tmp: str, known: set[str]) -> dict[str, list[tuple[int, int, list[str
     """UUID -> (pid, start time, argv) of the live processes naming its files; sudo's
     child QEMU is left to its sudo (ended through it, as QemuProcess does)."""
     by_uuid: dict[str, list[tuple[int, int, list[str]]]] = {}
-    for pid, start_time, argv in live_processes():
+    for pid, start_time, argv in live_processes(naming=f"{tmp}/"):
         for vm_uuid in _named_uuids(tmp, argv) - known:
             by_uuid.setdefault(vm_uuid, []).append((pid, start_time, argv))
     for found in by_uuid.values():
