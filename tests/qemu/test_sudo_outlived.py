@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
-from cocos_manager.host.processes import process_identity, process_start_time
-from cocos_manager.qemu.sudo import end_outlived, outlived
+from cocos_manager.host.processes import process_identity, process_start_time, processes_since
+from cocos_manager.qemu.sudo import end_outlived, outlived, outlived_settled
+from tests.support.waiting import unavailable
 
 
 @pytest.fixture
@@ -78,3 +80,53 @@ async def test_a_command_sudo_had_not_yet_execd_is_waited_for_and_ended(
     assert await end_outlived(argv, child, since, quit_qemu, session=True)
     assert ended == [child]
     assert started[-1].wait(5) == -9
+
+
+OUTSIDER = """
+import ctypes, os, subprocess, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+if ctypes.CDLL(None, use_errno=True).setns(fd, 0x20000000):  # CLONE_NEWPID: children's
+    raise OSError(ctypes.get_errno(), "setns")
+child = subprocess.Popen(["sleep", "600"])
+print(flush=True)
+sys.stdin.read(1)  # reaps its child (in the namespace) only once told
+"""
+
+
+def test_a_process_held_in_its_exit_is_not_a_command_mid_exec(
+    started: list[subprocess.Popen[bytes]],
+) -> None:
+    """A process in exit has no command line from the moment its memory is freed until it is a
+    zombie: a moment, or seconds for a few GiB (another VM's QEMU), or for as long as its exit
+    waits (a PID namespace's init waits for every process of the namespace to be reaped; a
+    flush on a hung network file system). Counted as a command mid-exec, it kept every settle
+    after a sudo's death waiting its whole SETTLE. Here a namespace's init is held in its exit
+    by a process of the namespace whose parent, outside it, does not reap it yet."""
+    if os.geteuid() != 0:
+        unavailable("needs root: it makes a PID namespace and joins it")
+    since = ticks_now()
+    namespace = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "sh", "-c", "echo; read -r line"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    started.append(namespace)
+    assert namespace.stdout is not None and namespace.stdin is not None
+    namespace.stdout.readline()
+    with open(f"/proc/{namespace.pid}/task/{namespace.pid}/children") as children:
+        init = int(children.read().split()[0])
+    outsider = subprocess.Popen(
+        [sys.executable, "-c", OUTSIDER, f"/proc/{init}/ns/pid"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    started.append(outsider)
+    assert outsider.stdout is not None
+    outsider.stdout.readline()
+    namespace.stdin.close()  # the init exits, and waits in its exit
+    while process_identity(init) is not None:  # until its memory (command line) is gone
+        time.sleep(0.001)
+    with open(f"/proc/{init}/stat", "rb") as stat:
+        fields = stat.read().rsplit(b")", 1)[1].split()
+    assert fields[0] not in (b"Z", b"X") and int(fields[6]) & 0x4  # in its exit, held there
+    assert init not in [pid for pid, argv in processes_since(since) if argv is None]
+    argv = ["sudo", "-n", "--", "/bin/sh", "-c", "read -r line; :", f"vm-{uuid.uuid4()}"]
+    assert outlived_settled(argv, since) == []

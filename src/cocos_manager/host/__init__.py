@@ -28,9 +28,9 @@ if TYPE_CHECKING:
     from cocos_manager.host.probes import check_kvm as check_kvm
     from cocos_manager.host.probes import check_sev as check_sev
     from cocos_manager.host.processes import live_processes as live_processes
-    from cocos_manager.host.processes import mid_exec as mid_exec
     from cocos_manager.host.processes import process_identity as process_identity
     from cocos_manager.host.processes import process_start_time as process_start_time
+    from cocos_manager.host.processes import processes_since as processes_since
     from cocos_manager.host.sched_weight import raise_session_weight as raise_session_weight
     from cocos_manager.host.sched_weight import weight_check as weight_check
     from cocos_manager.host.state_lock import StateDirLockedError as StateDirLockedError
@@ -72,9 +72,9 @@ HOMES = {
     "StateDirLockedError": "state_lock",
     "current_boot_id": "state_store",
     "live_processes": "processes",
-    "mid_exec": "processes",
     "process_identity": "processes",
     "process_start_time": "processes",
+    "processes_since": "processes",
     "StateStore": "state_store",
     "VmRecord": "state_store",
     "TaskSet": "tasks",

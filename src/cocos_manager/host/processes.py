@@ -8,6 +8,7 @@ import os
 from collections.abc import Iterator
 
 _PF_KTHREAD = 0x00200000  # /proc/PID/stat flags: a kernel thread
+_PF_EXITING = 0x00000004  # /proc/PID/stat flags: in exit (its memory, and command line, gone)
 
 
 def process_start_time(pid: int) -> int:
@@ -58,25 +59,31 @@ def _raw_cmdline(pid: str) -> bytes:
     return b"".join(chunks)
 
 
-def mid_exec(since: int) -> list[int]:
-    """Processes started at or after `since` that have no command line yet: between exec's
-    swap of their memory and its setting up of their arguments. A parent's `Popen`, or sudo,
-    may already have seen such an exec succeed; it shows its command line a moment later.
-    Kernel threads, which never have one, are left out."""
-    found = []
+def processes_since(since: int) -> Iterator[tuple[int, list[str] | None]]:
+    """(pid, argv) of each process this user may see that started at or after `since`, each
+    read once; argv None for one mid-exec: no command line yet, between exec's swap of its
+    memory and its setting up of the arguments (a parent's `Popen`, or sudo, may already have
+    seen that exec succeed). One look per process, not a walk for the command lines and
+    another for those mid-exec: a process read mid-exec by the first and done by the second
+    would be in neither. Kernel threads (never a command line), zombies and processes in exit
+    (whose memory is gone first: a large one takes seconds) are not mid-exec."""
     for entry in os.listdir("/proc"):
-        if not entry.isdigit() or process_start_time(int(entry)) < since:
+        if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat", "rb") as stat_file:
                 fields = stat_file.read().rsplit(b")", 1)[1].split()
+            if int(fields[19]) < since:
+                continue
             with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
                 raw = cmdline.read()
-        except (OSError, IndexError):
+            flags = int(fields[6])
+        except (OSError, IndexError, ValueError):  # gone, or hidden (hidepid)
             continue
-        if not raw and fields[0] not in (b"Z", b"X") and not int(fields[6]) & _PF_KTHREAD:
-            found.append(int(entry))
-    return found
+        if raw and fields[0] != b"Z":
+            yield int(entry), _argv(raw)
+        elif not raw and fields[0] not in (b"Z", b"X") and not flags & (_PF_KTHREAD | _PF_EXITING):
+            yield int(entry), None
 
 
 def process_identity(pid: int) -> tuple[int, list[str]] | None:
@@ -90,5 +97,8 @@ def process_identity(pid: int) -> tuple[int, list[str]] | None:
         return None
     if fields[0] == b"Z" or not raw:
         return None
-    argv = [part.decode("utf-8", "surrogateescape") for part in raw.rstrip(b"\0").split(b"\0")]
-    return int(fields[19]), argv
+    return int(fields[19]), _argv(raw)
+
+
+def _argv(raw: bytes) -> list[str]:
+    return [part.decode("utf-8", "surrogateescape") for part in raw.rstrip(b"\0").split(b"\0")]

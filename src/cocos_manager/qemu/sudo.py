@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from cocos_manager.errors import QemuStopFailedError, SudoRefusedError
-from cocos_manager.host import live_processes, mid_exec
+from cocos_manager.host import processes_since
 from cocos_manager.qemu.failures import daemon_user, sudoers_lines
 from cocos_manager.qemu.qmp import QmpError, QmpMonitor
 from cocos_manager.telemetry import get_logger
@@ -69,21 +69,24 @@ def outlived_settled(argv: Sequence[str], since: int) -> list[int]:
     deadline = time.monotonic() + SETTLE
     while True:
         found, starting = _scan(argv, since)
-        if found or not (starting or mid_exec(since)) or time.monotonic() > deadline:
+        if found or not starting or time.monotonic() > deadline:
             return found
         time.sleep(0.01)
 
 
 def _scan(argv: Sequence[str], since: int) -> tuple[list[int], bool]:
-    """(the command's processes, whether one of sudo's own ends with the command's arguments:
-    its child before exec, or its use_pty monitor)."""
+    """(the command's processes, whether one may be about to be: one of sudo's own that ends
+    with the command's arguments, its child before exec or its use_pty monitor, or any
+    process mid-exec), from one look at each process."""
     command = list(argv[argv.index("--") + 1 :]) if "--" in argv else []
     arguments = command[1:]
     if not arguments:
         return [], False
     found, starting = [], False
-    for pid, _, cmdline in live_processes(since):
-        if len(cmdline) > len(arguments) and cmdline[-len(arguments) :] == arguments:
+    for pid, cmdline in processes_since(since):
+        if cmdline is None:
+            starting = True
+        elif len(cmdline) > len(arguments) and cmdline[-len(arguments) :] == arguments:
             if os.path.basename(cmdline[0]) == "sudo":
                 starting = True
             else:
