@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from cocos_manager.host.processes import process_identity, process_start_time, processes_since
-from cocos_manager.qemu.sudo import end_outlived, outlived, outlived_settled
+from cocos_manager.qemu.sudo import SETTLE, end_outlived, outlived, outlived_settled
 from tests.support.waiting import unavailable
 
 
@@ -80,6 +81,34 @@ async def test_a_command_sudo_had_not_yet_execd_is_waited_for_and_ended(
     assert await end_outlived(argv, child, since, quit_qemu, session=True)
     assert ended == [child]
     assert started[-1].wait(5) == -9
+
+
+def test_sudos_own_copy_is_waited_for_past_settle(
+    started: list[subprocess.Popen[bytes]],
+) -> None:
+    """sudo's child still before its exec after SETTLE (a starved host, a stopped process
+    group): it shows this VM's arguments, so it is this VM's QEMU to be, waited for (up to
+    GIVE_UP_AFTER) and found, not given up on after SETTLE to run on, nobody's. The child here
+    execs once told, SETTLE and a half after the look began."""
+    vm, script = f"vm-{uuid.uuid4()}", "read -r line; :"
+    argv = ["sudo", "-n", "--", "/bin/sh", "-c", script, vm]
+    becomes = "import os, sys; sys.stdin.readline(); os.execv('/bin/sh', ['/bin/sh', '-c', %r, %r])"
+    child = run(started, "sudo", "-I", "-S", "-c", becomes % (script, vm), *argv[1:],
+                executable="/usr/bin/python3")  # fmt: skip
+    stdin = started[-1].stdin
+    assert stdin is not None
+
+    def tell() -> None:
+        time.sleep(SETTLE * 1.5)
+        stdin.write(b"exec\n")
+        stdin.flush()
+
+    teller = threading.Thread(target=tell)
+    teller.start()
+    try:
+        assert outlived_settled(argv, process_start_time(child)) == [child]
+    finally:
+        teller.join()
 
 
 OUTSIDER = """

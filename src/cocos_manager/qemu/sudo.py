@@ -30,7 +30,7 @@ _log = get_logger()
 SUDO_TERM_GRACE = 5.0  # a SIGTERM relayed by sudo, or QMP quit: QEMU exits within milliseconds
 SUDO_KILL_TIMEOUT = 5.0  # `sudo -n kill -KILL`
 GIVE_UP_AFTER = 10.0  # after every way to kill QEMU was tried: the VM is released anyway
-SETTLE = 1.0  # a command sudo had forked but not exec'd when it died: running QEMU by then
+SETTLE = 1.0  # a process mid-exec, anybody's: if it is to be QEMU, running QEMU by then
 
 
 def descendants(pid: int) -> list[int]:
@@ -65,33 +65,38 @@ def outlived(argv: Sequence[str], since: int) -> list[int]:
 def outlived_settled(argv: Sequence[str], since: int) -> list[int]:
     """`outlived`, once sudo's command is past its exec: a sudo killed as it started QEMU may
     leave its child between fork and exec, showing sudo's command line or, mid-exec, none; a
-    look then would find nothing while QEMU is a moment from running. Waits up to SETTLE."""
-    deadline = time.monotonic() + SETTLE
+    look then would find nothing while QEMU is a moment from running. Waits while one of
+    sudo's own shows this command's arguments (it execs or exits: on a starved host that may
+    take more than a moment), up to GIVE_UP_AFTER, and up to SETTLE while any process is
+    mid-exec (it may be anybody's)."""
+    began = time.monotonic()
     while True:
-        found, starting = _scan(argv, since)
-        if found or not starting or time.monotonic() > deadline:
+        found, ours, mid_exec = _scan(argv, since)
+        waited = time.monotonic() - began
+        waiting = (ours and waited < GIVE_UP_AFTER) or (mid_exec and waited < SETTLE)
+        if found or not waiting:
             return found
         time.sleep(0.01)
 
 
-def _scan(argv: Sequence[str], since: int) -> tuple[list[int], bool]:
-    """(the command's processes, whether one may be about to be: one of sudo's own that ends
-    with the command's arguments, its child before exec or its use_pty monitor, or any
-    process mid-exec), from one look at each process."""
+def _scan(argv: Sequence[str], since: int) -> tuple[list[int], bool, bool]:
+    """(the command's processes, whether one of sudo's own ends with the command's arguments:
+    its child before exec or its use_pty monitor, whether any process is mid-exec), from one
+    look at each process."""
     command = list(argv[argv.index("--") + 1 :]) if "--" in argv else []
     arguments = command[1:]
     if not arguments:
-        return [], False
-    found, starting = [], False
+        return [], False, False
+    found, ours, mid_exec = [], False, False
     for pid, cmdline in processes_since(since):
         if cmdline is None:
-            starting = True
+            mid_exec = True
         elif len(cmdline) > len(arguments) and cmdline[-len(arguments) :] == arguments:
             if os.path.basename(cmdline[0]) == "sudo":
-                starting = True
+                ours = True
             else:
                 found.append(pid)
-    return found, starting
+    return found, ours, mid_exec
 
 
 def _zombie(pid: int) -> bool:
