@@ -71,6 +71,39 @@ def test_a_failed_copy_leaves_no_file(tmp_path: Path, monkeypatch: pytest.Monkey
     assert list((tmp_path / "vms").iterdir()) == []
 
 
+def test_a_copy_without_sendfile_is_made_by_reads_and_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file system whose files `sendfile` refuses (EINVAL): the copy is made all the same."""
+
+    def refused(*_: object) -> int:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    source = tmp_path / "vars.fd"
+    source.write_bytes(bytes(range(256)) * 9000)  # over one 1 MiB chunk
+    monkeypatch.setattr(vm_files.os, "sendfile", refused)
+    assert vm_files._private_copy(str(source), str(tmp_path / "copy.fd")) == "copy"
+    assert (tmp_path / "copy.fd").read_bytes() == source.read_bytes()
+
+
+def test_an_image_that_shrank_while_copied_fails_the_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replaced in place while a Run copied it: part of an image is not a VM's file."""
+    source = tmp_path / "vars.fd"
+    source.write_bytes(b"x" * 4096)
+    real_fstat = os.fstat
+
+    def larger(fd: int) -> os.stat_result:  # as read before the file was truncated
+        found = real_fstat(fd)
+        return os.stat_result((*found[:6], found.st_size * 2, *found[7:]))
+
+    monkeypatch.setattr(vm_files.os, "fstat", larger)
+    with pytest.raises(OSError, match="shrank"):
+        vm_files._private_copy(str(source), str(tmp_path / "copy.fd"))
+    assert not (tmp_path / "copy.fd").exists()
+
+
 # -- guest text on the operator's terminal ---------------------------------------------------
 
 

@@ -3,6 +3,7 @@ never another VM's, never one that ran before this VM's sudo, never sudo's own p
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -63,10 +64,11 @@ async def test_a_command_sudo_had_not_yet_execd_is_waited_for_and_ended(
 ) -> None:
     """sudo killed between its fork and its child's exec: the child shows sudo's command line
     (left out: it is sudo's use_pty monitor's too) until it becomes QEMU a moment later. A
-    single look found nothing and QEMU ran on, nobody's."""
+    single look found nothing and QEMU ran on, nobody's. The child here execs once told, while
+    the look is under way."""
     vm, script = f"vm-{uuid.uuid4()}", "read -r line; :"
     argv = ["sudo", "-n", "-C", "5", "--", "/bin/sh", "-c", script, vm]
-    becomes = "import os, time; time.sleep(0.3); os.execv('/bin/sh', ['/bin/sh', '-c', %r, %r])"
+    becomes = "import os, sys; sys.stdin.readline(); os.execv('/bin/sh', ['/bin/sh', '-c', %r, %r])"
     child = run(started, "sudo", "-I", "-S", "-c", becomes % (script, vm), *argv[1:],
                 executable="/usr/bin/python3")  # fmt: skip
     since = process_start_time(child)
@@ -78,12 +80,34 @@ async def test_a_command_sudo_had_not_yet_execd_is_waited_for_and_ended(
         started[-1].kill()
         return True
 
-    assert await end_outlived(argv, child, since, quit_qemu, session=True)
+    ending = asyncio.ensure_future(end_outlived(argv, child, since, quit_qemu, session=True))
+    await asyncio.sleep(0.2)
+    assert not ending.done(), "it concluded while sudo's child had not exec'd yet"
+    stdin = started[-1].stdin
+    assert stdin is not None
+    stdin.write(b"exec\n")
+    stdin.flush()
+    assert await ending
     assert ended == [child]
     assert started[-1].wait(5) == -9
 
 
-def test_sudos_own_copy_is_waited_for_past_settle(
+async def test_a_cancelled_look_ends_at_once(started: list[subprocess.Popen[bytes]]) -> None:
+    """The daemon's shutdown cancels a stop waiting on sudo's child: the look ends with it.
+    Its waits were once in a thread, which a cancellation does not reach: the shutdown then
+    waited for it, up to GIVE_UP_AFTER."""
+    vm, script = f"vm-{uuid.uuid4()}", "read -r line; :"
+    argv = ["sudo", "-n", "--", "/bin/sh", "-c", script, vm]
+    child = run(started, "sudo", "-I", "-S", "-c", "import sys; sys.stdin.readline()",
+                *argv[1:], executable="/usr/bin/python3")  # fmt: skip
+    looking = asyncio.ensure_future(outlived_settled(argv, process_start_time(child)))
+    await asyncio.sleep(0.1)
+    looking.cancel()
+    await asyncio.wait([looking], timeout=1.0)
+    assert looking.cancelled()
+
+
+async def test_sudos_own_copy_is_waited_for_past_settle(
     started: list[subprocess.Popen[bytes]],
 ) -> None:
     """sudo's child still before its exec after SETTLE (a starved host, a stopped process
@@ -106,7 +130,7 @@ def test_sudos_own_copy_is_waited_for_past_settle(
     teller = threading.Thread(target=tell)
     teller.start()
     try:
-        assert outlived_settled(argv, process_start_time(child)) == [child]
+        assert await outlived_settled(argv, process_start_time(child)) == [child]
     finally:
         teller.join()
 
@@ -158,4 +182,4 @@ def test_a_process_held_in_its_exit_is_not_a_command_mid_exec(
     assert fields[0] not in (b"Z", b"X") and int(fields[6]) & 0x4  # in its exit, held there
     assert init not in [pid for pid, argv in processes_since(since) if argv is None]
     argv = ["sudo", "-n", "--", "/bin/sh", "-c", "read -r line; :", f"vm-{uuid.uuid4()}"]
-    assert outlived_settled(argv, since) == []
+    assert asyncio.run(outlived_settled(argv, since)) == []

@@ -14,7 +14,6 @@ import contextlib
 import os
 import shutil
 import subprocess
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
@@ -62,21 +61,23 @@ def outlived(argv: Sequence[str], since: int) -> list[int]:
     return _scan(argv, since)[0]
 
 
-def outlived_settled(argv: Sequence[str], since: int) -> list[int]:
+async def outlived_settled(argv: Sequence[str], since: int) -> list[int]:
     """`outlived`, once sudo's command is past its exec: a sudo killed as it started QEMU may
     leave its child between fork and exec, showing sudo's command line or, mid-exec, none; a
     look then would find nothing while QEMU is a moment from running. Waits while one of
     sudo's own shows this command's arguments (it execs or exits: on a starved host that may
     take more than a moment), up to GIVE_UP_AFTER, and up to SETTLE while any process is
-    mid-exec (it may be anybody's)."""
-    began = time.monotonic()
+    mid-exec (it may be anybody's). One look per thread hop, the waits on the loop: a
+    cancellation (the daemon's shutdown) ends it at once, not after its last look."""
+    loop = asyncio.get_running_loop()
+    began = loop.time()
     while True:
-        found, ours, mid_exec = _scan(argv, since)
-        waited = time.monotonic() - began
+        found, ours, mid_exec = await asyncio.to_thread(_scan, argv, since)
+        waited = loop.time() - began
         waiting = (ours and waited < GIVE_UP_AFTER) or (mid_exec and waited < SETTLE)
         if found or not waiting:
             return found
-        time.sleep(0.01)
+        await asyncio.sleep(0.01)
 
 
 def _scan(argv: Sequence[str], since: int) -> tuple[list[int], bool, bool]:
@@ -197,7 +198,7 @@ async def end_outlived(
     else `quit` over a new session; gone within GIVE_UP_AFTER, or QemuStopFailedError names
     it. `pid` is sudo's. Returns whether there was one."""
     loop = asyncio.get_running_loop()
-    pids = await asyncio.to_thread(outlived_settled, argv, since)
+    pids = await outlived_settled(argv, since)
     if not pids:
         return False
     _log.warning("QEMU outlived sudo: ending it", sudo_pid=pid, pids=pids)

@@ -88,9 +88,23 @@ def _private_copy(src: str, dst: str) -> str:
 
 
 def _sendfile_all(source: int, target: int) -> None:
+    """The whole source, or an error: a file system without `sendfile` for these files
+    (EINVAL, ENOSYS) is copied by reads and writes instead; an image that shrank while it was
+    copied (replaced in place) fails the copy rather than give the VM part of it."""
     size, offset = os.fstat(source).st_size, 0
-    while offset < size and (sent := os.sendfile(target, source, offset, size - offset)):
-        offset += sent
+    try:
+        while offset < size and (sent := os.sendfile(target, source, offset, size - offset)):
+            offset += sent
+    except OSError as error:
+        if offset or error.errno not in (errno.EINVAL, errno.ENOSYS):
+            raise
+        while offset < size and (chunk := os.pread(source, min(1 << 20, size - offset), offset)):
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(target, view) :]
+            offset += len(chunk)
+    if offset < size:
+        raise OSError(errno.EIO, f"the image shrank while it was copied ({offset} of {size} bytes)")
 
 
 class WouldCopy(Exception):
