@@ -113,6 +113,35 @@ async def test_the_inotify_descriptor_is_closed_off_the_loop(
     assert not console_watch._watches
 
 
+async def test_inotify_descriptors_are_closed_by_one_kept_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A thread started per close held the loop until it ran (Thread.start waits for it),
+    between a SIGKILLed QEMU's last console line and its vm-exit: one kept thread closes
+    them, and the loop only hands the descriptor over."""
+    real_close = os.close
+    closed_on: list[tuple[int, threading.Thread]] = []
+    watch_fd = -1
+
+    def recording(fd: int) -> None:
+        if fd == watch_fd:
+            closed_on.append((fd, threading.current_thread()))
+        real_close(fd)
+
+    monkeypatch.setattr(os, "close", recording)
+    for round_ in range(2):
+        files = ConsoleFiles(tmp_path / f"console-vm{round_}.log", BOUND)
+        files.path.touch()
+        reader = ConsoleReader(files, lambda *_: None, history=False)
+        await wait_for(lambda: console_watch._watches, "the reader's watch")
+        watch_fd = next(iter(console_watch._watches.values()))._fd
+        reader.close()
+        await wait_for(lambda r=round_: len(closed_on) > r, "the inotify descriptor closed")
+        watch_fd = -1  # its number is free for the next file opened
+    (_, first), (_, second) = closed_on
+    assert first is second and first is not threading.current_thread()
+
+
 async def test_a_directory_made_again_under_its_name_is_watched_anew(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
