@@ -171,3 +171,35 @@ async def test_a_directory_made_again_under_its_name_is_watched_anew(
         first.close()
         second.close()
         os.close(keeper.fd)
+
+
+async def test_a_drain_reads_the_last_record_as_soon_as_it_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QEMU has ended and its `vm-exit` waits for the keeper's last record (a drain): the
+    reader reads it when the kernel says it was written, not at the end of the gathering of
+    wake-ups, nor at the drain's next poll (both an hour long here), nor when the keeper's
+    end is seen (no keeper process here)."""
+    monkeypatch.setattr(console_file, "POLL_INTERVAL", 3600.0)
+    monkeypatch.setattr(console_file, "DRAIN_INTERVAL", 3600.0)
+    monkeypatch.setattr(console_watch, "GATHER", 3600.0)
+    path = tmp_path / "console-vm.log"
+    keeper = console_keeper.Sink(
+        str(path), BOUND, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    )
+    seen: list[str] = []
+    reader = ConsoleReader(ConsoleFiles(path, BOUND), lambda _, text, *__: seen.append(text),
+                           history=False)  # fmt: skip
+    try:
+        await reader.caught_up
+        watch = next(iter(console_watch._watches.values()))
+        draining = asyncio.ensure_future(reader.drain(30))
+        await wait_for(lambda: watch._hurried, "the drain under way")
+        keeper.line(b"O", b"last words")
+        keeper.end()
+        await draining
+        assert reader.last_record_read and seen == ["last words"]
+        assert not watch._hurried  # drained: its wake-ups are gathered again
+    finally:
+        reader.close()
+        os.close(keeper.fd)

@@ -86,6 +86,7 @@ class DirectoryWatch:
         self._wds: dict[bytes, int] = {}  # directory -> watch descriptor
         self._wakes: dict[tuple[int, bytes], set[Wake]] = {}  # (wd, file name) -> readers
         self._woken: set[Wake] = set()  # to wake at the end of the gathering
+        self._hurried: set[Wake] = set()  # woken at once: readers draining an ended QEMU
         self._gathering: asyncio.TimerHandle | None = None
         loop.add_reader(fd, self._read)
 
@@ -112,7 +113,17 @@ class DirectoryWatch:
         live = self._wds.values()
         return self._fd >= 0 and all(wd in live for wd, _ in keys)
 
+    def hurry(self, wake: Wake, hurried: bool) -> None:
+        """While `hurried`, `wake` is called as soon as its file changes, not at the end of the
+        gathering: its QEMU has ended and `vm-exit` waits for the keeper's last record (a
+        drain), which otherwise waited for the drain's next poll or the keeper's end."""
+        if hurried:
+            self._hurried.add(wake)
+        else:
+            self._hurried.discard(wake)
+
     def remove(self, keys: list[Key], wake: Wake) -> None:
+        self._hurried.discard(wake)
         for key in keys:
             wakes = self._wakes.get(key)
             if wakes is not None:
@@ -152,6 +163,10 @@ class DirectoryWatch:
                 woken.update(*(w for (kwd, _), w in self._wakes.items() if kwd == wd))
                 continue
             woken.update(self._wakes.get((wd, name), ()))
+        if now := woken & self._hurried:
+            woken -= now
+            for wake in now:
+                wake()
         if woken and self._gathering is None:
             self._gathering = self._loop.call_later(GATHER, self._wake)
 
