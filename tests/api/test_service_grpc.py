@@ -12,7 +12,7 @@ import pytest
 
 from cocos_manager.proto import manager_pb2 as pb
 from tests.support.harness import VNC_BASE, Manager, run_request, running_manager
-from tests.support.processes import children
+from tests.support.processes import children, console_keepers
 from tests.support.streams import read_agent
 from tests.support.waiting import subscribed, wait_for
 
@@ -194,6 +194,31 @@ async def test_unexpected_exit_is_noticed_and_released(
         assert vm_files(m) == [] and children(str(m.tmp)) == []
         monkeypatch.delenv("FAKE_QEMU_MODE")
         await m.stub.Run(run_request("dies"))  # the id can run again
+        events.cancel()
+
+
+async def test_a_qemu_that_dies_has_its_keeper_ended_before_its_release_completes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`vm-exit` goes out once the keeper's last record is read (QEMU's last lines in it) and
+    every per-VM file is gone; the keeper's own end is waited for after it, and the release
+    (what Stop and the id's reuse wait for) completes only once the keeper has ended."""
+    async with running_manager(tmp_path, monkeypatch) as m:
+        events = m.stub.Events(pb.EventsRequest(computation_id="dies"))
+        await subscribed(events)
+        monkeypatch.setenv("FAKE_QEMU_MODE", "exit-after:0.5:3")
+        await m.stub.Run(run_request("dies"))
+        machine = m.service.computations()["dies"]
+        async for message in events:
+            if message.HasField("agent_event") and message.agent_event.event_type == "vm-exit":
+                break
+        last_lines = json.loads(message.agent_event.details)["last_lines"]
+        assert any("Power down" in line for line in last_lines)
+        assert vm_files(m) == []
+        await asyncio.wait_for(asyncio.shield(machine.released), 30)
+        assert console_keepers(str(m.tmp)) == [] and children(str(m.tmp)) == []
+        state = m.settings.service.STATE_DIR
+        assert [name for name in os.listdir(state) if name.startswith("vm-")] == []  # record
         events.cancel()
 
 

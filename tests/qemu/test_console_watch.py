@@ -113,6 +113,35 @@ async def test_the_inotify_descriptor_is_closed_off_the_loop(
     assert not console_watch._watches
 
 
+async def test_inotify_descriptors_are_closed_by_one_kept_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A thread started per close held the loop until it ran (Thread.start waits for it),
+    between a SIGKILLed QEMU's last console line and its vm-exit: one kept thread closes
+    them, and the loop only hands the descriptor over."""
+    real_close = os.close
+    closed_on: list[tuple[int, threading.Thread]] = []
+    watch_fd = -1
+
+    def recording(fd: int) -> None:
+        if fd == watch_fd:
+            closed_on.append((fd, threading.current_thread()))
+        real_close(fd)
+
+    monkeypatch.setattr(os, "close", recording)
+    for round_ in range(2):
+        files = ConsoleFiles(tmp_path / f"console-vm{round_}.log", BOUND)
+        files.path.touch()
+        reader = ConsoleReader(files, lambda *_: None, history=False)
+        await wait_for(lambda: console_watch._watches, "the reader's watch")
+        watch_fd = next(iter(console_watch._watches.values()))._fd
+        reader.close()
+        await wait_for(lambda r=round_: len(closed_on) > r, "the inotify descriptor closed")
+        watch_fd = -1  # its number is free for the next file opened
+    (_, first), (_, second) = closed_on
+    assert first is second and first is not threading.current_thread()
+
+
 async def test_a_directory_made_again_under_its_name_is_watched_anew(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -141,4 +170,36 @@ async def test_a_directory_made_again_under_its_name_is_watched_anew(
     finally:
         first.close()
         second.close()
+        os.close(keeper.fd)
+
+
+async def test_a_drain_reads_the_last_record_as_soon_as_it_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QEMU has ended and its `vm-exit` waits for the keeper's last record (a drain): the
+    reader reads it when the kernel says it was written, not at the end of the gathering of
+    wake-ups, nor at the drain's next poll (both an hour long here), nor when the keeper's
+    end is seen (no keeper process here)."""
+    monkeypatch.setattr(console_file, "POLL_INTERVAL", 3600.0)
+    monkeypatch.setattr(console_file, "DRAIN_INTERVAL", 3600.0)
+    monkeypatch.setattr(console_watch, "GATHER", 3600.0)
+    path = tmp_path / "console-vm.log"
+    keeper = console_keeper.Sink(
+        str(path), BOUND, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    )
+    seen: list[str] = []
+    reader = ConsoleReader(ConsoleFiles(path, BOUND), lambda _, text, *__: seen.append(text),
+                           history=False)  # fmt: skip
+    try:
+        await reader.caught_up
+        watch = next(iter(console_watch._watches.values()))
+        draining = asyncio.ensure_future(reader.drain(30))
+        await wait_for(lambda: watch._hurried, "the drain under way")
+        keeper.line(b"O", b"last words")
+        keeper.end()
+        await draining
+        assert reader.last_record_read and seen == ["last words"]
+        assert not watch._hurried  # drained: its wake-ups are gathered again
+    finally:
+        reader.close()
         os.close(keeper.fd)

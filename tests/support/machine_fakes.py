@@ -30,6 +30,11 @@ class Gate:
             raise self.error
 
 
+class FakeOutput:
+    async def keeper_gone(self, timeout: float = 1.0) -> None:
+        return None
+
+
 class FakeProcess:
     pids = iter(range(900_000, 1_000_000))
 
@@ -41,6 +46,8 @@ class FakeProcess:
         self.gates = gates
         self.signals: list[str] = []
         self.monitor = None
+        self.wrapped = False
+        self.output = FakeOutput()
 
     async def attach_output(self) -> None:
         await self.gates["attach_output"].pass_()
@@ -69,7 +76,7 @@ class FakeProcess:
         self.exit(-9)
         return self.exited.result()
 
-    async def wait_output(self, timeout: float = 1.0) -> None:
+    async def wait_output(self, timeout: float = 1.0, *, keeper: bool = True) -> None:
         return None
 
     def close_console(self) -> None:

@@ -152,14 +152,21 @@ class ConsoleReader:
 
     async def drain(self, timeout: float) -> None:
         """Waits up to `timeout` for the keeper's last record (QEMU has ended): reading faster
-        meanwhile. Never cancels the reading, so a later call still gets the rest."""
+        meanwhile, and at once when the kernel says the file changed. Never cancels the
+        reading, so a later call still gets the rest."""
         self._interval = DRAIN_INTERVAL
+        self._hurry(True)
         self.poke()
         try:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self.ended), timeout)
         finally:  # no last record (a keeper killed): polled as before, not 100 times a second
             self._interval = POLL_INTERVAL
+            self._hurry(False)
+
+    def _hurry(self, hurried: bool) -> None:
+        if self._watch is not None:
+            self._watch[0].hurry(self.poke, hurried)
 
     def poke(self) -> None:
         """Reads now: the keeper has ended, so its last record is in the file (a drain would

@@ -161,8 +161,8 @@ class QemuProcess:
     def close_console(self) -> None:
         self.output.close_console()
 
-    async def wait_output(self, timeout: float = 1.0) -> None:
-        await self.output.wait(timeout)
+    async def wait_output(self, timeout: float = 1.0, *, keeper: bool = True) -> None:
+        await self.output.wait(timeout, keeper=keeper)
 
     # -- exit ----------------------------------------------------------------------------
 

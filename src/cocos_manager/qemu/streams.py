@@ -215,25 +215,32 @@ class QemuOutput:
     def tail(self, stream: str | None = None) -> list[str]:
         return [text for s, text in self._tail if stream is None or s == stream]
 
-    async def wait(self, timeout: float = 1.0) -> None:
+    async def wait(self, timeout: float = 1.0, *, keeper: bool = True) -> None:
         """After exit, the last lines may still be in the pipes: let them arrive. Never cancels
         the readers (as a timed-out gather would): a process that inherited QEMU's output can
-        hold it open past any wait, and its lines still belong to the VM."""
+        hold it open past any wait, and its lines still belong to the VM. `keeper=False`: the
+        keeper's end is left to a later `keeper_gone`."""
         if self._console is not None:
             if self.keeper_reaped is not None:
                 self.keeper_reaped.add_done_callback(lambda _: self._poke_console())
             await self._console.drain(timeout)
+        if keeper:
+            await self.keeper_gone(timeout)
+        if pending := [pipe for pipe in self._pipes if not pipe.done()]:
+            await asyncio.wait(pending, timeout=timeout)
+
+    async def keeper_gone(self, timeout: float = 1.0) -> None:
+        """Once QEMU has exited: until its keeper has ended too (and been reaped)."""
         if self.keeper_reaped is not None and self._exited.done():
             # QEMU's output ended with it, so its keeper ends at once, or as soon as it has
-            # started (a QEMU that died within milliseconds): reaped before the release goes
-            # on, so a failed Run leaves no process behind and a daemon exiting right after no
-            # zombie of init's. Only a keeper whose pipes another process holds is not waited.
-            held = self._console is not None and not self._console.ended.done()
+            # started (a QEMU that died within milliseconds): reaped before the release ends
+            # (for a QEMU that exited on its own, after its `vm-exit`), so a failed Run leaves
+            # no process behind and a daemon exiting right after no zombie of init's. Only a
+            # keeper whose pipes another process holds is not waited.
+            held = self._console is not None and not self._console.last_record_read
             bound = timeout if held else max(timeout, KEEPER_END_WAIT)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self.keeper_reaped), bound)
-        if pending := [pipe for pipe in self._pipes if not pipe.done()]:
-            await asyncio.wait(pending, timeout=timeout)
 
     def failure_text(self) -> str:
         """QEMU's own words, for a status message: its stderr, else whatever it printed."""
