@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 from pathlib import Path
 
 import grpc
 import pytest
 
 from cocos_manager.proto import manager_pb2 as pb
+from cocos_manager.qemu.console_file import ConsoleReader
 from tests.support.harness import VNC_BASE, Manager, run_request, running_manager
 from tests.support.processes import children, console_keepers
 from tests.support.streams import read_agent
@@ -220,6 +222,43 @@ async def test_a_qemu_that_dies_has_its_keeper_ended_before_its_release_complete
         state = m.settings.service.STATE_DIR
         assert [name for name in os.listdir(state) if name.startswith("vm-")] == []  # record
         events.cancel()
+
+
+async def test_a_keeper_held_up_past_the_drain_still_hands_over_qemus_last_lines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QEMU dies while its keeper is held up (stopped here, starved on a loaded host) with lines
+    still in QEMU's pipe: the drain gives up without the keeper's last record, and the release
+    waits for the keeper's end before letting go of the console, or those lines never reach
+    Logs (they did not, once `vm-exit` stopped waiting for the keeper)."""
+    keeper: list[int] = []
+    drain = ConsoleReader.drain
+
+    async def drain_then_resume(reader: ConsoleReader, timeout: float) -> None:
+        await drain(reader, timeout)
+        if keeper and not reader.last_record_read:
+            os.kill(keeper[0], signal.SIGCONT)  # the keeper goes on once the drain gave up
+
+    monkeypatch.setattr(ConsoleReader, "drain", drain_then_resume)
+    async with running_manager(tmp_path, monkeypatch, FAKE_QEMU_TICK="0.05") as m:
+        await m.stub.Run(run_request("held"))
+        machine = m.service.computations()["held"]
+        qemu = machine.process
+        assert qemu is not None
+        await wait_for(lambda: last_tick(qemu.output.tail()) >= 2, "QEMU's ticks")
+        (keeper_pid,) = console_keepers(str(m.tmp))
+        os.kill(keeper_pid, signal.SIGSTOP)
+        keeper.append(keeper_pid)
+        seen = last_tick(qemu.output.tail())
+        await asyncio.sleep(0.5)  # QEMU prints on: ~10 ticks wait in its pipe
+        os.kill(qemu.pid, signal.SIGKILL)
+        await asyncio.wait_for(asyncio.shield(machine.released), 30)
+        logs = m.stub.Logs(pb.LogsRequest(computation_id="held"), timeout=10)
+        assert last_tick([line.message async for line in logs]) > seen + 3
+
+
+def last_tick(lines: list[str]) -> int:
+    return max((int(line.split()[1]) for line in lines if line.startswith("tick ")), default=-1)
 
 
 async def test_stop_kills_a_qemu_that_ignores_sigterm(

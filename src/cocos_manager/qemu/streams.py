@@ -219,12 +219,14 @@ class QemuOutput:
         """After exit, the last lines may still be in the pipes: let them arrive. Never cancels
         the readers (as a timed-out gather would): a process that inherited QEMU's output can
         hold it open past any wait, and its lines still belong to the VM. `keeper=False`: the
-        keeper's end is left to a later `keeper_gone`."""
+        keeper's end is left to a later `keeper_gone` once its last record is read; a keeper
+        held up past the drain (a loaded host) is still waited for, as its end pokes the
+        reading: the lines it had yet to copy are QEMU's last, and reading stops at the release."""
         if self._console is not None:
             if self.keeper_reaped is not None:
                 self.keeper_reaped.add_done_callback(lambda _: self._poke_console())
             await self._console.drain(timeout)
-        if keeper:
+        if keeper or (self._console is not None and not self._console.last_record_read):
             await self.keeper_gone(timeout)
         if pending := [pipe for pipe in self._pipes if not pipe.done()]:
             await asyncio.wait(pending, timeout=timeout)
