@@ -13,6 +13,7 @@ import pytest
 
 from cocos_manager.proto import manager_pb2 as pb
 from cocos_manager.qemu.console_file import ConsoleReader
+from cocos_manager.qemu.streams import QemuOutput
 from tests.support.harness import VNC_BASE, Manager, run_request, running_manager
 from tests.support.processes import children, console_keepers
 from tests.support.streams import read_agent
@@ -239,7 +240,15 @@ async def test_a_keeper_held_up_past_the_drain_still_hands_over_qemus_last_lines
         if keeper and not reader.last_record_read:
             os.kill(keeper[0], signal.SIGCONT)  # the keeper goes on once the drain gave up
 
+    keeper_gone = QemuOutput.keeper_gone
+
+    async def keeper_gone_unhurried(output: QemuOutput, timeout: float = 1.0) -> None:
+        # What is tested is that the keeper is waited for at all; its bound (0.2 s, a keeper
+        # being slow only) is widened so a loaded CI host does not outrun the resumed keeper.
+        await keeper_gone(output, max(timeout, 10.0))
+
     monkeypatch.setattr(ConsoleReader, "drain", drain_then_resume)
+    monkeypatch.setattr(QemuOutput, "keeper_gone", keeper_gone_unhurried)
     async with running_manager(tmp_path, monkeypatch, FAKE_QEMU_TICK="0.05") as m:
         await m.stub.Run(run_request("held"))
         machine = m.service.computations()["held"]
