@@ -69,7 +69,19 @@ async def test_the_readme_dialout_example_runs_as_written(tmp_path: Path) -> Non
                 received = json.loads(line).get("received", {})
                 run_res = received.get("run_res")
         assert run_res["computation_id"] == "1"
-        manifest = json.loads(await read_agent(int(run_res["agent_port"])))
+        try:
+            served = await read_agent(int(run_res["agent_port"]))
+        except AssertionError as error:  # what the guest and the daemon said, for the reader
+            consoles = [
+                p.read_bytes()[-3000:] for p in sorted((tmp_path / "vms").glob("console-*"))
+            ]
+            log = (
+                (tmp_path / "daemon.log").read_bytes()[-3000:]
+                if (tmp_path / "daemon.log").exists()
+                else b""
+            )
+            raise AssertionError(f"{error}\nconsole: {consoles!r}\ndaemon log: {log!r}") from None
+        manifest = json.loads(served)
         assert manifest["id"] == "1"
         assert manifest["algorithms"]["hash"] == list(
             hashlib.sha3_256((REPO / algo).read_bytes()).digest()
