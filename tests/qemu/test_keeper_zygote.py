@@ -5,6 +5,7 @@ caller's direct start."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import resource
@@ -18,6 +19,7 @@ from cocos_manager.qemu import console_keeper, console_start, keeper_zygote
 from cocos_manager.qemu.console_file import ConsoleFiles
 from cocos_manager.qemu.console_start import fresh_file
 from cocos_manager.qemu.keeper_zygote import Keeper, KeeperZygote
+from cocos_manager.qemu.streams import QemuOutput
 from tests.support.processes import gone_within
 
 BOUND = 256 * 1024
@@ -230,3 +232,18 @@ def test_a_zygote_that_ended_with_the_request_is_made_again_for_it(tmp_path: Pat
     finally:
         zygote.close()
     assert gone_within(made_again, 10), "the zygote outlived its end of file"
+
+
+async def test_a_keeper_started_as_late_as_a_stuck_zygote_allows_is_waited_for() -> None:
+    """A zygote that stopped answering holds a keeper's start for its whole answer timeout
+    before the keeper is started alone. A QEMU that failed at start meanwhile has its words
+    only in that keeper's pipes: the failure waits for the keeper's end, or it said "(QEMU
+    printed nothing)" (the wait was 3 s, the answer timeout 5)."""
+    loop = asyncio.get_running_loop()
+    exited: asyncio.Future[None] = loop.create_future()
+    exited.set_result(None)
+    output = QemuOutput(None, None, exited)
+    output.keeper_reaped = reaped = loop.create_future()
+    loop.call_later(keeper_zygote.ANSWER_TIMEOUT + 0.5, reaped.set_result, None)
+    await output.keeper_gone(0.2)
+    assert reaped.done(), "given up on before a keeper started after the zygote's timeout"

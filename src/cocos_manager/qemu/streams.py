@@ -21,12 +21,17 @@ from typing import Any
 from cocos_manager.host import live_processes
 from cocos_manager.qemu import console_keeper
 from cocos_manager.qemu.console_file import ConsoleFiles, ConsoleReader
+from cocos_manager.qemu.keeper_zygote import ANSWER_TIMEOUT
 from cocos_manager.qemu.output import LineReader
 
 LineCallback = Callable[[str, str], None]
 HistoryCallback = Callable[[str, str, int], None]
 TAIL_LINES = 20
-KEEPER_END_WAIT = 3.0  # a keeper's interpreter starting on a loaded host: 0.2 s typically
+# A keeper's end once QEMU's has come: at once (its pipes end with QEMU), or once it has
+# started: a zygote that stopped answering is given its whole answer timeout before the keeper
+# is started alone (an interpreter: 0.2 s typically), and a start that failed meanwhile must
+# still get QEMU's words, which reach the daemon through that keeper.
+KEEPER_END_WAIT = ANSWER_TIMEOUT + 2.0
 LAST_RECORD_WAIT = 2.0
 """How long a keeper's end waits for its last record to be read (the file is polled every
 100 ms) before it counts as a loss."""
