@@ -23,6 +23,18 @@ BOUND = 64 * 1024
 LINES = 2000  # 200 kB of lines: the keeper rotates its file several times
 
 
+def sink_and_reader(path: Path) -> tuple[console_keeper.Sink, ConsoleReader, list[str]]:
+    """A keeper's writing end on a new console file at `path`, in this process, and a reader
+    of that file with the lines it has read."""
+    keeper = console_keeper.Sink(
+        str(path), BOUND, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    )
+    seen: list[str] = []
+    reader = ConsoleReader(ConsoleFiles(path, BOUND), lambda _, text, *__: seen.append(text),
+                           history=False)  # fmt: skip
+    return keeper, reader, seen
+
+
 def live_printer(quit_file: Path) -> list[str]:
     """A stand-in QEMU that prints its lines, then stays alive (as a booted guest) until
     `quit_file` exists: whatever the reader gets before that, it got while QEMU ran."""
@@ -156,13 +168,7 @@ async def test_a_directory_made_again_under_its_name_is_watched_anew(
     await first.caught_up
     where.rename(tmp_path / "tmp.old")
     where.mkdir()
-    path = where / "console-b.log"
-    keeper = console_keeper.Sink(
-        str(path), BOUND, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    )
-    seen: list[str] = []
-    second = ConsoleReader(ConsoleFiles(path, BOUND), lambda _, text, *__: seen.append(text),
-                           history=False)  # fmt: skip
+    keeper, second, seen = sink_and_reader(where / "console-b.log")
     await second.caught_up
     keeper.line(b"O", b"hello")
     try:
@@ -183,13 +189,7 @@ async def test_a_drain_reads_the_last_record_as_soon_as_it_is_written(
     monkeypatch.setattr(console_file, "POLL_INTERVAL", 3600.0)
     monkeypatch.setattr(console_file, "DRAIN_INTERVAL", 3600.0)
     monkeypatch.setattr(console_watch, "GATHER", 3600.0)
-    path = tmp_path / "console-vm.log"
-    keeper = console_keeper.Sink(
-        str(path), BOUND, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    )
-    seen: list[str] = []
-    reader = ConsoleReader(ConsoleFiles(path, BOUND), lambda _, text, *__: seen.append(text),
-                           history=False)  # fmt: skip
+    keeper, reader, seen = sink_and_reader(tmp_path / "console-vm.log")
     try:
         await reader.caught_up
         watch = next(iter(console_watch._watches.values()))

@@ -118,6 +118,15 @@ def test_without_a_zygote_the_keeper_is_started_directly(
     assert pipes.finish(keeper, b"direct\n") == [b"V 1", b"O direct", b"E qemu: done", b"X "]
 
 
+def first_keeper(zygote: KeeperZygote, tmp_path: Path) -> tuple[Pipes, Keeper, int]:
+    """A first keeper forked by `zygote` on its own pipes, and the zygote's pid (its parent)."""
+    first = Pipes(ConsoleFiles(tmp_path / "console-1.log", BOUND))
+    kept = zygote.start(str(first.files.path), BOUND, first.handed())
+    first.close_ours()
+    assert kept is not None
+    return first, kept, parent_of(kept.pid)
+
+
 def test_a_stuck_zygote_is_ended_and_the_keeper_started_directly(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -127,11 +136,7 @@ def test_a_stuck_zygote_is_ended_and_the_keeper_started_directly(
     monkeypatch.setattr(keeper_zygote, "ANSWER_TIMEOUT", 0.5)
     zygote = KeeperZygote(console_keeper.__file__)
     try:
-        first = Pipes(ConsoleFiles(tmp_path / "console-1.log", BOUND))
-        kept = zygote.start(str(first.files.path), BOUND, first.handed())
-        first.close_ours()
-        assert kept is not None
-        stuck = parent_of(kept.pid)
+        first, kept, stuck = first_keeper(zygote, tmp_path)
         os.kill(stuck, signal.SIGSTOP)
         second = Pipes(ConsoleFiles(tmp_path / "console-2.log", BOUND))
         assert zygote.start(str(second.files.path), BOUND, second.handed()) is None
@@ -169,11 +174,7 @@ def test_a_keeper_that_cannot_answer_leaves_the_vm_to_one_direct_keeper(tmp_path
     version records in one file). It says so now and ends, leaving the VM to the direct start."""
     zygote = KeeperZygote(console_keeper.__file__)
     try:
-        first = Pipes(ConsoleFiles(tmp_path / "console-1.log", BOUND))
-        kept = zygote.start(str(first.files.path), BOUND, first.handed())
-        first.close_ours()
-        assert kept is not None
-        forker = parent_of(kept.pid)
+        first, kept, forker = first_keeper(zygote, tmp_path)
         held = {int(fd) for fd in os.listdir(f"/proc/{forker}/fd")}
         free = [fd for fd in range(3, max(held) + 5) if fd not in held]
         # Room for the request's three descriptors, none for the pidfd (lowest numbers first).
