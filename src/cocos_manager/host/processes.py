@@ -11,11 +11,17 @@ _PF_KTHREAD = 0x00200000  # /proc/PID/stat flags: a kernel thread
 _PF_EXITING = 0x00000004  # /proc/PID/stat flags: in exit (its memory, and command line, gone)
 
 
+def _stat_fields(pid: int | str) -> list[bytes]:
+    """/proc/PID/stat's fields after the command name (which may hold spaces and parentheses):
+    [0] the state, [6] the flags, [19] the start time. OSError when gone or hidden."""
+    with open(f"/proc/{pid}/stat", "rb") as stat:
+        return stat.read().rsplit(b")", 1)[1].split()
+
+
 def process_start_time(pid: int) -> int:
     """Clock ticks since boot when `pid` started (0 if gone); exec does not change it."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            return int(stat.read().rsplit(b")", 1)[1].split()[19])
+        return int(_stat_fields(pid)[19])
     except (OSError, IndexError, ValueError):
         return 0
 
@@ -71,8 +77,7 @@ def processes_since(since: int) -> Iterator[tuple[int, list[str] | None]]:
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/stat", "rb") as stat_file:
-                fields = stat_file.read().rsplit(b")", 1)[1].split()
+            fields = _stat_fields(entry)
             if int(fields[19]) < since:
                 continue
             with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
@@ -89,8 +94,7 @@ def processes_since(since: int) -> Iterator[tuple[int, list[str] | None]]:
 def process_identity(pid: int) -> tuple[int, list[str]] | None:
     """(start time in clock ticks since boot, argv) of a live process; None if gone or a zombie."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            fields = stat.read().rsplit(b")", 1)[1].split()
+        fields = _stat_fields(pid)
         with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
             raw = cmdline.read()
     except (FileNotFoundError, ProcessLookupError, IndexError):
