@@ -300,9 +300,12 @@ class DialOut:
             # Not wait_for: a write held by flow control does not end when cancelled, and
             # wait_for would wait for it. The session's end cancels the call, which ends it.
             write = asyncio.ensure_future(call.write(message))
+            # Its outcome may never be looked at below: this write is abandoned when it times
+            # out, or when the session ends first (the call's status can arrive before a write
+            # that started as the call ended fails).
+            write.add_done_callback(_retrieve)
             done, _ = await asyncio.wait({write}, timeout=timeout)
             if not done:
-                write.add_done_callback(_retrieve)
                 return f"the server took no message for MANAGER_GRPC_TIMEOUT ({timeout:g}s)"
             try:
                 write.result()
@@ -354,7 +357,7 @@ class DialOut:
 
 
 def _retrieve(future: asyncio.Future[None]) -> None:
-    """Marks an abandoned write's outcome as seen: it ended with its stream."""
+    """Marks a write's outcome as seen, for when its writer is gone: it ended with its stream."""
     if not future.cancelled():
         future.exception()
 
