@@ -245,9 +245,9 @@ async def test_deadline_while_qemu_starts_kills_it(
     log = tmp_path / "starts"
     async with running_manager(tmp_path, monkeypatch, FAKE_QEMU_START_LOG=str(log)) as m:
         monkeypatch.setenv("FAKE_QEMU_MODE", "no-qmp")
-        call = m.stub.Run(run_request("late"), timeout=2.0)
+        call = m.stub.Run(run_request("late"), timeout=6.0)
         # The deadline must fall while QEMU runs: its record names it from STARTING on.
-        await wait_for(lambda: pids_recorded(tmp_path / "state"), "QEMU to be spawned", 2.0)
+        await wait_for(lambda: pids_recorded(tmp_path / "state"), "QEMU to be spawned", 6.0)
         (pid,) = pids_recorded(tmp_path / "state")
         error = await run_error(call)
         assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -456,10 +456,10 @@ async def test_sigterm_during_a_run_ends_it_and_exits_cleanly(
         signalled = time.monotonic()
         daemon.process.send_signal(signal.SIGTERM)
         error = await run_error(run)
-        returncode = await asyncio.to_thread(daemon.process.wait, 30)
+        returncode = await asyncio.to_thread(daemon.process.wait, 50)
         took = time.monotonic() - signalled
     assert returncode == 0, daemon.log_tail()
-    assert took < 5.0, f"shutdown took {took:.1f} s"
+    assert took < 30.0, f"shutdown took {took:.1f} s"  # not the 60 s start timeout
     assert error.code() == grpc.StatusCode.UNAVAILABLE, error
     assert "shutting down" in (error.details() or "")
     (started,) = starts(log)

@@ -711,7 +711,7 @@ async def test_send_manifest_times_out(tmp_path: Path, never_done: asyncio.Futur
     try:
         with pytest.raises(HandoverTimeout, match="ConnectionRefusedError") as raised:
             await send_manifest(
-                agent.connect, b"{}", abort=never_done, initial_delay=0.01, timeout=0.2
+                agent.connect, b"{}", abort=never_done, initial_delay=0.01, timeout=1.0
             )
     finally:
         await agent.close()

@@ -341,7 +341,7 @@ async def test_password_required_fails_fast_with_failed_precondition(
             assert failure.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             details = failure.value.details() or ""
             assert "sudo wants a password" in details and "NOPASSWD" in details, details
-            assert took < 5, took
+            assert took < 20, took  # not the call's 30 s deadline
             assert daemon.vm_processes() == {"sudo": [], "qemu": []}
             assert daemon.vm_files() == []
             assert [p.name for p in (workdir / "state").glob("*.json")] == []

@@ -39,12 +39,13 @@ def refuse_signals(monkeypatch: pytest.MonkeyPatch) -> None:
 async def test_stop_without_permission_to_signal_quits_over_qmp(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async with running_manager(tmp_path, monkeypatch) as m:
+    # A stop that waited for signals would take the whole STOP_TIMEOUT: longer than the bound.
+    async with running_manager(tmp_path, monkeypatch, MANAGER_QEMU_STOP_TIMEOUT="90s") as m:
         await m.stub.Run(run_request("c1"))
         refuse_signals(monkeypatch)
         began = time.monotonic()
-        await m.stub.Stop(pb.StopRequest(computation_id="c1"), timeout=20)
-        assert time.monotonic() - began < 3
+        await m.stub.Stop(pb.StopRequest(computation_id="c1"), timeout=60)
+        assert time.monotonic() - began < 45
         assert processes_mentioning(str(tmp_path / "vms")) == []
         assert list((await m.stub.List(pb.ListRequest())).computations) == []
 

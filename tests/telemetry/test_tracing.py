@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import socket
@@ -546,10 +547,14 @@ class BlackHole:
             return self.requests - self.abandoned
 
     def close(self) -> None:
-        self._listener.close()
+        """Shut down, not only closed: a socket closed while a thread waits on it wakes nobody
+        and sends no FIN, so the exporter would stay held for its whole timeout."""
         with self._lock:
-            for connection in self._connections:
-                connection.close()
+            held = list(self._connections)
+        for sock in [self._listener, *held]:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
 
 
 @pytest.fixture
@@ -559,14 +564,15 @@ def black_hole() -> Iterator[BlackHole]:
     hole.close()
 
 
-async def test_a_slow_collector_never_delays_calls_and_shutdown_gives_up_on_it(
+async def test_calls_are_answered_and_shutdown_returns_while_a_collector_holds_an_export(
     black_hole: BlackHole,
     monkeypatch: pytest.MonkeyPatch,
     server_for: Any,
     log_lines: io.StringIO,
 ) -> None:
     """Proven by order, not by a clock: every call is answered, and shutdown returns, while
-    the collector holds an export unanswered (its timeout is longer than the test)."""
+    the collector holds an export unanswered (its timeout is longer than the test). How long
+    a call takes beside a slow collector is the bench's to measure, not a test's."""
     provider = _tracing(
         monkeypatch,
         f"http://127.0.0.1:{black_hole.port}/api/traces",

@@ -31,6 +31,7 @@ from cocos_manager.vm.machine import Machine
 from cocos_manager.vm.resources import Pools
 from tests.support.harness import base_env
 from tests.support.machine_fakes import FakeLauncher, Gate
+from tests.support.waiting import GUARD
 
 A, S, R, X, D = (
     VmState.ADMITTED,
@@ -199,7 +200,7 @@ async def test_stop_while_a_failing_start_tears_down_waits_for_the_release_and_k
     assert not stop.done(), "Stop answered while the failed start still held everything"
     assert rig.left_behind() != NOTHING
     reaping.opened.set()
-    await asyncio.wait_for(stop, 1)
+    await asyncio.wait_for(stop, GUARD)
     assert rig.left_behind() == NOTHING
     with pytest.raises(QemuExitedError, match="boom"):
         await task
@@ -389,7 +390,7 @@ async def test_a_taken_number_is_swapped_and_the_start_retried_once(
     rig.launcher.gates["wait_ready"] = Gate()  # the next attempt passes
     rig.launcher.gates["wait_ready"].opened.set()
     gate.opened.set()
-    await asyncio.wait_for(task, 1)
+    await asyncio.wait_for(task, GUARD)
     assert machine.history == [A, S, S, R]
     first, second = rig.launcher.processes
     assert "SIGKILL" in first.signals and second.signals == []

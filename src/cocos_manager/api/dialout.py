@@ -160,9 +160,13 @@ class DialOut:
 
     def _runner_ended(self, runner: asyncio.Task[None]) -> None:
         """`_run` ends only when cancelled; should a bug end it otherwise, the state says so."""
-        if runner.cancelled() or runner.exception() is None:
+        if runner.cancelled():
+            if not self._closing.is_set():
+                _log.error("dial-out stopped: cancelled while not closing")
+                self._set_connected(False, "the dial-out stopped: cancelled")
             return
-        error = runner.exception()
+        if (error := runner.exception()) is None:
+            return
         _log.error("dial-out stopped", error=repr(error), exc_info=error)
         self._set_connected(False, f"the dial-out stopped: {error!r}")
 
@@ -268,7 +272,10 @@ class DialOut:
                 if not done:
                     self._set_connected(True)
                 done, _ = await asyncio.wait(tasks, return_when="FIRST_COMPLETED")
-                return (done.pop()).result() if done else "ended"
+                first = done.pop()
+                # gRPC raises CancelledError from a read or write of a call cancelled locally:
+                # that ends this session, never the dial-out.
+                return "the call was cancelled" if first.cancelled() else first.result()
             finally:
                 for task in tasks:
                     task.cancel()

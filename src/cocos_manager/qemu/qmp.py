@@ -89,7 +89,9 @@ class QmpMonitor:
                 sock.close()
                 raise
         monitor = cls(reader, writer)
-        monitor._send("qmp_capabilities")
+        # Its answer is not waited for; a refusal shows in the next command's answer, as QEMU
+        # takes no other command before the negotiation. Seen here so asyncio never logs it.
+        monitor._send("qmp_capabilities").add_done_callback(_seen)
         return monitor
 
     def _send(self, command: str, arguments: dict[str, Any] | None = None) -> asyncio.Future[Any]:
@@ -174,6 +176,11 @@ class QmpMonitor:
         with contextlib.suppress(BaseException):
             await self._task
         self._finish(QmpClosed("closed by the manager"))
+
+
+def _seen(reply: asyncio.Future[Any]) -> None:
+    if not reply.cancelled():
+        reply.exception()
 
 
 async def open_running_monitor(path: Path, *, paused: bool = False) -> QmpMonitor:
