@@ -32,10 +32,14 @@ class CallEndingUnderAWrite:
     def __init__(self) -> None:
         self.writing = asyncio.Event()
         self.fail = asyncio.Event()
+        self.task: asyncio.Task[Any] | None = None
+        self.raised = False
 
     async def write(self, message: object) -> None:
+        self.task = asyncio.current_task()
         self.writing.set()
         await self.fail.wait()
+        self.raised = True
         raise grpc.aio.AioRpcError(
             grpc.StatusCode.INTERNAL,
             grpc.aio.Metadata(),
@@ -65,8 +69,11 @@ async def test_a_write_failing_after_the_session_ended_leaves_no_unseen_error(
             writer.cancel()  # the session ended: its call's status came first
             await asyncio.gather(writer, return_exceptions=True)
             call.fail.set()
-            for _ in range(3):
-                await asyncio.sleep(0)
+            assert call.task is not None
+            # Waiting looks at no outcome; the write's own callbacks have run when it returns.
+            await asyncio.wait({call.task})
+            assert call.raised and not call.task.cancelled()  # looking would retrieve it
+            call.task = None
             del writer
             gc.collect()
         assert [c.get("message") for c in unseen] == []
