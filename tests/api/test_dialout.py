@@ -276,7 +276,10 @@ async def test_a_server_that_stops_reading_slows_no_run_and_is_dialled_again(
 ) -> None:
     async with (
         computations_server(tmp_path) as server,
-        dialing_manager(tmp_path, monkeypatch, server.url, MANAGER_GRPC_TIMEOUT="2s") as (
+        # The write timeout ends the stalled stream, and the next stream takes the whole
+        # backlog (about 460 messages here): the Run below must be answered before that, and
+        # a loaded host has taken over 2 s for it. 5 s leaves it room.
+        dialing_manager(tmp_path, monkeypatch, server.url, MANAGER_GRPC_TIMEOUT="5s") as (
             manager,
             dialout,
             metrics,
@@ -291,6 +294,7 @@ async def test_a_server_that_stops_reading_slows_no_run_and_is_dialled_again(
         await until(lambda: metrics.dialout_buffered.value() > 300, "a backlog")
         response = await manager.stub.Run(run_request("meanwhile"), timeout=WAIT)
         assert response.computation_id == "meanwhile"
+        assert dialout.connects == 1, "the Run took longer than the write timeout"
         assert metrics.dialout_buffered.value() > 300, "Run waited for the stream"
         # MANAGER_GRPC_TIMEOUT: a server that takes no message for that long is dialled again.
         await until(lambda: "took no message" in dialout.last_error, "the write timeout")
