@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import grpc
 import pytest
 
+from cocos_manager.api import dialout as dialout_module
 from cocos_manager.api.dialout import DialOut
 from cocos_manager.events.messages import log_message
 from tests.api.test_dialout import dialing_manager, until
+from tests.support.waiting import GUARD
 
 
 class CallEndingUnderAWrite:
@@ -136,3 +139,70 @@ async def test_a_write_raising_cancelled_ends_the_session_not_the_dial_out(
         await until(lambda: channel.calls >= 2, "a second session")
         assert dialout._runner is not None and not dialout._runner.done()
         assert dialout.last_error == "the call was cancelled"
+
+
+class ConnectsThen:
+    """A stream that connects (running `on_connect` in the loop turn the connection is made),
+    takes every write, and never ends its side, as a stalled server's."""
+
+    on_connect: ClassVar[list[Callable[[], None]]] = []
+
+    def __init__(self) -> None:
+        self.ended: asyncio.Future[grpc.StatusCode] = asyncio.get_running_loop().create_future()
+
+    async def wait_for_connection(self) -> None:
+        if self.on_connect:
+            asyncio.get_running_loop().call_soon(self.on_connect.pop())
+
+    async def read(self) -> Any:
+        await self.ended
+        return grpc.aio.EOF
+
+    async def write(self, message: object) -> None:
+        return None
+
+    async def done_writing(self) -> None:
+        return None
+
+    async def code(self) -> grpc.StatusCode:
+        return await asyncio.shield(self.ended)
+
+    async def details(self) -> str:
+        return ""
+
+    def cancel(self) -> None:
+        if not self.ended.done():
+            self.ended.set_result(grpc.StatusCode.CANCELLED)
+
+
+class ChannelOfConnecting:
+    def stream_stream(self, *args: object, **kwargs: object) -> Any:
+        return ConnectsThen
+
+    async def close(self, grace: float | None = None) -> None:
+        return None
+
+
+async def test_a_close_in_the_turn_the_stream_connects_ends_the_dial_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() cancels the runner in the loop turn a dial's connection is made. Before the fix,
+    Python 3.11's wait_for returned the connection instead of the cancellation: the session
+    streamed on after close() had let it go, and close() waited for a server that never
+    ended its side."""
+    monkeypatch.setattr(DialOut, "_channel", lambda self: ChannelOfConnecting())
+    monkeypatch.setattr(dialout_module, "BACKOFF_FIRST", 0.2)
+    monkeypatch.setattr(dialout_module, "SHUTDOWN_FLUSH", 0.5)  # the server never ends its side
+    async with dialing_manager(tmp_path, monkeypatch, "127.0.0.1:9") as (_, dialout, _):
+        await until(lambda: dialout._streaming, "the first stream")
+        closing: list[asyncio.Future[None]] = []
+        ConnectsThen.on_connect.append(
+            lambda: closing.append(asyncio.ensure_future(dialout.close()))
+        )
+        dialout._call.cancel()  # the first session ends; the next dial connects into close()
+        await until(lambda: closing, "the close, as the second stream connects")
+        done, _ = await asyncio.wait(closing, timeout=GUARD)
+        if not done and dialout._call is not None:
+            dialout._call.cancel()  # let the fixture end
+        assert done, "close() waited on a session it had cancelled"
+        assert not dialout._streaming

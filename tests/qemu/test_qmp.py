@@ -30,6 +30,7 @@ async def test_a_refused_negotiation_leaves_no_unseen_error(tmp_path: Path) -> N
         writer.write(b'{"return": {"status": "running", "running": true}}\n')
         await writer.drain()
         answered.set()
+        writer.close()
 
     path = tmp_path / "qmp.sock"
     server = await asyncio.start_unix_server(monitor_refusing_negotiation, str(path))

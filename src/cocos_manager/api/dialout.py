@@ -163,6 +163,7 @@ class DialOut:
         if runner.cancelled():
             if not self._closing.is_set():
                 _log.error("dial-out stopped: cancelled while not closing")
+                self._closing.set()  # for good: nothing retries, so no "retrying" line
                 self._set_connected(False, "the dial-out stopped: cancelled")
             return
         if (error := runner.exception()) is None:
@@ -186,6 +187,9 @@ class DialOut:
             if self._streaming:
                 await asyncio.wait({self._runner}, timeout=SHUTDOWN_FLUSH)
             self._runner.cancel()
+            done, _ = await asyncio.wait({self._runner}, timeout=SHUTDOWN_FLUSH)
+            if not done and self._call is not None:  # its cancellation was swallowed: the
+                self._call.cancel()  # call's end ends the session, and `_closing` the rest
             await asyncio.gather(self._runner, return_exceptions=True)  # _runner_ended said it
         self._untap()
         self._complaints.flush()
@@ -254,7 +258,11 @@ class DialOut:
             )()
             self._call = call
             try:
-                await asyncio.wait_for(call.wait_for_connection(), self.config.timeout)
+                # Not wait_for: on Python 3.11 it returns the result when the cancellation of
+                # this task (close()) comes in the turn the connection is made, and a session
+                # would then stream after close() had let it go.
+                async with asyncio.timeout(self.config.timeout):
+                    await call.wait_for_connection()
             except TimeoutError:
                 call.cancel()
                 return f"no connection within MANAGER_GRPC_TIMEOUT ({self.config.timeout:g}s)"
@@ -307,9 +315,7 @@ class DialOut:
             # Not wait_for: a write held by flow control does not end when cancelled, and
             # wait_for would wait for it. The session's end cancels the call, which ends it.
             write = asyncio.ensure_future(call.write(message))
-            # Its outcome may never be looked at below: this write is abandoned when it times
-            # out, or when the session ends first (the call's status can arrive before a write
-            # that started as the call ended fails).
+            # Seen even if abandoned (a timeout; a session ended before this write failed).
             write.add_done_callback(_retrieve)
             done, _ = await asyncio.wait({write}, timeout=timeout)
             if not done:
