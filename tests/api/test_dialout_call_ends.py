@@ -84,9 +84,9 @@ async def test_a_write_failing_after_the_session_ended_leaves_no_unseen_error(
         loop.set_exception_handler(None)
 
 
-class CancelledUnderItsWrites:
-    """A stream whose writes raise CancelledError, as grpc.aio's do once the call was cancelled
-    locally; it ends (CANCELLED) when cancelled."""
+class StandInCall:
+    """A stream that connects at once, takes every write and never ends its side (a stalled
+    server's), until it is cancelled: then it ends, CANCELLED."""
 
     def __init__(self) -> None:
         self.ended: asyncio.Future[grpc.StatusCode] = asyncio.get_running_loop().create_future()
@@ -95,67 +95,7 @@ class CancelledUnderItsWrites:
         return None
 
     async def read(self) -> Any:
-        await self.ended
-        return grpc.aio.EOF
-
-    async def write(self, message: object) -> None:
-        raise asyncio.CancelledError()
-
-    async def done_writing(self) -> None:
-        return None
-
-    async def code(self) -> grpc.StatusCode:
-        return await self.ended
-
-    async def details(self) -> str:
-        return ""
-
-    def cancel(self) -> None:
-        if not self.ended.done():
-            self.ended.set_result(grpc.StatusCode.CANCELLED)
-
-
-class ChannelOf:
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def stream_stream(self, *args: object, **kwargs: object) -> Any:
-        self.calls += 1
-        return CancelledUnderItsWrites
-
-    async def close(self, grace: float | None = None) -> None:
-        return None
-
-
-async def test_a_write_raising_cancelled_ends_the_session_not_the_dial_out(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Before the fix the CancelledError went through the session into the runner, which
-    ended as cancelled: no line said so, and the dial-out never dialled again."""
-    channel = ChannelOf()
-    monkeypatch.setattr(DialOut, "_channel", lambda self: channel)
-    async with dialing_manager(tmp_path, monkeypatch, "127.0.0.1:9") as (manager, dialout, _):
-        manager.service.bus.publish(log_message("x", "info", "a line"))
-        await until(lambda: channel.calls >= 2, "a second session")
-        assert dialout._runner is not None and not dialout._runner.done()
-        assert dialout.last_error == "the call was cancelled"
-
-
-class ConnectsThen:
-    """A stream that connects (running `on_connect` in the loop turn the connection is made),
-    takes every write, and never ends its side, as a stalled server's."""
-
-    on_connect: ClassVar[list[Callable[[], None]]] = []
-
-    def __init__(self) -> None:
-        self.ended: asyncio.Future[grpc.StatusCode] = asyncio.get_running_loop().create_future()
-
-    async def wait_for_connection(self) -> None:
-        if self.on_connect:
-            asyncio.get_running_loop().call_soon(self.on_connect.pop())
-
-    async def read(self) -> Any:
-        await self.ended
+        await asyncio.shield(self.ended)
         return grpc.aio.EOF
 
     async def write(self, message: object) -> None:
@@ -175,12 +115,50 @@ class ConnectsThen:
             self.ended.set_result(grpc.StatusCode.CANCELLED)
 
 
-class ChannelOfConnecting:
+class ChannelOf:
+    """A channel whose every stream is a `call` (counted)."""
+
+    def __init__(self, call: type[StandInCall]) -> None:
+        self.call = call
+        self.calls = 0
+
     def stream_stream(self, *args: object, **kwargs: object) -> Any:
-        return ConnectsThen
+        self.calls += 1
+        return self.call
 
     async def close(self, grace: float | None = None) -> None:
         return None
+
+
+class CancelledUnderItsWrites(StandInCall):
+    """Its writes raise CancelledError, as grpc.aio's do once the call was cancelled locally."""
+
+    async def write(self, message: object) -> None:
+        raise asyncio.CancelledError()
+
+
+async def test_a_write_raising_cancelled_ends_the_session_not_the_dial_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before the fix the CancelledError went through the session into the runner, which
+    ended as cancelled: no line said so, and the dial-out never dialled again."""
+    channel = ChannelOf(CancelledUnderItsWrites)
+    monkeypatch.setattr(DialOut, "_channel", lambda self: channel)
+    async with dialing_manager(tmp_path, monkeypatch, "127.0.0.1:9") as (manager, dialout, _):
+        manager.service.bus.publish(log_message("x", "info", "a line"))
+        await until(lambda: channel.calls >= 2, "a second session")
+        assert dialout._runner is not None and not dialout._runner.done()
+        assert dialout.last_error == "the call was cancelled"
+
+
+class ConnectsThen(StandInCall):
+    """Runs `on_connect` in the loop turn its connection is made."""
+
+    on_connect: ClassVar[list[Callable[[], None]]] = []
+
+    async def wait_for_connection(self) -> None:
+        if self.on_connect:
+            asyncio.get_running_loop().call_soon(self.on_connect.pop())
 
 
 async def test_a_close_in_the_turn_the_stream_connects_ends_the_dial_out(
@@ -190,7 +168,8 @@ async def test_a_close_in_the_turn_the_stream_connects_ends_the_dial_out(
     Python 3.11's wait_for returned the connection instead of the cancellation: the session
     streamed on after close() had let it go, and close() waited for a server that never
     ended its side."""
-    monkeypatch.setattr(DialOut, "_channel", lambda self: ChannelOfConnecting())
+    channel = ChannelOf(ConnectsThen)
+    monkeypatch.setattr(DialOut, "_channel", lambda self: channel)
     monkeypatch.setattr(dialout_module, "BACKOFF_FIRST", 0.2)
     monkeypatch.setattr(dialout_module, "SHUTDOWN_FLUSH", 0.5)  # the server never ends its side
     async with dialing_manager(tmp_path, monkeypatch, "127.0.0.1:9") as (_, dialout, _):

@@ -52,6 +52,7 @@ from cocos_manager.config import (
 
 # Re-exported: daemon.py names the error the dial-out refuses start-up with here.
 from cocos_manager.config import DialOutConfigError as DialOutConfigError
+from cocos_manager.host import outcome_seen
 from cocos_manager.proto import manager_pb2 as pb
 from cocos_manager.service import ManagerService
 from cocos_manager.telemetry import METRICS, Metrics, get_logger
@@ -316,7 +317,7 @@ class DialOut:
             # wait_for would wait for it. The session's end cancels the call, which ends it.
             write = asyncio.ensure_future(call.write(message))
             # Seen even if abandoned (a timeout; a session ended before this write failed).
-            write.add_done_callback(_retrieve)
+            write.add_done_callback(outcome_seen)
             done, _ = await asyncio.wait({write}, timeout=timeout)
             if not done:
                 return f"the server took no message for MANAGER_GRPC_TIMEOUT ({timeout:g}s)"
@@ -367,12 +368,6 @@ class DialOut:
         task = asyncio.ensure_future(self._health.set(HEALTH_SERVICE, status))
         self._health_updates.add(task)
         task.add_done_callback(self._health_updates.discard)
-
-
-def _retrieve(future: asyncio.Future[None]) -> None:
-    """Marks a write's outcome as seen, for when its writer is gone: it ended with its stream."""
-    if not future.cancelled():
-        future.exception()
 
 
 async def _half_close(call: Any) -> str:

@@ -16,6 +16,13 @@ from cocos_manager.telemetry import get_logger
 _log = get_logger()
 
 
+def outcome_seen(future: asyncio.Future[Any]) -> None:
+    """A done-callback for a future whose outcome nobody may look at (its awaiter gone, or
+    never waiting): marks an exception as seen, so asyncio never prints it at collection."""
+    if not future.cancelled():
+        future.exception()
+
+
 class TaskSet:
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task[Any]] = set()

@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from cocos_manager.host import outcome_seen
+
 _SUN_PATH_MAX = 107
 
 
@@ -91,7 +93,7 @@ class QmpMonitor:
         monitor = cls(reader, writer)
         # Its answer is not waited for; a refusal shows in the next command's answer, as QEMU
         # takes no other command before the negotiation. Seen here so asyncio never logs it.
-        monitor._send("qmp_capabilities").add_done_callback(_seen)
+        monitor._send("qmp_capabilities").add_done_callback(outcome_seen)
         return monitor
 
     def _send(self, command: str, arguments: dict[str, Any] | None = None) -> asyncio.Future[Any]:
@@ -176,11 +178,6 @@ class QmpMonitor:
         with contextlib.suppress(BaseException):
             await self._task
         self._finish(QmpClosed("closed by the manager"))
-
-
-def _seen(reply: asyncio.Future[Any]) -> None:
-    if not reply.cancelled():
-        reply.exception()
 
 
 async def open_running_monitor(path: Path, *, paused: bool = False) -> QmpMonitor:
