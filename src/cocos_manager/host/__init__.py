@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from cocos_manager.host.probes import check_kvm as check_kvm
     from cocos_manager.host.probes import check_sev as check_sev
     from cocos_manager.host.processes import live_processes as live_processes
+    from cocos_manager.host.processes import process_ended as process_ended
     from cocos_manager.host.processes import process_identity as process_identity
     from cocos_manager.host.processes import process_start_time as process_start_time
     from cocos_manager.host.processes import processes_since as processes_since
@@ -73,6 +74,7 @@ HOMES = {
     "StateDirLockedError": "state_lock",
     "current_boot_id": "state_store",
     "live_processes": "processes",
+    "process_ended": "processes",
     "process_identity": "processes",
     "process_start_time": "processes",
     "processes_since": "processes",

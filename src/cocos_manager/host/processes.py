@@ -26,6 +26,14 @@ def process_start_time(pid: int) -> int:
         return 0
 
 
+def process_ended(pid: int) -> bool:
+    """Gone, or exited and not yet reaped (a zombie, or dying): nothing left to signal."""
+    try:
+        return _stat_fields(pid)[0] in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True
+
+
 def live_processes(since: int = 0, naming: str = "") -> Iterator[tuple[int, int, list[str]]]:
     """(pid, start time, argv) of each live process this user may see that started at or after
     `since` (clock ticks since boot): the start time first, the command line only of those that

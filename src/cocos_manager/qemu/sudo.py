@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from cocos_manager.errors import QemuStopFailedError, SudoRefusedError
-from cocos_manager.host import processes_since
+from cocos_manager.host import process_ended, processes_since
 from cocos_manager.qemu.failures import daemon_user, sudoers_lines
 from cocos_manager.qemu.qmp import QmpError, QmpMonitor
 from cocos_manager.telemetry import get_logger
@@ -46,7 +46,7 @@ def descendants(pid: int) -> list[int]:
             kids = []
         found += kids
         queue += kids
-    return [pid for pid in found if not _zombie(pid)]
+    return [pid for pid in found if not process_ended(pid)]
 
 
 def outlived(argv: Sequence[str], since: int) -> list[int]:
@@ -98,15 +98,6 @@ def _scan(argv: Sequence[str], since: int) -> tuple[list[int], bool, bool]:
             else:
                 found.append(pid)
     return found, ours, mid_exec
-
-
-def _zombie(pid: int) -> bool:
-    """Killed, not yet reaped (its parent, sudo, may be stopped): nothing left to kill."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            return stat.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
-    except (OSError, IndexError):
-        return True
 
 
 def sudo_refused(argv: Sequence[str], line: str, kind: str) -> SudoRefusedError:
