@@ -351,10 +351,14 @@ async def test_password_required_fails_fast_with_failed_precondition(
             assert line.startswith("FAIL") and "password is required" in line, line
 
 
-def never_ready_under_sudo(account: Account) -> tuple[str, dict[str, str]]:
+def never_ready_under_sudo(account: Account, workdir: Path) -> tuple[str, dict[str, str]]:
     """The sudoers rule and the daemon's settings for the stand-in QEMU run through sudo in
-    its mode that never answers QMP: a start that is still waiting (the kill rule too)."""
-    fake = str(FAKE_QEMU)
+    its mode that never answers QMP: a start that is still waiting (the kill rule too). The
+    stand-in is copied into the user's folder, as the guest is: the daemon, as the user, must
+    find it executable, and a checkout under a 0700 directory (`mktemp -d`) is out of reach."""
+    fake = str(workdir / FAKE_QEMU.name)
+    shutil.copy(FAKE_QEMU, fake)
+    os.chown(fake, account.uid, account.gid)
     rule = (
         f"{account.name} ALL=(root) NOPASSWD: {fake}, {account.kill}\n"
         f"Defaults!{fake} closefrom_override\n"
@@ -377,7 +381,7 @@ async def test_a_qemu_that_a_sudo_ended_at_start_left_running_is_ended(
     daemon's own, for a Run cancelled or stopped at once) kills sudo and not its command, and
     a SIGKILL never relays. The stand-in QEMU here never answers QMP, so the start is still
     waiting when sudo goes; the Run must fail, and that QEMU must not outlive it."""
-    rule, env = never_ready_under_sudo(account)
+    rule, env = never_ready_under_sudo(account, workdir)
     with sudoers(rule):
         async with user_daemon(account, workdir, env) as daemon:
             run = asyncio.ensure_future(daemon.stub.Run(run_request("left"), timeout=90))
@@ -407,7 +411,7 @@ async def test_a_qemu_spawned_through_sudo_as_the_daemon_died_is_ended_by_the_ne
     daemon's signals, and a killed sudo relays nothing), and QEMU ran on, untracked. Here
     another daemon shares MANAGER_QEMU_TMP_FILE_LOC, so no sweep of lost records steps in:
     the record's own clean-up must end it, through sudo as a Stop does."""
-    rule, env = never_ready_under_sudo(account)  # still starting when the daemon dies
+    rule, env = never_ready_under_sudo(account, workdir)  # still starting when the daemon dies
     with sudoers(rule):
         async with user_daemon(account, workdir, env) as daemon:
             run = asyncio.ensure_future(daemon.stub.Run(run_request("spawning"), timeout=90))
