@@ -59,15 +59,19 @@ def live_processes(since: int = 0, naming: str = "") -> Iterator[tuple[int, int,
 def _raw_cmdline(pid: str) -> bytes:
     """/proc/PID/cmdline as it is, b"" when it cannot be read (gone, hidden from this user)."""
     try:
-        fd = os.open(f"/proc/{pid}/cmdline", os.O_RDONLY | os.O_CLOEXEC)
+        return _read_cmdline(pid)
     except OSError:
         return b""
+
+
+def _read_cmdline(pid: int | str) -> bytes:
+    """/proc/PID/cmdline whole (b"" for a kernel thread or a process mid-exec or in exit): the
+    one reader of it here. OSError when gone or hidden."""
+    fd = os.open(f"/proc/{pid}/cmdline", os.O_RDONLY | os.O_CLOEXEC)
     chunks = []
     try:
         while chunk := os.read(fd, 65536):
             chunks.append(chunk)
-    except OSError:
-        return b""
     finally:
         os.close(fd)
     return b"".join(chunks)
@@ -88,8 +92,7 @@ def processes_since(since: int) -> Iterator[tuple[int, list[str] | None]]:
             fields = _stat_fields(entry)
             if int(fields[19]) < since:
                 continue
-            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
-                raw = cmdline.read()
+            raw = _read_cmdline(entry)
             flags = int(fields[6])
         except (OSError, IndexError, ValueError):  # gone, or hidden (hidepid)
             continue
@@ -103,8 +106,7 @@ def process_identity(pid: int) -> tuple[int, list[str]] | None:
     """(start time in clock ticks since boot, argv) of a live process; None if gone or a zombie."""
     try:
         fields = _stat_fields(pid)
-        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-            raw = cmdline.read()
+        raw = _read_cmdline(pid)
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return None
     if fields[0] == b"Z" or not raw:
