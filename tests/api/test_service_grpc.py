@@ -290,10 +290,13 @@ async def test_client_cancel_during_run_cleans_up(
         monkeypatch.setenv("FAKE_QEMU_MODE", "no-qmp")
         call = m.stub.Run(run_request("cancelled"))
         await wait_for(children, "QEMU to start")
+        machine = m.service.computations()["cancelled"]
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call
-        await wait_for(lambda: not m.service.computations(), "the release")
+        # Released: its files, then its record, are unlinked after its final event.
+        await asyncio.wait_for(asyncio.shield(machine.released), 10)
+        assert not m.service.computations()
         assert vm_files(m) == [] and children(str(m.tmp)) == []
 
 

@@ -6,7 +6,8 @@ checked against what a power cut could undo. Data and directory entries not yet 
 be lost, so a power cut at instant t leaves (at worst) the versions fsynced, in a directory
 fsynced after their creation, before t. Required: a version is unlinked only once a newer one
 of the same record is so durable (or the record is being removed for good), and no per-VM
-file is made before the VM's record is written. (Files made in the moment before the first
+file is made before the VM's record is written, nor unlinked after its last version is (a
+restart finds what is left by the record). (Files made in the moment before the first
 version is durable, which a Run does not wait for, are found by the next start's sweep:
 tests/vm/test_lost_records.py.)
 """
@@ -109,6 +110,11 @@ def check_trace(trace: Path, state: Path, vms: Path) -> list[str]:
             vm_uuid = in_vms.group(1)
             if not any(f"vm-{vm_uuid}." in path for path in created):
                 problems.append(f"{call.path} made before any version of its record")
+        elif in_vms and call.name in ("unlink", "unlinkat"):
+            vm_uuid = in_vms.group(1)
+            versions = [path for path in created if f"vm-{vm_uuid}." in path]
+            if versions and all(path in unlinked for path in versions):
+                problems.append(f"{call.path} unlinked after its record: a restart in between")
     assert created and any("O_CREAT" in e.flags for e in events if str(vms) in e.path)
     return problems
 
