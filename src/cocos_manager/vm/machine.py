@@ -139,17 +139,16 @@ class Machine:
         old = self.state
         check_transition(self.id, old, new)
         self.state = new
-        self.history.append(new)
-        self.log.info(f"VM {new.value}", previous=old.value if old else None, **details)
         try:
             if new is not VmState.RELEASED:  # released: the record goes after the event
                 self.ctx.store.save(vm_record.record_of(self))
         except OSError as error:
-            if old is None or new is VmState.STARTING:
-                # Without the record that names its QEMU, a restart could not find this VM:
-                # the admission, or this attempt (its QEMU reaped), fails instead.
+            if vm_record.required(old, new):  # the admission, or this start, fails instead
+                self.state = old
                 raise vm_record.record_error(self.ctx.store.directory, error) from None
             self.log.error("cannot write the VM record", error=error.strerror)
+        self.history.append(new)
+        self.log.info(f"VM {new.value}", previous=old.value if old else None, **details)
         event_type, status = event
         self.ctx.bus.publish(manager_event(self.id, event_type, status, details or None))
 

@@ -73,6 +73,18 @@ def record_of(machine: RecordedVm) -> VmRecord:
     return record
 
 
+def required(old: VmState | None, new: VmState) -> bool:
+    """Whether a change of state fails when its record cannot be written (a full disk): the
+    admission, a QEMU about to be named (STARTING), and RUNNING after STARTING. Without the
+    first two a restart could not find the VM; without the third it would find a record
+    saying `starting`, take the VM for one whose Run never answered, and end it. Any other
+    change keeps the VM and logs the error: the version on the disk still names it (a
+    restart's adoption too, which read it)."""
+    if new in (VmState.ADMITTED, VmState.STARTING):
+        return True
+    return new is VmState.RUNNING and old is VmState.STARTING
+
+
 def record_error(
     directory: Path, error: OSError
 ) -> ResourceExhaustedError | FailedPreconditionError:
