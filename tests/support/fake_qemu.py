@@ -434,13 +434,16 @@ def main() -> None:
             port,
             f"-netdev user: Could not set up host forwarding rule 'tcp::{port}-:{hostfwd.group(2)}'",
         )
+    displays = []  # held while it runs, as QEMU's VNC server holds its port
     for display in option(args, "-vnc"):
         squat_once("vnc", 5900 + int(display.lstrip(":")))
-        bind(
-            5900 + int(display.lstrip(":")),
-            "-vnc "
-            + display
-            + ": Failed to start VNC server: Failed to find an available port: Address already in use",
+        displays.append(
+            bind(
+                5900 + int(display.lstrip(":")),
+                "-vnc "
+                + display
+                + ": Failed to start VNC server: Failed to find an available port: Address already in use",
+            )
         )
     qmp = None
     for spec in option(args, "-chardev"):
