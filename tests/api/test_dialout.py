@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from cocos_manager.agent.manifest import manifest_json
-from cocos_manager.api.dialout import HEALTH_SERVICE, DialOut
+from cocos_manager.api.dialout import BUFFER_BYTES, HEALTH_SERVICE, DialOut
 from cocos_manager.config.dialout import DialOutConfigError, dialout_config
 from cocos_manager.config.settings import load_settings
 from cocos_manager.config.tls import TlsConfigError
@@ -269,6 +269,22 @@ async def test_the_buffer_is_bounded_and_what_overflows_is_counted_and_logged_on
             assert kept == [f"line {i}" for i in range(5)]
         finally:
             await restarted.stop()
+
+
+async def test_an_agent_sending_large_messages_while_the_server_is_down_is_bounded_in_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """40 agent messages of 1 MiB (the most a frame may carry) while the server is down: the
+    dial-out keeps BUFFER_BYTES of them and drops the rest, counted; it kept all 40 before."""
+    async with computations_server(tmp_path) as server:
+        url = server.url  # stopped: nothing listens there any more
+    async with dialing_manager(tmp_path, monkeypatch, url) as (manager, dialout, m):
+        big = "x" * (1024 * 1024 - 256)
+        for i in range(40):
+            manager.service.publish_agent_message(log_message("flood", "info", f"{i} {big}"))
+        kept = 40 - dialout.dropped_total
+        assert 0 < kept * len(big) <= BUFFER_BYTES and dialout.dropped_total >= 24
+        assert m.dialout_dropped.value() == dialout.dropped_total
 
 
 async def test_a_server_that_stops_reading_slows_no_run_and_is_dialled_again(

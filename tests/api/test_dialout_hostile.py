@@ -263,7 +263,7 @@ def test_the_buffer_holds_a_place_per_request_and_bounds_requests_in_number_and_
     from cocos_manager.telemetry.metrics import Metrics
 
     buffer = OutgoingBuffer(
-        4, in_flight=2, in_flight_bytes=100, metrics=Metrics(CollectorRegistry())
+        4, 1 << 20, in_flight=2, in_flight_bytes=100, metrics=Metrics(CollectorRegistry())
     )
     buffer.request_read(10)
     assert buffer.offer(log_message("c", "info", "1"), connected=True)
@@ -275,8 +275,8 @@ def test_the_buffer_holds_a_place_per_request_and_bounds_requests_in_number_and_
     buffer.push(log_message("c", "info", "answer"))
     buffer.request_done(10)
     assert len(buffer) == 4 and not buffer.has_room()  # the answer took the held place
-    for _ in range(4):
-        buffer._messages.popleft()
+    while len(buffer):
+        buffer.sent(buffer._messages[0][0])
     assert buffer.has_room()
     buffer.request_read(150)  # one large request: no more until it ends
     assert not buffer.has_room()
@@ -300,3 +300,31 @@ def test_an_id_is_salvaged_only_from_complete_bytes_before_the_fault() -> None:
     undecodable = decode_request(b"\x0a\x01y" + padding + TRUNCATED)
     assert not isinstance(undecodable, pb.ComputationRunReq)
     assert undecodable.computation_id == "y" and undecodable.size == 3 + len(padding) + 4
+
+
+def test_events_and_logs_are_bounded_in_bytes_too() -> None:
+    """Answers are never dropped; events and logs are, once their bytes reach the bound, even
+    with places left (an agent's messages may be 1 MiB each)."""
+    from prometheus_client import CollectorRegistry
+
+    from cocos_manager.api.dialout_buffer import OutgoingBuffer
+    from cocos_manager.events.messages import log_message
+    from cocos_manager.telemetry.metrics import Metrics
+
+    buffer = OutgoingBuffer(
+        100, 1000, in_flight=2, in_flight_bytes=100, metrics=Metrics(CollectorRegistry())
+    )
+    line = "x" * 300
+    assert [buffer.offer(log_message("c", "info", line), connected=False) for _ in range(4)] == [
+        True,
+        True,
+        True,
+        False,
+    ]
+    assert buffer.bytes <= 1000 and buffer.dropped_total == 1
+    buffer.push(log_message("c", "info", line))  # an answer: kept past the bound
+    assert len(buffer) == 4
+    while len(buffer):
+        buffer.sent(buffer._messages[0][0])
+    assert buffer.bytes == 0
+    assert buffer.offer(log_message("c", "info", line), connected=False)

@@ -16,8 +16,8 @@ reconnection; a slow stream blocked Run), this one:
 - keeps what is produced meanwhile in a bounded buffer and sends it after reconnection; what
   overflows is counted and logged once per burst. Run and the event bus only ever append to
   that buffer, so a slow server never slows them;
-- holds at most BUFFER_SIZE messages and REQUESTS_IN_FLIGHT requests whatever the server
-  does (dialout_buffer.py): a request is read only when its answer has room, so a server that
+- holds at most BUFFER_SIZE messages (BUFFER_BYTES of events and logs) and REQUESTS_IN_FLIGHT
+  requests whatever the server or the guests do (dialout_buffer.py): a request is read only when its answer has room, so a server that
   sends and reads nothing is held back by HTTP/2 flow control, not by the daemon's memory;
 - reads raw bytes and decodes them itself (dialout_requests.py): a message that is no
   ComputationRunReq is counted, logged (rate-limited) and answered when it still names its
@@ -65,6 +65,9 @@ BUFFER_SIZE = 10_000
 """Messages kept for the stream while it is down or behind, answers to requests included. An
 answer is never dropped: a request is read only when there is room for its answer (requests
 in flight hold one place each), and events and logs are dropped when there is none."""
+BUFFER_BYTES = 16 * 1024 * 1024
+"""Bytes of events and logs kept, whatever their number (an agent's message may be up to
+1 MiB): the bound of an Events subscriber's queue by default (MANAGER_EVENTS_QUEUE_BYTES)."""
 REQUESTS_IN_FLIGHT = 256
 """Requests handled at once; the next one is read when one ends (far above what MAX_VMS-sized
 hosts start at once, and a bound on the tasks a flood of requests can make)."""
@@ -124,7 +127,7 @@ class DialOut:
         self._service = service
         self._metrics = metrics
         self._buffer = OutgoingBuffer(
-            buffer_size, REQUESTS_IN_FLIGHT, REQUEST_BYTES_IN_FLIGHT, metrics
+            buffer_size, BUFFER_BYTES, REQUESTS_IN_FLIGHT, REQUEST_BYTES_IN_FLIGHT, metrics
         )
         self._complaints = Complaints(_log)
         self._requests = RunRequests(service, self._buffer, metrics, self._complaints)

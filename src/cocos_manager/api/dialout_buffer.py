@@ -2,8 +2,10 @@
 daemon hold for it.
 
 It holds at most `size` places: each message waiting to be sent takes one, and so does each
-request read and not answered yet (the place its answer will take). So an answer is never
-dropped, events and logs are dropped (counted, logged once per burst) when there is no place,
+request read and not answered yet (the place its answer will take); and at most `size_bytes`
+of events and logs (an agent's message may be up to 1 MiB: 10,000 places of those would be
+10 GiB). So an answer is never dropped, events and logs are dropped (counted, logged once per
+burst) when there is no place or no room in bytes,
 and the reader asks `wait_for_room` before it reads the next request: a server that sends
 requests and reads nothing fills the buffer once, and is then held back by HTTP/2 flow
 control rather than by the daemon's memory. Requests in flight are bounded too, in number
@@ -25,13 +27,17 @@ _log = get_logger()
 class OutgoingBuffer:
     """Appends never wait (Run and the event bus call them); the writer and reader wait."""
 
-    def __init__(self, size: int, in_flight: int, in_flight_bytes: int, metrics: Metrics) -> None:
+    def __init__(
+        self, size: int, size_bytes: int, in_flight: int, in_flight_bytes: int, metrics: Metrics
+    ) -> None:
         self.size = size
+        self.size_bytes = size_bytes
+        self.bytes = 0  # of the messages held
         self.in_flight = in_flight
         self.in_flight_bytes = in_flight_bytes
         self.open_bytes = 0
         self._metrics = metrics
-        self._messages: deque[pb.ClientStreamMessage] = deque()
+        self._messages: deque[tuple[pb.ClientStreamMessage, int]] = deque()
         self.open_requests = 0  # read, not answered yet: each holds a place for its answer
         self._queued = asyncio.Event()
         self._room = asyncio.Event()  # set when a place or a request slot is freed
@@ -49,25 +55,30 @@ class OutgoingBuffer:
     # -- what goes in --------------------------------------------------------------------------
 
     def offer(self, message: pb.ClientStreamMessage, connected: bool) -> bool:
-        """An event or log: appended if there is a place, else dropped and counted."""
-        if self.held() >= self.size:
+        """An event or log: appended if there is a place and room in bytes, else dropped and
+        counted."""
+        size = message.ByteSize()
+        if self.held() >= self.size or self.bytes + size > self.size_bytes:
             if self.dropped == 0:
                 _log.warning(
                     "dial-out buffer full: dropping events and logs",
                     buffer_size=self.size,
+                    buffer_bytes=self.size_bytes,
                     connected=connected,
                 )
             self.dropped += 1
             self.dropped_total += 1
             self._metrics.dialout_dropped.inc()
             return False
-        self.push(message)
+        self.push(message, size)
         return True
 
-    def push(self, message: pb.ClientStreamMessage) -> None:
+    def push(self, message: pb.ClientStreamMessage, size: int = -1) -> None:
         """An answer (its place was held since its request was read), or any message that
         must not be dropped."""
-        self._messages.append(message)
+        size = message.ByteSize() if size < 0 else size
+        self._messages.append((message, size))
+        self.bytes += size
         self._metrics.dialout_buffered.set(len(self._messages))
         self._queued.set()
 
@@ -104,7 +115,7 @@ class OutgoingBuffer:
                 return None
             self._queued.clear()
             await self._queued.wait()
-        return self._messages[0]
+        return self._messages[0][0]
 
     def finish(self) -> None:
         """At shutdown: the writer, once it has sent the last message, is told so by `next`
@@ -113,10 +124,10 @@ class OutgoingBuffer:
         self._queued.set()
 
     def sent(self, message: pb.ClientStreamMessage) -> None:
-        if self._messages and self._messages[0] is message:
-            self._messages.popleft()
+        if self._messages and self._messages[0][0] is message:
+            self.bytes -= self._messages.popleft()[1]
         self._metrics.dialout_buffered.set(len(self._messages))
         self._room.set()
-        if self.dropped and self.held() < self.size // 2:
+        if self.dropped and self.held() < self.size // 2 and self.bytes < self.size_bytes // 2:
             _log.warning("dial-out buffer has room again", dropped=self.dropped)
             self.dropped = 0
