@@ -18,6 +18,7 @@ from opentelemetry import trace
 
 from cocos_manager.agent import (
     Connect,
+    LateAgentMessages,
     agent_settings,
     create_ttl,
     effective_ttl,
@@ -111,22 +112,22 @@ class ManagerService:
             consoles=ConsoleArchive.from_settings(settings.service),
         )
         self._ended = EndedVms(self.ctx.consoles)  # Get of VMs that ended, while retained
+        self._late_agent_messages = LateAgentMessages()
 
     def on_release(self, hook: Callable[[int], object]) -> None:
         """Called with the guest CID whenever a VM's resources are released."""
         self._release_hooks.append(hook)
 
     def publish_agent_message(self, message: pb.ClientStreamMessage) -> None:
-        """Agent events and logs, already stamped with the computation id of their CID."""
+        """Stamped agent messages; none once their VM is released: its final event is its last."""
         METRICS.agent_messages.inc()
-        if message.WhichOneof("message") == "agent_log":
-            log = message.agent_log
-            machine = self._machines.get(log.computation_id)
-            if machine is not None:
-                append_agent_log(machine.console, log)
-            self.bus.publish(message, computation_id=log.computation_id)
-        else:
-            self.bus.publish(message)
+        is_log = message.WhichOneof("message") == "agent_log"
+        stamped = message.agent_log if is_log else message.agent_event
+        if (machine := self._machines.get(stamped.computation_id)) is None:
+            return self._late_agent_messages.note(stamped.computation_id)
+        if is_log:
+            append_agent_log(machine.console, message.agent_log)
+        self.bus.publish(message, computation_id=stamped.computation_id)
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -257,6 +258,7 @@ class ManagerService:
         if self._machines.get(machine.id) is machine:
             del self._machines[machine.id]
             self._ended.keep(machine)
+            self.bus.pace_again(machine.id)
         METRICS.vms_running.set(len(self._machines))
         for hook in self._release_hooks:
             hook(machine.resources.guest_cid)
@@ -320,8 +322,7 @@ class ManagerService:
     # -- shutdown --------------------------------------------------------------------------
 
     def begin_shutdown(self) -> None:
-        """New Runs are refused from now on; the shutdown is announced and VMs still starting
-        are stopped now (vm/shutdown.py)."""
+        """New Runs refused from now on; the shutdown announced, VMs still starting stopped."""
         if not self._closing:
             announce_shutdown(self.ctx, sorted(self._machines))
         self._closing = True

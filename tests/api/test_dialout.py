@@ -281,7 +281,7 @@ async def test_an_agent_sending_large_messages_while_the_server_is_down_is_bound
     async with dialing_manager(tmp_path, monkeypatch, url) as (manager, dialout, m):
         big = "x" * (1024 * 1024 - 256)
         for i in range(40):
-            manager.service.publish_agent_message(log_message("flood", "info", f"{i} {big}"))
+            manager.service.bus.publish(log_message("flood", "info", f"{i} {big}"))
         kept = 40 - dialout.dropped_total
         assert 0 < kept * len(big) <= BUFFER_BYTES and dialout.dropped_total >= 24
         assert m.dialout_dropped.value() == dialout.dropped_total

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from cocos_manager.agent.cvm_settings import AgentSettings as AgentSettings
     from cocos_manager.agent.cvm_settings import agent_settings as agent_settings
     from cocos_manager.agent.cvm_settings import create_ttl as create_ttl
+    from cocos_manager.agent.late import LateAgentMessages as LateAgentMessages
     from cocos_manager.agent.manifest import effective_ttl as effective_ttl
     from cocos_manager.agent.manifest import validated_manifest as validated_manifest
     from cocos_manager.agent.protocol import MAX_FRAME as MAX_FRAME
@@ -26,6 +27,7 @@ HOMES = {
     "AgentSettings": "cvm_settings",
     "create_ttl": "cvm_settings",
     "agent_settings": "cvm_settings",
+    "LateAgentMessages": "late",
     "effective_ttl": "manifest",
     "validated_manifest": "manifest",
     "MAX_FRAME": "protocol",

@@ -91,10 +91,10 @@ class EventBus:
         self._first_seq = first_seq
         self._seq = first_seq - 1
         self._room: dict[str, asyncio.Future[None]] = {}
-        # Computations some subscriber may hold back: every one a subscriber holds back is in
-        # it (a subscription adds its computation when a message takes it over HOLD_ABOVE);
-        # `pace` removes those it finds nobody holds back.
+        # Computations some subscriber may hold back (a subscription adds its computation when
+        # a message takes it over HOLD_ABOVE); `pace` removes those nobody holds back.
         self._backlogged: set[str] = set()
+        self._ending: set[str] = set()  # computations whose VM is ending: never paced
         self._closed = False
         self._last: pb.ClientStreamMessage | None = None  # close()'s final notice
         self.published = 0
@@ -105,12 +105,9 @@ class EventBus:
         self._taps: list[Callable[[pb.ClientStreamMessage], None]] = []
 
     def tap(self, listener: Callable[[pb.ClientStreamMessage], None]) -> Callable[[], None]:
-        """Calls `listener` with every message published from now on; returns the undo.
-
-        For a consumer with a bounded buffer of its own (the dial-out stream): it must not
-        block nor raise. Unlike a subscription it is not ended by `close`, so that what the
-        shutdown itself publishes (VMs stopping) can still be forwarded.
-        """
+        """Calls `listener` with every message published from now on; returns the undo. For a
+        consumer with a bounded buffer of its own (the dial-out stream): it must not block nor
+        raise. Not ended by `close`, so what the shutdown publishes is still forwarded."""
         self._taps.append(listener)
         return lambda: self._taps.remove(listener) if listener in self._taps else None
 
@@ -281,9 +278,18 @@ class EventBus:
     def pace(self, computation_id: str) -> Awaitable[None] | None:
         """`wait_for_room` for an agent that has just published, or None when it need not
         wait: a set lookup per message, where `wait_for_room` would look at every subscriber."""
-        if computation_id not in self._backlogged or not self._held_back(computation_id):
+        backlogged = computation_id in self._backlogged and computation_id not in self._ending
+        if not backlogged or not self._held_back(computation_id):
             return None
         return self.wait_for_room(computation_id)
+
+    def unpace(self, computation_id: str) -> None:
+        """Its VM ends: its agent's messages go out before the final event (none after it)."""
+        self._ending.add(computation_id)
+        self._wake(computation_id)
+
+    def pace_again(self, computation_id: str) -> None:
+        self._ending.discard(computation_id)
 
     def _held_back(self, computation_id: str) -> bool:
         if any(s.holds_back(computation_id, HOLD_ABOVE) for s in self._subscribers):
@@ -308,7 +314,7 @@ class EventBus:
                 for s in holders
                 if s in self._subscribers and s.holds_back(computation_id, RELEASE_AT)
             ]
-            if not holders:
+            if not holders or computation_id in self._ending:
                 return
             remaining = deadline - loop.time()
             if remaining <= 0:

@@ -322,6 +322,7 @@ class Machine:
         return self._releasing
 
     async def _teardown(self, reason: StopReason) -> None:
+        self.ctx.bus.unpace(self.id)  # what its agent has sent goes out before the final event
         details = vm_stop.release_details(self, reason)
         process = self.process
         try:

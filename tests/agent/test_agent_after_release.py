@@ -1,0 +1,79 @@
+"""A VM's final event is its computation's last message: an agent held back by pacing (a slow
+Events subscriber) when its VM is stopped has nothing of it published after that event, and
+loses nothing: its pacing ends when the VM's end begins. The rest of its batch, already
+acked, was published as the release closed its connection: after `vm-stop` `complete`, to
+Events, replays and the dial-out."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from cocos_manager.events import bus as events_module
+from cocos_manager.proto import manager_pb2 as pb
+from tests.support.harness import run_request, running_manager
+from tests.support.waiting import wait_for
+from tests.test_contracts import frame, vsock_manager
+
+
+async def test_nothing_of_a_held_back_agent_is_published_after_its_vms_final_event(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = {"MANAGER_EVENTS_HOLD_TIMEOUT": "60s"}  # the subscriber below reads nothing
+    async with vsock_manager(tmp_path, monkeypatch, **env) as (m, agents, listener):
+        await agents.listen(3)
+        await m.stub.Run(run_request("held"))
+        console = m.service.console("held")
+        await wait_for(lambda: any("BOOTED" in line.text for line in console.tail()), "BOOTED")
+        published: list[pb.ClientStreamMessage] = []
+        untap = m.service.bus.tap(published.append)
+        slow = m.service.subscribe("held")
+        size = events_module.DEFAULT_QUEUE_SIZE
+        task, (_, writer) = await agents.connect_back(listener, 3)
+        writer.write(b"".join(frame(i + 1, f"m{i}") for i in range(size)))  # one batch
+        await wait_for(lambda: slow.qsize() > size // 2, "the backlog that holds it back")
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not task.done()  # held, with the rest of its batch
+        await m.stub.Stop(pb.StopRequest(computation_id="held"))
+        await asyncio.wait([task], timeout=10)  # cancelled by the release
+        untap()
+        slow.close()
+    final = next(
+        i
+        for i, message in enumerate(published)
+        if message.agent_event.event_type == "vm-stop" and message.agent_event.status == "complete"
+    )
+    sent = {f"m{i}" for i in range(size)}
+    of_held = [
+        (i, message.agent_log.message)
+        for i, message in enumerate(published)
+        if message.HasField("agent_log") and message.agent_log.computation_id == "held"
+    ]
+    assert all(i < final for i, _ in of_held)
+    # Its pacing ended with the VM (the Stop's power-down gives it turns): none was lost.
+    assert {text for _, text in of_held} >= sent
+
+
+async def test_an_agent_message_after_the_release_is_not_published_and_is_said_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What comes anyway (a connection cancelled mid-batch at the release) is counted and
+    logged once per computation, never published after the final event."""
+    async with running_manager(tmp_path, monkeypatch) as m:
+        await m.stub.Run(run_request("gone"))
+        await m.stub.Stop(pb.StopRequest(computation_id="gone"))
+        published = m.service.bus.published
+        with capture_logs() as logs:
+            for i in range(3):
+                m.service.publish_agent_message(
+                    pb.ClientStreamMessage(
+                        agent_log=pb.AgentLog(computation_id="gone", message=f"late {i}")
+                    )
+                )
+        assert m.service.bus.published == published
+        told = [e for e in logs if e["event"].startswith("agent messages that came after")]
+        assert [e["computation_id"] for e in told] == ["gone"]
