@@ -19,7 +19,6 @@ import asyncio
 import concurrent.futures
 import os
 import threading
-from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,20 +39,13 @@ def unlink(paths: list[Path]) -> None:
             _log.error("cannot remove a VM record", path=str(path), error=error.strerror)
 
 
-def unlink_soon(paths: list[Path], first: Callable[[], None] | None = None) -> asyncio.Future[None]:
+def unlink_soon(paths: list[Path]) -> asyncio.Future[None]:
     """unlink() in a thread; done once the files are gone. Names are never used twice, so a
-    late unlink never touches a newer record. `first`: run before, in the same thread (what
-    the record names, removed while the record can still lead a restart to it)."""
-
-    def both() -> None:
-        if first is not None:
-            first()
-        unlink(paths)
-
+    late unlink never touches a newer record."""
     try:
-        return asyncio.wrap_future(_unlinker.submit(both))
+        return asyncio.wrap_future(_unlinker.submit(unlink, paths))
     except RuntimeError:  # the interpreter is shutting down
-        both()
+        unlink(paths)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         done.set_result(None)
         return done

@@ -25,7 +25,6 @@ import math
 import os
 import stat
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -242,12 +241,10 @@ class StateStore:
         next start cleans up after it."""
         unlink(self._forget(vm_uuid))
 
-    def remove_soon(
-        self, vm_uuid: str, first: Callable[[], None] | None = None
-    ) -> asyncio.Future[None]:
+    def remove_soon(self, vm_uuid: str) -> asyncio.Future[None]:
         """remove(), the record this store's no more at once and its files unlinked in a
-        thread (record_sync.unlink_soon), after `first`: done once they are gone."""
-        return unlink_soon(self._forget(vm_uuid), first)
+        thread (record_sync.unlink_soon): done once they are gone."""
+        return unlink_soon(self._forget(vm_uuid))
 
     def _forget(self, vm_uuid: str) -> list[Path]:
         generation = self._generation.pop(vm_uuid, None)

@@ -333,9 +333,9 @@ class Machine:
             final = vm_stop.final_event(self, reason)
             self.ended = VmEnd(reason, final, details, time.time())
             self._set_state(VmState.RELEASED, final, details)
-            # Unlinks can wait for ext4's journal, and a keeper whose last record is read
-            # for its end: after the final event (vm_stop.remove_soon, vm_stop.keeper_then).
-            gone = vm_stop.keeper_then(process, vm_stop.remove_soon(self))
+            # An unlink on ext4 can wait milliseconds for the journal: after the final event;
+            # so can the end of a keeper whose last record is read (vm_stop.keeper_then).
+            gone = vm_stop.keeper_then(process, self.ctx.store.remove_soon(self.uuid))
             self.ctx.on_released(self)
             gone.add_done_callback(lambda _: vm_stop.settle(self.released))
         await asyncio.shield(gone)

@@ -47,9 +47,6 @@ class EndingVm(Protocol):
     ttl_timer: ttl.Alarm | None
     console: ConsoleLog
 
-    @property
-    def uuid(self) -> str: ...
-
 
 def stop_details(machine: EndingVm, reason: StopReason) -> dict[str, Any]:
     """The STOPPING event's details: why, for a TTL the deadline, and how long the guest is
@@ -100,24 +97,17 @@ async def end_or_tell(
 
 
 def let_go(machine: EndingVm, process: QemuProcess | None) -> None:
-    """Everything the VM holds but its files, its record and its state: console reading,
-    numbers, TTL timer, console (kept as an ended VM's). Its files go after the final event,
-    just before its record (`Machine._teardown`)."""
+    """Everything the VM holds but its record and its state: console reading, files, numbers,
+    TTL timer, console (kept as an ended VM's)."""
     machine.output.note_suppressed()
     if process is not None:
         process.close_console()
+    if machine.files is not None:
+        machine.files.remove()
     machine.lease.release()
     if machine.ttl_timer is not None:
         machine.ttl_timer.cancel()
     machine.ctx.consoles.close(machine.console)
-
-
-def remove_soon(machine: EndingVm) -> asyncio.Future[None]:
-    """The VM's files, then its record (which leads a restart to files left behind), unlinked
-    in a thread after its final event: on ext4 an unlink can wait milliseconds for the journal
-    (docs/decisions.md, "A released VM's record is unlinked after its final event")."""
-    files = machine.files.remove if machine.files is not None else None
-    return machine.ctx.store.remove_soon(machine.uuid, files)
 
 
 async def end_process(
