@@ -294,7 +294,7 @@ async def test_client_cancel_during_run_cleans_up(
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call
-        # Released: its files, then its record, are unlinked after its final event.
+        # Released: its record is unlinked after its final event.
         await asyncio.wait_for(asyncio.shield(machine.released), 10)
         assert not m.service.computations()
         assert vm_files(m) == [] and children(str(m.tmp)) == []

@@ -23,6 +23,7 @@ from cocos_manager.proto import manager_pb2 as pb
 from cocos_manager.vm.lifecycle import VmState
 from tests.support.daemon_process import Daemon
 from tests.support.harness import base_env, run_request, running_manager
+from tests.support.processes import kill_and_reap, processes_mentioning
 from tests.support.records import newest_records
 from tests.support.waiting import wait_for
 from tests.test_faults import assert_nothing_left, run_error, tmpfs
@@ -106,3 +107,33 @@ async def test_a_restart_with_a_full_state_dir_keeps_its_running_vms(tmp_path: P
 async def running(daemon: Daemon) -> list[str]:
     listed = await daemon.stub.List(pb.ListRequest())
     return [c.computation_id for c in listed.computations if c.state == "running"]
+
+
+async def test_a_halted_vm_kept_for_inspection_survives_a_full_state_dir_and_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MANAGER_QEMU_ON_GUEST_HALT=keep: a guest halted while its record could not say so (a
+    full state directory; or a halt while no daemon ran) is found halted at the next start,
+    its record saying running, and kept paused for inspection; it was killed as a QEMU whose
+    monitor "does not answer"."""
+    monkeypatch.setenv("FAKE_QEMU_MODE", "halt-after:1.0:internal-error")
+    env = {"MANAGER_SHUTDOWN_STOPS_VMS": "false", "MANAGER_QEMU_ON_GUEST_HALT": "keep"}
+    vms = str(tmp_path / "vms")
+    try:
+        with tmpfs(tmp_path / "state", "64k") as state:
+            async with running_manager(tmp_path, monkeypatch, **env) as m:
+                await m.stub.Run(run_request("kept"))
+                machine = m.service.computations()["kept"]
+                await wait_for(lambda: len(list(state.glob("vm-*.json"))) == 1, "one version")
+                with filled(state):
+                    await wait_for(lambda: machine.state is VmState.PAUSED, "the guest halted")
+                    assert [r["state"] for r in newest_records(state)] == ["running"]
+            (pid,) = processes_mentioning(vms)
+            async with running_manager(tmp_path, monkeypatch, **env) as again:
+                adopted = again.service.computations()["kept"]
+                assert adopted.state is VmState.PAUSED and not adopted.operator_paused
+                assert adopted.process is not None and adopted.process.pid == pid
+                await again.stub.Stop(pb.StopRequest(computation_id="kept"))
+                assert processes_mentioning(vms) == []
+    finally:
+        kill_and_reap(processes_mentioning(vms))

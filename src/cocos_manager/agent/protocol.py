@@ -87,7 +87,14 @@ def _refusal(kind: str) -> str:
 
 
 _READ_SIZE = 64 * 1024
-"""Bytes asked of the socket at a time: every complete frame in them is parsed in one go."""
+"""Bytes asked of the socket at a time."""
+YIELD_EVERY = 256
+"""Frames parsed, acked and handed on at most per batch; between two batches of one read the
+loop gets a turn. Reads return at once while data is buffered, so a guest flooding small
+frames (6,500 in a read) was read, parsed and published for as long as it kept its socket
+full: 0.3 s steps, during which no RPC, QMP event, timer or other guest was served. The loop
+gets a turn after every batch, never inside one: a connection cancelled there (its VM
+released) has published every frame it acked, and acked none it has not parsed."""
 
 
 class _Acks:
@@ -117,15 +124,16 @@ class _Acks:
 
 
 def _split_frames(
-    buffer: bytearray, acks: _Acks
+    buffer: bytearray, acks: _Acks, offset: int = 0
 ) -> tuple[list[ClientStreamMessage], int, AgentProtocolError | None]:
-    """The complete frames at the start of `buffer`, acked as they parse; how many bytes they
-    took; the contract breach that stopped the parse, if one did (the frames before it stand)."""
+    """The complete frames in `buffer` from `offset` (at most YIELD_EVERY), acked as they
+    parse; where they end; the contract breach that stopped the parse, if one did (the frames
+    before it stand)."""
     messages: list[ClientStreamMessage] = []
-    offset, end = 0, len(buffer)
+    end, limit = len(buffer), YIELD_EVERY
     unpack, header_size = _HEADER.unpack_from, _HEADER.size
     try:
-        while end - offset >= header_size:
+        while end - offset >= header_size and len(messages) < limit:
             message_id, length = unpack(buffer, offset)
             if length > MAX_FRAME:
                 raise AgentProtocolError(
@@ -155,22 +163,31 @@ def _cut_short(buffer: bytearray) -> AgentProtocolError:
 async def _read_framed(
     reader: asyncio.StreamReader, writer: AckWriter, first: bytes
 ) -> AsyncGenerator[list[ClientStreamMessage], None]:
-    """Each read's complete frames as one batch. Holds at most one incomplete frame
-    (MAX_FRAME) and one read."""
+    """Each read's complete frames, in batches of at most YIELD_EVERY, the loop's turn after
+    each. Holds at most one incomplete frame (MAX_FRAME) and one read."""
     acks = _Acks(writer)
     buffer = bytearray(first)
+    used = 0  # bytes of `buffer` already handed on
+    full = False  # the last batch stopped at YIELD_EVERY: more frames may be buffered
+    handed = False  # a batch was handed on: the loop's turn before the next one
     try:
         while True:
             await writer.drain()  # an agent that reads no acks stops being read
-            chunk = await reader.read(_READ_SIZE)
-            if not chunk:
-                if buffer:
-                    raise _cut_short(buffer)
-                return  # EOF at a frame boundary
-            buffer += chunk
-            messages, used, error = _split_frames(buffer, acks)
-            if used:
-                del buffer[:used]
+            if handed:
+                await asyncio.sleep(0)  # a read returns at once while data is buffered
+            if not full:
+                if used:  # what was handed on, dropped once per read, not once per batch
+                    del buffer[:used]
+                    used = 0
+                chunk = await reader.read(_READ_SIZE)
+                if not chunk:
+                    if buffer:
+                        raise _cut_short(buffer)
+                    return  # EOF at a frame boundary
+                buffer += chunk
+            messages, used, error = _split_frames(buffer, acks, used)
+            full = len(messages) == YIELD_EVERY
+            handed = bool(messages)
             if messages:
                 acks.schedule()
                 yield messages
@@ -302,13 +319,6 @@ async def close_writer(writer: asyncio.StreamWriter, grace: float = _CLOSE_TIMEO
         pass
 
 
-YIELD_EVERY = 256
-"""Messages an agent connection publishes before it gives the loop a turn when nothing paces
-it. Reads return at once while data is buffered, so a guest flooding small frames was read,
-parsed and published for as long as it kept the socket full: 0.3 s per step, during which
-no RPC, QMP event, timer or other guest was served. 256 messages are about 2-3 ms of work."""
-
-
 async def serve_agent_connection(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
@@ -323,8 +333,7 @@ async def serve_agent_connection(
     EventBus.pace) is asked after each message and what it returns, if anything, awaited:
     while it waits, nothing more is read, so a fast agent is slowed down through its socket
     instead of losing messages. The rest of a read's batch, already acked, is published even
-    when the wait is cancelled. Unpaced, it still gives the loop a turn every YIELD_EVERY
-    messages.
+    when the wait is cancelled.
     """
     log = get_logger(computation_id=computation_id)
     published = forged = 0
@@ -342,8 +351,6 @@ async def serve_agent_connection(
                     publish(message)
                     published += 1
                     waiting = None if pace is None else pace(computation_id)
-                    if waiting is None and published % YIELD_EVERY == 0:
-                        waiting = asyncio.sleep(0)  # the loop's turn: see YIELD_EVERY
                     if waiting is not None:
                         try:
                             await waiting

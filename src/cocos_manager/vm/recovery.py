@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cocos_manager.config import GuestHaltAction
 from cocos_manager.errors import FailedPreconditionError, QemuStopFailedError
 from cocos_manager.host import VmRecord, current_boot_id, live_processes, process_identity
 from cocos_manager.qemu import QemuProcess, QmpError, VmResources, VmSize
@@ -30,7 +31,7 @@ from cocos_manager.telemetry import get_logger
 from cocos_manager.vm import orphans
 from cocos_manager.vm.files import VmFiles, launch_dir_problem, launched_paths, shares_dir
 from cocos_manager.vm.inspect import DOWN, EndedVms, record_info
-from cocos_manager.vm.lifecycle import MachineContext, VmState
+from cocos_manager.vm.lifecycle import HALT_STATES, MachineContext, VmState
 from cocos_manager.vm.listing import started_at_from_ticks
 from cocos_manager.vm.machine import Machine
 from cocos_manager.vm.output import PostMortem, keep_post_mortem
@@ -258,9 +259,16 @@ async def _recover_one(
             # Any status answers: a running record whose QEMU says "paused" is a Pause whose
             # QMP stop landed but whose record the daemon died before writing.
             await process.check_qmp(files.qmp_socket, timeout=timeout, paused=True)
-            if not paused and await _paused_unrecorded(process, timeout):
+            keep = ctx.settings.qemu.ON_GUEST_HALT is GuestHaltAction.KEEP
+            status = "" if paused else await _status_unrecorded(process, timeout, keep)
+            if status == "paused":
                 log.warning("VM found paused by a Pause its record missed: kept paused")
                 record.state, record.operator_paused = VmState.PAUSED.value, True
+            elif (
+                status in HALT_STATES
+            ):  # a halt its record missed (a full state dir, a down daemon)
+                log.warning("VM found halted, its record said running: kept", qemu_status=status)
+                record.state, record.operator_paused = VmState.PAUSED.value, False
             elif record.operator_paused and await _resumed_unrecorded(process, timeout):
                 log.warning("VM found running after a Resume its record missed: running")
                 record.state, record.operator_paused = VmState.RUNNING.value, False
@@ -318,18 +326,17 @@ def _keep_ended(
         )
 
 
-async def _paused_unrecorded(process: QemuProcess, timeout: float) -> bool:
-    """For a running record: True if QEMU's run state is "paused" (only a QMP `stop`, i.e. a
-    Pause, puts it there); QmpError for any other state than running, as before."""
+async def _status_unrecorded(process: QemuProcess, timeout: float, keep_halted: bool) -> str:
+    """For a running record, QEMU's run state: "paused" (only a QMP `stop`, i.e. a Pause, puts
+    it there), a halt (HALT_STATES) when MANAGER_QEMU_ON_GUEST_HALT=keep keeps halted guests,
+    or "running"; QmpError for any other."""
     assert process.monitor is not None
     status = await asyncio.wait_for(process.monitor.query_status(), timeout)
-    if status == "paused":
-        return True
-    if status != "running":
-        monitor, process.monitor = process.monitor, None  # not kept: as check_qmp refusing
-        await monitor.close()
-        raise QmpError(f"QEMU reports VM status {status!r} instead of 'running'")
-    return False
+    if status in ("running", "paused") or (keep_halted and status in HALT_STATES):
+        return str(status)
+    monitor, process.monitor = process.monitor, None  # not kept: as check_qmp refusing
+    await monitor.close()
+    raise QmpError(f"QEMU reports VM status {status!r} instead of 'running'")
 
 
 async def _resumed_unrecorded(process: QemuProcess, timeout: float) -> bool:
