@@ -75,7 +75,11 @@ async def recover(
                 ctx.store.remove(record.uuid)
                 continue
             if machine is not None:
+                # Registered before its console's history is read (an await): a VM that ends
+                # meanwhile is released as any other, never registered once released.
                 machines[machine.id] = machine
+                if machine.process is not None:
+                    await machine.process.output.history_read(ctx.settings.qemu.ADOPT_TIMEOUT)
 
     await asyncio.gather(*(recover_id(group) for group in by_id.values()))
     current = ctx.settings.qemu.TMP_FILE_LOC
@@ -291,7 +295,6 @@ async def _recover_one(
         return None
     assert process is not None
     machine = adopt_machine(ctx, record, process, files)
-    await process.output.history_read(ctx.settings.qemu.ADOPT_TIMEOUT)
     moved = str(files.directory) != ctx.settings.qemu.TMP_FILE_LOC
     log.info(
         "VM re-adopted after restart",
