@@ -328,3 +328,51 @@ def test_events_and_logs_are_bounded_in_bytes_too() -> None:
         buffer.sent(buffer._messages[0][0])
     assert buffer.bytes == 0
     assert buffer.offer(log_message("c", "info", line), connected=False)
+
+
+async def test_an_agents_failed_event_does_not_stand_in_for_the_answer_to_a_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request whose Run is refused before admission (a duplicate id) is answered by the
+    dial-out itself, unless the service told of that failure meanwhile. An agent's own
+    `vm-provision` `failed` event for that id (agents choose event types, not the originator)
+    counted as the service's, and the request went unanswered."""
+    from prometheus_client import CollectorRegistry
+
+    from cocos_manager.api.dialout_buffer import OutgoingBuffer
+    from cocos_manager.api.dialout_requests import Complaints
+    from cocos_manager.api.dialout_runs import RunRequests
+    from cocos_manager.telemetry import get_logger
+    from cocos_manager.telemetry.metrics import Metrics
+    from tests.support.harness import running_manager
+
+    async with running_manager(tmp_path, monkeypatch) as m:
+        await m.stub.Run(run_request("dup"))
+        metrics = Metrics(CollectorRegistry())
+        buffer = OutgoingBuffer(100, 1 << 20, 8, 1 << 20, metrics)
+        runs = RunRequests(m.service, buffer, metrics, Complaints(get_logger()))
+        untap = m.service.bus.tap(
+            lambda message: buffer.offer(message, True) and runs.told(message)
+        )
+        runs.on_message(run_request("dup").SerializeToString())  # refused: ALREADY_EXISTS
+        m.service.publish_agent_message(  # read from the VM's agent before that Run ran
+            pb.ClientStreamMessage(
+                agent_event=pb.AgentEvent(
+                    event_type="vm-provision",
+                    status="failed",
+                    computation_id="dup",
+                    originator="agent",
+                )
+            )
+        )
+        await runs.settle(5)
+        untap()
+        answers = [
+            json.loads(message.agent_event.details)
+            for message, _ in buffer._messages
+            if message.agent_event.originator == "manager"
+            and (message.agent_event.event_type, message.agent_event.status)
+            == ("vm-provision", "failed")
+        ]
+        assert [a.get("code") for a in answers] == ["ALREADY_EXISTS"]
+        await m.stub.Stop(pb.StopRequest(computation_id="dup"))

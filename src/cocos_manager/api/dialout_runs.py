@@ -11,7 +11,7 @@ import grpc
 from cocos_manager.api.dialout_buffer import OutgoingBuffer
 from cocos_manager.api.dialout_requests import Complaints, Undecodable, decode_request
 from cocos_manager.errors import ManagerError
-from cocos_manager.events import manager_event
+from cocos_manager.events import MANAGER_ORIGINATOR, manager_event
 from cocos_manager.proto import manager_pb2 as pb
 from cocos_manager.service import ManagerService
 from cocos_manager.telemetry import Metrics, get_logger
@@ -41,10 +41,15 @@ class RunRequests:
 
     def told(self, message: pb.ClientStreamMessage) -> None:
         """A message the buffer took for the stream: a failed start it tells of needs no
-        answer of ours."""
+        answer of ours. The service's own only: an agent may send any event type and status
+        (its originator is made "agent"), and must not silence the answer to a request."""
         if message.HasField("agent_event"):
             event = message.agent_event
-            if event.event_type == PROVISION and event.status == "failed":
+            if (
+                event.event_type == PROVISION
+                and event.status == "failed"
+                and event.originator == MANAGER_ORIGINATOR
+            ):
                 cid = event.computation_id
                 if cid in self._inflight:
                     self._failures_seen[cid] = self._failures_seen.get(cid, 0) + 1
