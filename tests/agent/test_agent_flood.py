@@ -9,6 +9,8 @@ import asyncio
 import socket
 import threading
 
+import pytest
+
 from cocos_manager.agent.protocol import YIELD_EVERY, serve_agent_connection
 from cocos_manager.proto.manager_pb2 import ClientStreamMessage
 from tests.agent.test_agent_protocol import GUARD, frame, log_message
@@ -16,8 +18,9 @@ from tests.agent.test_agent_protocol import GUARD, frame, log_message
 MESSAGES = 20_000
 
 
-def flood(agent: socket.socket) -> None:
-    """The guest: every frame written as fast as the socket takes it, acks read and ignored."""
+def flood(agent: socket.socket, framed: bool) -> None:
+    """The guest: every message written as fast as the socket takes it (framed, or unframed as
+    the first agents wrote them), acks read and ignored."""
 
     def drain_acks() -> None:
         while agent.recv(65536):
@@ -25,13 +28,21 @@ def flood(agent: socket.socket) -> None:
 
     reader = threading.Thread(target=drain_acks)
     reader.start()
-    agent.sendall(b"".join(frame(i, log_message(str(i))) for i in range(1, MESSAGES + 1)))
+    messages = (log_message(str(i)) for i in range(1, MESSAGES + 1))
+    agent.sendall(
+        b"".join(
+            frame(i, m) if framed else m.SerializeToString() for i, m in enumerate(messages, 1)
+        )
+    )
     agent.shutdown(socket.SHUT_WR)
     reader.join()
     agent.close()
 
 
-async def test_a_flood_of_small_frames_gives_the_loop_a_turn_every_few_hundred_messages() -> None:
+@pytest.mark.parametrize("framed", [True, False], ids=["framed", "unframed"])
+async def test_a_flood_of_small_frames_gives_the_loop_a_turn_every_few_hundred_messages(
+    framed: bool,
+) -> None:
     manager_end, agent_end = socket.socketpair()
     reader, writer = await asyncio.open_connection(sock=manager_end)
     published: list[ClientStreamMessage] = []
@@ -42,7 +53,7 @@ async def test_a_flood_of_small_frames_gives_the_loop_a_turn_every_few_hundred_m
             seen_at_turns.append(len(published))
             await asyncio.sleep(0)
 
-    guest = threading.Thread(target=flood, args=(agent_end,))
+    guest = threading.Thread(target=flood, args=(agent_end, framed))
     guest.start()
     try:
         other = asyncio.ensure_future(other_task())

@@ -212,6 +212,9 @@ async def _read_varint(reader: asyncio.StreamReader) -> tuple[int, bytes]:
 async def _read_legacy(
     reader: asyncio.StreamReader, first: bytes
 ) -> AsyncGenerator[list[ClientStreamMessage], None]:
+    """One message at a time (nothing to ack), the loop's turn after every YIELD_EVERY: reads
+    return at once while data is buffered, as on the framed path."""
+    handed = 0
     while True:
         if not first:
             first = await reader.read(1)
@@ -231,6 +234,9 @@ async def _read_legacy(
         # ClientStreamMessage, without copying up to MAX_FRAME bytes to rebuild the record.
         yield [_parse_legacy(tag, body)]
         first = b""
+        handed += 1
+        if handed % YIELD_EVERY == 0:
+            await asyncio.sleep(0)
 
 
 def _parse_legacy(tag: int, body: bytes) -> ClientStreamMessage:
