@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from cocos_manager.host.processes import process_identity, process_start_time, processes_since
+from cocos_manager.qemu import sudo as sudo_module
 from cocos_manager.qemu.sudo import SETTLE, end_outlived, outlived, outlived_settled
 from tests.support.waiting import unavailable
 
@@ -183,3 +184,20 @@ def test_a_process_held_in_its_exit_is_not_a_command_mid_exec(
     assert init not in [pid for pid, argv in processes_since(since) if argv is None]
     argv = ["sudo", "-n", "--", "/bin/sh", "-c", "read -r line; :", f"vm-{uuid.uuid4()}"]
     assert asyncio.run(outlived_settled(argv, since)) == []
+
+
+async def test_sudos_own_copy_looked_at_mid_exec_past_settle_is_still_waited_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The look above, when it falls on the moment sudo's child execs QEMU (its command line
+    empty: mid-exec) after SETTLE: it gave up there and returned nothing, and that QEMU ran on,
+    nobody's (a CI run of the test above). The moment cannot be held open for a real process,
+    so the looks are given: sudo's own seen, then mid-exec past SETTLE, then QEMU."""
+    looks = iter([([], True, False)] + [([], False, True)] * 3 + [([4242], False, False)])
+
+    def scan(argv: object, since: int) -> tuple[list[int], bool, bool]:
+        time.sleep(SETTLE / 2)
+        return next(looks)
+
+    monkeypatch.setattr(sudo_module, "_scan", scan)
+    assert await outlived_settled(["sudo", "-n", "--", "/q", "-name", "vm"], 0) == [4242]

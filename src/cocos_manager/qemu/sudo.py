@@ -71,10 +71,16 @@ async def outlived_settled(argv: Sequence[str], since: int) -> list[int]:
     cancellation (the daemon's shutdown) ends it at once, not after its last look."""
     loop = asyncio.get_running_loop()
     began = loop.time()
+    seen_ours = False
     while True:
         found, ours, mid_exec = await asyncio.to_thread(_scan, argv, since)
         waited = loop.time() - began
-        waiting = (ours and waited < GIVE_UP_AFTER) or (mid_exec and waited < SETTLE)
+        # Once one of sudo's own was seen, a process mid-exec may be it, becoming QEMU (on a
+        # loaded host that moment is long enough to be looked at): waited for as it was.
+        seen_ours = seen_ours or ours
+        waiting = ((ours or (seen_ours and mid_exec)) and waited < GIVE_UP_AFTER) or (
+            mid_exec and waited < SETTLE
+        )
         if found or not waiting:
             return found
         await asyncio.sleep(0.01)
