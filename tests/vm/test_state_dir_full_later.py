@@ -132,6 +132,7 @@ async def test_a_halted_vm_kept_for_inspection_survives_a_full_state_dir_and_a_r
             async with running_manager(tmp_path, monkeypatch, **env) as again:
                 adopted = again.service.computations()["kept"]
                 assert adopted.state is VmState.PAUSED and not adopted.operator_paused
+                assert adopted.halt == {"qemu_status": "internal-error"}  # Get's paused_by
                 assert adopted.process is not None and adopted.process.pid == pid
                 await again.stub.Stop(pb.StopRequest(computation_id="kept"))
                 assert processes_mentioning(vms) == []

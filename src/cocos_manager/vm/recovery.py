@@ -245,7 +245,7 @@ async def _recover_one(
             process = QemuProcess.adopt(record.pid, record.argv, record.start_time, identity[1])
         except ProcessLookupError:
             process = None
-    reason = ""
+    reason, status = "", ""  # status: QEMU's run state, where a running record is asked
     gone = process is None
     if process is None and identity is not None:
         reason = f"its QEMU is gone (pid {record.pid} is now another process's: left alone)"
@@ -295,6 +295,8 @@ async def _recover_one(
         return None
     assert process is not None
     machine = adopt_machine(ctx, record, process, files)
+    if status in HALT_STATES:  # what Get says paused it: QEMU's own word, not the restart's
+        machine.halt = {"qemu_status": status}
     moved = str(files.directory) != ctx.settings.qemu.TMP_FILE_LOC
     log.info(
         "VM re-adopted after restart",
