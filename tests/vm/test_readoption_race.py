@@ -23,10 +23,11 @@ async def test_a_vm_that_dies_while_its_history_is_read_is_not_left_registered(
 ) -> None:
     vms = str(tmp_path / "vms")
     env = {"MANAGER_SHUTDOWN_STOPS_VMS": "false"}
+    qemus: list[int] = []  # this process's children (the first daemon ran in it): reaped here
     try:
         async with running_manager(tmp_path, monkeypatch, **env) as m:
             await m.stub.Run(run_request("dies"))
-        (pid,) = processes_mentioning(vms)
+        (pid,) = qemus[:] = processes_mentioning(vms)
         read = QemuOutput.history_read
 
         async def dies_meanwhile(output: QemuOutput, timeout: float) -> None:
@@ -41,4 +42,4 @@ async def test_a_vm_that_dies_while_its_history_is_read_is_not_left_registered(
             await again.stub.Run(run_request("dies"))  # the id is free
             await again.stub.Stop(pb.StopRequest(computation_id="dies"))
     finally:
-        kill_and_reap(processes_mentioning(vms))
+        kill_and_reap(sorted({*qemus, *processes_mentioning(vms)}))

@@ -119,6 +119,7 @@ async def test_a_halted_vm_kept_for_inspection_survives_a_full_state_dir_and_a_r
     monkeypatch.setenv("FAKE_QEMU_MODE", "halt-after:1.0:internal-error")
     env = {"MANAGER_SHUTDOWN_STOPS_VMS": "false", "MANAGER_QEMU_ON_GUEST_HALT": "keep"}
     vms = str(tmp_path / "vms")
+    qemus: list[int] = []  # this process's children (the first daemon ran in it): reaped here
     try:
         with tmpfs(tmp_path / "state", "64k") as state:
             async with running_manager(tmp_path, monkeypatch, **env) as m:
@@ -128,7 +129,7 @@ async def test_a_halted_vm_kept_for_inspection_survives_a_full_state_dir_and_a_r
                 with filled(state):
                     await wait_for(lambda: machine.state is VmState.PAUSED, "the guest halted")
                     assert [r["state"] for r in newest_records(state)] == ["running"]
-            (pid,) = processes_mentioning(vms)
+            (pid,) = qemus[:] = processes_mentioning(vms)
             async with running_manager(tmp_path, monkeypatch, **env) as again:
                 adopted = again.service.computations()["kept"]
                 assert adopted.state is VmState.PAUSED and not adopted.operator_paused
@@ -137,4 +138,4 @@ async def test_a_halted_vm_kept_for_inspection_survives_a_full_state_dir_and_a_r
                 await again.stub.Stop(pb.StopRequest(computation_id="kept"))
                 assert processes_mentioning(vms) == []
     finally:
-        kill_and_reap(processes_mentioning(vms))
+        kill_and_reap(sorted({*qemus, *processes_mentioning(vms)}))
