@@ -17,8 +17,9 @@ reconnection; a slow stream blocked Run), this one:
   overflows is counted and logged once per burst. Run and the event bus only ever append to
   that buffer, so a slow server never slows them;
 - holds at most BUFFER_SIZE messages (BUFFER_BYTES of events and logs) and REQUESTS_IN_FLIGHT
-  requests whatever the server or the guests do (dialout_buffer.py): a request is read only when its answer has room, so a server that
-  sends and reads nothing is held back by HTTP/2 flow control, not by the daemon's memory;
+  requests whatever the server or the guests do (dialout_buffer.py): a request is read only
+  when its answer has room, so a server that sends and reads nothing is held back by HTTP/2
+  flow control, not by the daemon's memory;
 - reads raw bytes and decodes them itself (dialout_requests.py): a message that is no
   ComputationRunReq is counted, logged (rate-limited) and answered when it still names its
   id, and the stream goes on; whatever else goes wrong in a session ends that session, which

@@ -347,7 +347,7 @@ class Machine:
 
     # -- adoption ----------------------------------------------------------------------------
 
-    def readopted(self, *, paused: bool, by_operator: bool = False) -> None:
+    def readopted(self, *, paused: bool, by_operator: bool = False, halted: str = "") -> None:
         """Supervision and state of a VM recovery.adopt_machine proved to be the recorded one."""
         process = self.process
         assert process is not None
@@ -359,7 +359,7 @@ class Machine:
             self.operator_paused = True
             self._set_state(VmState.PAUSED, (PAUSED, "complete"), {**details, "reason": "pause"})
         elif paused:
-            self.halt = {"qemu_status": "paused before the restart"}
+            self.halt = {"qemu_status": halted or "paused before the restart"}
             self._set_state(VmState.PAUSED, (PAUSED, "failed"), details)
         else:
             self._set_state(VmState.RUNNING, (PROVISION, "complete"), details)

@@ -268,9 +268,7 @@ async def _recover_one(
             if status == "paused":
                 log.warning("VM found paused by a Pause its record missed: kept paused")
                 record.state, record.operator_paused = VmState.PAUSED.value, True
-            elif (
-                status in HALT_STATES
-            ):  # a halt its record missed (a full state dir, a down daemon)
+            elif status in HALT_STATES:  # a halt its record missed (full state dir, no daemon)
                 log.warning("VM found halted, its record said running: kept", qemu_status=status)
                 record.state, record.operator_paused = VmState.PAUSED.value, False
             elif record.operator_paused and await _resumed_unrecorded(process, timeout):
@@ -294,9 +292,8 @@ async def _recover_one(
         log.warning(f"VM record cleaned up: {reason}")
         return None
     assert process is not None
-    machine = adopt_machine(ctx, record, process, files)
-    if status in HALT_STATES:  # what Get says paused it: QEMU's own word, not the restart's
-        machine.halt = {"qemu_status": status}
+    halted = status if status in HALT_STATES else ""
+    machine = adopt_machine(ctx, record, process, files, halted)
     moved = str(files.directory) != ctx.settings.qemu.TMP_FILE_LOC
     log.info(
         "VM re-adopted after restart",
@@ -352,10 +349,11 @@ async def _resumed_unrecorded(process: QemuProcess, timeout: float) -> bool:
 
 
 def adopt_machine(
-    ctx: MachineContext, record: VmRecord, process: QemuProcess, files: VmFiles
+    ctx: MachineContext, record: VmRecord, process: QemuProcess, files: VmFiles, halted: str = ""
 ) -> Machine:
     """A VM an earlier run of the daemon started, proven to be the recorded one: its numbers
-    held again as recorded, its start time and TTL deadline kept."""
+    held again as recorded, its start time and TTL deadline kept. `halted`: the halt state
+    QEMU reported for a record that said running (kept paused as halted)."""
     resources = VmResources(record.uuid, record.host_port, record.guest_cid, record.vnc_display)
     lease = ctx.pools.hold(record.computation_id, resources)
     machine = Machine(ctx, record.computation_id, lease, files=files, process=process, adopted=True)
@@ -365,6 +363,8 @@ def adopt_machine(
     machine.size = VmSize(record.vcpus, record.memory_mib)
     machine.launch_settings = dict(record.settings)
     machine.readopted(
-        paused=record.state == VmState.PAUSED.value, by_operator=record.operator_paused
+        paused=record.state == VmState.PAUSED.value,
+        by_operator=record.operator_paused,
+        halted=halted,
     )
     return machine
