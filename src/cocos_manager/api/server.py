@@ -10,6 +10,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cocos_manager.agent import MAX_FRAME
 from cocos_manager.api.servicer import ManagerServicer
+from cocos_manager.config import ServiceSettings
 from cocos_manager.host import LISTEN_OPTIONS
 
 # Re-exported: the daemon names the address it listens on with it.
@@ -80,6 +81,28 @@ class Server:
             await self.health.set(name, status)
 
 
+def keepalive_options(settings: ServiceSettings) -> list[tuple[str, int]]:
+    """Pings while a call is open, so that a client gone silent (no FIN, no RST: a host
+    frozen, a route dropped) is disconnected and its Events or Logs stream ends, freeing its
+    place; without them the socket stays established and the place taken for ever. gRPC
+    waits 60 s for any ping's answer unless told otherwise. An idle stream sends no data:
+    pings without data are allowed without limit (a server's default in gRPC 1.85, said
+    here, as clients' default is 2). Connections without calls hold nothing and are not
+    pinged."""
+    if settings.GRPC_KEEPALIVE == 0:
+        return []
+    return [
+        ("grpc.keepalive_time_ms", _ms(settings.GRPC_KEEPALIVE)),
+        ("grpc.keepalive_timeout_ms", _ms(settings.GRPC_KEEPALIVE_TIMEOUT)),
+        ("grpc.http2.ping_timeout_ms", _ms(settings.GRPC_KEEPALIVE_TIMEOUT)),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def _ms(seconds: float) -> int:
+    return max(1, min(int(seconds * 1000), 2**31 - 1))
+
+
 async def build_server(
     service: ManagerService,
     host: str,
@@ -99,6 +122,7 @@ async def build_server(
             # What the server sends is its own making; an agent's largest frame must pass.
             ("grpc.max_send_message_length", max(max_message, MAX_FRAME + 1024)),
             *LISTEN_OPTIONS,  # as `check` binds it (host/listeners.py)
+            *keepalive_options(service.settings.service),
         ],
     )
     pb_grpc.add_ManagerServiceServicer_to_server(ManagerServicer(service), server)

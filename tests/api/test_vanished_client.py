@@ -1,0 +1,151 @@
+"""A client that vanishes behind a silent network (no FIN, no RST: a cable pulled, a host
+frozen) must not hold a stream's place for ever: the server pings a client with a call open
+every MANAGER_GRPC_KEEPALIVE and drops it when no answer comes within
+MANAGER_GRPC_KEEPALIVE_TIMEOUT.
+
+The silent network is a TCP relay on loopback that stops moving bytes and keeps both of its
+connections open, as a dropped route does: the daemon's socket stays established."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cocos_manager.api.server import keepalive_options
+from cocos_manager.config import ServiceSettings
+from cocos_manager.events.messages import log_message
+from cocos_manager.proto import manager_pb2 as pb
+from cocos_manager.proto import manager_pb2_grpc as pb_grpc
+from tests.support.harness import Manager, running_manager
+
+GUARD = 10.0
+
+
+class SilentRelay:
+    """Relays bytes both ways until `go_silent`; from then on it reads nothing and sends
+    nothing, and closes nothing."""
+
+    def __init__(self, target_port: int) -> None:
+        self._target = target_port
+        self._silent = asyncio.Event()
+        self._held: list[asyncio.StreamWriter] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.server: asyncio.Server | None = None
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.sockets[0].getsockname()[1])
+
+    def go_silent(self) -> None:
+        self._silent.set()
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while not self._silent.is_set():
+            read = asyncio.ensure_future(reader.read(65536))
+            silent = asyncio.ensure_future(self._silent.wait())
+            await asyncio.wait((read, silent), return_when=asyncio.FIRST_COMPLETED)
+            silent.cancel()
+            if not read.done():
+                read.cancel()
+                return
+            data = read.result()
+            if not data or self._silent.is_set():
+                return
+            writer.write(data)
+            await writer.drain()
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", self._target)
+        self._held += [client_w, server_w]
+        for task in (self._pump(client_r, server_w), self._pump(server_r, client_w)):
+            started = asyncio.ensure_future(task)
+            self._tasks.add(started)
+            started.add_done_callback(self._tasks.discard)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[SilentRelay]:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        try:
+            yield self
+        finally:
+            self.server.close()
+            for task in list(self._tasks):
+                task.cancel()
+            for writer in self._held:
+                writer.close()
+
+
+async def subscribers(m: Manager, count: int, within: float) -> None:
+    for _ in range(int(within / 0.05)):
+        if m.service.bus.subscriber_count == count:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{m.service.bus.subscriber_count} Events subscribers, not {count}")
+
+
+async def test_a_vanished_events_client_gives_its_place_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with (
+        running_manager(
+            tmp_path,
+            monkeypatch,
+            MANAGER_EVENTS_MAX_SUBSCRIBERS="1",
+            MANAGER_GRPC_KEEPALIVE="500ms",
+            MANAGER_GRPC_KEEPALIVE_TIMEOUT="500ms",
+        ) as m,
+        SilentRelay(m.server.port).running() as relay,
+    ):
+        vanishing = grpc.aio.insecure_channel(f"127.0.0.1:{relay.port}")
+        try:
+            call = pb_grpc.ManagerServiceStub(vanishing).Events(pb.EventsRequest())
+            await asyncio.wait_for(call.initial_metadata(), GUARD)
+            await subscribers(m, 1, GUARD)
+            # Pinged a few times with no data sent (an idle stream) before the network goes.
+            await asyncio.sleep(2)
+            relay.go_silent()  # the client's end of the network is gone; its call stays open
+            # Its place comes back once its pings go unanswered (about 1 s here); without
+            # pings the daemon's socket stays established and the place taken for ever.
+            await subscribers(m, 0, GUARD)
+            second = m.stub.Events(pb.EventsRequest())
+            await asyncio.wait_for(second.initial_metadata(), GUARD)
+            await subscribers(m, 1, GUARD)
+            second.cancel()
+        finally:
+            await vanishing.close(grace=0)
+
+
+async def test_pings_leave_a_live_idle_stream_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An Events stream with nothing to say, pinged many times over, stays open: a live
+    client answers every ping itself."""
+    async with running_manager(
+        tmp_path,
+        monkeypatch,
+        MANAGER_GRPC_KEEPALIVE="100ms",
+        MANAGER_GRPC_KEEPALIVE_TIMEOUT="2s",
+    ) as m:
+        call = m.stub.Events(pb.EventsRequest())
+        await asyncio.wait_for(call.initial_metadata(), GUARD)
+        await asyncio.sleep(1.5)  # about 15 pings
+        assert m.service.bus.subscriber_count == 1
+        m.service.bus.publish(log_message("c", "info", "still here"))
+        message = await asyncio.wait_for(call.read(), GUARD)
+        assert message.agent_log.message == "still here"
+        call.cancel()
+
+
+def test_keepalive_zero_sends_no_pings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MANAGER_GRPC_KEEPALIVE", "0")
+    assert keepalive_options(ServiceSettings()) == []
+    monkeypatch.setenv("MANAGER_GRPC_KEEPALIVE", "1m")
+    monkeypatch.setenv("MANAGER_GRPC_KEEPALIVE_TIMEOUT", "250ms")
+    assert dict(keepalive_options(ServiceSettings()))["grpc.keepalive_time_ms"] == 60_000
+    assert dict(keepalive_options(ServiceSettings()))["grpc.http2.ping_timeout_ms"] == 250
