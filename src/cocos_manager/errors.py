@@ -16,6 +16,9 @@ class ManagerError(Exception):
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     reason: str = "internal"
+    # This failure was published on Events as the VM's `vm-provision` `failed` (a Run that
+    # got past admission), so a dial-out stream has been told already (api/dialout_runs.py).
+    told: bool = False
 
 
 class InvalidArgumentError(ManagerError):

@@ -40,6 +40,7 @@ from cocos_manager.proto import manager_pb2 as pb
 from cocos_manager.qemu import Executable, QemuProcess
 from cocos_manager.telemetry import METRICS, get_logger
 from cocos_manager.vm import (
+    PROVISION,
     EndedVms,
     Machine,
     MachineContext,
@@ -76,6 +77,41 @@ def failure_reason(error: BaseException) -> str:
     if isinstance(error, ManagerError):
         return error.reason
     return "internal"
+
+
+async def start_to_running(machine: Machine, payload: bytes) -> None:
+    """The start in a task of its own, so that the caller going away (cancel, deadline) is
+    told apart from the start failing: the VM is then stopped and nothing is left behind."""
+    computation_id = machine.id
+    start = asyncio.get_running_loop().create_task(
+        machine.start(payload), name=f"start:{computation_id}"
+    )
+    machine.start_task = start
+    try:
+        await asyncio.shield(start)
+    except asyncio.CancelledError:
+        METRICS.run_failures.labels(reason="cancelled").inc()
+        if not start.done():  # our caller went away (client cancel, deadline)
+            start.cancel()
+            with contextlib.suppress(BaseException):
+                await start
+            raise
+        if not start.cancelled():
+            if start.exception() is None:
+                # Ready in the instant its caller went away: nobody will ever hear of it.
+                await asyncio.shield(machine.stop(StopReason.CLIENT))
+            raise
+        if machine.stop_reason is StopReason.SHUTDOWN:
+            raise UnavailableError(
+                f"the manager is shutting down: the VM of computation {computation_id!r} "
+                "was stopped while starting"
+            ) from None
+        raise AbortedError(
+            f"computation {computation_id!r} was stopped while its VM was starting"
+        ) from None
+    except Exception as error:
+        METRICS.run_failures.labels(reason=failure_reason(error)).inc()
+        raise
 
 
 class ManagerService:
@@ -181,35 +217,10 @@ class ManagerService:
     async def _start(self, machine: Machine, payload: bytes) -> None:
         """An admitted VM to RUNNING; a caller that goes away (cancel, deadline) leaves
         nothing behind. `payload`: the manifest, or a CreateVm'd VM's environment file."""
-        computation_id = machine.id
-        start = asyncio.get_running_loop().create_task(
-            machine.start(payload), name=f"start:{computation_id}"
-        )
-        machine.start_task = start
         try:
-            await asyncio.shield(start)
-        except asyncio.CancelledError:
-            METRICS.run_failures.labels(reason="cancelled").inc()
-            if not start.done():  # our caller went away (client cancel, deadline)
-                start.cancel()
-                with contextlib.suppress(BaseException):
-                    await start
-                raise
-            if not start.cancelled():
-                if start.exception() is None:
-                    # Ready in the instant its caller went away: nobody will ever hear of it.
-                    await asyncio.shield(machine.stop(StopReason.CLIENT))
-                raise
-            if machine.stop_reason is StopReason.SHUTDOWN:
-                raise UnavailableError(
-                    f"the manager is shutting down: the VM of computation {computation_id!r} "
-                    "was stopped while starting"
-                ) from None
-            raise AbortedError(
-                f"computation {computation_id!r} was stopped while its VM was starting"
-            ) from None
-        except Exception as error:
-            METRICS.run_failures.labels(reason=failure_reason(error)).inc()
+            await start_to_running(machine, payload)
+        except ManagerError as error:
+            error.told = machine.ended is not None and machine.ended.event == (PROVISION, "failed")
             raise
 
     # -- today's upstream control plane: CreateVm, RemoveVm, CVMInfo -------------------------

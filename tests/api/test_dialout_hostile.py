@@ -13,18 +13,25 @@ from __future__ import annotations
 import asyncio
 import json
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from cocos_manager.api.dialout import HEALTH_SERVICE
+from cocos_manager.api.dialout_buffer import OutgoingBuffer
+from cocos_manager.api.dialout_requests import Complaints
+from cocos_manager.api.dialout_runs import RunRequests
 from cocos_manager.proto import manager_pb2 as pb
+from cocos_manager.telemetry import get_logger
+from cocos_manager.telemetry.metrics import Metrics
 from tests.api.test_dialout import dialing_manager
 from tests.support.daemon_process import Daemon, free_port
-from tests.support.harness import base_env, run_request
+from tests.support.harness import Manager, base_env, run_request, running_manager
 from tests.support.raw_computations_server import RawComputationsServer
 
 WAIT = 30.0
@@ -330,49 +337,81 @@ def test_events_and_logs_are_bounded_in_bytes_too() -> None:
     assert buffer.offer(log_message("c", "info", line), connected=False)
 
 
-async def test_an_agents_failed_event_does_not_stand_in_for_the_answer_to_a_request(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def _dial_out_parts(
+    m: Manager, size: int = 100
+) -> tuple[OutgoingBuffer, RunRequests, Callable[[], None]]:
+    """The dial-out's buffer and request handling on the daemon's bus, tapped as
+    api/dialout.py taps it, without a stream: what the buffer holds is what would be sent."""
+    metrics = Metrics(CollectorRegistry())
+    buffer = OutgoingBuffer(size, 1 << 20, 8, 1 << 20, metrics)
+    runs = RunRequests(m.service, buffer, metrics, Complaints(get_logger()))
+    untap = m.service.bus.tap(lambda message: buffer.offer(message, True) or runs.dropped(message))
+    return buffer, runs, untap
+
+
+def _failures_sent(buffer: OutgoingBuffer, cid: str) -> list[dict[str, str]]:
+    return [
+        json.loads(message.agent_event.details or "{}")
+        for message, _ in buffer._messages
+        if message.agent_event.originator == "manager"
+        and message.agent_event.computation_id == cid
+        and (message.agent_event.event_type, message.agent_event.status)
+        == ("vm-provision", "failed")
+    ]
+
+
+@pytest.mark.parametrize("originator", ["agent", "manager"])
+async def test_no_other_failed_event_stands_in_for_the_answer_to_a_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, originator: str
 ) -> None:
     """A request whose Run is refused before admission (a duplicate id) is answered by the
-    dial-out itself, unless the service told of that failure meanwhile. An agent's own
-    `vm-provision` `failed` event for that id (agents choose event types, not the originator)
-    counted as the service's, and the request went unanswered."""
-    from prometheus_client import CollectorRegistry
-
-    from cocos_manager.api.dialout_buffer import OutgoingBuffer
-    from cocos_manager.api.dialout_requests import Complaints
-    from cocos_manager.api.dialout_runs import RunRequests
-    from cocos_manager.telemetry import get_logger
-    from cocos_manager.telemetry.metrics import Metrics
-    from tests.support.harness import running_manager
-
+    dial-out itself. Two other `vm-provision` `failed` events of that id, arriving while it is
+    in flight, silenced the answer: an agent's own (agents choose event types, not the
+    originator), and the service's for another Run of the same id (counted per id, not per
+    Run)."""
     async with running_manager(tmp_path, monkeypatch) as m:
         await m.stub.Run(run_request("dup"))
-        metrics = Metrics(CollectorRegistry())
-        buffer = OutgoingBuffer(100, 1 << 20, 8, 1 << 20, metrics)
-        runs = RunRequests(m.service, buffer, metrics, Complaints(get_logger()))
-        untap = m.service.bus.tap(
-            lambda message: buffer.offer(message, True) and runs.told(message)
-        )
+        buffer, runs, untap = _dial_out_parts(m)
         runs.on_message(run_request("dup").SerializeToString())  # refused: ALREADY_EXISTS
-        m.service.publish_agent_message(  # read from the VM's agent before that Run ran
-            pb.ClientStreamMessage(
-                agent_event=pb.AgentEvent(
-                    event_type="vm-provision",
-                    status="failed",
-                    computation_id="dup",
-                    originator="agent",
-                )
+        other = pb.ClientStreamMessage(
+            agent_event=pb.AgentEvent(
+                event_type="vm-provision",
+                status="failed",
+                computation_id="dup",
+                originator=originator,
             )
         )
+        if originator == "agent":  # read from the VM's agent before that Run ran
+            m.service.publish_agent_message(other)
+        else:  # as the service publishes another Run's failure of the same id
+            m.service.bus.publish(other)
         await runs.settle(5)
         untap()
-        answers = [
-            json.loads(message.agent_event.details)
-            for message, _ in buffer._messages
-            if message.agent_event.originator == "manager"
-            and (message.agent_event.event_type, message.agent_event.status)
-            == ("vm-provision", "failed")
-        ]
+        answers = [a for a in _failures_sent(buffer, "dup") if a]
         assert [a.get("code") for a in answers] == ["ALREADY_EXISTS"]
         await m.stub.Stop(pb.StopRequest(computation_id="dup"))
+
+
+async def test_a_failed_start_is_told_once_and_answered_when_its_event_was_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Run that fails after admission is told by the service's own event, not answered
+    again; if the buffer dropped that event, the dial-out answers instead."""
+    async with running_manager(tmp_path, monkeypatch) as m:
+        monkeypatch.setenv("FAKE_QEMU_MODE", "fail")
+        buffer, runs, untap = _dial_out_parts(m)
+        runs.on_message(run_request("told").SerializeToString())
+        await runs.settle(10)
+        untap()
+        told = _failures_sent(buffer, "told")
+        assert len(told) == 1 and "fake failure" in told[0]["error"], told
+        assert "code" not in told[0]  # the service's event, not the dial-out's answer
+
+        # One place, held for the request's answer: every event is dropped (a full buffer).
+        buffer, runs, untap = _dial_out_parts(m, size=1)
+        runs.on_message(run_request("dropped").SerializeToString())
+        await runs.settle(10)
+        untap()
+        answered = _failures_sent(buffer, "dropped")
+        assert len(answered) == 1 and "fake failure" in answered[0]["error"], answered
+        assert answered[0]["code"] != "OK"  # the dial-out's answer, with the Run's status

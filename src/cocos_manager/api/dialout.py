@@ -210,8 +210,8 @@ class DialOut:
 
     def _on_bus_message(self, message: pb.ClientStreamMessage) -> None:
         """Called inside EventBus.publish: appends or drops, never waits."""
-        if self._buffer.offer(message, self.connected):
-            self._requests.told(message)  # a dropped event told the stream nothing
+        if not self._buffer.offer(message, self.connected):
+            self._requests.dropped(message)  # a dropped event told the stream nothing
 
     # -- the connection ----------------------------------------------------------------------
 

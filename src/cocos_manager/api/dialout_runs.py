@@ -33,16 +33,16 @@ class RunRequests:
         self._metrics = metrics
         self._complaints = complaints
         self._tasks: set[asyncio.Task[None]] = set()
-        # Requests in flight per computation id, and how many vm-provision/failed events the
-        # service published for it meanwhile: a Run that fails before it was admitted
-        # (invalid, duplicate id, limit) publishes none, and the stream must still be told.
+        # Requests in flight per computation id, and how many of the service's vm-provision
+        # failed events for it the buffer dropped meanwhile (ManagerError.told says whether
+        # the service published the Run's failure; a dropped one told the stream nothing).
         self._inflight: dict[str, int] = {}
-        self._failures_seen: dict[str, int] = {}
+        self._dropped_failures: dict[str, int] = {}
 
-    def told(self, message: pb.ClientStreamMessage) -> None:
-        """A message the buffer took for the stream: a failed start it tells of needs no
-        answer of ours. The service's own only: an agent may send any event type and status
-        (its originator is made "agent"), and must not silence the answer to a request."""
+    def dropped(self, message: pb.ClientStreamMessage) -> None:
+        """A message the buffer dropped: a failed start it would have told of is answered.
+        The service's own only: an agent may send any event type and status (its originator
+        is made "agent")."""
         if message.HasField("agent_event"):
             event = message.agent_event
             if (
@@ -52,7 +52,7 @@ class RunRequests:
             ):
                 cid = event.computation_id
                 if cid in self._inflight:
-                    self._failures_seen[cid] = self._failures_seen.get(cid, 0) + 1
+                    self._dropped_failures[cid] = self._dropped_failures.get(cid, 0) + 1
 
     def on_message(self, raw: bytes) -> None:
         """One message read from the stream (the reader made room for its answer first)."""
@@ -64,7 +64,7 @@ class RunRequests:
         self._buffer.request_read(len(raw))
         self._inflight[cid] = self._inflight.get(cid, 0) + 1
         task = asyncio.ensure_future(
-            self._handle(request, len(raw), self._failures_seen.get(cid, 0))
+            self._handle(request, len(raw), self._dropped_failures.get(cid, 0))
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -91,14 +91,17 @@ class RunRequests:
                 answer(message.computation_id, message.describe(), grpc.StatusCode.INVALID_ARGUMENT)
             )
 
-    async def _handle(self, request: pb.ComputationRunReq, size: int, failures_before: int) -> None:
+    async def _handle(self, request: pb.ComputationRunReq, size: int, dropped_before: int) -> None:
         cid = request.id
         _log.debug("dial-out: Run requested", computation_id=cid, size=size)
         try:
             response = await self._service.run(request)
         except ManagerError as error:
             self._metrics.dialout_requests.labels(outcome="failed").inc()
-            if self._failures_seen.get(cid, 0) == failures_before:
+            # Told on Events and taken for the stream: answered already. A request refused
+            # before admission (a duplicate id) is answered even while another Run of the
+            # same id publishes its own failure.
+            if not error.told or self._dropped_failures.get(cid, 0) != dropped_before:
                 self._buffer.push(answer(cid, str(error), error.code))
             # Refusals cost a server nothing to send: said at a bounded rate, counted always.
             self._complaints.say(
@@ -119,7 +122,7 @@ class RunRequests:
                 self._inflight[cid] = left
             else:
                 self._inflight.pop(cid, None)
-                self._failures_seen.pop(cid, None)
+                self._dropped_failures.pop(cid, None)
 
 
 def answer(computation_id: str, error: str, code: grpc.StatusCode) -> pb.ClientStreamMessage:

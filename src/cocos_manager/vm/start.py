@@ -20,6 +20,7 @@ from cocos_manager.config import env_values
 from cocos_manager.errors import (
     HandoverFailedError,
     HandoverTimeoutError,
+    ManagerError,
     QemuExitedError,
     QemuStopFailedError,
 )
@@ -96,13 +97,14 @@ def details(machine: StartingVm) -> dict[str, Any]:
     return details
 
 
-def tell_admission_failed(machine: StartingVm, error: Exception) -> None:
+def tell_admission_failed(machine: StartingVm, error: ManagerError) -> None:
     """The record could not be written (a full MANAGER_STATE_DIR): a failed start like any
     other, told on Events (and up the dial-out) as vm-provision starting/failed."""
     machine.log.warning("computation failed to start", error=str(error))
     failed = {"reason": StopReason.FAILED.value, "error": str(error)}
     machine.ctx.bus.publish(manager_event(machine.id, PROVISION, "starting", None))
     machine.ctx.bus.publish(manager_event(machine.id, PROVISION, "failed", failed))
+    error.told = True
 
 
 async def launch(machine: StartingVm, argv: list[str], listener: socket.socket) -> QemuProcess:
