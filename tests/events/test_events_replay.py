@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from cocos_manager.events.bus import EventBus
-from cocos_manager.events.messages import log_message
+from cocos_manager.events.messages import log_message, shutdown_notice
 from cocos_manager.proto import manager_pb2 as pb
 from tests.support.harness import Manager, run_request, running_manager
 
@@ -222,6 +222,20 @@ def test_retention_is_bounded_in_count_and_bytes() -> None:
     for _ in range(20):
         bus.publish(log_message("c", "info", "z" * 1000))
     assert len([m for m in bus.subscribe(since=0)._replay if m.seq]) == 2
+
+
+def test_a_filtered_replay_is_told_of_lost_manager_wide_messages() -> None:
+    """A stream of one computation gets the manager-wide messages too (the shutdown
+    notices): one of them evicted is a loss for it, though none of its own went."""
+    bus = EventBus(retain=3)
+    bus.publish(log_message("quiet", "info", "seen"))  # seq 1
+    bus.publish(shutdown_notice("started", {"vms": 1}))  # seq 2, manager-wide
+    for i in range(3):
+        bus.publish(log_message("chatty", "info", str(i)))  # seq 3-5; 1-2 evicted
+    replay = list(bus.subscribe("quiet", since=1)._replay)
+    assert [m.agent_event.event_type for m in replay] == ["events-lost"]
+    assert json.loads(replay[0].agent_event.details) == {"lost": 1, "since": 1}
+    assert list(bus.subscribe("quiet", since=2)._replay) == []  # it had seen the notice
 
 
 def test_a_filtered_replay_is_told_only_of_its_own_losses() -> None:

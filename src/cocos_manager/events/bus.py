@@ -186,16 +186,17 @@ class EventBus:
         return out
 
     def _lost_after(self, computation_id: str, since: int) -> bool:
-        """Whether a message of this stream's filter numbered after `since` was evicted. For
-        one computation, known exactly from the last eviction of each computation (unless
-        more computations were evicted than are remembered): a control plane that follows
-        its own computation is not told of losses that were all other computations'."""
+        """Whether a message of this stream's filter numbered after `since` was evicted: for
+        one computation (and the manager-wide messages it gets too), known exactly from each
+        one's last eviction, unless more were evicted than are remembered. A control plane
+        following its own computation is not told of other computations' losses."""
         if not computation_id:
             return True
-        last = self._last_evicted.get(computation_id)
-        if last is None:
-            return self._forgot_evictions
-        return last > since
+        for wanted in (computation_id, ""):
+            last = self._last_evicted.get(wanted)
+            if (last is None and self._forgot_evictions) or (last is not None and last > since):
+                return True
+        return False
 
     def backlogged(self, computation_id: str) -> None:
         self._backlogged.add(computation_id)
