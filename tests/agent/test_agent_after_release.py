@@ -15,6 +15,7 @@ from structlog.testing import capture_logs
 
 from cocos_manager.events import bus as events_module
 from cocos_manager.proto import manager_pb2 as pb
+from cocos_manager.telemetry import METRICS
 from tests.support.harness import run_request, running_manager
 from tests.support.waiting import wait_for
 from tests.test_contracts import frame, vsock_manager
@@ -68,6 +69,7 @@ async def test_an_agent_message_after_the_release_is_not_published_and_is_said_o
         await m.stub.Run(run_request("gone"))
         await m.stub.Stop(pb.StopRequest(computation_id="gone"))
         published = m.service.bus.published
+        late_before = METRICS.registry.get_sample_value("manager_agent_messages_late_total")
         with capture_logs() as logs:
             for i in range(3):
                 m.service.publish_agent_message(
@@ -78,6 +80,8 @@ async def test_an_agent_message_after_the_release_is_not_published_and_is_said_o
         assert m.service.bus.published == published
         told = [e for e in logs if e["event"].startswith("agent messages that came after")]
         assert [e["computation_id"] for e in told] == ["gone"]
+        late = METRICS.registry.get_sample_value("manager_agent_messages_late_total")
+        assert late is not None and late - (late_before or 0.0) == 3
 
 
 @pytest.mark.parametrize("force", [False, True])

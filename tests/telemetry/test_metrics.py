@@ -143,6 +143,7 @@ async def test_the_global_metrics_have_every_series_and_nothing_else() -> None:
         "manager_run_failures",
         "manager_events_dropped",
         "manager_agent_messages",
+        "manager_agent_messages_late",
     }
     assert isinstance(METRICS, Metrics)
 

@@ -84,6 +84,10 @@ class Metrics:
             "manager_agent_messages",
             "Messages (events and logs) received from agents.",
         )
+        self.agent_messages_late = Counter(
+            "manager_agent_messages_late",
+            "Agent messages dropped because they came after their VM's final event.",
+        )
         # -- dial-out to a computations server (api/dialout.py) --
         # Made here, registered only while a dial-out exists (register_dialout): without
         # MANAGER_GRPC_URL there is nothing to be connected to, and a 0 would read as "down".
@@ -134,6 +138,7 @@ class Metrics:
             self.run_failures,
             self.events_dropped,
             self.agent_messages,
+            self.agent_messages_late,
         )
         if self._dialouts > 0:
             shown += (
