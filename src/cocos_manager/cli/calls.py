@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 from collections.abc import Callable
@@ -82,8 +83,9 @@ async def stop(options: argparse.Namespace) -> int:
                 timeout=options.timeout,
             )
         finally:
-            if watch is not None:
+            if watch is not None:  # ended here, before its channel closes
                 watch.cancel()
+                await asyncio.wait([watch])  # its end, not its cancellation, raised here
     if not options.json:
         print(f"computation {options.computation_id} stopped")
     return 0
