@@ -345,7 +345,7 @@ def _dial_out_parts(
     metrics = Metrics(CollectorRegistry())
     buffer = OutgoingBuffer(size, 1 << 20, 8, 1 << 20, metrics)
     runs = RunRequests(m.service, buffer, metrics, Complaints(get_logger()))
-    untap = m.service.bus.tap(lambda message: buffer.offer(message, True) or runs.dropped(message))
+    untap = m.service.bus.tap(lambda message: runs.on_bus_message(message, True))
     return buffer, runs, untap
 
 
@@ -392,26 +392,20 @@ async def test_no_other_failed_event_stands_in_for_the_answer_to_a_request(
         await m.stub.Stop(pb.StopRequest(computation_id="dup"))
 
 
-async def test_a_failed_start_is_told_once_and_answered_when_its_event_was_dropped(
+async def test_a_failed_start_is_told_once_even_by_a_full_buffer(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A Run that fails after admission is told by the service's own event, not answered
-    again; if the buffer dropped that event, the dial-out answers instead."""
+    again; that event is the request's answer, so a full buffer does not drop it."""
     async with running_manager(tmp_path, monkeypatch) as m:
         monkeypatch.setenv("FAKE_QEMU_MODE", "fail")
-        buffer, runs, untap = _dial_out_parts(m)
-        runs.on_message(run_request("told").SerializeToString())
-        await runs.settle(10)
-        untap()
-        told = _failures_sent(buffer, "told")
-        assert len(told) == 1 and "fake failure" in told[0]["error"], told
-        assert "code" not in told[0]  # the service's event, not the dial-out's answer
-
-        # One place, held for the request's answer: every event is dropped (a full buffer).
-        buffer, runs, untap = _dial_out_parts(m, size=1)
-        runs.on_message(run_request("dropped").SerializeToString())
-        await runs.settle(10)
-        untap()
-        answered = _failures_sent(buffer, "dropped")
-        assert len(answered) == 1 and "fake failure" in answered[0]["error"], answered
-        assert answered[0]["code"] != "OK"  # the dial-out's answer, with the Run's status
+        for cid, size in (("roomy", 100), ("full", 1)):  # 1: the place held for the answer
+            buffer, runs, untap = _dial_out_parts(m, size)
+            runs.on_message(run_request(cid).SerializeToString())
+            await runs.settle(10)
+            untap()
+            told = _failures_sent(buffer, cid)
+            assert len(told) == 1 and "fake failure" in told[0]["error"], told
+            assert "code" not in told[0]  # the service's event, not the dial-out's answer
+            if size == 1:
+                assert buffer.dropped_total > 0  # its other events were dropped

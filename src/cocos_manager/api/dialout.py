@@ -210,8 +210,7 @@ class DialOut:
 
     def _on_bus_message(self, message: pb.ClientStreamMessage) -> None:
         """Called inside EventBus.publish: appends or drops, never waits."""
-        if not self._buffer.offer(message, self.connected):
-            self._requests.dropped(message)  # a dropped event told the stream nothing
+        self._requests.on_bus_message(message, self.connected)
 
     # -- the connection ----------------------------------------------------------------------
 

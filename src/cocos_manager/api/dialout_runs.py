@@ -33,26 +33,24 @@ class RunRequests:
         self._metrics = metrics
         self._complaints = complaints
         self._tasks: set[asyncio.Task[None]] = set()
-        # Requests in flight per computation id, and how many of the service's vm-provision
-        # failed events for it the buffer dropped meanwhile (ManagerError.told says whether
-        # the service published the Run's failure; a dropped one told the stream nothing).
-        self._inflight: dict[str, int] = {}
-        self._dropped_failures: dict[str, int] = {}
+        self._inflight: dict[str, int] = {}  # requests in flight per computation id
 
-    def dropped(self, message: pb.ClientStreamMessage) -> None:
-        """A message the buffer dropped: a failed start it would have told of is answered.
-        The service's own only: an agent may send any event type and status (its originator
+    def on_bus_message(self, message: pb.ClientStreamMessage, connected: bool) -> None:
+        """Every message the service publishes, into the buffer (called inside
+        EventBus.publish: never waits). The service's own failed start of a computation with
+        a request in flight is that request's answer (ManagerError.told): never dropped.
+        An agent's event of that type and status is not (agents choose both; its originator
         is made "agent")."""
-        if message.HasField("agent_event"):
+        if message.HasField("agent_event") and message.agent_event.computation_id in self._inflight:
             event = message.agent_event
             if (
                 event.event_type == PROVISION
                 and event.status == "failed"
                 and event.originator == MANAGER_ORIGINATOR
             ):
-                cid = event.computation_id
-                if cid in self._inflight:
-                    self._dropped_failures[cid] = self._dropped_failures.get(cid, 0) + 1
+                self._buffer.push(message)
+                return
+        self._buffer.offer(message, connected)
 
     def on_message(self, raw: bytes) -> None:
         """One message read from the stream (the reader made room for its answer first)."""
@@ -63,9 +61,7 @@ class RunRequests:
         cid = request.id
         self._buffer.request_read(len(raw))
         self._inflight[cid] = self._inflight.get(cid, 0) + 1
-        task = asyncio.ensure_future(
-            self._handle(request, len(raw), self._dropped_failures.get(cid, 0))
-        )
+        task = asyncio.ensure_future(self._handle(request, len(raw)))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -91,17 +87,17 @@ class RunRequests:
                 answer(message.computation_id, message.describe(), grpc.StatusCode.INVALID_ARGUMENT)
             )
 
-    async def _handle(self, request: pb.ComputationRunReq, size: int, dropped_before: int) -> None:
+    async def _handle(self, request: pb.ComputationRunReq, size: int) -> None:
         cid = request.id
         _log.debug("dial-out: Run requested", computation_id=cid, size=size)
         try:
             response = await self._service.run(request)
         except ManagerError as error:
             self._metrics.dialout_requests.labels(outcome="failed").inc()
-            # Told on Events and taken for the stream: answered already. A request refused
+            # Its own Run's failed event went up already (on_bus_message). A request refused
             # before admission (a duplicate id) is answered even while another Run of the
             # same id publishes its own failure.
-            if not error.told or self._dropped_failures.get(cid, 0) != dropped_before:
+            if not error.told:
                 self._buffer.push(answer(cid, str(error), error.code))
             # Refusals cost a server nothing to send: said at a bounded rate, counted always.
             self._complaints.say(
@@ -122,7 +118,6 @@ class RunRequests:
                 self._inflight[cid] = left
             else:
                 self._inflight.pop(cid, None)
-                self._dropped_failures.pop(cid, None)
 
 
 def answer(computation_id: str, error: str, code: grpc.StatusCode) -> pb.ClientStreamMessage:
