@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from cocos_manager.events import bus as events_bus
 from cocos_manager.events.bus import EventBus
 from cocos_manager.events.messages import log_message, shutdown_notice
 from cocos_manager.proto import manager_pb2 as pb
@@ -236,6 +237,25 @@ def test_a_filtered_replay_is_told_of_lost_manager_wide_messages() -> None:
     assert [m.agent_event.event_type for m in replay] == ["events-lost"]
     assert json.loads(replay[0].agent_event.details) == {"lost": 1, "since": 1}
     assert list(bus.subscribe("quiet", since=2)._replay) == []  # it had seen the notice
+
+
+def test_a_stream_of_one_computation_is_not_told_of_others_losses_past_the_remembered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """More computations evicted than are remembered: one whose own last eviction is still
+    known, and came before `since`, lost nothing (the manager-wide messages, never evicted
+    here, are no loss either). A first version of the manager-wide check said otherwise."""
+    monkeypatch.setattr(events_bus, "_REMEMBERED_EVICTIONS", 5)
+    bus = EventBus(retain=3)
+    for i in range(10):
+        bus.publish(log_message(f"other{i}", "info", "x"))  # seq 1-10
+    bus.publish(log_message("mine", "info", "m1"))  # seq 11, seen by the client
+    for i in range(6):
+        bus.publish(log_message(f"more{i}", "info", "y"))  # 12-17; 11-14 evicted
+    assert bus._evictions.forgot
+    assert list(bus.subscribe("mine", since=11)._replay) == []
+    lost = list(bus.subscribe("mine", since=10)._replay)
+    assert [m.agent_event.event_type for m in lost] == ["events-lost"]
 
 
 def test_a_filtered_replay_is_told_only_of_its_own_losses() -> None:

@@ -59,6 +59,38 @@ computation whether it lost anything."""
 _log = get_logger()
 
 
+class Evictions:
+    """What left the retained history, for a replay to tell whether its filter lost anything
+    after `since`: for one computation (and the manager-wide messages it gets too), known
+    exactly from each one's last eviction, unless more were evicted than are remembered. A
+    control plane following its own computation is not told of other computations' losses."""
+
+    def __init__(self) -> None:
+        # computation id -> seq of its last evicted message, least recently evicted first
+        self._last: dict[str, int] = {}
+        self.forgot = False
+        self._last_wide = 0  # of the manager-wide messages: never forgotten
+
+    def note(self, evicted: Published) -> None:
+        if not evicted.computation_id:
+            self._last_wide = evicted.seq
+            return
+        last = self._last
+        last.pop(evicted.computation_id, None)  # re-inserted last: oldest first
+        last[evicted.computation_id] = evicted.seq
+        if len(last) > _REMEMBERED_EVICTIONS:
+            del last[next(iter(last))]
+            self.forgot = True
+
+    def lost_after(self, computation_id: str, since: int) -> bool:
+        if not computation_id or self._last_wide > since:
+            return True
+        last = self._last.get(computation_id)
+        if last is None:
+            return self.forgot
+        return last > since
+
+
 class EventBus:
     def __init__(
         self,
@@ -85,9 +117,7 @@ class EventBus:
         self._on_drop = on_drop
         self._history: deque[Published] = deque()
         self._history_bytes = 0
-        # computation id -> seq of its last evicted message, least recently evicted first
-        self._last_evicted: dict[str, int] = {}
-        self._forgot_evictions = False
+        self._evictions = Evictions()
         self._first_seq = first_seq
         self._seq = first_seq - 1
         self._room: dict[str, asyncio.Future[None]] = {}
@@ -170,7 +200,7 @@ class EventBus:
                 )
             )
             since = self._first_seq - 1
-        elif since + 1 < oldest and self._lost_after(computation_id, since):
+        elif since + 1 < oldest and self._evictions.lost_after(computation_id, since):
             lost = oldest - since - 1
             out.append(
                 manager_event(computation_id, EVENTS_LOST, "replay", {"lost": lost, "since": since})
@@ -184,19 +214,6 @@ class EventBus:
         else:
             out += (item.message for item in self._history if item.seq > since)
         return out
-
-    def _lost_after(self, computation_id: str, since: int) -> bool:
-        """Whether a message of this stream's filter numbered after `since` was evicted: for
-        one computation (and the manager-wide messages it gets too), known exactly from each
-        one's last eviction, unless more were evicted than are remembered. A control plane
-        following its own computation is not told of other computations' losses."""
-        if not computation_id:
-            return True
-        for wanted in (computation_id, ""):
-            last = self._last_evicted.get(wanted)
-            if (last is None and self._forgot_evictions) or (last is not None and last > since):
-                return True
-        return False
 
     def backlogged(self, computation_id: str) -> None:
         self._backlogged.add(computation_id)
@@ -257,22 +274,14 @@ class EventBus:
         if not self._retain:
             # Nothing is kept: every message is lost to replay at once, and a replay of its
             # computation must say so (as one of every computation does).
-            self._note_eviction(item)
+            self._evictions.note(item)
             return
         self._history.append(item)
         self._history_bytes += item.size
         while len(self._history) > self._retain or self._history_bytes > self._retain_bytes:
             evicted = self._history.popleft()
             self._history_bytes -= evicted.size
-            self._note_eviction(evicted)
-
-    def _note_eviction(self, evicted: Published) -> None:
-        last = self._last_evicted
-        last.pop(evicted.computation_id, None)  # re-inserted last: oldest first
-        last[evicted.computation_id] = evicted.seq
-        if len(last) > _REMEMBERED_EVICTIONS:
-            del last[next(iter(last))]
-            self._forgot_evictions = True
+            self._evictions.note(evicted)
 
     # -- pacing -----------------------------------------------------------------------------
 
