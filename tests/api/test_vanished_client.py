@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from pydantic import ValidationError
 
 from cocos_manager.api.server import keepalive_options
 from cocos_manager.config import ServiceSettings
@@ -97,8 +98,8 @@ async def test_a_vanished_events_client_gives_its_place_back(
             tmp_path,
             monkeypatch,
             MANAGER_EVENTS_MAX_SUBSCRIBERS="1",
-            MANAGER_GRPC_KEEPALIVE="500ms",
-            MANAGER_GRPC_KEEPALIVE_TIMEOUT="500ms",
+            MANAGER_GRPC_KEEPALIVE="1s",
+            MANAGER_GRPC_KEEPALIVE_TIMEOUT="1s",
         ) as m,
         SilentRelay(m.server.port).running() as relay,
     ):
@@ -108,9 +109,9 @@ async def test_a_vanished_events_client_gives_its_place_back(
             await asyncio.wait_for(call.initial_metadata(), GUARD)
             await subscribers(m, 1, GUARD)
             # Pinged a few times with no data sent (an idle stream) before the network goes.
-            await asyncio.sleep(2)
+            await asyncio.sleep(3)
             relay.go_silent()  # the client's end of the network is gone; its call stays open
-            # Its place comes back once its pings go unanswered (about 1 s here); without
+            # Its place comes back once its pings go unanswered (about 2 s here); without
             # pings the daemon's socket stays established and the place taken for ever.
             await subscribers(m, 0, GUARD)
             second = m.stub.Events(pb.EventsRequest())
@@ -129,12 +130,12 @@ async def test_pings_leave_a_live_idle_stream_alone(
     async with running_manager(
         tmp_path,
         monkeypatch,
-        MANAGER_GRPC_KEEPALIVE="100ms",
-        MANAGER_GRPC_KEEPALIVE_TIMEOUT="2s",
+        MANAGER_GRPC_KEEPALIVE="1s",
+        MANAGER_GRPC_KEEPALIVE_TIMEOUT="1s",
     ) as m:
         call = m.stub.Events(pb.EventsRequest())
         await asyncio.wait_for(call.initial_metadata(), GUARD)
-        await asyncio.sleep(1.5)  # about 15 pings
+        await asyncio.sleep(4)  # about 4 pings
         assert m.service.bus.subscriber_count == 1
         m.service.bus.publish(log_message("c", "info", "still here"))
         message = await asyncio.wait_for(call.read(), GUARD)
@@ -142,10 +143,74 @@ async def test_pings_leave_a_live_idle_stream_alone(
         call.cancel()
 
 
+async def test_a_client_pinging_every_few_seconds_keeps_its_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client with keepalive of its own (every 6 s, a stream open, the server's pings off so
+    that they do not stand in for the client's): gRPC's default policy took a ping more often
+    than every 5 minutes as a strike, and the third ended the stream with GOAWAY
+    `too_many_pings` (about 24 s in)."""
+    async with running_manager(tmp_path, monkeypatch, MANAGER_GRPC_KEEPALIVE="0") as m:
+        pinging = grpc.aio.insecure_channel(
+            f"127.0.0.1:{m.server.port}",
+            # As a Go client pings: whether or not data flows (Python's stops after two).
+            options=[
+                ("grpc.keepalive_time_ms", 6000),
+                ("grpc.keepalive_timeout_ms", 5000),
+                ("grpc.http2.max_pings_without_data", 0),
+            ],
+        )
+        try:
+            call = pb_grpc.ManagerServiceStub(pinging).Events(pb.EventsRequest())
+            await asyncio.wait_for(call.initial_metadata(), GUARD)
+            await asyncio.sleep(30)  # five pings
+            m.service.bus.publish(log_message("c", "info", "still subscribed"))
+            message = await asyncio.wait_for(call.read(), GUARD)
+            assert message is not grpc.aio.EOF, await call.details()
+            assert message.agent_log.message == "still subscribed"
+            call.cancel()
+        finally:
+            await pinging.close(grace=0)
+
+
+async def test_an_idle_client_pinging_every_few_seconds_keeps_its_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same client with no call open (`permit_without_calls`, as a Go client set to ping
+    idle connections): gRPC's default allowed it one ping per 2 hours, and the third early
+    one closed the connection with GOAWAY."""
+    async with running_manager(tmp_path, monkeypatch, MANAGER_GRPC_KEEPALIVE="0") as m:
+        pinging = grpc.aio.insecure_channel(
+            f"127.0.0.1:{m.server.port}",
+            options=[
+                ("grpc.keepalive_time_ms", 6000),
+                ("grpc.keepalive_timeout_ms", 5000),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.max_pings_without_data", 0),
+            ],
+        )
+        try:
+            await asyncio.wait_for(pinging.channel_ready(), GUARD)
+            await asyncio.sleep(30)  # five pings, no call
+            assert pinging.get_state() is grpc.ChannelConnectivity.READY
+        finally:
+            await pinging.close(grace=0)
+
+
+def test_keepalive_settings_below_a_second_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in (("MANAGER_GRPC_KEEPALIVE", "1ms"), ("MANAGER_GRPC_KEEPALIVE_TIMEOUT", "0")):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ValidationError, match="1s or more"):
+            ServiceSettings()
+        monkeypatch.delenv(name)
+
+
 def test_keepalive_zero_sends_no_pings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MANAGER_GRPC_KEEPALIVE", "0")
-    assert keepalive_options(ServiceSettings()) == []
+    options = dict(keepalive_options(ServiceSettings()))
+    assert "grpc.keepalive_time_ms" not in options
+    assert options["grpc.http2.min_ping_interval_without_data_ms"] == 5000  # clients may ping
     monkeypatch.setenv("MANAGER_GRPC_KEEPALIVE", "1m")
-    monkeypatch.setenv("MANAGER_GRPC_KEEPALIVE_TIMEOUT", "250ms")
+    monkeypatch.setenv("MANAGER_GRPC_KEEPALIVE_TIMEOUT", "2500ms")
     assert dict(keepalive_options(ServiceSettings()))["grpc.keepalive_time_ms"] == 60_000
-    assert dict(keepalive_options(ServiceSettings()))["grpc.http2.ping_timeout_ms"] == 250
+    assert dict(keepalive_options(ServiceSettings()))["grpc.http2.ping_timeout_ms"] == 2500

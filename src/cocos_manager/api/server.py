@@ -20,6 +20,7 @@ from cocos_manager.proto import manager_pb2_grpc as pb_grpc
 from cocos_manager.service import ManagerService
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ManagerService"].full_name
+CLIENT_PING_FLOOR_MS = 5_000
 # grpc_reflection.v1alpha.reflection.SERVICE_NAME, spelled out so that naming it does not load
 # the reflection package (tests/api/test_server_features.py holds the two equal).
 REFLECTION_SERVICE = "grpc.reflection.v1alpha.ServerReflection"
@@ -87,11 +88,21 @@ def keepalive_options(settings: ServiceSettings) -> list[tuple[str, int]]:
     place; without them the socket stays established and the place taken for ever. gRPC
     waits 60 s for any ping's answer unless told otherwise. An idle stream sends no data:
     pings without data are allowed without limit (a server's default in gRPC 1.85, said
-    here, as clients' default is 2). Connections without calls hold nothing and are not
-    pinged."""
+    here, as clients' default is 2). Connections without calls are pinged too: one that died
+    is closed rather than kept.
+
+    A client's own keepalive pings are taken every CLIENT_PING_FLOOR_MS or less often, with
+    calls or without. gRPC's defaults, every 5 minutes with calls and every 2 hours without,
+    ended an Events stream of a client pinging every 10 s (the floor of gRPC's clients) with
+    GOAWAY `too_many_pings` after about 40 s, and an idle client's connection likewise."""
+    accept = [
+        ("grpc.http2.min_ping_interval_without_data_ms", CLIENT_PING_FLOOR_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
     if settings.GRPC_KEEPALIVE == 0:
-        return []
+        return accept
     return [
+        *accept,
         ("grpc.keepalive_time_ms", _ms(settings.GRPC_KEEPALIVE)),
         ("grpc.keepalive_timeout_ms", _ms(settings.GRPC_KEEPALIVE_TIMEOUT)),
         ("grpc.http2.ping_timeout_ms", _ms(settings.GRPC_KEEPALIVE_TIMEOUT)),

@@ -83,6 +83,12 @@ OptionalNonNegativeDuration = Annotated[
     float | None, NoDecode, BeforeValidator(parse_optional_go_duration), _NOT_NEGATIVE
 ]
 PositiveDuration = Annotated[GoDuration, rule(lambda v: v > 0, "a timeout must be positive")]
+# Pings: below a second they cost CPU (1ms: a core's tenth) and a live client on a busy host
+# misses its answer (1ms: a Logs follower dropped within seconds).
+PingInterval = Annotated[
+    GoDuration, rule(lambda v: v == 0 or v >= 1, "must be 0 (no pings) or 1s or more")
+]
+PingTimeout = Annotated[GoDuration, rule(lambda v: v >= 1, "must be 1s or more")]
 PositiveInt = Annotated[GoInt, AtLeast(1)]
 ZeroOrMore = Annotated[GoInt, AtLeast(0)]
 Nice = Annotated[GoInt, Within(-20, 19, "a nice value is from -20 to 19")]

@@ -40,6 +40,8 @@ from cocos_manager.config.kinds import (
     NonNegativeDuration,
     OptionalNonNegativeDuration,
     OptionalPort,
+    PingInterval,
+    PingTimeout,
     Port,
     PositiveDuration,
     PositiveInt,
@@ -205,8 +207,8 @@ class ServiceSettings(_FromEnvironment, BaseSettings):
     METRICS_HOST: str = ""  # "" = the address of MANAGER_GRPC_HOST
     GRPC_MAX_MESSAGE_SIZE: PositiveInt = 8 * 1024 * 1024
     # Pings to a client with a call open, so that one gone silent frees its stream's place.
-    GRPC_KEEPALIVE: NonNegativeDuration = 30.0  # 0 = no pings
-    GRPC_KEEPALIVE_TIMEOUT: PositiveDuration = 20.0
+    GRPC_KEEPALIVE: PingInterval = 30.0  # 0 = no pings
+    GRPC_KEEPALIVE_TIMEOUT: PingTimeout = 20.0
     EVENTS_MAX_SUBSCRIBERS: ZeroOrMore = 64  # 0 = no limit
     EVENTS_QUEUE_BYTES: PositiveInt = 16 * 1024 * 1024
     EVENTS_RETAIN: ZeroOrMore = 10_000
