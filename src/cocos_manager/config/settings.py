@@ -206,7 +206,7 @@ class ServiceSettings(_FromEnvironment, BaseSettings):
     # Hardening for real hosts: docs/decisions.md, "Hardening: bounds against clients and guests".
     METRICS_HOST: str = ""  # "" = the address of MANAGER_GRPC_HOST
     GRPC_MAX_MESSAGE_SIZE: PositiveInt = 8 * 1024 * 1024
-    # Pings to a client with a call open, so that one gone silent frees its stream's place.
+    # Pings to each client connection, so that one gone silent frees its streams' places.
     GRPC_KEEPALIVE: PingInterval = 30.0  # 0 = no pings
     GRPC_KEEPALIVE_TIMEOUT: PingTimeout = 20.0
     EVENTS_MAX_SUBSCRIBERS: ZeroOrMore = 64  # 0 = no limit
