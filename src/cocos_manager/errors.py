@@ -16,9 +16,20 @@ class ManagerError(Exception):
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     reason: str = "internal"
-    # This failure was published on Events as the VM's `vm-provision` `failed` (a Run that
-    # got past admission), so a dial-out stream has been told already (api/dialout_runs.py).
-    told: bool = False
+
+
+_TOLD = "cocos_told"
+
+
+def mark_told(error: BaseException, told: bool) -> None:
+    """Whether this Run's failure (any exception, a cancellation included) was published on
+    Events as its VM's `vm-provision` `failed`, which a Run past admission publishes: a
+    dial-out stream has then been told already (api/dialout_runs.py)."""
+    setattr(error, _TOLD, told)
+
+
+def was_told(error: BaseException) -> bool:
+    return bool(getattr(error, _TOLD, False))
 
 
 class InvalidArgumentError(ManagerError):

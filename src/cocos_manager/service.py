@@ -33,6 +33,7 @@ from cocos_manager.errors import (
     NotFoundError,
     ResourceExhaustedError,
     UnavailableError,
+    mark_told,
 )
 from cocos_manager.events import ConsoleArchive, ConsoleLog, EventBus, Subscription
 from cocos_manager.host import StateStore, TaskSet
@@ -219,8 +220,9 @@ class ManagerService:
         nothing behind. `payload`: the manifest, or a CreateVm'd VM's environment file."""
         try:
             await start_to_running(machine, payload)
-        except ManagerError as error:
-            error.told = machine.ended is not None and machine.ended.event == (PROVISION, "failed")
+        except BaseException as error:  # a cancelled caller's CancelledError included
+            ended = machine.ended
+            mark_told(error, ended is not None and ended.event == (PROVISION, "failed"))
             raise
 
     # -- today's upstream control plane: CreateVm, RemoveVm, CVMInfo -------------------------

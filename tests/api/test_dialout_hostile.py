@@ -409,3 +409,68 @@ async def test_a_failed_start_is_told_once_even_by_a_full_buffer(
             assert "code" not in told[0]  # the service's event, not the dial-out's answer
             if size == 1:
                 assert buffer.dropped_total > 0  # its other events were dropped
+
+
+async def test_requests_read_or_cut_short_by_the_shutdown_are_answered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At shutdown (settle): a request still validating when settle gives up on it, and one
+    read after the shutdown began, got no answer at all. Both are answered UNAVAILABLE, and
+    the second is not run."""
+    import cocos_manager.service as service_module
+
+    validating = asyncio.Event()
+    real = service_module.validated_manifest
+
+    async def slow(request: pb.ComputationRunReq) -> bytes:
+        if request.id == "slow":
+            validating.set()
+            await asyncio.sleep(60)
+        return await real(request)
+
+    monkeypatch.setattr(service_module, "validated_manifest", slow)
+    async with running_manager(tmp_path, monkeypatch) as m:
+        buffer, runs, untap = _dial_out_parts(m)
+        runs.on_message(run_request("slow").SerializeToString())
+        await asyncio.wait_for(validating.wait(), WAIT)
+        await runs.settle(0.2)
+        runs.on_message(run_request("after").SerializeToString())
+        await asyncio.sleep(0.1)
+        untap()
+        for cid in ("slow", "after"):
+            answered = _failures_sent(buffer, cid)
+            assert [a["code"] for a in answered] == ["UNAVAILABLE"], (cid, answered)
+            assert "shutting down" in answered[0]["error"]
+        assert "after" not in m.service.computations()
+
+
+@pytest.mark.parametrize("fault", ["cancelled while starting", "a bug after admission"])
+async def test_a_run_past_admission_is_told_once_however_it_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str
+) -> None:
+    """Its VM's own failed event is the answer: a start cancelled by the shutdown's settle
+    (its VM released as a client's cancel), or one that raised something other than a
+    ManagerError (a bug), was answered a second time."""
+    import cocos_manager.vm.start as vm_start
+
+    if fault == "cancelled while starting":
+        monkeypatch.setenv("FAKE_QEMU_MODE", "no-qmp")  # never ready
+    else:
+
+        async def broken(machine: object) -> None:
+            raise RuntimeError("a bug after admission")
+
+        monkeypatch.setattr(vm_start, "note_launch", broken)
+    async with running_manager(tmp_path, monkeypatch, MANAGER_QEMU_START_TIMEOUT="60s") as m:
+        buffer, runs, untap = _dial_out_parts(m)
+        runs.on_message(run_request("once").SerializeToString())
+        if fault == "cancelled while starting":
+            for _ in range(500):
+                if "once" in m.service.computations():
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)
+        await runs.settle(0.2 if fault == "cancelled while starting" else WAIT)
+        untap()
+        told = _failures_sent(buffer, "once")
+        assert len(told) == 1 and "code" not in told[0], told

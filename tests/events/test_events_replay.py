@@ -252,10 +252,26 @@ def test_a_stream_of_one_computation_is_not_told_of_others_losses_past_the_remem
     bus.publish(log_message("mine", "info", "m1"))  # seq 11, seen by the client
     for i in range(6):
         bus.publish(log_message(f"more{i}", "info", "y"))  # 12-17; 11-14 evicted
-    assert bus._evictions.forgot
+    assert bus._evictions.forgot_upto > 0
     assert list(bus.subscribe("mine", since=11)._replay) == []
     lost = list(bus.subscribe("mine", since=10)._replay)
     assert [m.agent_event.event_type for m in lost] == ["events-lost"]
+
+
+def test_a_computation_never_evicted_is_told_of_no_loss_after_what_was_forgotten(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Evictions forgotten (more computations than remembered): a computation that has all
+    its messages retained, replayed from before them, was told of a loss for ever after."""
+    monkeypatch.setattr(events_bus, "_REMEMBERED_EVICTIONS", 5)
+    bus = EventBus(retain=3)
+    for i in range(6):
+        bus.publish(log_message(f"other{i}", "info", "x"))  # seq 1-6; 1-3 evicted
+    for i in range(3):
+        bus.publish(log_message("fresh", "info", f"f{i}"))  # seq 7-9; 4-6 evicted
+    assert bus._evictions.forgot_upto == 1  # other0's, forgotten for other5's
+    replay = bus.subscribe("fresh", since=5)._replay  # seq 6 (other5) is no loss of its
+    assert [m.agent_log.message for m in replay] == ["f0", "f1", "f2"]
 
 
 def test_a_filtered_replay_is_told_only_of_its_own_losses() -> None:

@@ -10,7 +10,7 @@ import grpc
 
 from cocos_manager.api.dialout_buffer import OutgoingBuffer
 from cocos_manager.api.dialout_requests import Complaints, Undecodable, decode_request
-from cocos_manager.errors import ManagerError
+from cocos_manager.errors import ManagerError, was_told
 from cocos_manager.events import MANAGER_ORIGINATOR, manager_event
 from cocos_manager.proto import manager_pb2 as pb
 from cocos_manager.service import ManagerService
@@ -18,6 +18,7 @@ from cocos_manager.telemetry import Metrics, get_logger
 from cocos_manager.vm import PROVISION
 
 _log = get_logger()
+SHUTTING_DOWN = "the manager is shutting down: the request was not run"
 
 
 class RunRequests:
@@ -34,13 +35,14 @@ class RunRequests:
         self._complaints = complaints
         self._tasks: set[asyncio.Task[None]] = set()
         self._inflight: dict[str, int] = {}  # requests in flight per computation id
+        self._closing = False
 
     def on_bus_message(self, message: pb.ClientStreamMessage, connected: bool) -> None:
         """Every message the service publishes, into the buffer (called inside
         EventBus.publish: never waits). The service's own failed start of a computation with
-        a request in flight is that request's answer (ManagerError.told): never dropped.
-        An agent's event of that type and status is not (agents choose both; its originator
-        is made "agent")."""
+        a request in flight is that request's answer (errors.was_told): never dropped. So is
+        another Run's of the same id meanwhile, at most one per admitted Run. An agent's event
+        of that type and status is not (agents choose both; its originator is made "agent")."""
         if message.HasField("agent_event") and message.agent_event.computation_id in self._inflight:
             event = message.agent_event
             if (
@@ -59,6 +61,10 @@ class RunRequests:
             self._on_undecodable(request)
             return
         cid = request.id
+        if self._closing:  # read after the shutdown began: answered, not run
+            self._metrics.dialout_requests.labels(outcome="failed").inc()
+            self._buffer.push(answer(cid, SHUTTING_DOWN, grpc.StatusCode.UNAVAILABLE))
+            return
         self._buffer.request_read(len(raw))
         self._inflight[cid] = self._inflight.get(cid, 0) + 1
         task = asyncio.ensure_future(self._handle(request, len(raw)))
@@ -66,8 +72,11 @@ class RunRequests:
         task.add_done_callback(self._tasks.discard)
 
     async def settle(self, timeout: float) -> None:
-        """At shutdown: the Runs in flight end (normally ended already: the service refuses
-        and ends Runs at shutdown); those still going after `timeout` are cancelled."""
+        """At shutdown: no request read from now on is run (each is answered UNAVAILABLE at
+        once), and the Runs in flight end (normally ended already: the service refuses and
+        ends Runs at shutdown); those still going after `timeout` are cancelled, and answered
+        unless their VM told of its failure."""
+        self._closing = True
         if self._tasks:
             _, late = await asyncio.wait(list(self._tasks), timeout=timeout)
             for task in late:
@@ -92,12 +101,17 @@ class RunRequests:
         _log.debug("dial-out: Run requested", computation_id=cid, size=size)
         try:
             response = await self._service.run(request)
+        except asyncio.CancelledError as error:  # only settle() cancels
+            self._metrics.dialout_requests.labels(outcome="failed").inc()
+            if not was_told(error):
+                self._buffer.push(answer(cid, SHUTTING_DOWN, grpc.StatusCode.UNAVAILABLE))
+            raise
         except ManagerError as error:
             self._metrics.dialout_requests.labels(outcome="failed").inc()
             # Its own Run's failed event went up already (on_bus_message). A request refused
             # before admission (a duplicate id) is answered even while another Run of the
             # same id publishes its own failure.
-            if not error.told:
+            if not was_told(error):
                 self._buffer.push(answer(cid, str(error), error.code))
             # Refusals cost a server nothing to send: said at a bounded rate, counted always.
             self._complaints.say(
@@ -105,7 +119,10 @@ class RunRequests:
             )
         except Exception as error:  # a bug; the stream and the daemon live on
             self._metrics.dialout_requests.labels(outcome="failed").inc()
-            self._buffer.push(answer(cid, f"internal error: {error!r}", grpc.StatusCode.INTERNAL))
+            if not was_told(error):
+                self._buffer.push(
+                    answer(cid, f"internal error: {error!r}", grpc.StatusCode.INTERNAL)
+                )
             _log.exception("dial-out: Run raised", computation_id=cid)
         else:
             self._metrics.dialout_requests.labels(outcome="ok").inc()

@@ -62,13 +62,14 @@ _log = get_logger()
 class Evictions:
     """What left the retained history, for a replay to tell whether its filter lost anything
     after `since`: for one computation (and the manager-wide messages it gets too), known
-    exactly from each one's last eviction, unless more were evicted than are remembered. A
+    exactly from each one's last eviction; one no longer remembered (more were evicted than
+    are remembered) is told of a loss when a forgotten eviction came after `since`. A
     control plane following its own computation is not told of other computations' losses."""
 
     def __init__(self) -> None:
         # computation id -> seq of its last evicted message, least recently evicted first
         self._last: dict[str, int] = {}
-        self.forgot = False
+        self.forgot_upto = 0  # the newest eviction forgotten: any computation's, as far as known
         self._last_wide = 0  # of the manager-wide messages: never forgotten
 
     def note(self, evicted: Published) -> None:
@@ -79,15 +80,15 @@ class Evictions:
         last.pop(evicted.computation_id, None)  # re-inserted last: oldest first
         last[evicted.computation_id] = evicted.seq
         if len(last) > _REMEMBERED_EVICTIONS:
-            del last[next(iter(last))]
-            self.forgot = True
+            oldest = next(iter(last))
+            self.forgot_upto = max(self.forgot_upto, last.pop(oldest))
 
     def lost_after(self, computation_id: str, since: int) -> bool:
         if not computation_id or self._last_wide > since:
             return True
         last = self._last.get(computation_id)
         if last is None:
-            return self.forgot
+            return self.forgot_upto > since
         return last > since
 
 

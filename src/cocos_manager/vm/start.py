@@ -23,6 +23,7 @@ from cocos_manager.errors import (
     ManagerError,
     QemuExitedError,
     QemuStopFailedError,
+    mark_told,
 )
 from cocos_manager.events import manager_event
 from cocos_manager.host import start_pool
@@ -104,7 +105,7 @@ def tell_admission_failed(machine: StartingVm, error: ManagerError) -> None:
     failed = {"reason": StopReason.FAILED.value, "error": str(error)}
     machine.ctx.bus.publish(manager_event(machine.id, PROVISION, "starting", None))
     machine.ctx.bus.publish(manager_event(machine.id, PROVISION, "failed", failed))
-    error.told = True
+    mark_told(error, True)
 
 
 async def launch(machine: StartingVm, argv: list[str], listener: socket.socket) -> QemuProcess:
