@@ -221,6 +221,11 @@ class ManagerService:
         try:
             await start_to_running(machine, payload)
         except BaseException as error:  # a cancelled caller's CancelledError included
+            # A cancellation that cut the start's wait for its release (one is under way
+            # once a stop reason is set): its final event decides.
+            if machine.ended is None and machine.stop_reason is not None:
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(machine.released)
             ended = machine.ended
             mark_told(error, ended is not None and ended.event == (PROVISION, "failed"))
             raise

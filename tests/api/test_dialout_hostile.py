@@ -474,3 +474,41 @@ async def test_a_run_past_admission_is_told_once_however_it_ends(
         untap()
         told = _failures_sent(buffer, "once")
         assert len(told) == 1 and "code" not in told[0], told
+
+
+async def test_a_failing_start_cancelled_mid_release_is_told_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A start that failed on its own, its release still under way (a QEMU slow to die) when
+    the shutdown's settle cancels the request: the cancellation cut the start's wait for its
+    release, the final event was not out yet, and the request was answered UNAVAILABLE as
+    well as by that event."""
+    import cocos_manager.vm.start as vm_start
+    import cocos_manager.vm.stop as vm_stop
+    from cocos_manager.errors import FailedPreconditionError
+
+    def record_fails(machine: object) -> None:
+        raise FailedPreconditionError("the record could not be written after QEMU started")
+
+    real_end = vm_stop.end_or_tell
+
+    async def slow_end(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        await asyncio.sleep(1.5)
+        return await real_end(*args, **kwargs)
+
+    monkeypatch.setattr(vm_start, "arm_ttl", record_fails)
+    monkeypatch.setattr(vm_stop, "end_or_tell", slow_end)
+    async with running_manager(tmp_path, monkeypatch) as m:
+        buffer, runs, untap = _dial_out_parts(m)
+        runs.on_message(run_request("slow-end").SerializeToString())
+        for _ in range(1000):  # until the start failed and its release began
+            machine = m.service.computations().get("slow-end")
+            if machine is not None and machine._failing:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the start did not fail")
+        await runs.settle(0.3)
+        untap()
+        told = _failures_sent(buffer, "slow-end")
+        assert len(told) == 1 and "code" not in told[0], told
