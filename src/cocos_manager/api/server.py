@@ -83,12 +83,12 @@ class Server:
 
 
 def keepalive_options(settings: ServiceSettings) -> list[tuple[str, int]]:
-    """Pings while a call is open, so that a client gone silent (no FIN, no RST: a host
+    """Pings to every connection, so that a client gone silent (no FIN, no RST: a host
     frozen, a route dropped) is disconnected and its Events or Logs stream ends, freeing its
     place; without them the socket stays established and the place taken for ever. gRPC
     waits 60 s for any ping's answer unless told otherwise. An idle stream sends no data:
     pings without data are allowed without limit (a server's default in gRPC 1.85, said
-    here, as clients' default is 2). Connections without calls are pinged too: one that died
+    here, as clients' default is 2). A connection without calls is pinged too: one that died
     is closed rather than kept.
 
     A client's own keepalive pings are taken every CLIENT_PING_FLOOR_MS or less often, with

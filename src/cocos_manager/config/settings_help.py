@@ -35,10 +35,9 @@ HELP: dict[str, str] = {
     "MANAGER_METRICS_HOST": "address `/metrics` listens on; empty = `MANAGER_GRPC_HOST`'s",
     "MANAGER_GRPC_MAX_MESSAGE_SIZE": "largest gRPC request in bytes; larger ones get "
     "`RESOURCE_EXHAUSTED`",
-    "MANAGER_GRPC_KEEPALIVE": "how often each client connection is pinged (`0`: never, "
-    "else `1s` or more); "
-    "one that does not answer within `MANAGER_GRPC_KEEPALIVE_TIMEOUT` is disconnected and its "
-    "Events or Logs stream's place freed",
+    "MANAGER_GRPC_KEEPALIVE": "how often each client connection is pinged (`0`: never, else "
+    "`1s` or more); one that does not answer within `MANAGER_GRPC_KEEPALIVE_TIMEOUT` is "
+    "disconnected and its Events or Logs stream's place freed",
     "MANAGER_GRPC_KEEPALIVE_TIMEOUT": "how long a ping may go unanswered (`1s` or more)",
     "MANAGER_EVENTS_MAX_SUBSCRIBERS": "Events streams at once (`0`: no limit); beyond, "
     "`RESOURCE_EXHAUSTED`",
