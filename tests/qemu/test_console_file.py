@@ -174,3 +174,15 @@ async def test_a_line_written_just_before_a_rotation_is_read_from_the_rotated_fi
     reader.close()
     os.close(keeper.fd)
     assert seen[:2] == ["first", "before the rotation"]
+
+
+async def test_a_reader_closed_before_it_ran_says_it_has_caught_up(tmp_path: Path) -> None:
+    """A re-adopted VM released while recovery read its console (its QEMU died then): the
+    reader was closed before its task first ran, so that task never ran its end, and
+    recovery waited MANAGER_QEMU_ADOPT_TIMEOUT (10 s) on `caught_up` for nothing."""
+    files = ConsoleFiles(tmp_path / "console-vm.log", BOUND)
+    files.path.write_bytes(b"")
+    reader = ConsoleReader(files, lambda *_: None, history=True)
+    reader.close()  # in the same turn of the loop: its task has not run
+    await asyncio.wait_for(asyncio.shield(reader.caught_up), 1.0)
+    await asyncio.wait_for(asyncio.shield(reader.ended), 1.0)

@@ -179,6 +179,10 @@ class ConsoleReader:
         if not self._task.done():
             self._task.cancel()
         self._close_fds()
+        # As _run's end says them: a task cancelled before it first ran never gets there.
+        for future in (self.ended, self.caught_up):
+            if not future.done():
+                future.set_result(None)
 
     @property
     def last_record_read(self) -> bool:
