@@ -143,6 +143,20 @@ async def test_pings_leave_a_live_idle_stream_alone(
         call.cancel()
 
 
+def pinging_channel(port: int, *, without_calls: bool) -> grpc.aio.Channel:
+    """A client pinging every 6 s as a Go client pings: whether or not data flows (Python's
+    stops after two); `without_calls`: with no call open too."""
+    return grpc.aio.insecure_channel(
+        f"127.0.0.1:{port}",
+        options=[
+            ("grpc.keepalive_time_ms", 6000),
+            ("grpc.keepalive_timeout_ms", 5000),
+            ("grpc.keepalive_permit_without_calls", int(without_calls)),
+            ("grpc.http2.max_pings_without_data", 0),
+        ],
+    )
+
+
 async def test_a_client_pinging_every_few_seconds_keeps_its_stream(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -151,15 +165,7 @@ async def test_a_client_pinging_every_few_seconds_keeps_its_stream(
     than every 5 minutes as a strike, and the third ended the stream with GOAWAY
     `too_many_pings` (about 24 s in)."""
     async with running_manager(tmp_path, monkeypatch, MANAGER_GRPC_KEEPALIVE="0") as m:
-        pinging = grpc.aio.insecure_channel(
-            f"127.0.0.1:{m.server.port}",
-            # As a Go client pings: whether or not data flows (Python's stops after two).
-            options=[
-                ("grpc.keepalive_time_ms", 6000),
-                ("grpc.keepalive_timeout_ms", 5000),
-                ("grpc.http2.max_pings_without_data", 0),
-            ],
-        )
+        pinging = pinging_channel(m.server.port, without_calls=False)
         try:
             call = pb_grpc.ManagerServiceStub(pinging).Events(pb.EventsRequest())
             await asyncio.wait_for(call.initial_metadata(), GUARD)
@@ -180,15 +186,7 @@ async def test_an_idle_client_pinging_every_few_seconds_keeps_its_connection(
     idle connections): gRPC's default allowed it one ping per 2 hours, and the third early
     one closed the connection with GOAWAY."""
     async with running_manager(tmp_path, monkeypatch, MANAGER_GRPC_KEEPALIVE="0") as m:
-        pinging = grpc.aio.insecure_channel(
-            f"127.0.0.1:{m.server.port}",
-            options=[
-                ("grpc.keepalive_time_ms", 6000),
-                ("grpc.keepalive_timeout_ms", 5000),
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.max_pings_without_data", 0),
-            ],
-        )
+        pinging = pinging_channel(m.server.port, without_calls=True)
         try:
             await asyncio.wait_for(pinging.channel_ready(), GUARD)
             await asyncio.sleep(30)  # five pings, no call

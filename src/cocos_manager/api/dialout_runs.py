@@ -62,8 +62,7 @@ class RunRequests:
             return
         cid = request.id
         if self._closing:  # read after the shutdown began: answered, not run
-            self._metrics.dialout_requests.labels(outcome="failed").inc()
-            self._buffer.push(answer(cid, SHUTTING_DOWN, grpc.StatusCode.UNAVAILABLE))
+            self._failed(cid, SHUTTING_DOWN, grpc.StatusCode.UNAVAILABLE)
             return
         self._buffer.request_read(len(raw))
         self._inflight[cid] = self._inflight.get(cid, 0) + 1
@@ -96,33 +95,33 @@ class RunRequests:
                 answer(message.computation_id, message.describe(), grpc.StatusCode.INVALID_ARGUMENT)
             )
 
+    def _failed(
+        self, cid: str, error: str, code: grpc.StatusCode, raised: BaseException | None = None
+    ) -> None:
+        """A request that did not run: counted, and answered unless what its Run raised says
+        its own VM's failed event went up already (on_bus_message). A request refused before
+        admission (a duplicate id) is answered even while another Run of the same id
+        publishes its own failure."""
+        self._metrics.dialout_requests.labels(outcome="failed").inc()
+        if raised is None or not was_told(raised):
+            self._buffer.push(answer(cid, error, code))
+
     async def _handle(self, request: pb.ComputationRunReq, size: int) -> None:
         cid = request.id
         _log.debug("dial-out: Run requested", computation_id=cid, size=size)
         try:
             response = await self._service.run(request)
         except asyncio.CancelledError as error:  # only settle() cancels
-            self._metrics.dialout_requests.labels(outcome="failed").inc()
-            if not was_told(error):
-                self._buffer.push(answer(cid, SHUTTING_DOWN, grpc.StatusCode.UNAVAILABLE))
+            self._failed(cid, SHUTTING_DOWN, grpc.StatusCode.UNAVAILABLE, error)
             raise
         except ManagerError as error:
-            self._metrics.dialout_requests.labels(outcome="failed").inc()
-            # Its own Run's failed event went up already (on_bus_message). A request refused
-            # before admission (a duplicate id) is answered even while another Run of the
-            # same id publishes its own failure.
-            if not was_told(error):
-                self._buffer.push(answer(cid, str(error), error.code))
+            self._failed(cid, str(error), error.code, error)
             # Refusals cost a server nothing to send: said at a bounded rate, counted always.
             self._complaints.say(
                 "dial-out: Run failed", computation_id=cid, size=size, error=str(error)
             )
         except Exception as error:  # a bug; the stream and the daemon live on
-            self._metrics.dialout_requests.labels(outcome="failed").inc()
-            if not was_told(error):
-                self._buffer.push(
-                    answer(cid, f"internal error: {error!r}", grpc.StatusCode.INTERNAL)
-                )
+            self._failed(cid, f"internal error: {error!r}", grpc.StatusCode.INTERNAL, error)
             _log.exception("dial-out: Run raised", computation_id=cid)
         else:
             self._metrics.dialout_requests.labels(outcome="ok").inc()
