@@ -7,9 +7,10 @@ of events and logs (an agent's message may be up to 1 MiB: 10,000 places of thos
 10 GiB). So an answer is never dropped, events and logs are dropped (counted, logged once per
 burst) when there is no place or no room in bytes, and the reader asks `wait_for_room` before
 it reads the next request: a server that sends requests and reads nothing fills the buffer
-once, and is then held back by HTTP/2 flow control rather than by the daemon's memory. Requests in flight are bounded too, in number
-(`in_flight`: the tasks a flood can make) and in bytes (`in_flight_bytes`, plus the one
-message read last: what large requests held by slow Runs can pin).
+once, and is then held back by HTTP/2 flow control rather than by the daemon's memory.
+Requests in flight are bounded too, in number (`in_flight`: the tasks a flood can make) and in
+bytes (`in_flight_bytes`, plus the one message read last: what large requests held by slow
+Runs can pin).
 """
 
 from __future__ import annotations
