@@ -54,3 +54,21 @@ async def test_waiting_for_output_that_a_child_holds_open_never_cancels_the_read
     await process.wait_output(0.01)
     await process.wait_output(5)
     assert process.tail() == ["first", "late"]
+
+
+async def test_a_terminate_cancelled_as_qemu_exits_is_cancelled(tmp_path: Path) -> None:
+    """Python 3.11's `asyncio.wait_for` returns the result of an awaitable that completed in
+    the loop turn its caller was cancelled, and the cancellation is lost: a Stop whose caller
+    went away went on as if nobody had asked it to stop. `asyncio.timeout` keeps it."""
+    listener = qmp_listener(tmp_path / "qmp.sock")
+    try:
+        process = await QemuProcess.start(["sleep", "60"], qmp_listener=listener)
+    finally:
+        listener.close()
+    terminating = asyncio.ensure_future(process.terminate(5))
+    await asyncio.sleep(0)  # waiting for the exit SIGTERM brings
+    process.exited.add_done_callback(lambda _: terminating.cancel())
+    await asyncio.wait([terminating], timeout=10)
+    process.close_pipes()
+    assert process.exited.done()  # it did end
+    assert terminating.cancelled()

@@ -236,7 +236,8 @@ class DialOut:
                 self.pauses.append(pause)
             _log.debug("dial-out attempt failed", error=reason, retry_in=round(pause, 3))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), pause)
+                async with asyncio.timeout(pause):
+                    await self._closing.wait()
 
     def _channel(self) -> grpc.aio.Channel:
         options = [

@@ -28,7 +28,8 @@ async def watch_power_off(
     the task prints, on stderr, how long the daemon gives the guest to power off."""
     stream = stub.Events(pb.EventsRequest(computation_id=computation_id))
     try:
-        await asyncio.wait_for(stream.initial_metadata(), SUBSCRIBE_TIMEOUT)
+        async with asyncio.timeout(SUBSCRIBE_TIMEOUT):
+            await stream.initial_metadata()
     except (TimeoutError, grpc.aio.AioRpcError):
         stream.cancel()
         return None

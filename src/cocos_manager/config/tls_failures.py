@@ -83,10 +83,10 @@ async def presented_certificate(host: str, port: int, timeout: float = 5.0) -> s
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     try:
-        _, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, ssl=context, server_hostname=host or None),
-            timeout,
-        )
+        async with asyncio.timeout(timeout):
+            _, writer = await asyncio.open_connection(
+                host, port, ssl=context, server_hostname=host or None
+            )
     except (OSError, TimeoutError, ssl.SSLError):
         return None
     try:

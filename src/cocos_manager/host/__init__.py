@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from cocos_manager.host.state_store import check_private_dir as check_private_dir
     from cocos_manager.host.state_store import current_boot_id as current_boot_id
     from cocos_manager.host.tasks import TaskSet as TaskSet
+    from cocos_manager.host.tasks import done_within as done_within
     from cocos_manager.host.tasks import outcome_seen as outcome_seen
     from cocos_manager.host.workers import start_pool as start_pool
 
@@ -81,6 +82,7 @@ HOMES = {
     "StateStore": "state_store",
     "VmRecord": "state_store",
     "TaskSet": "tasks",
+    "done_within": "tasks",
     "outcome_seen": "tasks",
     "start_pool": "workers",
 }

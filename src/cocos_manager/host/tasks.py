@@ -8,12 +8,23 @@ through a TaskSet instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Coroutine
 from typing import Any
 
 from cocos_manager.telemetry import get_logger
 
 _log = get_logger()
+
+
+async def done_within(future: asyncio.Future[Any], seconds: float) -> bool:
+    """Waits up to `seconds` for `future`, never cancelling it; True once it is done. In the
+    caller's own task (`asyncio.timeout`), so the caller's cancellation is never lost
+    (docs/decisions.md, "Timeouts")."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await asyncio.shield(future)
+    return future.done()
 
 
 def outcome_seen(future: asyncio.Future[Any]) -> None:

@@ -159,7 +159,8 @@ class ConsoleReader:
         self.poke()
         try:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self.ended), timeout)
+                async with asyncio.timeout(timeout):
+                    await asyncio.shield(self.ended)
         finally:  # no last record (a keeper killed): polled as before, not 100 times a second
             self._interval = POLL_INTERVAL
             self._hurry(False)

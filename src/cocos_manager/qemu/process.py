@@ -26,7 +26,7 @@ from cocos_manager.errors import (
     SudoRefusedError,
     VmStartError,
 )
-from cocos_manager.host import process_identity, process_start_time, start_pool
+from cocos_manager.host import done_within, process_identity, process_start_time, start_pool
 from cocos_manager.qemu import sudo as sudo_stop
 from cocos_manager.qemu.console_file import ConsoleFiles
 from cocos_manager.qemu.console_start import reap_keeper, spawn_kept
@@ -144,9 +144,8 @@ class QemuProcess:
         """For an adopted VM: its monitor answers and says `running` (any status for one kept
         paused); the session is kept."""
         self._qmp_path = qmp_path
-        self.monitor = await asyncio.wait_for(
-            open_running_monitor(qmp_path, paused=paused), timeout
-        )
+        async with asyncio.timeout(timeout):
+            self.monitor = await open_running_monitor(qmp_path, paused=paused)
 
     async def attach_output(self) -> None:
         """Connects QEMU's stdout and stderr to the line callback (QemuOutput.attach)."""
@@ -233,9 +232,7 @@ class QemuProcess:
         except Exception as error:
             # A QEMU that dies at start resets the monitor connection, often just before its
             # pidfd reports the exit: give the exit a moment to show, so the error is QEMU's.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self.exited), 1.0)
-            if self.exited.done():
+            if await done_within(self.exited, 1.0):
                 raise await self.exited_at_start() from None
             raise VmStartError(f"QEMU's QMP monitor failed: {error}") from None
         # QMP answered from the final image (after any sudo/env exec): its identity is final.
@@ -296,11 +293,10 @@ class QemuProcess:
                     grace = max(timeout, sudo_stop.SUDO_TERM_GRACE)
             elif await self._quit():
                 grace = max(timeout, sudo_stop.SUDO_TERM_GRACE)
-            try:
-                await asyncio.wait_for(asyncio.shield(self.exited), grace)
-            except TimeoutError:
-                if not await self._kill() or self.wrapped:
-                    await self._bounded_wait()
+            if not await done_within(self.exited, grace) and (
+                not await self._kill() or self.wrapped
+            ):
+                await self._bounded_wait()
         result = await asyncio.shield(self.exited)
         await self.end_outlived()
         await self.wait_output(0.5)
@@ -316,14 +312,11 @@ class QemuProcess:
                 remaining = deadline - self._loop.time()
                 if remaining <= 0:
                     raise TimeoutError
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(self.exited), min(0.1, remaining))
-            if self.wrapped and not self.exited.done():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(self.exited), 0.5)
+                await done_within(self.exited, min(0.1, remaining))
+            if self.wrapped and not await done_within(self.exited, 0.5):
                 self._signal(signal.SIGKILL)
-            remaining = max(0.0, deadline - self._loop.time())
-            await asyncio.wait_for(asyncio.shield(self.exited), remaining)
+            async with asyncio.timeout_at(deadline):
+                await asyncio.shield(self.exited)
         except TimeoutError:
             raise sudo_stop.stop_failed(
                 self.argv, self.pid, self.qemu_pids() or [self.pid], self.wrapped

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from cocos_manager.host import live_processes
+from cocos_manager.host import done_within, live_processes
 from cocos_manager.qemu import console_keeper
 from cocos_manager.qemu.console_file import ConsoleFiles, ConsoleReader
 from cocos_manager.qemu.keeper_zygote import ANSWER_TIMEOUT
@@ -191,8 +191,7 @@ class QemuOutput:
         """Waits (up to `timeout`) until what the console file held at adoption is read: Logs
         answered after that has the lines from before the restart."""
         if self._console is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._console.caught_up), timeout)
+            await done_within(self._console.caught_up, timeout)
 
     def _console_line(self, stream: str, text: str, timestamp_ns: int, live: bool) -> None:
         if live:
@@ -246,8 +245,7 @@ class QemuOutput:
             # keeper whose pipes another process holds is not waited.
             held = self._console is not None and not self._console.last_record_read
             bound = timeout if held else max(timeout, KEEPER_END_WAIT)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self.keeper_reaped), bound)
+            await done_within(self.keeper_reaped, bound)
 
     def failure_text(self) -> str:
         """QEMU's own words, for a status message: its stderr, else whatever it printed."""

@@ -129,10 +129,12 @@ async def quit_over_qmp(monitor: QmpMonitor | None, qmp_path: Path | None, pid: 
         if monitor is None or monitor.closed.done():
             if qmp_path is None:
                 return False
-            monitor = await asyncio.wait_for(QmpMonitor.connect(qmp_path), 2.0)
+            async with asyncio.timeout(2.0):
+                monitor = await QmpMonitor.connect(qmp_path)
             opened = True
         with contextlib.suppress(QmpError, ConnectionError):  # closed: it is quitting
-            await asyncio.wait_for(monitor.execute("quit"), SUDO_TERM_GRACE)
+            async with asyncio.timeout(SUDO_TERM_GRACE):
+                await monitor.execute("quit")
         return True
     except (OSError, TimeoutError) as error:
         _log.warning("QMP quit failed", pid=pid, error=repr(error))
@@ -156,7 +158,8 @@ async def sudo_kill(pids: Sequence[int], pid: int) -> bool:
         _log.error("cannot run sudo kill", pid=pid, error=error.strerror)
         return False
     try:
-        _, err = await asyncio.wait_for(child.communicate(), SUDO_KILL_TIMEOUT)
+        async with asyncio.timeout(SUDO_KILL_TIMEOUT):
+            _, err = await child.communicate()
     except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
             child.kill()

@@ -63,7 +63,8 @@ async def _command(machine: Machine, command: str) -> None:
     if process is None or process.monitor is None:
         raise FailedPreconditionError(f"computation {machine.id!r} has no QEMU monitor")
     try:
-        await asyncio.wait_for(process.monitor.execute(command), QMP_COMMAND_TIMEOUT)
+        async with asyncio.timeout(QMP_COMMAND_TIMEOUT):
+            await process.monitor.execute(command)
     except QmpError as error:
         raise FailedPreconditionError(
             f"computation {machine.id!r}: QEMU refused {command!r}: {error}"

@@ -333,7 +333,8 @@ async def _status_unrecorded(process: QemuProcess, timeout: float, keep_halted: 
     it there), a halt (HALT_STATES) when MANAGER_QEMU_ON_GUEST_HALT=keep keeps halted guests,
     or "running"; QmpError for any other."""
     assert process.monitor is not None
-    status = await asyncio.wait_for(process.monitor.query_status(), timeout)
+    async with asyncio.timeout(timeout):
+        status = await process.monitor.query_status()
     if status in ("running", "paused") or (keep_halted and status in HALT_STATES):
         return str(status)
     monitor, process.monitor = process.monitor, None  # not kept: as check_qmp refusing
@@ -345,7 +346,8 @@ async def _resumed_unrecorded(process: QemuProcess, timeout: float) -> bool:
     """For a record paused by Pause: True if QEMU runs (a Resume's `cont` landed, its record
     did not)."""
     assert process.monitor is not None
-    return await asyncio.wait_for(process.monitor.query_status(), timeout) == "running"
+    async with asyncio.timeout(timeout):
+        return await process.monitor.query_status() == "running"
 
 
 def adopt_machine(

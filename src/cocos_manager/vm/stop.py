@@ -145,7 +145,8 @@ async def power_off(machine: EndingVm, process: QemuProcess) -> ExitInfo:
     q = machine.ctx.settings.qemu
     if (grace := powerdown_grace(machine)) > 0 and process.monitor is not None:
         try:
-            await asyncio.wait_for(process.monitor.execute("system_powerdown"), 2.0)
+            async with asyncio.timeout(2.0):
+                await process.monitor.execute("system_powerdown")
             await _exit_or_force(machine, process, grace)
         except (TimeoutError, QmpClosed, QmpError) as error:
             if not process.exited.done():
