@@ -54,17 +54,24 @@ class _Rpc:
     name: str  # "manager.ManagerService/Run"
     service: str
     method: str
-    parent: otel_context.Context
 
 
-def _describe(full_method: str, metadata: Any) -> _Rpc:
+def _describe(full_method: str) -> _Rpc:
     name = full_method.lstrip("/")
     service, _, method = name.rpartition("/")
+    return _Rpc(name=name, service=service, method=method)
+
+
+def _caller_context(metadata: Any) -> otel_context.Context | None:
+    """The caller's trace, from its `traceparent` (and whatever else the configured
+    propagators read); None, a trace of its own, when the metadata names none of it."""
     carrier: dict[str, str] = {}
     for key, value in metadata or ():
         if isinstance(value, str):
             carrier[key.lower()] = value
-    return _Rpc(name=name, service=service, method=method, parent=propagate.extract(carrier))
+    if propagate.get_global_textmap().fields.isdisjoint(carrier):
+        return None
+    return propagate.extract(carrier)
 
 
 def _peer_attributes(peer: str) -> dict[str, str | int]:
@@ -159,6 +166,9 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     ) -> None:
         self._tracer = trace.get_tracer(TRACER_NAME, tracer_provider=tracer_provider)
         self._metrics = metrics
+        # Per method name with a handler (the server's own methods: a bounded set), the
+        # handler last found for it and its observed twin.
+        self._observed: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -168,7 +178,17 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        rpc = _describe(handler_call_details.method, handler_call_details.invocation_metadata)
+        method = handler_call_details.method
+        known = self._observed.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        observed = self._observe(handler, _describe(method))
+        self._observed[method] = (handler, observed)
+        return observed
+
+    def _observe(self, handler: grpc.RpcMethodHandler, rpc: _Rpc) -> grpc.RpcMethodHandler:
+        """`handler` with its behaviour observed; made once per method (the handlers the
+        server finds are the same objects call after call)."""
         kinds = (
             (handler.unary_unary, grpc.unary_unary_rpc_method_handler),
             (handler.unary_stream, grpc.unary_stream_rpc_method_handler),
@@ -196,7 +216,10 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             **_peer_attributes(context.peer() or ""),
         }
         span = self._tracer.start_span(
-            rpc.name, context=rpc.parent, kind=SpanKind.SERVER, attributes=attributes
+            rpc.name,
+            context=_caller_context(context.invocation_metadata()),
+            kind=SpanKind.SERVER,
+            attributes=attributes,
         )
         return _Call(span, rpc, self._metrics)
 
