@@ -173,6 +173,7 @@ class DaemonRunner:
             )
             self.agents = agents
             await agents.start()
+            service.ctx.end_agents = agents.finish  # awaited before each final event
             service.on_release(agents.disconnect)
 
     @property

@@ -7,6 +7,8 @@ batch, already acked, was published as the release closed its connection: after 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import struct
 from pathlib import Path
 
@@ -15,15 +17,37 @@ from structlog.testing import capture_logs
 
 from cocos_manager.events import bus as events_module
 from cocos_manager.proto import manager_pb2 as pb
+from cocos_manager.qemu.process import QemuProcess
 from cocos_manager.telemetry import METRICS
 from tests.support.harness import run_request, running_manager
 from tests.support.waiting import wait_for
 from tests.test_contracts import frame, vsock_manager
 
 
+def seen_after_pidfd_delay(monkeypatch: pytest.MonkeyPatch) -> None:
+    """QEMU's exit seen 0.3 s late, so the console's last record is read first: the exit's
+    release then waits for nothing (no turn of the loop of its own) before its final event."""
+    original = QemuProcess._on_pidfd
+
+    def later(self: QemuProcess) -> None:
+        assert self._pidfd is not None
+        self._loop.remove_reader(self._pidfd)
+        self._loop.call_later(0.3, original, self)
+
+    monkeypatch.setattr(QemuProcess, "_on_pidfd", later)
+
+
+@pytest.mark.parametrize("end", ["stop", "exit"])
 async def test_nothing_of_a_held_back_agent_is_published_after_its_vms_final_event(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, end: str
 ) -> None:
+    """`stop`: a Stop; `exit`: QEMU ends on its own (the guest powered off). Before, the
+    release published the exit's final event and only then cancelled the agent, which was
+    still at its pace wait: the rest of its batch, acked, came after the event and was
+    dropped (249 of 2,298 acked). The release now ends the VM's agent connections, and
+    waits for them, before that event."""
+    if end == "exit":
+        seen_after_pidfd_delay(monkeypatch)
     env = {"MANAGER_EVENTS_HOLD_TIMEOUT": "60s"}  # the subscriber below reads nothing
     async with vsock_manager(tmp_path, monkeypatch, **env) as (m, agents, listener):
         await agents.listen(3)
@@ -40,15 +64,23 @@ async def test_nothing_of_a_held_back_agent_is_published_after_its_vms_final_eve
         for _ in range(20):
             await asyncio.sleep(0)
         assert not task.done()  # held, with the rest of its batch
-        await m.stub.Stop(pb.StopRequest(computation_id="held"))
-        await asyncio.wait([task], timeout=10)  # cancelled by the release
+        if end == "stop":
+            await m.stub.Stop(pb.StopRequest(computation_id="held"))
+        else:
+            process = m.service.computations()["held"].process
+            assert process is not None
+            os.kill(process.pid, signal.SIGTERM)
+            await wait_for(lambda: "held" not in m.service.computations(), "its release")
+        await asyncio.wait([task], timeout=10)  # ended by the release
         untap()
         slow.close()
         ack_bytes = await asyncio.wait_for(acks_in.read(), 10)  # to the EOF of its close
     final = next(
         i
         for i, message in enumerate(published)
-        if message.agent_event.event_type == "vm-stop" and message.agent_event.status == "complete"
+        if message.agent_event.computation_id == "held"
+        and message.agent_event.event_type == ("vm-stop" if end == "stop" else "vm-exit")
+        and message.agent_event.status in ("complete", "failed")
     )
     sent = {f"m{i}" for i in range(size)}
     of_held = [
@@ -58,8 +90,7 @@ async def test_nothing_of_a_held_back_agent_is_published_after_its_vms_final_eve
     ]
     assert all(i < final for i, _ in of_held)
     # What the daemon acked is what it published: an agent keeps (and would send again) only
-    # what was not acked. Its pacing ended with the VM, so it went on past the held point;
-    # how far before the release came depends on the turns the Stop gave it.
+    # what was not acked. Its pacing ended with the VM, so it went on past the held point.
     acked = {f"m{i - 1}" for (i,) in struct.iter_unpack("<I", ack_bytes)}
     assert acked <= sent
     assert {text for _, text in of_held} & sent == acked  # (QEMU's own lines are there too)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 from pathlib import Path
@@ -45,5 +46,34 @@ async def test_a_refused_negotiation_leaves_no_unseen_error(tmp_path: Path) -> N
         assert unseen == []
     finally:
         loop.set_exception_handler(None)
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_close_cancelled_midway_ends_cancelled(tmp_path: Path) -> None:
+    """close() waits for its reader task, which it cancelled. It suppressed whatever that wait
+    raised, so a caller cancelled meanwhile (a start abandoned, a shutdown) had its
+    cancellation taken for the reader's and went on as if nobody had cancelled it."""
+    hung_up = asyncio.Event()
+
+    async def monitor(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b'{"QMP": {"version": {}, "capabilities": []}}\n')
+        await reader.readline()  # qmp_capabilities, answered once the client has gone
+        with contextlib.suppress(ConnectionError):
+            await reader.read()
+        hung_up.set()
+
+    path = tmp_path / "qmp.sock"
+    server = await asyncio.start_unix_server(monitor, str(path))
+    try:
+        qmp = await QmpMonitor.connect(path)
+        closing = asyncio.ensure_future(qmp.close())
+        await asyncio.sleep(0)  # close() is waiting for its reader
+        closing.cancel()
+        await asyncio.wait([closing], timeout=10)
+        assert closing.cancelled()
+        assert qmp.closed.done()  # closed all the same
+        await asyncio.wait_for(hung_up.wait(), 10)
+    finally:
         server.close()
         await server.wait_closed()

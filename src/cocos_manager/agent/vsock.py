@@ -23,6 +23,9 @@ from cocos_manager.telemetry import get_logger
 AGENT_MANIFEST_PORT = 9999
 AGENT_EVENTS_PORT = 9997
 DEFAULT_MAX_CONNECTIONS_PER_CID = 4
+FINISH_WAIT = 2.0
+"""Seconds the release waits for a VM's agent connections to end (each closes its writer
+within a second, protocol._CLOSE_TIMEOUT)."""
 
 Connect = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 Publish = Callable[[ClientStreamMessage], None]
@@ -272,6 +275,17 @@ class AgentEventListener:
 
     def connections_of(self, cid: int) -> int:
         return sum(1 for owner in self._connections.values() if owner == cid)
+
+    async def finish(self, cid: int) -> None:
+        """Ends the connections of ``cid`` once its VM's QEMU is gone, before the VM's final
+        event: one held at its pace wait publishes the rest of its batch, which it acked, then
+        closes. Bounded by FINISH_WAIT; whatever still runs then is cancelled again by
+        `disconnect` at the release."""
+        tasks = [task for task, owner in self._connections.items() if owner == cid]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=FINISH_WAIT)
 
     def disconnect(self, cid: int) -> int:
         """Drops the connections of ``cid`` (its VM stopped), so a later VM given the same CID

@@ -175,9 +175,14 @@ class QmpMonitor:
 
     async def close(self) -> None:
         self._task.cancel()
-        with contextlib.suppress(BaseException):
-            await self._task
-        self._finish(QmpClosed("closed by the manager"))
+        try:
+            # Waited for, not awaited: the reader's CancelledError is its own, and a caller
+            # cancelled meanwhile must not have its cancellation taken for the reader's.
+            await asyncio.wait([self._task])
+        finally:
+            if self._task.done() and not self._task.cancelled():
+                self._task.exception()  # seen: the reader's end says nothing more here
+            self._finish(QmpClosed("closed by the manager"))
 
 
 async def open_running_monitor(path: Path, *, paused: bool = False) -> QmpMonitor:

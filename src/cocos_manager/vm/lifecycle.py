@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -125,3 +125,7 @@ class MachineContext:
     on_released: Callable[[Released], None]
     consoles: ConsoleArchive = field(default_factory=ConsoleArchive)
     launch: Launcher = QemuProcess.start
+    # Called with the guest CID once its QEMU is gone, before the final event; what it
+    # returns, if anything, is awaited: the VM's agent connections end (and publish what they
+    # were acked for) before that event, not after it (docs/decisions.md, pacing).
+    end_agents: Callable[[int], Awaitable[object] | None] = lambda _cid: None

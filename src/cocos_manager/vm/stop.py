@@ -87,13 +87,17 @@ async def end_or_tell(
     machine: EndingVm, process: QemuProcess, reason: StopReason, *, ran: bool
 ) -> dict[str, Any]:
     """end_process, or the error of a QEMU that could not be stopped: never STOPPING for
-    ever, the VM is released and the Stop told (FAILED_PRECONDITION)."""
+    ever, the VM is released and the Stop told (FAILED_PRECONDITION). Then, QEMU gone, its
+    agent's connections end: what they were acked for goes out before the final event."""
     try:
-        return await end_process(machine, process, reason, ran=ran)
+        details = await end_process(machine, process, reason, ran=ran)
     except QemuStopFailedError as error:
         machine.stop_failure = error
         machine.log.error("QEMU could not be stopped", error=str(error))
         return {"error": str(error)}
+    if (agents_ended := machine.ctx.end_agents(machine.lease.resources.guest_cid)) is not None:
+        await agents_ended
+    return details
 
 
 def let_go(machine: EndingVm, process: QemuProcess | None) -> None:
