@@ -216,6 +216,10 @@ class DaemonRunner:
         # new Run meanwhile is refused with UNAVAILABLE; Stop, List, Events still answer).
         if self.service is not None:
             await self.service.shutdown(stop_vms=self.settings.service.SHUTDOWN_STOPS_VMS)
+            if self.agents is not None:
+                # Before the streams end: an agent of a VM left running must not be acked
+                # for messages no stream will carry (unacked, it sends them to the next start).
+                await self.agents.close()
             self.service.end_streams()
         else:
             self.bus.close()
@@ -225,8 +229,6 @@ class DaemonRunner:
             await self.server.grpc.stop(self._grace)
         if self.dialout is not None:  # after the VMs stopped, so that goes up the stream too
             await self.dialout.close()
-        if self.agents is not None:
-            await self.agents.close()
         if self.metrics is not None:
             await self.metrics.close()
         if self.vm_collector is not None:

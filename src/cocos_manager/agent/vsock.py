@@ -191,6 +191,7 @@ class AgentEventListener:
         self._port = port
         self._server: asyncio.Server | None = None
         self._connections: dict[asyncio.Task[object], int] = {}
+        self._writers: dict[asyncio.Task[object], asyncio.StreamWriter] = {}
         self._log = get_logger(port=port)
 
     @property
@@ -260,6 +261,7 @@ class AgentEventListener:
         task = asyncio.current_task()
         if task is not None:
             self._connections[task] = cid
+            self._writers[task] = writer
         try:
             computation_id = self._resolve_cid(cid)
             if computation_id is None:
@@ -272,18 +274,22 @@ class AgentEventListener:
         finally:
             if task is not None:
                 self._connections.pop(task, None)
+                self._writers.pop(task, None)
 
     def connections_of(self, cid: int) -> int:
         return sum(1 for owner in self._connections.values() if owner == cid)
 
     async def finish(self, cid: int) -> None:
         """Ends the connections of ``cid`` once its VM's QEMU is gone, before the VM's final
-        event: one held at its pace wait publishes the rest of its batch, which it acked, then
-        closes. Bounded by FINISH_WAIT; whatever still runs then is cancelled again by
-        `disconnect` at the release."""
+        event: one held at its pace wait publishes the rest of its batch, which it acked. Its
+        socket is aborted, not flushed: no ack is worth waiting for once the guest is gone (an
+        agent that read none held a release for the close's whole grace). Bounded by
+        FINISH_WAIT; whatever still runs then is cancelled again by `disconnect`."""
         tasks = [task for task, owner in self._connections.items() if owner == cid]
         for task in tasks:
             task.cancel()
+            if (writer := self._writers.get(task)) is not None:
+                writer.transport.abort()
         if tasks:
             await asyncio.wait(tasks, timeout=FINISH_WAIT)
 

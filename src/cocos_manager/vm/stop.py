@@ -87,14 +87,14 @@ async def end_or_tell(
     machine: EndingVm, process: QemuProcess, reason: StopReason, *, ran: bool
 ) -> dict[str, Any]:
     """end_process, or the error of a QEMU that could not be stopped: never STOPPING for
-    ever, the VM is released and the Stop told (FAILED_PRECONDITION). Then, QEMU gone, its
-    agent's connections end: what they were acked for goes out before the final event."""
+    ever, the VM is released and the Stop told (FAILED_PRECONDITION). Then its agent's
+    connections end: what they were acked for goes out before the final event."""
     try:
         details = await end_process(machine, process, reason, ran=ran)
     except QemuStopFailedError as error:
         machine.stop_failure = error
         machine.log.error("QEMU could not be stopped", error=str(error))
-        return {"error": str(error)}
+        details = {"error": str(error)}
     if (agents_ended := machine.ctx.end_agents(machine.lease.resources.guest_cid)) is not None:
         await agents_ended
     return details
