@@ -133,14 +133,21 @@ async def test_pings_leave_a_live_idle_stream_alone(
         MANAGER_GRPC_KEEPALIVE="1s",
         MANAGER_GRPC_KEEPALIVE_TIMEOUT="1s",
     ) as m:
-        call = m.stub.Events(pb.EventsRequest())
-        await asyncio.wait_for(call.initial_metadata(), GUARD)
-        await asyncio.sleep(4)  # about 4 pings
-        assert m.service.bus.subscriber_count == 1
-        m.service.bus.publish(log_message("c", "info", "still here"))
-        message = await asyncio.wait_for(call.read(), GUARD)
-        assert message.agent_log.message == "still here"
-        call.cancel()
+        await stays_subscribed(m, m.stub, 4)  # about 4 pings
+
+
+async def stays_subscribed(m: Manager, stub: pb_grpc.ManagerServiceStub, seconds: float) -> None:
+    """An Events stream opened through `stub` is still there, and still delivers, after
+    `seconds` with nothing sent on it."""
+    call = stub.Events(pb.EventsRequest())
+    await asyncio.wait_for(call.initial_metadata(), GUARD)
+    await asyncio.sleep(seconds)
+    assert m.service.bus.subscriber_count == 1
+    m.service.bus.publish(log_message("c", "info", "still subscribed"))
+    message = await asyncio.wait_for(call.read(), GUARD)
+    assert message is not grpc.aio.EOF, await call.details()
+    assert message.agent_log.message == "still subscribed"
+    call.cancel()
 
 
 def pinging_channel(port: int, *, without_calls: bool) -> grpc.aio.Channel:
@@ -167,14 +174,7 @@ async def test_a_client_pinging_every_few_seconds_keeps_its_stream(
     async with running_manager(tmp_path, monkeypatch, MANAGER_GRPC_KEEPALIVE="0") as m:
         pinging = pinging_channel(m.server.port, without_calls=False)
         try:
-            call = pb_grpc.ManagerServiceStub(pinging).Events(pb.EventsRequest())
-            await asyncio.wait_for(call.initial_metadata(), GUARD)
-            await asyncio.sleep(30)  # five pings
-            m.service.bus.publish(log_message("c", "info", "still subscribed"))
-            message = await asyncio.wait_for(call.read(), GUARD)
-            assert message is not grpc.aio.EOF, await call.details()
-            assert message.agent_log.message == "still subscribed"
-            call.cancel()
+            await stays_subscribed(m, pb_grpc.ManagerServiceStub(pinging), 30)  # five pings
         finally:
             await pinging.close(grace=0)
 

@@ -190,8 +190,8 @@ class AgentEventListener:
         self._refused: dict[int, int] = {}
         self._port = port
         self._server: asyncio.Server | None = None
-        self._connections: dict[asyncio.Task[object], int] = {}
-        self._writers: dict[asyncio.Task[object], asyncio.StreamWriter] = {}
+        # Each connection's task: its peer's CID and the writer to it.
+        self._connections: dict[asyncio.Task[object], tuple[int, asyncio.StreamWriter]] = {}
         self._log = get_logger(port=port)
 
     @property
@@ -260,8 +260,7 @@ class AgentEventListener:
             self._log.warning("agent connections were refused", cid=cid)
         task = asyncio.current_task()
         if task is not None:
-            self._connections[task] = cid
-            self._writers[task] = writer
+            self._connections[task] = (cid, writer)
         try:
             computation_id = self._resolve_cid(cid)
             if computation_id is None:
@@ -274,10 +273,12 @@ class AgentEventListener:
         finally:
             if task is not None:
                 self._connections.pop(task, None)
-                self._writers.pop(task, None)
 
     def connections_of(self, cid: int) -> int:
-        return sum(1 for owner in self._connections.values() if owner == cid)
+        return len(self._of(cid))
+
+    def _of(self, cid: int) -> dict[asyncio.Task[object], asyncio.StreamWriter]:
+        return {task: writer for task, (owner, writer) in self._connections.items() if owner == cid}
 
     async def finish(self, cid: int) -> None:
         """Ends the connections of ``cid`` once its VM's QEMU is gone, before the VM's final
@@ -285,18 +286,17 @@ class AgentEventListener:
         socket is aborted, not flushed: no ack is worth waiting for once the guest is gone (an
         agent that read none held a release for the close's whole grace). Bounded by
         FINISH_WAIT; whatever still runs then is cancelled again by `disconnect`."""
-        tasks = [task for task, owner in self._connections.items() if owner == cid]
-        for task in tasks:
+        tasks = self._of(cid)
+        for task, writer in tasks.items():
             task.cancel()
-            if (writer := self._writers.get(task)) is not None:
-                writer.transport.abort()
+            writer.transport.abort()
         if tasks:
             await asyncio.wait(tasks, timeout=FINISH_WAIT)
 
     def disconnect(self, cid: int) -> int:
         """Drops the connections of ``cid`` (its VM stopped), so a later VM given the same CID
         cannot inherit them; returns how many were dropped."""
-        tasks = [task for task, owner in self._connections.items() if owner == cid]
+        tasks = self._of(cid)
         for task in tasks:
             task.cancel()
         return len(tasks)

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from cocos_manager.host import done_within
 from cocos_manager.qemu import console_watch
 from cocos_manager.qemu.output import clean_line
 
@@ -158,9 +159,7 @@ class ConsoleReader:
         self._hurry(True)
         self.poke()
         try:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await asyncio.shield(self.ended)
+            await done_within(self.ended, timeout)
         finally:  # no last record (a keeper killed): polled as before, not 100 times a second
             self._interval = POLL_INTERVAL
             self._hurry(False)
