@@ -298,6 +298,13 @@ class UserDaemon:
         """The VMs' console keepers (the daemon user's, holding root QEMU's output)."""
         return console_keepers(str(self.vms))
 
+    def left(self) -> str:
+        """What a test that expected none of it finds: VM files, processes and the log."""
+        return (
+            f"files: {self.vm_files()}\nprocesses: {self.vm_processes()}\n"
+            f"keepers: {self.keepers()}\nlog:\n{self.log_tail()}"
+        )
+
 
 @contextlib.asynccontextmanager
 async def user_daemon(
@@ -463,9 +470,17 @@ async def test_run_stop_exit_readopt_shutdown(account: Account, workdir: Path) -
                 else:  # started within the deadline: stopped as any VM
                     await daemon.stub.Stop(pb.StopRequest(computation_id="cancelled"))
                 await wait_for(
-                    lambda: daemon.vm_processes() == {"sudo": [], "qemu": []}, "no VM left", 15
+                    lambda: daemon.vm_processes() == {"sudo": [], "qemu": []},
+                    f"no VM left (Run deadline {deadline} s)",
+                    15,
+                    detail=daemon.left,
                 )
-                await wait_for(lambda: daemon.vm_files() == [], "no VM file left", 15)
+                await wait_for(
+                    lambda: daemon.vm_files() == [],
+                    f"no VM file left (Run deadline {deadline} s)",
+                    15,
+                    detail=daemon.left,
+                )
             assert cancelled > 0
 
             # Run: the guest boots.

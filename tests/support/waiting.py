@@ -15,12 +15,21 @@ import pytest
 GUARD = 10.0
 
 
-async def wait_for(condition: Callable[[], object], what: str, within: float = GUARD) -> None:
-    """Polls `condition` every 5 ms until it is true; fails naming `what` after `within` s."""
+async def wait_for(
+    condition: Callable[[], object],
+    what: str,
+    within: float = GUARD,
+    *,
+    detail: Callable[[], object] | None = None,
+) -> None:
+    """Polls `condition` every 5 ms until it is true; fails naming `what` after `within` s,
+    with what `detail` returns then (what was left, a log's tail: a failure seen once in CI
+    must say enough to be understood from its report alone)."""
     deadline = time.monotonic() + within
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            said = f"\n{detail()}" if detail is not None else ""
+            raise AssertionError(f"timed out waiting for {what}{said}")
         await asyncio.sleep(0.005)
 
 
