@@ -27,7 +27,6 @@ from cocos_manager.agent import (
 )
 from cocos_manager.config import Settings
 from cocos_manager.errors import (
-    AbortedError,
     AlreadyExistsError,
     ManagerError,
     NotFoundError,
@@ -62,6 +61,7 @@ from cocos_manager.vm import (
     requested_size,
     resume_vm,
     share_tmp_dir,
+    start_to_running,
     stop_or_leave,
     stop_starting,
     vm_info,
@@ -69,50 +69,6 @@ from cocos_manager.vm import (
 
 _tracer = trace.get_tracer("cocos_manager.service")
 _log = get_logger()
-
-
-def failure_reason(error: BaseException) -> str:
-    """The label of manager_run_failures_total: each error type names its own."""
-    if isinstance(error, asyncio.CancelledError):
-        return "cancelled"
-    if isinstance(error, ManagerError):
-        return error.reason
-    return "internal"
-
-
-async def start_to_running(machine: Machine, payload: bytes) -> None:
-    """The start in a task of its own, so that the caller going away (cancel, deadline) is
-    told apart from the start failing: the VM is then stopped and nothing is left behind."""
-    computation_id = machine.id
-    start = asyncio.get_running_loop().create_task(
-        machine.start(payload), name=f"start:{computation_id}"
-    )
-    machine.start_task = start
-    try:
-        await asyncio.shield(start)
-    except asyncio.CancelledError:
-        METRICS.run_failures.labels(reason="cancelled").inc()
-        if not start.done():  # our caller went away (client cancel, deadline)
-            start.cancel()
-            with contextlib.suppress(BaseException):
-                await start
-            raise
-        if not start.cancelled():
-            if start.exception() is None:
-                # Ready in the instant its caller went away: nobody will ever hear of it.
-                await asyncio.shield(machine.stop(StopReason.CLIENT))
-            raise
-        if machine.stop_reason is StopReason.SHUTDOWN:
-            raise UnavailableError(
-                f"the manager is shutting down: the VM of computation {computation_id!r} "
-                "was stopped while starting"
-            ) from None
-        raise AbortedError(
-            f"computation {computation_id!r} was stopped while its VM was starting"
-        ) from None
-    except Exception as error:
-        METRICS.run_failures.labels(reason=failure_reason(error)).inc()
-        raise
 
 
 class ManagerService:

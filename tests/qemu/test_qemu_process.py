@@ -4,6 +4,7 @@ and its last lines are waited for without giving up on the rest."""
 from __future__ import annotations
 
 import asyncio
+import signal
 from pathlib import Path
 
 from cocos_manager.qemu.output import MAX_LINE, LineReader
@@ -72,3 +73,49 @@ async def test_a_terminate_cancelled_as_qemu_exits_is_cancelled(tmp_path: Path) 
     process.close_pipes()
     assert process.exited.done()  # it did end
     assert terminating.cancelled()
+
+
+async def test_a_readiness_wait_cancelled_at_any_turn_after_qemu_exits_is_cancelled(
+    tmp_path: Path,
+) -> None:
+    """QEMU exits while the readiness probe waits for its greeting; the wait is cancelled
+    (the Run's caller went away) a few loop turns later, while the probe's own clean-up runs.
+    The wait used to swallow what awaiting that probe raised, the caller's cancellation
+    included: the start went on to its next attempt as if nobody had cancelled it."""
+    outcomes: dict[int, str] = {}
+    for turns in range(10):
+        listener = qmp_listener(tmp_path / f"qmp-{turns}.sock")
+        try:  # sleep holds the listening socket: the probe connects and hears nothing
+            process = await QemuProcess.start(["sleep", "60"], qmp_listener=listener)
+        finally:
+            listener.close()
+        waiting = asyncio.ensure_future(process.wait_ready(tmp_path / f"qmp-{turns}.sock", 30))
+        await asyncio.sleep(0.2)  # the probe has connected and waits
+        late: list[bool] = []
+
+        async def cancel_after(
+            turns: int = turns, waiting: asyncio.Future[None] = waiting, late: list[bool] = late
+        ) -> None:
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            late.append(waiting.done())
+            waiting.cancel()
+
+        cancelling: list[asyncio.Future[None]] = []
+        process.exited.add_done_callback(
+            lambda _, held=cancelling: held.append(asyncio.ensure_future(cancel_after()))
+        )
+        process.send_signal(signal.SIGKILL)
+        await asyncio.wait([waiting], timeout=10)
+        await asyncio.wait(cancelling, timeout=10)
+        process.close_pipes()
+        assert waiting.done()
+        if late == [True]:
+            outcomes[turns] = "finished first"
+        else:
+            outcomes[turns] = (
+                "cancelled" if waiting.cancelled() else type(waiting.exception()).__name__
+            )
+    on_time = {turns: said for turns, said in outcomes.items() if said != "finished first"}
+    assert len(on_time) >= 3, outcomes  # the cancellation came while the wait still ran
+    assert set(on_time.values()) == {"cancelled"}, outcomes

@@ -4,6 +4,7 @@ admission, a Run cancelled as its VM became ready, an agent log out of range."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from cocos_manager.errors import AbortedError, FailedPreconditionError
 from cocos_manager.proto import manager_pb2 as pb
 from cocos_manager.vm.lifecycle import StopReason, VmState
+from cocos_manager.vm.machine import Machine
 from tests.support.harness import run_request, running_manager
 from tests.support.waiting import subscribed, wait_for
 from tests.vm.test_guest_halt import next_event
@@ -109,6 +111,36 @@ async def test_a_run_cancelled_as_its_vm_became_ready_leaves_no_vm(
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(run, 10)
         await asyncio.wait_for(asyncio.shield(machine.released), 10)
+        assert m.service.computations() == {}
+
+
+async def test_a_run_whose_start_went_on_past_its_cancellation_leaves_no_vm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The caller goes away while the start runs, and a step of the start does not pass the
+    cancellation on (the readiness wait once swallowed it while QEMU exited, and the start
+    went on to its next attempt): the start reaches RUNNING, the client is told CANCELLED and
+    nobody knows the VM. The Run's end must stop it whatever a step does with the cancel.
+    The swallowing step is made here: no step of the manager loses a cancellation today."""
+    real_start = Machine.start
+
+    async def deaf_start(machine: Machine, manifest: bytes) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(0.2)  # a step that keeps a cancellation to itself
+        await real_start(machine, manifest)
+
+    monkeypatch.setattr(Machine, "start", deaf_start)
+    async with running_manager(tmp_path, monkeypatch) as m:
+        run = asyncio.ensure_future(m.service.run(run_request("deaf")))
+        await asyncio.sleep(0.05)  # admitted, in the deaf step
+        machine = m.service.computations()["deaf"]
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(run, 10)
+        await asyncio.wait_for(asyncio.shield(machine.released), 10)
+        assert VmState.RUNNING in machine.history  # it did start, past the cancellation
+        assert machine.history[-1] is VmState.RELEASED
+        assert machine.stop_reason is StopReason.CLIENT
         assert m.service.computations() == {}
 
 

@@ -26,7 +26,13 @@ from cocos_manager.errors import (
     SudoRefusedError,
     VmStartError,
 )
-from cocos_manager.host import done_within, process_identity, process_start_time, start_pool
+from cocos_manager.host import (
+    done_within,
+    outcome_seen,
+    process_identity,
+    process_start_time,
+    start_pool,
+)
 from cocos_manager.qemu import sudo as sudo_stop
 from cocos_manager.qemu.console_file import ConsoleFiles
 from cocos_manager.qemu.console_start import reap_keeper, spawn_kept
@@ -208,6 +214,7 @@ class QemuProcess:
         """Returns once QMP says the VM runs; raises VmStartError with QEMU's message if not."""
         self._qmp_path = qmp_path
         probe = asyncio.ensure_future(open_running_monitor(qmp_path))
+        probe.add_done_callback(outcome_seen)  # QEMU died first: nobody looks at its error
         contenders: set[asyncio.Future[Any]] = {probe, self.exited}
         try:
             done, _ = await asyncio.wait(
@@ -215,12 +222,14 @@ class QemuProcess:
             )
         finally:
             if not probe.done():
-                probe.cancel()
-            with contextlib.suppress(BaseException):
-                await probe  # also retrieves an error nobody will look at (QEMU died first)
-            ready = probe.done() and not probe.cancelled() and probe.exception() is None
-            if ready and self.exited.done():  # dead anyway: not a monitor to keep
-                await probe.result().close()
+                probe.cancel()  # its own clean-up closes the connection it made
+                # Waited for, not awaited: the probe's CancelledError is its own, and a caller
+                # cancelled meanwhile keeps its cancellation (a monitor the probe opens all the
+                # same ends with the QEMU that caller reaps).
+                await asyncio.wait([probe])
+        ready = not probe.cancelled() and probe.exception() is None
+        if ready and self.exited.done():  # dead anyway: not a monitor to keep
+            await probe.result().close()
         if self.exited in done:
             raise await self.exited_at_start()
         if probe not in done:

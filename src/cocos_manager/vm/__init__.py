@@ -1,4 +1,4 @@
-"""One VM's lifecycle: the `Machine` and its states, start, stop, record, guest watch, TTL, files, leased numbers, re-adoption after a restart, what List says, the attestation policy.
+"""One VM's lifecycle: the `Machine` and its states, start (for a caller), stop, record, guest watch, TTL, files, leased numbers, re-adoption after a restart, what List says, the attestation policy.
 
 Public names load their module on first use (docs/decisions.md, "Wings and one-way imports")."""
 
@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from cocos_manager.vm.attestation import computation_policy_json as computation_policy_json
+    from cocos_manager.vm.caller import start_to_running as start_to_running
     from cocos_manager.vm.files import check_images as check_images
     from cocos_manager.vm.files import room_per_vm as room_per_vm
     from cocos_manager.vm.info import cvm_info as cvm_info
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 
 # Each public name and the module it lives in.
 HOMES = {
+    "start_to_running": "caller",
     "EndedVms": "inspect",
     "machine_info": "inspect",
     "vm_info": "inspect",
