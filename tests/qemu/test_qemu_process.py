@@ -4,13 +4,23 @@ and its last lines are waited for without giving up on the rest."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import signal
+import socket
+import subprocess
+import threading
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+from cocos_manager.qemu import process as process_module
 from cocos_manager.qemu.output import MAX_LINE, LineReader
 from cocos_manager.qemu.process import QemuProcess
 from cocos_manager.qemu.qmp import qmp_listener
 from cocos_manager.qemu.spawn import ExitInfo
+from tests.support.waiting import GUARD, wait_for
 
 
 async def test_lines_are_split_cleaned_and_bounded() -> None:
@@ -84,13 +94,18 @@ async def test_a_readiness_wait_cancelled_at_any_turn_after_qemu_exits_is_cancel
     included: the start went on to its next attempt as if nobody had cancelled it."""
     outcomes: dict[int, str] = {}
     for turns in range(10):
-        listener = qmp_listener(tmp_path / f"qmp-{turns}.sock")
-        try:  # sleep holds the listening socket: the probe connects and hears nothing
-            process = await QemuProcess.start(["sleep", "60"], qmp_listener=listener)
+        qmp = tmp_path / f"qmp-{turns}.sock"
+        listener = qmp_listener(qmp)
+        try:  # a child holds the listening socket past QEMU's exit: the probe hears nothing
+            process = await QemuProcess.start(
+                ["sh", "-c", "sleep 30 & exec sleep 60"], qmp_listener=listener
+            )
         finally:
             listener.close()
-        waiting = asyncio.ensure_future(process.wait_ready(tmp_path / f"qmp-{turns}.sock", 30))
-        await asyncio.sleep(0.2)  # the probe has connected and waits
+        await wait_for(lambda p=process.pid: children(p), "the listener's holder")
+        holder = children(process.pid)
+        waiting = asyncio.ensure_future(process.wait_ready(qmp, 30))
+        await asyncio.sleep(0.05)  # the probe has connected; nobody will greet it
         late: list[bool] = []
 
         async def cancel_after(
@@ -108,6 +123,8 @@ async def test_a_readiness_wait_cancelled_at_any_turn_after_qemu_exits_is_cancel
         process.send_signal(signal.SIGKILL)
         await asyncio.wait([waiting], timeout=10)
         await asyncio.wait(cancelling, timeout=10)
+        for pid in holder:
+            os.kill(pid, signal.SIGKILL)
         process.close_pipes()
         assert waiting.done()
         if late == [True]:
@@ -119,3 +136,95 @@ async def test_a_readiness_wait_cancelled_at_any_turn_after_qemu_exits_is_cancel
     on_time = {turns: said for turns, said in outcomes.items() if said != "finished first"}
     assert len(on_time) >= 3, outcomes  # the cancellation came while the wait still ran
     assert set(on_time.values()) == {"cancelled"}, outcomes
+
+
+def children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as listed:
+        return [int(child) for child in listed.read().split()]
+
+
+async def test_a_spawn_cancelled_twice_ends_after_its_qemu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Run's caller goes away while QEMU is spawned (Popen in a worker thread, waiting
+    for the exec: on a loaded host, behind sudo, that takes a while), and a Stop's cancellation
+    follows. The second ended the start's wait for its clean-up: the release let the VM's
+    numbers go and the Stop answered before that QEMU was even spawned, let alone ended."""
+    spawning, proceed = threading.Event(), threading.Event()
+    spawned: list[subprocess.Popen[bytes]] = []
+    real_spawn = process_module.spawn
+
+    def gated_spawn(*args: Any, **kwargs: Any) -> tuple[subprocess.Popen[bytes], int]:
+        spawning.set()
+        proceed.wait(GUARD)
+        popen, start_time = real_spawn(*args, **kwargs)
+        spawned.append(popen)
+        return popen, start_time
+
+    monkeypatch.setattr(process_module, "spawn", gated_spawn)
+    listener = qmp_listener(tmp_path / "qmp.sock")
+    try:
+        starting = asyncio.ensure_future(QemuProcess.start(["sleep", "60"], qmp_listener=listener))
+        assert await asyncio.to_thread(spawning.wait, GUARD)
+        starting.cancel()  # the Run's caller
+        await asyncio.sleep(0.01)
+        starting.cancel()  # a Stop
+        await asyncio.sleep(0.01)
+        proceed.set()
+        await asyncio.wait([starting], timeout=GUARD)
+    finally:
+        listener.close()
+    assert starting.cancelled()
+    assert len(spawned) == 1, "the start ended before its QEMU was spawned"
+    assert spawned[0].poll() is not None, "the start ended with its QEMU still running"
+
+
+async def test_a_readiness_wait_cancelled_as_its_probe_succeeds_closes_that_session(
+    tmp_path: Path,
+) -> None:
+    """The caller goes away in the loop turn QEMU's monitor answers `running`: the session
+    the probe opened was neither kept nor closed, and held QEMU's one monitor until QEMU
+    ended (behind sudo, a `quit` over a new session then waited for it in vain)."""
+    sessions: list[asyncio.Future[None]] = []
+    hooked = asyncio.Event()
+
+    async def monitor(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        ended = asyncio.get_running_loop().create_future()
+        sessions.append(ended)
+        writer.write(b'{"QMP": {"version": {}, "capabilities": []}}\n')
+        while line := await reader.readline():
+            command = json.loads(line)["execute"]
+            if command == "query-status":
+                await hooked.wait()
+            answer = {"status": "running", "running": True} if command == "query-status" else {}
+            writer.write(json.dumps({"return": answer}).encode() + b"\n")
+        ended.set_result(None)  # the client closed its end
+        writer.close()
+
+    qmp = tmp_path / "qmp.sock"
+    server = await asyncio.start_unix_server(monitor, str(qmp))
+    process = await QemuProcess.start(["sleep", "60"], qmp_listener=socket.socket())
+    try:
+        waiting = asyncio.ensure_future(process.wait_ready(qmp, 30))
+        await wait_for(probes, "the readiness probe")
+        (probe,) = probes()
+        probe.add_done_callback(lambda _: waiting.cancel())
+        hooked.set()
+        await asyncio.wait([waiting], timeout=GUARD)
+        assert waiting.cancelled()
+        assert not probe.cancelled() and probe.exception() is None  # it did succeed
+        assert process.monitor is None
+        assert len(sessions) == 1
+        await asyncio.wait_for(sessions[0], GUARD)  # closed, not left open
+    finally:
+        await process.terminate(5)
+        process.close_pipes()
+        server.close()
+
+
+def probes() -> list[asyncio.Task[Any]]:
+    return [
+        task
+        for task in asyncio.all_tasks()
+        if getattr(task.get_coro(), "__qualname__", "") == "open_running_monitor"
+    ]

@@ -156,6 +156,42 @@ async def test_a_start_cancelled_while_preparing_files_leaves_nothing(
     assert rig.left_behind() == NOTHING
 
 
+async def test_a_stop_during_the_copy_of_a_cancelled_start_leaves_no_file(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Run's caller goes away while the images are copied (a worker thread nothing can
+    interrupt), and a Stop comes while the start waits for that copy: the Stop's cancellation
+    ended the wait, the release found no files named, and the copy made them after it."""
+    links_fail(monkeypatch)
+    copying, proceed, copied = threading.Event(), threading.Event(), threading.Event()
+    real_copy = vm_files._sendfile_all
+
+    def gated_copy(source: int, target: int) -> None:
+        copying.set()
+        try:
+            proceed.wait(GUARD)
+            real_copy(source, target)
+        finally:
+            copied.set()
+
+    monkeypatch.setattr(vm_files, "_sendfile_all", gated_copy)
+    machine = rig.admit()
+    task = rig.start(machine)
+    assert await asyncio.to_thread(copying.wait, GUARD)
+    task.cancel()  # the Run's caller went away
+    await asyncio.sleep(0.01)  # the start waits for the copy
+    stop = asyncio.ensure_future(machine.stop(StopReason.STOP))
+    await asyncio.sleep(0.01)
+    proceed.set()
+    await asyncio.wait_for(stop, GUARD)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await asyncio.to_thread(copied.wait, GUARD)
+    await asyncio.sleep(0.05)  # whatever the thread still does after its copy
+    assert rig.launcher.processes == []
+    assert rig.left_behind() == NOTHING
+
+
 async def test_files_are_linked_on_the_loop_and_copied_in_a_thread(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from cocos_manager.host.tasks import TaskSet as TaskSet
     from cocos_manager.host.tasks import done_within as done_within
     from cocos_manager.host.tasks import outcome_seen as outcome_seen
+    from cocos_manager.host.tasks import outlast as outlast
     from cocos_manager.host.workers import start_pool as start_pool
 
 # Each public name and the module it lives in.
@@ -84,6 +85,7 @@ HOMES = {
     "TaskSet": "tasks",
     "done_within": "tasks",
     "outcome_seen": "tasks",
+    "outlast": "tasks",
     "start_pool": "workers",
 }
 

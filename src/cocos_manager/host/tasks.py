@@ -27,6 +27,17 @@ async def done_within(future: asyncio.Future[Any], seconds: float) -> bool:
     return future.done()
 
 
+async def outlast(future: asyncio.Future[Any]) -> None:
+    """Waits until `future` is done, whatever cancels the caller meanwhile; never cancels it.
+    Only for the clean-up of a caller already ending cancelled (it re-raises that cancellation
+    after): a second cancellation (a Stop, the shutdown) must not end the caller before what
+    it cleans up, or that outlives the release that counted on it (a VM's files made, its QEMU
+    spawned after its numbers were let go)."""
+    while not future.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait([future])
+
+
 def outcome_seen(future: asyncio.Future[Any]) -> None:
     """A done-callback for a future whose outcome nobody may look at (its awaiter gone, or
     never waiting): marks an exception as seen, so asyncio never prints it at collection."""

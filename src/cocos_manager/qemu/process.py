@@ -11,7 +11,6 @@ the ways around it are in sudo.py.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import socket
@@ -29,6 +28,7 @@ from cocos_manager.errors import (
 from cocos_manager.host import (
     done_within,
     outcome_seen,
+    outlast,
     process_identity,
     process_start_time,
     start_pool,
@@ -37,7 +37,7 @@ from cocos_manager.qemu import sudo as sudo_stop
 from cocos_manager.qemu.console_file import ConsoleFiles
 from cocos_manager.qemu.console_start import reap_keeper, spawn_kept
 from cocos_manager.qemu.failures import classify_start_failure, classify_sudo_refusal
-from cocos_manager.qemu.qmp import QmpError, QmpMonitor, open_running_monitor
+from cocos_manager.qemu.qmp import QmpError, QmpMonitor, abandon_opened, open_running_monitor
 from cocos_manager.qemu.spawn import ExitInfo, kill_spawned, spawn
 from cocos_manager.qemu.streams import LineCallback, QemuOutput
 from cocos_manager.telemetry import get_logger
@@ -104,11 +104,7 @@ class QemuProcess:
         except asyncio.CancelledError:
             if queued.cancel():  # still waiting for a worker (a burst): nothing was spawned
                 raise
-            # Reaped as a failed attempt is (kill_now + terminate): behind sudo, QEMU may already
-            # run as sudo's child, and a SIGKILLed sudo would leave it running, nobody's. Shielded
-            # as a whole, so a second cancellation cannot drop the spawned process either.
-            with contextlib.suppress(BaseException):
-                await asyncio.shield(reap_spawned(spawning, argv))
+            await outlast_spawn(spawning, argv)
             raise
         keeper_reaped = reap_keeper(keeper) if keeper is not None else None
         try:
@@ -220,13 +216,17 @@ class QemuProcess:
             done, _ = await asyncio.wait(
                 contenders, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
             )
-        finally:
             if not probe.done():
                 probe.cancel()  # its own clean-up closes the connection it made
                 # Waited for, not awaited: the probe's CancelledError is its own, and a caller
-                # cancelled meanwhile keeps its cancellation (a monitor the probe opens all the
-                # same ends with the QEMU that caller reaps).
+                # cancelled meanwhile keeps its cancellation.
                 await asyncio.wait([probe])
+        except BaseException:
+            # The caller was cancelled: a session the probe opened, or still opens, is nobody's
+            # (left open, it would hold QEMU's one monitor, which a `quit` needs behind sudo).
+            probe.cancel()
+            probe.add_done_callback(abandon_opened)
+            raise
         ready = not probe.cancelled() and probe.exception() is None
         if ready and self.exited.done():  # dead anyway: not a monitor to keep
             await probe.result().close()
@@ -340,6 +340,17 @@ class QemuProcess:
             self.send_signal(signal.SIGTERM)
         else:
             self.send_signal(signal.SIGKILL)
+
+
+async def outlast_spawn(spawning: asyncio.Future[Any], argv: Sequence[str]) -> None:
+    """The QEMU a cancelled start spawns is reaped as a failed attempt's is (kill_now +
+    terminate): behind sudo, QEMU may already run as sudo's child, and a SIGKILLed sudo would
+    leave it running, nobody's. Outlasts a second cancellation (a Stop): the release that
+    follows counts on that QEMU being gone."""
+    reaping = asyncio.ensure_future(reap_spawned(spawning, argv))
+    await outlast(reaping)
+    if not reaping.cancelled() and (error := reaping.exception()) is not None:
+        _log.error("the QEMU of a cancelled start could not be stopped", error=str(error))
 
 
 async def reap_spawned(spawning: asyncio.Future[Any], argv: Sequence[str]) -> None:

@@ -184,6 +184,20 @@ class QmpMonitor:
                 self._task.exception()  # seen: the reader's end says nothing more here
             self._finish(QmpClosed("closed by the manager"))
 
+    def abandon(self) -> None:
+        """Closes at once, without waiting for the reader: for a session nobody will use, let
+        go by a caller that is itself ending."""
+        self._task.cancel()
+        self._task.add_done_callback(outcome_seen)
+        self._finish(QmpClosed("closed by the manager"))
+
+
+def abandon_opened(opening: asyncio.Future[QmpMonitor]) -> None:
+    """A done-callback for an opening whose caller went away: the session it opened, if any,
+    is abandoned."""
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().abandon()
+
 
 async def open_running_monitor(path: Path, *, paused: bool = False) -> QmpMonitor:
     """Greeting, qmp_capabilities, query-status = running: the three steps of libvirt's and

@@ -43,8 +43,8 @@ async def start_to_running(machine: Machine, payload: bytes) -> None:
                 await start
             raise
         if not start.cancelled():
-            if start.exception() is None:  # ready in the instant its caller went away
-                await asyncio.shield(machine.stop(StopReason.CLIENT))
+            if (stopping := stop_unheard(machine, start)) is not None:  # ready in that instant
+                await asyncio.shield(stopping)
             raise
         if machine.stop_reason is StopReason.SHUTDOWN:
             raise UnavailableError(
@@ -59,9 +59,10 @@ async def start_to_running(machine: Machine, payload: bytes) -> None:
         raise
 
 
-def stop_unheard(machine: Machine, start: asyncio.Task[None]) -> None:
+def stop_unheard(machine: Machine, start: asyncio.Task[None]) -> asyncio.Task[None] | None:
     """A start whose caller went away that reached RUNNING all the same (in the instant the
     caller left, or past a cancellation a step did not pass on): nobody will ever hear of its
-    VM, so it is stopped."""
-    if not start.cancelled() and start.exception() is None:
-        machine.ctx.tasks.spawn(machine.stop(StopReason.CLIENT), name=f"unheard:{machine.id}")
+    VM, so it is stopped, in a task of the daemon's (the shutdown waits for it)."""
+    if start.cancelled() or start.exception() is not None:
+        return None
+    return machine.ctx.tasks.spawn(machine.stop(StopReason.CLIENT), name=f"unheard:{machine.id}")

@@ -8,7 +8,6 @@ Machine it is given (its settings, lease and files) and raises the error its cal
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 from typing import Any, Protocol
 
@@ -26,7 +25,7 @@ from cocos_manager.errors import (
     mark_told,
 )
 from cocos_manager.events import manager_event
-from cocos_manager.host import start_pool
+from cocos_manager.host import outlast, start_pool
 from cocos_manager.qemu import (
     Conflict,
     QemuProcess,
@@ -172,8 +171,9 @@ async def prepare_files(machine: StartingVm, manifest: bytes) -> None:
             try:
                 machine.files = await asyncio.shield(preparing)
             except asyncio.CancelledError:
-                with contextlib.suppress(BaseException):
-                    machine.files = await preparing
+                await outlast(preparing)  # a Stop's cancellation too: the files are named
+                if not preparing.cancelled() and preparing.exception() is None:
+                    machine.files = preparing.result()
                 raise
         agent = machine.agent_settings
         if agent is not None:
