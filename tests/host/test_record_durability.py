@@ -28,7 +28,14 @@ import psutil
 
 from cocos_manager.proto import manager_pb2 as pb
 from cocos_manager.proto import manager_pb2_grpc as pb_grpc
-from tests.support.daemon_process import EXE, clean_environ, free_port, wait_serving
+from tests.support.daemon_process import (
+    EXE,
+    PORT_TRIES,
+    PortTaken,
+    clean_environ,
+    free_port,
+    wait_serving,
+)
 from tests.support.harness import base_env, run_request
 
 SYSCALLS = "openat,link,linkat,fsync,fdatasync,unlink,unlinkat"
@@ -121,12 +128,15 @@ def check_trace(trace: Path, state: Path, vms: Path) -> list[str]:
 
 class TracedDaemon:
     def __init__(self, tmp: Path, env: dict[str, str], name: str) -> None:
-        self.port = free_port()
+        self.env, self.log = env, tmp / f"{name}.log"
         self.trace = tmp / f"{name}.trace"
-        full = clean_environ() | env | {"MANAGER_GRPC_PORT": str(self.port)}
+
+    def _start(self) -> None:
+        self.port = free_port()
+        full = clean_environ() | self.env | {"MANAGER_GRPC_PORT": str(self.port)}
         full["COCOS_JAEGER_URL"] = "http://127.0.0.1:9/api/traces"
         command = ["strace", "-f", "-b", "execve", "-y", "-ttt", "-qq", "-e", f"trace={SYSCALLS}"]
-        with open(tmp / f"{name}.log", "wb") as log:
+        with open(self.log, "wb") as log:
             self.strace = subprocess.Popen(
                 [*command, "-o", str(self.trace), EXE],
                 env=full,
@@ -136,7 +146,15 @@ class TracedDaemon:
             )
 
     async def serving(self) -> pb_grpc.ManagerServiceStub:
-        await wait_serving(self.port, self.strace, time.perf_counter() + 120)
+        for attempt in range(1, PORT_TRIES + 1):
+            self._start()
+            try:
+                await wait_serving(self.port, self.strace, time.perf_counter() + 120, self.log)
+                break
+            except PortTaken:  # taken before the daemon bound it: another port, a new trace
+                await asyncio.to_thread(self.strace.wait, 60)
+                if attempt == PORT_TRIES:
+                    raise
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.port}")
         return pb_grpc.ManagerServiceStub(self.channel)
 

@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cocos_manager.proto import manager_pb2_grpc as pb_grpc
 
 EXE = str(Path(sys.executable).with_name("cocos-manager"))
+PORT_TRIES = 3  # a port picked free was taken before the daemon bound it: another is picked
 
 
 def free_port() -> int:
@@ -76,20 +77,28 @@ class Daemon:
         """Starts the daemon; returns the seconds from exec to health SERVING. `connect`:
         open `channel` (a grpc.aio channel, bound to the running event loop)."""
         # Blocking on purpose: exec is what the bench times, and nothing else runs meanwhile.
-        with open(self.log, "ab") as log:
-            started = time.perf_counter()
-            self.process = subprocess.Popen(  # noqa: ASYNC220
-                [EXE],
-                env=self.full_env(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.cwd,
-                # A session of its own, as systemd starts a service: the scheduler's autogroup
-                # then weighs it apart from the client driving it (make bench).
-                start_new_session=True,
-            )
-        await wait_serving(self.port, self.process, started + timeout, self.log)
+        for attempt in range(1, PORT_TRIES + 1):
+            with open(self.log, "ab") as log:
+                started = time.perf_counter()
+                self.process = subprocess.Popen(  # noqa: ASYNC220
+                    [EXE],
+                    env=self.full_env(),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=self.cwd,
+                    # A session of its own, as systemd starts a service: the scheduler's
+                    # autogroup then weighs it apart from the client driving it (make bench).
+                    start_new_session=True,
+                )
+            try:
+                await wait_serving(self.port, self.process, started + timeout, self.log)
+                break
+            except PortTaken:
+                await asyncio.to_thread(self.process.wait, timeout)
+                if attempt == PORT_TRIES:
+                    raise
+                self.port = free_port()
         elapsed = time.perf_counter() - started
         if connect:
             self.channel = grpc.aio.insecure_channel(self.address)
@@ -171,10 +180,33 @@ class Daemon:
         )
 
 
+class PortTaken(RuntimeError):
+    """Another process had the port the daemon was given: a port picked free and let go can be
+    taken before the daemon binds it (by another test's daemon or VM; tests run in parallel)."""
+
+
+def listens_on(pid: int, port: int) -> bool:
+    """Whether `pid` or one of its descendants (the daemon under strace, say) listens on
+    `port`."""
+    try:
+        root = psutil.Process(pid)
+        family = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return False
+    for member in family:
+        with contextlib.suppress(psutil.Error):
+            for connection in member.net_connections(kind="inet"):
+                if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port:
+                    return True
+    return False
+
+
 async def wait_serving(
     port: int, process: subprocess.Popen[bytes], deadline: float, log: Path | None = None
 ) -> None:
-    """Polls the TCP port every 2 ms, then the gRPC health check, until SERVING.
+    """Polls the TCP port every 2 ms, then the gRPC health check, until SERVING, and until the
+    port is this daemon's: another process on it (PortTaken) once answered for it, and a test
+    drove another test's daemon.
 
     The channel is made only once the port accepts: one made earlier fails its first connect
     and then waits out gRPC's reconnect backoff (a second or more) before asking again.
@@ -184,6 +216,8 @@ async def wait_serving(
         while time.perf_counter() < deadline:
             if process.poll() is not None:
                 tail = log.read_text(errors="replace")[-2000:] if log else ""  # noqa: ASYNC240
+                if "cannot listen on" in tail:
+                    raise PortTaken(f"port {port} was taken before the daemon bound it:\n{tail}")
                 raise RuntimeError(f"daemon exited with {process.returncode} at start:\n{tail}")
             if channel is None:
                 try:
@@ -196,7 +230,9 @@ async def wait_serving(
             health = health_pb2_grpc.HealthStub(channel)
             with contextlib.suppress(grpc.aio.AioRpcError):
                 reply = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                if reply.status == health_pb2.HealthCheckResponse.SERVING and listens_on(
+                    process.pid, port
+                ):
                     return
             await asyncio.sleep(0.002)
         raise RuntimeError("daemon did not become SERVING in time")
