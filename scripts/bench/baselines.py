@@ -209,6 +209,5 @@ async def start_bare_health(log_path: Path) -> tuple[float, subprocess.Popen[byt
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    await wait_serving(port, proc, started + 60, log_path)
-    elapsed = time.perf_counter() - started
+    elapsed = await wait_serving(port, proc, started + 60, log_path) - started
     return elapsed, proc

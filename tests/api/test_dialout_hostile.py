@@ -30,7 +30,7 @@ from cocos_manager.proto import manager_pb2 as pb
 from cocos_manager.telemetry import get_logger
 from cocos_manager.telemetry.metrics import Metrics
 from tests.api.test_dialout import dialing_manager
-from tests.support.daemon_process import Daemon, free_port
+from tests.support.daemon_process import Daemon
 from tests.support.harness import Manager, base_env, run_request, running_manager
 from tests.support.raw_computations_server import RawComputationsServer
 
@@ -73,18 +73,18 @@ async def until(condition: Any, what: str, timeout: float = WAIT) -> None:
         await asyncio.sleep(0.05)
 
 
-def dialing_daemon(tmp_path: Path, url: str, **env: str) -> tuple[Daemon, int]:
-    metrics_port = free_port()
-    daemon = Daemon(
-        env={
-            **base_env(tmp_path),
-            "MANAGER_GRPC_URL": url,
-            "MANAGER_METRICS_PORT": str(metrics_port),
-            **env,
-        },
+def dialing_daemon(tmp_path: Path, url: str, **env: str) -> Daemon:
+    """Its /metrics on a port of its own pick (a port picked free here and let go could be
+    taken before the daemon binds it): `metrics_port` says which, once it runs."""
+    return Daemon(
+        env={**base_env(tmp_path), "MANAGER_GRPC_URL": url, "MANAGER_METRICS_PORT": "0", **env},
         log=tmp_path / "daemon.log",
     )
-    return daemon, metrics_port
+
+
+def metrics_port(daemon: Daemon) -> int:
+    (port,) = [port for port in daemon.listening_ports() if port != daemon.port]
+    return port
 
 
 async def test_an_undecodable_request_is_logged_once_and_the_stream_goes_on(
@@ -92,7 +92,7 @@ async def test_an_undecodable_request_is_logged_once_and_the_stream_goes_on(
 ) -> None:
     server = RawComputationsServer()
     await server.start()
-    daemon, metrics_port = dialing_daemon(tmp_path, server.url)
+    daemon = dialing_daemon(tmp_path, server.url)
     await daemon.start()
     try:
         await server.wait_for(lambda: server.connections == 1, "the daemon's stream")
@@ -110,7 +110,7 @@ async def test_an_undecodable_request_is_logged_once_and_the_stream_goes_on(
         said = [r for r in log_records(daemon) if r["message"].startswith("dial-out: undecodable")]
         assert [r.get("size") for r in said] == [4, 40], said
         assert await dialout_health(daemon) == health_pb2.HealthCheckResponse.SERVING
-        values = metrics(metrics_port)
+        values = metrics(metrics_port(daemon))
         assert values['manager_dialout_requests_total{outcome="undecodable"}'] == 2
         assert values["manager_dialout_connected"] == 1
 
@@ -120,7 +120,7 @@ async def test_an_undecodable_request_is_logged_once_and_the_stream_goes_on(
         async def down() -> bool:
             return (
                 await dialout_health(daemon) == health_pb2.HealthCheckResponse.NOT_SERVING
-                and metrics(metrics_port)["manager_dialout_connected"] == 0
+                and metrics(metrics_port(daemon))["manager_dialout_connected"] == 0
             )
 
         await until(down, "health NOT_SERVING and the gauge 0 with the server gone")
@@ -144,7 +144,7 @@ async def test_a_flood_of_invalid_requests_from_a_server_that_reads_nothing_is_b
     HTTP/2 flow control holds the server back meanwhile."""
     server = RawComputationsServer(reading=False)
     await server.start()
-    daemon, metrics_port = dialing_daemon(tmp_path, server.url)
+    daemon = dialing_daemon(tmp_path, server.url)
     await daemon.start()
     invalid = run_request("flood")
     invalid.ClearField("algorithm")
@@ -162,7 +162,7 @@ async def test_a_flood_of_invalid_requests_from_a_server_that_reads_nothing_is_b
         buffered: list[float] = []
 
         async def took_many() -> bool:
-            values = metrics(metrics_port)
+            values = metrics(metrics_port(daemon))
             buffered.append(values["manager_dialout_buffered"])
             return taken(values) >= 40_000
 
@@ -184,7 +184,7 @@ async def test_sigterm_after_garbage_ends_cleanly(tmp_path: Path) -> None:
     cleanly (before: a traceback and status 1, the rest of the clean-up skipped)."""
     server = RawComputationsServer()
     await server.start()
-    daemon, _ = dialing_daemon(tmp_path, server.url)
+    daemon = dialing_daemon(tmp_path, server.url)
     await daemon.start()
     answered: AssertionError | None = None
     try:

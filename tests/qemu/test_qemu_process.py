@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from cocos_manager.qemu import process as process_module
 from cocos_manager.qemu.output import MAX_LINE, LineReader
@@ -143,13 +144,16 @@ def children(pid: int) -> list[int]:
         return [int(child) for child in listed.read().split()]
 
 
+@pytest.mark.parametrize("spawn", ["spawns", "fails"])
 async def test_a_spawn_cancelled_twice_ends_after_its_qemu(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spawn: str
 ) -> None:
     """The Run's caller goes away while QEMU is spawned (Popen in a worker thread, waiting
     for the exec: on a loaded host, behind sudo, that takes a while), and a Stop's cancellation
     follows. The second ended the start's wait for its clean-up: the release let the VM's
-    numbers go and the Stop answered before that QEMU was even spawned, let alone ended."""
+    numbers go and the Stop answered before that QEMU was even spawned, let alone ended. A
+    spawn that fails meanwhile left nothing to stop, and is not logged as a QEMU that could
+    not be stopped."""
     spawning, proceed = threading.Event(), threading.Event()
     spawned: list[subprocess.Popen[bytes]] = []
     real_spawn = process_module.spawn
@@ -157,6 +161,8 @@ async def test_a_spawn_cancelled_twice_ends_after_its_qemu(
     def gated_spawn(*args: Any, **kwargs: Any) -> tuple[subprocess.Popen[bytes], int]:
         spawning.set()
         proceed.wait(GUARD)
+        if spawn == "fails":
+            raise FileNotFoundError(2, "No such file or directory", "/opt/qemu")
         popen, start_time = real_spawn(*args, **kwargs)
         spawned.append(popen)
         return popen, start_time
@@ -164,19 +170,24 @@ async def test_a_spawn_cancelled_twice_ends_after_its_qemu(
     monkeypatch.setattr(process_module, "spawn", gated_spawn)
     listener = qmp_listener(tmp_path / "qmp.sock")
     try:
-        starting = asyncio.ensure_future(QemuProcess.start(["sleep", "60"], qmp_listener=listener))
-        assert await asyncio.to_thread(spawning.wait, GUARD)
-        starting.cancel()  # the Run's caller
-        await asyncio.sleep(0.01)
-        starting.cancel()  # a Stop
-        await asyncio.sleep(0.01)
-        proceed.set()
-        await asyncio.wait([starting], timeout=GUARD)
+        with capture_logs() as logs:
+            starting = asyncio.ensure_future(
+                QemuProcess.start(["sleep", "60"], qmp_listener=listener)
+            )
+            assert await asyncio.to_thread(spawning.wait, GUARD)
+            starting.cancel()  # the Run's caller
+            await asyncio.sleep(0.01)
+            starting.cancel()  # a Stop
+            await asyncio.sleep(0.01)
+            proceed.set()
+            await asyncio.wait([starting], timeout=GUARD)
     finally:
         listener.close()
     assert starting.cancelled()
-    assert len(spawned) == 1, "the start ended before its QEMU was spawned"
-    assert spawned[0].poll() is not None, "the start ended with its QEMU still running"
+    assert [entry for entry in logs if entry["log_level"] == "error"] == []
+    if spawn == "spawns":
+        assert len(spawned) == 1, "the start ended before its QEMU was spawned"
+        assert spawned[0].poll() is not None, "the start ended with its QEMU still running"
 
 
 async def test_a_readiness_wait_cancelled_as_its_probe_succeeds_closes_that_session(

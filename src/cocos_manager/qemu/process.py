@@ -349,6 +349,8 @@ async def outlast_spawn(spawning: asyncio.Future[Any], argv: Sequence[str]) -> N
     follows counts on that QEMU being gone."""
     reaping = asyncio.ensure_future(reap_spawned(spawning, argv))
     await outlast(reaping)
+    if spawning.cancelled() or spawning.exception() is not None:
+        return  # nothing was spawned: the start's failure is moot, its caller went away
     if not reaping.cancelled() and (error := reaping.exception()) is not None:
         _log.error("the QEMU of a cancelled start could not be stopped", error=str(error))
 
