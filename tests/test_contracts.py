@@ -126,7 +126,9 @@ async def test_vms_running_follows_run_stop_and_exit(
         assert sample("manager_vms_running") == 2
         await m.stub.Stop(pb.StopRequest(computation_id="a"))
         assert sample("manager_vms_running") == 1
-        monkeypatch.setenv("FAKE_QEMU_MODE", "exit-after:0.2:0")
+        # Long enough to be counted before it ends: 0.2 s from its spawn raced the Run's
+        # answer on a loaded host.
+        monkeypatch.setenv("FAKE_QEMU_MODE", "exit-after:1.5:0")
         await m.stub.Run(run_request("brief"))
         assert sample("manager_vms_running") == 2
         await wait_for(lambda: "brief" not in m.service.computations(), "the VM's own exit")
