@@ -21,7 +21,7 @@ import pytest
 from cocos_manager.config.settings import QemuSettings
 from cocos_manager.qemu.argv import qemu_args
 from cocos_manager.qemu.qmp import QmpMonitor
-from tests.e2e.test_real_vm import BOOT_TIMEOUT, free_port, guest_images
+from tests.e2e.test_real_vm import BOOT_TIMEOUT, guest_images
 
 POWER_BUTTON_MARKER = "cocos-test: power button, shutting down"
 # The guest powers off at once on the button; TCG on a busy 2-core machine is slow.
@@ -44,7 +44,7 @@ def guest_settings(tmp: Path) -> QemuSettings:
         DISK_IMG_KERNEL_FILE=str(kernel),
         DISK_IMG_ROOTFS_FILE=str(rootfs),
         OVMF_VARS_FILE=str(vars_copy),
-        HOST_FWD_AGENT=free_port(),
+        HOST_FWD_AGENT=0,  # slirp binds a port of the kernel's pick: nothing to collide with
         NETDEV_ID="ops-net",
     )
 
