@@ -30,11 +30,10 @@ from cocos_manager.proto import manager_pb2 as pb
 from cocos_manager.proto import manager_pb2_grpc as pb_grpc
 from tests.support.daemon_process import (
     EXE,
-    PORT_TRIES,
-    PortTaken,
+    Launched,
     clean_environ,
     free_port,
-    wait_serving,
+    serve_on_a_port,
 )
 from tests.support.harness import base_env, run_request
 
@@ -131,12 +130,11 @@ class TracedDaemon:
         self.env, self.log = env, tmp / f"{name}.log"
         self.trace = tmp / f"{name}.trace"
 
-    def _start(self) -> None:
-        self.port = free_port()
-        full = clean_environ() | self.env | {"MANAGER_GRPC_PORT": str(self.port)}
+    def _launch(self, port: int) -> Launched:
+        full = clean_environ() | self.env | {"MANAGER_GRPC_PORT": str(port)}
         full["COCOS_JAEGER_URL"] = "http://127.0.0.1:9/api/traces"
         command = ["strace", "-f", "-b", "execve", "-y", "-ttt", "-qq", "-e", f"trace={SYSCALLS}"]
-        with open(self.log, "wb") as log:
+        with open(self.log, "wb") as log:  # a port taken first: a new log and a new trace
             self.strace = subprocess.Popen(
                 [*command, "-o", str(self.trace), EXE],
                 env=full,
@@ -144,17 +142,10 @@ class TracedDaemon:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        return Launched(self.strace, time.perf_counter())
 
     async def serving(self) -> pb_grpc.ManagerServiceStub:
-        for attempt in range(1, PORT_TRIES + 1):
-            self._start()
-            try:
-                await wait_serving(self.port, self.strace, time.perf_counter() + 120, self.log)
-                break
-            except PortTaken:  # taken before the daemon bound it: another port, a new trace
-                await asyncio.to_thread(self.strace.wait, 60)
-                if attempt == PORT_TRIES:
-                    raise
+        self.port, _, _ = await serve_on_a_port(free_port(), self._launch, 120, self.log)
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.port}")
         return pb_grpc.ManagerServiceStub(self.channel)
 

@@ -21,6 +21,7 @@ from cocos_manager.qemu.output import MAX_LINE, LineReader
 from cocos_manager.qemu.process import QemuProcess
 from cocos_manager.qemu.qmp import qmp_listener
 from cocos_manager.qemu.spawn import ExitInfo
+from cocos_manager.qemu.sudo import descendants
 from tests.support.waiting import GUARD, wait_for
 
 
@@ -103,8 +104,8 @@ async def test_a_readiness_wait_cancelled_at_any_turn_after_qemu_exits_is_cancel
             )
         finally:
             listener.close()
-        await wait_for(lambda p=process.pid: children(p), "the listener's holder")
-        holder = children(process.pid)
+        await wait_for(lambda p=process.pid: descendants(p), "the listener's holder")
+        holder = descendants(process.pid)
         waiting = asyncio.ensure_future(process.wait_ready(qmp, 30))
         await asyncio.sleep(0.05)  # the probe has connected; nobody will greet it
         late: list[bool] = []
@@ -137,11 +138,6 @@ async def test_a_readiness_wait_cancelled_at_any_turn_after_qemu_exits_is_cancel
     on_time = {turns: said for turns, said in outcomes.items() if said != "finished first"}
     assert len(on_time) >= 3, outcomes  # the cancellation came while the wait still ran
     assert set(on_time.values()) == {"cancelled"}, outcomes
-
-
-def children(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as listed:
-        return [int(child) for child in listed.read().split()]
 
 
 @pytest.mark.parametrize("spawn", ["spawns", "fails"])

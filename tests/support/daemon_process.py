@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,36 +77,33 @@ class Daemon:
     async def start(self, timeout: float = 60.0, *, connect: bool = True) -> float:
         """Starts the daemon; returns the seconds from exec to health SERVING. `connect`:
         open `channel` (a grpc.aio channel, bound to the running event loop)."""
-        # Blocking on purpose: exec is what the bench times, and nothing else runs meanwhile.
-        for attempt in range(1, PORT_TRIES + 1):
-            with open(self.log, "ab") as log:
-                earlier = log.tell()  # this attempt's lines follow
-                started = time.perf_counter()
-                self.process = subprocess.Popen(  # noqa: ASYNC220
-                    [EXE],
-                    env=self.full_env(),
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    cwd=self.cwd,
-                    # A session of its own, as systemd starts a service: the scheduler's
-                    # autogroup then weighs it apart from the client driving it (make bench).
-                    start_new_session=True,
-                )
-            try:
-                serving = await wait_serving(
-                    self.port, self.process, started + timeout, self.log, since=earlier
-                )
-                break
-            except PortTaken:
-                await asyncio.to_thread(self.process.wait, timeout)
-                if attempt == PORT_TRIES:
-                    raise
-                self.port = free_port()
+        self.port, serving, started = await serve_on_a_port(
+            self.port, self._launch, timeout, self.log
+        )
         elapsed = serving - started
         if connect:
             self.channel = grpc.aio.insecure_channel(self.address)
         return elapsed
+
+    def _launch(self, port: int) -> Launched:
+        """Blocking on purpose: exec is what the bench times, and nothing else runs
+        meanwhile."""
+        self.port = port
+        with open(self.log, "ab") as log:
+            earlier = log.tell()  # this attempt's lines follow
+            started = time.perf_counter()
+            self.process = subprocess.Popen(
+                [EXE],
+                env=self.full_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.cwd,
+                # A session of its own, as systemd starts a service: the scheduler's
+                # autogroup then weighs it apart from the client driving it (make bench).
+                start_new_session=True,
+            )
+        return Launched(self.process, started, earlier)
 
     async def close_channel(self) -> None:
         if self.channel is not None:
@@ -205,6 +203,36 @@ def listens_on(pid: int, port: int) -> bool:
                 if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port:
                     return True
     return False
+
+
+@dataclass(frozen=True)
+class Launched:
+    """A daemon just started: its process (or what runs it: strace), when, and where its
+    lines begin in the log."""
+
+    process: subprocess.Popen[bytes]
+    started: float
+    since: int = 0
+
+
+async def serve_on_a_port(
+    port: int, launch: Callable[[int], Launched], timeout: float, log: Path
+) -> tuple[int, float, float]:
+    """`launch(port)` until its daemon serves on a port of its own: another is picked when
+    another process took `port` first. (the port, when SERVING was seen, when it started)"""
+    tries = 1
+    while True:
+        launched = launch(port)
+        try:
+            serving = await wait_serving(
+                port, launched.process, launched.started + timeout, log, since=launched.since
+            )
+            return port, serving, launched.started
+        except PortTaken:
+            await asyncio.to_thread(launched.process.wait, timeout)
+            if tries == PORT_TRIES:
+                raise
+            tries, port = tries + 1, free_port()
 
 
 async def wait_serving(
