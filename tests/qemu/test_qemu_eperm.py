@@ -13,8 +13,10 @@ import os
 import shutil
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -26,7 +28,7 @@ from cocos_manager.qemu.argv import Executable
 from cocos_manager.qemu.failures import classify_sudo_refusal
 from tests.support.harness import run_request, running_manager
 from tests.support.processes import is_console_keeper, processes_mentioning
-from tests.support.waiting import unavailable, wait_for
+from tests.support.waiting import GUARD, unavailable, wait_for
 
 
 def refuse_signals(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -131,3 +133,61 @@ async def test_sudo_kill_ends_a_child_of_sudo_that_cannot_be_signalled(
 
 def alive_pids() -> set[int]:
     return {int(entry) for entry in os.listdir("/proc") if entry.isdigit()}
+
+
+async def test_a_cancelled_start_whose_qemu_nothing_stops_fails_the_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Run's caller goes away and a Stop follows while QEMU is being spawned (Popen waits
+    for the exec in a worker thread), and the QEMU it spawns cannot be signalled (root's,
+    behind sudo without a kill rule). The start's clean-up gave up on it and only logged so:
+    the Stop answered OK and the final event said `complete` with that QEMU still running.
+    Now the Stop answers FAILED_PRECONDITION naming its PID, as for a running VM's QEMU, and
+    the VM is released all the same."""
+    monkeypatch.setattr(sudo_stop, "GIVE_UP_AFTER", 0.5)
+    spawning, proceed = threading.Event(), threading.Event()
+    real_spawn = qemu_process.spawn
+
+    def gated_spawn(*args: Any, **kwargs: Any) -> Any:
+        spawning.set()
+        proceed.wait(GUARD)
+        return real_spawn(*args, **kwargs)
+
+    monkeypatch.setattr(qemu_process, "spawn", gated_spawn)
+    async with running_manager(tmp_path, monkeypatch) as m:
+        published: list[pb.ClientStreamMessage] = []
+        m.service.bus.tap(published.append)
+        run = m.stub.Run(run_request("c1"))
+        try:
+            assert await asyncio.to_thread(spawning.wait, GUARD)
+            refuse_signals(monkeypatch)
+            run.cancel()  # the Run's caller
+            stopping = asyncio.ensure_future(
+                m.stub.Stop(pb.StopRequest(computation_id="c1"), timeout=GUARD)
+            )
+            await wait_for(
+                lambda: any(e.agent_event.event_type == "vm-stop" for e in published),
+                "the Stop's vm-stop starting",
+            )
+        finally:
+            proceed.set()
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as failure:
+                await stopping
+            assert failure.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            (pid,) = [
+                pid
+                for pid in processes_mentioning(str(tmp_path / "vms"))
+                if not is_console_keeper(pid)
+            ]
+            details = failure.value.details() or ""
+            assert f"pid {pid}" in details and "NOPASSWD" in details, details
+            final = [e.agent_event for e in published if e.agent_event.status == "failed"]
+            assert [(e.event_type, f"pid {pid}" in e.details.decode()) for e in final] == [
+                ("vm-stop", True)
+            ], final
+            assert list((await m.stub.List(pb.ListRequest())).computations) == []
+        finally:
+            for pid in processes_mentioning(str(tmp_path / "vms")):
+                os.kill(pid, signal.SIGKILL)
+            await wait_for(lambda: not processes_mentioning(str(tmp_path)), "its end")

@@ -21,6 +21,7 @@ from typing import Any
 
 from cocos_manager.errors import (
     QemuExitedError,
+    QemuStopFailedError,
     ReadinessTimeoutError,
     SudoRefusedError,
     VmStartError,
@@ -38,7 +39,7 @@ from cocos_manager.qemu.console_file import ConsoleFiles
 from cocos_manager.qemu.console_start import reap_keeper, spawn_kept
 from cocos_manager.qemu.failures import classify_start_failure, classify_sudo_refusal
 from cocos_manager.qemu.qmp import QmpError, QmpMonitor, abandon_opened, open_running_monitor
-from cocos_manager.qemu.spawn import ExitInfo, kill_spawned, spawn
+from cocos_manager.qemu.spawn import ExitInfo, kill_pids, kill_spawned, signal_pidfd, spawn
 from cocos_manager.qemu.streams import LineCallback, QemuOutput
 from cocos_manager.telemetry import get_logger
 
@@ -84,9 +85,11 @@ class QemuProcess:
         env: dict[str, str] | None = None,
         console: ConsoleFiles | None = None,
         on_keeper_lost: Callable[[str], None] | None = None,
+        on_unstoppable: Callable[[QemuStopFailedError], None] | None = None,
     ) -> QemuProcess:
-        """Starts QEMU and returns its owner; a caller cancelled here has the process reaped,
-        and one cancelled at its next await still holds it. Its output is connected by
+        """Starts QEMU and returns its owner; a caller cancelled here has the process reaped
+        (`on_unstoppable` is told if it outlives that), and one cancelled at its next await
+        still holds it. Its output is connected by
         `attach_output()` (streams.py): pipes to the daemon, or with `console` a keeper process and its
         file, which outlive the daemon (console_file.py); `on_keeper_lost` is told if that
         keeper is gone while QEMU runs.
@@ -104,7 +107,7 @@ class QemuProcess:
         except asyncio.CancelledError:
             if queued.cancel():  # still waiting for a worker (a burst): nothing was spawned
                 raise
-            await outlast_spawn(spawning, argv)
+            await outlast_spawn(spawning, argv, on_unstoppable)
             raise
         keeper_reaped = reap_keeper(keeper) if keeper is not None else None
         try:
@@ -342,16 +345,24 @@ class QemuProcess:
             self.send_signal(signal.SIGKILL)
 
 
-async def outlast_spawn(spawning: asyncio.Future[Any], argv: Sequence[str]) -> None:
+async def outlast_spawn(
+    spawning: asyncio.Future[Any],
+    argv: Sequence[str],
+    on_unstoppable: Callable[[QemuStopFailedError], None] | None = None,
+) -> None:
     """The QEMU a cancelled start spawns is reaped as a failed attempt's is (kill_now +
     terminate): behind sudo, QEMU may already run as sudo's child, and a SIGKILLed sudo would
     leave it running, nobody's. Outlasts a second cancellation (a Stop): the release that
-    follows counts on that QEMU being gone."""
+    follows counts on that QEMU being gone, and a QEMU that outlived it all is told to
+    `on_unstoppable` (the VM's Stop answers with it) rather than only logged."""
     reaping = asyncio.ensure_future(reap_spawned(spawning, argv))
     await outlast(reaping)
     if spawning.cancelled() or spawning.exception() is not None:
         return  # nothing was spawned: the start's failure is moot, its caller went away
-    if not reaping.cancelled() and (error := reaping.exception()) is not None:
+    error = None if reaping.cancelled() else reaping.exception()
+    if isinstance(error, QemuStopFailedError) and on_unstoppable is not None:
+        on_unstoppable(error)
+    elif error is not None:
         _log.error("the QEMU of a cancelled start could not be stopped", error=str(error))
 
 
@@ -368,32 +379,3 @@ async def reap_spawned(spawning: asyncio.Future[Any], argv: Sequence[str]) -> No
     process.close_pipes()
     process.kill_now()
     await process.terminate(0)
-
-
-def signal_pidfd(pidfd: int | None, sig: int) -> bool:
-    """True when delivered (or the process is gone); False when not permitted (EPERM: a
-    process of another user, such as root's QEMU behind sudo)."""
-    if pidfd is None:
-        return True
-    try:
-        signal.pidfd_send_signal(pidfd, sig)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return True
-
-
-def kill_pids(pids: Sequence[int]) -> bool:
-    """SIGKILL through pidfds (a PID that ended and was reused is never hit)."""
-    delivered = True
-    for pid in pids:
-        try:
-            pidfd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            continue
-        try:
-            delivered = signal_pidfd(pidfd, signal.SIGKILL) and delivered
-        finally:
-            os.close(pidfd)
-    return delivered

@@ -1,13 +1,16 @@
-"""Starting a QEMU process, and how one ended.
+"""Starting a QEMU process, signalling it, and how one ended.
 
-Kept apart from qemu/process.py (which supervises the process once it exists) because this is
-the part that runs in a worker thread: Popen waits until the child has exec'd.
+Kept apart from qemu/process.py (which supervises the process once it exists) because starting
+is the part that runs in a worker thread: Popen waits until the child has exec'd. Signals go
+through pidfds, so a PID that ended and was reused is never hit.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cocos_manager.host import process_start_time
@@ -70,3 +73,32 @@ def kill_spawned(popen: subprocess.Popen[bytes]) -> None:
     for pipe in (popen.stdout, popen.stderr):
         if pipe is not None:
             pipe.close()
+
+
+def signal_pidfd(pidfd: int | None, sig: int) -> bool:
+    """True when delivered (or the process is gone); False when not permitted (EPERM: a
+    process of another user, such as root's QEMU behind sudo)."""
+    if pidfd is None:
+        return True
+    try:
+        signal.pidfd_send_signal(pidfd, sig)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return True
+
+
+def kill_pids(pids: Sequence[int]) -> bool:
+    """SIGKILL through pidfds (a PID that ended and was reused is never hit)."""
+    delivered = True
+    for pid in pids:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            delivered = signal_pidfd(pidfd, signal.SIGKILL) and delivered
+        finally:
+            os.close(pidfd)
+    return delivered

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from cocos_manager.agent import Connect
 from cocos_manager.config import Settings
+from cocos_manager.errors import QemuStopFailedError
 from cocos_manager.events import ConsoleArchive, EventBus
 from cocos_manager.host import StateStore, TaskSet
 from cocos_manager.qemu import ConsoleFiles, Executable, LineCallback, QemuProcess, VmResources
@@ -108,6 +109,7 @@ class Launcher(Protocol):
         env: dict[str, str] | None,
         console: ConsoleFiles | None = None,
         on_keeper_lost: Callable[[str], None] | None = None,
+        on_unstoppable: Callable[[QemuStopFailedError], None] | None = None,
     ) -> QemuProcess: ...
 
 

@@ -38,6 +38,7 @@ from cocos_manager.qemu import (
     qmp_args,
     vm_args,
 )
+from cocos_manager.vm import stop as vm_stop
 from cocos_manager.vm import ttl
 from cocos_manager.vm.files import (
     CERTS_SUBDIR,
@@ -117,6 +118,7 @@ async def launch(machine: StartingVm, argv: list[str], listener: socket.socket) 
         env=qemu_environment(machine.ctx.settings.qemu),
         console=machine.files.console(machine.ctx.settings.service.CONSOLE_FILE_BYTES),
         on_keeper_lost=machine.output.lost,
+        on_unstoppable=lambda error: vm_stop.could_not_stop(machine, error),
     )
 
 
@@ -128,8 +130,7 @@ async def reap_attempt(machine: StartingVm, process: QemuProcess) -> None:
     try:
         await asyncio.shield(process.terminate(0))
     except QemuStopFailedError as error:  # the start's own error is the one to answer
-        machine.stop_failure = error
-        machine.log.error("QEMU could not be stopped", error=str(error))
+        vm_stop.could_not_stop(machine, error)
     if machine.process is process:
         machine.process = None
 

@@ -74,13 +74,29 @@ def powerdown_grace(machine: EndingVm) -> float:
 
 
 def release_details(machine: EndingVm, reason: StopReason) -> dict[str, Any]:
-    """The RELEASED event's details, before what the end of QEMU adds."""
+    """The RELEASED event's details, before what the end of QEMU adds. A QEMU that outlived
+    the clean-up of a cancelled start (could_not_stop) is named here: no QEMU is left for the
+    release to end, and so to tell of."""
     details: dict[str, Any] = {"reason": reason.value}
-    if machine.error is not None:
+    if machine.stop_failure is not None:
+        details["error"] = str(machine.stop_failure)
+    elif machine.error is not None:
         details["error"] = str(machine.error)
     elif reason is StopReason.CLIENT:
         details["error"] = "cancelled"
     return details
+
+
+class Unstoppable(Protocol):
+    stop_failure: QemuStopFailedError | None
+    log: Any
+
+
+def could_not_stop(machine: Unstoppable, error: QemuStopFailedError) -> None:
+    """A QEMU of this VM outlived every way to end it: the release goes on (never STOPPING
+    for ever), its final event says so, and a Stop answers with this error."""
+    machine.stop_failure = error
+    machine.log.error("QEMU could not be stopped", error=str(error))
 
 
 async def end_or_tell(
@@ -92,8 +108,7 @@ async def end_or_tell(
     try:
         details = await end_process(machine, process, reason, ran=ran)
     except QemuStopFailedError as error:
-        machine.stop_failure = error
-        machine.log.error("QEMU could not be stopped", error=str(error))
+        could_not_stop(machine, error)
         details = {"error": str(error)}
     if (agents_ended := machine.ctx.end_agents(machine.lease.resources.guest_cid)) is not None:
         await agents_ended
@@ -126,8 +141,7 @@ async def end_process(
         try:
             await process.end_outlived()  # sudo killed under a live QEMU
         except QemuStopFailedError as error:
-            machine.stop_failure = error
-            machine.log.error("QEMU could not be stopped", error=str(error))
+            could_not_stop(machine, error)
             left = {"error": str(error)}
         tail = process.tail()
         machine.log.warning("VM exited on its own", exit=info.describe(), last_lines=tail[-5:])
