@@ -36,6 +36,9 @@ FIGURES: dict[str, tuple[bool, bool]] = {
     "footprint.startup": (True, True),
     "footprint.startup_cpu": (True, True),
     "footprint.rss_idle": (True, True),
+    "footprint.floor.startup": (True, False),
+    "footprint.floor.startup_cpu": (True, False),
+    "footprint.floor.rss_idle": (True, False),
     "footprint.rss_supervising": (True, False),
     "footprint.cpu_supervising": (False, False),
     "records.durable": (True, False),
@@ -108,5 +111,7 @@ def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
         assert check["succeeded"] == burst["vms"]
         assert check["distinct_ports"] == check["distinct_cids"] == burst["vms"]
         assert check["distinct_vnc_displays"] == burst["vms"]
+    for key in ("footprint.startup", "footprint.startup_cpu", "footprint.rss_idle"):
+        check_stats(f"{key}.over_floor", doc["figures"][key]["over_floor"])
     for delivery in doc["figures"]["events.throughput"]["delivery"]:
         assert delivery["received"] == delivery["sent"]

@@ -43,6 +43,10 @@ async def main():
 asyncio.run(main())
 """
 
+# The libraries the project's card requires and the bare server does without, imported and not
+# used: a floor under any daemon built on them (using them costs more, never less).
+CARD_LIBRARIES = "import pydantic_settings, structlog, opentelemetry.sdk.trace\n"
+
 
 def strip_qmp(argv: Sequence[str]) -> list[str]:
     """The daemon's QEMU argv without its inherited-fd QMP monitor."""
@@ -199,12 +203,15 @@ async def direct_burst(daemon: BenchDaemon, argvs: list[list[str]], stash: VmFil
         stash.remove_restored()
 
 
-async def start_bare_health(log_path: Path) -> tuple[float, subprocess.Popen[bytes]]:
+async def start_bare_health(
+    log_path: Path, *, imports: str = ""
+) -> tuple[float, subprocess.Popen[bytes]]:
+    """The bare server, `imports` (CARD_LIBRARIES for the floor) run before it."""
     port = free_port()
     with open(log_path, "ab") as out:  # noqa: ASYNC230
         started = time.perf_counter()
         proc = subprocess.Popen(  # noqa: ASYNC220
-            [sys.executable, "-c", BARE_HEALTH_SERVER, str(port)],
+            [sys.executable, "-c", imports + BARE_HEALTH_SERVER, str(port)],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
