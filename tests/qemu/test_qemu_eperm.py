@@ -9,6 +9,7 @@ QEMU and its QMP monitor). tests/e2e/test_sudo.py runs the same paths with real 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -135,16 +136,8 @@ def alive_pids() -> set[int]:
     return {int(entry) for entry in os.listdir("/proc") if entry.isdigit()}
 
 
-async def test_a_cancelled_start_whose_qemu_nothing_stops_fails_the_stop(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The Run's caller goes away and a Stop follows while QEMU is being spawned (Popen waits
-    for the exec in a worker thread), and the QEMU it spawns cannot be signalled (root's,
-    behind sudo without a kill rule). The start's clean-up gave up on it and only logged so:
-    the Stop answered OK and the final event said `complete` with that QEMU still running.
-    Now the Stop answers FAILED_PRECONDITION naming its PID, as for a running VM's QEMU, and
-    the VM is released all the same."""
-    monkeypatch.setattr(sudo_stop, "GIVE_UP_AFTER", 0.5)
+def gate_spawn(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """QEMU's spawn (Popen, in a worker thread) held until `proceed`; `spawning` once there."""
     spawning, proceed = threading.Event(), threading.Event()
     real_spawn = qemu_process.spawn
 
@@ -154,40 +147,103 @@ async def test_a_cancelled_start_whose_qemu_nothing_stops_fails_the_stop(
         return real_spawn(*args, **kwargs)
 
     monkeypatch.setattr(qemu_process, "spawn", gated_spawn)
+    return spawning, proceed
+
+
+def vm_qemu(tmp_path: Path) -> int:
+    (pid,) = [  # the VM's QEMU (its console keeper names the folder too)
+        pid for pid in processes_mentioning(str(tmp_path / "vms")) if not is_console_keeper(pid)
+    ]
+    return pid
+
+
+def failures(published: list[pb.ClientStreamMessage]) -> list[tuple[str, dict[str, Any]]]:
+    return [
+        (e.agent_event.event_type, json.loads(e.agent_event.details))
+        for e in published
+        if e.agent_event.status == "failed"
+    ]
+
+
+async def end_vm_qemu(tmp_path: Path) -> None:
+    for pid in processes_mentioning(str(tmp_path / "vms")):
+        os.kill(pid, signal.SIGKILL)
+    await wait_for(lambda: not processes_mentioning(str(tmp_path)), "its end")
+
+
+@pytest.mark.parametrize("then", ["stop", "nothing"])
+async def test_a_cancelled_start_whose_qemu_nothing_stops_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, then: str
+) -> None:
+    """The Run's caller goes away while QEMU is being spawned (Popen waits for the exec in a
+    worker thread), and the QEMU it spawns cannot be signalled (root's, behind sudo without a
+    kill rule); `stop`: a Stop follows. The start's clean-up gave up on that QEMU and only
+    logged so: the Stop answered OK and the final event said `complete` (or `cancelled`)
+    with it still running. Now the Stop answers FAILED_PRECONDITION naming its PID, as for a
+    running VM's QEMU, the final event's error names it, and the VM is released all the
+    same."""
+    monkeypatch.setattr(sudo_stop, "GIVE_UP_AFTER", 0.5)
+    spawning, proceed = gate_spawn(monkeypatch)
     async with running_manager(tmp_path, monkeypatch) as m:
         published: list[pb.ClientStreamMessage] = []
         m.service.bus.tap(published.append)
         run = m.stub.Run(run_request("c1"))
+        stopping: asyncio.Future[Any] | None = None
         try:
             assert await asyncio.to_thread(spawning.wait, GUARD)
             refuse_signals(monkeypatch)
+            start = m.service.computations()["c1"].start_task
+            assert start is not None
             run.cancel()  # the Run's caller
-            stopping = asyncio.ensure_future(
-                m.stub.Stop(pb.StopRequest(computation_id="c1"), timeout=GUARD)
-            )
-            await wait_for(
-                lambda: any(e.agent_event.event_type == "vm-stop" for e in published),
-                "the Stop's vm-stop starting",
-            )
+            await wait_for(lambda: start.cancelling() > 0, "the start cancelled")
+            if then == "stop":
+                stopping = asyncio.ensure_future(
+                    m.stub.Stop(pb.StopRequest(computation_id="c1"), timeout=GUARD)
+                )
+                await wait_for(
+                    lambda: any(e.agent_event.event_type == "vm-stop" for e in published),
+                    "the Stop's vm-stop starting",
+                )
         finally:
             proceed.set()
         try:
-            with pytest.raises(grpc.aio.AioRpcError) as failure:
-                await stopping
-            assert failure.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-            (pid,) = [
-                pid
-                for pid in processes_mentioning(str(tmp_path / "vms"))
-                if not is_console_keeper(pid)
-            ]
-            details = failure.value.details() or ""
-            assert f"pid {pid}" in details and "NOPASSWD" in details, details
-            final = [e.agent_event for e in published if e.agent_event.status == "failed"]
-            assert [(e.event_type, f"pid {pid}" in e.details.decode()) for e in final] == [
-                ("vm-stop", True)
-            ], final
+            await wait_for(lambda: failures(published), "the final event")
+            pid = vm_qemu(tmp_path)
+            if stopping is not None:
+                with pytest.raises(grpc.aio.AioRpcError) as failure:
+                    await stopping
+                assert failure.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                details = failure.value.details() or ""
+                assert f"pid {pid}" in details and "NOPASSWD" in details, details
+            ((event_type, details),) = failures(published)
+            assert event_type == ("vm-stop" if then == "stop" else "vm-provision")
+            assert f"pid {pid}" in details["error"] and "stop_error" not in details, details
             assert list((await m.stub.List(pb.ListRequest())).computations) == []
         finally:
-            for pid in processes_mentioning(str(tmp_path / "vms")):
-                os.kill(pid, signal.SIGKILL)
-            await wait_for(lambda: not processes_mentioning(str(tmp_path)), "its end")
+            await end_vm_qemu(tmp_path)
+
+
+async def test_a_failed_start_whose_qemu_nothing_stops_keeps_its_own_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A start that fails on its own (QEMU's monitor never answers) and whose QEMU its
+    clean-up cannot end: the Run answers the start's error, and so does the final event's
+    `error` (the dial-out's answer is told by it); the QEMU left is its `stop_error`."""
+    monkeypatch.setattr(sudo_stop, "GIVE_UP_AFTER", 0.5)
+    env = {"FAKE_QEMU_MODE": "no-qmp", "MANAGER_QEMU_START_TIMEOUT": "1s"}
+    async with running_manager(tmp_path, monkeypatch, **env) as m:
+        published: list[pb.ClientStreamMessage] = []
+        m.service.bus.tap(published.append)
+        refuse_signals(monkeypatch)
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as failure:
+                await m.stub.Run(run_request("c1"), timeout=GUARD)
+            assert "did not become ready within 1s" in (failure.value.details() or "")
+            await wait_for(lambda: failures(published), "the final event")
+            pid = vm_qemu(tmp_path)
+            ((event_type, details),) = failures(published)
+            assert event_type == "vm-provision"
+            assert details["error"] == "QEMU did not become ready within 1s", details
+            assert f"pid {pid}" in details["stop_error"], details
+        finally:
+            await end_vm_qemu(tmp_path)

@@ -75,13 +75,17 @@ def powerdown_grace(machine: EndingVm) -> float:
 
 def release_details(machine: EndingVm, reason: StopReason) -> dict[str, Any]:
     """The RELEASED event's details, before what the end of QEMU adds. A QEMU that outlived
-    the clean-up of a cancelled start (could_not_stop) is named here: no QEMU is left for the
-    release to end, and so to tell of."""
+    a start's clean-up (could_not_stop) is named here: no QEMU is left for the release to end,
+    and so to tell of. It is the `error`, as a running VM's would be (end_or_tell), unless the
+    start failed on its own: that error stays the `error` (the Run and the dial-out's answer,
+    told by this event, report it) and the QEMU left is the `stop_error`."""
     details: dict[str, Any] = {"reason": reason.value}
-    if machine.stop_failure is not None:
-        details["error"] = str(machine.stop_failure)
-    elif machine.error is not None:
+    if machine.error is not None:
         details["error"] = str(machine.error)
+        if machine.stop_failure is not None:
+            details["stop_error"] = str(machine.stop_failure)
+    elif machine.stop_failure is not None:
+        details["error"] = str(machine.stop_failure)
     elif reason is StopReason.CLIENT:
         details["error"] = "cancelled"
     return details
