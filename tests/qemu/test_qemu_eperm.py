@@ -9,6 +9,7 @@ QEMU and its QMP monitor). tests/e2e/test_sudo.py runs the same paths with real 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import shutil
@@ -245,5 +246,42 @@ async def test_a_failed_start_whose_qemu_nothing_stops_keeps_its_own_error(
             assert event_type == "vm-provision"
             assert details["error"] == "QEMU did not become ready within 1s", details
             assert f"pid {pid}" in details["stop_error"], details
+        finally:
+            await end_vm_qemu(tmp_path)
+
+
+async def test_a_start_failed_after_its_qemu_answered_keeps_its_own_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The start fails once QEMU is ready (its RUNNING record meets a full state directory),
+    so the release, not the start's clean-up, ends that QEMU, and cannot. The release put the
+    stop failure in the final event's `error` over the start's own, which the Run answered
+    and the dial-out's answer is told by; it is the `stop_error` now, as Get says too."""
+    monkeypatch.setattr(sudo_stop, "GIVE_UP_AFTER", 0.5)
+    async with running_manager(tmp_path, monkeypatch, FAKE_QEMU_MODE="ignore-quit") as m:
+        published: list[pb.ClientStreamMessage] = []
+        m.service.bus.tap(published.append)
+        store = m.service.ctx.store
+        real_save = store.save
+
+        def full_at_running(record: Any) -> None:
+            if record.state == "running":
+                refuse_signals(monkeypatch)  # and from here on, QEMU is root's
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real_save(record)
+
+        monkeypatch.setattr(store, "save", full_at_running)
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as failure:
+                await m.stub.Run(run_request("c1"), timeout=GUARD)
+            assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            await wait_for(lambda: failures(published), "the final event")
+            pid = vm_qemu(tmp_path)
+            ((event_type, details),) = failures(published)
+            assert event_type == "vm-provision"
+            assert details["error"] == failure.value.details(), details
+            assert f"pid {pid}" in details["stop_error"], details
+            ended = (await m.stub.Get(pb.GetRequest(computation_id="c1"))).last_exit
+            assert ended.error == details["error"] and ended.stop_error == details["stop_error"]
         finally:
             await end_vm_qemu(tmp_path)

@@ -338,7 +338,7 @@ class GetResponse(_message.Message):
     def __init__(self, computation: _Optional[_Union[ComputationInfo, _Mapping]] = ..., qemu_argv: _Optional[_Iterable[str]] = ..., files: _Optional[_Mapping[str, str]] = ..., settings: _Optional[_Mapping[str, str]] = ..., confidential_mode: _Optional[str] = ..., binding: _Optional[_Mapping[str, str]] = ..., ttl: _Optional[str] = ..., vcpus: _Optional[int] = ..., memory_mib: _Optional[int] = ..., paused_by: _Optional[str] = ..., last_exit: _Optional[_Union[VmExit, _Mapping]] = ...) -> None: ...
 
 class VmExit(_message.Message):
-    __slots__ = ("reason", "event_type", "status", "exit", "error", "ended_at", "last_lines")
+    __slots__ = ("reason", "event_type", "status", "exit", "error", "ended_at", "last_lines", "stop_error")
     REASON_FIELD_NUMBER: _ClassVar[int]
     EVENT_TYPE_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -346,6 +346,7 @@ class VmExit(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ENDED_AT_FIELD_NUMBER: _ClassVar[int]
     LAST_LINES_FIELD_NUMBER: _ClassVar[int]
+    STOP_ERROR_FIELD_NUMBER: _ClassVar[int]
     reason: str
     event_type: str
     status: str
@@ -353,4 +354,5 @@ class VmExit(_message.Message):
     error: str
     ended_at: _timestamp_pb2.Timestamp
     last_lines: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, reason: _Optional[str] = ..., event_type: _Optional[str] = ..., status: _Optional[str] = ..., exit: _Optional[str] = ..., error: _Optional[str] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_lines: _Optional[_Iterable[str]] = ...) -> None: ...
+    stop_error: str
+    def __init__(self, reason: _Optional[str] = ..., event_type: _Optional[str] = ..., status: _Optional[str] = ..., exit: _Optional[str] = ..., error: _Optional[str] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_lines: _Optional[_Iterable[str]] = ..., stop_error: _Optional[str] = ...) -> None: ...

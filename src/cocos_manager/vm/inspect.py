@@ -86,6 +86,7 @@ def _exit(end: VmEnd) -> pb.VmExit:
         status=end.event[1],
         exit=str(details.get("exit", "")),
         error=str(details.get("error", "")),
+        stop_error=str(details.get("stop_error", "")),
         last_lines=[str(line) for line in last] if isinstance(last, list) else [],
     )
     exit_info.ended_at.FromNanoseconds(int(end.at * 1e9))

@@ -107,13 +107,14 @@ async def end_or_tell(
     machine: EndingVm, process: QemuProcess, reason: StopReason, *, ran: bool
 ) -> dict[str, Any]:
     """end_process, or the error of a QEMU that could not be stopped: never STOPPING for
-    ever, the VM is released and the Stop told (FAILED_PRECONDITION). Then its agent's
+    ever, the VM is released and the Stop told (FAILED_PRECONDITION); as release_details, a
+    start's own error stays the `error` (then this is the `stop_error`). Then its agent's
     connections end: what they were acked for goes out before the final event."""
     try:
         details = await end_process(machine, process, reason, ran=ran)
     except QemuStopFailedError as error:
         could_not_stop(machine, error)
-        details = {"error": str(error)}
+        details = {"stop_error" if machine.error is not None else "error": str(error)}
     if (agents_ended := machine.ctx.end_agents(machine.lease.resources.guest_cid)) is not None:
         await agents_ended
     return details
