@@ -66,5 +66,5 @@ def test_wire_field_numbers() -> None:
     }  # fmt: skip
     assert numbers(pb.VmExit) == {
         "reason": 1, "event_type": 2, "status": 3, "exit": 4, "error": 5, "ended_at": 6,
-        "last_lines": 7,
+        "last_lines": 7, "stop_error": 8,
     }  # fmt: skip

@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 import pytest
 
+from cocos_manager.cli.verbs import vm_report
 from cocos_manager.proto import manager_pb2 as pb
 from cocos_manager.qemu import process as qemu_process
 from cocos_manager.qemu import sudo as sudo_stop
@@ -281,7 +282,10 @@ async def test_a_start_failed_after_its_qemu_answered_keeps_its_own_error(
             assert event_type == "vm-provision"
             assert details["error"] == failure.value.details(), details
             assert f"pid {pid}" in details["stop_error"], details
-            ended = (await m.stub.Get(pb.GetRequest(computation_id="c1"))).last_exit
+            got = await m.stub.Get(pb.GetRequest(computation_id="c1"))
+            ended = got.last_exit
             assert ended.error == details["error"] and ended.stop_error == details["stop_error"]
+            (left,) = [line for line in vm_report(got).splitlines() if "left running:" in line]
+            assert f"pid {pid}" in left, left  # `cocos-manager-cli show`
         finally:
             await end_vm_qemu(tmp_path)

@@ -115,6 +115,8 @@ def vm_report(vm: pb.GetResponse, *, argv_lines: bool = False) -> str:
         ]
         if e.error:
             rows.append(("  error", printable(e.error)))
+        if e.stop_error:
+            rows.append(("  left running", printable(e.stop_error)))
         rows += [("  last line", printable(line)) for line in e.last_lines[-5:]]
     if not argv_lines:
         rows.append(("qemu", shlex.join(vm.qemu_argv) if vm.qemu_argv else "-"))
