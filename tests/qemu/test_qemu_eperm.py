@@ -9,6 +9,7 @@ QEMU and its QMP monitor). tests/e2e/test_sudo.py runs the same paths with real 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import os
@@ -41,6 +42,22 @@ def refuse_signals(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(signal, "pidfd_send_signal", eperm)
 
 
+def vm_qemu(tmp_path: Path) -> int:
+    (pid,) = [  # the VM's QEMU (its console keeper names the folder too)
+        pid for pid in processes_mentioning(str(tmp_path / "vms")) if not is_console_keeper(pid)
+    ]
+    return pid
+
+
+async def end_vm_qemu(tmp_path: Path) -> None:
+    """The QEMU a test's daemon could not end; its console keeper ends with it (at the end of
+    QEMU's output)."""
+    for pid in processes_mentioning(str(tmp_path / "vms")):
+        with contextlib.suppress(ProcessLookupError):  # a keeper ending meanwhile
+            os.kill(pid, signal.SIGKILL)
+    await wait_for(lambda: not processes_mentioning(str(tmp_path)), "its end")
+
+
 async def test_stop_without_permission_to_signal_quits_over_qmp(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -62,9 +79,7 @@ async def test_a_qemu_nothing_stops_is_released_and_stop_says_why(
     monkeypatch.setattr(sudo_stop, "GIVE_UP_AFTER", 0.5)
     async with running_manager(tmp_path, monkeypatch, FAKE_QEMU_MODE="ignore-quit") as m:
         await m.stub.Run(run_request("c1"))
-        (pid,) = [  # the VM's QEMU (its console keeper names the folder too)
-            pid for pid in processes_mentioning(str(tmp_path / "vms")) if not is_console_keeper(pid)
-        ]
+        pid = vm_qemu(tmp_path)
         refuse_signals(monkeypatch)
         try:
             with pytest.raises(grpc.aio.AioRpcError) as failure:
@@ -76,9 +91,7 @@ async def test_a_qemu_nothing_stops_is_released_and_stop_says_why(
             assert list((await m.stub.List(pb.ListRequest())).computations) == []
             assert not any((tmp_path / "state").glob("*.json"))
         finally:
-            os.kill(pid, signal.SIGKILL)
-            # Its console keeper ends with it (at the end of QEMU's output).
-            await wait_for(lambda: not processes_mentioning(str(tmp_path)), "its end")
+            await end_vm_qemu(tmp_path)
 
 
 def test_sudo_command_keeps_the_qmp_descriptor() -> None:
@@ -152,25 +165,12 @@ def gate_spawn(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, thread
     return spawning, proceed
 
 
-def vm_qemu(tmp_path: Path) -> int:
-    (pid,) = [  # the VM's QEMU (its console keeper names the folder too)
-        pid for pid in processes_mentioning(str(tmp_path / "vms")) if not is_console_keeper(pid)
-    ]
-    return pid
-
-
 def failures(published: list[pb.ClientStreamMessage]) -> list[tuple[str, dict[str, Any]]]:
     return [
         (e.agent_event.event_type, json.loads(e.agent_event.details))
         for e in published
         if e.agent_event.status == "failed"
     ]
-
-
-async def end_vm_qemu(tmp_path: Path) -> None:
-    for pid in processes_mentioning(str(tmp_path / "vms")):
-        os.kill(pid, signal.SIGKILL)
-    await wait_for(lambda: not processes_mentioning(str(tmp_path)), "its end")
 
 
 @pytest.mark.parametrize("then", ["stop", "nothing"])

@@ -36,7 +36,7 @@ from cocos_manager.host import (
 )
 from cocos_manager.qemu import sudo as sudo_stop
 from cocos_manager.qemu.console_file import ConsoleFiles
-from cocos_manager.qemu.console_start import reap_keeper, spawn_kept
+from cocos_manager.qemu.console_start import KeeperStart, reap_keeper, spawn_kept
 from cocos_manager.qemu.failures import classify_start_failure, classify_sudo_refusal
 from cocos_manager.qemu.qmp import QmpError, QmpMonitor, abandon_opened, open_running_monitor
 from cocos_manager.qemu.spawn import ExitInfo, kill_pids, kill_spawned, signal_pidfd, spawn
@@ -109,13 +109,8 @@ class QemuProcess:
                 raise
             await outlast_spawn(spawning, argv, on_unstoppable)
             raise
-        keeper_reaped = reap_keeper(keeper) if keeper is not None else None
-        try:
-            process = cls(popen.pid, argv, popen=popen, on_line=on_line, start_time=start_time)
-        except BaseException:
-            kill_spawned(popen)
-            raise
-        process.output.console_files, process.output.keeper_reaped = console, keeper_reaped
+        process = owned(popen, start_time, keeper, argv, on_line)
+        process.output.console_files = console
         process.output.on_keeper_lost = on_keeper_lost
         return process
 
@@ -369,13 +364,26 @@ async def outlast_spawn(
 async def reap_spawned(spawning: asyncio.Future[Any], argv: Sequence[str]) -> None:
     """A QEMU spawned for a start that was cancelled meanwhile: ended as a failed start is."""
     popen, start_time, keeper = await spawning
+    process = owned(popen, start_time, keeper, argv)
+    process.close_pipes()
+    process.kill_now()
+    await process.terminate(0)
+
+
+def owned(
+    popen: subprocess.Popen[bytes],
+    start_time: int,
+    keeper: KeeperStart | None,
+    argv: Sequence[str],
+    on_line: LineCallback | None = None,
+) -> QemuProcess:
+    """The owner of what spawn_kept started, made before any await: its keeper's end watched,
+    and QEMU killed should the owner not come to be (its pidfd not opened, say)."""
     keeper_reaped = reap_keeper(keeper) if keeper is not None else None
     try:
-        process = QemuProcess(popen.pid, argv, popen=popen, start_time=start_time)
+        process = QemuProcess(popen.pid, argv, popen=popen, on_line=on_line, start_time=start_time)
     except BaseException:
         kill_spawned(popen)
         raise
     process.output.keeper_reaped = keeper_reaped
-    process.close_pipes()
-    process.kill_now()
-    await process.terminate(0)
+    return process

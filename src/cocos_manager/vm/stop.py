@@ -76,45 +76,51 @@ def powerdown_grace(machine: EndingVm) -> float:
 def release_details(machine: EndingVm, reason: StopReason) -> dict[str, Any]:
     """The RELEASED event's details, before what the end of QEMU adds. A QEMU that outlived
     a start's clean-up (could_not_stop) is named here: no QEMU is left for the release to end,
-    and so to tell of. It is the `error`, as a running VM's would be (end_or_tell), unless the
-    start failed on its own: that error stays the `error` (the Run and the dial-out's answer,
-    told by this event, report it) and the QEMU left is the `stop_error`."""
+    and so to tell of."""
     details: dict[str, Any] = {"reason": reason.value}
     if machine.error is not None:
         details["error"] = str(machine.error)
-        if machine.stop_failure is not None:
-            details["stop_error"] = str(machine.stop_failure)
-    elif machine.stop_failure is not None:
-        details["error"] = str(machine.stop_failure)
     elif reason is StopReason.CLIENT:
         details["error"] = "cancelled"
-    return details
+    return details | left_running(machine)
 
 
 class Unstoppable(Protocol):
+    """What could_not_stop sets: a starting VM (vm/start.py) or an ending one."""
+
     stop_failure: QemuStopFailedError | None
     log: Any
 
 
 def could_not_stop(machine: Unstoppable, error: QemuStopFailedError) -> None:
     """A QEMU of this VM outlived every way to end it: the release goes on (never STOPPING
-    for ever), its final event says so, and a Stop answers with this error."""
+    for ever), its final event says so (left_running), and a Stop answers with this error."""
     machine.stop_failure = error
     machine.log.error("QEMU could not be stopped", error=str(error))
+
+
+def left_running(machine: EndingVm) -> dict[str, str]:
+    """The final event's word on a QEMU that outlived the VM's end: its `error`, as a Stop's
+    answer says, unless the start failed on its own. That error stays the `error` (the Run
+    and the dial-out's answer, told by this event, report it) and the QEMU is the
+    `stop_error`."""
+    if machine.stop_failure is None:
+        return {}
+    key = "stop_error" if machine.error is not None else "error"
+    return {key: str(machine.stop_failure)}
 
 
 async def end_or_tell(
     machine: EndingVm, process: QemuProcess, reason: StopReason, *, ran: bool
 ) -> dict[str, Any]:
     """end_process, or the error of a QEMU that could not be stopped: never STOPPING for
-    ever, the VM is released and the Stop told (FAILED_PRECONDITION); as release_details, a
-    start's own error stays the `error` (then this is the `stop_error`). Then its agent's
+    ever, the VM is released and the Stop told (FAILED_PRECONDITION). Then its agent's
     connections end: what they were acked for goes out before the final event."""
     try:
         details = await end_process(machine, process, reason, ran=ran)
     except QemuStopFailedError as error:
         could_not_stop(machine, error)
-        details = {"stop_error" if machine.error is not None else "error": str(error)}
+        details = left_running(machine)
     if (agents_ended := machine.ctx.end_agents(machine.lease.resources.guest_cid)) is not None:
         await agents_ended
     return details
@@ -142,15 +148,14 @@ async def end_process(
     if reason is StopReason.EXIT:
         await process.wait_output(0.2, keeper=False)  # its keeper: keeper_then
         info = process.exited.result()
-        left: dict[str, Any] = {}
         try:
             await process.end_outlived()  # sudo killed under a live QEMU
         except QemuStopFailedError as error:
             could_not_stop(machine, error)
-            left = {"error": str(error)}
         tail = process.tail()
         machine.log.warning("VM exited on its own", exit=info.describe(), last_lines=tail[-5:])
-        return {"exit": info.describe(), "returncode": info.returncode, "last_lines": tail, **left}
+        ended = {"exit": info.describe(), "returncode": info.returncode, "last_lines": tail}
+        return ended | left_running(machine)
     if ran:
         with _tracer.start_as_current_span("stop"):
             info = await power_off(machine, process)
